@@ -1,0 +1,168 @@
+//! The wire contract of gatehouse jobs: payload types, queue names, JSON Schemas and the
+//! enqueue client that producer services link against.
+//!
+//! Payloads carry ids and the facts a job needs, never derived state. Fields are only ever
+//! added as optional; a breaking change is a new job name. Queue names are constants here,
+//! never Rust type names (apalis-redis otherwise keys queues by `type_name`, which is not
+//! stable across refactors).
+//!
+//! ```
+//! use gatehouse_jobs::{Job, SyncCatalog, SyncMode};
+//! let job = SyncCatalog {
+//!     tenant_id: uuid::Uuid::nil(),
+//!     requested_by: uuid::Uuid::nil(),
+//!     mode: SyncMode::Full,
+//! };
+//! assert_eq!(SyncCatalog::QUEUE, "sync_catalog");
+//! assert!(serde_json::to_value(&job).is_ok());
+//! ```
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use uuid::Uuid;
+
+#[cfg(feature = "redis")]
+pub mod client;
+
+/// A job type: its payload, its queue and its schema.
+pub trait Job: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static {
+    /// The queue's stable name.
+    const QUEUE: &'static str;
+    /// Attempts (first run included) before the job is dead-lettered.
+    const MAX_ATTEMPTS: u32 = 4;
+}
+
+/// An inbound SMS/WhatsApp message that Twilio delivered to a tenant's webhook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct InboundMessage {
+    /// The tenant whose webhook received the message.
+    pub tenant_id: Uuid,
+    /// Twilio's message SID (two letters and 32 hex digits); unique per tenant.
+    #[schemars(regex(pattern = r"^[A-Z]{2}[0-9a-fA-F]{32}$"))]
+    pub message_sid: String,
+    /// The customer's address (`+14155550100` or `whatsapp:+14155550100`).
+    #[schemars(length(min = 1, max = 64))]
+    pub from: String,
+    /// The tenant's address the message was sent to.
+    #[schemars(length(min = 1, max = 64))]
+    pub to: String,
+    /// The message text (Twilio allows 1600 characters).
+    #[schemars(length(max = 1600))]
+    pub body: String,
+    /// When the ingress received it, RFC 3339.
+    #[schemars(regex(
+        pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
+    ))]
+    pub received_at: String,
+}
+
+impl Job for InboundMessage {
+    const QUEUE: &'static str = "inbound_message";
+}
+
+/// How much of a catalog to synchronize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Upsert everything and delete products the store no longer has.
+    Full,
+    /// Upsert what the store returns; delete nothing.
+    Incremental,
+}
+
+/// Synchronize a tenant's product catalog from its online store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct SyncCatalog {
+    /// The tenant whose catalog is synchronized.
+    pub tenant_id: Uuid,
+    /// The user or service account that asked for it.
+    pub requested_by: Uuid,
+    /// Full or incremental.
+    pub mode: SyncMode,
+}
+
+impl Job for SyncCatalog {
+    const QUEUE: &'static str = "sync_catalog";
+}
+
+/// Re-encrypt every sealed value under the current key, for an approved rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RotateKeys {
+    /// The approved `key_rotations` row.
+    pub rotation_id: Uuid,
+}
+
+impl Job for RotateKeys {
+    const QUEUE: &'static str = "rotate_keys";
+}
+
+/// Every queue gatehouse runs, in a stable order.
+pub const QUEUES: [&str; 3] = [InboundMessage::QUEUE, SyncCatalog::QUEUE, RotateKeys::QUEUE];
+
+/// The JSON Schema (Draft 2020-12) of a queue's payload, as committed under `jobs/schemas/`.
+pub fn schema_for_queue(queue: &str) -> Option<serde_json::Value> {
+    let schema = match queue {
+        InboundMessage::QUEUE => schemars::schema_for!(InboundMessage),
+        SyncCatalog::QUEUE => schemars::schema_for!(SyncCatalog),
+        RotateKeys::QUEUE => schemars::schema_for!(RotateKeys),
+        _ => return None,
+    };
+    Some(schema.to_value())
+}
+
+/// The committed schema file's text for a queue (what `jobs/schemas/{queue}.json` holds).
+pub fn committed_schema(queue: &str) -> Option<&'static str> {
+    match queue {
+        InboundMessage::QUEUE => Some(include_str!("../schemas/inbound_message.json")),
+        SyncCatalog::QUEUE => Some(include_str!("../schemas/sync_catalog.json")),
+        RotateKeys::QUEUE => Some(include_str!("../schemas/rotate_keys.json")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pretty(queue: &str) -> String {
+        let value = schema_for_queue(queue).expect("known queue");
+        serde_json::to_string_pretty(&value).expect("schema serializes") + "\n"
+    }
+
+    #[test]
+    fn committed_schemas_match_the_payload_types() {
+        let mut stale = Vec::new();
+        for queue in QUEUES {
+            let want = pretty(queue);
+            let have = committed_schema(queue).expect("committed");
+            if want != have {
+                if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+                    let path = format!("{}/schemas/{queue}.json", env!("CARGO_MANIFEST_DIR"));
+                    std::fs::write(&path, &want).expect("write schema");
+                }
+                stale.push(queue);
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "schemas out of date for {stale:?}; run UPDATE_SCHEMAS=1 cargo test -p gatehouse-jobs"
+        );
+    }
+
+    #[test]
+    fn schemas_close_every_object() {
+        for queue in QUEUES {
+            let schema = schema_for_queue(queue).expect("known queue");
+            assert_eq!(schema["additionalProperties"], serde_json::json!(false), "{queue}");
+        }
+    }
+
+    #[test]
+    fn unknown_queues_have_no_schema() {
+        assert!(schema_for_queue("nope").is_none());
+        assert!(committed_schema("nope").is_none());
+    }
+}

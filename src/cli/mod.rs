@@ -1,0 +1,372 @@
+//! The command line: `gatehouse serve | work | migrate | dev | keys | tenants`.
+//!
+//! Exit codes: 0 success, 1 usage or validation error, 2 a service (PostgreSQL, Redis)
+//! cannot be reached. Secrets are read from stdin as `name=value` lines, never from argv.
+
+mod stdin;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::AppState;
+use crate::security::keyring::EncryptionKey;
+use crate::worker::{WorkerOptions, WorkerState};
+
+#[derive(Debug, Parser)]
+#[command(name = "gatehouse", version, about = "The secure job backbone: ingress, workers, operators' tools")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP ingress.
+    Serve,
+    /// Run a worker process (every queue) until SIGTERM/SIGINT.
+    Work,
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Migrate, serve and work in one process (reads .env), for a laptop.
+    Dev,
+    /// Encryption and signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Tenants.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Print a fresh base64 32-byte key.
+    Generate,
+    /// Validate ENCRYPTION_KEY, ENCRYPTION_OLD_KEYS, JWT_SECRET_KEY and SECRET_KEY.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantsCommand {
+    /// Create a tenant. Reads `twilio_auth_token=…` and optionally `store_api_key=…`,
+    /// `webhook_shared_key_id=…`, `webhook_shared_key=…` from stdin; prints the tenant id.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        twilio_account_sid: String,
+        #[arg(long)]
+        store_url: Option<String>,
+        /// An existing user who becomes the tenant's owner.
+        #[arg(long)]
+        owner_email: Option<String>,
+    },
+}
+
+/// A failure with its exit code.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Service(String),
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<Failure>() {
+        Some(Failure::Service(_)) => 2,
+        _ => 1,
+    }
+}
+
+/// Parses argv and runs the command.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { 1 } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Err(error) = run(cli) {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(exit_code(&error));
+    }
+    ExitCode::SUCCESS
+}
+
+fn load_config(read_dotenv: bool) -> anyhow::Result<Config> {
+    if read_dotenv {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(error) if error.not_found() => {}
+            Err(_) => return Err(Failure::Invalid(".env could not be read or parsed".into()).into()),
+        }
+    }
+    Config::from_env().map_err(|e| {
+        let lines = e.to_string();
+        Failure::Invalid(format!("invalid configuration:\n{}", lines.trim_end())).into()
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keys(KeysCommand::Generate) => {
+            let key = EncryptionKey::generate();
+            use secrecy::ExposeSecret;
+            println!("{}", key.to_base64().expose_secret());
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Check) => {
+            let _ = dotenvy::dotenv();
+            crate::config::check_keys_from_env().map_err(|e| {
+                Failure::Invalid(format!("key check failed:\n{}", e.to_string().trim_end()))
+            })?;
+            println!("keys ok");
+            Ok(())
+        }
+        Command::Migrate => {
+            let config = load_config(false)?;
+            telemetry(&config);
+            runtime()?.block_on(async {
+                let pool = connect_db(&config).await?;
+                crate::db::migrate(&pool)
+                    .await
+                    .map_err(|e| Failure::Service(format!("migration failed: {e}")))?;
+                tracing::info!("migrations applied");
+                Ok(())
+            })
+        }
+        Command::Serve => {
+            let config = Arc::new(load_config(false)?);
+            let _guard = telemetry(&config);
+            runtime()?.block_on(serve(config, shutdown_signal()))
+        }
+        Command::Work => {
+            let config = Arc::new(load_config(false)?);
+            let _guard = telemetry(&config);
+            runtime()?.block_on(work(config, shutdown_signal()))
+        }
+        Command::Dev => {
+            let config = Arc::new(load_config(true)?);
+            let _guard = telemetry(&config);
+            runtime()?.block_on(dev(config))
+        }
+        Command::Tenants(TenantsCommand::Create {
+            name,
+            twilio_account_sid,
+            store_url,
+            owner_email,
+        }) => {
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .map_err(|_| Failure::Invalid("stdin could not be read".into()))?;
+            let mut secrets = stdin::parse(
+                &input,
+                &[
+                    "twilio_auth_token",
+                    "store_api_key",
+                    "webhook_shared_key_id",
+                    "webhook_shared_key",
+                ],
+            )
+            .map_err(Failure::Invalid)?;
+            let new = new_tenant(
+                name,
+                twilio_account_sid,
+                store_url,
+                owner_email,
+                &mut secrets,
+            )?;
+            new.validate()
+                .map_err(|e| Failure::Invalid(e.to_string()))?;
+            let config = load_config(false)?;
+            runtime()?.block_on(async {
+                let pool = connect_db(&config).await?;
+                let id = crate::tenants::create(&pool, &config.keyring, &new)
+                    .await
+                    .map_err(|e| match e {
+                        crate::tenants::TenantError::Database(e) => {
+                            Failure::Service(format!("database: {e}"))
+                        }
+                        other => Failure::Invalid(other.to_string()),
+                    })?;
+                println!("{id}");
+                Ok(())
+            })
+        }
+    }
+}
+
+fn new_tenant(
+    name: String,
+    twilio_account_sid: String,
+    store_url: Option<String>,
+    owner_email: Option<String>,
+    secrets: &mut HashMap<String, SecretString>,
+) -> anyhow::Result<crate::tenants::NewTenant> {
+    let twilio_auth_token = secrets
+        .remove("twilio_auth_token")
+        .ok_or_else(|| Failure::Invalid("stdin must contain twilio_auth_token=…".into()))?;
+    let shared_id = secrets.remove("webhook_shared_key_id");
+    let shared_key = secrets.remove("webhook_shared_key");
+    let webhook_shared_key = match (shared_id, shared_key) {
+        (Some(id), Some(key)) => {
+            use secrecy::ExposeSecret;
+            Some((id.expose_secret().to_owned(), key))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Failure::Invalid(
+                "webhook_shared_key_id and webhook_shared_key go together".into(),
+            )
+            .into());
+        }
+    };
+    Ok(crate::tenants::NewTenant {
+        name,
+        twilio_account_sid,
+        twilio_auth_token,
+        store_url,
+        store_api_key: secrets.remove("store_api_key"),
+        webhook_shared_key,
+        owner_email,
+    })
+}
+
+/// Logs as JSON lines in production, human-readable with `DEBUG=true`; initializes Sentry
+/// when `SENTRY_DSN` is set.
+fn telemetry(config: &Config) -> Option<sentry::ClientInitGuard> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if config.debug {
+        builder.try_init()
+    } else {
+        builder.json().flatten_event(true).try_init()
+    };
+    let dsn = config.sentry_dsn.as_ref()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    use secrecy::ExposeSecret;
+    let mut options = sentry::ClientOptions::default();
+    options.release = sentry::release_name!();
+    options.send_default_pii = false;
+    let guard = sentry::init((dsn.expose_secret(), options));
+    Some(guard)
+}
+
+async fn connect_db(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    crate::db::connect(&config.database_url, 5)
+        .await
+        .map_err(|e| Failure::Service(format!("PostgreSQL cannot be reached: {e}")).into())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+async fn serve(
+    config: Arc<Config>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if config.public_base_url.is_none() {
+        return Err(Failure::Invalid(
+            "PUBLIC_BASE_URL: required to serve (the URL Twilio calls, e.g. https://gh.example.com)".into(),
+        )
+        .into());
+    }
+    let pool = crate::db::connect_lazy(&config.database_url, 20)
+        .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
+    let redis = crate::queue::connect_lazy(&config.redis_url)
+        .map_err(|e| Failure::Invalid(format!("REDIS_URL: {e}")))?;
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], config.port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Failure::Invalid(format!("PORT: cannot listen on {addr}: {e}")))?;
+    tracing::info!(%addr, debug = config.debug, "serving");
+    let state = Arc::new(AppState::new(config, pool, redis));
+    crate::http::serve(listener, state, shutdown).await?;
+    tracing::info!("ingress stopped");
+    Ok(())
+}
+
+async fn work(
+    config: Arc<Config>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let pool = crate::db::connect(&config.database_url, (config.worker_concurrency as u32 + 2).min(50))
+        .await
+        .map_err(|e| Failure::Service(format!("PostgreSQL cannot be reached: {e}")))?;
+    let redis = crate::queue::connect(&config.redis_url)
+        .await
+        .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
+    let state = Arc::new(WorkerState {
+        pool,
+        keyring: config.keyring.clone(),
+        blind_index: config.blind_index.clone(),
+        min_confidence: config.llm_min_confidence,
+    });
+    let options = WorkerOptions {
+        concurrency: config.worker_concurrency,
+        grace: config.worker_grace(),
+        heartbeat: config.worker_heartbeat(),
+        missed_heartbeats: config.worker_missed_heartbeats,
+    };
+    let queues = gatehouse_jobs::client::Queues::new(config.queue_namespace.clone());
+    crate::worker::run(state, redis, queues, options, shutdown).await?;
+    tracing::info!("workers stopped");
+    Ok(())
+}
+
+async fn dev(config: Arc<Config>) -> anyhow::Result<()> {
+    let pool = connect_db(&config).await?;
+    crate::db::migrate(&pool)
+        .await
+        .map_err(|e| Failure::Service(format!("migration failed: {e}")))?;
+    tracing::info!("migrations applied");
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let web = serve(config.clone(), wait(rx.clone()));
+    let workers = work(config, wait(rx));
+    let (web, workers) = tokio::join!(web, workers);
+    web.and(workers)
+}

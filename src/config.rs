@@ -1,0 +1,1461 @@
+//! Typed configuration from the environment, validated completely before any I/O.
+//!
+//! [`Config::from_env`] reads every variable, checks every rule and reports
+//! *all* problems at once, one `VARIABLE: rule` line each, never a value.
+//! An empty variable counts as unset (optional variables take their default,
+//! required ones are reported missing). Secrets are held as
+//! [`SecretString`], so neither `Debug` nor logging can print them.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use secrecy::zeroize::Zeroizing;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use url::Url;
+
+use crate::security::blind_index::BlindIndex;
+use crate::security::keyring::{EncryptionKey, Keyring};
+
+/// Every environment variable gatehouse reads, in documentation order.
+pub const VARIABLES: &[&str] = &[
+    "DATABASE_URL",
+    "REDIS_URL",
+    "DEBUG",
+    "SECRET_KEY",
+    "JWT_SECRET_KEY",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
+    "JWT_TTL_SECONDS",
+    "ENCRYPTION_KEY",
+    "ENCRYPTION_OLD_KEYS",
+    "TRUSTED_PROXIES",
+    "PUBLIC_BASE_URL",
+    "PORT",
+    "WORKER_CONCURRENCY",
+    "SENTRY_DSN",
+    "LLM_URL",
+    "LLM_API_KEY",
+    "LLM_MODEL",
+    "LLM_TIMEOUT_MS",
+    "RATE_LIMIT_LOGIN_IP",
+    "RATE_LIMIT_LOGIN_EMAIL",
+    "RATE_LIMIT_USER",
+    "MAX_BODY_BYTES",
+    "LLM_MIN_CONFIDENCE",
+    "WORKER_GRACE_SECONDS",
+    "WORKER_HEARTBEAT_SECONDS",
+    "WORKER_MISSED_HEARTBEATS",
+    "QUEUE_NAMESPACE",
+    "TENANT_KEY_CACHE_SECONDS",
+];
+
+/// The four key variables that `gatehouse keys check` validates.
+pub const KEY_VARIABLES: &[&str] = &[
+    "ENCRYPTION_KEY",
+    "ENCRYPTION_OLD_KEYS",
+    "JWT_SECRET_KEY",
+    "SECRET_KEY",
+];
+
+/// Default `REDIS_URL`.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Minimum length, in characters, of `SECRET_KEY` and `JWT_SECRET_KEY`.
+pub const MIN_SECRET_CHARS: usize = 32;
+/// Minimum number of distinct characters in `JWT_SECRET_KEY`.
+pub const MIN_JWT_DISTINCT_CHARS: usize = 16;
+/// Largest accepted `MAX_BODY_BYTES` (64 MiB).
+pub const MAX_BODY_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// Rate
+// ---------------------------------------------------------------------------
+
+/// A rate limit such as `10/m`: at most `count` events per `period`.
+///
+/// Parsed from `COUNT/UNIT`, where `COUNT` ≥ 1 and `UNIT` is one of `s`, `m`,
+/// `h`, `d`; displayed the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    /// Events allowed per period (≥ 1).
+    pub count: u32,
+    /// Length of the window.
+    pub period: Duration,
+}
+
+/// Why a rate string was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    /// Not of the form `COUNT/UNIT`, or `COUNT` is not a whole number.
+    #[error("must be COUNT/UNIT, e.g. 10/m (UNIT one of s, m, h, d)")]
+    Format,
+    /// `COUNT` is zero.
+    #[error("count must be at least 1")]
+    ZeroCount,
+    /// `UNIT` is not one of `s`, `m`, `h`, `d`.
+    #[error("unit must be one of s, m, h, d")]
+    Unit,
+}
+
+impl Rate {
+    /// `count` events per second.
+    pub const fn per_second(count: u32) -> Self {
+        Self {
+            count,
+            period: Duration::from_secs(1),
+        }
+    }
+    /// `count` events per minute.
+    pub const fn per_minute(count: u32) -> Self {
+        Self {
+            count,
+            period: Duration::from_secs(60),
+        }
+    }
+    /// `count` events per hour.
+    pub const fn per_hour(count: u32) -> Self {
+        Self {
+            count,
+            period: Duration::from_secs(3600),
+        }
+    }
+    /// `count` events per day.
+    pub const fn per_day(count: u32) -> Self {
+        Self {
+            count,
+            period: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl FromStr for Rate {
+    type Err = RateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (count, unit) = s.trim().split_once('/').ok_or(RateError::Format)?;
+        if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(RateError::Format);
+        }
+        let count: u32 = count.parse().map_err(|_| RateError::Format)?;
+        if count == 0 {
+            return Err(RateError::ZeroCount);
+        }
+        match unit {
+            "s" => Ok(Self::per_second(count)),
+            "m" => Ok(Self::per_minute(count)),
+            "h" => Ok(Self::per_hour(count)),
+            "d" => Ok(Self::per_day(count)),
+            _ => Err(RateError::Unit),
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match (self.period.as_secs(), self.period.subsec_nanos()) {
+            (1, 0) => "s",
+            (60, 0) => "m",
+            (3600, 0) => "h",
+            (86_400, 0) => "d",
+            _ => return write!(f, "{}/{:?}", self.count, self.period),
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Problems
+// ---------------------------------------------------------------------------
+
+/// One violated rule: the variable (with an index for list entries, e.g.
+/// `ENCRYPTION_OLD_KEYS[1]`) and the rule, never the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Variable name, e.g. `JWT_SECRET_KEY` or `TRUSTED_PROXIES[2]`.
+    pub variable: String,
+    /// The rule that failed, e.g. `must be at least 32 characters`.
+    pub rule: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.rule)
+    }
+}
+
+/// Every configuration problem found. `Display` prints one `VARIABLE: rule`
+/// line per problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// All problems, in documentation order of the variables.
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    /// Whether some problem concerns `variable` (or an entry of it).
+    pub fn mentions(&self, variable: &str) -> bool {
+        self.problems.iter().any(|p| {
+            p.variable == variable
+                || p
+                    .variable
+                    .strip_prefix(variable)
+                    .is_some_and(|rest| rest.starts_with('['))
+        })
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------
+
+/// The optional LLM classifier endpoint (OpenAI-compatible chat completions).
+#[derive(Debug, Clone)]
+pub struct LlmConfig {
+    /// `LLM_URL`: base URL; requests go to `{LLM_URL}/chat/completions`.
+    pub url: Url,
+    /// `LLM_API_KEY`: sent as a bearer token when set.
+    pub api_key: Option<SecretString>,
+    /// `LLM_MODEL`, default `gpt-4o-mini`.
+    pub model: String,
+    /// `LLM_TIMEOUT_MS`, default 10 000 ms, 1..=120 000.
+    pub timeout: Duration,
+}
+
+impl LlmConfig {
+    /// `{LLM_URL}/chat/completions`, without a doubled slash.
+    pub fn chat_completions_url(&self) -> String {
+        format!(
+            "{}/chat/completions",
+            self.url.as_str().trim_end_matches('/')
+        )
+    }
+}
+
+/// The whole validated configuration. Build it with [`Config::from_env`] or
+/// [`Config::from_vars`]. `Debug` never prints a secret.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `DATABASE_URL` (required): a `postgres://` or `postgresql://` URL.
+    pub database_url: SecretString,
+    /// `REDIS_URL`, default `redis://127.0.0.1:6379`: a `redis://` or `rediss://` URL.
+    pub redis_url: SecretString,
+    /// `DEBUG`, `true`/`false` (case-insensitive), default `false`. Only turns
+    /// off the HTTPS redirect and HSTS (and allows an `http` `PUBLIC_BASE_URL`).
+    pub debug: bool,
+    /// `SECRET_KEY` (required, ≥ 32 characters): signs cookies, keys the blind indexes.
+    pub secret_key: SecretString,
+    /// `JWT_SECRET_KEY` (required, ≥ 32 characters, ≥ 16 distinct characters,
+    /// different from `SECRET_KEY`).
+    pub jwt_secret_key: SecretString,
+    /// `JWT_ISSUER`, default `gatehouse`.
+    pub jwt_issuer: String,
+    /// `JWT_AUDIENCE`, default `gatehouse-api`.
+    pub jwt_audience: String,
+    /// `JWT_TTL_SECONDS`, default 900, 1..=86 400.
+    pub jwt_ttl_seconds: u64,
+    /// `ENCRYPTION_KEY` (current) + `ENCRYPTION_OLD_KEYS` (decrypt only).
+    pub keyring: Keyring,
+    /// Blind index keyed from `SECRET_KEY`.
+    pub blind_index: BlindIndex,
+    /// `TRUSTED_PROXIES`: comma-separated CIDRs (a bare IP is a /32 or /128),
+    /// default none. Host bits are cleared (`10.1.2.3/8` → `10.0.0.0/8`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// `PUBLIC_BASE_URL`: `https://host[:port]` (http only with `DEBUG=true`),
+    /// no path, query, fragment or user info. See [`Config::public_base`].
+    pub public_base_url: Option<Url>,
+    /// `PORT`, default 8080, 1..=65 535.
+    pub port: u16,
+    /// `WORKER_CONCURRENCY`: jobs in flight per queue per process, default 4, 1..=256.
+    pub worker_concurrency: usize,
+    /// `SENTRY_DSN` (optional): `https://PUBLIC_KEY@HOST/PROJECT_ID`.
+    pub sentry_dsn: Option<SecretString>,
+    /// `LLM_URL` and friends; `None` → the built-in rule-based classifier.
+    pub llm: Option<LlmConfig>,
+    /// `RATE_LIMIT_LOGIN_IP`, default `10/m`.
+    pub rate_limit_login_ip: Rate,
+    /// `RATE_LIMIT_LOGIN_EMAIL`, default `5/h`.
+    pub rate_limit_login_email: Rate,
+    /// `RATE_LIMIT_USER`, default `100/h`.
+    pub rate_limit_user: Rate,
+    /// `MAX_BODY_BYTES`, default 1 MiB, 1..=64 MiB.
+    pub max_body_bytes: usize,
+    /// `LLM_MIN_CONFIDENCE`, default 0.6, a finite number in [0, 1].
+    pub llm_min_confidence: f64,
+    /// `WORKER_GRACE_SECONDS`, default 30, 0..=3600: after SIGTERM/SIGINT, how
+    /// long a worker waits for in-flight jobs before exiting (unfinished jobs
+    /// are picked up again by another worker).
+    pub worker_grace_seconds: u64,
+    /// `WORKER_HEARTBEAT_SECONDS`, default 5, 1..=300: how often a worker
+    /// process reports that it is alive.
+    pub worker_heartbeat_seconds: u64,
+    /// `WORKER_MISSED_HEARTBEATS`, default 3, 1..=100: after this many missed
+    /// heartbeats a worker counts as dead and its jobs are taken over.
+    pub worker_missed_heartbeats: usize,
+    /// `QUEUE_NAMESPACE`, default `gatehouse`, `[a-z0-9_-]{1,64}`: prefix of
+    /// every Redis key of the queues, so several deployments can share a Redis.
+    pub queue_namespace: String,
+    /// `TENANT_KEY_CACHE_SECONDS`, default 300, 1..=3600: how long the ingress
+    /// keeps a tenant's webhook verification keys in memory, so signed
+    /// webhooks keep flowing through a short PostgreSQL outage.
+    pub tenant_key_cache_seconds: u64,
+}
+
+impl Config {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup)
+    }
+
+    /// Reads and validates variables from `get` (the testable core of
+    /// [`Config::from_env`]).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| get(name).map_or(Lookup::Unset, Lookup::Value))
+    }
+
+    /// `PUBLIC_BASE_URL` normalized without the trailing slash, e.g.
+    /// `https://gh.example.com` or `https://gh.example.com:8443`.
+    pub fn public_base(&self) -> Option<&str> {
+        self.public_base_url
+            .as_ref()
+            .map(|u| u.as_str().trim_end_matches('/'))
+    }
+
+    /// `worker_grace_seconds` as a [`Duration`].
+    pub fn worker_grace(&self) -> Duration {
+        Duration::from_secs(self.worker_grace_seconds)
+    }
+
+    /// `worker_heartbeat_seconds` as a [`Duration`].
+    pub fn worker_heartbeat(&self) -> Duration {
+        Duration::from_secs(self.worker_heartbeat_seconds)
+    }
+
+    /// `tenant_key_cache_seconds` as a [`Duration`].
+    pub fn tenant_key_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.tenant_key_cache_seconds)
+    }
+
+    fn from_lookup(get: impl Fn(&str) -> Lookup) -> Result<Self, ConfigError> {
+        let mut r = Reader::new(get);
+
+        let database_url = r.required_secret("DATABASE_URL");
+        if let Some(url) = &database_url {
+            check_url_scheme(
+                &mut r,
+                "DATABASE_URL",
+                url.expose_secret(),
+                &["postgres", "postgresql"],
+                "must be a postgres:// or postgresql:// URL",
+            );
+        }
+
+        let redis_url = r
+            .optional_secret("REDIS_URL")
+            .unwrap_or_else(|| SecretString::from(DEFAULT_REDIS_URL));
+        check_url_scheme(
+            &mut r,
+            "REDIS_URL",
+            redis_url.expose_secret(),
+            &["redis", "rediss"],
+            "must be a redis:// or rediss:// URL with a host",
+        );
+
+        let debug = r.parse("DEBUG", false, |s| {
+            if s.eq_ignore_ascii_case("true") {
+                Ok(true)
+            } else if s.eq_ignore_ascii_case("false") {
+                Ok(false)
+            } else {
+                Err("must be true or false".to_owned())
+            }
+        });
+
+        let secret_key = read_secret_key(&mut r);
+        let jwt_secret_key = read_jwt_secret_key(&mut r, secret_key.as_ref());
+
+        let jwt_issuer = r.string("JWT_ISSUER", "gatehouse");
+        let jwt_audience = r.string("JWT_AUDIENCE", "gatehouse-api");
+        let jwt_ttl_seconds = r.integer("JWT_TTL_SECONDS", 900u64, 1, 86_400);
+
+        let keyring = read_keyring(&mut r);
+
+        let trusted_proxies = r.list("TRUSTED_PROXIES", |entry| {
+            if let Ok(net) = entry.parse::<IpNet>() {
+                Ok(net.trunc())
+            } else if let Ok(ip) = entry.parse::<IpAddr>() {
+                Ok(IpNet::from(ip))
+            } else {
+                Err("must be an IP address or CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32".to_owned())
+            }
+        });
+
+        let public_base_url = r.optional_parse("PUBLIC_BASE_URL", |s| parse_public_base(s, debug));
+
+        let port = r.integer("PORT", 8080u16, 1, u16::MAX);
+        let worker_concurrency = r.integer("WORKER_CONCURRENCY", 4usize, 1, 256);
+
+        let sentry_dsn = r.optional_secret("SENTRY_DSN");
+        if let Some(dsn) = &sentry_dsn
+            && !is_sentry_dsn(dsn.expose_secret())
+        {
+            r.problem(
+                "SENTRY_DSN",
+                "must be a Sentry DSN: https://PUBLIC_KEY@HOST/PROJECT_ID",
+            );
+        }
+
+        let llm_url = r.optional_parse("LLM_URL", parse_llm_url);
+        let llm_api_key = r.optional_secret("LLM_API_KEY");
+        let llm_model = r.string("LLM_MODEL", "gpt-4o-mini");
+        let llm_timeout_ms = r.integer("LLM_TIMEOUT_MS", 10_000u64, 1, 120_000);
+        let llm = llm_url.map(|url| LlmConfig {
+            url,
+            api_key: llm_api_key,
+            model: llm_model,
+            timeout: Duration::from_millis(llm_timeout_ms),
+        });
+
+        let rate_limit_login_ip = r.rate("RATE_LIMIT_LOGIN_IP", Rate::per_minute(10));
+        let rate_limit_login_email = r.rate("RATE_LIMIT_LOGIN_EMAIL", Rate::per_hour(5));
+        let rate_limit_user = r.rate("RATE_LIMIT_USER", Rate::per_hour(100));
+
+        let max_body_bytes = r.integer("MAX_BODY_BYTES", 1_048_576usize, 1, MAX_BODY_BYTES_LIMIT);
+
+        let llm_min_confidence = r.parse("LLM_MIN_CONFIDENCE", 0.6f64, |s| {
+            match s.parse::<f64>() {
+                Ok(v) if v.is_finite() && (0.0..=1.0).contains(&v) => Ok(v),
+                _ => Err("must be a number from 0 to 1".to_owned()),
+            }
+        });
+
+        let worker_grace_seconds = r.integer("WORKER_GRACE_SECONDS", 30u64, 0, 3600);
+        let worker_heartbeat_seconds = r.integer("WORKER_HEARTBEAT_SECONDS", 5u64, 1, 300);
+        let worker_missed_heartbeats = r.integer("WORKER_MISSED_HEARTBEATS", 3usize, 1, 100);
+        let queue_namespace = r.parse("QUEUE_NAMESPACE", "gatehouse".to_owned(), |s| {
+            let ok = (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            if ok {
+                Ok(s.to_owned())
+            } else {
+                Err("must be 1 to 64 characters of a-z, 0-9, _ and -".to_owned())
+            }
+        });
+        let tenant_key_cache_seconds = r.integer("TENANT_KEY_CACHE_SECONDS", 300u64, 1, 3600);
+
+        let problems = r.finish();
+        match (database_url, secret_key, jwt_secret_key, keyring) {
+            (Some(database_url), Some(secret_key), Some(jwt_secret_key), Some(keyring))
+                if problems.is_empty() =>
+            {
+                let blind_index = BlindIndex::new(&secret_key);
+                Ok(Self {
+                    database_url,
+                    redis_url,
+                    debug,
+                    secret_key,
+                    jwt_secret_key,
+                    jwt_issuer,
+                    jwt_audience,
+                    jwt_ttl_seconds,
+                    keyring,
+                    blind_index,
+                    trusted_proxies,
+                    public_base_url,
+                    port,
+                    worker_concurrency,
+                    sentry_dsn,
+                    llm,
+                    rate_limit_login_ip,
+                    rate_limit_login_email,
+                    rate_limit_user,
+                    max_body_bytes,
+                    llm_min_confidence,
+                    worker_grace_seconds,
+                    worker_heartbeat_seconds,
+                    worker_missed_heartbeats,
+                    queue_namespace,
+                    tenant_key_cache_seconds,
+                })
+            }
+            _ => Err(ConfigError { problems }),
+        }
+    }
+}
+
+/// Validates only `ENCRYPTION_KEY`, `ENCRYPTION_OLD_KEYS`, `JWT_SECRET_KEY`
+/// and `SECRET_KEY`, with the same rules as [`Config::from_vars`] (for
+/// `gatehouse keys check`).
+pub fn check_keys(get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    check_keys_lookup(|name| get(name).map_or(Lookup::Unset, Lookup::Value))
+}
+
+/// [`check_keys`] over the process environment.
+pub fn check_keys_from_env() -> Result<(), ConfigError> {
+    check_keys_lookup(env_lookup)
+}
+
+fn check_keys_lookup(get: impl Fn(&str) -> Lookup) -> Result<(), ConfigError> {
+    let mut r = Reader::new(get);
+    let secret_key = read_secret_key(&mut r);
+    let _jwt = read_jwt_secret_key(&mut r, secret_key.as_ref());
+    let _keyring = read_keyring(&mut r);
+    let problems = r.finish();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Key variables
+// ---------------------------------------------------------------------------
+
+fn read_secret_key<F: Fn(&str) -> Lookup>(r: &mut Reader<F>) -> Option<SecretString> {
+    let key = r.required_secret("SECRET_KEY")?;
+    if key.expose_secret().chars().count() < MIN_SECRET_CHARS {
+        r.problem("SECRET_KEY", "must be at least 32 characters");
+    }
+    Some(key)
+}
+
+fn read_jwt_secret_key<F: Fn(&str) -> Lookup>(
+    r: &mut Reader<F>,
+    secret_key: Option<&SecretString>,
+) -> Option<SecretString> {
+    const NAME: &str = "JWT_SECRET_KEY";
+    let key = r.required_secret(NAME)?;
+    let value = key.expose_secret();
+    if value.chars().count() < MIN_SECRET_CHARS {
+        r.problem(NAME, "must be at least 32 characters");
+    }
+    let mut distinct: Vec<char> = value.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let distinct_count = distinct.len();
+    // Wipe the sorted copy of the secret's characters.
+    distinct.fill('\0');
+    if distinct_count < MIN_JWT_DISTINCT_CHARS {
+        r.problem(
+            NAME,
+            "is low-entropy: must contain at least 16 distinct characters",
+        );
+    }
+    if let Some(secret_key) = secret_key {
+        let same: bool = value
+            .as_bytes()
+            .ct_eq(secret_key.expose_secret().as_bytes())
+            .into();
+        if same {
+            r.problem(NAME, "must differ from SECRET_KEY");
+        }
+    }
+    Some(key)
+}
+
+fn read_keyring<F: Fn(&str) -> Lookup>(r: &mut Reader<F>) -> Option<Keyring> {
+    let current = r
+        .required_secret("ENCRYPTION_KEY")
+        .and_then(|b64| match EncryptionKey::from_base64(b64.expose_secret()) {
+            Ok(key) => Some(key),
+            Err(err) => {
+                r.problem("ENCRYPTION_KEY", err.to_string());
+                None
+            }
+        });
+
+    let mut old: Vec<EncryptionKey> = Vec::new();
+    let mut old_ok = true;
+    if let Some(list) = r.optional_secret("ENCRYPTION_OLD_KEYS") {
+        for (i, entry) in list.expose_secret().split(',').enumerate() {
+            let variable = format!("ENCRYPTION_OLD_KEYS[{i}]");
+            let entry = entry.trim();
+            if entry.is_empty() {
+                r.problem(variable, "is empty (remove the stray comma)");
+                old_ok = false;
+                continue;
+            }
+            let key = match EncryptionKey::from_base64(entry) {
+                Ok(key) => key,
+                Err(err) => {
+                    r.problem(variable, err.to_string());
+                    old_ok = false;
+                    continue;
+                }
+            };
+            if current.as_ref().is_some_and(|c| *c == key) {
+                r.problem(
+                    variable,
+                    "is the same key as ENCRYPTION_KEY (old keys are for decryption only)",
+                );
+                old_ok = false;
+            } else if let Some(j) = old.iter().position(|k| *k == key) {
+                r.problem(variable, format!("repeats an earlier entry (index {j})"));
+                old_ok = false;
+            } else {
+                old.push(key);
+            }
+        }
+    }
+
+    match current {
+        Some(current) if old_ok => Some(Keyring::new(current, old)),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// URL rules
+// ---------------------------------------------------------------------------
+
+fn check_url_scheme<F: Fn(&str) -> Lookup>(
+    r: &mut Reader<F>,
+    name: &'static str,
+    value: &str,
+    schemes: &[&str],
+    rule: &str,
+) {
+    let ok = Url::parse(value.trim())
+        .is_ok_and(|u| schemes.contains(&u.scheme()) && u.host_str().is_some_and(|h| !h.is_empty()));
+    // A socket-path form like `postgres:///db?host=/run/postgresql` has no host
+    // but is valid for PostgreSQL.
+    let ok = ok
+        || (name == "DATABASE_URL"
+            && Url::parse(value.trim()).is_ok_and(|u| schemes.contains(&u.scheme())));
+    if !ok {
+        r.problem(name, rule);
+    }
+}
+
+fn is_http(url: &Url) -> bool {
+    matches!(url.scheme(), "http" | "https") && url.host_str().is_some_and(|h| !h.is_empty())
+}
+
+fn parse_public_base(s: &str, debug: bool) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|_| "must be an absolute URL like https://host[:port]")?;
+    if !is_http(&url) {
+        return Err("must be an http(s) URL with a host, like https://host[:port]".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain user info".to_owned());
+    }
+    if url.path() != "/" {
+        return Err("must not have a path: only https://host[:port]".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".to_owned());
+    }
+    if url.scheme() != "https" && !debug {
+        return Err("must use https unless DEBUG=true".to_owned());
+    }
+    Ok(url)
+}
+
+fn parse_llm_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|_| "must be an absolute http(s) URL")?;
+    if !is_http(&url) {
+        return Err("must be an http(s) URL with a host".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials (use LLM_API_KEY)".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".to_owned());
+    }
+    Ok(url)
+}
+
+fn is_sentry_dsn(s: &str) -> bool {
+    Url::parse(s.trim()).is_ok_and(|u| {
+        is_http(&u)
+            && !u.username().is_empty()
+            && u.path_segments()
+                .and_then(|mut segs| segs.next_back())
+                .is_some_and(|project| !project.is_empty())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reader: looks variables up once and collects problems
+// ---------------------------------------------------------------------------
+
+enum Lookup {
+    Unset,
+    Value(String),
+    NotUnicode,
+}
+
+fn env_lookup(name: &str) -> Lookup {
+    match std::env::var_os(name) {
+        None => Lookup::Unset,
+        Some(os) => match os.into_string() {
+            Ok(s) => Lookup::Value(s),
+            Err(_) => Lookup::NotUnicode,
+        },
+    }
+}
+
+struct Reader<F> {
+    get: F,
+    problems: Vec<Problem>,
+}
+
+impl<F: Fn(&str) -> Lookup> Reader<F> {
+    fn new(get: F) -> Self {
+        Self {
+            get,
+            problems: Vec::new(),
+        }
+    }
+
+    fn finish(self) -> Vec<Problem> {
+        self.problems
+    }
+
+    fn problem(&mut self, variable: impl Into<String>, rule: impl Into<String>) {
+        self.problems.push(Problem {
+            variable: variable.into(),
+            rule: rule.into(),
+        });
+    }
+
+    /// The raw value; empty counts as unset. Non-UTF-8 is a problem.
+    fn raw(&mut self, name: &'static str) -> Option<String> {
+        match (self.get)(name) {
+            Lookup::Unset => None,
+            Lookup::Value(v) if v.is_empty() => None,
+            Lookup::Value(v) => Some(v),
+            Lookup::NotUnicode => {
+                self.problem(name, "must be valid UTF-8");
+                None
+            }
+        }
+    }
+
+    fn was_not_unicode(&self, name: &str) -> bool {
+        self.problems
+            .last()
+            .is_some_and(|p| p.variable == name && p.rule == "must be valid UTF-8")
+    }
+
+    fn optional_secret(&mut self, name: &'static str) -> Option<SecretString> {
+        self.raw(name).map(SecretString::from)
+    }
+
+    fn required_secret(&mut self, name: &'static str) -> Option<SecretString> {
+        let value = self.optional_secret(name);
+        if value.is_none() && !self.was_not_unicode(name) {
+            self.problem(name, "is required");
+        }
+        value
+    }
+
+    /// An optional non-secret value (surrounding whitespace trimmed) parsed by
+    /// `parse`; `None` when unset or invalid (the problem is recorded).
+    fn optional_parse<T>(
+        &mut self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let raw = Zeroizing::new(self.raw(name)?);
+        match parse(raw.trim()) {
+            Ok(v) => Some(v),
+            Err(rule) => {
+                self.problem(name, rule);
+                None
+            }
+        }
+    }
+
+    fn parse<T>(
+        &mut self,
+        name: &'static str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        self.optional_parse(name, parse).unwrap_or(default)
+    }
+
+    fn string(&mut self, name: &'static str, default: &str) -> String {
+        self.parse(name, default.to_owned(), |s| {
+            if s.chars().any(char::is_control) {
+                Err("must not contain control characters".to_owned())
+            } else {
+                Ok(s.to_owned())
+            }
+        })
+    }
+
+    fn integer<T>(&mut self, name: &'static str, default: T, min: T, max: T) -> T
+    where
+        T: FromStr + PartialOrd + Copy + fmt::Display,
+    {
+        self.parse(name, default, |s| match s.parse::<T>() {
+            Ok(v) if s.bytes().all(|b| b.is_ascii_digit()) && v >= min && v <= max => Ok(v),
+            _ => Err(format!("must be a whole number from {min} to {max}")),
+        })
+    }
+
+    fn rate(&mut self, name: &'static str, default: Rate) -> Rate {
+        self.parse(name, default, |s| s.parse::<Rate>().map_err(|e| e.to_string()))
+    }
+
+    /// A comma-separated list; each entry is trimmed and parsed, problems are
+    /// reported as `NAME[index]`.
+    fn list<T>(&mut self, name: &'static str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+        let Some(raw) = self.raw(name) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, entry) in raw.split(',').enumerate() {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                self.problem(format!("{name}[{i}]"), "is empty (remove the stray comma)");
+                continue;
+            }
+            match parse(entry) {
+                Ok(v) => out.push(v),
+                Err(rule) => self.problem(format!("{name}[{i}]"), rule),
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const SECRET_KEY: &str = "sk-0123456789abcdefghijklmnopqrstuvwxyz";
+    const JWT_SECRET_KEY: &str = "jwt-ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210";
+    /// bytes 0..32
+    const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    /// bytes 32..64
+    const OLD_KEY_1: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    /// bytes 64..96
+    const OLD_KEY_2: &str = "QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8=";
+    const DATABASE_URL: &str = "postgres://gh:db-password-xyz@db.internal:5432/gatehouse";
+
+    fn minimal() -> HashMap<&'static str, String> {
+        HashMap::from([
+            ("DATABASE_URL", DATABASE_URL.to_owned()),
+            ("SECRET_KEY", SECRET_KEY.to_owned()),
+            ("JWT_SECRET_KEY", JWT_SECRET_KEY.to_owned()),
+            ("ENCRYPTION_KEY", ENCRYPTION_KEY.to_owned()),
+        ])
+    }
+
+    fn with(pairs: &[(&'static str, &str)]) -> HashMap<&'static str, String> {
+        let mut vars = minimal();
+        for (k, v) in pairs {
+            vars.insert(k, (*v).to_owned());
+        }
+        vars
+    }
+
+    fn load(vars: &HashMap<&'static str, String>) -> Result<Config, ConfigError> {
+        Config::from_vars(|name| vars.get(name).cloned())
+    }
+
+    fn problems(vars: &HashMap<&'static str, String>) -> ConfigError {
+        match load(vars) {
+            Ok(_) => panic!("configuration unexpectedly valid"),
+            Err(err) => err,
+        }
+    }
+
+    /// Asserts the configuration fails, with exactly one problem, on `variable`.
+    fn fails_on(pairs: &[(&'static str, &str)], variable: &str) -> Problem {
+        let err = problems(&with(pairs));
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].variable, variable, "{err}");
+        err.problems[0].clone()
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn a_minimal_set_parses_with_the_documented_defaults() {
+        let cfg = load(&minimal()).unwrap();
+        assert_eq!(cfg.database_url.expose_secret(), DATABASE_URL);
+        assert_eq!(cfg.redis_url.expose_secret(), "redis://127.0.0.1:6379");
+        assert!(!cfg.debug);
+        assert_eq!(cfg.jwt_issuer, "gatehouse");
+        assert_eq!(cfg.jwt_audience, "gatehouse-api");
+        assert_eq!(cfg.jwt_ttl_seconds, 900);
+        assert_eq!(cfg.keyring.key_ids().len(), 1);
+        assert_eq!(cfg.keyring.current_id().to_string(), "630dcd2966c43366");
+        assert!(cfg.trusted_proxies.is_empty());
+        assert!(cfg.public_base_url.is_none());
+        assert_eq!(cfg.public_base(), None);
+        assert_eq!(cfg.port, 8080);
+        assert_eq!(cfg.worker_concurrency, 4);
+        assert!(cfg.sentry_dsn.is_none());
+        assert!(cfg.llm.is_none());
+        assert_eq!(cfg.rate_limit_login_ip, Rate::per_minute(10));
+        assert_eq!(cfg.rate_limit_login_email, Rate::per_hour(5));
+        assert_eq!(cfg.rate_limit_user, Rate::per_hour(100));
+        assert_eq!(cfg.rate_limit_login_ip.to_string(), "10/m");
+        assert_eq!(cfg.rate_limit_login_email.to_string(), "5/h");
+        assert_eq!(cfg.rate_limit_user.to_string(), "100/h");
+        assert_eq!(cfg.max_body_bytes, 1_048_576);
+        assert!((cfg.llm_min_confidence - 0.6).abs() < f64::EPSILON);
+        assert_eq!(cfg.worker_grace_seconds, 30);
+        assert_eq!(cfg.worker_heartbeat_seconds, 5);
+        assert_eq!(cfg.worker_missed_heartbeats, 3);
+        assert_eq!(cfg.queue_namespace, "gatehouse");
+        assert_eq!(cfg.tenant_key_cache_seconds, 300);
+    }
+
+    #[test]
+    fn a_valid_full_set_parses() {
+        let vars = with(&[
+            ("REDIS_URL", "rediss://:redis-pass@cache.internal:6380/0"),
+            ("DEBUG", "FALSE"),
+            ("JWT_ISSUER", "https://auth.example.com"),
+            ("JWT_AUDIENCE", "gh"),
+            ("JWT_TTL_SECONDS", "3600"),
+            ("ENCRYPTION_OLD_KEYS", &format!("{OLD_KEY_1}, {OLD_KEY_2}")),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7,2001:db8::/32, ::1"),
+            ("PUBLIC_BASE_URL", "https://gh.example.com:8443/"),
+            ("PORT", "9000"),
+            ("WORKER_CONCURRENCY", "16"),
+            ("SENTRY_DSN", "https://abcdef0123456789@o1.ingest.sentry.io/42"),
+            ("LLM_URL", "https://api.openai.com/v1/"),
+            ("LLM_API_KEY", "sk-llm-api-key-value"),
+            ("LLM_MODEL", "gpt-4o"),
+            ("LLM_TIMEOUT_MS", "2500"),
+            ("RATE_LIMIT_LOGIN_IP", "20/s"),
+            ("RATE_LIMIT_LOGIN_EMAIL", "3/d"),
+            ("RATE_LIMIT_USER", "1000/h"),
+            ("MAX_BODY_BYTES", "2048"),
+            ("LLM_MIN_CONFIDENCE", "0.75"),
+            ("WORKER_GRACE_SECONDS", "60"),
+            ("WORKER_HEARTBEAT_SECONDS", "2"),
+            ("WORKER_MISSED_HEARTBEATS", "5"),
+            ("QUEUE_NAMESPACE", "gh-prod_1"),
+            ("TENANT_KEY_CACHE_SECONDS", "120"),
+        ]);
+        let cfg = load(&vars).unwrap();
+        assert_eq!(cfg.keyring.key_ids().len(), 3);
+        assert_eq!(cfg.trusted_proxies.len(), 4);
+        assert_eq!(cfg.trusted_proxies[1].to_string(), "192.0.2.7/32");
+        assert_eq!(cfg.trusted_proxies[3].to_string(), "::1/128");
+        assert_eq!(cfg.public_base(), Some("https://gh.example.com:8443"));
+        assert_eq!(cfg.port, 9000);
+        assert_eq!(cfg.worker_concurrency, 16);
+        assert!(cfg.sentry_dsn.is_some());
+        let llm = cfg.llm.as_ref().unwrap();
+        assert_eq!(
+            llm.chat_completions_url(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        assert_eq!(llm.model, "gpt-4o");
+        assert_eq!(llm.timeout, Duration::from_millis(2500));
+        assert!(llm.api_key.is_some());
+        assert_eq!(cfg.rate_limit_login_ip.to_string(), "20/s");
+        assert_eq!(cfg.rate_limit_login_email.period, Duration::from_secs(86_400));
+        assert_eq!(cfg.rate_limit_user.count, 1000);
+        assert_eq!(cfg.max_body_bytes, 2048);
+        assert!((cfg.llm_min_confidence - 0.75).abs() < f64::EPSILON);
+        assert_eq!(cfg.worker_grace(), Duration::from_secs(60));
+        assert_eq!(cfg.worker_heartbeat(), Duration::from_secs(2));
+        assert_eq!(cfg.worker_missed_heartbeats, 5);
+        assert_eq!(cfg.queue_namespace, "gh-prod_1");
+        assert_eq!(cfg.tenant_key_cache_ttl(), Duration::from_secs(120));
+        assert_eq!(cfg.jwt_ttl_seconds, 3600);
+    }
+
+    #[test]
+    fn missing_required_variables_are_each_named() {
+        let err = Config::from_vars(|_| None).err().unwrap();
+        let named: Vec<&str> = err.problems.iter().map(|p| p.variable.as_str()).collect();
+        assert_eq!(
+            named,
+            ["DATABASE_URL", "SECRET_KEY", "JWT_SECRET_KEY", "ENCRYPTION_KEY"]
+        );
+        assert!(err.problems.iter().all(|p| p.rule == "is required"));
+        assert_eq!(
+            err.to_string(),
+            "DATABASE_URL: is required\nSECRET_KEY: is required\n\
+             JWT_SECRET_KEY: is required\nENCRYPTION_KEY: is required"
+        );
+    }
+
+    #[test]
+    fn an_empty_required_variable_counts_as_missing() {
+        let p = fails_on(&[("SECRET_KEY", "")], "SECRET_KEY");
+        assert_eq!(p.rule, "is required");
+    }
+
+    #[test]
+    fn an_empty_optional_variable_takes_its_default() {
+        let cfg = load(&with(&[("PORT", ""), ("DEBUG", ""), ("LLM_URL", "")])).unwrap();
+        assert_eq!(cfg.port, 8080);
+        assert!(!cfg.debug);
+        assert!(cfg.llm.is_none());
+    }
+
+    #[test]
+    fn a_short_secret_key_is_rejected() {
+        let short = "s".repeat(10) + "0123456789abcdefghij"; // 30 chars
+        let p = fails_on(&[("SECRET_KEY", &short)], "SECRET_KEY");
+        assert!(p.rule.contains("32"));
+    }
+
+    #[test]
+    fn a_short_jwt_secret_key_is_rejected() {
+        let p = fails_on(&[("JWT_SECRET_KEY", "0123456789abcdefghijKLMNOPQ")], "JWT_SECRET_KEY");
+        assert!(p.rule.contains("32"));
+    }
+
+    #[test]
+    fn a_jwt_secret_key_equal_to_secret_key_is_rejected() {
+        let p = fails_on(&[("JWT_SECRET_KEY", SECRET_KEY)], "JWT_SECRET_KEY");
+        assert!(p.rule.contains("SECRET_KEY"));
+    }
+
+    #[test]
+    fn a_jwt_secret_key_of_one_repeated_character_is_rejected() {
+        let p = fails_on(&[("JWT_SECRET_KEY", &"a".repeat(64))], "JWT_SECRET_KEY");
+        assert!(p.rule.contains("low-entropy"));
+    }
+
+    #[test]
+    fn a_jwt_secret_key_with_fewer_than_16_distinct_characters_is_rejected() {
+        let fifteen = "abcdefghijklmno".repeat(3); // 45 chars, 15 distinct
+        let p = fails_on(&[("JWT_SECRET_KEY", &fifteen)], "JWT_SECRET_KEY");
+        assert!(p.rule.contains("16 distinct"));
+        let sixteen = "abcdefghijklmnop".repeat(2);
+        assert!(load(&with(&[("JWT_SECRET_KEY", &sixteen)])).is_ok());
+    }
+
+    #[test]
+    fn a_jwt_secret_key_failing_two_rules_reports_both() {
+        let err = problems(&with(&[("JWT_SECRET_KEY", "aaaa")]));
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.problems.iter().all(|p| p.variable == "JWT_SECRET_KEY"));
+    }
+
+    #[test]
+    fn an_encryption_key_of_the_wrong_length_is_rejected() {
+        let p = fails_on(&[("ENCRYPTION_KEY", &b64(&[7u8; 16]))], "ENCRYPTION_KEY");
+        assert!(p.rule.contains("exactly 32 bytes"), "{}", p.rule);
+    }
+
+    #[test]
+    fn an_all_zero_encryption_key_is_rejected() {
+        let p = fails_on(&[("ENCRYPTION_KEY", &b64(&[0u8; 32]))], "ENCRYPTION_KEY");
+        assert!(p.rule.contains("zero"), "{}", p.rule);
+    }
+
+    #[test]
+    fn a_low_entropy_encryption_key_is_rejected() {
+        let cycling: Vec<u8> = (0..32u8).map(|i| i % 8).collect();
+        let p = fails_on(&[("ENCRYPTION_KEY", &b64(&cycling))], "ENCRYPTION_KEY");
+        assert!(p.rule.contains("distinct"), "{}", p.rule);
+    }
+
+    #[test]
+    fn an_encryption_key_that_is_not_base64_is_rejected() {
+        let p = fails_on(&[("ENCRYPTION_KEY", "this is not base64 at all!!")], "ENCRYPTION_KEY");
+        assert!(p.rule.contains("base64"), "{}", p.rule);
+    }
+
+    #[test]
+    fn a_bad_encryption_old_keys_entry_is_reported_with_its_index() {
+        let list = format!("{OLD_KEY_1},{}", b64(&[0u8; 32]));
+        let p = fails_on(&[("ENCRYPTION_OLD_KEYS", &list)], "ENCRYPTION_OLD_KEYS[1]");
+        assert!(p.rule.contains("zero"));
+        let err = problems(&with(&[("ENCRYPTION_OLD_KEYS", &list)]));
+        assert_eq!(err.to_string(), format!("ENCRYPTION_OLD_KEYS[1]: {}", p.rule));
+    }
+
+    #[test]
+    fn an_old_key_equal_to_the_current_key_is_rejected() {
+        let list = format!("{OLD_KEY_1},{ENCRYPTION_KEY}");
+        let p = fails_on(&[("ENCRYPTION_OLD_KEYS", &list)], "ENCRYPTION_OLD_KEYS[1]");
+        assert!(p.rule.contains("ENCRYPTION_KEY"));
+    }
+
+    #[test]
+    fn a_repeated_old_key_is_rejected() {
+        let list = format!("{OLD_KEY_1},{OLD_KEY_2},{OLD_KEY_1}");
+        let p = fails_on(&[("ENCRYPTION_OLD_KEYS", &list)], "ENCRYPTION_OLD_KEYS[2]");
+        assert!(p.rule.contains("index 0"));
+    }
+
+    #[test]
+    fn an_empty_old_keys_entry_is_rejected() {
+        let list = format!("{OLD_KEY_1},");
+        fails_on(&[("ENCRYPTION_OLD_KEYS", &list)], "ENCRYPTION_OLD_KEYS[1]");
+    }
+
+    #[test]
+    fn a_malformed_debug_is_rejected() {
+        for bad in ["1", "0", "yes", "on", "truee"] {
+            fails_on(&[("DEBUG", bad)], "DEBUG");
+        }
+        assert!(load(&with(&[("DEBUG", "True")])).unwrap().debug);
+        assert!(!load(&with(&[("DEBUG", "false")])).unwrap().debug);
+    }
+
+    #[test]
+    fn a_malformed_port_is_rejected() {
+        for bad in ["http", "0", "65536", "-1", "80.5", "8 080"] {
+            fails_on(&[("PORT", bad)], "PORT");
+        }
+    }
+
+    #[test]
+    fn malformed_rate_strings_are_rejected() {
+        for bad in ["10", "x/m", "0/m", "10/w", "10/", "/m", "-1/m", "1.5/m", "10/M", "10/min"] {
+            for var in ["RATE_LIMIT_LOGIN_IP", "RATE_LIMIT_LOGIN_EMAIL", "RATE_LIMIT_USER"] {
+                fails_on(&[(var, bad)], var);
+            }
+        }
+    }
+
+    #[test]
+    fn rates_parse_and_display_in_every_unit() {
+        for (s, secs) in [("1/s", 1), ("10/m", 60), ("5/h", 3600), ("7/d", 86_400)] {
+            let rate: Rate = s.parse().unwrap();
+            assert_eq!(rate.period, Duration::from_secs(secs));
+            assert_eq!(rate.to_string(), s);
+        }
+        assert_eq!("0/m".parse::<Rate>(), Err(RateError::ZeroCount));
+        assert_eq!("10/w".parse::<Rate>(), Err(RateError::Unit));
+        assert_eq!("10".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!("x/m".parse::<Rate>(), Err(RateError::Format));
+    }
+
+    #[test]
+    fn malformed_trusted_proxies_are_rejected_with_their_index() {
+        fails_on(&[("TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/33")], "TRUSTED_PROXIES[1]");
+        fails_on(&[("TRUSTED_PROXIES", "proxy.internal")], "TRUSTED_PROXIES[0]");
+        fails_on(&[("TRUSTED_PROXIES", "300.1.1.1")], "TRUSTED_PROXIES[0]");
+        fails_on(&[("TRUSTED_PROXIES", "10.0.0.1,")], "TRUSTED_PROXIES[1]");
+    }
+
+    #[test]
+    fn trusted_proxies_accept_bare_ips_and_clear_host_bits() {
+        let cfg = load(&with(&[("TRUSTED_PROXIES", "10.1.2.3/8,192.0.2.1,2001:db8::1")])).unwrap();
+        let shown: Vec<String> = cfg.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.1/32", "2001:db8::1/128"]);
+    }
+
+    #[test]
+    fn a_malformed_llm_min_confidence_is_rejected() {
+        for bad in ["NaN", "1.5", "-0.1", "inf", "high"] {
+            fails_on(&[("LLM_MIN_CONFIDENCE", bad)], "LLM_MIN_CONFIDENCE");
+        }
+        for good in ["0", "1", "0.5"] {
+            assert!(load(&with(&[("LLM_MIN_CONFIDENCE", good)])).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_malformed_max_body_bytes_is_rejected() {
+        for bad in ["0", "1MiB", "67108865", "-5"] {
+            fails_on(&[("MAX_BODY_BYTES", bad)], "MAX_BODY_BYTES");
+        }
+        assert_eq!(
+            load(&with(&[("MAX_BODY_BYTES", "67108864")])).unwrap().max_body_bytes,
+            MAX_BODY_BYTES_LIMIT
+        );
+    }
+
+    #[test]
+    fn a_malformed_llm_url_is_rejected() {
+        for bad in [
+            "not a url",
+            "ftp://llm.internal",
+            "llm.internal:8000",
+            "https://user:pw@llm.internal",
+            "https://llm.internal/v1?x=1",
+        ] {
+            fails_on(&[("LLM_URL", bad)], "LLM_URL");
+        }
+    }
+
+    #[test]
+    fn llm_settings_are_validated_even_without_llm_url() {
+        fails_on(&[("LLM_TIMEOUT_MS", "0")], "LLM_TIMEOUT_MS");
+        fails_on(&[("LLM_TIMEOUT_MS", "120001")], "LLM_TIMEOUT_MS");
+    }
+
+    #[test]
+    fn llm_defaults_apply_when_llm_url_is_set() {
+        let cfg = load(&with(&[("LLM_URL", "http://llm.internal:8000")])).unwrap();
+        let llm = cfg.llm.unwrap();
+        assert_eq!(llm.model, "gpt-4o-mini");
+        assert_eq!(llm.timeout, Duration::from_millis(10_000));
+        assert!(llm.api_key.is_none());
+        assert_eq!(llm.chat_completions_url(), "http://llm.internal:8000/chat/completions");
+    }
+
+    #[test]
+    fn a_public_base_url_with_a_path_is_rejected() {
+        let p = fails_on(&[("PUBLIC_BASE_URL", "https://gh.example.com/twilio")], "PUBLIC_BASE_URL");
+        assert!(p.rule.contains("path"));
+    }
+
+    #[test]
+    fn a_public_base_url_with_http_is_rejected_when_debug_is_false() {
+        let p = fails_on(&[("PUBLIC_BASE_URL", "http://gh.example.com")], "PUBLIC_BASE_URL");
+        assert!(p.rule.contains("https"));
+        let cfg = load(&with(&[("PUBLIC_BASE_URL", "http://localhost:8080"), ("DEBUG", "true")]))
+            .unwrap();
+        assert_eq!(cfg.public_base(), Some("http://localhost:8080"));
+    }
+
+    #[test]
+    fn a_public_base_url_with_query_fragment_user_info_or_other_scheme_is_rejected() {
+        for bad in [
+            "https://gh.example.com/?a=1",
+            "https://gh.example.com/#top",
+            "https://user@gh.example.com",
+            "wss://gh.example.com",
+            "gh.example.com",
+        ] {
+            fails_on(&[("PUBLIC_BASE_URL", bad)], "PUBLIC_BASE_URL");
+        }
+    }
+
+    #[test]
+    fn a_public_base_url_is_stored_without_trailing_slash_or_default_port() {
+        let cfg = load(&with(&[("PUBLIC_BASE_URL", "https://GH.example.com:443/")])).unwrap();
+        assert_eq!(cfg.public_base(), Some("https://gh.example.com"));
+    }
+
+    #[test]
+    fn a_malformed_redis_url_is_rejected() {
+        for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://"] {
+            fails_on(&[("REDIS_URL", bad)], "REDIS_URL");
+        }
+    }
+
+    #[test]
+    fn a_malformed_database_url_is_rejected() {
+        fails_on(&[("DATABASE_URL", "mysql://db/gatehouse")], "DATABASE_URL");
+        fails_on(&[("DATABASE_URL", "db.internal")], "DATABASE_URL");
+        assert!(load(&with(&[("DATABASE_URL", "postgresql:///gatehouse?host=/run/postgresql")])).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_sentry_dsn_is_rejected() {
+        for bad in [
+            "not a dsn",
+            "https://o1.ingest.sentry.io/42",
+            "https://key@o1.ingest.sentry.io/",
+            "ftp://key@o1.ingest.sentry.io/42",
+        ] {
+            fails_on(&[("SENTRY_DSN", bad)], "SENTRY_DSN");
+        }
+    }
+
+    #[test]
+    fn malformed_numbers_and_names_are_rejected() {
+        fails_on(&[("JWT_TTL_SECONDS", "0")], "JWT_TTL_SECONDS");
+        fails_on(&[("JWT_TTL_SECONDS", "86401")], "JWT_TTL_SECONDS");
+        fails_on(&[("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY");
+        fails_on(&[("WORKER_CONCURRENCY", "257")], "WORKER_CONCURRENCY");
+        fails_on(&[("WORKER_GRACE_SECONDS", "3601")], "WORKER_GRACE_SECONDS");
+        fails_on(&[("WORKER_HEARTBEAT_SECONDS", "0")], "WORKER_HEARTBEAT_SECONDS");
+        fails_on(&[("WORKER_MISSED_HEARTBEATS", "0")], "WORKER_MISSED_HEARTBEATS");
+        fails_on(&[("TENANT_KEY_CACHE_SECONDS", "0")], "TENANT_KEY_CACHE_SECONDS");
+        fails_on(&[("QUEUE_NAMESPACE", "Gatehouse")], "QUEUE_NAMESPACE");
+        fails_on(&[("QUEUE_NAMESPACE", &"a".repeat(65))], "QUEUE_NAMESPACE");
+        fails_on(&[("QUEUE_NAMESPACE", "gh:prod")], "QUEUE_NAMESPACE");
+        fails_on(&[("JWT_ISSUER", "gate\u{7}house")], "JWT_ISSUER");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let vars = HashMap::from([
+            ("SECRET_KEY", "short".to_owned()),
+            ("JWT_SECRET_KEY", "a".repeat(40)),
+            ("ENCRYPTION_KEY", b64(&[0u8; 32])),
+            ("ENCRYPTION_OLD_KEYS", "nope".to_owned()),
+            ("DEBUG", "yes".to_owned()),
+            ("PORT", "99999".to_owned()),
+            ("RATE_LIMIT_USER", "10/w".to_owned()),
+            ("TRUSTED_PROXIES", "10.0.0.0/99".to_owned()),
+            ("LLM_MIN_CONFIDENCE", "NaN".to_owned()),
+            ("MAX_BODY_BYTES", "0".to_owned()),
+            ("LLM_URL", "nope".to_owned()),
+            ("PUBLIC_BASE_URL", "https://gh.example.com/path".to_owned()),
+        ]);
+        let err = problems(&vars);
+        let named: Vec<&str> = err.problems.iter().map(|p| p.variable.as_str()).collect();
+        assert_eq!(
+            named,
+            [
+                "DATABASE_URL",
+                "DEBUG",
+                "SECRET_KEY",
+                "JWT_SECRET_KEY",
+                "ENCRYPTION_KEY",
+                "ENCRYPTION_OLD_KEYS[0]",
+                "TRUSTED_PROXIES[0]",
+                "PUBLIC_BASE_URL",
+                "PORT",
+                "LLM_URL",
+                "RATE_LIMIT_USER",
+                "MAX_BODY_BYTES",
+                "LLM_MIN_CONFIDENCE",
+            ]
+        );
+        assert_eq!(err.to_string().lines().count(), named.len());
+        assert!(err.mentions("ENCRYPTION_OLD_KEYS") && err.mentions("PORT"));
+        assert!(!err.mentions("REDIS_URL"));
+    }
+
+    #[test]
+    fn error_display_never_contains_a_secret_value() {
+        let short_secret = "Secret-Value-Short-12345";
+        let repeated_jwt = "Q".repeat(48);
+        let bad_key = b64(&[0x5au8; 32]);
+        let bad_old = "TooShortKeyValue123=";
+        let bad_db = "mysql://root:Db-Pass-Word-9@db/x";
+        let bad_redis = "http://:Redis-Pass-Word-9@cache:6379";
+        let bad_dsn = "Sentry-Dsn-Value-Not-A-Url";
+        let vars = HashMap::from([
+            ("DATABASE_URL", bad_db.to_owned()),
+            ("REDIS_URL", bad_redis.to_owned()),
+            ("SECRET_KEY", short_secret.to_owned()),
+            ("JWT_SECRET_KEY", repeated_jwt.clone()),
+            ("ENCRYPTION_KEY", bad_key.clone()),
+            ("ENCRYPTION_OLD_KEYS", format!("{bad_old},{ENCRYPTION_KEY}")),
+            ("SENTRY_DSN", bad_dsn.to_owned()),
+        ]);
+        let err = problems(&vars);
+        let shown = format!("{err}\n{err:?}");
+        for secret in [
+            short_secret,
+            repeated_jwt.as_str(),
+            bad_key.as_str(),
+            bad_old,
+            ENCRYPTION_KEY,
+            "Db-Pass-Word-9",
+            "Redis-Pass-Word-9",
+            bad_dsn,
+        ] {
+            assert!(!shown.contains(secret), "error output leaks {secret}: {shown}");
+        }
+        // JWT equal to SECRET_KEY: the value appears nowhere either.
+        let err = problems(&with(&[("JWT_SECRET_KEY", SECRET_KEY)]));
+        assert!(!format!("{err}{err:?}").contains(SECRET_KEY));
+    }
+
+    #[test]
+    fn config_debug_never_contains_a_secret_value() {
+        let vars = with(&[
+            ("REDIS_URL", "redis://:redis-pass-value@cache:6379"),
+            ("ENCRYPTION_OLD_KEYS", OLD_KEY_1),
+            ("SENTRY_DSN", "https://sentrypublickey123@o1.ingest.sentry.io/42"),
+            ("LLM_URL", "https://llm.internal/v1"),
+            ("LLM_API_KEY", "llm-api-key-value-123"),
+        ]);
+        let cfg = load(&vars).unwrap();
+        let dbg = format!("{cfg:?}\n{cfg:#?}");
+        for secret in [
+            DATABASE_URL,
+            "db-password-xyz",
+            "redis-pass-value",
+            SECRET_KEY,
+            JWT_SECRET_KEY,
+            ENCRYPTION_KEY,
+            OLD_KEY_1,
+            &hex::encode((0u8..32).collect::<Vec<_>>()),
+            "sentrypublickey123",
+            "llm-api-key-value-123",
+        ] {
+            assert!(!dbg.contains(secret), "Debug leaks {secret}");
+        }
+        assert!(dbg.contains("630dcd2966c43366"));
+    }
+
+    #[test]
+    fn check_keys_validates_only_the_four_key_variables() {
+        let vars = HashMap::from([
+            ("SECRET_KEY", SECRET_KEY.to_owned()),
+            ("JWT_SECRET_KEY", JWT_SECRET_KEY.to_owned()),
+            ("ENCRYPTION_KEY", ENCRYPTION_KEY.to_owned()),
+            ("ENCRYPTION_OLD_KEYS", OLD_KEY_1.to_owned()),
+            ("PORT", "not-a-port".to_owned()),
+        ]);
+        assert!(check_keys(|n| vars.get(n).cloned()).is_ok());
+
+        let err = check_keys(|_| None).unwrap_err();
+        let mut named: Vec<&str> = err.problems.iter().map(|p| p.variable.as_str()).collect();
+        named.sort_unstable();
+        assert_eq!(named, ["ENCRYPTION_KEY", "JWT_SECRET_KEY", "SECRET_KEY"]);
+
+        let vars = HashMap::from([
+            ("SECRET_KEY", SECRET_KEY.to_owned()),
+            ("JWT_SECRET_KEY", SECRET_KEY.to_owned()),
+            ("ENCRYPTION_KEY", ENCRYPTION_KEY.to_owned()),
+            ("ENCRYPTION_OLD_KEYS", format!("{OLD_KEY_1},x")),
+        ]);
+        let err = check_keys(|n| vars.get(n).cloned()).unwrap_err();
+        let named: Vec<&str> = err.problems.iter().map(|p| p.variable.as_str()).collect();
+        assert_eq!(named, ["JWT_SECRET_KEY", "ENCRYPTION_OLD_KEYS[1]"]);
+    }
+
+    #[test]
+    fn the_blind_index_is_keyed_from_secret_key() {
+        let a = load(&minimal()).unwrap();
+        let b = load(&with(&[("SECRET_KEY", "another-secret-key-with-32-chars-or-more")])).unwrap();
+        let expected = crate::security::blind_index::BlindIndex::new(&SecretString::from(SECRET_KEY));
+        assert_eq!(
+            a.blind_index.compute("messages.from_number", b"+1555"),
+            expected.compute("messages.from_number", b"+1555")
+        );
+        assert_ne!(
+            a.blind_index.compute("messages.from_number", b"+1555"),
+            b.blind_index.compute("messages.from_number", b"+1555")
+        );
+    }
+
+    #[test]
+    fn every_documented_variable_is_read() {
+        use std::cell::RefCell;
+        let seen = RefCell::new(Vec::<String>::new());
+        let _ = Config::from_vars(|name| {
+            seen.borrow_mut().push(name.to_owned());
+            None
+        });
+        let seen = seen.into_inner();
+        for var in VARIABLES {
+            assert!(seen.iter().any(|s| s == var), "{var} is never read");
+        }
+        assert_eq!(seen.len(), VARIABLES.len(), "a variable is read twice");
+    }
+}

@@ -1,0 +1,50 @@
+//! `/healthz` (the process answers) and `/readyz` (PostgreSQL and Redis answer).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::AppState;
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let timeout = Duration::from_secs(2);
+    let pg = async {
+        matches!(
+            tokio::time::timeout(
+                timeout,
+                sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool)
+            )
+            .await,
+            Ok(Ok(1))
+        )
+    };
+    let mut redis = state.redis.clone();
+    let rd = async {
+        tokio::time::timeout(timeout, crate::queue::ping(&mut redis))
+            .await
+            .unwrap_or(false)
+    };
+    let (pg, rd) = tokio::join!(pg, rd);
+    let status = if pg && rd {
+        StatusCode::OK
+    } else {
+        tracing::warn!(postgres = pg, redis = rd, "not ready");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "postgres": if pg { "ok" } else { "unavailable" },
+            "redis": if rd { "ok" } else { "unavailable" },
+        })),
+    )
+}

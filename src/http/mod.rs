@@ -1,0 +1,98 @@
+//! The HTTP edge (axum): parses, calls one core function, maps the result.
+
+pub mod client_ip;
+pub mod error;
+pub mod health;
+pub mod key_cache;
+pub mod transport;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use gatehouse_jobs::client::Queues;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use error::ApiError;
+use key_cache::KeyCache;
+
+/// What every handler shares.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    pub queues: Queues,
+    pub key_cache: KeyCache,
+    /// `PUBLIC_BASE_URL` without a trailing slash.
+    pub public_base: Option<String>,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
+        let queues = Queues::new(config.queue_namespace.clone());
+        let key_cache = KeyCache::new(Duration::from_secs(config.tenant_key_cache_seconds));
+        let public_base = config
+            .public_base_url
+            .as_ref()
+            .map(|u| u.as_str().trim_end_matches('/').to_owned());
+        Self {
+            config,
+            pool,
+            redis,
+            queues,
+            key_cache,
+            public_base,
+        }
+    }
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    ApiError::internal().into_response()
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found()
+}
+
+/// The whole router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route(
+            "/v1/webhooks/twilio/{tenant_id}/messages",
+            post(webhook::twilio_message),
+        )
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            transport::transport_security,
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the router on `listener` until `shutdown` resolves, then drains connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

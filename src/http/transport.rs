@@ -1,0 +1,105 @@
+//! Transport security: HTTPS redirect and security headers (SPEC "Transport security"),
+//! and a request id on every request and response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::client_ip::client_scheme;
+
+/// The request id, in request extensions and the `x-request-id` response header.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+fn redirect_target(state: &AppState, req: &Request) -> Option<String> {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    // Never redirect to a host the client chose when the public URL is known.
+    let host = match &state.config.public_base_url {
+        Some(url) => {
+            let mut host = url.host_str()?.to_owned();
+            if let Some(port) = url.port()
+                && url.scheme() == "https"
+            {
+                host.push_str(&format!(":{port}"));
+            }
+            host
+        }
+        None => {
+            let host = req.headers().get(header::HOST)?.to_str().ok()?;
+            let valid = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+            if !valid {
+                return None;
+            }
+            host.split(':').next()?.to_owned()
+        }
+    };
+    Some(format!("https://{host}{path_and_query}"))
+}
+
+/// Redirects plain HTTP to HTTPS (unless `DEBUG=true` or a health endpoint) and sets the
+/// security headers on every response.
+pub async fn transport_security(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let request_id = uuid::Uuid::now_v7().to_string();
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let debug = state.config.debug;
+    let mut response = if !debug
+        && !EXEMPT.contains(&req.uri().path())
+        && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https"
+    {
+        match redirect_target(&state, &req) {
+            Some(target) => match HeaderValue::from_str(&target) {
+                Ok(location) => {
+                    (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, location)]).into_response()
+                }
+                Err(_) => super::error::ApiError::invalid_request("bad host").into_response(),
+            },
+            None => super::error::ApiError::invalid_request("missing or invalid Host header")
+                .into_response(),
+        }
+    } else {
+        next.run(req).await
+    };
+    let headers = response.headers_mut();
+    if !debug {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000; includeSubDomains; preload"),
+        );
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    response
+}

@@ -1,0 +1,262 @@
+//! `POST /v1/webhooks/twilio/{tenant_id}/messages`: content type → size → signature →
+//! dedupe → enqueue, in that order (SPEC "Precise points").
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use gatehouse_jobs::InboundMessage;
+use gatehouse_jobs::client::Enqueue;
+use http_body_util::BodyExt;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use super::AppState;
+use super::client_ip::client_ip;
+use super::error::ApiError;
+use super::key_cache::KeyCacheError;
+use super::transport::RequestId;
+use crate::events::{EventType, SecurityEvent};
+use crate::security::twilio;
+
+/// How long a MessageSid is remembered in Redis for deduplication (Twilio retries within
+/// hours; the database's unique key is the lasting guarantee).
+pub const DEDUPE_TTL_SECONDS: u64 = 7 * 24 * 3600;
+
+const TWIML_EMPTY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Form,
+    Json,
+}
+
+fn content_kind(headers: &HeaderMap) -> Option<Kind> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mime = value.split(';').next()?.trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/x-www-form-urlencoded" => Some(Kind::Form),
+        "application/json" => Some(Kind::Json),
+        _ => None,
+    }
+}
+
+/// Reads at most `limit` bytes, whether or not a Content-Length was sent.
+async fn read_limited(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => {
+            if error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(ApiError::payload_too_large(limit))
+            } else {
+                Err(ApiError::invalid_request("the body could not be read"))
+            }
+        }
+    }
+}
+
+struct Fields {
+    message_sid: String,
+    from: String,
+    to: String,
+    body: String,
+}
+
+fn fields(kind: Kind, raw: &[u8]) -> Result<Fields, ApiError> {
+    let get: Box<dyn Fn(&str) -> Option<String>> = match kind {
+        Kind::Form => {
+            let pairs: Vec<(String, String)> = form_urlencoded::parse(raw).into_owned().collect();
+            Box::new(move |name| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            })
+        }
+        Kind::Json => {
+            let value: serde_json::Value = serde_json::from_slice(raw)
+                .map_err(|_| ApiError::invalid_request("the body is not valid JSON"))?;
+            Box::new(move |name| value.get(name).and_then(|v| v.as_str()).map(str::to_owned))
+        }
+    };
+    let sid = get("MessageSid")
+        .or_else(|| get("SmsSid"))
+        .ok_or_else(|| ApiError::invalid_request("MessageSid is required"))?;
+    let valid_sid = sid.len() == 34
+        && sid[..2].bytes().all(|b| b.is_ascii_uppercase())
+        && sid[2..].bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid_sid {
+        return Err(ApiError::invalid_request(
+            "MessageSid must be two letters and 32 hex digits",
+        ));
+    }
+    let from = get("From").ok_or_else(|| ApiError::invalid_request("From is required"))?;
+    let to = get("To").ok_or_else(|| ApiError::invalid_request("To is required"))?;
+    for (name, value) in [("From", &from), ("To", &to)] {
+        if value.is_empty() || value.chars().count() > 64 {
+            return Err(ApiError::invalid_request(format!(
+                "{name} must be 1 to 64 characters"
+            )));
+        }
+    }
+    let body = get("Body").unwrap_or_default();
+    if body.chars().count() > 1600 {
+        return Err(ApiError::invalid_request(
+            "Body must be at most 1600 characters",
+        ));
+    }
+    Ok(Fields {
+        message_sid: sid,
+        from,
+        to,
+        body,
+    })
+}
+
+fn twiml() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/xml; charset=utf-8")],
+        TWIML_EMPTY,
+    )
+        .into_response()
+}
+
+pub async fn twilio_message(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    Path(tenant): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let kind = content_kind(&headers).ok_or_else(|| {
+        ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
+    })?;
+    let raw = read_limited(body, &headers, state.config.max_body_bytes).await?;
+
+    let reject = |tenant_id: Option<Uuid>, reason: &'static str| {
+        let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
+        event.ip = Some(client_ip(peer, &headers, &state.config.trusted_proxies));
+        event.tenant_id = tenant_id;
+        event.request_id = Some(request_id.clone());
+        event.details = json!({"reason": reason});
+        let pool = state.pool.clone();
+        tokio::spawn(async move { crate::events::record(&pool, event).await });
+        ApiError::invalid_signature()
+    };
+
+    let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
+        return Err(reject(None, "unknown tenant"));
+    };
+    let Some(base) = state.public_base.as_deref() else {
+        tracing::error!("PUBLIC_BASE_URL is not set; webhooks cannot be verified");
+        return Err(ApiError::unavailable());
+    };
+    let keys = match state
+        .key_cache
+        .get(&state.pool, &state.config.keyring, tenant_id)
+        .await
+    {
+        Ok(Some(keys)) => keys,
+        Ok(None) => return Err(reject(Some(tenant_id), "unknown tenant")),
+        Err(KeyCacheError::Unavailable(error)) => {
+            tracing::error!(tenant.id = %tenant_id, %error, "cannot load webhook keys");
+            return Err(ApiError::unavailable());
+        }
+        Err(KeyCacheError::Tenant(error)) => {
+            tracing::error!(tenant.id = %tenant_id, %error, "cannot open webhook keys");
+            let mut event = SecurityEvent::new(EventType::EncryptionError);
+            event.tenant_id = Some(tenant_id);
+            event.request_id = Some(request_id.clone());
+            event.details = json!({"operation": "open_webhook_keys"});
+            let pool = state.pool.clone();
+            tokio::spawn(async move { crate::events::record(&pool, event).await });
+            return Err(ApiError::unavailable());
+        }
+    };
+
+    let mut url = format!("{base}/v1/webhooks/twilio/{tenant}/messages");
+    if let Some(query) = &query {
+        url.push('?');
+        url.push_str(query);
+    }
+    let tenant_keys = twilio::TenantKeys {
+        auth_token: &keys.auth_token,
+        shared_keys: &keys.shared_keys,
+    };
+    let signed_headers = twilio::Headers {
+        signature: headers
+            .get("x-twilio-signature")
+            .and_then(|v| v.to_str().ok()),
+        signature_settings: headers
+            .get("x-twilio-webhooks-signature-settings")
+            .and_then(|v| v.to_str().ok()),
+    };
+    let signed_body = match kind {
+        Kind::Form => twilio::Body::Form(&raw),
+        Kind::Json => twilio::Body::Json(&raw),
+    };
+    if let Err(error) = twilio::verify(&url, signed_body, signed_headers, &tenant_keys) {
+        tracing::warn!(tenant.id = %tenant_id, reason = %error, "webhook signature rejected");
+        return Err(reject(Some(tenant_id), "signature"));
+    }
+
+    let fields = fields(kind, &raw)?;
+    let received_at = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .map_err(|_| ApiError::internal())?;
+    let job = InboundMessage {
+        tenant_id,
+        message_sid: fields.message_sid,
+        from: fields.from,
+        to: fields.to,
+        body: fields.body,
+        received_at,
+    };
+    let dedupe = state
+        .queues
+        .dedupe_key(&format!("inbound_message:{tenant_id}:{}", job.message_sid));
+    let mut redis = state.redis.clone();
+    let enqueued = state
+        .queues
+        .enqueue(
+            &mut redis,
+            &job,
+            Enqueue {
+                job_id: None,
+                dedupe: Some((dedupe, DEDUPE_TTL_SECONDS)),
+                request_id: Some(request_id.clone()),
+            },
+        )
+        .await
+        .map_err(|error| {
+            tracing::error!(tenant.id = %tenant_id, %error, "cannot enqueue inbound message");
+            ApiError::unavailable()
+        })?;
+    tracing::info!(
+        tenant.id = %tenant_id,
+        job.id = %enqueued.job_id,
+        job.created = enqueued.created,
+        "webhook accepted"
+    );
+    Ok(twiml())
+}

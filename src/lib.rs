@@ -1,0 +1,17 @@
+//! gatehouse: the secure job backbone of a multi-tenant messaging and commerce platform.
+//!
+//! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
+//! (apalis); the core (`tenants`, `conversations`, `classify`, `queue`); the bottom
+//! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
+
+pub mod classify;
+pub mod cli;
+pub mod config;
+pub mod conversations;
+pub mod db;
+pub mod events;
+pub mod http;
+pub mod queue;
+pub mod security;
+pub mod tenants;
+pub mod worker;

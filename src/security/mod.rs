@@ -1,0 +1,6 @@
+//! The bottom floor: cryptographic primitives and verifiers that know nothing of HTTP,
+//! queues or the database.
+
+pub mod blind_index;
+pub mod keyring;
+pub mod twilio;

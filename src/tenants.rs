@@ -1,0 +1,200 @@
+//! Tenants: creation with sealed secrets, and the verification keys the webhook needs.
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::security::keyring::{EnvelopeError, Keyring, aad};
+use crate::security::twilio::SharedKey;
+
+/// Why a tenant operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no user with that email")]
+    OwnerNotFound,
+    #[error("a sealed value of tenant {tenant_id} could not be opened: {source}")]
+    Encryption {
+        tenant_id: Uuid,
+        column: &'static str,
+        #[source]
+        source: EnvelopeError,
+    },
+}
+
+/// What it takes to create a tenant.
+pub struct NewTenant {
+    pub name: String,
+    pub twilio_account_sid: String,
+    pub twilio_auth_token: SecretString,
+    pub store_url: Option<String>,
+    pub store_api_key: Option<SecretString>,
+    pub webhook_shared_key: Option<(String, SecretString)>,
+    pub owner_email: Option<String>,
+}
+
+fn is_account_sid(sid: &str) -> bool {
+    sid.len() == 34 && sid.starts_with("AC") && sid[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl NewTenant {
+    /// Checks the fields before any I/O; every problem is named.
+    pub fn validate(&self) -> Result<(), TenantError> {
+        let mut problems = Vec::new();
+        let name = self.name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            problems.push("name must be 1 to 200 characters");
+        }
+        if !is_account_sid(&self.twilio_account_sid) {
+            problems.push("twilio_account_sid must be AC followed by 32 hex digits");
+        }
+        let token = self.twilio_auth_token.expose_secret();
+        if token.len() < 16 || token.len() > 256 || token.chars().any(char::is_whitespace) {
+            problems.push("twilio_auth_token must be 16 to 256 characters without spaces");
+        }
+        if let Some(url) = &self.store_url {
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+                _ => problems.push("store_url must be an http(s) URL"),
+            }
+        }
+        if let Some((id, key)) = &self.webhook_shared_key {
+            if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.push("webhook_shared_key_id must be 1 to 128 printable characters");
+            }
+            if key.expose_secret().len() < 16 {
+                problems.push("webhook_shared_key must be at least 16 characters");
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(TenantError::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+/// Creates a tenant, sealing its secrets under the current key; with an owner email, that
+/// user becomes the tenant's `owner` in the same transaction.
+pub async fn create(pool: &PgPool, keyring: &Keyring, new: &NewTenant) -> Result<Uuid, TenantError> {
+    new.validate()?;
+    let id = Uuid::new_v4();
+    let row = id.to_string();
+    let token = keyring.seal(
+        new.twilio_auth_token.expose_secret().as_bytes(),
+        &aad("tenants", "twilio_auth_token", &row),
+    );
+    let store_key = new.store_api_key.as_ref().map(|k| {
+        keyring.seal(k.expose_secret().as_bytes(), &aad("tenants", "store_api_key", &row))
+    });
+    let (shared_id, shared_key) = match &new.webhook_shared_key {
+        Some((kid, key)) => (
+            Some(kid.clone()),
+            Some(keyring.seal(
+                key.expose_secret().as_bytes(),
+                &aad("tenants", "webhook_shared_key", &row),
+            )),
+        ),
+        None => (None, None),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO tenants (id, name, twilio_account_sid, twilio_auth_token, store_url,
+                              store_api_key, webhook_shared_key_id, webhook_shared_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(id)
+    .bind(new.name.trim())
+    .bind(&new.twilio_account_sid)
+    .bind(token)
+    .bind(&new.store_url)
+    .bind(store_key)
+    .bind(shared_id)
+    .bind(shared_key)
+    .execute(&mut *tx)
+    .await?;
+    if let Some(email) = &new.owner_email {
+        let email = email.trim().to_lowercase();
+        let user: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+            .bind(&email)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let user = user.ok_or(TenantError::OwnerNotFound)?;
+        sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, 'owner')")
+            .bind(id)
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// A tenant's webhook verification keys, opened.
+#[derive(Clone)]
+pub struct VerificationKeys {
+    pub auth_token: SecretString,
+    /// Keys of the newer shared-key signature form.
+    pub shared_keys: Vec<SharedKey>,
+    pub keys_version: i64,
+}
+
+impl std::fmt::Debug for VerificationKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerificationKeys")
+            .field("keys_version", &self.keys_version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_text(
+    keyring: &Keyring,
+    tenant_id: Uuid,
+    column: &'static str,
+    sealed: &[u8],
+) -> Result<SecretString, TenantError> {
+    let plain = keyring
+        .open(sealed, &aad("tenants", column, &tenant_id.to_string()))
+        .map_err(|source| TenantError::Encryption {
+            tenant_id,
+            column,
+            source,
+        })?;
+    let text = String::from_utf8(plain.to_vec())
+        .map_err(|_| TenantError::Invalid(format!("{column} is not UTF-8")))?;
+    Ok(SecretString::from(text))
+}
+
+/// Loads and opens a tenant's verification keys; `None` for an unknown tenant.
+pub async fn verification_keys(
+    pool: &PgPool,
+    keyring: &Keyring,
+    tenant_id: Uuid,
+) -> Result<Option<VerificationKeys>, TenantError> {
+    let row: Option<(Vec<u8>, Option<String>, Option<Vec<u8>>, i64)> = sqlx::query_as(
+        "SELECT twilio_auth_token, webhook_shared_key_id, webhook_shared_key, keys_version
+         FROM tenants WHERE id = $1",
+    )
+    .bind(tenant_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((token, shared_id, shared_key, keys_version)) = row else {
+        return Ok(None);
+    };
+    let auth_token = open_text(keyring, tenant_id, "twilio_auth_token", &token)?;
+    let shared_keys = match (shared_id, shared_key) {
+        (Some(kid), Some(sealed)) => {
+            let key = open_text(keyring, tenant_id, "webhook_shared_key", &sealed)?;
+            vec![SharedKey::new(kid, key.expose_secret().as_bytes().to_vec())]
+        }
+        _ => Vec::new(),
+    };
+    Ok(Some(VerificationKeys {
+        auth_token,
+        shared_keys,
+        keys_version,
+    }))
+}

@@ -1,0 +1,181 @@
+//! The worker edge: apalis workers over gatehouse's Redis queues.
+//!
+//! apalis-redis 1.0 is configured around its measured defects (see ARCHITECTURE.md):
+//! explicit queue names, `lock_tasks(false)`, jobs enqueued straight onto the active list
+//! by `gatehouse-jobs`, a short poll interval, a unique worker name per process, and a
+//! supervisor that treats workers ending on their own as a failure, never a clean exit.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_redis::{ConnectionManager, RedisStorage};
+use gatehouse_jobs::{InboundMessage, Job, client::Queues};
+use sqlx::PgPool;
+
+use crate::classify::classify_with_rules;
+use crate::conversations::{InboundContext, InboundOutcome, store_inbound};
+use crate::security::blind_index::BlindIndex;
+use crate::security::keyring::Keyring;
+
+/// How often an idle worker polls its queue.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What the job handlers share.
+pub struct WorkerState {
+    pub pool: PgPool,
+    pub keyring: Keyring,
+    pub blind_index: BlindIndex,
+    pub min_confidence: f64,
+}
+
+/// How a worker process runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs in flight per queue in this process.
+    pub concurrency: usize,
+    /// How long in-flight jobs may take to finish after a shutdown signal.
+    pub grace: Duration,
+    pub heartbeat: Duration,
+    pub missed_heartbeats: usize,
+}
+
+/// Why the worker process stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("workers stopped without being asked to: {0}")]
+    Exited(String),
+    #[error("in-flight jobs did not finish within the {0:?} grace period")]
+    GraceExceeded(Duration),
+}
+
+/// A name no other live process has: host, pid and a random suffix. apalis-redis's orphan
+/// recovery breaks when two processes share a name.
+pub fn unique_worker_name() -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".to_owned());
+    let suffix: u32 = rand::random();
+    format!("{host}-{}-{suffix:08x}", std::process::id())
+}
+
+fn storage_config(queues: &Queues, queue: &str, options: &WorkerOptions) -> apalis_redis::Config {
+    apalis_redis::Config::default()
+        .queue(queues.queue_key(queue))
+        .lock_tasks(false)
+        .batch_size(options.concurrency.max(1))
+        .heartbeat_interval(options.heartbeat)
+        .missed_heartbeats(options.missed_heartbeats)
+        .emit_events(false)
+        .persist_results(false)
+}
+
+async fn handle_inbound(
+    job: InboundMessage,
+    id: TaskId,
+    attempt: Attempt,
+    state: Data<Arc<WorkerState>>,
+) -> Result<(), BoxDynError> {
+    let job_id = id.to_string();
+    let classification = classify_with_rules(&job.body);
+    let ctx = InboundContext {
+        keyring: &state.keyring,
+        blind_index: &state.blind_index,
+        min_confidence: state.min_confidence,
+    };
+    match store_inbound(&state.pool, &ctx, &job_id, &job, &classification).await {
+        Ok(outcome) => {
+            match outcome {
+                InboundOutcome::Stored {
+                    low_confidence_count,
+                    handoff,
+                    ..
+                } => tracing::info!(
+                    job.id = %job_id,
+                    job.queue = InboundMessage::QUEUE,
+                    tenant.id = %job.tenant_id,
+                    intent = classification.intent.as_str(),
+                    low_confidence_count,
+                    handoff,
+                    "inbound message stored"
+                ),
+                other => tracing::info!(
+                    job.id = %job_id,
+                    job.queue = InboundMessage::QUEUE,
+                    outcome = ?other,
+                    "inbound message already applied"
+                ),
+            }
+            Ok(())
+        }
+        Err(error) if !error.is_retryable() => {
+            tracing::error!(job.id = %job_id, job.queue = InboundMessage::QUEUE, %error, "job failed permanently");
+            Err(AbortError::new(error).into())
+        }
+        Err(error) if attempt.current() >= InboundMessage::MAX_ATTEMPTS as usize => {
+            tracing::error!(job.id = %job_id, job.queue = InboundMessage::QUEUE, attempt = attempt.current(), %error, "job failed on its last attempt");
+            Err(AbortError::new(error).into())
+        }
+        Err(error) => {
+            tracing::warn!(job.id = %job_id, job.queue = InboundMessage::QUEUE, attempt = attempt.current(), %error, "job failed, will retry");
+            Err(error.into())
+        }
+    }
+}
+
+/// Runs every queue's workers until `shutdown` resolves, then stops taking jobs and waits
+/// up to the grace period for in-flight ones.
+pub async fn run(
+    state: Arc<WorkerState>,
+    redis: ConnectionManager,
+    queues: Queues,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let base = unique_worker_name();
+    tracing::info!(worker.name = %base, concurrency = options.concurrency, "starting workers");
+    let inbound_config = storage_config(&queues, InboundMessage::QUEUE, &options);
+    let concurrency = options.concurrency.max(1);
+    let monitor = Monitor::new()
+        .register(move |restarts| {
+            let storage = RedisStorage::<InboundMessage>::new(redis.clone())
+                .with_config(inbound_config.clone())
+                .poll_with_interval(POLL_INTERVAL);
+            WorkerBuilder::new(format!("{base}-{}-r{restarts}", InboundMessage::QUEUE))
+                .backend(storage)
+                .catch_panic()
+                .concurrency(concurrency)
+                .data(state.clone())
+                .build(handle_inbound)
+        })
+        .should_restart(|ctx, error| {
+            tracing::error!(worker.name = ctx.name(), %error, "worker failed, restarting");
+            ctx.restarts() < 20
+        });
+    let context = monitor.context();
+    let mut running = Box::pin(monitor.run());
+    tokio::select! {
+        result = &mut running => {
+            let why = match result {
+                Ok(()) => "all workers returned".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            tracing::error!(%why, "workers stopped on their own");
+            Err(WorkerError::Exited(why))
+        }
+        () = shutdown => {
+            tracing::info!(grace_ms = options.grace.as_millis() as u64, "shutdown requested, finishing in-flight jobs");
+            let _ = context.shutdown();
+            match tokio::time::timeout(options.grace, running).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "workers reported errors while stopping");
+                    Ok(())
+                }
+                Err(_) => Err(WorkerError::GraceExceeded(options.grace)),
+            }
+        }
+    }
+}
