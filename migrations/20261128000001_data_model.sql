@@ -130,6 +130,7 @@ CREATE INDEX security_events_type_time_idx ON security_events (type, occurred_at
 CREATE TABLE processed_jobs (
     job_id        text PRIMARY KEY,
     queue         text NOT NULL,
+    worker        text NOT NULL,
     processed_at  timestamptz NOT NULL DEFAULT now()
 );
 

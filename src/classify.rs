@@ -79,7 +79,12 @@ const RULES: &[(Intent, f64, &[&str])] = &[
     (
         Intent::CancelOrder,
         0.9,
-        &["cancel my order", "cancel order", "cancel the order", "cancel"],
+        &[
+            "cancel my order",
+            "cancel order",
+            "cancel the order",
+            "cancel",
+        ],
     ),
     (
         Intent::OrderStatus,
@@ -109,7 +114,13 @@ const RULES: &[(Intent, f64, &[&str])] = &[
     (
         Intent::PlaceOrder,
         0.85,
-        &["i want to buy", "i'd like to order", "place an order", "buy", "order"],
+        &[
+            "i want to buy",
+            "i'd like to order",
+            "place an order",
+            "buy",
+            "order",
+        ],
     ),
     (
         Intent::ProductQuestion,

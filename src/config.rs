@@ -199,8 +199,7 @@ impl ConfigError {
     pub fn mentions(&self, variable: &str) -> bool {
         self.problems.iter().any(|p| {
             p.variable == variable
-                || p
-                    .variable
+                || p.variable
                     .strip_prefix(variable)
                     .is_some_and(|rest| rest.starts_with('['))
         })
@@ -438,20 +437,20 @@ impl Config {
 
         let max_body_bytes = r.integer("MAX_BODY_BYTES", 1_048_576usize, 1, MAX_BODY_BYTES_LIMIT);
 
-        let llm_min_confidence = r.parse("LLM_MIN_CONFIDENCE", 0.6f64, |s| {
-            match s.parse::<f64>() {
+        let llm_min_confidence =
+            r.parse("LLM_MIN_CONFIDENCE", 0.6f64, |s| match s.parse::<f64>() {
                 Ok(v) if v.is_finite() && (0.0..=1.0).contains(&v) => Ok(v),
                 _ => Err("must be a number from 0 to 1".to_owned()),
-            }
-        });
+            });
 
         let worker_grace_seconds = r.integer("WORKER_GRACE_SECONDS", 30u64, 0, 3600);
         let worker_heartbeat_seconds = r.integer("WORKER_HEARTBEAT_SECONDS", 5u64, 1, 300);
         let worker_missed_heartbeats = r.integer("WORKER_MISSED_HEARTBEATS", 3usize, 1, 100);
         let queue_namespace = r.parse("QUEUE_NAMESPACE", "gatehouse".to_owned(), |s| {
             let ok = (1..=64).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                && s.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
             if ok {
                 Ok(s.to_owned())
             } else {
@@ -572,15 +571,15 @@ fn read_jwt_secret_key<F: Fn(&str) -> Lookup>(
 }
 
 fn read_keyring<F: Fn(&str) -> Lookup>(r: &mut Reader<F>) -> Option<Keyring> {
-    let current = r
-        .required_secret("ENCRYPTION_KEY")
-        .and_then(|b64| match EncryptionKey::from_base64(b64.expose_secret()) {
+    let current = r.required_secret("ENCRYPTION_KEY").and_then(|b64| {
+        match EncryptionKey::from_base64(b64.expose_secret()) {
             Ok(key) => Some(key),
             Err(err) => {
                 r.problem("ENCRYPTION_KEY", err.to_string());
                 None
             }
-        });
+        }
+    });
 
     let mut old: Vec<EncryptionKey> = Vec::new();
     let mut old_ok = true;
@@ -633,8 +632,9 @@ fn check_url_scheme<F: Fn(&str) -> Lookup>(
     schemes: &[&str],
     rule: &str,
 ) {
-    let ok = Url::parse(value.trim())
-        .is_ok_and(|u| schemes.contains(&u.scheme()) && u.host_str().is_some_and(|h| !h.is_empty()));
+    let ok = Url::parse(value.trim()).is_ok_and(|u| {
+        schemes.contains(&u.scheme()) && u.host_str().is_some_and(|h| !h.is_empty())
+    });
     // A socket-path form like `postgres:///db?host=/run/postgresql` has no host
     // but is valid for PostgreSQL.
     let ok = ok
@@ -815,7 +815,9 @@ impl<F: Fn(&str) -> Lookup> Reader<F> {
     }
 
     fn rate(&mut self, name: &'static str, default: Rate) -> Rate {
-        self.parse(name, default, |s| s.parse::<Rate>().map_err(|e| e.to_string()))
+        self.parse(name, default, |s| {
+            s.parse::<Rate>().map_err(|e| e.to_string())
+        })
     }
 
     /// A comma-separated list; each entry is trimmed and parsed, problems are
@@ -845,6 +847,7 @@ impl<F: Fn(&str) -> Lookup> Reader<F> {
 // ---------------------------------------------------------------------------
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
@@ -942,11 +945,17 @@ mod tests {
             ("JWT_AUDIENCE", "gh"),
             ("JWT_TTL_SECONDS", "3600"),
             ("ENCRYPTION_OLD_KEYS", &format!("{OLD_KEY_1}, {OLD_KEY_2}")),
-            ("TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7,2001:db8::/32, ::1"),
+            (
+                "TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.0.2.7,2001:db8::/32, ::1",
+            ),
             ("PUBLIC_BASE_URL", "https://gh.example.com:8443/"),
             ("PORT", "9000"),
             ("WORKER_CONCURRENCY", "16"),
-            ("SENTRY_DSN", "https://abcdef0123456789@o1.ingest.sentry.io/42"),
+            (
+                "SENTRY_DSN",
+                "https://abcdef0123456789@o1.ingest.sentry.io/42",
+            ),
             ("LLM_URL", "https://api.openai.com/v1/"),
             ("LLM_API_KEY", "sk-llm-api-key-value"),
             ("LLM_MODEL", "gpt-4o"),
@@ -980,7 +989,10 @@ mod tests {
         assert_eq!(llm.timeout, Duration::from_millis(2500));
         assert!(llm.api_key.is_some());
         assert_eq!(cfg.rate_limit_login_ip.to_string(), "20/s");
-        assert_eq!(cfg.rate_limit_login_email.period, Duration::from_secs(86_400));
+        assert_eq!(
+            cfg.rate_limit_login_email.period,
+            Duration::from_secs(86_400)
+        );
         assert_eq!(cfg.rate_limit_user.count, 1000);
         assert_eq!(cfg.max_body_bytes, 2048);
         assert!((cfg.llm_min_confidence - 0.75).abs() < f64::EPSILON);
@@ -998,7 +1010,12 @@ mod tests {
         let named: Vec<&str> = err.problems.iter().map(|p| p.variable.as_str()).collect();
         assert_eq!(
             named,
-            ["DATABASE_URL", "SECRET_KEY", "JWT_SECRET_KEY", "ENCRYPTION_KEY"]
+            [
+                "DATABASE_URL",
+                "SECRET_KEY",
+                "JWT_SECRET_KEY",
+                "ENCRYPTION_KEY"
+            ]
         );
         assert!(err.problems.iter().all(|p| p.rule == "is required"));
         assert_eq!(
@@ -1031,7 +1048,10 @@ mod tests {
 
     #[test]
     fn a_short_jwt_secret_key_is_rejected() {
-        let p = fails_on(&[("JWT_SECRET_KEY", "0123456789abcdefghijKLMNOPQ")], "JWT_SECRET_KEY");
+        let p = fails_on(
+            &[("JWT_SECRET_KEY", "0123456789abcdefghijKLMNOPQ")],
+            "JWT_SECRET_KEY",
+        );
         assert!(p.rule.contains("32"));
     }
 
@@ -1084,7 +1104,10 @@ mod tests {
 
     #[test]
     fn an_encryption_key_that_is_not_base64_is_rejected() {
-        let p = fails_on(&[("ENCRYPTION_KEY", "this is not base64 at all!!")], "ENCRYPTION_KEY");
+        let p = fails_on(
+            &[("ENCRYPTION_KEY", "this is not base64 at all!!")],
+            "ENCRYPTION_KEY",
+        );
         assert!(p.rule.contains("base64"), "{}", p.rule);
     }
 
@@ -1094,7 +1117,10 @@ mod tests {
         let p = fails_on(&[("ENCRYPTION_OLD_KEYS", &list)], "ENCRYPTION_OLD_KEYS[1]");
         assert!(p.rule.contains("zero"));
         let err = problems(&with(&[("ENCRYPTION_OLD_KEYS", &list)]));
-        assert_eq!(err.to_string(), format!("ENCRYPTION_OLD_KEYS[1]: {}", p.rule));
+        assert_eq!(
+            err.to_string(),
+            format!("ENCRYPTION_OLD_KEYS[1]: {}", p.rule)
+        );
     }
 
     #[test]
@@ -1135,8 +1161,14 @@ mod tests {
 
     #[test]
     fn malformed_rate_strings_are_rejected() {
-        for bad in ["10", "x/m", "0/m", "10/w", "10/", "/m", "-1/m", "1.5/m", "10/M", "10/min"] {
-            for var in ["RATE_LIMIT_LOGIN_IP", "RATE_LIMIT_LOGIN_EMAIL", "RATE_LIMIT_USER"] {
+        for bad in [
+            "10", "x/m", "0/m", "10/w", "10/", "/m", "-1/m", "1.5/m", "10/M", "10/min",
+        ] {
+            for var in [
+                "RATE_LIMIT_LOGIN_IP",
+                "RATE_LIMIT_LOGIN_EMAIL",
+                "RATE_LIMIT_USER",
+            ] {
                 fails_on(&[(var, bad)], var);
             }
         }
@@ -1157,16 +1189,30 @@ mod tests {
 
     #[test]
     fn malformed_trusted_proxies_are_rejected_with_their_index() {
-        fails_on(&[("TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/33")], "TRUSTED_PROXIES[1]");
-        fails_on(&[("TRUSTED_PROXIES", "proxy.internal")], "TRUSTED_PROXIES[0]");
+        fails_on(
+            &[("TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/33")],
+            "TRUSTED_PROXIES[1]",
+        );
+        fails_on(
+            &[("TRUSTED_PROXIES", "proxy.internal")],
+            "TRUSTED_PROXIES[0]",
+        );
         fails_on(&[("TRUSTED_PROXIES", "300.1.1.1")], "TRUSTED_PROXIES[0]");
         fails_on(&[("TRUSTED_PROXIES", "10.0.0.1,")], "TRUSTED_PROXIES[1]");
     }
 
     #[test]
     fn trusted_proxies_accept_bare_ips_and_clear_host_bits() {
-        let cfg = load(&with(&[("TRUSTED_PROXIES", "10.1.2.3/8,192.0.2.1,2001:db8::1")])).unwrap();
-        let shown: Vec<String> = cfg.trusted_proxies.iter().map(ToString::to_string).collect();
+        let cfg = load(&with(&[(
+            "TRUSTED_PROXIES",
+            "10.1.2.3/8,192.0.2.1,2001:db8::1",
+        )]))
+        .unwrap();
+        let shown: Vec<String> = cfg
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(shown, ["10.0.0.0/8", "192.0.2.1/32", "2001:db8::1/128"]);
     }
 
@@ -1186,7 +1232,9 @@ mod tests {
             fails_on(&[("MAX_BODY_BYTES", bad)], "MAX_BODY_BYTES");
         }
         assert_eq!(
-            load(&with(&[("MAX_BODY_BYTES", "67108864")])).unwrap().max_body_bytes,
+            load(&with(&[("MAX_BODY_BYTES", "67108864")]))
+                .unwrap()
+                .max_body_bytes,
             MAX_BODY_BYTES_LIMIT
         );
     }
@@ -1217,21 +1265,33 @@ mod tests {
         assert_eq!(llm.model, "gpt-4o-mini");
         assert_eq!(llm.timeout, Duration::from_millis(10_000));
         assert!(llm.api_key.is_none());
-        assert_eq!(llm.chat_completions_url(), "http://llm.internal:8000/chat/completions");
+        assert_eq!(
+            llm.chat_completions_url(),
+            "http://llm.internal:8000/chat/completions"
+        );
     }
 
     #[test]
     fn a_public_base_url_with_a_path_is_rejected() {
-        let p = fails_on(&[("PUBLIC_BASE_URL", "https://gh.example.com/twilio")], "PUBLIC_BASE_URL");
+        let p = fails_on(
+            &[("PUBLIC_BASE_URL", "https://gh.example.com/twilio")],
+            "PUBLIC_BASE_URL",
+        );
         assert!(p.rule.contains("path"));
     }
 
     #[test]
     fn a_public_base_url_with_http_is_rejected_when_debug_is_false() {
-        let p = fails_on(&[("PUBLIC_BASE_URL", "http://gh.example.com")], "PUBLIC_BASE_URL");
+        let p = fails_on(
+            &[("PUBLIC_BASE_URL", "http://gh.example.com")],
+            "PUBLIC_BASE_URL",
+        );
         assert!(p.rule.contains("https"));
-        let cfg = load(&with(&[("PUBLIC_BASE_URL", "http://localhost:8080"), ("DEBUG", "true")]))
-            .unwrap();
+        let cfg = load(&with(&[
+            ("PUBLIC_BASE_URL", "http://localhost:8080"),
+            ("DEBUG", "true"),
+        ]))
+        .unwrap();
         assert_eq!(cfg.public_base(), Some("http://localhost:8080"));
     }
 
@@ -1265,7 +1325,13 @@ mod tests {
     fn a_malformed_database_url_is_rejected() {
         fails_on(&[("DATABASE_URL", "mysql://db/gatehouse")], "DATABASE_URL");
         fails_on(&[("DATABASE_URL", "db.internal")], "DATABASE_URL");
-        assert!(load(&with(&[("DATABASE_URL", "postgresql:///gatehouse?host=/run/postgresql")])).is_ok());
+        assert!(
+            load(&with(&[(
+                "DATABASE_URL",
+                "postgresql:///gatehouse?host=/run/postgresql"
+            )]))
+            .is_ok()
+        );
     }
 
     #[test]
@@ -1287,9 +1353,18 @@ mod tests {
         fails_on(&[("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY");
         fails_on(&[("WORKER_CONCURRENCY", "257")], "WORKER_CONCURRENCY");
         fails_on(&[("WORKER_GRACE_SECONDS", "3601")], "WORKER_GRACE_SECONDS");
-        fails_on(&[("WORKER_HEARTBEAT_SECONDS", "0")], "WORKER_HEARTBEAT_SECONDS");
-        fails_on(&[("WORKER_MISSED_HEARTBEATS", "0")], "WORKER_MISSED_HEARTBEATS");
-        fails_on(&[("TENANT_KEY_CACHE_SECONDS", "0")], "TENANT_KEY_CACHE_SECONDS");
+        fails_on(
+            &[("WORKER_HEARTBEAT_SECONDS", "0")],
+            "WORKER_HEARTBEAT_SECONDS",
+        );
+        fails_on(
+            &[("WORKER_MISSED_HEARTBEATS", "0")],
+            "WORKER_MISSED_HEARTBEATS",
+        );
+        fails_on(
+            &[("TENANT_KEY_CACHE_SECONDS", "0")],
+            "TENANT_KEY_CACHE_SECONDS",
+        );
         fails_on(&[("QUEUE_NAMESPACE", "Gatehouse")], "QUEUE_NAMESPACE");
         fails_on(&[("QUEUE_NAMESPACE", &"a".repeat(65))], "QUEUE_NAMESPACE");
         fails_on(&[("QUEUE_NAMESPACE", "gh:prod")], "QUEUE_NAMESPACE");
@@ -1367,7 +1442,10 @@ mod tests {
             "Redis-Pass-Word-9",
             bad_dsn,
         ] {
-            assert!(!shown.contains(secret), "error output leaks {secret}: {shown}");
+            assert!(
+                !shown.contains(secret),
+                "error output leaks {secret}: {shown}"
+            );
         }
         // JWT equal to SECRET_KEY: the value appears nowhere either.
         let err = problems(&with(&[("JWT_SECRET_KEY", SECRET_KEY)]));
@@ -1379,7 +1457,10 @@ mod tests {
         let vars = with(&[
             ("REDIS_URL", "redis://:redis-pass-value@cache:6379"),
             ("ENCRYPTION_OLD_KEYS", OLD_KEY_1),
-            ("SENTRY_DSN", "https://sentrypublickey123@o1.ingest.sentry.io/42"),
+            (
+                "SENTRY_DSN",
+                "https://sentrypublickey123@o1.ingest.sentry.io/42",
+            ),
             ("LLM_URL", "https://llm.internal/v1"),
             ("LLM_API_KEY", "llm-api-key-value-123"),
         ]);
@@ -1432,8 +1513,13 @@ mod tests {
     #[test]
     fn the_blind_index_is_keyed_from_secret_key() {
         let a = load(&minimal()).unwrap();
-        let b = load(&with(&[("SECRET_KEY", "another-secret-key-with-32-chars-or-more")])).unwrap();
-        let expected = crate::security::blind_index::BlindIndex::new(&SecretString::from(SECRET_KEY));
+        let b = load(&with(&[(
+            "SECRET_KEY",
+            "another-secret-key-with-32-chars-or-more",
+        )]))
+        .unwrap();
+        let expected =
+            crate::security::blind_index::BlindIndex::new(&SecretString::from(SECRET_KEY));
         assert_eq!(
             a.blind_index.compute("messages.from_number", b"+1555"),
             expected.compute("messages.from_number", b"+1555")

@@ -54,6 +54,8 @@ pub struct InboundContext<'a> {
     pub keyring: &'a Keyring,
     pub blind_index: &'a BlindIndex,
     pub min_confidence: f64,
+    /// The worker's name, recorded with the processed-job marker.
+    pub worker: &'a str,
 }
 
 /// Stores a classified inbound message in one transaction: the processed-job marker, the
@@ -69,14 +71,17 @@ pub async fn store_inbound(
     let received_at = OffsetDateTime::parse(&msg.received_at, &Rfc3339)
         .map_err(|_| InboundError::Permanent("received_at is not RFC 3339".into()))?;
     let low = classification.rejected_reason.is_some()
-        || !(classification.confidence >= ctx.min_confidence);
+        || !classification.confidence.is_finite()
+        || classification.confidence < ctx.min_confidence;
 
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
-        "INSERT INTO processed_jobs (job_id, queue) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        "INSERT INTO processed_jobs (job_id, queue, worker) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
     )
     .bind(job_id)
     .bind(<InboundMessage as gatehouse_jobs::Job>::QUEUE)
+    .bind(ctx.worker)
     .execute(&mut *tx)
     .await?
     .rows_affected();

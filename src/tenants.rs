@@ -79,7 +79,11 @@ impl NewTenant {
 
 /// Creates a tenant, sealing its secrets under the current key; with an owner email, that
 /// user becomes the tenant's `owner` in the same transaction.
-pub async fn create(pool: &PgPool, keyring: &Keyring, new: &NewTenant) -> Result<Uuid, TenantError> {
+pub async fn create(
+    pool: &PgPool,
+    keyring: &Keyring,
+    new: &NewTenant,
+) -> Result<Uuid, TenantError> {
     new.validate()?;
     let id = Uuid::new_v4();
     let row = id.to_string();
@@ -88,7 +92,10 @@ pub async fn create(pool: &PgPool, keyring: &Keyring, new: &NewTenant) -> Result
         &aad("tenants", "twilio_auth_token", &row),
     );
     let store_key = new.store_api_key.as_ref().map(|k| {
-        keyring.seal(k.expose_secret().as_bytes(), &aad("tenants", "store_api_key", &row))
+        keyring.seal(
+            k.expose_secret().as_bytes(),
+            &aad("tenants", "store_api_key", &row),
+        )
     });
     let (shared_id, shared_key) = match &new.webhook_shared_key {
         Some((kid, key)) => (
@@ -174,18 +181,31 @@ pub async fn verification_keys(
     keyring: &Keyring,
     tenant_id: Uuid,
 ) -> Result<Option<VerificationKeys>, TenantError> {
-    let row: Option<(Vec<u8>, Option<String>, Option<Vec<u8>>, i64)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct KeyRow {
+        twilio_auth_token: Vec<u8>,
+        webhook_shared_key_id: Option<String>,
+        webhook_shared_key: Option<Vec<u8>>,
+        keys_version: i64,
+    }
+    let row: Option<KeyRow> = sqlx::query_as(
         "SELECT twilio_auth_token, webhook_shared_key_id, webhook_shared_key, keys_version
          FROM tenants WHERE id = $1",
     )
     .bind(tenant_id)
     .fetch_optional(pool)
     .await?;
-    let Some((token, shared_id, shared_key, keys_version)) = row else {
+    let Some(row) = row else {
         return Ok(None);
     };
-    let auth_token = open_text(keyring, tenant_id, "twilio_auth_token", &token)?;
-    let shared_keys = match (shared_id, shared_key) {
+    let auth_token = open_text(
+        keyring,
+        tenant_id,
+        "twilio_auth_token",
+        &row.twilio_auth_token,
+    )?;
+    let keys_version = row.keys_version;
+    let shared_keys = match (row.webhook_shared_key_id, row.webhook_shared_key) {
         (Some(kid), Some(sealed)) => {
             let key = open_text(keyring, tenant_id, "webhook_shared_key", &sealed)?;
             vec![SharedKey::new(kid, key.expose_secret().as_bytes().to_vec())]

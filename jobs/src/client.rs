@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 use crate::Job;
 
-static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/enqueue.lua")));
+static ENQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/enqueue.lua")));
 
 /// Why a job could not be enqueued.
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +107,7 @@ impl Queues {
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
         let queue_key = self.queue_key(queue);
-        let job_id = options
-            .job_id
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let job_id = options.job_id.unwrap_or_else(|| Uuid::now_v7().to_string());
         let (dedupe_key, ttl) = options.dedupe.unwrap_or_default();
         let mut invocation = ENQUEUE.prepare_invoke();
         invocation

@@ -156,7 +156,11 @@ mod tests {
     fn schemas_close_every_object() {
         for queue in QUEUES {
             let schema = schema_for_queue(queue).expect("known queue");
-            assert_eq!(schema["additionalProperties"], serde_json::json!(false), "{queue}");
+            assert_eq!(
+                schema["additionalProperties"],
+                serde_json::json!(false),
+                "{queue}"
+            );
         }
     }
 

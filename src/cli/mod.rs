@@ -20,7 +20,11 @@ use crate::security::keyring::EncryptionKey;
 use crate::worker::{WorkerOptions, WorkerState};
 
 #[derive(Debug, Parser)]
-#[command(name = "gatehouse", version, about = "The secure job backbone: ingress, workers, operators' tools")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "The secure job backbone: ingress, workers, operators' tools"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,7 +111,9 @@ fn load_config(read_dotenv: bool) -> anyhow::Result<Config> {
         match dotenvy::dotenv() {
             Ok(_) => {}
             Err(error) if error.not_found() => {}
-            Err(_) => return Err(Failure::Invalid(".env could not be read or parsed".into()).into()),
+            Err(_) => {
+                return Err(Failure::Invalid(".env could not be read or parsed".into()).into());
+            }
         }
     }
     Config::from_env().map_err(|e| {
@@ -253,7 +259,9 @@ fn new_tenant(
 fn telemetry(config: &Config) -> Option<sentry::ClientInitGuard> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if config.debug {
         builder.try_init()
     } else {
@@ -327,9 +335,12 @@ async fn work(
     config: Arc<Config>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let pool = crate::db::connect(&config.database_url, (config.worker_concurrency as u32 + 2).min(50))
-        .await
-        .map_err(|e| Failure::Service(format!("PostgreSQL cannot be reached: {e}")))?;
+    let pool = crate::db::connect(
+        &config.database_url,
+        (config.worker_concurrency as u32 + 2).min(50),
+    )
+    .await
+    .map_err(|e| Failure::Service(format!("PostgreSQL cannot be reached: {e}")))?;
     let redis = crate::queue::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;

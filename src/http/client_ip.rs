@@ -8,7 +8,10 @@ use ipnet::IpNet;
 
 fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     proxies.iter().any(|net| net.contains(&ip))
@@ -46,7 +49,9 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> Ip
 /// (gatehouse itself does not terminate TLS).
 pub fn client_scheme(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> &'static str {
     if trusted(peer.ip(), proxies)
-        && let Some(proto) = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok())
+        && let Some(proto) = headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
         && proto
             .split(',')
             .next()
@@ -68,7 +73,10 @@ mod tests {
 
     fn headers(xff: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_str(xff).expect("header"));
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_str(xff).expect("header"),
+        );
         h
     }
 

@@ -67,9 +67,11 @@ pub async fn transport_security(
     {
         match redirect_target(&state, &req) {
             Some(target) => match HeaderValue::from_str(&target) {
-                Ok(location) => {
-                    (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, location)]).into_response()
-                }
+                Ok(location) => (
+                    StatusCode::MOVED_PERMANENTLY,
+                    [(header::LOCATION, location)],
+                )
+                    .into_response(),
                 Err(_) => super::error::ApiError::invalid_request("bad host").into_response(),
             },
             None => super::error::ApiError::invalid_request("missing or invalid Host header")

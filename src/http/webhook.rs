@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
 use http_body_util::BodyExt;
@@ -79,23 +79,38 @@ struct Fields {
     body: String,
 }
 
+/// The parameters of a verified request, by name.
+enum Params {
+    Form(Vec<(String, String)>),
+    Json(serde_json::Value),
+}
+
+impl Params {
+    fn parse(kind: Kind, raw: &[u8]) -> Result<Self, ApiError> {
+        match kind {
+            Kind::Form => Ok(Self::Form(
+                form_urlencoded::parse(raw).into_owned().collect(),
+            )),
+            Kind::Json => serde_json::from_slice(raw)
+                .map(Self::Json)
+                .map_err(|_| ApiError::invalid_request("the body is not valid JSON")),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        match self {
+            Self::Form(pairs) => pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone()),
+            Self::Json(value) => value.get(name).and_then(|v| v.as_str()).map(str::to_owned),
+        }
+    }
+}
+
 fn fields(kind: Kind, raw: &[u8]) -> Result<Fields, ApiError> {
-    let get: Box<dyn Fn(&str) -> Option<String>> = match kind {
-        Kind::Form => {
-            let pairs: Vec<(String, String)> = form_urlencoded::parse(raw).into_owned().collect();
-            Box::new(move |name| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            })
-        }
-        Kind::Json => {
-            let value: serde_json::Value = serde_json::from_slice(raw)
-                .map_err(|_| ApiError::invalid_request("the body is not valid JSON"))?;
-            Box::new(move |name| value.get(name).and_then(|v| v.as_str()).map(str::to_owned))
-        }
-    };
+    let params = Params::parse(kind, raw)?;
+    let get = |name: &str| params.get(name);
     let sid = get("MessageSid")
         .or_else(|| get("SmsSid"))
         .ok_or_else(|| ApiError::invalid_request("MessageSid is required"))?;

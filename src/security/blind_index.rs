@@ -74,6 +74,7 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -140,7 +141,8 @@ mod tests {
     fn the_index_depends_on_the_key() {
         assert_ne!(
             index(SECRET).compute("messages.from_number", b"+15551234567"),
-            index("another-secret-key-of-32-characters!!").compute("messages.from_number", b"+15551234567")
+            index("another-secret-key-of-32-characters!!")
+                .compute("messages.from_number", b"+15551234567")
         );
     }
 

@@ -378,6 +378,7 @@ fn os_random(buf: &mut [u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -395,7 +396,11 @@ mod tests {
     #[test]
     fn a_sealed_value_opens_with_the_same_aad() {
         let ring = ring();
-        let aad = aad("tenants", "twilio_auth_token", "7f1c0a52-8d1e-4c7e-9a51-0d2b1f3c4e5a");
+        let aad = aad(
+            "tenants",
+            "twilio_auth_token",
+            "7f1c0a52-8d1e-4c7e-9a51-0d2b1f3c4e5a",
+        );
         let env = ring.seal(b"secret token", &aad);
         assert_eq!(env[0], ENVELOPE_VERSION);
         assert_eq!(env.len(), MIN_ENVELOPE_LEN + b"secret token".len());
@@ -413,7 +418,10 @@ mod tests {
 
     #[test]
     fn the_aad_has_the_documented_format() {
-        assert_eq!(aad("messages", "from_number", "42"), "messages.from_number:42");
+        assert_eq!(
+            aad("messages", "from_number", "42"),
+            "messages.from_number:42"
+        );
     }
 
     #[test]
@@ -426,7 +434,10 @@ mod tests {
             aad("conversations", "from_number", "1"),
             String::new(),
         ] {
-            assert!(matches!(ring.open(&env, &other), Err(EnvelopeError::Decrypt)));
+            assert!(matches!(
+                ring.open(&env, &other),
+                Err(EnvelopeError::Decrypt)
+            ));
         }
     }
 
@@ -453,7 +464,10 @@ mod tests {
         for len in 0..env.len() {
             assert!(ring.open(&env[..len], "t.c:1").is_err());
         }
-        assert!(matches!(ring.open(&[], "t.c:1"), Err(EnvelopeError::TooShort)));
+        assert!(matches!(
+            ring.open(&[], "t.c:1"),
+            Err(EnvelopeError::TooShort)
+        ));
         assert!(matches!(
             ring.open(&env[..MIN_ENVELOPE_LEN - 1], "t.c:1"),
             Err(EnvelopeError::TooShort)
@@ -612,7 +626,12 @@ mod tests {
         let ring = Keyring::new(key.clone(), vec![old]);
         let key_hex = hex::encode(key.raw.as_slice());
         for dbg in [format!("{key:?}"), format!("{ring:?}"), format!("{key:#?}")] {
-            for needle in [FIXED_KEY_B64, key_hex.as_str(), old_b64.as_str(), old_hex.as_str()] {
+            for needle in [
+                FIXED_KEY_B64,
+                key_hex.as_str(),
+                old_b64.as_str(),
+                old_hex.as_str(),
+            ] {
                 assert!(!dbg.contains(needle), "{dbg} leaks key material");
             }
             // Partial leaks too: no 16-char window of the key's hex.
@@ -643,7 +662,8 @@ mod tests {
         fn open_inverts_seal(p in proptest::collection::vec(any::<u8>(), 0..512), aad in ".{0,80}") {
             let ring = Keyring::new(EncryptionKey::from_base64(FIXED_KEY_B64).unwrap(), vec![]);
             let env = ring.seal(&p, &aad);
-            prop_assert_eq!(ring.open(&env, &aad).unwrap().as_slice(), p.as_slice());
+            let opened = ring.open(&env, &aad).unwrap();
+            prop_assert_eq!(opened.as_slice(), p.as_slice());
         }
 
         #[test]

@@ -233,9 +233,14 @@ pub fn verify(
     }
 
     let (params, body_hash_ok) = match body {
-        Body::Form(raw) => (canonical_params(form_urlencoded::parse(raw)), Choice::from(1)),
+        Body::Form(raw) => (
+            canonical_params(form_urlencoded::parse(raw)),
+            Choice::from(1),
+        ),
         Body::Json(raw) => {
-            let expected = parsed.body_sha256().ok_or(SignatureError::MissingBodyHash)?;
+            let expected = parsed
+                .body_sha256()
+                .ok_or(SignatureError::MissingBodyHash)?;
             let actual = body_sha256_hex(raw);
             (Params::new(), actual.as_bytes().ct_eq(expected.as_bytes()))
         }
@@ -481,7 +486,10 @@ fn valid_port(port: &str) -> bool {
         return false;
     }
     let significant = port.trim_start_matches('0');
-    significant.len() <= 5 && significant.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p))
+    significant.len() <= 5
+        && significant
+            .parse::<u32>()
+            .is_ok_and(|p| (1..=65535).contains(&p))
 }
 
 #[cfg(test)]
@@ -634,7 +642,10 @@ mod tests {
                 let (auth_token, shared_keys, settings) = if shared {
                     (
                         SecretString::from("decoyauthtoken0000000000000000000"),
-                        vec![decoy, SharedKey::new(SHARED_KEY_ID, case.token.into_bytes())],
+                        vec![
+                            decoy,
+                            SharedKey::new(SHARED_KEY_ID, case.token.into_bytes()),
+                        ],
                         Some(signature_settings_value(SHARED_KEY_ID)),
                     )
                 } else {
@@ -735,7 +746,10 @@ mod tests {
                 }
             }
         }
-        assert!(port_exemptions <= 3, "only the received-with-port vector's digits are exempt");
+        assert!(
+            port_exemptions <= 3,
+            "only the received-with-port vector's digits are exempt"
+        );
     }
 
     #[test]
@@ -842,7 +856,11 @@ mod tests {
                 let err = mutated.expect_rejected(&format!("changing body byte {i}"));
                 assert_eq!(err, SignatureError::BodyHashMismatch);
             }
-            for body in [Vec::new(), [json.as_slice(), b" "].concat(), json[1..].to_vec()] {
+            for body in [
+                Vec::new(),
+                [json.as_slice(), b" "].concat(),
+                json[1..].to_vec(),
+            ] {
                 let mut mutated = fixture.clone();
                 mutated.json = Some(body);
                 assert_eq!(
@@ -852,7 +870,10 @@ mod tests {
             }
             // The same body sent as a form is not what was signed.
             let mut as_form = fixture.clone();
-            as_form.pairs = Some(vec![(String::from_utf8_lossy(&json).into_owned(), String::new())]);
+            as_form.pairs = Some(vec![(
+                String::from_utf8_lossy(&json).into_owned(),
+                String::new(),
+            )]);
             as_form.expect_rejected("sending the JSON body as a form");
         }
         assert!(seen > 0, "no JSON vector");
@@ -889,7 +910,10 @@ mod tests {
                 mutated.set_key_bytes(changed);
                 mutated.expect_rejected(&format!("changing key byte {i}"));
             }
-            for changed in [key[..key.len() - 1].to_vec(), [key.as_slice(), b"0"].concat()] {
+            for changed in [
+                key[..key.len() - 1].to_vec(),
+                [key.as_slice(), b"0"].concat(),
+            ] {
                 let mut mutated = fixture.clone();
                 mutated.set_key_bytes(changed);
                 mutated.expect_rejected("resizing the key");
@@ -903,7 +927,10 @@ mod tests {
             for signature in [None, Some(String::new()), Some("  ".to_owned())] {
                 let mut mutated = fixture.clone();
                 mutated.signature = signature;
-                assert_eq!(mutated.expect_rejected("dropping the signature"), SignatureError::Missing);
+                assert_eq!(
+                    mutated.expect_rejected("dropping the signature"),
+                    SignatureError::Missing
+                );
             }
         }
     }
@@ -956,7 +983,9 @@ mod tests {
         for fixture in valid_fixtures() {
             let mut mutated = fixture.clone();
             mutated.signature = mutated.signature.map(|s| format!(" {s}\t"));
-            mutated.settings = mutated.settings.map(|s| format!(" {}", s.replace(',', " , ")));
+            mutated.settings = mutated
+                .settings
+                .map(|s| format!(" {}", s.replace(',', " , ")));
             mutated.expect_accepted("padding headers with whitespace");
         }
     }
@@ -978,7 +1007,10 @@ mod tests {
         }
         let mut no_keys = fixture.clone();
         no_keys.shared_keys.clear();
-        assert_eq!(no_keys.expect_rejected("no shared keys"), SignatureError::UnknownKey);
+        assert_eq!(
+            no_keys.expect_rejected("no shared keys"),
+            SignatureError::UnknownKey
+        );
     }
 
     #[test]
@@ -987,7 +1019,10 @@ mod tests {
         for alg in ["HMAC_SHA1", "HMAC_SHA512", "SHA256", "none"] {
             let mut mutated = fixture.clone();
             mutated.settings = Some(format!("key={SHARED_KEY_ID},algorithm={alg}"));
-            assert_eq!(mutated.expect_rejected(alg), SignatureError::UnknownAlgorithm);
+            assert_eq!(
+                mutated.expect_rejected(alg),
+                SignatureError::UnknownAlgorithm
+            );
         }
     }
 
@@ -999,13 +1034,17 @@ mod tests {
             "garbage".to_owned(),
             format!("key={SHARED_KEY_ID}"),
             "algorithm=HMAC_SHA256".to_owned(),
-            format!("key=,algorithm=HMAC_SHA256"),
+            "key=,algorithm=HMAC_SHA256".to_owned(),
             format!("key={SHARED_KEY_ID},key={SHARED_KEY_ID},algorithm=HMAC_SHA256"),
             format!("key={SHARED_KEY_ID};algorithm=HMAC_SHA256"),
         ] {
             let mut mutated = fixture.clone();
             mutated.settings = Some(settings.clone());
-            assert_eq!(mutated.expect_rejected(&settings), SignatureError::Malformed, "{settings:?}");
+            assert_eq!(
+                mutated.expect_rejected(&settings),
+                SignatureError::Malformed,
+                "{settings:?}"
+            );
         }
         let mut reordered = fixture.clone();
         reordered.settings = Some(format!("algorithm=hmac_sha256,Key={SHARED_KEY_ID},v=2"));
@@ -1035,7 +1074,11 @@ mod tests {
     fn a_default_port_may_be_added_or_removed_between_signing_and_receiving() {
         for fixture in valid_fixtures() {
             let parsed = ParsedUrl::parse(&fixture.url).expect("vector URLs parse");
-            let default = if parsed.scheme == "https" { "443" } else { "80" };
+            let default = if parsed.scheme == "https" {
+                "443"
+            } else {
+                "80"
+            };
             let flipped = match parsed.port {
                 Some(p) if p == default => parsed.rebuild(None),
                 Some(_) => continue,
@@ -1089,25 +1132,46 @@ mod tests {
             verify(url, body, headers, &keys)
         };
         let ok = Ok(());
-        assert_eq!(check(uri, Body::Form(form), "RSOYDt4T1cUTdK1PDd93/VVr8B8="), ok);
+        assert_eq!(
+            check(uri, Body::Form(form), "RSOYDt4T1cUTdK1PDd93/VVr8B8="),
+            ok
+        );
         // removes port on https / http
         let with_port = uri.replace(".com", ".com:1234");
-        assert_eq!(check(&with_port, Body::Form(form), "RSOYDt4T1cUTdK1PDd93/VVr8B8="), ok);
+        assert_eq!(
+            check(&with_port, Body::Form(form), "RSOYDt4T1cUTdK1PDd93/VVr8B8="),
+            ok
+        );
         let http_port = with_port.replace("https", "http");
-        assert_eq!(check(&http_port, Body::Form(form), "Zmvh+3yNM1Phv2jhDCwEM3q5ebU="), ok);
+        assert_eq!(
+            check(&http_port, Body::Form(form), "Zmvh+3yNM1Phv2jhDCwEM3q5ebU="),
+            ok
+        );
         // adds port on https / http
-        assert_eq!(check(uri, Body::Form(form), "kvajT1Ptam85bY51eRf/AJRuM3w="), ok);
+        assert_eq!(
+            check(uri, Body::Form(form), "kvajT1Ptam85bY51eRf/AJRuM3w="),
+            ok
+        );
         let http = uri.replace("https", "http");
-        assert_eq!(check(&http, Body::Form(form), "0ZXoZLH/DfblKGATFgpif+LLRf4="), ok);
+        assert_eq!(
+            check(&http, Body::Form(form), "0ZXoZLH/DfblKGATFgpif+LLRf4="),
+            ok
+        );
         // duplicate keys (MultiDict / QueryDict)
         let dup = b"Sid=CA123&SidAccount=AC123&Digits=5678&Digits=1234";
-        assert_eq!(check(uri, Body::Form(dup), "IK+Dwps556ElfBT0I3Rgjkr1wJU="), ok);
+        assert_eq!(
+            check(uri, Body::Form(dup), "IK+Dwps556ElfBT0I3Rgjkr1wJU="),
+            ok
+        );
         // JSON body
         let body = br#"{"property": "value", "boolean": true}"#;
         let url = format!(
             "{uri}&bodySHA256=0a1ff7634d9ab3b95db5c9a2dfe9416e41502b283a80c7cf19632632f96e6620"
         );
-        assert_eq!(check(&url, Body::Json(body), "a9nBmqA0ju/hNViExpshrM61xv4="), ok);
+        assert_eq!(
+            check(&url, Body::Json(body), "a9nBmqA0ju/hNViExpshrM61xv4="),
+            ok
+        );
         assert_eq!(
             check(&url, Body::Json(b"{}"), "a9nBmqA0ju/hNViExpshrM61xv4="),
             Err(SignatureError::BodyHashMismatch)
@@ -1118,14 +1182,22 @@ mod tests {
     fn repeated_keys_sign_distinct_values_in_sorted_order() {
         let key = b"k";
         let url = "https://h.example/p";
-        let expected = sign_form(url, &[("A", "1"), ("A", "2"), ("B", "0")], key, Algorithm::HmacSha1);
+        let expected = sign_form(
+            url,
+            &[("A", "1"), ("A", "2"), ("B", "0")],
+            key,
+            Algorithm::HmacSha1,
+        );
         for pairs in [
             &[("B", "0"), ("A", "2"), ("A", "1")][..],
             &[("A", "2"), ("B", "0"), ("A", "1"), ("A", "2"), ("A", "1")][..],
         ] {
             assert_eq!(sign_form(url, pairs, key, Algorithm::HmacSha1), expected);
         }
-        assert_ne!(sign_form(url, &[("A", "1"), ("B", "0")], key, Algorithm::HmacSha1), expected);
+        assert_ne!(
+            sign_form(url, &[("A", "1"), ("B", "0")], key, Algorithm::HmacSha1),
+            expected
+        );
     }
 
     #[test]
@@ -1145,12 +1217,20 @@ mod tests {
             shared_keys: &[],
         };
         let url = "https://h.example/p";
-        let sig = sign_form(url, &[("Body", "a+b c%"), ("To", "+1")], b"t", Algorithm::HmacSha1);
+        let sig = sign_form(
+            url,
+            &[("Body", "a+b c%"), ("To", "+1")],
+            b"t",
+            Algorithm::HmacSha1,
+        );
         let headers = Headers {
             signature: Some(&sig),
             signature_settings: None,
         };
-        for body in [&b"Body=a%2Bb+c%25&To=%2B1"[..], b"To=%2B1&Body=a%2Bb%20c%25"] {
+        for body in [
+            &b"Body=a%2Bb+c%25&To=%2B1"[..],
+            b"To=%2B1&Body=a%2Bb%20c%25",
+        ] {
             assert_eq!(verify(url, Body::Form(body), headers, &keys), Ok(()));
         }
         assert!(verify(url, Body::Form(b"Body=a+b+c%25&To=%2B1"), headers, &keys).is_err());
@@ -1162,18 +1242,49 @@ mod tests {
             ("HTTPS://h.com/p?", "https://h.com/p", "https://h.com:443/p"),
             ("https://h.com/p#", "https://h.com/p", "https://h.com:443/p"),
             ("https://h.com/a;", "https://h.com/a", "https://h.com:443/a"),
-            ("https://h.com/a;b;", "https://h.com/a;b;", "https://h.com:443/a;b;"),
-            ("https://h.com?x=1", "https://h.com?x=1", "https://h.com:443?x=1"),
-            ("https://h.com:0443/p", "https://h.com/p", "https://h.com:0443/p"),
-            ("http://h.com:8080/p?q#f", "http://h.com/p?q#f", "http://h.com:8080/p?q#f"),
-            ("https://u:p@h.com/p", "https://u:p@h.com/p", "https://u:p@h.com:443/p"),
-            ("https://u:p@h.com:8443/p", "https://u:p@h.com/p", "https://u:p@h.com:8443/p"),
-            ("https://[::1]:8443/p", "https://[::1]/p", "https://[::1]:8443/p"),
+            (
+                "https://h.com/a;b;",
+                "https://h.com/a;b;",
+                "https://h.com:443/a;b;",
+            ),
+            (
+                "https://h.com?x=1",
+                "https://h.com?x=1",
+                "https://h.com:443?x=1",
+            ),
+            (
+                "https://h.com:0443/p",
+                "https://h.com/p",
+                "https://h.com:0443/p",
+            ),
+            (
+                "http://h.com:8080/p?q#f",
+                "http://h.com/p?q#f",
+                "http://h.com:8080/p?q#f",
+            ),
+            (
+                "https://u:p@h.com/p",
+                "https://u:p@h.com/p",
+                "https://u:p@h.com:443/p",
+            ),
+            (
+                "https://u:p@h.com:8443/p",
+                "https://u:p@h.com/p",
+                "https://u:p@h.com:8443/p",
+            ),
+            (
+                "https://[::1]:8443/p",
+                "https://[::1]/p",
+                "https://[::1]:8443/p",
+            ),
         ];
         for (raw, without, with) in cases {
             let parsed = ParsedUrl::parse(raw).expect(raw);
             let [verbatim, w0, w1] = parsed.variants();
-            assert_eq!((verbatim.as_ref(), w0.as_ref(), w1.as_ref()), (raw, without, with));
+            assert_eq!(
+                (verbatim.as_ref(), w0.as_ref(), w1.as_ref()),
+                (raw, without, with)
+            );
         }
         for bad in [
             "",
@@ -1190,7 +1301,11 @@ mod tests {
             "https://h .com/p",
             "https://h.com/p\n",
         ] {
-            assert_eq!(ParsedUrl::parse(bad).err(), Some(SignatureError::InvalidUrl), "{bad:?}");
+            assert_eq!(
+                ParsedUrl::parse(bad).err(),
+                Some(SignatureError::InvalidUrl),
+                "{bad:?}"
+            );
         }
     }
 

@@ -69,13 +69,16 @@ fn storage_config(queues: &Queues, queue: &str, options: &WorkerOptions) -> apal
         .heartbeat_interval(options.heartbeat)
         .missed_heartbeats(options.missed_heartbeats)
         .emit_events(false)
-        .persist_results(false)
+        // "results" is how apalis-redis acks: without it a finished job stays in the
+        // worker's inflight set and is re-run by orphan recovery.
+        .persist_results(true)
 }
 
 async fn handle_inbound(
     job: InboundMessage,
     id: TaskId,
     attempt: Attempt,
+    worker: WorkerContext,
     state: Data<Arc<WorkerState>>,
 ) -> Result<(), BoxDynError> {
     let job_id = id.to_string();
@@ -84,6 +87,7 @@ async fn handle_inbound(
         keyring: &state.keyring,
         blind_index: &state.blind_index,
         min_confidence: state.min_confidence,
+        worker: worker.name(),
     };
     match store_inbound(&state.pool, &ctx, &job_id, &job, &classification).await {
         Ok(outcome) => {

@@ -1,0 +1,352 @@
+//! Test harness: every test gets its own PostgreSQL database and its own Redis namespace,
+//! both removed afterwards. A missing service fails the test; nothing is skipped.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gatehouse::config::Config;
+use gatehouse::http::AppState;
+use gatehouse::security::twilio::{Algorithm, sign_form};
+use gatehouse::tenants::NewTenant;
+use gatehouse::worker::{WorkerOptions, WorkerState};
+use gatehouse_jobs::client::Queues;
+use redis::aio::ConnectionManager;
+use secrecy::SecretString;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub const PUBLIC_BASE: &str = "https://gh.example.com";
+pub const TOKEN: &str = "12345abcdef67890fedcba0987654321";
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("TEST_DATABASE_URL is a URL");
+    parsed.set_path(&format!("/{db}"));
+    parsed.to_string()
+}
+
+/// Logs to the test's captured output; installs the process-wide TLS provider once.
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A fixed, valid key set (tests only).
+pub fn base_vars(db_url: &str, namespace: &str) -> HashMap<String, String> {
+    let mut vars = HashMap::new();
+    for (k, v) in [
+        ("DATABASE_URL", db_url.to_owned()),
+        ("REDIS_URL", redis_url()),
+        (
+            "SECRET_KEY",
+            "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz".to_owned(),
+        ),
+        (
+            "JWT_SECRET_KEY",
+            "jwt-ZYXWVUTSRQPONMLKJIHGFEDCBA-9876543210-zyxwv".to_owned(),
+        ),
+        (
+            "ENCRYPTION_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned(),
+        ),
+        ("PUBLIC_BASE_URL", PUBLIC_BASE.to_owned()),
+        ("TRUSTED_PROXIES", "127.0.0.1/32".to_owned()),
+        ("QUEUE_NAMESPACE", namespace.to_owned()),
+        ("WORKER_CONCURRENCY", "8".to_owned()),
+        ("WORKER_HEARTBEAT_SECONDS", "1".to_owned()),
+        ("WORKER_MISSED_HEARTBEATS", "3".to_owned()),
+        ("WORKER_GRACE_SECONDS", "10".to_owned()),
+    ] {
+        vars.insert(k.to_owned(), v);
+    }
+    vars
+}
+
+pub fn config_from(vars: &HashMap<String, String>) -> Config {
+    Config::from_vars(|k| vars.get(k).cloned()).expect("test configuration is valid")
+}
+
+/// One test's database and Redis namespace.
+pub struct TestEnv {
+    pub db_name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub namespace: String,
+    pub redis: ConnectionManager,
+    pub vars: HashMap<String, String>,
+    pub config: Arc<Config>,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        Self::with_vars(|_| {}).await
+    }
+
+    pub async fn with_vars(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        init();
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("gh_test_{id}");
+        let admin = PgPool::connect(&admin_url())
+            .await
+            .expect("PostgreSQL must be running (TEST_DATABASE_URL)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let db_url = with_database(&admin_url(), &db_name);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(30)
+            .connect(&db_url)
+            .await
+            .expect("connect test database");
+        gatehouse::db::migrate(&pool)
+            .await
+            .expect("migrations apply");
+        let namespace = format!("ghtest-{}", &id[..12]);
+        let mut vars = base_vars(&db_url, &namespace);
+        edit(&mut vars);
+        let config = Arc::new(config_from(&vars));
+        let redis = gatehouse::queue::connect(&SecretString::from(redis_url()))
+            .await
+            .expect("Redis must be running (REDIS_URL)");
+        Self {
+            db_name,
+            db_url,
+            pool,
+            namespace,
+            redis,
+            vars,
+            config,
+        }
+    }
+
+    pub fn queues(&self) -> Queues {
+        Queues::new(self.namespace.clone())
+    }
+
+    pub async fn create_tenant(&self) -> Uuid {
+        gatehouse::tenants::create(
+            &self.pool,
+            &self.config.keyring,
+            &NewTenant {
+                name: "Shop".into(),
+                twilio_account_sid: ACCOUNT_SID.into(),
+                twilio_auth_token: SecretString::from(TOKEN.to_owned()),
+                store_url: None,
+                store_api_key: None,
+                webhook_shared_key: None,
+                owner_email: None,
+            },
+        )
+        .await
+        .expect("tenant created")
+    }
+
+    pub async fn start_server(&self) -> TestServer {
+        let state = Arc::new(AppState::new(
+            self.config.clone(),
+            self.pool.clone(),
+            self.redis.clone(),
+        ));
+        TestServer::start(state).await
+    }
+
+    pub fn worker_state(&self) -> Arc<WorkerState> {
+        Arc::new(WorkerState {
+            pool: self.pool.clone(),
+            keyring: self.config.keyring.clone(),
+            blind_index: self.config.blind_index.clone(),
+            min_confidence: self.config.llm_min_confidence,
+        })
+    }
+
+    /// Runs the workers in this process until the returned handle is stopped.
+    pub fn start_worker(&self) -> TestWorker {
+        let (tx, rx) = oneshot::channel::<()>();
+        let options = WorkerOptions {
+            concurrency: 8,
+            grace: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            missed_heartbeats: 3,
+        };
+        let task = tokio::spawn(gatehouse::worker::run(
+            self.worker_state(),
+            self.redis.clone(),
+            self.queues(),
+            options,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestWorker {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count query")
+    }
+
+    /// Polls `sql` (a count) until it equals `want` or the deadline passes; returns the last value.
+    pub async fn wait_for_count(&self, sql: &'static str, want: i64, within: Duration) -> i64 {
+        let start = Instant::now();
+        loop {
+            let n = self.count(sql).await;
+            if n == want || start.elapsed() > within {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Drops the database and the namespace's keys.
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        let mut redis = self.redis.clone();
+        let pattern = format!("{}:*", self.namespace);
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
+        }
+        if let Ok(admin) = PgPool::connect(&admin_url()).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            )))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(state: Arc<AppState>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gatehouse::http::serve(listener, state, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+pub struct TestWorker {
+    stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), gatehouse::worker::WorkerError>>,
+}
+
+impl TestWorker {
+    pub async fn stop(mut self) -> Result<(), gatehouse::worker::WorkerError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("worker stops within its grace period")
+            .expect("worker task did not panic")
+    }
+}
+
+/// A fresh Twilio-style message SID.
+pub fn message_sid() -> String {
+    format!("SM{}", Uuid::new_v4().simple())
+}
+
+/// The form parameters Twilio sends for an inbound SMS.
+pub fn sms_params(sid: &str, from: &str, body: &str) -> Vec<(String, String)> {
+    vec![
+        ("MessageSid".into(), sid.into()),
+        ("SmsSid".into(), sid.into()),
+        ("AccountSid".into(), ACCOUNT_SID.into()),
+        ("From".into(), from.into()),
+        ("To".into(), "+14155550199".into()),
+        ("Body".into(), body.into()),
+        ("NumMedia".into(), "0".into()),
+    ]
+}
+
+pub fn webhook_path(tenant: Uuid) -> String {
+    format!("/v1/webhooks/twilio/{tenant}/messages")
+}
+
+/// A signed form request as Twilio would send it (behind a TLS-terminating proxy on loopback).
+pub fn signed_form(
+    client: &reqwest::Client,
+    server: &TestServer,
+    tenant: Uuid,
+    params: &[(String, String)],
+) -> reqwest::RequestBuilder {
+    let path = webhook_path(tenant);
+    let refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let signature = sign_form(
+        &format!("{PUBLIC_BASE}{path}"),
+        &refs,
+        TOKEN.as_bytes(),
+        Algorithm::HmacSha1,
+    );
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
+    client
+        .post(server.url(&path))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", signature)
+        .body(body)
+}

@@ -1,0 +1,544 @@
+//! The webhook path end to end: HTTP → Redis → worker → committed rows, against real
+//! PostgreSQL and Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gatehouse_jobs::client::Enqueue;
+use gatehouse_jobs::{InboundMessage, Job};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_message_travels_from_http_through_redis_to_a_committed_row() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let worker = env.start_worker();
+    let sid = message_sid();
+    let response = signed_form(
+        &client(),
+        &server,
+        tenant,
+        &sms_params(
+            &sid,
+            "+14155550100",
+            "Do you have the blue shoes in size 42?",
+        ),
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/xml"))
+    );
+    assert!(response.text().await.expect("body").contains("<Response/>"));
+
+    let n = env
+        .wait_for_count("SELECT count(*) FROM messages", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(n, 1, "the message row is committed by the worker");
+    let (intent, body, sealed, stored_sid): (String, String, Vec<u8>, String) =
+        sqlx::query_as("SELECT intent, body, from_number, message_sid FROM messages")
+            .fetch_one(&env.pool)
+            .await
+            .expect("row");
+    assert_eq!(intent, "product_question");
+    assert_eq!(body, "Do you have the blue shoes in size 42?");
+    assert_eq!(stored_sid, sid);
+    assert!(
+        !sealed.windows(12).any(|w| w == b"+14155550100"),
+        "the phone number is sealed, not stored in clear"
+    );
+    assert_eq!(sealed[0], 1, "envelope version byte");
+    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM conversations").await, 1);
+
+    // The job is acknowledged in Redis (done, no longer in any worker's inflight set), so
+    // orphan recovery can never run it again.
+    let mut redis = env.redis.clone();
+    let done_key = format!("{}:inbound_message:done", env.namespace);
+    let mut done = 0;
+    for _ in 0..100 {
+        done = redis::cmd("SCARD")
+            .arg(&done_key)
+            .query_async(&mut redis)
+            .await
+            .expect("scard");
+        if done == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done, 1);
+    let inflight: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:inbound_message:inflight*", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    for key in inflight {
+        let n: i64 = redis::cmd("SCARD")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("scard");
+        assert_eq!(n, 0, "{key} is empty");
+    }
+
+    worker.stop().await.expect("worker stops cleanly");
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_message_sid_delivered_twenty_times_at_once_yields_one_job_and_one_row() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let sid = message_sid();
+    let params = sms_params(&sid, "+14155550100", "hello");
+    let http = client();
+    let sends = (0..20).map(|_| signed_form(&http, &server, tenant, &params).send());
+    for response in futures::future::join_all(sends).await {
+        assert_eq!(response.expect("request").status(), 200);
+    }
+    let mut redis = env.redis.clone();
+    let queued: i64 = redis::cmd("LLEN")
+        .arg(format!("{}:inbound_message:active", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("llen");
+    assert_eq!(queued, 1, "one job for twenty deliveries");
+
+    let worker = env.start_worker();
+    let n = env
+        .wait_for_count("SELECT count(*) FROM messages", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(n, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 1);
+    worker.stop().await.expect("worker stops cleanly");
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redelivered_job_changes_nothing() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let queues = env.queues();
+    let mut redis = env.redis.clone();
+    let job = InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: "+14155550100".into(),
+        to: "+14155550199".into(),
+        body: "qwzx".into(),
+        received_at: "2026-11-28T10:00:00Z".into(),
+    };
+    let first = queues
+        .enqueue(&mut redis, &job, Enqueue::default())
+        .await
+        .expect("enqueue");
+    let worker = env.start_worker();
+    assert_eq!(
+        env.wait_for_count(
+            "SELECT count(*) FROM processed_jobs",
+            1,
+            Duration::from_secs(20)
+        )
+        .await,
+        1
+    );
+    // Redelivery, as orphan recovery does it: the same job id back on the active list.
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(format!("{}:inbound_message:active", env.namespace))
+        .arg(&first.job_id)
+        .query_async(&mut redis)
+        .await
+        .expect("rpush");
+    // And the same job id enqueued again through the client is refused outright.
+    let again = queues
+        .enqueue(
+            &mut redis,
+            &job,
+            Enqueue {
+                job_id: Some(first.job_id.clone()),
+                ..Enqueue::default()
+            },
+        )
+        .await
+        .expect("enqueue");
+    assert!(!again.created);
+    let active_key = format!("{}:inbound_message:active", env.namespace);
+    for _ in 0..100 {
+        let len: i64 = redis::cmd("LLEN")
+            .arg(&active_key)
+            .query_async(&mut redis)
+            .await
+            .expect("llen");
+        if len == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 1);
+    let count: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+        .fetch_one(&env.pool)
+        .await
+        .expect("conversation");
+    assert_eq!(count, 1, "the streak counted the message once");
+    worker.stop().await.expect("worker stops cleanly");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_for_an_unknown_tenant_is_dead_lettered_without_retries() {
+    let env = TestEnv::new().await;
+    let queues = env.queues();
+    let mut redis = env.redis.clone();
+    let job = InboundMessage {
+        tenant_id: uuid::Uuid::new_v4(),
+        message_sid: message_sid(),
+        from: "+14155550100".into(),
+        to: "+14155550199".into(),
+        body: "hello".into(),
+        received_at: "2026-11-28T10:00:00Z".into(),
+    };
+    let enqueued = queues
+        .enqueue(&mut redis, &job, Enqueue::default())
+        .await
+        .expect("enqueue");
+    let worker = env.start_worker();
+    let dead_key = format!("{}:{}:dead", env.namespace, InboundMessage::QUEUE);
+    let mut dead = false;
+    for _ in 0..200 {
+        dead = redis::cmd("SISMEMBER")
+            .arg(&dead_key)
+            .arg(&enqueued.job_id)
+            .query_async(&mut redis)
+            .await
+            .expect("sismember");
+        if dead {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dead, "a permanent failure goes straight to the dead set");
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, 0);
+    worker.stop().await.expect("worker stops cleanly");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_signature_is_refused_with_403_and_a_security_event() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let params = sms_params(&message_sid(), "+14155550100", "hello");
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
+    let response = client()
+        .post(server.url(&webhook_path(tenant)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", "bCKNFa1ALlAtW1bWNwG18+MUxZY=")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 403);
+    let json: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(json["error"]["code"], "invalid_signature");
+
+    // An unknown tenant looks exactly the same.
+    let unknown = client()
+        .post(server.url(&webhook_path(uuid::Uuid::new_v4())))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", "bCKNFa1ALlAtW1bWNwG18+MUxZY=")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unknown.status(), 403);
+    let json2: serde_json::Value = unknown.json().await.expect("json");
+    assert_eq!(json, json2);
+
+    let events = env
+        .wait_for_count(
+            "SELECT count(*) FROM security_events WHERE type = 'invalid_webhook_signature'",
+            2,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(events, 2);
+    let mut redis = env.redis.clone();
+    let queued: i64 = redis::cmd("LLEN")
+        .arg(format!("{}:inbound_message:active", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("llen");
+    assert_eq!(queued, 0, "nothing is enqueued for a forged request");
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_malformed_and_mistyped_bodies_are_refused_and_the_server_stays_healthy() {
+    let env = TestEnv::with_vars(|v| {
+        v.insert("MAX_BODY_BYTES".into(), "4096".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let http = client();
+    let url = server.url(&webhook_path(tenant));
+
+    let big = "Body=".to_owned() + &"x".repeat(10_000);
+    let r = http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(big.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 413);
+
+    // Chunked: no Content-Length, the limit still holds.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..10).map(|_| Ok(vec![b'x'; 1000])).collect();
+    let r = http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 413);
+
+    let r = http
+        .post(&url)
+        .header("content-type", "text/plain")
+        .header("x-forwarded-proto", "https")
+        .body("hello")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 415);
+
+    // Correctly signed but missing MessageSid: 400 naming the field.
+    let params = vec![("Body".to_owned(), "hi".to_owned())];
+    let r = signed_form(&http, &server, tenant, &params)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 400);
+    let json: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(json["error"]["code"], "invalid_request");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("MessageSid"))
+    );
+
+    // Garbage bytes, signed or not, never crash anything.
+    let r = http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", "%%%not-base64")
+        .body(vec![0xff, 0xfe, 0x00, b'=', b'&', 0x80])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 403);
+
+    let health = http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let ready = http
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_http_is_redirected_and_every_response_carries_security_headers() {
+    let env = TestEnv::new().await;
+    let server = env.start_server().await;
+    let http = client();
+    let r = http
+        .post(server.url("/v1/webhooks/twilio/x/messages?a=1"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 301);
+    assert_eq!(
+        r.headers().get("location").and_then(|v| v.to_str().ok()),
+        Some("https://gh.example.com/v1/webhooks/twilio/x/messages?a=1")
+    );
+    for name in [
+        "strict-transport-security",
+        "x-content-type-options",
+        "x-frame-options",
+        "referrer-policy",
+        "content-security-policy",
+    ] {
+        assert!(r.headers().contains_key(name), "{name} on a redirect");
+    }
+    assert_eq!(
+        r.headers()
+            .get("strict-transport-security")
+            .and_then(|v| v.to_str().ok()),
+        Some("max-age=31536000; includeSubDomains; preload")
+    );
+    // Health endpoints are exempt from the redirect.
+    let h = http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(h.status(), 200);
+    assert!(h.headers().contains_key("x-frame-options"));
+    server.stop().await;
+
+    // X-Forwarded-Proto from a peer outside TRUSTED_PROXIES is ignored.
+    let untrusting = TestEnv::with_vars(|v| {
+        v.insert("TRUSTED_PROXIES".into(), "10.0.0.0/8".into());
+    })
+    .await;
+    let server = untrusting.start_server().await;
+    let r = http
+        .post(server.url("/v1/webhooks/twilio/x/messages"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 301);
+    server.stop().await;
+    untrusting.cleanup().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn debug_mode_turns_off_the_redirect_and_hsts_only() {
+    let env = TestEnv::with_vars(|v| {
+        v.insert("DEBUG".into(), "true".into());
+        v.insert("PUBLIC_BASE_URL".into(), PUBLIC_BASE.into());
+    })
+    .await;
+    let server = env.start_server().await;
+    let r = client()
+        .post(server.url("/v1/webhooks/twilio/x/messages"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("a=b")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 403, "no redirect; the signature check answers");
+    assert!(!r.headers().contains_key("strict-transport-security"));
+    assert!(r.headers().contains_key("x-content-type-options"));
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_known_tenant_keeps_flowing_into_redis_while_postgres_is_down() {
+    let env = TestEnv::with_vars(|v| {
+        v.insert("TENANT_KEY_CACHE_SECONDS".into(), "1".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let known =
+        gatehouse::http::AppState::new(env.config.clone(), env.pool.clone(), env.redis.clone());
+    // Warm the cache through a real request, then swap in a pool that cannot connect.
+    let state = std::sync::Arc::new(known);
+    let server = TestServer::start(state.clone()).await;
+    let http = client();
+    let r = signed_form(
+        &http,
+        &server,
+        tenant,
+        &sms_params(&message_sid(), "+1415555", "hi"),
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(r.status(), 200);
+    server.stop().await;
+
+    let dead_pool = gatehouse::db::connect_lazy(
+        &secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none".to_owned()),
+        1,
+    )
+    .expect("lazy pool");
+    let outage = std::sync::Arc::new(gatehouse::http::AppState {
+        config: env.config.clone(),
+        pool: dead_pool,
+        redis: env.redis.clone(),
+        queues: env.queues(),
+        key_cache: gatehouse::http::key_cache::KeyCache::new(Duration::from_secs(1)),
+        public_base: Some(PUBLIC_BASE.to_owned()),
+    });
+    // A cache that never saw the tenant cannot verify: 503, never 200.
+    let server = TestServer::start(outage).await;
+    let r = signed_form(
+        &http,
+        &server,
+        tenant,
+        &sms_params(&message_sid(), "+1415555", "hi"),
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    server.stop().await;
+
+    // The warmed cache, past its TTL, keeps serving through the outage.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = gatehouse::http::AppState {
+        config: env.config.clone(),
+        pool: gatehouse::db::connect_lazy(
+            &secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none".to_owned()),
+            1,
+        )
+        .expect("lazy pool"),
+        redis: env.redis.clone(),
+        queues: env.queues(),
+        key_cache: gatehouse::http::key_cache::KeyCache::new(Duration::from_secs(1)),
+        public_base: Some(PUBLIC_BASE.to_owned()),
+    };
+    let keys = state
+        .key_cache
+        .get(&stale.pool, &env.config.keyring, tenant)
+        .await
+        .expect("stale keys serve during the outage");
+    assert!(keys.is_some());
+    env.cleanup().await;
+}

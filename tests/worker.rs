@@ -1,0 +1,193 @@
+//! Workers: atomic counters under concurrency, two worker processes sharing one queue,
+//! graceful shutdown.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use gatehouse::classify::classify_with_rules;
+use gatehouse::conversations::{InboundContext, InboundOutcome, store_inbound};
+use gatehouse_jobs::InboundMessage;
+use gatehouse_jobs::client::Enqueue;
+
+fn message(tenant: uuid::Uuid, from: &str, body: &str) -> InboundMessage {
+    InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: from.into(),
+        to: "+14155550199".into(),
+        body: body.into(),
+        received_at: "2026-11-28T10:00:00.123Z".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_low_confidence_messages_count_exactly_a_hundred() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let pool = env.pool.clone();
+        let config = env.config.clone();
+        tasks.push(tokio::spawn(async move {
+            let msg = message(tenant, "+14155550100", "qwzx vbnm");
+            let classification = classify_with_rules(&msg.body);
+            let ctx = InboundContext {
+                keyring: &config.keyring,
+                blind_index: &config.blind_index,
+                min_confidence: config.llm_min_confidence,
+                worker: "test",
+            };
+            store_inbound(&pool, &ctx, &format!("job-{i}"), &msg, &classification).await
+        }));
+    }
+    for task in tasks {
+        let outcome = task.await.expect("task").expect("stored");
+        assert!(matches!(outcome, InboundOutcome::Stored { .. }));
+    }
+    let (count, state): (i32, String) =
+        sqlx::query_as("SELECT low_confidence_count, state FROM conversations")
+            .fetch_one(&env.pool)
+            .await
+            .expect("one conversation");
+    assert_eq!(count, 100);
+    assert_eq!(state, "handoff");
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 100);
+    assert_eq!(env.count("SELECT count(*) FROM conversations").await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_streak_hands_off_at_three_and_a_confident_answer_resets_it() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let ctx = InboundContext {
+        keyring: &env.config.keyring,
+        blind_index: &env.config.blind_index,
+        min_confidence: env.config.llm_min_confidence,
+        worker: "test",
+    };
+    let mut seen = Vec::new();
+    for (i, body) in ["qwzx", "qwzx", "qwzx", "hello", "qwzx"].iter().enumerate() {
+        let msg = message(tenant, "+14155550100", body);
+        let outcome = store_inbound(
+            &env.pool,
+            &ctx,
+            &format!("job-{i}"),
+            &msg,
+            &classify_with_rules(body),
+        )
+        .await
+        .expect("stored");
+        match outcome {
+            InboundOutcome::Stored {
+                low_confidence_count,
+                handoff,
+                ..
+            } => seen.push((low_confidence_count, handoff)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![(1, false), (2, false), (3, true), (0, true), (1, true)],
+        "handoff at three; a confident answer resets the count, the state stays"
+    );
+    // Another customer of the same tenant has a separate conversation.
+    let other = message(tenant, "+14155550111", "qwzx");
+    store_inbound(
+        &env.pool,
+        &ctx,
+        "job-x",
+        &other,
+        &classify_with_rules("qwzx"),
+    )
+    .await
+    .expect("stored");
+    assert_eq!(env.count("SELECT count(*) FROM conversations").await, 2);
+    env.cleanup().await;
+}
+
+fn spawn_work(env: &TestEnv) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("work")
+        .env_clear()
+        .envs(env.vars.iter())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn gatehouse work")
+}
+
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    for _ in 0..300 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("gatehouse work did not exit within 15 s of SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_worker_processes_share_one_queue_and_apply_no_job_twice() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let queues = env.queues();
+    let mut redis = env.redis.clone();
+    const JOBS: i64 = 1000;
+    // All on one conversation and all low-confidence: any job applied twice would push
+    // the counter past JOBS.
+    for _ in 0..JOBS {
+        queues
+            .enqueue(
+                &mut redis,
+                &message(tenant, "+14155550100", "qwzx"),
+                Enqueue::default(),
+            )
+            .await
+            .expect("enqueue");
+    }
+    let mut a = spawn_work(&env);
+    let mut b = spawn_work(&env);
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(n, JOBS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, JOBS);
+    let count: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+        .fetch_one(&env.pool)
+        .await
+        .expect("conversation");
+    assert_eq!(i64::from(count), JOBS, "no job's effect was applied twice");
+    let by_job: i64 = env
+        .count("SELECT count(DISTINCT job_id) FROM messages")
+        .await;
+    assert_eq!(by_job, JOBS);
+    let sa = terminate(&mut a);
+    let sb = terminate(&mut b);
+    assert!(sa.success(), "first worker exits 0 on SIGTERM: {sa:?}");
+    assert!(sb.success(), "second worker exits 0 on SIGTERM: {sb:?}");
+    // Both processes took jobs from the one queue, under distinct names.
+    let processes = env
+        .count(
+            "SELECT count(DISTINCT split_part(worker, '-inbound_message', 1)) FROM processed_jobs",
+        )
+        .await;
+    assert_eq!(processes, 2, "both worker processes took jobs");
+    env.cleanup().await;
+}
