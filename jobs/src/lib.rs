@@ -44,8 +44,8 @@ pub struct InboundMessage {
     /// The customer's address (`+14155550100` or `whatsapp:+14155550100`).
     #[schemars(length(min = 1, max = 64))]
     pub from: String,
-    /// The tenant's address the message was sent to.
-    #[schemars(length(min = 1, max = 64))]
+    /// The tenant's address the message was sent to (empty if Twilio did not say).
+    #[schemars(length(max = 64))]
     pub to: String,
     /// The message text (Twilio allows 1600 characters).
     #[schemars(length(max = 1600))]

@@ -123,13 +123,14 @@ fn fields(kind: Kind, raw: &[u8]) -> Result<Fields, ApiError> {
         ));
     }
     let from = get("From").ok_or_else(|| ApiError::invalid_request("From is required"))?;
-    let to = get("To").ok_or_else(|| ApiError::invalid_request("To is required"))?;
-    for (name, value) in [("From", &from), ("To", &to)] {
-        if value.is_empty() || value.chars().count() > 64 {
-            return Err(ApiError::invalid_request(format!(
-                "{name} must be 1 to 64 characters"
-            )));
-        }
+    if from.is_empty() || from.chars().count() > 64 {
+        return Err(ApiError::invalid_request("From must be 1 to 64 characters"));
+    }
+    let to = get("To").unwrap_or_default();
+    if to.chars().count() > 64 {
+        return Err(ApiError::invalid_request(
+            "To must be at most 64 characters",
+        ));
     }
     let body = get("Body").unwrap_or_default();
     if body.chars().count() > 1600 {
