@@ -11,6 +11,7 @@ pub mod conversations;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod payloads;
 pub mod queue;
 pub mod security;
 pub mod tenants;
