@@ -181,20 +181,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..300 {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("process did not exit within 15 s of SIGTERM");
-}
-
 /// Twilio's classic signature, computed here from the definition, independently of
 /// gatehouse's verifier.
 fn independent_signature(url: &str, params: &[(&str, &str)], token: &str) -> String {
@@ -228,22 +214,9 @@ async fn serve_and_work_processes_carry_a_signed_message_to_a_row_and_stop_clean
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let port = free_port();
-    let mut vars = env.vars.clone();
-    vars.insert("PORT".into(), port.to_string());
-    let spawn = |cmd: &str| {
-        Command::new(BIN)
-            .arg(cmd)
-            .env_clear()
-            .envs(vars.iter())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn")
-    };
-    let mut serve = spawn("serve");
-    let mut work = spawn("work");
+    let port_text = port.to_string();
+    let mut serve = env.spawn(&["serve"], &[("PORT", &port_text)]);
+    let mut work = env.spawn(&["work"], &[]);
     wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
 
     let sid = message_sid();

@@ -3,9 +3,12 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use gatehouse::http::AppState;
+use gatehouse::http::key_cache::KeyCache;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{InboundMessage, Job};
 
@@ -114,13 +117,11 @@ async fn the_same_message_sid_delivered_twenty_times_at_once_yields_one_job_and_
     for response in futures::future::join_all(sends).await {
         assert_eq!(response.expect("request").status(), 200);
     }
-    let mut redis = env.redis.clone();
-    let queued: i64 = redis::cmd("LLEN")
-        .arg(format!("{}:inbound_message:active", env.namespace))
-        .query_async(&mut redis)
-        .await
-        .expect("llen");
-    assert_eq!(queued, 1, "one job for twenty deliveries");
+    assert_eq!(
+        env.queued("inbound_message").await,
+        1,
+        "one job for twenty deliveries"
+    );
 
     let worker = env.start_worker();
     let n = env
@@ -182,14 +183,8 @@ async fn a_redelivered_job_changes_nothing() {
         .await
         .expect("enqueue");
     assert!(!again.created);
-    let active_key = format!("{}:inbound_message:active", env.namespace);
     for _ in 0..100 {
-        let len: i64 = redis::cmd("LLEN")
-            .arg(&active_key)
-            .query_async(&mut redis)
-            .await
-            .expect("llen");
-        if len == 0 {
+        if env.queued("inbound_message").await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -288,13 +283,11 @@ async fn a_forged_signature_is_refused_with_403_and_a_security_event() {
         )
         .await;
     assert_eq!(events, 2);
-    let mut redis = env.redis.clone();
-    let queued: i64 = redis::cmd("LLEN")
-        .arg(format!("{}:inbound_message:active", env.namespace))
-        .query_async(&mut redis)
-        .await
-        .expect("llen");
-    assert_eq!(queued, 0, "nothing is enqueued for a forged request");
+    assert_eq!(
+        env.queued("inbound_message").await,
+        0,
+        "nothing is enqueued for a forged request"
+    );
     server.stop().await;
     env.cleanup().await;
 }
@@ -469,77 +462,57 @@ async fn debug_mode_turns_off_the_redirect_and_hsts_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_known_tenant_keeps_flowing_into_redis_while_postgres_is_down() {
-    let env = TestEnv::with_vars(|v| {
-        v.insert("TENANT_KEY_CACHE_SECONDS".into(), "1".into());
-    })
-    .await;
+    let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
-    let known =
-        gatehouse::http::AppState::new(env.config.clone(), env.pool.clone(), env.redis.clone());
-    // Warm the cache through a real request, then swap in a pool that cannot connect.
-    let state = std::sync::Arc::new(known);
-    let server = TestServer::start(state.clone()).await;
-    let http = client();
-    let r = signed_form(
-        &http,
-        &server,
-        tenant,
-        &sms_params(&message_sid(), "+1415555", "hi"),
-    )
-    .send()
-    .await
-    .expect("request");
-    assert_eq!(r.status(), 200);
-    server.stop().await;
-
+    let never_seen = env.create_tenant().await;
     let dead_pool = gatehouse::db::connect_lazy(
         &secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none".to_owned()),
         1,
     )
     .expect("lazy pool");
-    let outage = std::sync::Arc::new(gatehouse::http::AppState {
+    // An ingress whose PostgreSQL is unreachable, and whose cache saw `tenant` a while ago
+    // (entries live 1 s here; the outage outlasts that).
+    let state = Arc::new(AppState {
         config: env.config.clone(),
         pool: dead_pool,
         redis: env.redis.clone(),
         queues: env.queues(),
-        key_cache: gatehouse::http::key_cache::KeyCache::new(Duration::from_secs(1)),
+        key_cache: KeyCache::new(Duration::from_secs(1)),
         public_base: Some(PUBLIC_BASE.to_owned()),
     });
-    // A cache that never saw the tenant cannot verify: 503, never 200.
-    let server = TestServer::start(outage).await;
-    let r = signed_form(
-        &http,
-        &server,
-        tenant,
-        &sms_params(&message_sid(), "+1415555", "hi"),
-    )
-    .send()
-    .await
-    .expect("request");
+    let warmed = state
+        .key_cache
+        .get(&env.pool, &env.config.keyring, tenant)
+        .await
+        .expect("keys load while PostgreSQL is up");
+    assert!(warmed.is_some());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let server = TestServer::start(state).await;
+    let http = client();
+    let sms = sms_params(&message_sid(), "+14155550100", "hi");
+    let r = signed_form(&http, &server, tenant, &sms)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200, "the cached keys verify during the outage");
+    assert_eq!(
+        env.queued("inbound_message").await,
+        1,
+        "the message is in Redis"
+    );
+
+    // A tenant this ingress never saw cannot be verified now: 503, never 200.
+    let r = signed_form(&http, &server, never_seen, &sms)
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
+    let json: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(json["error"]["code"], "unavailable");
+    assert_eq!(env.queued("inbound_message").await, 1);
     server.stop().await;
-
-    // The warmed cache, past its TTL, keeps serving through the outage.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let stale = gatehouse::http::AppState {
-        config: env.config.clone(),
-        pool: gatehouse::db::connect_lazy(
-            &secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none".to_owned()),
-            1,
-        )
-        .expect("lazy pool"),
-        redis: env.redis.clone(),
-        queues: env.queues(),
-        key_cache: gatehouse::http::key_cache::KeyCache::new(Duration::from_secs(1)),
-        public_base: Some(PUBLIC_BASE.to_owned()),
-    };
-    let keys = state
-        .key_cache
-        .get(&stale.pool, &env.config.keyring, tenant)
-        .await
-        .expect("stale keys serve during the outage");
-    assert!(keys.is_some());
     env.cleanup().await;
 }
 

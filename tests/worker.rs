@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -110,34 +109,6 @@ async fn the_streak_hands_off_at_three_and_a_confident_answer_resets_it() {
     env.cleanup().await;
 }
 
-fn spawn_work(env: &TestEnv) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .arg("work")
-        .env_clear()
-        .envs(env.vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn gatehouse work")
-}
-
-fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let pid = child.id().to_string();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    for _ in 0..300 {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("gatehouse work did not exit within 15 s of SIGTERM");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_worker_processes_share_one_queue_and_apply_no_job_twice() {
     let env = TestEnv::new().await;
@@ -157,8 +128,8 @@ async fn two_worker_processes_share_one_queue_and_apply_no_job_twice() {
             .await
             .expect("enqueue");
     }
-    let mut a = spawn_work(&env);
-    let mut b = spawn_work(&env);
+    let mut a = env.spawn(&["work"], &[]);
+    let mut b = env.spawn(&["work"], &[]);
     let n = env
         .wait_for_count(
             "SELECT count(*) FROM messages",

@@ -204,6 +204,31 @@ impl TestEnv {
         }
     }
 
+    /// Jobs waiting on a queue's active list.
+    pub async fn queued(&self, queue: &str) -> i64 {
+        let mut redis = self.redis.clone();
+        redis::cmd("LLEN")
+            .arg(format!("{}:{queue}:active", self.namespace))
+            .query_async(&mut redis)
+            .await
+            .expect("llen")
+    }
+
+    /// Starts the built binary with this test's environment.
+    pub fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(args)
+            .env_clear()
+            .envs(self.vars.iter())
+            .envs(extra.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn gatehouse")
+    }
+
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(&self.pool)
@@ -298,6 +323,21 @@ impl TestWorker {
             .expect("worker stops within its grace period")
             .expect("worker task did not panic")
     }
+}
+
+/// Sends SIGTERM and waits (at most 15 s) for the process to exit.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..300 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("process did not exit within 15 s of SIGTERM");
 }
 
 /// A fresh Twilio-style message SID.
