@@ -304,3 +304,68 @@ async fn dev_reads_dotenv_migrates_and_serves() {
     .await;
     env.cleanup().await;
 }
+
+/// A loopback server that plays Sentry: it keeps every envelope it is sent.
+async fn fake_sentry() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let store = seen.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let store = store.clone();
+        async move {
+            if let Ok(mut all) = store.lock() {
+                all.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            "{}"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_webhook_reaches_sentry_without_secrets_or_the_message() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let (sentry, seen) = fake_sentry().await;
+    let port = free_port().to_string();
+    let dsn = format!("http://0123456789abcdef@{sentry}/42");
+    let mut serve = env.spawn(&["serve"], &[("PORT", &port), ("SENTRY_DSN", &dsn)]);
+    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let body =
+        "MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100&Body=my+card+is+4111";
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{}", webhook_path(tenant)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 403);
+    assert!(terminate(&mut serve).success());
+    let envelopes = seen.lock().map(|v| v.clone()).unwrap_or_default();
+    let all = envelopes.join("\n");
+    assert!(
+        all.contains("invalid_webhook_signature"),
+        "the critical security event reached Sentry: {all}"
+    );
+    for secret in [
+        TOKEN,
+        "4111",
+        "+14155550100",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    ] {
+        assert!(!all.contains(secret), "{secret} leaked to Sentry");
+    }
+    env.cleanup().await;
+}

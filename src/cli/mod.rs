@@ -258,15 +258,33 @@ fn new_tenant(
 /// when `SENTRY_DSN` is set.
 fn telemetry(config: &Config) -> Option<sentry::ClientInitGuard> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if config.debug {
-        builder.try_init()
+    let (pretty, json) = if config.debug {
+        (
+            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
+            None,
+        )
     } else {
-        builder.json().flatten_event(true).try_init()
+        let json = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true);
+        (None, Some(json))
     };
+    // ERROR events (critical security events, jobs that failed for good) become Sentry
+    // events; nothing is sent while no client is bound (SENTRY_DSN unset).
+    let sentry_errors =
+        sentry::integrations::tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(pretty)
+        .with(json)
+        .with(sentry_errors)
+        .try_init();
     let dsn = config.sentry_dsn.as_ref()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     use secrecy::ExposeSecret;

@@ -19,11 +19,15 @@ use gatehouse_jobs::client::Queues;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use error::ApiError;
 use key_cache::KeyCache;
+
+/// How long one request may take, body included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every handler shares.
 pub struct AppState {
@@ -76,6 +80,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body))
+        // A client that trickles its request (slowloris) is cut off.
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             transport::transport_security,

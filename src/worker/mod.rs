@@ -13,6 +13,7 @@ use apalis::prelude::*;
 use apalis_redis::{ConnectionManager, RedisStorage};
 use gatehouse_jobs::{InboundMessage, Job, client::Queues};
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use crate::classify::classify_with_rules;
 use crate::conversations::{InboundContext, InboundOutcome, store_inbound};
@@ -79,9 +80,29 @@ async fn handle_inbound(
     id: TaskId,
     attempt: Attempt,
     worker: WorkerContext,
+    meta: MetadataStore,
     state: Data<Arc<WorkerState>>,
 ) -> Result<(), BoxDynError> {
     let job_id = id.to_string();
+    // The ingress request that enqueued the job, so one id follows a message end to end.
+    let span = tracing::info_span!(
+        "job",
+        job.id = %job_id,
+        job.queue = InboundMessage::QUEUE,
+        request.id = meta.get("request_id").unwrap_or("-"),
+    );
+    run_inbound(job, job_id, attempt, worker, state)
+        .instrument(span)
+        .await
+}
+
+async fn run_inbound(
+    job: InboundMessage,
+    job_id: String,
+    attempt: Attempt,
+    worker: WorkerContext,
+    state: Data<Arc<WorkerState>>,
+) -> Result<(), BoxDynError> {
     let classification = classify_with_rules(&job.body);
     let ctx = InboundContext {
         keyring: &state.keyring,
