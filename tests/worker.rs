@@ -162,3 +162,38 @@ async fn two_worker_processes_share_one_queue_and_apply_no_job_twice() {
     assert_eq!(processes, 2, "both worker processes took jobs");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_worker_notices_a_new_job_by_polling_not_at_its_next_heartbeat() {
+    // Without a working idle poll a worker looks for jobs only at its heartbeat (apalis-redis
+    // note 6; and a release build with apalis-core's IntervalStrategy was measured waiting
+    // 4 s for the 5 s heartbeat). With a 60 s heartbeat, a pickup well under a minute proves
+    // the poll wakes the worker; the 20 s bound is generous on purpose.
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut worker = env.spawn(&["work"], &[("WORKER_HEARTBEAT_SECONDS", "60")]);
+    let queues = env.queues();
+    let mut redis = env.redis.clone();
+    for round in 1..=3 {
+        // Idle long enough for the first poll timers to have fired.
+        tokio::time::sleep(Duration::from_millis(if round == 1 { 1500 } else { 300 })).await;
+        queues
+            .enqueue(
+                &mut redis,
+                &message(tenant, "+14155550100", "hello"),
+                Enqueue::default(),
+            )
+            .await
+            .expect("enqueue");
+        let n = env
+            .wait_for_count(
+                "SELECT count(*) FROM messages",
+                round,
+                Duration::from_secs(20),
+            )
+            .await;
+        assert_eq!(n, round, "job {round} was picked up while the worker idled");
+    }
+    assert!(terminate(&mut worker).success());
+    env.cleanup().await;
+}

@@ -5,6 +5,8 @@
 //! by `gatehouse-jobs`, a short poll interval, a unique worker name per process, and a
 //! supervisor that treats workers ending on their own as a failure, never a clean exit.
 
+pub mod poll;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,7 +169,7 @@ pub async fn run(
         .register(move |restarts| {
             let storage = RedisStorage::<InboundMessage>::new(redis.clone())
                 .with_config(inbound_config.clone())
-                .poll_with_interval(POLL_INTERVAL);
+                .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
             WorkerBuilder::new(format!("{base}-{}-r{restarts}", InboundMessage::QUEUE))
                 .backend(storage)
                 .catch_panic()

@@ -182,11 +182,16 @@ impl TestEnv {
 
     /// Runs the workers in this process until the returned handle is stopped.
     pub fn start_worker(&self) -> TestWorker {
+        self.start_worker_with(Duration::from_secs(1))
+    }
+
+    /// Runs the workers with the given heartbeat interval.
+    pub fn start_worker_with(&self, heartbeat: Duration) -> TestWorker {
         let (tx, rx) = oneshot::channel::<()>();
         let options = WorkerOptions {
             concurrency: 8,
             grace: Duration::from_secs(10),
-            heartbeat: Duration::from_secs(1),
+            heartbeat,
             missed_heartbeats: 3,
         };
         let task = tokio::spawn(gatehouse::worker::run(
