@@ -197,3 +197,90 @@ async fn an_idle_worker_notices_a_new_job_by_polling_not_at_its_next_heartbeat()
     assert!(terminate(&mut worker).success());
     env.cleanup().await;
 }
+
+/// A private Redis server on its own port, so a test may restart it without disturbing
+/// the other tests.
+struct PrivateRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let redis_server = PrivateRedis::start(port);
+    let url = redis_server.url();
+    let mut worker = env.spawn(&["work"], &[("REDIS_URL", &url)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Redis goes away for two seconds and comes back empty (it keeps nothing on disk).
+    redis_server.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let redis_server = PrivateRedis::start(port);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        worker.try_wait().expect("status").is_none(),
+        "the worker process is still running"
+    );
+
+    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url))
+        .await
+        .expect("private redis");
+    env.queues()
+        .enqueue(
+            &mut conn,
+            &message(tenant, "+14155550100", "hello"),
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let n = env
+        .wait_for_count("SELECT count(*) FROM messages", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(n, 1, "the job enqueued after the restart was processed");
+    assert!(terminate(&mut worker).success());
+    redis_server.stop();
+    env.cleanup().await;
+}

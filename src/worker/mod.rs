@@ -152,6 +152,36 @@ async fn run_inbound(
     }
 }
 
+/// Restarts allowed within a sliding window. A worker that fails (Redis restarting, say) is
+/// restarted at once; the redis connection's own backoff spaces the attempts (about 0.5 s
+/// each), so an outage of about half a minute is ridden out. Past that the process exits
+/// non-zero, for its supervisor to restart, instead of spinning or stopping silently.
+#[derive(Debug, Default)]
+struct RestartBudget {
+    recent: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl RestartBudget {
+    const WINDOW: Duration = Duration::from_secs(60);
+    const MAX_IN_WINDOW: usize = 60;
+
+    fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Self::WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= Self::MAX_IN_WINDOW {
+            return false;
+        }
+        self.recent.push_back(now);
+        true
+    }
+}
+
 /// Runs every queue's workers until `shutdown` resolves, then stops taking jobs and waits
 /// up to the grace period for in-flight ones.
 pub async fn run(
@@ -177,9 +207,17 @@ pub async fn run(
                 .data(state.clone())
                 .build(handle_inbound)
         })
-        .should_restart(|ctx, error| {
-            tracing::error!(worker.name = ctx.name(), %error, "worker failed, restarting");
-            ctx.restarts() < 20
+        .should_restart({
+            let budget = std::sync::Mutex::new(RestartBudget::default());
+            move |ctx, error| {
+                let allowed = budget.lock().map(|mut b| b.allow()).unwrap_or(false);
+                if allowed {
+                    tracing::error!(worker.name = ctx.name(), %error, "worker failed, restarting");
+                } else {
+                    tracing::error!(worker.name = ctx.name(), %error, "worker keeps failing, giving up");
+                }
+                allowed
+            }
         });
     let context = monitor.context();
     let mut running = Box::pin(monitor.run());
@@ -204,5 +242,28 @@ pub async fn run(
                 Err(_) => Err(WorkerError::GraceExceeded(options.grace)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_restart_budget_refuses_a_burst_and_counts_only_the_window() {
+        let mut budget = RestartBudget::default();
+        for _ in 0..RestartBudget::MAX_IN_WINDOW {
+            assert!(budget.allow());
+        }
+        assert!(!budget.allow(), "a burst past the budget is refused");
+        // Restarts older than the window no longer count.
+        let old = std::time::Instant::now() - RestartBudget::WINDOW - Duration::from_secs(1);
+        budget.recent.iter_mut().for_each(|t| *t = old);
+        assert!(budget.allow());
+    }
+
+    #[test]
+    fn worker_names_are_unique_per_call() {
+        assert_ne!(unique_worker_name(), unique_worker_name());
     }
 }
