@@ -83,30 +83,27 @@ pub async fn record(pool: &PgPool, event: SecurityEvent) {
     let ip = event.ip.map(|ip| ip.to_string());
     let tenant_id = event.tenant_id.map(|t| t.to_string());
     let user_id = event.user_id.map(|u| u.to_string());
+    // One field list for both levels; tracing needs the level at compile time.
+    macro_rules! log_event {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "security",
+                event_type = event.kind.as_str(),
+                ip = ip.as_deref(),
+                user.id = user_id.as_deref(),
+                email = event.email.as_deref(),
+                tenant.id = tenant_id.as_deref(),
+                request.id = event.request_id.as_deref(),
+                details = %event.details,
+                "security event"
+            )
+        };
+    }
+    // ERROR is what reaches Sentry (see cli::telemetry): critical kinds only.
     if event.kind.is_critical() {
-        tracing::error!(
-            target: "security",
-            event_type = event.kind.as_str(),
-            ip = ip.as_deref(),
-            user.id = user_id.as_deref(),
-            email = event.email.as_deref(),
-            tenant.id = tenant_id.as_deref(),
-            request.id = event.request_id.as_deref(),
-            details = %event.details,
-            "security event"
-        );
+        log_event!(error);
     } else {
-        tracing::warn!(
-            target: "security",
-            event_type = event.kind.as_str(),
-            ip = ip.as_deref(),
-            user.id = user_id.as_deref(),
-            email = event.email.as_deref(),
-            tenant.id = tenant_id.as_deref(),
-            request.id = event.request_id.as_deref(),
-            details = %event.details,
-            "security event"
-        );
+        log_event!(warn);
     }
     let result = sqlx::query(
         "INSERT INTO security_events (type, ip, user_id, email, tenant_id, request_id, details)

@@ -364,6 +364,26 @@ async fn oversized_malformed_and_mistyped_bodies_are_refused_and_the_server_stay
         .expect("request");
     assert_eq!(r.status(), 403);
 
+    // Wrong method and unknown path answer in the same JSON error shape.
+    let r = http
+        .get(&url)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 405);
+    let json: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(json["error"]["code"], "method_not_allowed");
+    let r = http
+        .get(server.url("/nope"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
+    let json: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(json["error"]["code"], "not_found");
+
     let health = http
         .get(server.url("/healthz"))
         .send()

@@ -68,6 +68,14 @@ async fn fallback() -> ApiError {
     ApiError::not_found()
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not accept that method",
+    )
+}
+
 /// The whole router.
 pub fn router(state: Arc<AppState>) -> Router {
     let max_body = state.config.max_body_bytes;
@@ -79,6 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(webhook::twilio_message),
         )
         .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         // A client that trickles its request (slowloris) is cut off.
         .layer(TimeoutLayer::with_status_code(

@@ -18,6 +18,25 @@ pub struct RequestId(pub String);
 
 const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
+const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000; includeSubDomains; preload");
+
+/// Headers every response carries, whatever `DEBUG` says.
+const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); 4] = [
+    (
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    ),
+    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    (
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    ),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
+    ),
+];
+
 fn redirect_target(state: &AppState, req: &Request) -> Option<String> {
     let path_and_query = req
         .uri()
@@ -82,24 +101,11 @@ pub async fn transport_security(
     };
     let headers = response.headers_mut();
     if !debug {
-        headers.insert(
-            header::STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static("max-age=31536000; includeSubDomains; preload"),
-        );
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
     }
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
-    );
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(name, value);
+    }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", value);
     }
