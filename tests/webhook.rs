@@ -536,6 +536,63 @@ async fn a_known_tenant_keeps_flowing_into_redis_while_postgres_is_down() {
     env.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_auth_token_reaches_the_ingress_through_the_background_refresh() {
+    use gatehouse::security::keyring::aad;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("TENANT_KEY_CACHE_SECONDS".into(), "1".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let http = client();
+    let sms = || sms_params(&message_sid(), "+14155550100", "hi");
+    let old = signed_form(&http, &server, tenant, &sms())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(old.status(), 200);
+
+    let new_token = "fedcba0987654321fedcba0987654321";
+    sqlx::query("UPDATE tenants SET twilio_auth_token = $2 WHERE id = $1")
+        .bind(tenant)
+        .bind(env.config.keyring.seal(
+            new_token.as_bytes(),
+            &aad("tenants", "twilio_auth_token", &tenant.to_string()),
+        ))
+        .execute(&env.pool)
+        .await
+        .expect("rotate token");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The first request past the TTL is answered from the cache while it refreshes.
+    let stale = signed_form(&http, &server, tenant, &sms())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stale.status(), 200);
+    let mut refreshed = false;
+    for _ in 0..100 {
+        let r = signed_form_with(&http, &server, tenant, &sms(), new_token)
+            .send()
+            .await
+            .expect("request");
+        if r.status() == 200 {
+            refreshed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refreshed, "the new token verifies once the refresh has run");
+    let old_again = signed_form(&http, &server, tenant, &sms())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(old_again.status(), 403, "the old token no longer does");
+    server.stop().await;
+    env.cleanup().await;
+}
+
 /// The tenant of the shared test vectors, re-created under the vectors' fixed id.
 async fn vector_tenant(env: &TestEnv, shared_key: (&str, &str)) -> uuid::Uuid {
     use gatehouse::security::keyring::aad;

@@ -1,14 +1,16 @@
 //! The ingress's in-memory cache of tenants' webhook verification keys.
 //!
-//! A fresh entry (younger than `TENANT_KEY_CACHE_SECONDS`) is used as is. An older one is
-//! re-read from PostgreSQL; if PostgreSQL cannot answer, the old entry keeps serving for up
-//! to `max_stale`, so signed messages keep flowing into Redis through an outage of minutes.
-//! A tenant the cache has never seen cannot be verified during an outage: the caller
-//! answers 503, never 200 and never a dropped message. Unknown tenants are cached too (as
-//! such), so random tenant ids cannot hammer the database.
+//! An entry younger than `TENANT_KEY_CACHE_SECONDS` is used as is. An older one is still
+//! used for the request at hand while one background task per tenant re-reads it from
+//! PostgreSQL (stale-while-revalidate), so a slow or unreachable database adds no latency
+//! to webhooks of tenants the ingress has recently served, and signed messages keep flowing
+//! into Redis through an outage of minutes. Past `max_stale` an entry is no longer trusted
+//! and is re-read inline. A tenant the cache has never seen cannot be verified during an
+//! outage: the caller answers 503, never 200 and never a dropped message. Unknown tenants
+//! are cached too (as such), so random tenant ids cannot hammer the database.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -18,7 +20,7 @@ use uuid::Uuid;
 use crate::security::keyring::Keyring;
 use crate::tenants::{TenantError, VerificationKeys, verification_keys};
 
-/// At most this many tenants are cached; past it the oldest entries are dropped.
+/// At most this many tenants are cached; past it expired entries are dropped.
 const MAX_ENTRIES: usize = 50_000;
 
 #[derive(Clone)]
@@ -38,17 +40,20 @@ pub enum KeyCacheError {
 
 pub struct KeyCache {
     entries: RwLock<HashMap<Uuid, Entry>>,
+    /// Tenants whose background refresh is running (one at a time per tenant).
+    refreshing: Mutex<HashSet<Uuid>>,
     ttl: Duration,
     max_stale: Duration,
 }
 
 impl KeyCache {
-    pub fn new(ttl: Duration) -> Self {
-        Self {
+    pub fn new(ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
             entries: RwLock::new(HashMap::new()),
+            refreshing: Mutex::new(HashSet::new()),
             ttl,
             max_stale: (ttl * 12).max(Duration::from_secs(3600)),
-        }
+        })
     }
 
     /// Drops a tenant's entry (after its keys change).
@@ -58,45 +63,86 @@ impl KeyCache {
 
     /// The tenant's keys, `None` for an unknown tenant.
     pub async fn get(
-        &self,
+        self: &Arc<Self>,
         pool: &PgPool,
         keyring: &Keyring,
         tenant_id: Uuid,
     ) -> Result<Option<Arc<VerificationKeys>>, KeyCacheError> {
         let cached = self.entries.read().await.get(&tenant_id).cloned();
-        if let Some(entry) = &cached
-            && entry.fetched.elapsed() < self.ttl
-        {
-            return Ok(entry.keys.clone());
+        if let Some(entry) = cached {
+            let age = entry.fetched.elapsed();
+            if age < self.ttl {
+                return Ok(entry.keys);
+            }
+            if age < self.max_stale {
+                self.refresh_in_background(pool.clone(), keyring.clone(), tenant_id);
+                return Ok(entry.keys);
+            }
         }
+        self.load(pool, keyring, tenant_id).await
+    }
+
+    async fn load(
+        &self,
+        pool: &PgPool,
+        keyring: &Keyring,
+        tenant_id: Uuid,
+    ) -> Result<Option<Arc<VerificationKeys>>, KeyCacheError> {
         match verification_keys(pool, keyring, tenant_id).await {
             Ok(keys) => {
                 let keys = keys.map(Arc::new);
-                let mut entries = self.entries.write().await;
-                if entries.len() >= MAX_ENTRIES {
-                    let ttl = self.ttl;
-                    entries.retain(|_, e| e.fetched.elapsed() < ttl);
-                    if entries.len() >= MAX_ENTRIES {
-                        entries.clear();
-                    }
-                }
-                entries.insert(
-                    tenant_id,
-                    Entry {
-                        keys: keys.clone(),
-                        fetched: Instant::now(),
-                    },
-                );
+                self.store(tenant_id, keys.clone()).await;
                 Ok(keys)
             }
-            Err(TenantError::Database(error)) => match cached {
-                Some(entry) if entry.fetched.elapsed() < self.max_stale => {
-                    tracing::warn!(tenant.id = %tenant_id, %error, "database unavailable, using cached webhook keys");
-                    Ok(entry.keys)
-                }
-                _ => Err(KeyCacheError::Unavailable(error)),
-            },
+            Err(TenantError::Database(error)) => Err(KeyCacheError::Unavailable(error)),
             Err(other) => Err(KeyCacheError::Tenant(other)),
         }
+    }
+
+    async fn store(&self, tenant_id: Uuid, keys: Option<Arc<VerificationKeys>>) {
+        let mut entries = self.entries.write().await;
+        if entries.len() >= MAX_ENTRIES {
+            let max_stale = self.max_stale;
+            entries.retain(|_, e| e.fetched.elapsed() < max_stale);
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            tenant_id,
+            Entry {
+                keys,
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, pool: PgPool, keyring: Keyring, tenant_id: Uuid) {
+        let started = self
+            .refreshing
+            .lock()
+            .map(|mut set| set.insert(tenant_id))
+            .unwrap_or(false);
+        if !started {
+            return;
+        }
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            match cache.load(&pool, &keyring, tenant_id).await {
+                Ok(_) => {}
+                Err(KeyCacheError::Unavailable(error)) => {
+                    tracing::warn!(tenant.id = %tenant_id, %error, "database unavailable, serving cached webhook keys");
+                }
+                Err(KeyCacheError::Tenant(error)) => {
+                    // Keys that no longer open are not kept: the next request re-reads
+                    // inline and fails closed.
+                    tracing::error!(tenant.id = %tenant_id, %error, "cannot refresh webhook keys");
+                    cache.invalidate(tenant_id).await;
+                }
+            }
+            if let Ok(mut set) = cache.refreshing.lock() {
+                set.remove(&tenant_id);
+            }
+        });
     }
 }

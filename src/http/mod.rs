@@ -35,7 +35,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub redis: ConnectionManager,
     pub queues: Queues,
-    pub key_cache: KeyCache,
+    pub key_cache: Arc<KeyCache>,
     /// `PUBLIC_BASE_URL` without a trailing slash.
     pub public_base: Option<String>,
 }

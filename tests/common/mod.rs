@@ -374,6 +374,17 @@ pub fn signed_form(
     tenant: Uuid,
     params: &[(String, String)],
 ) -> reqwest::RequestBuilder {
+    signed_form_with(client, server, tenant, params, TOKEN)
+}
+
+/// Like `signed_form`, signed with `token`.
+pub fn signed_form_with(
+    client: &reqwest::Client,
+    server: &TestServer,
+    tenant: Uuid,
+    params: &[(String, String)],
+    token: &str,
+) -> reqwest::RequestBuilder {
     let path = webhook_path(tenant);
     let refs: Vec<(&str, &str)> = params
         .iter()
@@ -382,7 +393,7 @@ pub fn signed_form(
     let signature = sign_form(
         &format!("{PUBLIC_BASE}{path}"),
         &refs,
-        TOKEN.as_bytes(),
+        token.as_bytes(),
         Algorithm::HmacSha1,
     );
     let body: String = form_urlencoded::Serializer::new(String::new())
