@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
@@ -160,7 +160,7 @@ pub async fn twilio_message(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     Path(tenant): Path<String>,
-    RawQuery(query): RawQuery,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -210,8 +210,9 @@ pub async fn twilio_message(
         }
     };
 
-    let mut url = format!("{base}/v1/webhooks/twilio/{tenant}/messages");
-    if let Some(query) = &query {
+    // Exactly what Twilio called: the public base, then the raw path and query as received.
+    let mut url = format!("{base}{}", uri.path());
+    if let Some(query) = uri.query() {
         url.push('?');
         url.push_str(query);
     }
