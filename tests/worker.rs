@@ -284,3 +284,81 @@ async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
     redis_server.stop();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    // A worker whose PostgreSQL is unreachable: every attempt fails with a retryable error.
+    let dead_pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+        .expect("lazy pool");
+    let state = std::sync::Arc::new(gatehouse::worker::WorkerState {
+        pool: dead_pool,
+        keyring: env.config.keyring.clone(),
+        blind_index: env.config.blind_index.clone(),
+        min_confidence: 0.6,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(gatehouse::worker::run(
+        state,
+        env.redis.clone(),
+        env.queues(),
+        gatehouse::worker::WorkerOptions {
+            concurrency: 2,
+            grace: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
+            missed_heartbeats: 3,
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut redis = env.redis.clone();
+    let job = env
+        .queues()
+        .enqueue(
+            &mut redis,
+            &message(tenant, "+14155550100", "hello"),
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let dead_key = format!("{}:inbound_message:dead", env.namespace);
+    let mut dead = false;
+    for _ in 0..600 {
+        dead = redis::cmd("SISMEMBER")
+            .arg(&dead_key)
+            .arg(&job.job_id)
+            .query_async(&mut redis)
+            .await
+            .expect("sismember");
+        if dead {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dead, "after its last attempt the job is in the dead set");
+    let attempts: String = redis::cmd("HGET")
+        .arg(format!(
+            "{}:inbound_message:meta:{}",
+            env.namespace, job.job_id
+        ))
+        .arg("attempts")
+        .query_async(&mut redis)
+        .await
+        .expect("attempts recorded");
+    assert_eq!(attempts, "4", "one run and three retries");
+    // The payload is still there for an operator to retry.
+    let payload: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:inbound_message:data", env.namespace))
+        .arg(&job.job_id)
+        .query_async(&mut redis)
+        .await
+        .expect("hget");
+    assert!(payload.is_some());
+    let _ = stop.send(());
+    let _ = worker.await;
+    env.cleanup().await;
+}
