@@ -94,6 +94,7 @@ pub struct TestEnv {
     pub redis: ConnectionManager,
     pub vars: HashMap<String, String>,
     pub config: Arc<Config>,
+    cleaned: bool,
 }
 
 impl TestEnv {
@@ -137,6 +138,7 @@ impl TestEnv {
             redis,
             vars,
             config,
+            cleaned: false,
         }
     }
 
@@ -253,28 +255,63 @@ impl TestEnv {
         }
     }
 
-    /// Drops the database and the namespace's keys.
-    pub async fn cleanup(self) {
+    /// Drops the database and the namespace's keys. (A test that panics before calling it
+    /// is cleaned up by `Drop`.)
+    pub async fn cleanup(mut self) {
         self.pool.close().await;
-        let mut redis = self.redis.clone();
-        let pattern = format!("{}:*", self.namespace);
+        remove_namespace_and_database(&self.namespace, &self.db_name).await;
+        self.cleaned = true;
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let namespace = self.namespace.clone();
+        let db_name = self.db_name.clone();
+        // The test's runtime may be unwinding: clean up on a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(remove_namespace_and_database(&namespace, &db_name));
+            }
+        })
+        .join();
+    }
+}
+
+async fn remove_namespace_and_database(namespace: &str, db_name: &str) {
+    if let Ok(client) = redis::Client::open(redis_url())
+        && let Ok(mut redis) = client.get_multiplexed_async_connection().await
+    {
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
+            .arg(format!("{namespace}:*"))
             .query_async(&mut redis)
             .await
             .unwrap_or_default();
         if !keys.is_empty() {
             let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
         }
-        if let Ok(admin) = PgPool::connect(&admin_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            )))
-            .execute(&admin)
-            .await;
-            admin.close().await;
+        // apalis-redis registers every queue in one global sorted set.
+        for queue in gatehouse_jobs::QUEUES {
+            let _: Result<(), _> = redis::cmd("ZREM")
+                .arg("core:apalis:queues:list")
+                .arg(format!("{namespace}:{queue}:workers"))
+                .query_async(&mut redis)
+                .await;
         }
+    }
+    if let Ok(admin) = PgPool::connect(&admin_url()).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
     }
 }
 
