@@ -369,3 +369,25 @@ async fn a_forged_webhook_reaches_sentry_without_secrets_or_the_message() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_exits_1_when_its_port_is_taken_instead_of_lingering_half_alive() {
+    let env = TestEnv::new().await;
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let mut dev = env.spawn(&["dev"], &[("PORT", &port)]);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = dev.try_wait().expect("status") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = dev.kill();
+            panic!("gatehouse dev kept running without its ingress");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(1));
+    drop(taken);
+    env.cleanup().await;
+}

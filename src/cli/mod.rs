@@ -387,15 +387,30 @@ async fn dev(config: Arc<Config>) -> anyhow::Result<()> {
         .map_err(|e| Failure::Service(format!("migration failed: {e}")))?;
     tracing::info!("migrations applied");
     let (tx, rx) = watch::channel(false);
+    let tx = Arc::new(tx);
+    let on_signal = Arc::clone(&tx);
     tokio::spawn(async move {
         shutdown_signal().await;
-        let _ = tx.send(true);
+        let _ = on_signal.send(true);
     });
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let web = serve(config.clone(), wait(rx.clone()));
     let workers = work(config, wait(rx));
-    let (web, workers) = tokio::join!(web, workers);
-    web.and(workers)
+    tokio::pin!(web, workers);
+    // Whichever half ends first (a signal, or a failure such as a port in use) stops the
+    // other, so `dev` never lingers half-alive.
+    tokio::select! {
+        result = &mut web => {
+            let _ = tx.send(true);
+            let other = workers.await;
+            result.and(other)
+        }
+        result = &mut workers => {
+            let _ = tx.send(true);
+            let other = web.await;
+            result.and(other)
+        }
+    }
 }
