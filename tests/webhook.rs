@@ -218,20 +218,13 @@ async fn a_job_for_an_unknown_tenant_is_dead_lettered_without_retries() {
         .await
         .expect("enqueue");
     let worker = env.start_worker();
-    let dead_key = format!("{}:{}:dead", env.namespace, InboundMessage::QUEUE);
-    let mut dead = false;
-    for _ in 0..200 {
-        dead = redis::cmd("SISMEMBER")
-            .arg(&dead_key)
-            .arg(&enqueued.job_id)
-            .query_async(&mut redis)
-            .await
-            .expect("sismember");
-        if dead {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = env
+        .wait_for_dead(
+            InboundMessage::QUEUE,
+            &enqueued.job_id,
+            Duration::from_secs(10),
+        )
+        .await;
     assert!(dead, "a permanent failure goes straight to the dead set");
     assert_eq!(env.count("SELECT count(*) FROM messages").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, 0);

@@ -325,20 +325,9 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         )
         .await
         .expect("enqueue");
-    let dead_key = format!("{}:inbound_message:dead", env.namespace);
-    let mut dead = false;
-    for _ in 0..600 {
-        dead = redis::cmd("SISMEMBER")
-            .arg(&dead_key)
-            .arg(&job.job_id)
-            .query_async(&mut redis)
-            .await
-            .expect("sismember");
-        if dead {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = env
+        .wait_for_dead("inbound_message", &job.job_id, Duration::from_secs(30))
+        .await;
     assert!(dead, "after its last attempt the job is in the dead set");
     let attempts: String = redis::cmd("HGET")
         .arg(format!(

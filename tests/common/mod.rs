@@ -221,6 +221,25 @@ impl TestEnv {
             .expect("llen")
     }
 
+    /// Waits (at most `within`) for a job to land in a queue's dead set.
+    pub async fn wait_for_dead(&self, queue: &str, job_id: &str, within: Duration) -> bool {
+        let mut redis = self.redis.clone();
+        let key = format!("{}:{queue}:dead", self.namespace);
+        let start = Instant::now();
+        loop {
+            let dead: bool = redis::cmd("SISMEMBER")
+                .arg(&key)
+                .arg(job_id)
+                .query_async(&mut redis)
+                .await
+                .expect("sismember");
+            if dead || start.elapsed() > within {
+                return dead;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts the built binary with this test's environment.
     pub fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Child {
         std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
