@@ -1,9 +1,12 @@
 //! gatehouse: the secure job backbone of a multi-tenant messaging and commerce platform.
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
-//! (apalis); the core (`tenants`, `conversations`, `classify`, `queue`); the bottom
+//! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`, `classify`,
+//! `queue`); the bottom
 //! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
 
+pub mod access;
+pub mod accounts;
 pub mod classify;
 pub mod cli;
 pub mod config;
@@ -13,6 +16,7 @@ pub mod events;
 pub mod http;
 pub mod payloads;
 pub mod queue;
+pub mod ratelimit;
 pub mod security;
 pub mod tenants;
 pub mod worker;

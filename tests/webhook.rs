@@ -485,14 +485,9 @@ async fn a_known_tenant_keeps_flowing_into_redis_while_postgres_is_down() {
     .expect("lazy pool");
     // An ingress whose PostgreSQL is unreachable, and whose cache saw `tenant` a while ago
     // (entries live 1 s here; the outage outlasts that).
-    let state = Arc::new(AppState {
-        config: env.config.clone(),
-        pool: dead_pool,
-        redis: env.redis.clone(),
-        queues: env.queues(),
-        key_cache: KeyCache::new(Duration::from_secs(1)),
-        public_base: Some(PUBLIC_BASE.to_owned()),
-    });
+    let mut state = AppState::new(env.config.clone(), dead_pool, env.redis.clone());
+    state.key_cache = KeyCache::new(Duration::from_secs(1));
+    let state = Arc::new(state);
     let warmed = state
         .key_cache
         .get(&env.pool, &env.config.keyring, tenant)

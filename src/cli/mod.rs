@@ -1,4 +1,5 @@
-//! The command line: `gatehouse serve | work | migrate | dev | keys | tenants`.
+//! The command line: `gatehouse serve | work | migrate | dev | keys | tenants | users |
+//! service-accounts`.
 //!
 //! Exit codes: 0 success, 1 usage or validation error, 2 a service (PostgreSQL, Redis)
 //! cannot be reached. Secrets are read from stdin as `name=value` lines, never from argv.
@@ -46,6 +47,40 @@ enum Command {
     /// Tenants.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Service accounts (producers).
+    #[command(subcommand, name = "service-accounts")]
+    ServiceAccounts(ServiceAccountsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Create a user. Reads `password=…` from stdin; prints the user id.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        first_name: String,
+        #[arg(long)]
+        last_name: String,
+        /// platform_admin, security_officer or service.
+        #[arg(long)]
+        platform_role: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceAccountsCommand {
+    /// Create a service account; prints `client_id=…` and `client_secret=…` (shown once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A scope it holds (repeatable): jobs:enqueue, security:read, platform:admin.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +188,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .map_err(|e| Failure::Service(format!("migration failed: {e}")))?;
                 tracing::info!("migrations applied");
+                wrap_legacy_hashes(&pool).await
+            })
+        }
+        Command::Users(UsersCommand::Create {
+            email,
+            first_name,
+            last_name,
+            platform_role,
+        }) => {
+            let platform_role = match platform_role.as_deref() {
+                None => None,
+                Some(r) => Some(crate::access::PlatformRole::parse(r).ok_or_else(|| {
+                    Failure::Invalid(
+                        "--platform-role must be platform_admin, security_officer or service"
+                            .into(),
+                    )
+                })?),
+            };
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .map_err(|_| Failure::Invalid("stdin could not be read".into()))?;
+            let mut secrets = stdin::parse(&input, &["password"]).map_err(Failure::Invalid)?;
+            let password = secrets
+                .remove("password")
+                .ok_or_else(|| Failure::Invalid("stdin must contain password=…".into()))?;
+            let mut new = crate::accounts::NewUser {
+                email,
+                password,
+                first_name,
+                last_name,
+                platform_role,
+            };
+            new.validate()
+                .map_err(|e| Failure::Invalid(e.to_string()))?;
+            let config = load_config(false)?;
+            runtime()?.block_on(async {
+                let pool = connect_db(&config).await?;
+                let hasher = crate::security::password::Hasher::owasp();
+                let id = crate::accounts::create_user(&pool, &hasher, new)
+                    .await
+                    .map_err(account_failure)?;
+                println!("{id}");
+                Ok(())
+            })
+        }
+        Command::ServiceAccounts(ServiceAccountsCommand::Create { name, scopes }) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(async {
+                let pool = connect_db(&config).await?;
+                let hasher = crate::security::password::Hasher::owasp();
+                let creds = crate::accounts::create_service_account(&pool, &hasher, &name, &scopes)
+                    .await
+                    .map_err(account_failure)?;
+                use secrecy::ExposeSecret;
+                println!("client_id={}", creds.client_id);
+                println!("client_secret={}", creds.client_secret.expose_secret());
                 Ok(())
             })
         }
@@ -216,6 +308,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn account_failure(error: crate::accounts::AccountError) -> anyhow::Error {
+    use crate::accounts::AccountError;
+    match error {
+        AccountError::Database(e) => Failure::Service(format!("database: {e}")).into(),
+        other => Failure::Invalid(other.to_string()).into(),
+    }
+}
+
+/// The `migrate` step after the schema: no bare legacy SHA-256 hash stays at rest.
+async fn wrap_legacy_hashes(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let hasher = crate::security::password::Hasher::owasp();
+    let wrapped = crate::accounts::wrap_legacy_hashes(pool, &hasher)
+        .await
+        .map_err(account_failure)?;
+    tracing::info!(
+        wrapped,
+        "legacy SHA-256 password hashes wrapped in argon2id"
+    );
+    Ok(())
 }
 
 fn new_tenant(
@@ -386,6 +499,7 @@ async fn dev(config: Arc<Config>) -> anyhow::Result<()> {
         .await
         .map_err(|e| Failure::Service(format!("migration failed: {e}")))?;
     tracing::info!("migrations applied");
+    wrap_legacy_hashes(&pool).await?;
     let (tx, rx) = watch::channel(false);
     let tx = Arc::new(tx);
     let on_signal = Arc::clone(&tx);

@@ -1,9 +1,13 @@
 //! The HTTP edge (axum): parses, calls one core function, maps the result.
 
+pub mod auth;
+pub mod authz;
 pub mod client_ip;
 pub mod error;
 pub mod health;
+pub mod jobs;
 pub mod key_cache;
+pub mod tenants;
 pub mod transport;
 pub mod webhook;
 
@@ -14,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use gatehouse_jobs::client::Queues;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -22,7 +26,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::access::ScopeCache;
 use crate::config::Config;
+use crate::security::jwt::JwtKeys;
+use crate::security::password::Hasher;
 use error::ApiError;
 use key_cache::KeyCache;
 
@@ -38,6 +45,10 @@ pub struct AppState {
     pub key_cache: Arc<KeyCache>,
     /// `PUBLIC_BASE_URL` without a trailing slash.
     pub public_base: Option<String>,
+    pub jwt: JwtKeys,
+    /// argon2id on the blocking pool, bounded.
+    pub hasher: Hasher,
+    pub scopes: ScopeCache,
 }
 
 impl AppState {
@@ -48,6 +59,8 @@ impl AppState {
             .public_base_url
             .as_ref()
             .map(|u| u.as_str().trim_end_matches('/').to_owned());
+        let jwt = JwtKeys::from_config(&config);
+        let scopes = ScopeCache::new(config.queue_namespace.clone());
         Self {
             config,
             pool,
@@ -55,6 +68,9 @@ impl AppState {
             queues,
             key_cache,
             public_base,
+            jwt,
+            hasher: Hasher::owasp(),
+            scopes,
         }
     }
 }
@@ -85,6 +101,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/webhooks/twilio/{tenant_id}/messages",
             post(webhook::twilio_message),
+        )
+        .route("/v1/auth/register", post(auth::register))
+        .route("/v1/auth/login", post(auth::login))
+        .route("/v1/auth/token", post(auth::token))
+        .route("/v1/me", get(auth::me))
+        .route("/v1/jobs/{queue}", post(jobs::enqueue))
+        .route("/v1/tenants", post(tenants::create))
+        .route(
+            "/v1/tenants/{tenant_id}/members/{user_id}",
+            put(tenants::put_member),
+        )
+        .route(
+            "/v1/tenants/{tenant_id}/catalog/sync",
+            post(tenants::catalog_sync),
         )
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)

@@ -2,5 +2,7 @@
 //! queues or the database.
 
 pub mod blind_index;
+pub mod jwt;
 pub mod keyring;
+pub mod password;
 pub mod twilio;

@@ -255,6 +255,21 @@ impl TestEnv {
             .expect("spawn gatehouse")
     }
 
+    /// Starts the built binary with piped stdin and stdout (for commands that read secrets
+    /// from stdin and print results).
+    pub fn spawn_piped(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(args)
+            .env_clear()
+            .envs(self.vars.iter())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn gatehouse")
+    }
+
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(&self.pool)

@@ -1,0 +1,498 @@
+//! Who may do what: roles, their scopes, and the principal behind a token, resolved per
+//! request through a versioned Redis cache.
+//!
+//! Cache keys (under the queue namespace): `{ns}:scopes:{id}:version` holds the subject's
+//! version `n` (no expiry; missing = 0) and `{ns}:scopes:{id}:v{n}` the principal loaded
+//! from PostgreSQL (expires after [`CACHE_TTL_SECONDS`]). A role change bumps the version
+//! once before its transaction commits (so that a change cannot commit while Redis cannot
+//! be told) and once after (so that an entry filled from the old rows in between is never
+//! read again): a request that starts after the change has returned reads a version whose
+//! entry, if any, was loaded after the commit. With Redis unreachable, scopes come straight
+//! from PostgreSQL — never a default, never "allow".
+
+use std::sync::LazyLock;
+
+use redis::Script;
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::security::jwt::SubjectKind;
+
+/// How long a cached principal lives (bounds the life of an entry a lost bump left behind).
+pub const CACHE_TTL_SECONDS: u64 = 300;
+
+/// A permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    #[serde(rename = "platform:admin")]
+    PlatformAdmin,
+    #[serde(rename = "jobs:enqueue")]
+    JobsEnqueue,
+    #[serde(rename = "keys:rotate")]
+    KeysRotate,
+    #[serde(rename = "security:read")]
+    SecurityRead,
+    #[serde(rename = "tenant:admin")]
+    TenantAdmin,
+    #[serde(rename = "catalog:sync")]
+    CatalogSync,
+    #[serde(rename = "conversations:read")]
+    ConversationsRead,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 7] = [
+        Scope::PlatformAdmin,
+        Scope::JobsEnqueue,
+        Scope::KeysRotate,
+        Scope::SecurityRead,
+        Scope::TenantAdmin,
+        Scope::CatalogSync,
+        Scope::ConversationsRead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::PlatformAdmin => "platform:admin",
+            Scope::JobsEnqueue => "jobs:enqueue",
+            Scope::KeysRotate => "keys:rotate",
+            Scope::SecurityRead => "security:read",
+            Scope::TenantAdmin => "tenant:admin",
+            Scope::CatalogSync => "catalog:sync",
+            Scope::ConversationsRead => "conversations:read",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
+    }
+
+    /// Scopes a service account may hold: platform-wide ones that need no human
+    /// (`keys:rotate` needs two people; tenant scopes come with a membership).
+    pub fn grantable_to_service(self) -> bool {
+        matches!(
+            self,
+            Scope::JobsEnqueue | Scope::SecurityRead | Scope::PlatformAdmin
+        )
+    }
+}
+
+/// A role within one tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantRole {
+    Owner,
+    Admin,
+    Agent,
+}
+
+impl TenantRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantRole::Owner => "owner",
+            TenantRole::Admin => "admin",
+            TenantRole::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TenantRole> {
+        match s {
+            "owner" => Some(TenantRole::Owner),
+            "admin" => Some(TenantRole::Admin),
+            "agent" => Some(TenantRole::Agent),
+            _ => None,
+        }
+    }
+
+    pub fn scopes(self) -> &'static [Scope] {
+        match self {
+            TenantRole::Owner | TenantRole::Admin => &[
+                Scope::TenantAdmin,
+                Scope::CatalogSync,
+                Scope::ConversationsRead,
+            ],
+            TenantRole::Agent => &[Scope::ConversationsRead],
+        }
+    }
+}
+
+/// A platform-wide role of a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlatformRole {
+    PlatformAdmin,
+    SecurityOfficer,
+    Service,
+}
+
+impl PlatformRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformRole::PlatformAdmin => "platform_admin",
+            PlatformRole::SecurityOfficer => "security_officer",
+            PlatformRole::Service => "service",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PlatformRole> {
+        match s {
+            "platform_admin" => Some(PlatformRole::PlatformAdmin),
+            "security_officer" => Some(PlatformRole::SecurityOfficer),
+            "service" => Some(PlatformRole::Service),
+            _ => None,
+        }
+    }
+
+    pub fn scopes(self) -> &'static [Scope] {
+        match self {
+            PlatformRole::PlatformAdmin => &[Scope::PlatformAdmin, Scope::JobsEnqueue],
+            PlatformRole::SecurityOfficer => &[Scope::KeysRotate, Scope::SecurityRead],
+            PlatformRole::Service => &[Scope::JobsEnqueue],
+        }
+    }
+}
+
+/// One tenant membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub tenant_id: Uuid,
+    pub role: TenantRole,
+}
+
+/// Who a request acts for, as of the moment it was loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub id: Uuid,
+    pub kind: SubjectKind,
+    pub email: Option<String>,
+    pub active: bool,
+    pub platform_scopes: Vec<Scope>,
+    pub memberships: Vec<Membership>,
+}
+
+impl Principal {
+    pub fn has_platform_scope(&self, scope: Scope) -> bool {
+        self.active && self.platform_scopes.contains(&scope)
+    }
+
+    pub fn tenant_role(&self, tenant_id: Uuid) -> Option<TenantRole> {
+        self.memberships
+            .iter()
+            .find(|m| m.tenant_id == tenant_id)
+            .map(|m| m.role)
+    }
+
+    /// Whether the principal holds `scope` in `tenant_id` through a membership.
+    pub fn has_tenant_scope(&self, tenant_id: Uuid, scope: Scope) -> bool {
+        self.active
+            && self
+                .tenant_role(tenant_id)
+                .is_some_and(|role| role.scopes().contains(&scope))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the scope cache (Redis) cannot be updated: {0}")]
+    Cache(#[from] redis::RedisError),
+    #[error("no such tenant or user")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(&'static str),
+}
+
+/// Loads a principal from PostgreSQL; `None` when the subject does not exist.
+pub async fn load(
+    conn: &mut PgConnection,
+    id: Uuid,
+    kind: SubjectKind,
+) -> Result<Option<Principal>, sqlx::Error> {
+    match kind {
+        SubjectKind::User => {
+            let row: Option<(String, bool, Option<String>)> =
+                sqlx::query_as("SELECT email, is_active, platform_role FROM users WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((email, active, platform_role)) = row else {
+                return Ok(None);
+            };
+            let rows: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT tenant_id, role FROM memberships WHERE user_id = $1 ORDER BY tenant_id",
+            )
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let memberships = rows
+                .into_iter()
+                .filter_map(|(tenant_id, role)| {
+                    TenantRole::parse(&role).map(|role| Membership { tenant_id, role })
+                })
+                .collect();
+            let platform_scopes = platform_role
+                .as_deref()
+                .and_then(PlatformRole::parse)
+                .map(|r| r.scopes().to_vec())
+                .unwrap_or_default();
+            Ok(Some(Principal {
+                id,
+                kind,
+                email: Some(email),
+                active,
+                platform_scopes,
+                memberships,
+            }))
+        }
+        SubjectKind::Service => {
+            let row: Option<(bool, Vec<String>)> =
+                sqlx::query_as("SELECT is_active, scopes FROM service_accounts WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((active, scopes)) = row else {
+                return Ok(None);
+            };
+            let platform_scopes = scopes
+                .iter()
+                .filter_map(|s| Scope::parse(s))
+                .filter(|s| s.grantable_to_service())
+                .collect();
+            Ok(Some(Principal {
+                id,
+                kind,
+                email: None,
+                active,
+                platform_scopes,
+                memberships: Vec::new(),
+            }))
+        }
+    }
+}
+
+/// The scope cache.
+#[derive(Debug, Clone)]
+pub struct ScopeCache {
+    namespace: String,
+}
+
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1]) or '0'
+local entry = redis.call('GET', ARGV[1] .. v)
+return {v, entry or false}
+",
+    )
+});
+
+/// Where a principal came from (for tests and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Database,
+    /// Redis failed; loaded from PostgreSQL without the cache.
+    DatabaseFallback,
+}
+
+impl ScopeCache {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+
+    fn version_key(&self, id: Uuid) -> String {
+        format!("{}:scopes:{id}:version", self.namespace)
+    }
+
+    fn entry_prefix(&self, id: Uuid) -> String {
+        format!("{}:scopes:{id}:v", self.namespace)
+    }
+
+    /// The principal `id`, from the cache when its current version is there, else from
+    /// PostgreSQL (and then cached under the version read before loading).
+    pub async fn resolve<C: ConnectionLike + Send>(
+        &self,
+        redis: &mut C,
+        pool: &PgPool,
+        id: Uuid,
+        kind: SubjectKind,
+    ) -> Result<(Option<Principal>, Source), sqlx::Error> {
+        let cached: Result<(String, Option<String>), redis::RedisError> = READ
+            .key(self.version_key(id))
+            .arg(self.entry_prefix(id))
+            .invoke_async(redis)
+            .await;
+        let version = match cached {
+            Ok((version, Some(entry))) => {
+                if let Ok(principal) = serde_json::from_str::<Principal>(&entry)
+                    && principal.id == id
+                    && principal.kind == kind
+                {
+                    return Ok((Some(principal), Source::Cache));
+                }
+                Some(version)
+            }
+            Ok((version, None)) => Some(version),
+            Err(error) => {
+                tracing::warn!(%error, "scope cache unreachable; resolving scopes from PostgreSQL");
+                None
+            }
+        };
+        let mut conn = pool.acquire().await?;
+        let principal = load(&mut conn, id, kind).await?;
+        let Some(version) = version else {
+            return Ok((principal, Source::DatabaseFallback));
+        };
+        if let Some(p) = &principal
+            && let Ok(json) = serde_json::to_string(p)
+        {
+            let key = format!("{}{version}", self.entry_prefix(id));
+            let stored: Result<(), redis::RedisError> = redis::cmd("SET")
+                .arg(&key)
+                .arg(json)
+                .arg("EX")
+                .arg(CACHE_TTL_SECONDS)
+                .query_async(redis)
+                .await;
+            if let Err(error) = stored {
+                tracing::warn!(%error, "cannot fill the scope cache");
+            }
+        }
+        Ok((principal, Source::Database))
+    }
+
+    /// Bumps `id`'s version: every cached entry of it is dead from now on.
+    pub async fn bump<C: ConnectionLike + Send>(
+        &self,
+        redis: &mut C,
+        id: Uuid,
+    ) -> Result<i64, redis::RedisError> {
+        redis::cmd("INCR")
+            .arg(self.version_key(id))
+            .query_async(redis)
+            .await
+    }
+}
+
+/// Adds `user_id` to `tenant_id` with `role`, or changes its role. The tenant always keeps an
+/// owner. Bumps the member's scope version before and after the commit (see the module
+/// docs); fails without changing anything when Redis cannot take the first bump.
+pub async fn set_member_role<C: ConnectionLike + Send>(
+    pool: &PgPool,
+    redis: &mut C,
+    cache: &ScopeCache,
+    tenant_id: Uuid,
+    user_id: Uuid,
+    role: TenantRole,
+) -> Result<(), AccessError> {
+    let mut tx = pool.begin().await?;
+    // Lock the tenant so two concurrent changes cannot both remove the last owner.
+    let tenant: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let user: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if tenant.is_none() || user.is_none() {
+        return Err(AccessError::NotFound);
+    }
+    sqlx::query(
+        "INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)
+         ON CONFLICT (tenant_id, user_id) DO UPDATE SET role = EXCLUDED.role, updated_at = now()",
+    )
+    .bind(tenant_id)
+    .bind(user_id)
+    .bind(role.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let owners: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM memberships WHERE tenant_id = $1 AND role = 'owner'",
+    )
+    .bind(tenant_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if owners == 0 {
+        return Err(AccessError::Conflict(
+            "the tenant must keep at least one owner",
+        ));
+    }
+    sqlx::query(
+        "UPDATE users SET scope_version = scope_version + 1, updated_at = now() WHERE id = $1",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    cache.bump(redis, user_id).await?;
+    tx.commit().await?;
+    if let Err(error) = cache.bump(redis, user_id).await {
+        // The first bump already retired every entry older than this change; only an entry
+        // filled between that bump and the commit can linger, for at most the cache TTL.
+        tracing::error!(user.id = %user_id, %error, "cannot bump the scope version after a role change");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_carry_the_scopes_spec_lists() {
+        let names = |s: &[Scope]| s.iter().map(|s| s.as_str()).collect::<Vec<_>>();
+        assert_eq!(
+            names(TenantRole::Admin.scopes()),
+            ["tenant:admin", "catalog:sync", "conversations:read"]
+        );
+        assert_eq!(names(TenantRole::Agent.scopes()), ["conversations:read"]);
+        assert_eq!(TenantRole::Owner.scopes(), TenantRole::Admin.scopes());
+        assert_eq!(
+            names(PlatformRole::PlatformAdmin.scopes()),
+            ["platform:admin", "jobs:enqueue"]
+        );
+        assert_eq!(
+            names(PlatformRole::SecurityOfficer.scopes()),
+            ["keys:rotate", "security:read"]
+        );
+        assert_eq!(names(PlatformRole::Service.scopes()), ["jobs:enqueue"]);
+    }
+
+    #[test]
+    fn scope_names_round_trip() {
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+            let json = serde_json::to_string(&scope).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", scope.as_str()));
+        }
+        assert_eq!(Scope::parse("admin"), None);
+    }
+
+    #[test]
+    fn an_inactive_principal_holds_nothing() {
+        let tenant = Uuid::new_v4();
+        let mut p = Principal {
+            id: Uuid::new_v4(),
+            kind: SubjectKind::User,
+            email: None,
+            active: true,
+            platform_scopes: vec![Scope::PlatformAdmin],
+            memberships: vec![Membership {
+                tenant_id: tenant,
+                role: TenantRole::Admin,
+            }],
+        };
+        assert!(p.has_platform_scope(Scope::PlatformAdmin));
+        assert!(p.has_tenant_scope(tenant, Scope::CatalogSync));
+        assert!(!p.has_tenant_scope(Uuid::new_v4(), Scope::CatalogSync));
+        p.active = false;
+        assert!(!p.has_platform_scope(Scope::PlatformAdmin));
+        assert!(!p.has_tenant_scope(tenant, Scope::CatalogSync));
+    }
+}

@@ -1,0 +1,226 @@
+//! `/v1/auth/register`, `/v1/auth/login`, `/v1/auth/token` and `/v1/me`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::authz::{Caller, Ctx, Limit, json_body, limit, record, with_rate_headers};
+use super::error::ApiError;
+use crate::accounts::{self, AccountError, Login, NewUser};
+use crate::events::EventType;
+use crate::ratelimit::{Decision, Mode, normalize_email};
+use crate::security::jwt::SubjectKind;
+
+#[derive(Deserialize)]
+pub struct RegisterRequest {
+    email: String,
+    password: SecretString,
+    first_name: String,
+    last_name: String,
+}
+
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    email: String,
+    password: SecretString,
+}
+
+#[derive(Deserialize)]
+pub struct TokenRequest {
+    client_id: String,
+    client_secret: SecretString,
+}
+
+fn account_error(error: AccountError) -> ApiError {
+    match error {
+        AccountError::Invalid(message) => ApiError::invalid_request(message),
+        AccountError::EmailTaken => {
+            ApiError::conflict("email_taken", "an account with this email already exists")
+        }
+        AccountError::Database(error) => {
+            tracing::error!(%error, "accounts: database failure");
+            ApiError::unavailable()
+        }
+        AccountError::Password(error) => {
+            tracing::error!(%error, "accounts: password hashing failure");
+            ApiError::internal()
+        }
+    }
+}
+
+/// Every register, login and token attempt counts against the client IP's limit.
+async fn ip_limit(state: &AppState, ctx: &Ctx) -> Result<Decision, ApiError> {
+    limit(
+        state,
+        ctx,
+        Limit::AuthIp,
+        &ctx.ip.to_string(),
+        Mode::Hit,
+        None,
+    )
+    .await
+}
+
+fn token_response(
+    state: &AppState,
+    subject: uuid::Uuid,
+    kind: SubjectKind,
+) -> Result<Response, ApiError> {
+    let issued = state.jwt.issue(subject, kind).map_err(|error| {
+        tracing::error!(%error, "cannot sign a token");
+        ApiError::internal()
+    })?;
+    let body = json!({
+        "access_token": issued.token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+    });
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+pub async fn register(
+    State(state): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let decision = ip_limit(&state, &ctx).await?;
+    let req: RegisterRequest = json_body(&state, &headers, body).await?;
+    let new = NewUser {
+        email: req.email,
+        password: req.password,
+        first_name: req.first_name,
+        last_name: req.last_name,
+        platform_role: None,
+    };
+    let email = normalize_email(&new.email);
+    let id = accounts::create_user(&state.pool, &state.hasher, new)
+        .await
+        .map_err(account_error)?;
+    tracing::info!(user.id = %id, "user registered");
+    let response = (StatusCode::CREATED, Json(json!({"id": id, "email": email}))).into_response();
+    Ok(with_rate_headers(response, &decision))
+}
+
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ip_limit(&state, &ctx).await?;
+    let req: LoginRequest = json_body(&state, &headers, body).await?;
+    let email = normalize_email(&req.email);
+    if email.is_empty() || email.len() > 320 {
+        return Err(ApiError::invalid_credentials());
+    }
+    // A locked email is refused before any password work; only failures count against it,
+    // so a user who logs in often is never locked out by their own successes.
+    limit(
+        &state,
+        &ctx,
+        Limit::FailedLogin,
+        &email,
+        Mode::Peek,
+        Some(&email),
+    )
+    .await?;
+    match accounts::login(&state.pool, &state.hasher, &email, &req.password)
+        .await
+        .map_err(account_error)?
+    {
+        Login::Ok(user_id) => {
+            tracing::info!(user.id = %user_id, "login");
+            token_response(&state, user_id, SubjectKind::User)
+        }
+        Login::Invalid { user_id } => {
+            let mut event = ctx.event(EventType::FailedLogin);
+            event.email = Some(email.clone());
+            event.user_id = user_id;
+            event.details = json!({"reason": "invalid_credentials"});
+            record(&state, event);
+            // Count the failure; if this one crossed the limit, the next attempt gets 429.
+            let _ = limit(
+                &state,
+                &ctx,
+                Limit::FailedLogin,
+                &email,
+                Mode::Hit,
+                Some(&email),
+            )
+            .await;
+            Err(ApiError::invalid_credentials())
+        }
+    }
+}
+
+pub async fn token(
+    State(state): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ip_limit(&state, &ctx).await?;
+    let req: TokenRequest = json_body(&state, &headers, body).await?;
+    let subject = format!(
+        "client:{}",
+        req.client_id.chars().take(128).collect::<String>()
+    );
+    limit(&state, &ctx, Limit::FailedLogin, &subject, Mode::Peek, None).await?;
+    match accounts::authenticate_service(
+        &state.pool,
+        &state.hasher,
+        &req.client_id,
+        &req.client_secret,
+    )
+    .await
+    .map_err(account_error)?
+    {
+        Some(id) => {
+            tracing::info!(service_account.id = %id, "service token issued");
+            token_response(&state, id, SubjectKind::Service)
+        }
+        None => {
+            let mut event = ctx.event(EventType::FailedLogin);
+            event.details = json!({"reason": "invalid_client_credentials", "client_id": req.client_id.chars().take(128).collect::<String>()});
+            record(&state, event);
+            let _ = limit(&state, &ctx, Limit::FailedLogin, &subject, Mode::Hit, None).await;
+            Err(ApiError::invalid_credentials())
+        }
+    }
+}
+
+pub async fn me(caller: Caller) -> Json<serde_json::Value> {
+    let p = &caller.principal;
+    let memberships: Vec<_> = p
+        .memberships
+        .iter()
+        .map(|m| {
+            json!({
+                "tenant_id": m.tenant_id,
+                "role": m.role.as_str(),
+                "scopes": m.role.scopes().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({
+        "id": p.id,
+        "kind": p.kind,
+        "email": p.email,
+        "memberships": memberships,
+        "platform_scopes": p.platform_scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+    }))
+}

@@ -1,0 +1,131 @@
+//! `POST /v1/jobs/{queue}`: producers enqueue a job whose payload follows the committed JSON
+//! Schema of `gatehouse-jobs`.
+
+use std::sync::{Arc, LazyLock};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gatehouse_jobs::client::Enqueue;
+use gatehouse_jobs::{Job, RotateKeys};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::AppState;
+use super::authz::{Caller, json_body, with_rate_headers};
+use super::error::ApiError;
+use crate::access::Scope;
+use crate::payloads::{PayloadError, PayloadValidators, SchemaError};
+
+/// How long an `Idempotency-Key` is remembered.
+pub const IDEMPOTENCY_TTL_SECONDS: u64 = 24 * 3600;
+
+static VALIDATORS: LazyLock<Result<PayloadValidators, SchemaError>> =
+    LazyLock::new(PayloadValidators::new);
+
+pub async fn enqueue(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.require(&state, Scope::JobsEnqueue)?;
+    let Some(queue) = gatehouse_jobs::QUEUES.into_iter().find(|q| *q == queue) else {
+        return Err(ApiError::not_found());
+    };
+    // Key rotation starts only through its four-eyes approval, never from a producer.
+    if queue == RotateKeys::QUEUE {
+        return Err(caller.deny(&state, Scope::KeysRotate, None));
+    }
+    let decision = caller.limit_writes(&state).await?;
+    let payload: Value = json_body(&state, &headers, body).await?;
+    let validators = VALIDATORS.as_ref().map_err(|error| {
+        tracing::error!(%error, "payload schemas do not compile");
+        ApiError::internal()
+    })?;
+    validators.validate(queue, &payload).map_err(|e| match e {
+        PayloadError::Invalid { field, message } => {
+            let field = if field.is_empty() {
+                "/".to_owned()
+            } else {
+                field
+            };
+            ApiError::invalid_payload(format!("{field}: {message}"))
+        }
+        PayloadError::UnknownQueue(_) => ApiError::not_found(),
+    })?;
+    // The caller acts for the payload's tenant: it must exist.
+    let tenant_id = payload
+        .get("tenant_id")
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| ApiError::invalid_payload("/tenant_id: required"))?;
+    let known: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
+        .bind(tenant_id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "cannot check the payload's tenant");
+            ApiError::unavailable()
+        })?;
+    if known.is_none() {
+        return Err(ApiError::invalid_payload("/tenant_id: no such tenant"));
+    }
+    let dedupe = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::invalid_request("Idempotency-Key must be 1 to 255 visible characters")
+                })?;
+            // Scoped to the caller and queue; hashed so the key's text never sits in Redis.
+            let digest = hex::encode(Sha256::digest(key.as_bytes()));
+            let purpose = format!("idempotency:{}:{queue}:{digest}", caller.id());
+            Some((state.queues.dedupe_key(&purpose), IDEMPOTENCY_TTL_SECONDS))
+        }
+    };
+    let raw = payload.to_string();
+    let mut redis = state.redis.clone();
+    let enqueued = state
+        .queues
+        .enqueue_raw(
+            &mut redis,
+            queue,
+            max_attempts(queue),
+            &raw,
+            Enqueue {
+                job_id: None,
+                dedupe,
+                request_id: Some(caller.ctx.request_id.clone()),
+            },
+        )
+        .await
+        .map_err(|error| {
+            tracing::error!(job.queue = queue, %error, "cannot enqueue");
+            ApiError::unavailable()
+        })?;
+    tracing::info!(job.queue = queue, job.id = %enqueued.job_id, job.created = enqueued.created, by = %caller.id(), "job enqueued by a producer");
+    let response = (
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": enqueued.job_id})),
+    )
+        .into_response();
+    Ok(with_rate_headers(response, &decision))
+}
+
+fn max_attempts(queue: &str) -> u32 {
+    match queue {
+        q if q == gatehouse_jobs::InboundMessage::QUEUE => {
+            gatehouse_jobs::InboundMessage::MAX_ATTEMPTS
+        }
+        q if q == gatehouse_jobs::SyncCatalog::QUEUE => gatehouse_jobs::SyncCatalog::MAX_ATTEMPTS,
+        _ => RotateKeys::MAX_ATTEMPTS,
+    }
+}

@@ -1,0 +1,210 @@
+//! `POST /v1/tenants`, `PUT /v1/tenants/{tenant_id}/members/{user_id}` and
+//! `POST /v1/tenants/{tenant_id}/catalog/sync`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gatehouse_jobs::client::Enqueue;
+use gatehouse_jobs::{SyncCatalog, SyncMode};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::AppState;
+use super::authz::{Caller, json_body, with_rate_headers};
+use super::error::ApiError;
+use crate::access::{self, AccessError, Scope, TenantRole};
+use crate::tenants::{NewTenant, TenantError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    name: String,
+    twilio_account_sid: String,
+    twilio_auth_token: SecretString,
+    store_url: Option<String>,
+    store_api_key: Option<SecretString>,
+    webhook_shared_key_id: Option<String>,
+    webhook_shared_key: Option<SecretString>,
+    /// An existing user who becomes the tenant's owner.
+    owner_email: Option<String>,
+}
+
+fn path_uuid(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found())
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.require(&state, Scope::PlatformAdmin)?;
+    let decision = caller.limit_writes(&state).await?;
+    let req: CreateTenant = json_body(&state, &headers, body).await?;
+    let webhook_shared_key = match (req.webhook_shared_key_id, req.webhook_shared_key) {
+        (Some(id), Some(key)) => Some((id, key)),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::invalid_request(
+                "webhook_shared_key_id and webhook_shared_key go together",
+            ));
+        }
+    };
+    let new = NewTenant {
+        name: req.name,
+        twilio_account_sid: req.twilio_account_sid,
+        twilio_auth_token: req.twilio_auth_token,
+        store_url: req.store_url,
+        store_api_key: req.store_api_key,
+        webhook_shared_key,
+        owner_email: req.owner_email,
+    };
+    let id = crate::tenants::create(&state.pool, &state.config.keyring, &new)
+        .await
+        .map_err(|e| match e {
+            TenantError::Database(error) => {
+                tracing::error!(%error, "cannot create tenant");
+                ApiError::unavailable()
+            }
+            other => ApiError::invalid_request(other.to_string()),
+        })?;
+    tracing::info!(tenant.id = %id, user.id = %caller.id(), "tenant created");
+    let response = (StatusCode::CREATED, Json(json!({"id": id}))).into_response();
+    Ok(with_rate_headers(response, &decision))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRole {
+    role: String,
+}
+
+pub async fn put_member(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((tenant, user)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tenant_id = path_uuid(&tenant)?;
+    let user_id = path_uuid(&user)?;
+    // Tenant admins manage their tenant; platform admins may manage any tenant (that is
+    // how a new tenant gets its first owner through the API).
+    let platform_admin = caller.principal.has_platform_scope(Scope::PlatformAdmin);
+    if !platform_admin {
+        caller.require_in(&state, tenant_id, Scope::TenantAdmin)?;
+    }
+    let decision = caller.limit_writes(&state).await?;
+    let req: SetRole = json_body(&state, &headers, body).await?;
+    let role = TenantRole::parse(&req.role)
+        .ok_or_else(|| ApiError::invalid_request("role must be one of owner, admin, agent"))?;
+    // Only an owner (or a platform admin) grants `owner` or changes an owner's role: an
+    // admin cannot promote itself above its grant.
+    let caller_is_owner = caller.principal.tenant_role(tenant_id) == Some(TenantRole::Owner);
+    if !platform_admin && !caller_is_owner {
+        let current: Option<String> = sqlx::query_scalar(
+            "SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2",
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "cannot read membership");
+            ApiError::unavailable()
+        })?;
+        if role == TenantRole::Owner || current.as_deref() == Some("owner") {
+            return Err(caller.deny_in(&state, tenant_id, Scope::TenantAdmin));
+        }
+    }
+    let mut redis = state.redis.clone();
+    access::set_member_role(
+        &state.pool,
+        &mut redis,
+        &state.scopes,
+        tenant_id,
+        user_id,
+        role,
+    )
+    .await
+    .map_err(|e| match e {
+        AccessError::NotFound => ApiError::not_found(),
+        AccessError::Conflict(message) => ApiError::conflict("conflict", message),
+        AccessError::Database(error) => {
+            tracing::error!(%error, "cannot change membership");
+            ApiError::unavailable()
+        }
+        AccessError::Cache(error) => {
+            tracing::error!(%error, "scope cache unreachable; membership left unchanged");
+            ApiError::unavailable()
+        }
+    })?;
+    tracing::info!(tenant.id = %tenant_id, member.id = %user_id, role = role.as_str(), by = %caller.id(), "membership set");
+    let response = Json(json!({
+        "tenant_id": tenant_id,
+        "user_id": user_id,
+        "role": role.as_str(),
+    }))
+    .into_response();
+    Ok(with_rate_headers(response, &decision))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    #[serde(default = "default_mode")]
+    mode: SyncMode,
+}
+
+fn default_mode() -> SyncMode {
+    SyncMode::Incremental
+}
+
+pub async fn catalog_sync(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tenant_id = path_uuid(&tenant)?;
+    caller.require_in(&state, tenant_id, Scope::CatalogSync)?;
+    let decision = caller.limit_writes(&state).await?;
+    let req: SyncRequest = json_body(&state, &headers, body).await?;
+    let job = SyncCatalog {
+        tenant_id,
+        requested_by: caller.id(),
+        mode: req.mode,
+    };
+    let mut redis = state.redis.clone();
+    let enqueued = state
+        .queues
+        .enqueue(
+            &mut redis,
+            &job,
+            Enqueue {
+                job_id: None,
+                dedupe: None,
+                request_id: Some(caller.ctx.request_id.clone()),
+            },
+        )
+        .await
+        .map_err(|error| {
+            tracing::error!(tenant.id = %tenant_id, %error, "cannot enqueue catalog sync");
+            ApiError::unavailable()
+        })?;
+    tracing::info!(tenant.id = %tenant_id, job.id = %enqueued.job_id, "catalog sync requested");
+    let response = (
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": enqueued.job_id})),
+    )
+        .into_response();
+    Ok(with_rate_headers(response, &decision))
+}

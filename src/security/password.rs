@@ -1,0 +1,372 @@
+//! Password hashing: argon2id PHC strings, the wrapped form of the platform's legacy bare
+//! SHA-256 hashes, and upgrades of both at the next successful login.
+//!
+//! Stored forms (`users.password_hash`, `service_accounts.secret_hash`):
+//! - `$argon2id$v=19$m=…,t=…,p=…$salt$hash`: a plain argon2id PHC string;
+//! - `legacy-sha256:$argon2id$…`: argon2id over the lower-case hex SHA-256 digest of the
+//!   password, made by `gatehouse migrate` from a legacy row ([`wrap_legacy`]);
+//! - 64 hex characters: a bare legacy digest. Never accepted: `migrate` wraps it first.
+//!
+//! Hashing costs ~19 MiB and tens of milliseconds of CPU, so [`Hasher`] runs it on the
+//! blocking pool behind a semaphore: a login flood queues there instead of stalling the
+//! async workers that serve webhooks.
+
+use std::sync::{Arc, OnceLock};
+
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+/// The marker in front of a wrapped legacy hash.
+pub const LEGACY_PREFIX: &str = "legacy-sha256:";
+
+/// OWASP's minimum for argon2id: m = 19 MiB, t = 2, p = 1.
+pub const MIN_M_COST_KIB: u32 = 19 * 1024;
+pub const MIN_T_COST: u32 = 2;
+pub const P_COST: u32 = 1;
+
+/// Longest password accepted (bytes): argon2 takes any length, but an unbounded one is free
+/// work for an attacker.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error("the stored hash is malformed")]
+    Malformed,
+    #[error("password hashing failed")]
+    Hashing,
+    #[error("the password hashing pool is gone")]
+    PoolClosed,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// The password is right and the stored hash is current.
+    Ok,
+    /// The password is right; store this new hash in place of the old one.
+    OkRehash(String),
+    /// The password is wrong (or the stored hash cannot be accepted).
+    Mismatch,
+}
+
+/// The argon2id parameters new hashes use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    pub m_kib: u32,
+    pub t: u32,
+    pub p: u32,
+}
+
+impl Cost {
+    /// OWASP's recommended minimum.
+    pub const OWASP: Cost = Cost {
+        m_kib: MIN_M_COST_KIB,
+        t: MIN_T_COST,
+        p: P_COST,
+    };
+
+    fn argon2(self) -> Result<Argon2<'static>, PasswordError> {
+        let params =
+            Params::new(self.m_kib, self.t, self.p, None).map_err(|_| PasswordError::Hashing)?;
+        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+    }
+}
+
+/// Hashes `password` with argon2id, a fresh 16-byte salt and `cost`. Blocking.
+pub fn hash_blocking(password: &[u8], cost: Cost) -> Result<String, PasswordError> {
+    let hash = cost
+        .argon2()?
+        .hash_password(password)
+        .map_err(|_| PasswordError::Hashing)?;
+    Ok(hash.to_string())
+}
+
+/// The lower-case hex SHA-256 digest the legacy platform stored.
+pub fn legacy_digest(password: &[u8]) -> String {
+    hex::encode(Sha256::digest(password))
+}
+
+/// Whether `stored` is a bare legacy SHA-256 hex digest (what `migrate` must wrap).
+pub fn is_bare_legacy(stored: &str) -> bool {
+    stored.len() == 64 && stored.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Wraps a bare legacy digest: argon2id over the digest's lower-case hex text. Blocking.
+pub fn wrap_legacy(bare: &str, cost: Cost) -> Result<String, PasswordError> {
+    if !is_bare_legacy(bare) {
+        return Err(PasswordError::Malformed);
+    }
+    let inner = hash_blocking(bare.to_ascii_lowercase().as_bytes(), cost)?;
+    Ok(format!("{LEGACY_PREFIX}{inner}"))
+}
+
+fn weaker_than(hash: &PasswordHash, cost: Cost) -> bool {
+    let Ok(params) = Params::try_from(hash) else {
+        return true;
+    };
+    hash.algorithm.as_str() != "argon2id"
+        || hash.version != Some(Version::V0x13 as u32)
+        || params.m_cost() < cost.m_kib
+        || params.t_cost() < cost.t
+        || params.p_cost() != cost.p
+}
+
+/// Checks `password` against `stored`. Blocking. A right password under a wrapped legacy
+/// hash or under weaker parameters than `cost` comes back with the replacement hash.
+pub fn verify_blocking(
+    stored: &str,
+    password: &[u8],
+    cost: Cost,
+) -> Result<Verified, PasswordError> {
+    if password.len() > MAX_PASSWORD_BYTES || is_bare_legacy(stored) {
+        // A bare digest is refused outright: `migrate` wraps every one it finds.
+        return Ok(Verified::Mismatch);
+    }
+    let (phc, legacy) = match stored.strip_prefix(LEGACY_PREFIX) {
+        Some(inner) => (inner, true),
+        None => (stored, false),
+    };
+    let parsed = PasswordHash::new(phc).map_err(|_| PasswordError::Malformed)?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(PasswordError::Malformed);
+    }
+    let candidate = if legacy {
+        legacy_digest(password).into_bytes()
+    } else {
+        password.to_vec()
+    };
+    match Argon2::default().verify_password(&candidate, &parsed) {
+        Ok(()) => {}
+        Err(argon2::password_hash::Error::PasswordInvalid) => return Ok(Verified::Mismatch),
+        Err(_) => return Err(PasswordError::Malformed),
+    }
+    if legacy || weaker_than(&parsed, cost) {
+        Ok(Verified::OkRehash(hash_blocking(password, cost)?))
+    } else {
+        Ok(Verified::Ok)
+    }
+}
+
+/// Runs argon2 off the async runtime, at most `permits` at a time.
+#[derive(Clone)]
+pub struct Hasher {
+    cost: Cost,
+    permits: Arc<Semaphore>,
+    /// A hash of a random password, verified against when the account does not exist so
+    /// that an unknown email costs the same time as a wrong password. Made on first use.
+    dummy: Arc<OnceLock<String>>,
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hasher")
+            .field("cost", &self.cost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hasher {
+    /// A hasher with `cost` and `concurrency` simultaneous hashes (at least 1).
+    pub fn new(cost: Cost, concurrency: usize) -> Self {
+        Self {
+            cost,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            dummy: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// OWASP's cost, one hash per CPU.
+    pub fn owasp() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::new(Cost::OWASP, cpus)
+    }
+
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PasswordError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| PasswordError::PoolClosed)?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|_| PasswordError::PoolClosed)
+    }
+
+    /// Hashes a new password.
+    pub async fn hash(&self, password: &SecretString) -> Result<String, PasswordError> {
+        let password = password.clone();
+        let cost = self.cost;
+        self.run(move || hash_blocking(password.expose_secret().as_bytes(), cost))
+            .await?
+    }
+
+    /// Verifies `password` against `stored`, or against the dummy hash when `stored` is
+    /// `None` (then always [`Verified::Mismatch`], after the same work).
+    pub async fn verify(
+        &self,
+        stored: Option<String>,
+        password: &SecretString,
+    ) -> Result<Verified, PasswordError> {
+        let password = password.clone();
+        let cost = self.cost;
+        let dummy = Arc::clone(&self.dummy);
+        self.run(move || match stored {
+            Some(stored) => verify_blocking(&stored, password.expose_secret().as_bytes(), cost),
+            None => {
+                let dummy = dummy.get_or_init(|| {
+                    let random: [u8; 32] = rand::random();
+                    hash_blocking(&random, cost).unwrap_or_default()
+                });
+                let _ = verify_blocking(dummy, password.expose_secret().as_bytes(), cost);
+                Ok(Verified::Mismatch)
+            }
+        })
+        .await?
+    }
+
+    /// Wraps a bare legacy digest.
+    pub async fn wrap_legacy(&self, bare: String) -> Result<String, PasswordError> {
+        let cost = self.cost;
+        self.run(move || wrap_legacy(&bare, cost)).await?
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    // Cheap parameters keep unit tests fast; the OWASP floor is tested once.
+    const WEAK: Cost = Cost {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+    };
+
+    #[test]
+    fn a_new_hash_is_argon2id_with_at_least_owasp_parameters() {
+        let h = hash_blocking(b"correct horse battery staple", Cost::OWASP).unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert_eq!(
+            verify_blocking(&h, b"correct horse battery staple", Cost::OWASP).unwrap(),
+            Verified::Ok
+        );
+        assert_eq!(
+            verify_blocking(&h, b"wrong", Cost::OWASP).unwrap(),
+            Verified::Mismatch
+        );
+    }
+
+    #[test]
+    fn two_hashes_of_one_password_have_different_salts() {
+        let a = hash_blocking(b"same", WEAK).unwrap();
+        let b = hash_blocking(b"same", WEAK).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_weaker_hash_is_upgraded_on_a_right_password_only() {
+        let h = hash_blocking(b"pw", WEAK).unwrap();
+        let stronger = Cost {
+            m_kib: 128,
+            t: 2,
+            p: 1,
+        };
+        match verify_blocking(&h, b"pw", stronger).unwrap() {
+            Verified::OkRehash(new) => assert!(new.contains("m=128,t=2,p=1"), "{new}"),
+            other => panic!("expected a rehash, got {other:?}"),
+        }
+        assert_eq!(
+            verify_blocking(&h, b"nope", stronger).unwrap(),
+            Verified::Mismatch
+        );
+    }
+
+    #[test]
+    fn a_wrapped_legacy_hash_verifies_and_is_replaced_by_a_plain_one() {
+        let bare = legacy_digest(b"hunter2");
+        assert!(is_bare_legacy(&bare));
+        let wrapped = wrap_legacy(&bare, WEAK).unwrap();
+        assert!(wrapped.starts_with(LEGACY_PREFIX));
+        assert!(!wrapped.contains(&bare));
+        match verify_blocking(&wrapped, b"hunter2", WEAK).unwrap() {
+            Verified::OkRehash(new) => {
+                assert!(new.starts_with("$argon2id$"));
+                assert_eq!(
+                    verify_blocking(&new, b"hunter2", WEAK).unwrap(),
+                    Verified::Ok
+                );
+            }
+            other => panic!("expected a rehash, got {other:?}"),
+        }
+        assert_eq!(
+            verify_blocking(&wrapped, b"hunter3", WEAK).unwrap(),
+            Verified::Mismatch
+        );
+    }
+
+    #[test]
+    fn a_bare_legacy_digest_is_never_accepted() {
+        let bare = legacy_digest(b"hunter2");
+        assert_eq!(
+            verify_blocking(&bare, b"hunter2", WEAK).unwrap(),
+            Verified::Mismatch
+        );
+        // nor is the digest itself accepted as the password of a wrapped hash's inner form
+        let wrapped = wrap_legacy(&bare, WEAK).unwrap();
+        assert_eq!(
+            verify_blocking(&wrapped, bare.as_bytes(), WEAK).unwrap(),
+            Verified::Mismatch
+        );
+    }
+
+    #[test]
+    fn garbage_stored_hashes_are_errors_not_panics() {
+        for stored in [
+            "",
+            "$argon2id$",
+            "$argon2i$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaA",
+            "legacy-sha256:",
+            "plain",
+        ] {
+            assert!(verify_blocking(stored, b"x", WEAK).is_err(), "{stored}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_account_costs_a_real_argon2_verification() {
+        let hasher = Hasher::new(WEAK, 1);
+        assert!(hasher.dummy.get().is_none());
+        let got = hasher
+            .verify(None, &SecretString::from("anything at all"))
+            .await
+            .unwrap();
+        assert_eq!(got, Verified::Mismatch);
+        // The dummy hash was made and verified against: the same work as a wrong password.
+        assert!(
+            hasher
+                .dummy
+                .get()
+                .is_some_and(|d| d.starts_with("$argon2id$"))
+        );
+    }
+
+    #[test]
+    fn an_overlong_password_is_a_mismatch_without_hashing() {
+        let h = hash_blocking(b"x", WEAK).unwrap();
+        let long = vec![b'a'; MAX_PASSWORD_BYTES + 1];
+        assert_eq!(
+            verify_blocking(&h, &long, WEAK).unwrap(),
+            Verified::Mismatch
+        );
+    }
+}
