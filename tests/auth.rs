@@ -1275,3 +1275,85 @@ async fn the_cli_creates_users_and_service_accounts_whose_credentials_work_over_
     server.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_oversized_auth_bodies_get_clear_errors_and_the_server_stays_up() {
+    let env = TestEnv::with_vars(|v| {
+        v.insert("RATE_LIMIT_LOGIN_IP".into(), "1000/m".into());
+        v.insert("MAX_BODY_BYTES".into(), "4096".into());
+    })
+    .await;
+    let server = env.start_server().await;
+    let http = client();
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/auth/login",
+            "application/json",
+            b"{not json".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/auth/login",
+            "application/json",
+            b"[]".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/auth/login",
+            "application/json",
+            br#"{"email":"a@example.com"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/auth/login",
+            "text/plain",
+            b"email=a".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/v1/auth/token",
+            "application/json",
+            vec![b' '; 10_000],
+            413,
+            "payload_too_large",
+        ),
+        (
+            "/v1/auth/register",
+            "application/json",
+            vec![0xff, 0xfe, 0x00],
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (path, content_type, body, status, code) in cases {
+        let r = api(&http, &server, Method::POST, path)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), status, "{path} {content_type}");
+        let body: Value = r.json().await.expect("json error body");
+        assert_eq!(body["error"]["code"], code, "{path}");
+    }
+    // A chunked body over the limit is cut off too.
+    let chunks = futures::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1000])));
+    let r = api(&http, &server, Method::POST, "/v1/auth/login")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 413);
+    let health = api(&http, &server, Method::GET, "/healthz")
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    server.stop().await;
+    env.cleanup().await;
+}
