@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::classify::Classification;
+use crate::classify::{Classification, ClassifyError};
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::{Keyring, aad};
 
@@ -24,12 +24,19 @@ pub enum InboundError {
     /// The payload can never succeed (unknown tenant, malformed time).
     #[error("{0}")]
     Permanent(String),
+    /// The classifier gave no answer (the LLM timed out, failed or is misconfigured).
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
 }
 
 impl InboundError {
     /// Whether retrying the job can help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Database(_))
+        match self {
+            Self::Database(_) => true,
+            Self::Permanent(_) => false,
+            Self::Classify(error) => error.is_retryable(),
+        }
     }
 }
 

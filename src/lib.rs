@@ -1,7 +1,7 @@
 //! gatehouse: the secure job backbone of a multi-tenant messaging and commerce platform.
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
-//! (apalis); the core (`tenants`, `conversations`, `classify`, `queue`); the bottom
+//! (apalis); the core (`tenants`, `conversations`, `classify`, `llm`, `queue`); the bottom
 //! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
 
 pub mod classify;
@@ -11,6 +11,7 @@ pub mod conversations;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod llm;
 pub mod payloads;
 pub mod queue;
 pub mod security;

@@ -17,7 +17,7 @@ use gatehouse_jobs::{InboundMessage, Job, client::Queues};
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::classify::classify_with_rules;
+use crate::classify::Classifier;
 use crate::conversations::{InboundContext, InboundOutcome, store_inbound};
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::Keyring;
@@ -31,6 +31,8 @@ pub struct WorkerState {
     pub keyring: Keyring,
     pub blind_index: BlindIndex,
     pub min_confidence: f64,
+    /// The rule-based classifier or the LLM client (`crate::llm::classifier`).
+    pub classifier: Arc<dyn Classifier>,
 }
 
 /// How a worker process runs.
@@ -105,15 +107,21 @@ async fn run_inbound(
     worker: WorkerContext,
     state: Data<Arc<WorkerState>>,
 ) -> Result<(), BoxDynError> {
-    let classification = classify_with_rules(&job.body);
     let ctx = InboundContext {
         keyring: &state.keyring,
         blind_index: &state.blind_index,
         min_confidence: state.min_confidence,
         worker: worker.name(),
     };
-    match store_inbound(&state.pool, &ctx, &job_id, &job, &classification).await {
-        Ok(outcome) => {
+    // The classifier (maybe an LLM over the network) runs before the transaction opens.
+    let result = match state.classifier.classify(&job.body).await {
+        Ok(classification) => store_inbound(&state.pool, &ctx, &job_id, &job, &classification)
+            .await
+            .map(|outcome| (outcome, classification)),
+        Err(error) => Err(error.into()),
+    };
+    match result {
+        Ok((outcome, classification)) => {
             match outcome {
                 InboundOutcome::Stored {
                     low_confidence_count,
