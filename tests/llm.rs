@@ -135,7 +135,12 @@ impl FakeLlm {
     }
 }
 
-async fn completions(State(state): State<FakeState>, headers: HeaderMap, uri: axum::http::Uri, body: String) -> Response {
+async fn completions(
+    State(state): State<FakeState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: String,
+) -> Response {
     let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     let index = {
         let mut calls = state.calls.lock().expect("lock");
@@ -348,13 +353,22 @@ async fn a_hostile_answer_is_stored_as_a_rejection_and_never_raw() {
     assert_eq!(row.classifier, "llm:test-model");
     assert_eq!(row.rejected_reason.as_deref(), Some("unknown_intent"));
     assert_eq!(
-        env.count("SELECT count(*) FROM messages WHERE row_to_json(messages)::text LIKE '%MARKER-7f3a9c%'")
-            .await,
+        env.count(
+            "SELECT count(*) FROM messages WHERE row_to_json(messages)::text LIKE '%MARKER-7f3a9c%'"
+        )
+        .await,
         0,
         "nothing of the raw answer is stored"
     );
-    assert_eq!(conversation(&env).await, (1, "bot".to_owned()), "a rejection counts as low confidence");
-    assert!(rejected_total("unknown_intent") > before, "the rejection is counted");
+    assert_eq!(
+        conversation(&env).await,
+        (1, "bot".to_owned()),
+        "a rejection counts as low confidence"
+    );
+    assert!(
+        rejected_total("unknown_intent") > before,
+        "the rejection is counted"
+    );
 
     worker.stop().await.expect("worker stops cleanly");
     llm.stop();
@@ -432,7 +446,9 @@ async fn a_500_and_a_429_from_the_llm_are_retried_until_an_answer_is_stored() {
     let llm = FakeLlm::sequence(vec![
         Reply::Raw(500, r#"{"error":"boom"}"#.into()),
         Reply::Raw(429, r#"{"error":"slow down"}"#.into()),
-        answer(json!({"intent": "cancel_order", "confidence": 0.9, "slots": {"order_number": "A-1"}})),
+        answer(
+            json!({"intent": "cancel_order", "confidence": 0.9, "slots": {"order_number": "A-1"}}),
+        ),
     ])
     .await;
     let env = TestEnv::with_vars(llm.vars(5_000)).await;
@@ -471,7 +487,11 @@ async fn an_llm_that_refuses_the_credentials_dead_letters_the_job_at_once_with_i
             .await,
         "a misconfigured LLM is a permanent failure"
     );
-    assert_eq!(llm.calls().len(), 1, "no retry can help until an operator fixes LLM_*");
+    assert_eq!(
+        llm.calls().len(),
+        1,
+        "no retry can help until an operator fixes LLM_*"
+    );
     let payload: Option<String> = redis::cmd("HGET")
         .arg(format!("{}:inbound_message:data", env.namespace))
         .arg(&job.job_id)
@@ -525,16 +545,24 @@ async fn many_messages_on_one_conversation_through_concurrent_workers_count_exac
         .await;
     assert_eq!(n, MESSAGES);
     let (count, state) = conversation(&env).await;
-    assert_eq!(i64::from(count), MESSAGES, "every low-confidence answer counted once");
+    assert_eq!(
+        i64::from(count),
+        MESSAGES,
+        "every low-confidence answer counted once"
+    );
     assert_eq!(state, "handoff");
     assert_eq!(
         env.count("SELECT count(*) FROM messages WHERE rejected_reason = 'unexpected_property'")
             .await,
         MESSAGES / 2
     );
-    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, MESSAGES);
     assert_eq!(
-        env.count("SELECT count(DISTINCT worker) FROM processed_jobs").await,
+        env.count("SELECT count(*) FROM processed_jobs").await,
+        MESSAGES
+    );
+    assert_eq!(
+        env.count("SELECT count(DISTINCT worker) FROM processed_jobs")
+            .await,
         2,
         "both workers took jobs"
     );
@@ -546,7 +574,14 @@ async fn many_messages_on_one_conversation_through_concurrent_workers_count_exac
 
 // ---- the client alone ----------------------------------------------------------------
 
-async fn classify_once(reply: Reply, timeout: Duration) -> (Result<gatehouse::classify::Classification, ClassifyError>, usize, Duration) {
+async fn classify_once(
+    reply: Reply,
+    timeout: Duration,
+) -> (
+    Result<gatehouse::classify::Classification, ClassifyError>,
+    usize,
+    Duration,
+) {
     let llm = FakeLlm::sequence(vec![reply]).await;
     let client = LlmClassifier::new(&llm.config(timeout)).expect("client");
     let start = Instant::now();
@@ -566,25 +601,89 @@ async fn the_client_maps_each_kind_of_llm_response_to_an_answer_a_rejection_or_a
         Retryable,
         Permanent,
     }
-    let huge = format!(r#"{{"intent":"greeting","confidence":0.9,"x":"{}"}}"#, "A".repeat(1 << 20));
+    let huge = format!(
+        r#"{{"intent":"greeting","confidence":0.9,"x":"{}"}}"#,
+        "A".repeat(1 << 20)
+    );
     let cases: Vec<(&str, Reply, Want)> = vec![
-        ("good", answer(json!({"intent":"greeting","confidence":0.9})), Want::Intent("greeting")),
-        ("prose", Reply::Answer("I think it's a greeting.".into()), Want::Rejected("malformed_json")),
-        ("fenced", Reply::Answer("```json\n{\"intent\":\"greeting\",\"confidence\":0.9}\n```".into()), Want::Rejected("malformed_json")),
-        ("a 1 MiB answer", Reply::Answer(huge), Want::Rejected("response_too_large")),
-        ("an endless chunked body", Reply::Endless, Want::Rejected("response_too_large")),
-        ("not a completion", Reply::Raw(200, r#"{"intent":"greeting","confidence":0.9}"#.into()), Want::Rejected("malformed_response")),
-        ("no choices", Reply::Raw(200, r#"{"choices":[]}"#.into()), Want::Rejected("malformed_response")),
-        ("refusal", Reply::Raw(200, r#"{"choices":[{"message":{"content":null,"refusal":"no"}}]}"#.into()), Want::Rejected("malformed_response")),
-        ("content parts", Reply::Raw(200, r#"{"choices":[{"message":{"content":[{"type":"text"}]}}]}"#.into()), Want::Rejected("malformed_response")),
-        ("html", Reply::Raw(200, "<html>hi</html>".into()), Want::Rejected("malformed_response")),
-        ("400", Reply::Raw(400, "{}".into()), Want::Rejected("request_refused")),
+        (
+            "good",
+            answer(json!({"intent":"greeting","confidence":0.9})),
+            Want::Intent("greeting"),
+        ),
+        (
+            "prose",
+            Reply::Answer("I think it's a greeting.".into()),
+            Want::Rejected("malformed_json"),
+        ),
+        (
+            "fenced",
+            Reply::Answer("```json\n{\"intent\":\"greeting\",\"confidence\":0.9}\n```".into()),
+            Want::Rejected("malformed_json"),
+        ),
+        (
+            "a 1 MiB answer",
+            Reply::Answer(huge),
+            Want::Rejected("response_too_large"),
+        ),
+        (
+            "an endless chunked body",
+            Reply::Endless,
+            Want::Rejected("response_too_large"),
+        ),
+        (
+            "not a completion",
+            Reply::Raw(200, r#"{"intent":"greeting","confidence":0.9}"#.into()),
+            Want::Rejected("malformed_response"),
+        ),
+        (
+            "no choices",
+            Reply::Raw(200, r#"{"choices":[]}"#.into()),
+            Want::Rejected("malformed_response"),
+        ),
+        (
+            "refusal",
+            Reply::Raw(
+                200,
+                r#"{"choices":[{"message":{"content":null,"refusal":"no"}}]}"#.into(),
+            ),
+            Want::Rejected("malformed_response"),
+        ),
+        (
+            "content parts",
+            Reply::Raw(
+                200,
+                r#"{"choices":[{"message":{"content":[{"type":"text"}]}}]}"#.into(),
+            ),
+            Want::Rejected("malformed_response"),
+        ),
+        (
+            "html",
+            Reply::Raw(200, "<html>hi</html>".into()),
+            Want::Rejected("malformed_response"),
+        ),
+        (
+            "400",
+            Reply::Raw(400, "{}".into()),
+            Want::Rejected("request_refused"),
+        ),
         ("500", Reply::Raw(500, "{}".into()), Want::Retryable),
-        ("502", Reply::Raw(502, "bad gateway".into()), Want::Retryable),
+        (
+            "502",
+            Reply::Raw(502, "bad gateway".into()),
+            Want::Retryable,
+        ),
         ("503", Reply::Raw(503, "{}".into()), Want::Retryable),
         ("429", Reply::Raw(429, "{}".into()), Want::Retryable),
         ("408", Reply::Raw(408, "{}".into()), Want::Retryable),
-        ("slow", Reply::Slow(Duration::from_secs(5), Box::new(answer(json!({"intent":"greeting","confidence":0.9})))), Want::Retryable),
+        (
+            "slow",
+            Reply::Slow(
+                Duration::from_secs(5),
+                Box::new(answer(json!({"intent":"greeting","confidence":0.9}))),
+            ),
+            Want::Retryable,
+        ),
         ("401", Reply::Raw(401, "{}".into()), Want::Permanent),
         ("403", Reply::Raw(403, "{}".into()), Want::Permanent),
         ("404", Reply::Raw(404, "{}".into()), Want::Permanent),
@@ -592,8 +691,14 @@ async fn the_client_maps_each_kind_of_llm_response_to_an_answer_a_rejection_or_a
     ];
     for (name, reply, want) in cases {
         let (result, calls, elapsed) = classify_once(reply, Duration::from_millis(500)).await;
-        assert!(elapsed < Duration::from_secs(3), "{name}: bounded by the timeout ({elapsed:?})");
-        assert_eq!(calls, 1, "{name}: exactly one call (redirects are not followed)");
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{name}: bounded by the timeout ({elapsed:?})"
+        );
+        assert_eq!(
+            calls, 1,
+            "{name}: exactly one call (redirects are not followed)"
+        );
         match (want, result) {
             (Want::Intent(intent), Ok(c)) => {
                 assert_eq!(c.intent.as_str(), intent, "{name}");
@@ -606,11 +711,17 @@ async fn the_client_maps_each_kind_of_llm_response_to_an_answer_a_rejection_or_a
             }
             (Want::Retryable, Err(e)) => {
                 assert!(e.is_retryable(), "{name}: {e}");
-                assert!(!format!("{e}{e:?}").contains(API_KEY), "{name}: the key leaks");
+                assert!(
+                    !format!("{e}{e:?}").contains(API_KEY),
+                    "{name}: the key leaks"
+                );
             }
             (Want::Permanent, Err(e)) => {
                 assert!(!e.is_retryable(), "{name}: {e}");
-                assert!(!format!("{e}{e:?}").contains(API_KEY), "{name}: the key leaks");
+                assert!(
+                    !format!("{e}{e:?}").contains(API_KEY),
+                    "{name}: the key leaks"
+                );
             }
             (_, other) => panic!("{name}: unexpected {other:?}"),
         }
@@ -632,7 +743,10 @@ async fn an_unreachable_llm_is_a_retryable_error_that_names_no_secret() {
         timeout: Duration::from_secs(2),
     };
     let client = LlmClassifier::new(&config).expect("client");
-    assert!(!format!("{client:?}").contains(API_KEY), "Debug hides the key");
+    assert!(
+        !format!("{client:?}").contains(API_KEY),
+        "Debug hides the key"
+    );
     let error = client.classify("hello").await.expect_err("unreachable");
     assert!(error.is_retryable(), "{error}");
     assert!(!format!("{error}{error:?}").contains(API_KEY));

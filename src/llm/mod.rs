@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::classify::{
-    Classification, ClassifyError, ClassifyFuture, Classifier, Intent, RuleClassifier,
+    Classification, Classifier, ClassifyError, ClassifyFuture, Intent, RuleClassifier,
 };
 use crate::config::LlmConfig;
 
@@ -165,7 +165,9 @@ impl LlmClassifier {
     /// rejected classification; only an unreachable or misconfigured LLM is an error.
     pub async fn classify_message(&self, body: &str) -> Result<Classification, ClassifyError> {
         let answer = match self.ask(body).await {
-            Ok(content) => validate_answer(&content).map_err(|rejection| (rejection, content.len())),
+            Ok(content) => {
+                validate_answer(&content).map_err(|rejection| (rejection, content.len()))
+            }
             Err(Failure::Rejected(rejection)) => Err((rejection, 0)),
             Err(Failure::Error(error)) => return Err(error),
         };

@@ -515,7 +515,10 @@ mod tests {
         let raw = format!(r#"{{"intent":"other","confidence":0.1,"slots":{{"{long_name}":"x"}}}}"#);
         assert!(validate_answer(&raw).is_ok(), "a 64-character name");
         let value = format!("\"{}\"", "é".repeat(500));
-        assert!(validate_answer(&with_slot(&value)).is_ok(), "500 characters, 1000 bytes");
+        assert!(
+            validate_answer(&with_slot(&value)).is_ok(),
+            "500 characters, 1000 bytes"
+        );
         for number in ["9007199254740991", "-9007199254740991", "1.5e3", "-0.25"] {
             assert!(validate_answer(&with_slot(number)).is_ok(), "{number}");
         }
@@ -542,11 +545,31 @@ mod tests {
         let cases: Vec<(&str, String, Rejection)> = vec![
             ("empty", String::new(), MalformedJson),
             ("whitespace", "  \n ".into(), MalformedJson),
-            ("truncated", r#"{"intent":"greeting","confidence":0.9"#.into(), MalformedJson),
-            ("single quotes", "{'intent':'greeting','confidence':0.9}".into(), MalformedJson),
-            ("trailing comma", r#"{"intent":"greeting","confidence":0.9,}"#.into(), MalformedJson),
-            ("comment", r#"{"intent":"greeting","confidence":0.9} // sure"#.into(), MalformedJson),
-            ("two documents", r#"{"intent":"greeting","confidence":0.9}{}"#.into(), MalformedJson),
+            (
+                "truncated",
+                r#"{"intent":"greeting","confidence":0.9"#.into(),
+                MalformedJson,
+            ),
+            (
+                "single quotes",
+                "{'intent':'greeting','confidence':0.9}".into(),
+                MalformedJson,
+            ),
+            (
+                "trailing comma",
+                r#"{"intent":"greeting","confidence":0.9,}"#.into(),
+                MalformedJson,
+            ),
+            (
+                "comment",
+                r#"{"intent":"greeting","confidence":0.9} // sure"#.into(),
+                MalformedJson,
+            ),
+            (
+                "two documents",
+                r#"{"intent":"greeting","confidence":0.9}{}"#.into(),
+                MalformedJson,
+            ),
             (
                 "json in prose",
                 r#"Sure! Here is the answer: {"intent":"greeting","confidence":0.9}"#.into(),
@@ -562,7 +585,11 @@ mod tests {
                 "\u{feff}{\"intent\":\"greeting\",\"confidence\":0.9}".into(),
                 MalformedJson,
             ),
-            ("NaN confidence", r#"{"intent":"greeting","confidence":NaN}"#.into(), MalformedJson),
+            (
+                "NaN confidence",
+                r#"{"intent":"greeting","confidence":NaN}"#.into(),
+                MalformedJson,
+            ),
             (
                 "Infinity confidence",
                 r#"{"intent":"greeting","confidence":Infinity}"#.into(),
@@ -574,7 +601,11 @@ mod tests {
                 MalformedJson,
             ),
             ("deep nesting", deep, MalformedJson),
-            ("huge number", r#"{"intent":"greeting","confidence":1e400}"#.into(), NumberOutOfRange),
+            (
+                "huge number",
+                r#"{"intent":"greeting","confidence":1e400}"#.into(),
+                NumberOutOfRange,
+            ),
             ("huge slot number", with_slot("-1e400"), NumberOutOfRange),
             (
                 "duplicate intent",
@@ -587,7 +618,11 @@ mod tests {
                 DuplicateKey,
             ),
             ("null", "null".into(), NotAnObject),
-            ("array", r#"[{"intent":"greeting","confidence":0.9}]"#.into(), NotAnObject),
+            (
+                "array",
+                r#"[{"intent":"greeting","confidence":0.9}]"#.into(),
+                NotAnObject,
+            ),
             ("string", r#""greeting""#.into(), NotAnObject),
             ("number", "0.9".into(), NotAnObject),
             ("boolean", "true".into(), NotAnObject),
@@ -601,20 +636,52 @@ mod tests {
                 r#"{"intent":"greeting","confidence":0.9,"__proto__":{}}"#.into(),
                 UnexpectedProperty,
             ),
-            ("missing confidence", r#"{"intent":"greeting"}"#.into(), MissingProperty),
-            ("missing intent", r#"{"confidence":0.9}"#.into(), MissingProperty),
+            (
+                "missing confidence",
+                r#"{"intent":"greeting"}"#.into(),
+                MissingProperty,
+            ),
+            (
+                "missing intent",
+                r#"{"confidence":0.9}"#.into(),
+                MissingProperty,
+            ),
             ("empty object", "{}".into(), MissingProperty),
             (
                 "intent outside the whitelist",
                 r#"{"intent":"refund_everything","confidence":0.9}"#.into(),
                 UnknownIntent,
             ),
-            ("intent in capitals", r#"{"intent":"Greeting","confidence":0.9}"#.into(), UnknownIntent),
-            ("intent padded", r#"{"intent":" greeting","confidence":0.9}"#.into(), UnknownIntent),
-            ("intent null", r#"{"intent":null,"confidence":0.9}"#.into(), UnknownIntent),
-            ("intent array", r#"{"intent":["greeting"],"confidence":0.9}"#.into(), UnknownIntent),
-            ("confidence 7", r#"{"intent":"greeting","confidence":7}"#.into(), InvalidConfidence),
-            ("confidence -1", r#"{"intent":"greeting","confidence":-1}"#.into(), InvalidConfidence),
+            (
+                "intent in capitals",
+                r#"{"intent":"Greeting","confidence":0.9}"#.into(),
+                UnknownIntent,
+            ),
+            (
+                "intent padded",
+                r#"{"intent":" greeting","confidence":0.9}"#.into(),
+                UnknownIntent,
+            ),
+            (
+                "intent null",
+                r#"{"intent":null,"confidence":0.9}"#.into(),
+                UnknownIntent,
+            ),
+            (
+                "intent array",
+                r#"{"intent":["greeting"],"confidence":0.9}"#.into(),
+                UnknownIntent,
+            ),
+            (
+                "confidence 7",
+                r#"{"intent":"greeting","confidence":7}"#.into(),
+                InvalidConfidence,
+            ),
+            (
+                "confidence -1",
+                r#"{"intent":"greeting","confidence":-1}"#.into(),
+                InvalidConfidence,
+            ),
             (
                 "confidence just above 1",
                 r#"{"intent":"greeting","confidence":1.0000001}"#.into(),
@@ -625,14 +692,26 @@ mod tests {
                 r#"{"intent":"greeting","confidence":"0.9"}"#.into(),
                 InvalidConfidence,
             ),
-            ("confidence null", r#"{"intent":"greeting","confidence":null}"#.into(), InvalidConfidence),
-            ("confidence true", r#"{"intent":"greeting","confidence":true}"#.into(), InvalidConfidence),
+            (
+                "confidence null",
+                r#"{"intent":"greeting","confidence":null}"#.into(),
+                InvalidConfidence,
+            ),
+            (
+                "confidence true",
+                r#"{"intent":"greeting","confidence":true}"#.into(),
+                InvalidConfidence,
+            ),
             (
                 "slots an array",
                 r#"{"intent":"other","confidence":0.5,"slots":["a"]}"#.into(),
                 InvalidSlots,
             ),
-            ("slots null", r#"{"intent":"other","confidence":0.5,"slots":null}"#.into(), InvalidSlots),
+            (
+                "slots null",
+                r#"{"intent":"other","confidence":0.5,"slots":null}"#.into(),
+                InvalidSlots,
+            ),
             ("21 slots", slots_with(21), TooManySlots),
             (
                 "slot name Bad-Key",
@@ -662,12 +741,28 @@ mod tests {
             ("65-character slot name", long_name, InvalidSlotName),
             ("501-character value", too_long, SlotValueTooLong),
             ("null slot value", with_slot("null"), InvalidSlotValue),
-            ("array slot value", with_slot(r#"["a","b"]"#), InvalidSlotValue),
+            (
+                "array slot value",
+                with_slot(r#"["a","b"]"#),
+                InvalidSlotValue,
+            ),
             ("empty array slot value", with_slot("[]"), InvalidSlotValue),
-            ("nested object slot value", with_slot(r#"{"evil":"x"}"#), InvalidSlotValue),
+            (
+                "nested object slot value",
+                with_slot(r#"{"evil":"x"}"#),
+                InvalidSlotValue,
+            ),
             ("deeply nested slot value", deep_object, InvalidSlotValue),
-            ("number past 2^53", with_slot("9007199254740993"), InvalidSlotValue),
-            ("large integer", with_slot("100000000000000000000000"), InvalidSlotValue),
+            (
+                "number past 2^53",
+                with_slot("9007199254740993"),
+                InvalidSlotValue,
+            ),
+            (
+                "large integer",
+                with_slot("100000000000000000000000"),
+                InvalidSlotValue,
+            ),
             ("large double", with_slot("1e300"), InvalidSlotValue),
             ("a MiB answer", a_mib, AnswerTooLarge),
         ];
@@ -708,7 +803,10 @@ mod tests {
         let mut seen = HashSet::new();
         for r in Rejection::ALL {
             let name = r.as_str();
-            assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{name}");
+            assert!(
+                name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{name}"
+            );
             assert!(seen.insert(name), "{name} twice");
             assert_eq!(r.to_string(), name);
         }
@@ -812,15 +910,47 @@ mod tests {
         })
     }
 
+    fn slot_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => ".{0,40}".prop_map(Value::String),
+            2 => "[\\u{0}-\\u{1f}\\u{7f}-\\u{9f}\\u{202a}-\\u{202e}\\u{2066}-\\u{2069}\\u{2028} a\\u{301}e]{0,20}"
+                .prop_map(Value::String),
+            1 => (495usize..506).prop_map(|n| json!("x".repeat(n))),
+            1 => (160usize..172).prop_map(|n| json!("\u{FB2C}".repeat(n))),
+            2 => (-MAX_SLOT_NUMBER as i64..=MAX_SLOT_NUMBER as i64).prop_map(|n| json!(n)),
+            1 => any::<i64>().prop_map(|n| json!(n)),
+            1 => any::<f64>().prop_map(|f| Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            2 => any::<bool>().prop_map(Value::Bool),
+            1 => leaf(),
+        ]
+    }
+
     /// Mostly-valid answers, so acceptance is common and the boundaries are exercised.
     fn near_answer() -> impl Strategy<Value = Value> {
-        let slots = proptest::collection::btree_map(key(), leaf(), 0..23)
-            .prop_map(|m| Value::Object(m.into_iter().collect()));
+        let intent = prop_oneof![
+            8 => proptest::sample::select(Intent::ALL.map(|i| i.as_str()).to_vec()).prop_map(|s| json!(s)),
+            1 => leaf(),
+        ];
+        let confidence = prop_oneof![
+            8 => (0.0f64..=1.0).prop_map(|f| json!(f)),
+            1 => prop_oneof![Just(json!(0)), Just(json!(1)), Just(json!(-0.0))],
+            1 => leaf(),
+        ];
+        let slot_key = prop_oneof![
+            8 => "[a-z_]{1,12}",
+            1 => "[a-z_]{60,66}",
+            1 => key(),
+        ];
+        let slots = prop_oneof![
+            8 => proptest::collection::btree_map(slot_key, slot_value(), 0..23)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            1 => leaf(),
+        ];
         (
-            leaf(),
-            leaf(),
-            proptest::option::of(slots),
-            proptest::option::of((key(), leaf())),
+            intent,
+            confidence,
+            proptest::option::weighted(0.8, slots),
+            proptest::option::weighted(0.1, (key(), leaf())),
         )
             .prop_map(|(intent, confidence, slots, extra)| {
                 let mut o = Map::new();
