@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use common::*;
+use futures::StreamExt as _;
 use gatehouse::classify::{Classifier, ClassifyError};
 use gatehouse::config::LlmConfig;
 use gatehouse::llm::{LlmClassifier, rejection_counts};
@@ -194,8 +195,6 @@ async fn completions(
         }
     }
 }
-
-use futures::StreamExt as _;
 
 fn message(tenant: uuid::Uuid, from: &str, body: &str) -> InboundMessage {
     InboundMessage {

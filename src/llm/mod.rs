@@ -323,6 +323,16 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn without_llm_url_the_rule_based_classifier_answers() {
+        let classifier = classifier(None).expect("rules need no set-up");
+        let c = classifier
+            .classify("hello")
+            .await
+            .expect("rules never fail");
+        assert_eq!(c.classifier, "rules");
+    }
+
     #[test]
     fn the_system_prompt_names_every_intent() {
         let prompt = system_prompt();
