@@ -750,3 +750,76 @@ async fn an_unreachable_llm_is_a_retryable_error_that_names_no_secret() {
     assert!(error.is_retryable(), "{error}");
     assert!(!format!("{error}{error:?}").contains(API_KEY));
 }
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn logs_name_the_rejection_but_never_the_api_key_or_the_raw_answer() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let logs = Captured::default();
+    // Everything, at every level, from every crate, on this (current-thread) runtime.
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let marker = "RAW-ANSWER-MARKER-42";
+    let llm = FakeLlm::sequence(vec![
+        answer(json!({"intent": "nope", "confidence": 0.5, "slots": {"note": marker}})),
+        Reply::Answer(format!("Sure! {marker}")),
+        Reply::Raw(500, format!(r#"{{"error":"{marker}"}}"#)),
+        Reply::Slow(
+            Duration::from_secs(3),
+            Box::new(Reply::Raw(200, "{}".into())),
+        ),
+    ])
+    .await;
+    let client = LlmClassifier::new(&llm.config(Duration::from_millis(300))).expect("client");
+    let first = client.classify("hello").await.expect("a rejection");
+    assert_eq!(first.rejected_reason.as_deref(), Some("unknown_intent"));
+    let second = client.classify("hello").await.expect("a rejection");
+    assert_eq!(second.rejected_reason.as_deref(), Some("malformed_json"));
+    for _ in 0..2 {
+        let error = client
+            .classify("hello")
+            .await
+            .expect_err("500, then a timeout");
+        // As the worker logs a failed job.
+        tracing::warn!(%error, ?error, "job failed, will retry");
+    }
+    tracing::info!(client = ?client, "the client");
+    llm.stop();
+    let text = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8 logs");
+    assert!(
+        text.contains("unknown_intent") && text.contains("malformed_json"),
+        "{text}"
+    );
+    assert!(
+        text.contains("LLM answered 500") || text.contains("answered 500"),
+        "{text}"
+    );
+    assert!(!text.contains(API_KEY), "the API key is logged:\n{text}");
+    assert!(!text.contains(marker), "the raw answer is logged:\n{text}");
+}
