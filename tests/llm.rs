@@ -823,3 +823,45 @@ async fn logs_name_the_rejection_but_never_the_api_key_or_the_raw_answer() {
     assert!(!text.contains(API_KEY), "the API key is logged:\n{text}");
     assert!(!text.contains(marker), "the raw answer is logged:\n{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redelivered_job_is_acknowledged_without_asking_the_llm_again() {
+    let llm = FakeLlm::sequence(vec![answer(
+        json!({"intent": "greeting", "confidence": 0.9}),
+    )])
+    .await;
+    let env = TestEnv::with_vars(llm.vars(5_000)).await;
+    let tenant = env.create_tenant().await;
+    let classifier = LlmClassifier::new(&llm.config(Duration::from_secs(5))).expect("client");
+    let ctx = gatehouse::conversations::InboundContext {
+        keyring: &env.config.keyring,
+        blind_index: &env.config.blind_index,
+        min_confidence: env.config.llm_min_confidence,
+        worker: "test",
+    };
+    let msg = message(tenant, "+14155550100", "hi");
+    let first =
+        gatehouse::conversations::process_inbound(&env.pool, &ctx, "job-1", &msg, &classifier)
+            .await
+            .expect("stored");
+    assert!(matches!(
+        first,
+        gatehouse::conversations::InboundOutcome::Stored {
+            intent: gatehouse::classify::Intent::Greeting,
+            rejected_reason: None,
+            ..
+        }
+    ));
+    let again =
+        gatehouse::conversations::process_inbound(&env.pool, &ctx, "job-1", &msg, &classifier)
+            .await
+            .expect("acknowledged");
+    assert_eq!(
+        again,
+        gatehouse::conversations::InboundOutcome::AlreadyProcessed
+    );
+    assert_eq!(llm.calls().len(), 1, "the redelivery cost no LLM call");
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 1);
+    llm.stop();
+    env.cleanup().await;
+}

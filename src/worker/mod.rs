@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::classify::Classifier;
-use crate::conversations::{InboundContext, InboundOutcome, store_inbound};
+use crate::conversations::{InboundContext, InboundOutcome, process_inbound};
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::Keyring;
 
@@ -113,25 +113,21 @@ async fn run_inbound(
         min_confidence: state.min_confidence,
         worker: worker.name(),
     };
-    // The classifier (maybe an LLM over the network) runs before the transaction opens.
-    let result = match state.classifier.classify(&job.body).await {
-        Ok(classification) => store_inbound(&state.pool, &ctx, &job_id, &job, &classification)
-            .await
-            .map(|outcome| (outcome, classification)),
-        Err(error) => Err(error.into()),
-    };
-    match result {
-        Ok((outcome, classification)) => {
+    match process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref()).await {
+        Ok(outcome) => {
             match outcome {
                 InboundOutcome::Stored {
                     low_confidence_count,
                     handoff,
+                    intent,
+                    ref rejected_reason,
                     ..
                 } => tracing::info!(
                     job.id = %job_id,
                     job.queue = InboundMessage::QUEUE,
                     tenant.id = %job.tenant_id,
-                    intent = classification.intent.as_str(),
+                    intent = intent.as_str(),
+                    rejected_reason = rejected_reason.as_deref().unwrap_or("-"),
                     low_confidence_count,
                     handoff,
                     "inbound message stored"
