@@ -1,6 +1,11 @@
-//! Intent classification: the intent whitelist and the built-in rule-based classifier.
+//! Intent classification: the intent whitelist, the classifier interface, and the built-in
+//! rule-based classifier.
 //!
-//! The rule-based classifier needs no network; it is the default when `LLM_URL` is unset.
+//! The rule-based classifier needs no network; it is the default when `LLM_URL` is unset. The
+//! LLM classifier (`crate::llm`) implements the same [`Classifier`] interface.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use serde_json::{Map, Value};
 
@@ -62,6 +67,63 @@ pub struct Classification {
     pub classifier: String,
     /// Why an answer was rejected, if it was (then confidence is 0).
     pub rejected_reason: Option<String>,
+}
+
+impl Classification {
+    /// What a rejected answer becomes: `other` with confidence 0 and no slots, so it counts as
+    /// low confidence and nothing of the answer is kept but the reason.
+    pub fn rejected(classifier: &str, reason: &str) -> Self {
+        Self {
+            intent: Intent::Other,
+            confidence: 0.0,
+            slots: Map::new(),
+            classifier: classifier.to_owned(),
+            rejected_reason: Some(reason.to_owned()),
+        }
+    }
+}
+
+/// Why a classifier could not answer at all (as opposed to answering badly, which is a
+/// rejected [`Classification`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    /// A timeout, a connection failure, 429 or 5xx: a later attempt can succeed.
+    #[error("classifier unavailable: {0}")]
+    Unavailable(String),
+    /// The classifier refuses every request (bad credentials, unknown model, wrong URL): no
+    /// retry helps until an operator fixes the configuration.
+    #[error("classifier misconfigured: {0}")]
+    Misconfigured(String),
+}
+
+impl ClassifyError {
+    /// Whether retrying the job can help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// The future a [`Classifier`] returns.
+pub type ClassifyFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Classification, ClassifyError>> + Send + 'a>>;
+
+/// Classifies one customer message. Implementations: [`RuleClassifier`] (the default) and
+/// `crate::llm::LlmClassifier`.
+pub trait Classifier: Send + Sync {
+    /// Classifies `body`. A bad answer is an `Ok` classification with `rejected_reason` set;
+    /// `Err` means no answer could be had.
+    fn classify<'a>(&'a self, body: &'a str) -> ClassifyFuture<'a>;
+}
+
+/// The built-in keyword classifier: no network, never fails.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RuleClassifier;
+
+impl Classifier for RuleClassifier {
+    fn classify<'a>(&'a self, body: &'a str) -> ClassifyFuture<'a> {
+        let classification = classify_with_rules(body);
+        Box::pin(async move { Ok(classification) })
+    }
 }
 
 const RULES: &[(Intent, f64, &[&str])] = &[
@@ -210,6 +272,28 @@ mod tests {
             assert_eq!(Intent::parse(intent.as_str()), Some(intent));
         }
         assert_eq!(Intent::parse("drop_tables"), None);
+    }
+
+    #[test]
+    fn a_rejected_classification_is_other_with_zero_confidence_and_no_slots() {
+        let c = Classification::rejected("llm:m", "unknown_intent");
+        assert_eq!(c.intent, Intent::Other);
+        assert_eq!(c.confidence, 0.0);
+        assert!(c.slots.is_empty());
+        assert_eq!(c.rejected_reason.as_deref(), Some("unknown_intent"));
+    }
+
+    #[tokio::test]
+    async fn the_rule_classifier_answers_through_the_interface() {
+        let c = RuleClassifier.classify("hello").await.expect("never fails");
+        assert_eq!(c.intent, Intent::Greeting);
+        assert_eq!(c.classifier, "rules");
+    }
+
+    #[test]
+    fn only_unavailability_is_retryable() {
+        assert!(ClassifyError::Unavailable("x".into()).is_retryable());
+        assert!(!ClassifyError::Misconfigured("x".into()).is_retryable());
     }
 
     #[test]

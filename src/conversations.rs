@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::classify::Classification;
+use crate::classify::{Classification, Classifier, ClassifyError, Intent};
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::{Keyring, aad};
 
@@ -24,12 +24,19 @@ pub enum InboundError {
     /// The payload can never succeed (unknown tenant, malformed time).
     #[error("{0}")]
     Permanent(String),
+    /// The classifier gave no answer (the LLM timed out, failed or is misconfigured).
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
 }
 
 impl InboundError {
     /// Whether retrying the job can help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Database(_))
+        match self {
+            Self::Database(_) => true,
+            Self::Permanent(_) => false,
+            Self::Classify(error) => error.is_retryable(),
+        }
     }
 }
 
@@ -42,6 +49,10 @@ pub enum InboundOutcome {
         conversation_id: Uuid,
         low_confidence_count: i32,
         handoff: bool,
+        /// The stored intent (`other` for a rejected answer).
+        intent: Intent,
+        /// Why the classifier's answer was rejected, if it was.
+        rejected_reason: Option<String>,
     },
     /// This job id already committed its effect (a redelivery).
     AlreadyProcessed,
@@ -56,6 +67,28 @@ pub struct InboundContext<'a> {
     pub min_confidence: f64,
     /// The worker's name, recorded with the processed-job marker.
     pub worker: &'a str,
+}
+
+/// Classifies an inbound message, then stores it with [`store_inbound`]. The classifier (an
+/// LLM call, maybe) runs before the transaction opens; a job whose effect is already committed
+/// (a redelivery) is acknowledged without asking it again.
+pub async fn process_inbound(
+    pool: &PgPool,
+    ctx: &InboundContext<'_>,
+    job_id: &str,
+    msg: &InboundMessage,
+    classifier: &dyn Classifier,
+) -> Result<InboundOutcome, InboundError> {
+    let processed: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_jobs WHERE job_id = $1)")
+            .bind(job_id)
+            .fetch_one(pool)
+            .await?;
+    if processed {
+        return Ok(InboundOutcome::AlreadyProcessed);
+    }
+    let classification = classifier.classify(&msg.body).await?;
+    store_inbound(pool, ctx, job_id, msg, &classification).await
 }
 
 /// Stores a classified inbound message in one transaction: the processed-job marker, the
@@ -199,5 +232,7 @@ pub async fn store_inbound(
         conversation_id,
         low_confidence_count: count,
         handoff: state == "handoff",
+        intent: classification.intent,
+        rejected_reason: classification.rejected_reason.clone(),
     })
 }

@@ -1,8 +1,8 @@
 //! gatehouse: the secure job backbone of a multi-tenant messaging and commerce platform.
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
-//! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`, `classify`,
-//! `queue`); the bottom
+//! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`,
+//! `classify`, `llm`, `queue`); the bottom
 //! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
 
 pub mod access;
@@ -14,6 +14,7 @@ pub mod conversations;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod llm;
 pub mod payloads;
 pub mod queue;
 pub mod ratelimit;

@@ -299,6 +299,7 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         keyring: env.config.keyring.clone(),
         blind_index: env.config.blind_index.clone(),
         min_confidence: 0.6,
+        classifier: std::sync::Arc::new(gatehouse::classify::RuleClassifier),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(gatehouse::worker::run(

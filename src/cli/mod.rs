@@ -480,6 +480,7 @@ async fn work(
         keyring: config.keyring.clone(),
         blind_index: config.blind_index.clone(),
         min_confidence: config.llm_min_confidence,
+        classifier: crate::llm::classifier(config.llm.as_ref())?,
     });
     let options = WorkerOptions {
         concurrency: config.worker_concurrency,

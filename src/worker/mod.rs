@@ -17,8 +17,8 @@ use gatehouse_jobs::{InboundMessage, Job, client::Queues};
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::classify::classify_with_rules;
-use crate::conversations::{InboundContext, InboundOutcome, store_inbound};
+use crate::classify::Classifier;
+use crate::conversations::{InboundContext, InboundOutcome, process_inbound};
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::Keyring;
 
@@ -31,6 +31,8 @@ pub struct WorkerState {
     pub keyring: Keyring,
     pub blind_index: BlindIndex,
     pub min_confidence: f64,
+    /// The rule-based classifier or the LLM client (`crate::llm::classifier`).
+    pub classifier: Arc<dyn Classifier>,
 }
 
 /// How a worker process runs.
@@ -105,25 +107,27 @@ async fn run_inbound(
     worker: WorkerContext,
     state: Data<Arc<WorkerState>>,
 ) -> Result<(), BoxDynError> {
-    let classification = classify_with_rules(&job.body);
     let ctx = InboundContext {
         keyring: &state.keyring,
         blind_index: &state.blind_index,
         min_confidence: state.min_confidence,
         worker: worker.name(),
     };
-    match store_inbound(&state.pool, &ctx, &job_id, &job, &classification).await {
+    match process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref()).await {
         Ok(outcome) => {
             match outcome {
                 InboundOutcome::Stored {
                     low_confidence_count,
                     handoff,
+                    intent,
+                    ref rejected_reason,
                     ..
                 } => tracing::info!(
                     job.id = %job_id,
                     job.queue = InboundMessage::QUEUE,
                     tenant.id = %job.tenant_id,
-                    intent = classification.intent.as_str(),
+                    intent = intent.as_str(),
+                    rejected_reason = rejected_reason.as_deref().unwrap_or("-"),
                     low_confidence_count,
                     handoff,
                     "inbound message stored"

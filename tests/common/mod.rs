@@ -179,6 +179,8 @@ impl TestEnv {
             keyring: self.config.keyring.clone(),
             blind_index: self.config.blind_index.clone(),
             min_confidence: self.config.llm_min_confidence,
+            classifier: gatehouse::llm::classifier(self.config.llm.as_ref())
+                .expect("the configured classifier builds"),
         })
     }
 
