@@ -340,8 +340,7 @@ async fn a_forged_webhook_reaches_sentry_without_secrets_or_the_message() {
     let dsn = format!("http://0123456789abcdef@{sentry}/42");
     let mut serve = env.spawn(&["serve"], &[("PORT", &port), ("SENTRY_DSN", &dsn)]);
     wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
-    let body =
-        "MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100&Body=my+card+is+4111-1111-1111-1111-zq";
+    let body = "MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100&Body=my+card+is+4111-1111-1111-1111-zq";
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}{}", webhook_path(tenant)))
         .header("content-type", "application/x-www-form-urlencoded")
