@@ -4,6 +4,7 @@
 //! (apalis); the core (`tenants`, `conversations`, `classify`, `queue`); the bottom
 //! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
 
+pub mod catalog;
 pub mod classify;
 pub mod cli;
 pub mod config;

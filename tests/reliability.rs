@@ -1,0 +1,577 @@
+//! The reliability core, one regression test per apalis-redis 1.0 defect gatehouse must not
+//! inherit (ARCHITECTURE.md): deep backlogs, bursts of due retries, workers killed or
+//! restarted under load, Redis connections that fail, long jobs, retention — and the
+//! dead-letter commands.
+//!
+//! Bulk tests use the cheapest real path through the worker: `sync_catalog` jobs whose ids
+//! are already in `processed_jobs` (a redelivery), which the real handler acknowledges after
+//! one indexed lookup.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use gatehouse_jobs::client::Enqueue;
+use gatehouse_jobs::{InboundMessage, SyncCatalog, SyncMode};
+use uuid::Uuid;
+
+fn sync_job() -> SyncCatalog {
+    SyncCatalog {
+        tenant_id: Uuid::new_v4(),
+        requested_by: Uuid::new_v4(),
+        mode: SyncMode::Incremental,
+    }
+}
+
+/// Enqueues `n` sync jobs whose effect is already recorded, so running one is a lookup.
+async fn enqueue_redeliveries(env: &TestEnv, n: usize) -> Vec<String> {
+    let mut redis = env.redis.clone();
+    let jobs: Vec<SyncCatalog> = (0..n).map(|_| sync_job()).collect();
+    let ids = env
+        .queues()
+        .enqueue_batch(&mut redis, &jobs)
+        .await
+        .expect("enqueue batch");
+    for chunk in ids.chunks(10_000) {
+        sqlx::query(
+            "INSERT INTO processed_jobs (job_id, queue, worker)
+             SELECT unnest($1::text[]), 'sync_catalog', 'earlier'",
+        )
+        .bind(chunk)
+        .execute(&env.pool)
+        .await
+        .expect("mark processed");
+    }
+    ids
+}
+
+async fn zcard(env: &TestEnv, key: &str) -> i64 {
+    let mut redis = env.redis.clone();
+    redis::cmd("ZCARD")
+        .arg(format!("{}:{key}", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("zcard")
+}
+
+async fn hlen(env: &TestEnv, key: &str) -> i64 {
+    let mut redis = env.redis.clone();
+    redis::cmd("HLEN")
+        .arg(format!("{}:{key}", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("hlen")
+}
+
+/// Waits until `check` holds or `within` passes; returns whether it held.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_thousand_jobs_enqueued_without_workers_are_drained_then_vacuumed() {
+    // apalis-redis 1.0 died at 8,000 due jobs (one unpack of every id) and slowed with the
+    // backlog when lock_tasks was on. Here 100k wait, then two worker processes drain them, and
+    // with a one-second retention the vacuum leaves no payload behind.
+    const JOBS: usize = 100_000;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("JOB_RETENTION_SECONDS".into(), "1".into());
+        v.insert("WORKER_CONCURRENCY".into(), "32".into());
+    })
+    .await;
+    let started = Instant::now();
+    enqueue_redeliveries(&env, JOBS).await;
+    let enqueued_in = started.elapsed();
+    assert_eq!(env.queued("sync_catalog").await, JOBS as i64);
+
+    let started = Instant::now();
+    let mut a = env.spawn(&["work"], &[]);
+    let mut b = env.spawn(&["work"], &[]);
+    let drained = eventually(Duration::from_secs(240), || async {
+        env.queued("sync_catalog").await == 0
+            && zcard(&env, "sync_catalog:dead").await == 0
+            && hlen(&env, "sync_catalog:data").await == 0
+    })
+    .await;
+    let drained_in = started.elapsed();
+    eprintln!(
+        "100k jobs: enqueued in {enqueued_in:?}, drained and vacuumed in {drained_in:?} \
+         ({:.0} jobs/s)",
+        JOBS as f64 / drained_in.as_secs_f64()
+    );
+    assert!(drained, "every job ran and its payload was vacuumed");
+    assert!(a.try_wait().expect("status").is_none(), "worker a is alive");
+    assert!(b.try_wait().expect("status").is_none(), "worker b is alive");
+    assert!(terminate(&mut a).success());
+    assert!(terminate(&mut b).success());
+    let mut redis = env.redis.clone();
+    let meta_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:sync_catalog:meta:*", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert!(
+        meta_keys.is_empty(),
+        "{} metadata hashes left",
+        meta_keys.len()
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_thousand_retries_falling_due_at_once_are_promoted_in_chunks() {
+    // The same unpack() killed apalis-redis's fetch when thousands of retries came due together
+    // (after a database outage, say). Make 20k retries due at once and drain them.
+    const JOBS: usize = 20_000;
+    let env = TestEnv::new().await;
+    let ids = enqueue_redeliveries(&env, JOBS).await;
+    let mut redis = env.redis.clone();
+    let active = format!("{}:sync_catalog:active", env.namespace);
+    let scheduled = format!("{}:sync_catalog:scheduled", env.namespace);
+    for chunk in ids.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("ZADD").arg(&scheduled).arg(0).arg(id).ignore();
+        }
+        let () = pipe.query_async(&mut redis).await.expect("schedule");
+    }
+    let () = redis::cmd("DEL")
+        .arg(&active)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    assert_eq!(zcard(&env, "sync_catalog:scheduled").await, JOBS as i64);
+
+    let worker = env.start_worker();
+    let drained = eventually(Duration::from_secs(120), || async {
+        zcard(&env, "sync_catalog:done").await == JOBS as i64
+    })
+    .await;
+    assert!(drained, "every due retry was promoted and ran");
+    assert_eq!(zcard(&env, "sync_catalog:scheduled").await, 0);
+    assert_eq!(zcard(&env, "sync_catalog:dead").await, 0);
+    worker.stop().await.expect("the worker never died");
+    env.cleanup().await;
+}
+
+fn low_confidence_message(tenant: Uuid) -> InboundMessage {
+    InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: "+14155550100".into(),
+        to: "+14155550199".into(),
+        body: "qwzx vbnm".into(),
+        received_at: "2026-11-28T10:00:00Z".into(),
+    }
+}
+
+async fn streak(env: &TestEnv) -> i64 {
+    let n: Option<i32> = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+        .fetch_optional(&env.pool)
+        .await
+        .expect("conversation");
+    i64::from(n.unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_job_is_taken_over_and_no_effect_applies_twice() {
+    // kill -9 a real `gatehouse work` process under load: its fetched jobs sit in its inflight
+    // set until the orphan timeout (1 s heartbeat × 3), then another process runs them; the
+    // processed_jobs marker keeps every effect single.
+    const JOBS: i64 = 2000;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut redis = env.redis.clone();
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs)
+        .await
+        .expect("enqueue");
+    let mut victim = env.spawn(&["work"], &[]);
+    let started = eventually(Duration::from_secs(60), || async {
+        env.count("SELECT count(*) FROM messages").await >= 200
+    })
+    .await;
+    assert!(started, "the first worker was working");
+    victim.kill().expect("kill -9");
+    let _ = victim.wait();
+    let at_kill = env.count("SELECT count(*) FROM messages").await;
+    assert!(at_kill < JOBS, "killed mid-backlog ({at_kill} done)");
+
+    let mut survivor = env.spawn(&["work"], &[]);
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(
+        n, JOBS,
+        "every job ran, including those the killed worker held"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        streak(&env).await,
+        JOBS,
+        "no job's effect was applied twice"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, JOBS);
+    assert!(terminate(&mut survivor).success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_restarted_under_load_loses_nothing() {
+    // SIGTERM under load, then a new process: in-flight jobs finish within the grace period,
+    // buffered ones go back to the queue, and the next process finishes the rest.
+    const JOBS: i64 = 2000;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut redis = env.redis.clone();
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs)
+        .await
+        .expect("enqueue");
+    let mut first = env.spawn(&["work"], &[]);
+    let started = eventually(Duration::from_secs(60), || async {
+        env.count("SELECT count(*) FROM messages").await >= 200
+    })
+    .await;
+    assert!(started);
+    assert!(terminate(&mut first).success(), "a clean stop under load");
+    let mut second = env.spawn(&["work"], &[]);
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(n, JOBS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(streak(&env).await, JOBS);
+    assert!(terminate(&mut second).success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_running_longer_than_the_orphan_timeout_is_not_run_twice() {
+    // The orphan timeout is 3 s (1 s × 3); a catalog sync against a store that takes 5 s must
+    // keep its worker alive (the process heartbeats on its own task) and run exactly once,
+    // though another worker process is watching for orphans.
+    let env = TestEnv::new().await;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/products",
+        axum::routing::get({
+            let hits = hits.clone();
+            move || async move {
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                axum::Json(serde_json::json!({
+                    "products": [{"id": "slow", "name": "Slow"}], "next_page": null
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let tenant = gatehouse::tenants::create(
+        &env.pool,
+        &env.config.keyring,
+        &gatehouse::tenants::NewTenant {
+            name: "Slow shop".into(),
+            twilio_account_sid: ACCOUNT_SID.into(),
+            twilio_auth_token: secrecy::SecretString::from(TOKEN.to_owned()),
+            store_url: Some(format!("http://{addr}")),
+            store_api_key: Some(secrecy::SecretString::from("k".repeat(20))),
+            webhook_shared_key: None,
+            owner_email: None,
+        },
+    )
+    .await
+    .expect("tenant");
+    let mut a = env.spawn(&["work"], &[]);
+    let mut b = env.spawn(&["work"], &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut redis = env.redis.clone();
+    env.queues()
+        .enqueue(
+            &mut redis,
+            &SyncCatalog {
+                tenant_id: tenant,
+                requested_by: Uuid::new_v4(),
+                mode: SyncMode::Full,
+            },
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let n = env
+        .wait_for_count("SELECT count(*) FROM products", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(n, 1);
+    // Longer than another orphan timeout, to catch a late second run.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the long job ran once"
+    );
+    assert!(terminate(&mut a).success());
+    assert!(terminate(&mut b).success());
+    env.cleanup().await;
+}
+
+/// A private Redis server (optionally with an append-only file), so a test may restart it or
+/// kill its connections without disturbing the other tests.
+struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            port,
+            dir: dir.to_owned(),
+            child,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server the way an orchestrator does (SIGTERM: it flushes and exits).
+    fn stop(mut self) -> (u16, std::path::PathBuf) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        (self.port, self.dir.clone())
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_survive_a_redis_restart_and_killed_connections_under_a_running_worker() {
+    const JOBS: i64 = 1500;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = PrivateRedis::start(free_port(), dir.path());
+    let url = server.url();
+    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+        .await
+        .expect("private redis");
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    env.queues()
+        .enqueue_batch(&mut conn, &jobs)
+        .await
+        .expect("enqueue");
+    let mut worker = env.spawn(&["work"], &[("REDIS_URL", &url)]);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.count("SELECT count(*) FROM messages").await >= 100
+        })
+        .await
+    );
+
+    // Its connections are cut (CLIENT KILL), twice.
+    for _ in 0..2 {
+        let _: Result<i64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut conn)
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Redis itself restarts (keeping its append-only file) for two seconds.
+    let (port, path) = server.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server = PrivateRedis::start(port, &path);
+    assert!(
+        worker.try_wait().expect("status").is_none(),
+        "the worker process is still running"
+    );
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(n, JOBS, "no job was lost");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(streak(&env).await, JOBS, "none applied twice");
+    assert!(terminate(&mut worker).success());
+    drop(server);
+    env.cleanup().await;
+}
+
+/// Runs the built binary with the test's environment and returns (status, stdout, stderr).
+fn gatehouse(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(args)
+        .env_clear()
+        .envs(env.vars.iter())
+        .envs(extra.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gatehouse");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_without_secrets_retried_and_purged() {
+    let env = TestEnv::new().await;
+    let worker = env.start_worker();
+    let mut redis = env.redis.clone();
+    // Unknown tenants: permanent errors, dead at once.
+    let jobs: Vec<SyncCatalog> = (0..3).map(|_| sync_job()).collect();
+    let mut ids = Vec::new();
+    for job in &jobs {
+        let e = env
+            .queues()
+            .enqueue(&mut redis, job, Enqueue::default())
+            .await
+            .expect("enqueue");
+        assert!(
+            env.wait_for_dead("sync_catalog", &e.job_id, Duration::from_secs(10))
+                .await
+        );
+        ids.push(e.job_id);
+    }
+    worker.stop().await.expect("stop");
+
+    let (code, out, _) = gatehouse(&env, &["jobs", "dead"], &[]);
+    assert_eq!(code, 0);
+    for id in &ids {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} listed in {out}"));
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols[1], "sync_catalog");
+        assert_eq!(cols[2], "1", "attempts");
+        assert!(cols[3].ends_with('Z'), "RFC 3339 time: {}", cols[3]);
+        assert!(
+            cols[4].contains("unknown tenant"),
+            "last error: {}",
+            cols[4]
+        );
+    }
+    for job in &jobs {
+        assert!(
+            !out.contains(&job.tenant_id.to_string()),
+            "no payload is printed"
+        );
+    }
+    let (code, out, _) = gatehouse(&env, &["jobs", "dead", "--queue", "inbound_message"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "only the header: {out}");
+    let (code, _, err) = gatehouse(&env, &["jobs", "dead", "--queue", "nope"], &[]);
+    assert_eq!(code, 1, "{err}");
+
+    // Retry puts the job back on its queue with a fresh budget.
+    let (code, out, _) = gatehouse(&env, &["jobs", "retry", &ids[0]], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("sync_catalog"));
+    assert_eq!(env.queued("sync_catalog").await, 1);
+    let attempts: String = redis::cmd("HGET")
+        .arg(format!("{}:sync_catalog:meta:{}", env.namespace, ids[0]))
+        .arg("attempts")
+        .query_async(&mut redis)
+        .await
+        .expect("meta");
+    assert_eq!(attempts, "0");
+    let (code, _, _) = gatehouse(&env, &["jobs", "retry", &ids[0]], &[]);
+    assert_eq!(code, 1, "no longer dead");
+    let (code, _, _) = gatehouse(&env, &["jobs", "retry", "no-such-job"], &[]);
+    assert_eq!(code, 1);
+
+    let (code, out, _) = gatehouse(&env, &["jobs", "purge", "--queue", "sync_catalog"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "purged 2 dead job(s)");
+    assert_eq!(zcard(&env, "sync_catalog:dead").await, 0);
+    assert_eq!(
+        hlen(&env, "sync_catalog:data").await,
+        1,
+        "only the retried job's payload is left"
+    );
+    let (code, out, _) = gatehouse(&env, &["jobs", "purge"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "purged 0 dead job(s)");
+
+    let (code, _, err) = gatehouse(
+        &env,
+        &["jobs", "dead"],
+        &[("REDIS_URL", "redis://127.0.0.1:1")],
+    );
+    assert_eq!(code, 2, "Redis unreachable: {err}");
+    env.cleanup().await;
+}
