@@ -137,7 +137,10 @@ async fn twenty_thousand_retries_falling_due_at_once_are_promoted_in_chunks() {
     // The same unpack() killed apalis-redis's fetch when thousands of retries came due together
     // (after a database outage, say). Make 20k retries due at once and drain them.
     const JOBS: usize = 20_000;
-    let env = TestEnv::new().await;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("WORKER_CONCURRENCY".into(), "32".into());
+    })
+    .await;
     let ids = enqueue_redeliveries(&env, JOBS).await;
     let mut redis = env.redis.clone();
     let active = format!("{}:sync_catalog:active", env.namespace);
@@ -312,8 +315,11 @@ async fn a_job_running_longer_than_the_orphan_timeout_is_not_run_twice() {
     )
     .await
     .expect("tenant");
-    let mut a = env.spawn(&["work"], &[]);
-    let mut b = env.spawn(&["work"], &[]);
+    // One slot per worker, so the long job fills it; its worker must keep heartbeating while
+    // it runs (the process's own heartbeat task does, whatever apalis's loop is doing), or the
+    // other process would take the job over and run it a second time.
+    let mut a = env.spawn(&["work"], &[("WORKER_CONCURRENCY", "1")]);
+    let mut b = env.spawn(&["work"], &[("WORKER_CONCURRENCY", "1")]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut redis = env.redis.clone();
     env.queues()
@@ -573,5 +579,78 @@ async fn dead_letters_are_listed_without_secrets_retried_and_purged() {
         &[("REDIS_URL", "redis://127.0.0.1:1")],
     );
     assert_eq!(code, 2, "Redis unreachable: {err}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_failing_for_good_logs_one_error_line_and_reaches_sentry() {
+    // A loopback server plays Sentry: the worker's ERROR line about the dead letter must arrive
+    // there as an event, and appear once in the process's JSON logs.
+    let env = TestEnv::new().await;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let app = axum::Router::new().fallback({
+        let received = received.clone();
+        move |body: axum::body::Bytes| async move {
+            if let Ok(mut r) = received.lock() {
+                r.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            axum::Json(serde_json::json!({}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let dsn = format!("http://publickey@{addr}/42");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("work")
+        .env_clear()
+        .envs(env.vars.iter())
+        .env("SENTRY_DSN", &dsn)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut redis = env.redis.clone();
+    let job = env
+        .queues()
+        .enqueue(&mut redis, &sync_job(), Enqueue::default())
+        .await
+        .expect("enqueue");
+    assert!(
+        env.wait_for_dead("sync_catalog", &job.job_id, Duration::from_secs(20))
+            .await
+    );
+    let reached = eventually(Duration::from_secs(15), || async {
+        received
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .any(|b| b.contains("dead-lettered") && b.contains(&job.job_id))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    let status = terminate(&mut child);
+    assert!(status.success());
+    assert!(reached, "a Sentry event names the dead-lettered job");
+    let mut logs = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        use std::io::Read;
+        let _ = stderr.read_to_string(&mut logs);
+    }
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("dead-lettered") && l.contains(&job.job_id))
+        .collect();
+    assert_eq!(lines.len(), 1, "one structured line: {logs}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON log line");
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["job.queue"], "sync_catalog");
+    assert_eq!(line["job.attempt"], 1);
     env.cleanup().await;
 }
