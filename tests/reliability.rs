@@ -654,3 +654,126 @@ async fn a_job_failing_for_good_logs_one_error_line_and_reaches_sentry() {
     assert_eq!(line["job.attempt"], 1);
     env.cleanup().await;
 }
+
+/// A TCP proxy to PostgreSQL that can be cut: while down it refuses new connections and
+/// drops the open ones, as a database failover or a network partition does.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableProxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (down, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                if *watch.borrow() {
+                    continue; // dropped: connection refused, in effect
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, down }
+    }
+
+    fn set_down(&self, down: bool) {
+        let _ = self.down.send(down);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_retry_through_a_postgres_outage_and_none_is_lost_or_half_applied() {
+    const JOBS: i64 = 300;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("JOB_MAX_ATTEMPTS_INBOUND_MESSAGE".into(), "20".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let mut url = url::Url::parse(&env.db_url).expect("db url");
+    url.set_port(Some(proxy.addr.port())).expect("port");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy(url.as_str())
+        .expect("lazy pool");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(gatehouse::worker::run(
+        env.worker_state_with(pool),
+        env.redis.clone(),
+        env.queues(),
+        env.worker_options(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut redis = env.redis.clone();
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    let half = (JOBS / 2) as usize;
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs[..half])
+        .await
+        .expect("enqueue");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM messages").await >= 20
+        })
+        .await
+    );
+    // PostgreSQL goes away for two seconds while jobs keep arriving.
+    proxy.set_down(true);
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs[half..])
+        .await
+        .expect("enqueue");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_down(false);
+
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(n, JOBS, "every job ran once the database was back");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(streak(&env).await, JOBS, "nothing applied twice or half");
+    assert_eq!(zcard(&env, "inbound_message:dead").await, 0);
+    let mut retried = 0;
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{}:inbound_message:done", env.namespace))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .expect("done ids");
+    for id in ids {
+        let attempts: Option<u32> = redis::cmd("HGET")
+            .arg(format!("{}:inbound_message:meta:{id}", env.namespace))
+            .arg("attempts")
+            .query_async(&mut redis)
+            .await
+            .expect("attempts");
+        if attempts.unwrap_or(0) > 1 {
+            retried += 1;
+        }
+    }
+    assert!(retried > 0, "the outage made some jobs fail and retry");
+    let _ = stop.send(());
+    let _ = worker.await;
+    env.cleanup().await;
+}
