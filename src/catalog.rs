@@ -601,7 +601,7 @@ pub async fn sync(
     }
     let creds = store_credentials(pool, keyring, job.tenant_id).await?;
     let listing = fetch_listing(client, &creds).await?;
-    for rejection in &listing.rejections {
+    for rejection in listing.rejections.iter().take(MAX_RECORDED_REJECTIONS) {
         tracing::warn!(
             job.id = %job_id,
             tenant.id = %job.tenant_id,
@@ -609,6 +609,15 @@ pub async fn sync(
             product.field = rejection.field,
             rule = rejection.reason,
             "store product rejected"
+        );
+    }
+    if listing.rejections.len() > MAX_RECORDED_REJECTIONS {
+        tracing::warn!(
+            job.id = %job_id,
+            tenant.id = %job.tenant_id,
+            rejected = listing.rejections.len(),
+            logged = MAX_RECORDED_REJECTIONS,
+            "more store products rejected than logged one by one"
         );
     }
     apply_listing(pool, job_id, worker, job, &listing).await
