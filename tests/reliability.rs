@@ -90,7 +90,9 @@ async fn a_hundred_thousand_jobs_enqueued_without_workers_are_drained_then_vacuu
     const JOBS: usize = 100_000;
     let env = TestEnv::with_vars(|v| {
         v.insert("JOB_RETENTION_SECONDS".into(), "1".into());
-        v.insert("WORKER_CONCURRENCY".into(), "32".into());
+        // 16 per process: two processes' pools (18 connections each) stay well inside
+        // PostgreSQL's connection limit, which other test binaries share.
+        v.insert("WORKER_CONCURRENCY".into(), "16".into());
     })
     .await;
     let started = Instant::now();
