@@ -779,3 +779,105 @@ async fn jobs_retry_through_a_postgres_outage_and_none_is_lost_or_half_applied()
     let _ = worker.await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_waits_in_redis_not_in_a_worker_slot() {
+    // One slot, retries up to ten minutes away: after a failed attempt the job sits in the
+    // scheduled set with its due time, and the single slot takes the next job at once.
+    let env = TestEnv::with_vars(|v| {
+        v.insert("WORKER_CONCURRENCY".into(), "1".into());
+        v.insert("JOB_RETRY_BASE_MS_SYNC_CATALOG".into(), "600000".into());
+        v.insert("JOB_RETRY_CAP_MS_SYNC_CATALOG".into(), "600000".into());
+    })
+    .await;
+    // A store nobody listens on: connection refused, worth a retry.
+    let closed = free_port();
+    let tenant = gatehouse::tenants::create(
+        &env.pool,
+        &env.config.keyring,
+        &gatehouse::tenants::NewTenant {
+            name: "Offline shop".into(),
+            twilio_account_sid: ACCOUNT_SID.into(),
+            twilio_auth_token: secrecy::SecretString::from(TOKEN.to_owned()),
+            store_url: Some(format!("http://127.0.0.1:{closed}")),
+            store_api_key: Some(secrecy::SecretString::from("k".repeat(20))),
+            webhook_shared_key: None,
+            owner_email: None,
+        },
+    )
+    .await
+    .expect("tenant");
+    let worker = env.start_worker();
+    let mut redis = env.redis.clone();
+    let failing = env
+        .queues()
+        .enqueue(
+            &mut redis,
+            &SyncCatalog {
+                tenant_id: tenant,
+                requested_by: Uuid::new_v4(),
+                mode: SyncMode::Full,
+            },
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let meta_key = format!("{}:sync_catalog:meta:{}", env.namespace, failing.job_id);
+    let scheduled = eventually(Duration::from_secs(10), || {
+        let mut redis = env.redis.clone();
+        let meta_key = meta_key.clone();
+        async move {
+            let retry_at: Option<u64> = redis::cmd("HGET")
+                .arg(&meta_key)
+                .arg("retry_at")
+                .query_async(&mut redis)
+                .await
+                .expect("hget");
+            retry_at.is_some()
+        }
+    })
+    .await;
+    assert!(scheduled, "the failed attempt was rescheduled");
+    let (retry_at, attempts): (u64, u32) = redis::cmd("HMGET")
+        .arg(&meta_key)
+        .arg("retry_at")
+        .arg("attempts")
+        .query_async(&mut redis)
+        .await
+        .expect("meta");
+    assert_eq!(attempts, 1);
+    let due: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("{}:sync_catalog:scheduled", env.namespace))
+        .arg(&failing.job_id)
+        .query_async(&mut redis)
+        .await
+        .expect("zscore");
+    assert_eq!(
+        due.map(|d| d as u64),
+        Some(retry_at),
+        "due time kept in Redis"
+    );
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis)
+        .await
+        .expect("time");
+    let now_ms = secs * 1000 + micros / 1000;
+    assert!(retry_at <= now_ms + 600_000, "within the cap");
+
+    // The one slot is free: a new job runs now, long before the retry is due.
+    let next = enqueue_redeliveries(&env, 1).await;
+    let done = eventually(Duration::from_secs(3), || async {
+        let mut redis = env.redis.clone();
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("{}:sync_catalog:done", env.namespace))
+            .arg(&next[0])
+            .query_async(&mut redis)
+            .await
+            .expect("zscore");
+        score.is_some()
+    })
+    .await;
+    assert!(done, "the next job did not wait for the retry's delay");
+    worker.stop().await.expect("stop");
+    env.cleanup().await;
+}

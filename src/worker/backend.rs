@@ -480,6 +480,18 @@ mod tests {
     }
 
     #[test]
+    fn live_worker_names_are_kept_per_queue_until_retired() {
+        let live = LiveWorkers::default();
+        live.add("ns:a", "w1");
+        live.add("ns:a", "w2");
+        live.add("ns:b", "w3");
+        live.remove("ns:a", "w1");
+        assert_eq!(live.names("ns:a"), vec!["w2".to_owned()]);
+        assert_eq!(live.names("ns:b"), vec!["w3".to_owned()]);
+        assert!(live.names("ns:c").is_empty());
+    }
+
+    #[test]
     fn failures_retry_until_the_last_attempt_then_die() {
         let p = policy();
         assert_eq!(outcome(&Status::Done, 1, &p), "done");
