@@ -51,6 +51,17 @@ pub const VARIABLES: &[&str] = &[
     "WORKER_MISSED_HEARTBEATS",
     "QUEUE_NAMESPACE",
     "TENANT_KEY_CACHE_SECONDS",
+    "JOB_RETRY_BASE_MS_INBOUND_MESSAGE",
+    "JOB_RETRY_CAP_MS_INBOUND_MESSAGE",
+    "JOB_MAX_ATTEMPTS_INBOUND_MESSAGE",
+    "JOB_RETRY_BASE_MS_SYNC_CATALOG",
+    "JOB_RETRY_CAP_MS_SYNC_CATALOG",
+    "JOB_MAX_ATTEMPTS_SYNC_CATALOG",
+    "JOB_RETRY_BASE_MS_ROTATE_KEYS",
+    "JOB_RETRY_CAP_MS_ROTATE_KEYS",
+    "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
+    "JOB_RETENTION_SECONDS",
+    "STORE_TIMEOUT_MS",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -247,6 +258,38 @@ impl LlmConfig {
     }
 }
 
+/// How a queue's failed jobs are retried: exponential backoff with full jitter, the delay of
+/// retry `n` (1-based) drawn uniformly from `0..=min(cap, base * 2^(n-1))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// `JOB_RETRY_BASE_MS_{QUEUE}`: the first retry's upper bound.
+    pub base: Duration,
+    /// `JOB_RETRY_CAP_MS_{QUEUE}`: no retry waits longer than this.
+    pub cap: Duration,
+    /// `JOB_MAX_ATTEMPTS_{QUEUE}`: runs (the first included) before a job is dead-lettered.
+    pub max_attempts: u32,
+}
+
+/// The retry policies of every queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicies {
+    pub inbound_message: RetryPolicy,
+    pub sync_catalog: RetryPolicy,
+    pub rotate_keys: RetryPolicy,
+}
+
+impl RetryPolicies {
+    /// The policy of a queue by its name (`inbound_message`, …); `None` for an unknown queue.
+    pub fn for_queue(&self, queue: &str) -> Option<RetryPolicy> {
+        match queue {
+            "inbound_message" => Some(self.inbound_message),
+            "sync_catalog" => Some(self.sync_catalog),
+            "rotate_keys" => Some(self.rotate_keys),
+            _ => None,
+        }
+    }
+}
+
 /// The whole validated configuration. Build it with [`Config::from_env`] or
 /// [`Config::from_vars`]. `Debug` never prints a secret.
 #[derive(Debug, Clone)]
@@ -314,6 +357,17 @@ pub struct Config {
     /// keeps a tenant's webhook verification keys in memory, so signed
     /// webhooks keep flowing through a short PostgreSQL outage.
     pub tenant_key_cache_seconds: u64,
+    /// Per-queue retry policies (`JOB_RETRY_BASE_MS_*`, `JOB_RETRY_CAP_MS_*`,
+    /// `JOB_MAX_ATTEMPTS_*`). Defaults: inbound_message base 5 s, cap 10 min;
+    /// sync_catalog base 60 s, cap 1 h; rotate_keys base 30 s, cap 30 min; 4 attempts
+    /// (3 retries) each.
+    pub retry: RetryPolicies,
+    /// `JOB_RETENTION_SECONDS`, default 3600, 1..=2592000: how long a finished job's
+    /// payload and metadata stay in Redis before the vacuum removes them.
+    pub job_retention_seconds: u64,
+    /// `STORE_TIMEOUT_MS`, default 10 000, 100..=120 000: timeout of each request to a
+    /// tenant's store (catalog sync).
+    pub store_timeout_ms: u64,
 }
 
 impl Config {
@@ -458,6 +512,40 @@ impl Config {
             }
         });
         let tenant_key_cache_seconds = r.integer("TENANT_KEY_CACHE_SECONDS", 300u64, 1, 3600);
+        let retry = RetryPolicies {
+            inbound_message: read_retry_policy(
+                &mut r,
+                [
+                    "JOB_RETRY_BASE_MS_INBOUND_MESSAGE",
+                    "JOB_RETRY_CAP_MS_INBOUND_MESSAGE",
+                    "JOB_MAX_ATTEMPTS_INBOUND_MESSAGE",
+                ],
+                5_000,
+                600_000,
+            ),
+            sync_catalog: read_retry_policy(
+                &mut r,
+                [
+                    "JOB_RETRY_BASE_MS_SYNC_CATALOG",
+                    "JOB_RETRY_CAP_MS_SYNC_CATALOG",
+                    "JOB_MAX_ATTEMPTS_SYNC_CATALOG",
+                ],
+                60_000,
+                3_600_000,
+            ),
+            rotate_keys: read_retry_policy(
+                &mut r,
+                [
+                    "JOB_RETRY_BASE_MS_ROTATE_KEYS",
+                    "JOB_RETRY_CAP_MS_ROTATE_KEYS",
+                    "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
+                ],
+                30_000,
+                1_800_000,
+            ),
+        };
+        let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
+        let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
 
         let problems = r.finish();
         match (database_url, secret_key, jwt_secret_key, keyring) {
@@ -492,6 +580,9 @@ impl Config {
                     worker_missed_heartbeats,
                     queue_namespace,
                     tenant_key_cache_seconds,
+                    retry,
+                    job_retention_seconds,
+                    store_timeout_ms,
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -624,6 +715,27 @@ fn read_keyring<F: Fn(&str) -> Lookup>(r: &mut Reader<F>) -> Option<Keyring> {
 // ---------------------------------------------------------------------------
 // URL rules
 // ---------------------------------------------------------------------------
+
+/// One queue's retry policy from its three variables; a cap below the base is a problem
+/// named by the cap's variable.
+fn read_retry_policy<F: Fn(&str) -> Lookup>(
+    r: &mut Reader<F>,
+    [base_var, cap_var, attempts_var]: [&'static str; 3],
+    base_ms: u64,
+    cap_ms: u64,
+) -> RetryPolicy {
+    let base = r.integer(base_var, base_ms, 1, 86_400_000);
+    let cap = r.integer(cap_var, cap_ms, 1, 604_800_000);
+    let max_attempts = r.integer(attempts_var, 4u32, 1, 100);
+    if cap < base {
+        r.problem(cap_var, format!("must not be below {base_var}"));
+    }
+    RetryPolicy {
+        base: Duration::from_millis(base),
+        cap: Duration::from_millis(cap),
+        max_attempts,
+    }
+}
 
 fn check_url_scheme<F: Fn(&str) -> Lookup>(
     r: &mut Reader<F>,
@@ -934,6 +1046,56 @@ mod tests {
         assert_eq!(cfg.worker_missed_heartbeats, 3);
         assert_eq!(cfg.queue_namespace, "gatehouse");
         assert_eq!(cfg.tenant_key_cache_seconds, 300);
+        assert_eq!(
+            cfg.retry.sync_catalog,
+            RetryPolicy {
+                base: Duration::from_secs(60),
+                cap: Duration::from_secs(3600),
+                max_attempts: 4
+            }
+        );
+        assert_eq!(cfg.retry.inbound_message.max_attempts, 4);
+        assert_eq!(cfg.retry.rotate_keys.max_attempts, 4);
+        assert_eq!(cfg.job_retention_seconds, 3600);
+        assert_eq!(cfg.store_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn retry_settings_are_validated_per_queue_and_named() {
+        let p = fails_on(
+            &[("JOB_MAX_ATTEMPTS_SYNC_CATALOG", "0")],
+            "JOB_MAX_ATTEMPTS_SYNC_CATALOG",
+        );
+        assert!(p.rule.contains("1 to 100"), "{p}");
+        fails_on(
+            &[("JOB_RETRY_BASE_MS_INBOUND_MESSAGE", "soon")],
+            "JOB_RETRY_BASE_MS_INBOUND_MESSAGE",
+        );
+        let p = fails_on(
+            &[
+                ("JOB_RETRY_BASE_MS_ROTATE_KEYS", "5000"),
+                ("JOB_RETRY_CAP_MS_ROTATE_KEYS", "10"),
+            ],
+            "JOB_RETRY_CAP_MS_ROTATE_KEYS",
+        );
+        assert!(p.rule.contains("JOB_RETRY_BASE_MS_ROTATE_KEYS"), "{p}");
+        fails_on(&[("JOB_RETENTION_SECONDS", "0")], "JOB_RETENTION_SECONDS");
+        fails_on(&[("STORE_TIMEOUT_MS", "-1")], "STORE_TIMEOUT_MS");
+        let cfg = load(&with(&[
+            ("JOB_RETRY_BASE_MS_SYNC_CATALOG", "100"),
+            ("JOB_RETRY_CAP_MS_SYNC_CATALOG", "1000"),
+            ("JOB_MAX_ATTEMPTS_SYNC_CATALOG", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.retry.for_queue("sync_catalog"),
+            Some(RetryPolicy {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(1),
+                max_attempts: 2
+            })
+        );
+        assert_eq!(cfg.retry.for_queue("nope"), None);
     }
 
     #[test]

@@ -75,11 +75,12 @@ async fn a_signed_message_travels_from_http_through_redis_to_a_committed_row() {
     let done_key = format!("{}:inbound_message:done", env.namespace);
     let mut done = 0;
     for _ in 0..100 {
-        done = redis::cmd("SCARD")
+        // `done` is a sorted set by finish time (the vacuum's index).
+        done = redis::cmd("ZCARD")
             .arg(&done_key)
             .query_async(&mut redis)
             .await
-            .expect("scard");
+            .expect("zcard");
         if done == 1 {
             break;
         }

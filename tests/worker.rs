@@ -294,13 +294,7 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         .acquire_timeout(Duration::from_millis(200))
         .connect_lazy("postgres://postgres@127.0.0.1:1/none")
         .expect("lazy pool");
-    let state = std::sync::Arc::new(gatehouse::worker::WorkerState {
-        pool: dead_pool,
-        keyring: env.config.keyring.clone(),
-        blind_index: env.config.blind_index.clone(),
-        min_confidence: 0.6,
-        classifier: std::sync::Arc::new(gatehouse::classify::RuleClassifier),
-    });
+    let state = env.worker_state_with(dead_pool);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(gatehouse::worker::run(
         state,
@@ -308,9 +302,7 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         env.queues(),
         gatehouse::worker::WorkerOptions {
             concurrency: 2,
-            grace: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(1),
-            missed_heartbeats: 3,
+            ..env.worker_options()
         },
         async move {
             let _ = stopped.await;

@@ -97,6 +97,49 @@ impl Queues {
             .await
     }
 
+    /// Enqueue many jobs of one type, pipelined (`BATCH` script calls per round trip); each
+    /// job is still its own atomic script call, straight onto the active list. Returns the new
+    /// jobs' ids in order. For backfills and bulk producers; use [`Queues::enqueue`] for
+    /// dedupe keys and request ids.
+    pub async fn enqueue_batch<C: ConnectionLike, J: Job>(
+        &self,
+        conn: &mut C,
+        jobs: &[J],
+    ) -> Result<Vec<String>, EnqueueError> {
+        const BATCH: usize = 1000;
+        let queue_key = self.queue_key(J::QUEUE);
+        // EVALSHA needs the script cached; SCRIPT LOAD is idempotent.
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(include_str!("../lua/enqueue.lua"))
+            .query_async(conn)
+            .await?;
+        let hash = ENQUEUE.get_hash().to_owned();
+        let mut ids = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for job in chunk {
+                let job_id = Uuid::now_v7().to_string();
+                pipe.cmd("EVALSHA")
+                    .arg(&hash)
+                    .arg(5)
+                    .arg(format!("{queue_key}:data"))
+                    .arg(format!("{queue_key}:active"))
+                    .arg(format!("{queue_key}:signal"))
+                    .arg(format!("{queue_key}:meta"))
+                    .arg("")
+                    .arg(&job_id)
+                    .arg(serde_json::to_string(job)?)
+                    .arg(J::MAX_ATTEMPTS)
+                    .arg(1)
+                    .ignore();
+                ids.push(job_id);
+            }
+            let () = pipe.query_async(conn).await?;
+        }
+        Ok(ids)
+    }
+
     /// Enqueue a payload that was already validated against the queue's schema.
     pub async fn enqueue_raw<C: ConnectionLike>(
         &self,

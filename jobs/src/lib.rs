@@ -28,7 +28,9 @@ pub mod client;
 pub trait Job: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static {
     /// The queue's stable name.
     const QUEUE: &'static str;
-    /// Attempts (first run included) before the job is dead-lettered.
+    /// The default attempt budget (first run included), recorded with the job when it is
+    /// enqueued. The workers' per-queue setting (`JOB_MAX_ATTEMPTS_{QUEUE}`, default 4) is what
+    /// decides when a failing job is dead-lettered.
     const MAX_ATTEMPTS: u32 = 4;
 }
 

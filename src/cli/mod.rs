@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 usage or validation error, 2 a service (PostgreSQL, Redis)
 //! cannot be reached. Secrets are read from stdin as `name=value` lines, never from argv.
 
+mod jobs;
 mod stdin;
 
 use std::collections::HashMap;
@@ -47,6 +48,9 @@ enum Command {
     /// Tenants.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Dead-letter operations.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
     /// Users.
     #[command(subcommand)]
     Users(UsersCommand),
@@ -263,6 +267,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _guard = telemetry(&config);
             runtime()?.block_on(dev(config))
         }
+        Command::Jobs(command) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(jobs::run(&config, command))
+        }
         Command::Tenants(TenantsCommand::Create {
             name,
             twilio_account_sid,
@@ -475,19 +483,9 @@ async fn work(
     let redis = crate::queue::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
-    let state = Arc::new(WorkerState {
-        pool,
-        keyring: config.keyring.clone(),
-        blind_index: config.blind_index.clone(),
-        min_confidence: config.llm_min_confidence,
-        classifier: crate::llm::classifier(config.llm.as_ref())?,
-    });
-    let options = WorkerOptions {
-        concurrency: config.worker_concurrency,
-        grace: config.worker_grace(),
-        heartbeat: config.worker_heartbeat(),
-        missed_heartbeats: config.worker_missed_heartbeats,
-    };
+    let state =
+        Arc::new(WorkerState::new(pool, &config).map_err(|e| Failure::Invalid(e.to_string()))?);
+    let options = WorkerOptions::from_config(&config);
     let queues = gatehouse_jobs::client::Queues::new(config.queue_namespace.clone());
     crate::worker::run(state, redis, queues, options, shutdown).await?;
     tracing::info!("workers stopped");

@@ -1,26 +1,34 @@
 //! The worker edge: apalis workers over gatehouse's Redis queues.
 //!
-//! apalis-redis 1.0 is configured around its measured defects (see ARCHITECTURE.md):
-//! explicit queue names, `lock_tasks(false)`, jobs enqueued straight onto the active list
-//! by `gatehouse-jobs`, a short poll interval, a unique worker name per process, and a
-//! supervisor that treats workers ending on their own as a failure, never a clean exit.
+//! apalis is the worker framework; the queue underneath is gatehouse's own Redis backend
+//! (`backend`: chunked promotion, exponential backoff with full jitter, dead letters with
+//! their last error, orphan recovery, retention), replacing what apalis-redis 1.0 gets wrong
+//! (see ARCHITECTURE.md). Every process names its workers uniquely, heartbeats from a task of
+//! its own (so long jobs keep their workers alive), vacuums finished jobs, and supervises its
+//! workers: one ending on its own is restarted under a new name, never a silent clean exit.
 
+pub mod backend;
+pub mod dead;
 pub mod poll;
+pub mod retry;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_redis::{ConnectionManager, RedisStorage};
-use gatehouse_jobs::{InboundMessage, Job, client::Queues};
+use gatehouse_jobs::{InboundMessage, Job, SyncCatalog, client::Queues};
+use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tracing::Instrument;
 
+use crate::catalog::{StoreClient, StoreLimits, SyncOutcome};
 use crate::classify::Classifier;
+use crate::config::{Config, RetryPolicies, RetryPolicy};
 use crate::conversations::{InboundContext, InboundOutcome, process_inbound};
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::Keyring;
+use backend::{LiveWorkers, QueueBackend, QueueKeys, QueueSettings};
 
 /// How often an idle worker polls its queue.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -33,6 +41,40 @@ pub struct WorkerState {
     pub min_confidence: f64,
     /// The rule-based classifier or the LLM client (`crate::llm::classifier`).
     pub classifier: Arc<dyn Classifier>,
+    /// Per-queue retry policies (the handler logs a job's last attempt; the backend
+    /// schedules retries).
+    pub retry: RetryPolicies,
+    /// The client for tenants' stores (catalog sync).
+    pub store: StoreClient,
+}
+
+/// The handlers' HTTP clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot set up the store client: {0}")]
+    Store(#[from] reqwest::Error),
+    #[error(transparent)]
+    Llm(#[from] crate::llm::SetupError),
+}
+
+impl WorkerState {
+    /// The handlers' state from the configuration.
+    pub fn new(pool: PgPool, config: &Config) -> Result<Self, SetupError> {
+        // The store client is rustls without a built-in provider: ring is the process's one
+        // TLS stack (installing it twice is a no-op).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(Self {
+            pool,
+            keyring: config.keyring.clone(),
+            blind_index: config.blind_index.clone(),
+            min_confidence: config.llm_min_confidence,
+            classifier: crate::llm::classifier(config.llm.as_ref())?,
+            retry: config.retry,
+            store: StoreClient::new(StoreLimits::with_timeout(Duration::from_millis(
+                config.store_timeout_ms,
+            )))?,
+        })
+    }
 }
 
 /// How a worker process runs.
@@ -43,7 +85,27 @@ pub struct WorkerOptions {
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub grace: Duration,
     pub heartbeat: Duration,
+    /// Heartbeats a worker may miss before its jobs are handed to another worker.
     pub missed_heartbeats: usize,
+    /// How long finished jobs stay in Redis before the vacuum removes them.
+    pub retention: Duration,
+}
+
+impl WorkerOptions {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            concurrency: config.worker_concurrency,
+            grace: config.worker_grace(),
+            heartbeat: config.worker_heartbeat(),
+            missed_heartbeats: config.worker_missed_heartbeats,
+            retention: Duration::from_secs(config.job_retention_seconds),
+        }
+    }
+
+    /// Silence after which a worker counts as dead.
+    pub fn orphan_timeout(&self) -> Duration {
+        self.heartbeat * self.missed_heartbeats.max(1) as u32
+    }
 }
 
 /// Why the worker process stopped abnormally.
@@ -66,17 +128,42 @@ pub fn unique_worker_name() -> String {
     format!("{host}-{}-{suffix:08x}", std::process::id())
 }
 
-fn storage_config(queues: &Queues, queue: &str, options: &WorkerOptions) -> apalis_redis::Config {
-    apalis_redis::Config::default()
-        .queue(queues.queue_key(queue))
-        .lock_tasks(false)
-        .batch_size(options.concurrency.max(1))
-        .heartbeat_interval(options.heartbeat)
-        .missed_heartbeats(options.missed_heartbeats)
-        .emit_events(false)
-        // "results" is how apalis-redis acks: without it a finished job stays in the
-        // worker's inflight set and is re-run by orphan recovery.
-        .persist_results(true)
+fn queue_settings(
+    queues: &Queues,
+    queue: &str,
+    options: &WorkerOptions,
+    retry: RetryPolicy,
+) -> QueueSettings {
+    QueueSettings {
+        keys: QueueKeys::new(queues.namespace(), queue),
+        batch_size: options.concurrency.max(1),
+        heartbeat: options.heartbeat,
+        orphan_timeout: options.orphan_timeout(),
+        retry,
+    }
+}
+
+/// Turns a failed attempt into what apalis and the backend act on, logging it once: a
+/// permanent error or a failed last attempt becomes `AbortError` (→ dead letter, an ERROR
+/// line, and a Sentry event when SENTRY_DSN is set); anything else is retried later.
+fn job_failed(
+    queue: &'static str,
+    job_id: &str,
+    attempt: usize,
+    policy: &RetryPolicy,
+    retryable: bool,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> BoxDynError {
+    if !retryable {
+        tracing::error!(job.id = %job_id, job.queue = queue, job.attempt = attempt, %error, "job failed permanently; dead-lettered");
+        AbortError::new(error).into()
+    } else if attempt >= policy.max_attempts as usize {
+        tracing::error!(job.id = %job_id, job.queue = queue, job.attempt = attempt, job.max_attempts = policy.max_attempts, %error, "job failed on its last attempt; dead-lettered");
+        AbortError::new(error).into()
+    } else {
+        tracing::warn!(job.id = %job_id, job.queue = queue, job.attempt = attempt, %error, "job failed, will retry");
+        error.into()
+    }
 }
 
 async fn handle_inbound(
@@ -141,19 +228,81 @@ async fn run_inbound(
             }
             Ok(())
         }
-        Err(error) if !error.is_retryable() => {
-            tracing::error!(job.id = %job_id, job.queue = InboundMessage::QUEUE, %error, "job failed permanently");
-            Err(AbortError::new(error).into())
-        }
-        Err(error) if attempt.current() >= InboundMessage::MAX_ATTEMPTS as usize => {
-            tracing::error!(job.id = %job_id, job.queue = InboundMessage::QUEUE, attempt = attempt.current(), %error, "job failed on its last attempt");
-            Err(AbortError::new(error).into())
-        }
         Err(error) => {
-            tracing::warn!(job.id = %job_id, job.queue = InboundMessage::QUEUE, attempt = attempt.current(), %error, "job failed, will retry");
-            Err(error.into())
+            let retryable = error.is_retryable();
+            Err(job_failed(
+                InboundMessage::QUEUE,
+                &job_id,
+                attempt.current(),
+                &state.retry.inbound_message,
+                retryable,
+                error,
+            ))
         }
     }
+}
+
+async fn handle_sync(
+    job: SyncCatalog,
+    id: TaskId,
+    attempt: Attempt,
+    worker: WorkerContext,
+    meta: MetadataStore,
+    state: Data<Arc<WorkerState>>,
+) -> Result<(), BoxDynError> {
+    let job_id = id.to_string();
+    let span = tracing::info_span!(
+        "job",
+        job.id = %job_id,
+        job.queue = SyncCatalog::QUEUE,
+        request.id = meta.get("request_id").unwrap_or("-"),
+    );
+    async move {
+        let started = std::time::Instant::now();
+        match crate::catalog::sync(
+            &state.pool,
+            &state.keyring,
+            &state.store,
+            &job_id,
+            worker.name(),
+            &job,
+        )
+        .await
+        {
+            Ok(SyncOutcome::Applied {
+                pages,
+                fetched,
+                upserted,
+                deleted,
+                rejected,
+            }) => {
+                tracing::info!(
+                    tenant.id = %job.tenant_id,
+                    pages, fetched, upserted, deleted, rejected,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "catalog synced"
+                );
+                Ok(())
+            }
+            Ok(SyncOutcome::AlreadyProcessed) => {
+                tracing::info!(tenant.id = %job.tenant_id, "catalog sync already applied");
+                Ok(())
+            }
+            Err(error) => {
+                let retryable = error.is_retryable();
+                Err(job_failed(
+                    SyncCatalog::QUEUE,
+                    &job_id,
+                    attempt.current(),
+                    &state.retry.sync_catalog,
+                    retryable,
+                    error,
+                ))
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
 /// Restarts allowed within a sliding window. A worker that fails (Redis restarting, say) is
@@ -186,6 +335,62 @@ impl RestartBudget {
     }
 }
 
+/// Keeps this process's workers alive in Redis, recovers dead workers' jobs and vacuums
+/// finished ones, every heartbeat interval, independently of how busy the workers are.
+async fn maintain(
+    mut redis: ConnectionManager,
+    queues: Vec<QueueKeys>,
+    live: LiveWorkers,
+    options: WorkerOptions,
+) {
+    const VACUUM_CHUNK: usize = 1000;
+    const VACUUM_CHUNKS_PER_ROUND: usize = 20;
+    let mut ticker = tokio::time::interval(options.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut healthy = true;
+    loop {
+        ticker.tick().await;
+        let mut ok = true;
+        for keys in &queues {
+            let names = live.names(&keys.prefix);
+            match backend::heartbeat(&mut redis, keys, options.orphan_timeout(), None, &names).await
+            {
+                Ok((jobs, workers)) if jobs > 0 || workers > 0 => tracing::warn!(
+                    queue = %keys.prefix, jobs, workers,
+                    "recovered the jobs of workers that stopped heartbeating"
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    ok = false;
+                    tracing::warn!(queue = %keys.prefix, %error, "heartbeat failed");
+                    continue;
+                }
+            }
+            for _ in 0..VACUUM_CHUNKS_PER_ROUND {
+                match backend::vacuum(&mut redis, keys, options.retention, VACUUM_CHUNK).await {
+                    Ok(n) if n as usize == VACUUM_CHUNK => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        ok = false;
+                        tracing::warn!(queue = %keys.prefix, %error, "vacuum failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if ok != healthy {
+            if ok {
+                tracing::info!("worker maintenance reaches Redis again");
+            } else {
+                tracing::error!(
+                    "worker maintenance cannot reach Redis; jobs wait until it is back"
+                );
+            }
+            healthy = ok;
+        }
+    }
+}
+
 /// Runs every queue's workers until `shutdown` resolves, then stops taking jobs and waits
 /// up to the grace period for in-flight ones.
 pub async fn run(
@@ -197,19 +402,63 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let base = unique_worker_name();
     tracing::info!(worker.name = %base, concurrency = options.concurrency, "starting workers");
-    let inbound_config = storage_config(&queues, InboundMessage::QUEUE, &options);
     let concurrency = options.concurrency.max(1);
+    let live = LiveWorkers::default();
+    let inbound = queue_settings(
+        &queues,
+        InboundMessage::QUEUE,
+        &options,
+        state.retry.inbound_message,
+    );
+    let sync = queue_settings(
+        &queues,
+        SyncCatalog::QUEUE,
+        &options,
+        state.retry.sync_catalog,
+    );
+    let maintenance = tokio::spawn(maintain(
+        redis.clone(),
+        vec![inbound.keys.clone(), sync.keys.clone()],
+        live.clone(),
+        options.clone(),
+    ));
+    // A restarted worker's previous name stops heartbeating, so whatever it held is recovered
+    // after the orphan timeout.
+    let retire = |live: &LiveWorkers, settings: &QueueSettings, name: String| {
+        live.remove(&settings.keys.prefix, &name);
+    };
     let monitor = Monitor::new()
-        .register(move |restarts| {
-            let storage = RedisStorage::<InboundMessage>::new(redis.clone())
-                .with_config(inbound_config.clone())
-                .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
-            WorkerBuilder::new(format!("{base}-{}-r{restarts}", InboundMessage::QUEUE))
-                .backend(storage)
-                .catch_panic()
-                .concurrency(concurrency)
-                .data(state.clone())
-                .build(handle_inbound)
+        .register({
+            let (redis, state, live, base) = (redis.clone(), state.clone(), live.clone(), base.clone());
+            move |restarts| {
+                if restarts > 0 {
+                    retire(&live, &inbound, format!("{base}-{}-r{}", InboundMessage::QUEUE, restarts - 1));
+                }
+                let storage = QueueBackend::<InboundMessage>::new(redis.clone(), inbound.clone(), live.clone())
+                    .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
+                WorkerBuilder::new(format!("{base}-{}-r{restarts}", InboundMessage::QUEUE))
+                    .backend(storage)
+                    .catch_panic()
+                    .concurrency(concurrency)
+                    .data(state.clone())
+                    .build(handle_inbound)
+            }
+        })
+        .register({
+            let (redis, state, live, base) = (redis.clone(), state.clone(), live.clone(), base.clone());
+            move |restarts| {
+                if restarts > 0 {
+                    retire(&live, &sync, format!("{base}-{}-r{}", SyncCatalog::QUEUE, restarts - 1));
+                }
+                let storage = QueueBackend::<SyncCatalog>::new(redis.clone(), sync.clone(), live.clone())
+                    .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
+                WorkerBuilder::new(format!("{base}-{}-r{restarts}", SyncCatalog::QUEUE))
+                    .backend(storage)
+                    .catch_panic()
+                    .concurrency(concurrency)
+                    .data(state.clone())
+                    .build(handle_sync)
+            }
         })
         .should_restart({
             let budget = std::sync::Mutex::new(RestartBudget::default());
@@ -225,7 +474,7 @@ pub async fn run(
         });
     let context = monitor.context();
     let mut running = Box::pin(monitor.run());
-    tokio::select! {
+    let result = tokio::select! {
         result = &mut running => {
             let why = match result {
                 Ok(()) => "all workers returned".to_owned(),
@@ -246,7 +495,9 @@ pub async fn run(
                 Err(_) => Err(WorkerError::GraceExceeded(options.grace)),
             }
         }
-    }
+    };
+    maintenance.abort();
+    result
 }
 
 #[cfg(test)]

@@ -75,6 +75,11 @@ pub fn base_vars(db_url: &str, namespace: &str) -> HashMap<String, String> {
         ("WORKER_HEARTBEAT_SECONDS", "1".to_owned()),
         ("WORKER_MISSED_HEARTBEATS", "3".to_owned()),
         ("WORKER_GRACE_SECONDS", "10".to_owned()),
+        // Short retries, so failing jobs reach their dead letter within a test.
+        ("JOB_RETRY_BASE_MS_INBOUND_MESSAGE", "100".to_owned()),
+        ("JOB_RETRY_CAP_MS_INBOUND_MESSAGE", "400".to_owned()),
+        ("JOB_RETRY_BASE_MS_SYNC_CATALOG", "100".to_owned()),
+        ("JOB_RETRY_CAP_MS_SYNC_CATALOG", "400".to_owned()),
     ] {
         vars.insert(k.to_owned(), v);
     }
@@ -174,14 +179,17 @@ impl TestEnv {
     }
 
     pub fn worker_state(&self) -> Arc<WorkerState> {
-        Arc::new(WorkerState {
-            pool: self.pool.clone(),
-            keyring: self.config.keyring.clone(),
-            blind_index: self.config.blind_index.clone(),
-            min_confidence: self.config.llm_min_confidence,
-            classifier: gatehouse::llm::classifier(self.config.llm.as_ref())
-                .expect("the configured classifier builds"),
-        })
+        self.worker_state_with(self.pool.clone())
+    }
+
+    /// Worker state over another pool (e.g. one whose PostgreSQL is unreachable).
+    pub fn worker_state_with(&self, pool: PgPool) -> Arc<WorkerState> {
+        Arc::new(WorkerState::new(pool, &self.config).expect("store client builds"))
+    }
+
+    /// The workers' options as `gatehouse work` would derive them from this test's variables.
+    pub fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions::from_config(&self.config)
     }
 
     /// Runs the workers in this process until the returned handle is stopped.
@@ -193,10 +201,8 @@ impl TestEnv {
     pub fn start_worker_with(&self, heartbeat: Duration) -> TestWorker {
         let (tx, rx) = oneshot::channel::<()>();
         let options = WorkerOptions {
-            concurrency: 8,
-            grace: Duration::from_secs(10),
             heartbeat,
-            missed_heartbeats: 3,
+            ..self.worker_options()
         };
         let task = tokio::spawn(gatehouse::worker::run(
             self.worker_state(),
@@ -229,12 +235,13 @@ impl TestEnv {
         let key = format!("{}:{queue}:dead", self.namespace);
         let start = Instant::now();
         loop {
-            let dead: bool = redis::cmd("SISMEMBER")
+            let score: Option<f64> = redis::cmd("ZSCORE")
                 .arg(&key)
                 .arg(job_id)
                 .query_async(&mut redis)
                 .await
-                .expect("sismember");
+                .expect("zscore");
+            let dead = score.is_some();
             if dead || start.elapsed() > within {
                 return dead;
             }

@@ -1,0 +1,20 @@
+-- gatehouse dead-letter retry: a dead job goes back to the active list with a fresh attempt
+-- budget. Returns 1, or 0 when the job is not dead (unknown, already retried or purged).
+-- KEYS[1]: {queue}:dead
+-- KEYS[2]: {queue}:active
+-- KEYS[3]: {queue}:meta (prefix)
+-- KEYS[4]: {queue}:data
+-- ARGV[1]: job id
+local id = ARGV[1]
+if not redis.call("zscore", KEYS[1], id) then
+    return 0
+end
+redis.call("zrem", KEYS[1], id)
+if redis.call("hexists", KEYS[4], id) == 0 then
+    redis.call("del", KEYS[3] .. ":" .. id)
+    return 0
+end
+redis.call("hset", KEYS[3] .. ":" .. id, "status", "Pending", "attempts", 0)
+redis.call("hdel", KEYS[3] .. ":" .. id, "dead_at")
+redis.call("rpush", KEYS[2], id)
+return 1

@@ -1,0 +1,10 @@
+-- gatehouse deregistration on a clean stop: the name leaves the workers set only when it
+-- holds no job; otherwise orphan recovery hands its jobs on after the timeout.
+-- KEYS[1]: {queue}:workers
+-- KEYS[2]: {queue}:inflight:{worker}
+-- ARGV[1]: worker name
+if redis.call("scard", KEYS[2]) == 0 then
+    redis.call("zrem", KEYS[1], ARGV[1])
+    return 1
+end
+return 0

@@ -1,0 +1,20 @@
+-- gatehouse vacuum: removes finished jobs older than the retention, oldest first, bounded
+-- per call (apalis-redis 1.0 never removes anything and its vacuum scripts walk every job).
+-- KEYS[1]: {queue}:done
+-- KEYS[2]: {queue}:data
+-- KEYS[3]: {queue}:meta (prefix)
+-- ARGV[1]: retention ms
+-- ARGV[2]: most jobs to remove in this call
+-- Returns the number removed.
+local t = redis.call("time")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call("zrangebyscore", KEYS[1], "-inf", now - tonumber(ARGV[1]),
+    "LIMIT", 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+    redis.call("hdel", KEYS[2], id)
+    redis.call("del", KEYS[3] .. ":" .. id)
+end
+if #ids > 0 then
+    redis.call("zrem", KEYS[1], unpack(ids))
+end
+return #ids

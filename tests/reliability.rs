@@ -1,0 +1,883 @@
+//! The reliability core, one regression test per apalis-redis 1.0 defect gatehouse must not
+//! inherit (ARCHITECTURE.md): deep backlogs, bursts of due retries, workers killed or
+//! restarted under load, Redis connections that fail, long jobs, retention — and the
+//! dead-letter commands.
+//!
+//! Bulk tests use the cheapest real path through the worker: `sync_catalog` jobs whose ids
+//! are already in `processed_jobs` (a redelivery), which the real handler acknowledges after
+//! one indexed lookup.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use gatehouse_jobs::client::Enqueue;
+use gatehouse_jobs::{InboundMessage, SyncCatalog, SyncMode};
+use uuid::Uuid;
+
+fn sync_job() -> SyncCatalog {
+    SyncCatalog {
+        tenant_id: Uuid::new_v4(),
+        requested_by: Uuid::new_v4(),
+        mode: SyncMode::Incremental,
+    }
+}
+
+/// Enqueues `n` sync jobs whose effect is already recorded, so running one is a lookup.
+async fn enqueue_redeliveries(env: &TestEnv, n: usize) -> Vec<String> {
+    let mut redis = env.redis.clone();
+    let jobs: Vec<SyncCatalog> = (0..n).map(|_| sync_job()).collect();
+    let ids = env
+        .queues()
+        .enqueue_batch(&mut redis, &jobs)
+        .await
+        .expect("enqueue batch");
+    for chunk in ids.chunks(10_000) {
+        sqlx::query(
+            "INSERT INTO processed_jobs (job_id, queue, worker)
+             SELECT unnest($1::text[]), 'sync_catalog', 'earlier'",
+        )
+        .bind(chunk)
+        .execute(&env.pool)
+        .await
+        .expect("mark processed");
+    }
+    ids
+}
+
+async fn zcard(env: &TestEnv, key: &str) -> i64 {
+    let mut redis = env.redis.clone();
+    redis::cmd("ZCARD")
+        .arg(format!("{}:{key}", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("zcard")
+}
+
+async fn hlen(env: &TestEnv, key: &str) -> i64 {
+    let mut redis = env.redis.clone();
+    redis::cmd("HLEN")
+        .arg(format!("{}:{key}", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("hlen")
+}
+
+/// Waits until `check` holds or `within` passes; returns whether it held.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_thousand_jobs_enqueued_without_workers_are_drained_then_vacuumed() {
+    // apalis-redis 1.0 died at 8,000 due jobs (one unpack of every id) and slowed with the
+    // backlog when lock_tasks was on. Here 100k wait, then two worker processes drain them, and
+    // with a one-second retention the vacuum leaves no payload behind.
+    const JOBS: usize = 100_000;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("JOB_RETENTION_SECONDS".into(), "1".into());
+        // 16 per process: two processes' pools (18 connections each) stay well inside
+        // PostgreSQL's connection limit, which other test binaries share.
+        v.insert("WORKER_CONCURRENCY".into(), "16".into());
+    })
+    .await;
+    let started = Instant::now();
+    enqueue_redeliveries(&env, JOBS).await;
+    let enqueued_in = started.elapsed();
+    assert_eq!(env.queued("sync_catalog").await, JOBS as i64);
+
+    let started = Instant::now();
+    let mut a = env.spawn(&["work"], &[]);
+    let mut b = env.spawn(&["work"], &[]);
+    let drained = eventually(Duration::from_secs(240), || async {
+        env.queued("sync_catalog").await == 0
+            && zcard(&env, "sync_catalog:dead").await == 0
+            && hlen(&env, "sync_catalog:data").await == 0
+    })
+    .await;
+    let drained_in = started.elapsed();
+    eprintln!(
+        "100k jobs: enqueued in {enqueued_in:?}, drained and vacuumed in {drained_in:?} \
+         ({:.0} jobs/s)",
+        JOBS as f64 / drained_in.as_secs_f64()
+    );
+    assert!(drained, "every job ran and its payload was vacuumed");
+    assert!(a.try_wait().expect("status").is_none(), "worker a is alive");
+    assert!(b.try_wait().expect("status").is_none(), "worker b is alive");
+    assert!(terminate(&mut a).success());
+    assert!(terminate(&mut b).success());
+    let mut redis = env.redis.clone();
+    let meta_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:sync_catalog:meta:*", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert!(
+        meta_keys.is_empty(),
+        "{} metadata hashes left",
+        meta_keys.len()
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_thousand_retries_falling_due_at_once_are_promoted_in_chunks() {
+    // The same unpack() killed apalis-redis's fetch when thousands of retries came due together
+    // (after a database outage, say). Make 20k retries due at once and drain them.
+    const JOBS: usize = 20_000;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("WORKER_CONCURRENCY".into(), "32".into());
+    })
+    .await;
+    let ids = enqueue_redeliveries(&env, JOBS).await;
+    let mut redis = env.redis.clone();
+    let active = format!("{}:sync_catalog:active", env.namespace);
+    let scheduled = format!("{}:sync_catalog:scheduled", env.namespace);
+    for chunk in ids.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("ZADD").arg(&scheduled).arg(0).arg(id).ignore();
+        }
+        let () = pipe.query_async(&mut redis).await.expect("schedule");
+    }
+    let () = redis::cmd("DEL")
+        .arg(&active)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    assert_eq!(zcard(&env, "sync_catalog:scheduled").await, JOBS as i64);
+
+    let worker = env.start_worker();
+    let drained = eventually(Duration::from_secs(120), || async {
+        zcard(&env, "sync_catalog:done").await == JOBS as i64
+    })
+    .await;
+    assert!(drained, "every due retry was promoted and ran");
+    assert_eq!(zcard(&env, "sync_catalog:scheduled").await, 0);
+    assert_eq!(zcard(&env, "sync_catalog:dead").await, 0);
+    worker.stop().await.expect("the worker never died");
+    env.cleanup().await;
+}
+
+fn low_confidence_message(tenant: Uuid) -> InboundMessage {
+    InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: "+14155550100".into(),
+        to: "+14155550199".into(),
+        body: "qwzx vbnm".into(),
+        received_at: "2026-11-28T10:00:00Z".into(),
+    }
+}
+
+async fn streak(env: &TestEnv) -> i64 {
+    let n: Option<i32> = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+        .fetch_optional(&env.pool)
+        .await
+        .expect("conversation");
+    i64::from(n.unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_job_is_taken_over_and_no_effect_applies_twice() {
+    // kill -9 a real `gatehouse work` process under load: its fetched jobs sit in its inflight
+    // set until the orphan timeout (1 s heartbeat × 3), then another process runs them; the
+    // processed_jobs marker keeps every effect single.
+    const JOBS: i64 = 2000;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut redis = env.redis.clone();
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs)
+        .await
+        .expect("enqueue");
+    let mut victim = env.spawn(&["work"], &[]);
+    let started = eventually(Duration::from_secs(60), || async {
+        env.count("SELECT count(*) FROM messages").await >= 200
+    })
+    .await;
+    assert!(started, "the first worker was working");
+    victim.kill().expect("kill -9");
+    let _ = victim.wait();
+    let at_kill = env.count("SELECT count(*) FROM messages").await;
+    assert!(at_kill < JOBS, "killed mid-backlog ({at_kill} done)");
+
+    let mut survivor = env.spawn(&["work"], &[]);
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(
+        n, JOBS,
+        "every job ran, including those the killed worker held"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        streak(&env).await,
+        JOBS,
+        "no job's effect was applied twice"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, JOBS);
+    assert!(terminate(&mut survivor).success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_restarted_under_load_loses_nothing() {
+    // SIGTERM under load, then a new process: in-flight jobs finish within the grace period,
+    // buffered ones go back to the queue, and the next process finishes the rest.
+    const JOBS: i64 = 2000;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut redis = env.redis.clone();
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs)
+        .await
+        .expect("enqueue");
+    let mut first = env.spawn(&["work"], &[]);
+    let started = eventually(Duration::from_secs(60), || async {
+        env.count("SELECT count(*) FROM messages").await >= 200
+    })
+    .await;
+    assert!(started);
+    assert!(terminate(&mut first).success(), "a clean stop under load");
+    let mut second = env.spawn(&["work"], &[]);
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(n, JOBS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(streak(&env).await, JOBS);
+    assert!(terminate(&mut second).success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_running_longer_than_the_orphan_timeout_is_not_run_twice() {
+    // The orphan timeout is 3 s (1 s × 3); a catalog sync against a store that takes 5 s must
+    // keep its worker alive (the process heartbeats on its own task) and run exactly once,
+    // though another worker process is watching for orphans.
+    let env = TestEnv::new().await;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/products",
+        axum::routing::get({
+            let hits = hits.clone();
+            move || async move {
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                axum::Json(serde_json::json!({
+                    "products": [{"id": "slow", "name": "Slow"}], "next_page": null
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let tenant = gatehouse::tenants::create(
+        &env.pool,
+        &env.config.keyring,
+        &gatehouse::tenants::NewTenant {
+            name: "Slow shop".into(),
+            twilio_account_sid: ACCOUNT_SID.into(),
+            twilio_auth_token: secrecy::SecretString::from(TOKEN.to_owned()),
+            store_url: Some(format!("http://{addr}")),
+            store_api_key: Some(secrecy::SecretString::from("k".repeat(20))),
+            webhook_shared_key: None,
+            owner_email: None,
+        },
+    )
+    .await
+    .expect("tenant");
+    // One slot per worker, so the long job fills it; its worker must keep heartbeating while
+    // it runs (the process's own heartbeat task does, whatever apalis's loop is doing), or the
+    // other process would take the job over and run it a second time.
+    let mut a = env.spawn(&["work"], &[("WORKER_CONCURRENCY", "1")]);
+    let mut b = env.spawn(&["work"], &[("WORKER_CONCURRENCY", "1")]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut redis = env.redis.clone();
+    env.queues()
+        .enqueue(
+            &mut redis,
+            &SyncCatalog {
+                tenant_id: tenant,
+                requested_by: Uuid::new_v4(),
+                mode: SyncMode::Full,
+            },
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let n = env
+        .wait_for_count("SELECT count(*) FROM products", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(n, 1);
+    // Longer than another orphan timeout, to catch a late second run.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the long job ran once"
+    );
+    assert!(terminate(&mut a).success());
+    assert!(terminate(&mut b).success());
+    env.cleanup().await;
+}
+
+/// A private Redis server (optionally with an append-only file), so a test may restart it or
+/// kill its connections without disturbing the other tests.
+struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            port,
+            dir: dir.to_owned(),
+            child,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server the way an orchestrator does (SIGTERM: it flushes and exits).
+    fn stop(mut self) -> (u16, std::path::PathBuf) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        (self.port, self.dir.clone())
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_survive_a_redis_restart_and_killed_connections_under_a_running_worker() {
+    const JOBS: i64 = 1500;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = PrivateRedis::start(free_port(), dir.path());
+    let url = server.url();
+    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+        .await
+        .expect("private redis");
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    env.queues()
+        .enqueue_batch(&mut conn, &jobs)
+        .await
+        .expect("enqueue");
+    let mut worker = env.spawn(&["work"], &[("REDIS_URL", &url)]);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.count("SELECT count(*) FROM messages").await >= 100
+        })
+        .await
+    );
+
+    // Its connections are cut (CLIENT KILL), twice.
+    for _ in 0..2 {
+        let _: Result<i64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut conn)
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Redis itself restarts (keeping its append-only file) for two seconds.
+    let (port, path) = server.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server = PrivateRedis::start(port, &path);
+    assert!(
+        worker.try_wait().expect("status").is_none(),
+        "the worker process is still running"
+    );
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(n, JOBS, "no job was lost");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(streak(&env).await, JOBS, "none applied twice");
+    assert!(terminate(&mut worker).success());
+    drop(server);
+    env.cleanup().await;
+}
+
+/// Runs the built binary with the test's environment and returns (status, stdout, stderr).
+fn gatehouse(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(args)
+        .env_clear()
+        .envs(env.vars.iter())
+        .envs(extra.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gatehouse");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_without_secrets_retried_and_purged() {
+    let env = TestEnv::new().await;
+    let worker = env.start_worker();
+    let mut redis = env.redis.clone();
+    // Unknown tenants: permanent errors, dead at once.
+    let jobs: Vec<SyncCatalog> = (0..3).map(|_| sync_job()).collect();
+    let mut ids = Vec::new();
+    for job in &jobs {
+        let e = env
+            .queues()
+            .enqueue(&mut redis, job, Enqueue::default())
+            .await
+            .expect("enqueue");
+        assert!(
+            env.wait_for_dead("sync_catalog", &e.job_id, Duration::from_secs(10))
+                .await
+        );
+        ids.push(e.job_id);
+    }
+    worker.stop().await.expect("stop");
+
+    let (code, out, _) = gatehouse(&env, &["jobs", "dead"], &[]);
+    assert_eq!(code, 0);
+    for id in &ids {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} listed in {out}"));
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols[1], "sync_catalog");
+        assert_eq!(cols[2], "1", "attempts");
+        assert!(cols[3].ends_with('Z'), "RFC 3339 time: {}", cols[3]);
+        assert!(
+            cols[4].contains("unknown tenant"),
+            "last error: {}",
+            cols[4]
+        );
+    }
+    for job in &jobs {
+        assert!(
+            !out.contains(&job.tenant_id.to_string()),
+            "no payload is printed"
+        );
+    }
+    let (code, out, _) = gatehouse(&env, &["jobs", "dead", "--queue", "inbound_message"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "only the header: {out}");
+    let (code, _, err) = gatehouse(&env, &["jobs", "dead", "--queue", "nope"], &[]);
+    assert_eq!(code, 1, "{err}");
+
+    // Retry puts the job back on its queue with a fresh budget.
+    let (code, out, _) = gatehouse(&env, &["jobs", "retry", &ids[0]], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("sync_catalog"));
+    assert_eq!(env.queued("sync_catalog").await, 1);
+    let attempts: String = redis::cmd("HGET")
+        .arg(format!("{}:sync_catalog:meta:{}", env.namespace, ids[0]))
+        .arg("attempts")
+        .query_async(&mut redis)
+        .await
+        .expect("meta");
+    assert_eq!(attempts, "0");
+    let (code, _, _) = gatehouse(&env, &["jobs", "retry", &ids[0]], &[]);
+    assert_eq!(code, 1, "no longer dead");
+    let (code, _, _) = gatehouse(&env, &["jobs", "retry", "no-such-job"], &[]);
+    assert_eq!(code, 1);
+
+    let (code, out, _) = gatehouse(&env, &["jobs", "purge", "--queue", "sync_catalog"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "purged 2 dead job(s)");
+    assert_eq!(zcard(&env, "sync_catalog:dead").await, 0);
+    assert_eq!(
+        hlen(&env, "sync_catalog:data").await,
+        1,
+        "only the retried job's payload is left"
+    );
+    let (code, out, _) = gatehouse(&env, &["jobs", "purge"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "purged 0 dead job(s)");
+
+    let (code, _, err) = gatehouse(
+        &env,
+        &["jobs", "dead"],
+        &[("REDIS_URL", "redis://127.0.0.1:1")],
+    );
+    assert_eq!(code, 2, "Redis unreachable: {err}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_failing_for_good_logs_one_error_line_and_reaches_sentry() {
+    // A loopback server plays Sentry: the worker's ERROR line about the dead letter must arrive
+    // there as an event, and appear once in the process's JSON logs.
+    let env = TestEnv::new().await;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let app = axum::Router::new().fallback({
+        let received = received.clone();
+        move |body: axum::body::Bytes| async move {
+            if let Ok(mut r) = received.lock() {
+                r.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            axum::Json(serde_json::json!({}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let dsn = format!("http://publickey@{addr}/42");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("work")
+        .env_clear()
+        .envs(env.vars.iter())
+        .env("SENTRY_DSN", &dsn)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut redis = env.redis.clone();
+    let job = env
+        .queues()
+        .enqueue(&mut redis, &sync_job(), Enqueue::default())
+        .await
+        .expect("enqueue");
+    assert!(
+        env.wait_for_dead("sync_catalog", &job.job_id, Duration::from_secs(20))
+            .await
+    );
+    let reached = eventually(Duration::from_secs(15), || async {
+        received
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .any(|b| b.contains("dead-lettered") && b.contains(&job.job_id))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    let status = terminate(&mut child);
+    assert!(status.success());
+    assert!(reached, "a Sentry event names the dead-lettered job");
+    let mut logs = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        use std::io::Read;
+        let _ = stderr.read_to_string(&mut logs);
+    }
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("dead-lettered") && l.contains(&job.job_id))
+        .collect();
+    assert_eq!(lines.len(), 1, "one structured line: {logs}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON log line");
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["job.queue"], "sync_catalog");
+    assert_eq!(line["job.attempt"], 1);
+    env.cleanup().await;
+}
+
+/// A TCP proxy to PostgreSQL that can be cut: while down it refuses new connections and
+/// drops the open ones, as a database failover or a network partition does.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableProxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (down, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                if *watch.borrow() {
+                    continue; // dropped: connection refused, in effect
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, down }
+    }
+
+    fn set_down(&self, down: bool) {
+        let _ = self.down.send(down);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_retry_through_a_postgres_outage_and_none_is_lost_or_half_applied() {
+    const JOBS: i64 = 300;
+    let env = TestEnv::with_vars(|v| {
+        v.insert("JOB_MAX_ATTEMPTS_INBOUND_MESSAGE".into(), "20".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let mut url = url::Url::parse(&env.db_url).expect("db url");
+    url.set_port(Some(proxy.addr.port())).expect("port");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy(url.as_str())
+        .expect("lazy pool");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(gatehouse::worker::run(
+        env.worker_state_with(pool),
+        env.redis.clone(),
+        env.queues(),
+        env.worker_options(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut redis = env.redis.clone();
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    let half = (JOBS / 2) as usize;
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs[..half])
+        .await
+        .expect("enqueue");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM messages").await >= 20
+        })
+        .await
+    );
+    // PostgreSQL goes away for two seconds while jobs keep arriving.
+    proxy.set_down(true);
+    env.queues()
+        .enqueue_batch(&mut redis, &jobs[half..])
+        .await
+        .expect("enqueue");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_down(false);
+
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            JOBS,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(n, JOBS, "every job ran once the database was back");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(streak(&env).await, JOBS, "nothing applied twice or half");
+    assert_eq!(zcard(&env, "inbound_message:dead").await, 0);
+    let mut retried = 0;
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{}:inbound_message:done", env.namespace))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .expect("done ids");
+    for id in ids {
+        let attempts: Option<u32> = redis::cmd("HGET")
+            .arg(format!("{}:inbound_message:meta:{id}", env.namespace))
+            .arg("attempts")
+            .query_async(&mut redis)
+            .await
+            .expect("attempts");
+        if attempts.unwrap_or(0) > 1 {
+            retried += 1;
+        }
+    }
+    assert!(retried > 0, "the outage made some jobs fail and retry");
+    let _ = stop.send(());
+    let _ = worker.await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_waits_in_redis_not_in_a_worker_slot() {
+    // One slot, retries up to ten minutes away: after a failed attempt the job sits in the
+    // scheduled set with its due time, and the single slot takes the next job at once.
+    let env = TestEnv::with_vars(|v| {
+        v.insert("WORKER_CONCURRENCY".into(), "1".into());
+        v.insert("JOB_RETRY_BASE_MS_SYNC_CATALOG".into(), "600000".into());
+        v.insert("JOB_RETRY_CAP_MS_SYNC_CATALOG".into(), "600000".into());
+    })
+    .await;
+    // A store nobody listens on: connection refused, worth a retry.
+    let closed = free_port();
+    let tenant = gatehouse::tenants::create(
+        &env.pool,
+        &env.config.keyring,
+        &gatehouse::tenants::NewTenant {
+            name: "Offline shop".into(),
+            twilio_account_sid: ACCOUNT_SID.into(),
+            twilio_auth_token: secrecy::SecretString::from(TOKEN.to_owned()),
+            store_url: Some(format!("http://127.0.0.1:{closed}")),
+            store_api_key: Some(secrecy::SecretString::from("k".repeat(20))),
+            webhook_shared_key: None,
+            owner_email: None,
+        },
+    )
+    .await
+    .expect("tenant");
+    let worker = env.start_worker();
+    let mut redis = env.redis.clone();
+    let failing = env
+        .queues()
+        .enqueue(
+            &mut redis,
+            &SyncCatalog {
+                tenant_id: tenant,
+                requested_by: Uuid::new_v4(),
+                mode: SyncMode::Full,
+            },
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let meta_key = format!("{}:sync_catalog:meta:{}", env.namespace, failing.job_id);
+    let scheduled = eventually(Duration::from_secs(10), || {
+        let mut redis = env.redis.clone();
+        let meta_key = meta_key.clone();
+        async move {
+            let retry_at: Option<u64> = redis::cmd("HGET")
+                .arg(&meta_key)
+                .arg("retry_at")
+                .query_async(&mut redis)
+                .await
+                .expect("hget");
+            retry_at.is_some()
+        }
+    })
+    .await;
+    assert!(scheduled, "the failed attempt was rescheduled");
+    let (retry_at, attempts): (u64, u32) = redis::cmd("HMGET")
+        .arg(&meta_key)
+        .arg("retry_at")
+        .arg("attempts")
+        .query_async(&mut redis)
+        .await
+        .expect("meta");
+    assert_eq!(attempts, 1);
+    let due: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("{}:sync_catalog:scheduled", env.namespace))
+        .arg(&failing.job_id)
+        .query_async(&mut redis)
+        .await
+        .expect("zscore");
+    assert_eq!(
+        due.map(|d| d as u64),
+        Some(retry_at),
+        "due time kept in Redis"
+    );
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis)
+        .await
+        .expect("time");
+    let now_ms = secs * 1000 + micros / 1000;
+    assert!(retry_at <= now_ms + 600_000, "within the cap");
+
+    // The one slot is free: a new job runs now, long before the retry is due.
+    let next = enqueue_redeliveries(&env, 1).await;
+    let done = eventually(Duration::from_secs(3), || async {
+        let mut redis = env.redis.clone();
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("{}:sync_catalog:done", env.namespace))
+            .arg(&next[0])
+            .query_async(&mut redis)
+            .await
+            .expect("zscore");
+        score.is_some()
+    })
+    .await;
+    assert!(done, "the next job did not wait for the retry's delay");
+    worker.stop().await.expect("stop");
+    env.cleanup().await;
+}
