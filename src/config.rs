@@ -62,6 +62,7 @@ pub const VARIABLES: &[&str] = &[
     "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
     "JOB_RETENTION_SECONDS",
     "STORE_TIMEOUT_MS",
+    "WORKER_HEALTH_PORT",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -368,6 +369,10 @@ pub struct Config {
     /// `STORE_TIMEOUT_MS`, default 10 000, 100..=120 000: timeout of each request to a
     /// tenant's store (catalog sync).
     pub store_timeout_ms: u64,
+    /// `WORKER_HEALTH_PORT` (optional, 1..=65 535): where `gatehouse work` answers
+    /// `GET /healthz` (200 while it reaches Redis and PostgreSQL, else 503). Unset: no
+    /// listener.
+    pub worker_health_port: Option<u16>,
 }
 
 impl Config {
@@ -546,6 +551,11 @@ impl Config {
         };
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
+        let worker_health_port =
+            r.optional_parse("WORKER_HEALTH_PORT", |s| match s.parse::<u16>() {
+                Ok(port) if port > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
+                _ => Err("must be a whole number from 1 to 65535".to_owned()),
+            });
 
         let problems = r.finish();
         match (database_url, secret_key, jwt_secret_key, keyring) {
@@ -583,6 +593,7 @@ impl Config {
                     retry,
                     job_retention_seconds,
                     store_timeout_ms,
+                    worker_health_port,
                 })
             }
             _ => Err(ConfigError { problems }),

@@ -242,6 +242,22 @@ impl PrivateRedis {
     }
 }
 
+/// Polls a worker's `/healthz` until it answers `want` (or 20 s pass); returns the last status.
+async fn wait_for_health(url: &str, want: u16) -> u16 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut last = 0;
+    while std::time::Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(url).await {
+            last = r.status().as_u16();
+            if last == want {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
     let env = TestEnv::new().await;
@@ -252,14 +268,28 @@ async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
         .port();
     let redis_server = PrivateRedis::start(port);
     let url = redis_server.url();
-    let mut worker = env.spawn(&["work"], &[("REDIS_URL", &url)]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+        .to_string();
+    let mut worker = env.spawn(
+        &["work"],
+        &[("REDIS_URL", &url), ("WORKER_HEALTH_PORT", &health_port)],
+    );
+    let health = format!("http://127.0.0.1:{health_port}/healthz");
+    // The worker's own health follows Redis (heartbeats are 1 s here).
+    assert_eq!(
+        wait_for_health(&health, 200).await,
+        200,
+        "healthy while Redis is up"
+    );
 
-    // Redis goes away for two seconds and comes back empty (it keeps nothing on disk).
+    // Redis goes away and comes back empty (it keeps nothing on disk).
     redis_server.stop();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(wait_for_health(&health, 503).await, 503, "the outage shows");
     let redis_server = PrivateRedis::start(port);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(wait_for_health(&health, 200).await, 200, "healthy again");
     assert!(
         worker.try_wait().expect("status").is_none(),
         "the worker process is still running"

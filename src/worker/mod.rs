@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod dead;
+pub mod health;
 pub mod poll;
 pub mod retry;
 
@@ -89,6 +90,8 @@ pub struct WorkerOptions {
     pub missed_heartbeats: usize,
     /// How long finished jobs stay in Redis before the vacuum removes them.
     pub retention: Duration,
+    /// Where to answer `GET /healthz` (`WORKER_HEALTH_PORT`); `None`: no listener.
+    pub health_port: Option<u16>,
 }
 
 impl WorkerOptions {
@@ -99,6 +102,7 @@ impl WorkerOptions {
             heartbeat: config.worker_heartbeat(),
             missed_heartbeats: config.worker_missed_heartbeats,
             retention: Duration::from_secs(config.job_retention_seconds),
+            health_port: config.worker_health_port,
         }
     }
 
@@ -115,6 +119,8 @@ pub enum WorkerError {
     Exited(String),
     #[error("in-flight jobs did not finish within the {0:?} grace period")]
     GraceExceeded(Duration),
+    #[error("WORKER_HEALTH_PORT: cannot listen on port {0}: {1}")]
+    HealthPort(u16, std::io::Error),
 }
 
 /// A name no other live process has: host, pid and a random suffix. apalis-redis's orphan
@@ -342,6 +348,7 @@ async fn maintain(
     queues: Vec<QueueKeys>,
     live: LiveWorkers,
     options: WorkerOptions,
+    health: health::RedisHealth,
 ) {
     const VACUUM_CHUNK: usize = 1000;
     const VACUUM_CHUNKS_PER_ROUND: usize = 20;
@@ -378,6 +385,7 @@ async fn maintain(
                 }
             }
         }
+        health.set(ok);
         if ok != healthy {
             if ok {
                 tracing::info!("worker maintenance reaches Redis again");
@@ -401,6 +409,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let base = unique_worker_name();
+    let redis_health = health::RedisHealth::default();
+    let health_server = match options.health_port {
+        None => None,
+        Some(port) => {
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                .await
+                .map_err(|e| WorkerError::HealthPort(port, e))?;
+            tracing::info!(port, "worker health on GET /healthz");
+            Some(tokio::spawn(health::serve(
+                listener,
+                redis_health.clone(),
+                state.pool.clone(),
+            )))
+        }
+    };
     tracing::info!(worker.name = %base, concurrency = options.concurrency, "starting workers");
     let concurrency = options.concurrency.max(1);
     let live = LiveWorkers::default();
@@ -421,6 +444,7 @@ pub async fn run(
         vec![inbound.keys.clone(), sync.keys.clone()],
         live.clone(),
         options.clone(),
+        redis_health,
     ));
     // A restarted worker's previous name stops heartbeating, so whatever it held is recovered
     // after the orphan timeout.
@@ -497,6 +521,9 @@ pub async fn run(
         }
     };
     maintenance.abort();
+    if let Some(server) = health_server {
+        server.abort();
+    }
     result
 }
 
