@@ -94,6 +94,10 @@ async fn wait_for_events(env: &TestEnv, kind: &str, at_least: i64) -> i64 {
     }
 }
 
+async fn status(request: RequestBuilder) -> u16 {
+    request.send().await.expect("request").status().as_u16()
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -574,23 +578,13 @@ async fn every_protected_endpoint_checks_its_scope_and_logs_permission_denied() 
         .bearer_auth(token.clone())
         .json(&json!({"mode": "full"}))
     };
-    assert_eq!(
-        sync(&agent_t, tenant).send().await.expect("sync").status(),
-        403
-    );
-    assert_eq!(
-        sync(&owner_t, other_tenant)
-            .send()
-            .await
-            .expect("sync")
-            .status(),
-        403
-    );
-    assert_eq!(
-        sync(&admin_t, tenant).send().await.expect("sync").status(),
-        403,
-        "platform admins are not tenant members"
-    );
+    for (token, t, why) in [
+        (&agent_t, tenant, "an agent has no catalog:sync"),
+        (&owner_t, other_tenant, "not a member of that tenant"),
+        (&admin_t, tenant, "platform admins are not tenant members"),
+    ] {
+        assert_eq!(status(sync(token, t)).await, 403, "{why}");
+    }
     let r = sync(&tadmin_t, tenant).send().await.expect("sync");
     assert_eq!(r.status(), 202);
     let job: Value = r.json().await.expect("json");
@@ -619,63 +613,29 @@ async fn every_protected_endpoint_checks_its_scope_and_logs_permission_denied() 
         .bearer_auth(token.clone())
         .json(&json!({"role": role}))
     };
-    assert_eq!(
-        put(&agent_t, tenant, agent, "admin")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        403
-    );
-    assert_eq!(
-        put(&tadmin_t, tenant, agent, "owner")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        403
-    );
-    assert_eq!(
-        put(&tadmin_t, tenant, owner, "agent")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        403
-    );
-    assert_eq!(
-        put(&tadmin_t, tenant, agent, "admin")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        200
-    );
-    assert_eq!(
-        put(&owner_t, tenant, Uuid::new_v4(), "agent")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        404
-    );
-    assert_eq!(
-        put(&owner_t, tenant, agent, "superuser")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        400
-    );
-    assert_eq!(
-        put(&owner_t, tenant, owner, "admin")
-            .send()
-            .await
-            .expect("put")
-            .status(),
-        409,
-        "the last owner stays"
-    );
+    for (token, u, role, want, why) in [
+        (&agent_t, agent, "admin", 403, "agents manage nobody"),
+        (&tadmin_t, agent, "owner", 403, "only an owner grants owner"),
+        (
+            &tadmin_t,
+            owner,
+            "agent",
+            403,
+            "only an owner changes an owner",
+        ),
+        (
+            &tadmin_t,
+            agent,
+            "admin",
+            200,
+            "a tenant admin promotes an agent",
+        ),
+        (&owner_t, Uuid::new_v4(), "agent", 404, "no such user"),
+        (&owner_t, agent, "superuser", 400, "no such role"),
+        (&owner_t, owner, "admin", 409, "the last owner stays"),
+    ] {
+        assert_eq!(status(put(token, tenant, u, role)).await, want, "{why}");
+    }
     let me: Value = api(&http, &server, Method::GET, "/v1/me")
         .bearer_auth(&agent_t)
         .send()

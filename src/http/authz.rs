@@ -276,6 +276,36 @@ pub async fn limit(
     Err(error)
 }
 
+/// Reads at most `limit` bytes, whether or not a Content-Length was sent (chunked bodies are
+/// counted as they arrive): 413 past the limit.
+pub async fn read_limited(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => Err(
+            if error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::payload_too_large(limit)
+            } else {
+                ApiError::invalid_request("the body could not be read")
+            },
+        ),
+    }
+}
+
 /// Reads a JSON body of at most `MAX_BODY_BYTES`: 415 without a JSON content type, 413 when
 /// too large, 400 `invalid_request` when malformed (naming a missing or unknown field, never
 /// echoing a value).
@@ -292,30 +322,7 @@ pub async fn json_body<T: DeserializeOwned>(
     if !is_json {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
-    let limit = state.config.max_body_bytes;
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(ApiError::payload_too_large(limit));
-    }
-    let bytes = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            return Err(
-                if error
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    ApiError::payload_too_large(limit)
-                } else {
-                    ApiError::invalid_request("the body could not be read")
-                },
-            );
-        }
-    };
+    let bytes = read_limited(body, headers, state.config.max_body_bytes).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {

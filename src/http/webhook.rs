@@ -5,19 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
-use http_body_util::BodyExt;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use super::AppState;
+use super::authz::read_limited;
 use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::key_cache::KeyCacheError;
@@ -44,31 +44,6 @@ fn content_kind(headers: &HeaderMap) -> Option<Kind> {
         "application/x-www-form-urlencoded" => Some(Kind::Form),
         "application/json" => Some(Kind::Json),
         _ => None,
-    }
-}
-
-/// Reads at most `limit` bytes, whether or not a Content-Length was sent.
-async fn read_limited(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(ApiError::payload_too_large(limit));
-    }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) => {
-            if error
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ApiError::payload_too_large(limit))
-            } else {
-                Err(ApiError::invalid_request("the body could not be read"))
-            }
-        }
     }
 }
 
