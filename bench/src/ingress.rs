@@ -16,8 +16,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use gatehouse::security::twilio::{Algorithm, sign_form};
-use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::{Enqueue, Queues};
+use gatehouse_jobs::{InboundMessage, Job as _};
 use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
@@ -163,6 +163,11 @@ impl Server {
         Ok(server)
     }
 
+    /// CPU time the server process has used so far, in microseconds.
+    pub fn cpu_us(&self) -> Option<u64> {
+        load::process_cpu_us(self.child.id())
+    }
+
     pub fn stop(&mut self) {
         env::terminate(&mut self.child);
     }
@@ -257,7 +262,8 @@ pub async fn webhook_run(
     let requests = Arc::new(signed_webhooks(tenant, plan.max_requests));
     let mut server = Server::start(env, kind).await?;
     let client = load::client(plan.concurrency)?;
-    let result = load::run(
+    let cpu_before = server.cpu_us();
+    let mut result = load::run(
         &client,
         &server.base,
         requests,
@@ -267,10 +273,25 @@ pub async fn webhook_run(
         plan.duration,
     )
     .await;
+    if let (Some(before), Some(after)) = (cpu_before, server.cpu_us()) {
+        result.server_cpu_us_per_request = (after - before) as f64 / result.sent.max(1) as f64;
+    }
     server.stop();
+    // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
+    let mut redis = env.redis.clone();
+    let queued: u64 = redis::cmd("LLEN")
+        .arg(format!("{}:active", env.queue_key(InboundMessage::QUEUE)))
+        .query_async(&mut redis)
+        .await?;
     env.clear_namespace().await?;
     if result.ok == 0 {
         anyhow::bail!("{kind:?} ingress answered no request with 2xx");
+    }
+    if queued < result.ok {
+        anyhow::bail!(
+            "{kind:?} ingress answered {} requests with 2xx but queued only {queued} jobs",
+            result.ok
+        );
     }
     Ok(result)
 }

@@ -37,6 +37,10 @@ pub struct LoadResult {
     pub seconds: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Every request sent, warm-up included.
+    pub sent: u64,
+    /// CPU time the server process used per request sent, in microseconds (NaN if unknown).
+    pub server_cpu_us_per_request: f64,
 }
 
 impl LoadResult {
@@ -79,6 +83,7 @@ pub async fn run(
             let mut latencies: Vec<u32> = Vec::new();
             let mut ok = 0u64;
             let mut errors = 0u64;
+            let mut sent_total = 0u64;
             loop {
                 let mut i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= requests.len() {
@@ -91,6 +96,7 @@ pub async fn run(
                 if sent >= deadline {
                     break;
                 }
+                sent_total += 1;
                 let request = &requests[i];
                 let url = format!("{base}{}", request.path);
                 let mut builder = if request.post {
@@ -120,14 +126,15 @@ pub async fn run(
                     }
                 }
             }
-            (latencies, ok, errors)
+            (latencies, ok, errors, sent_total)
         }));
     }
     let mut all = Vec::new();
     let mut result = LoadResult::default();
     for task in tasks {
-        if let Ok((latencies, ok, errors)) = task.await {
+        if let Ok((latencies, ok, errors, sent)) = task.await {
             all.extend(latencies);
+            result.sent += sent;
             result.ok += ok;
             result.errors += errors;
         }
@@ -137,7 +144,20 @@ pub async fn run(
     all.sort_unstable();
     result.p50_ms = percentile(&all, 0.50);
     result.p99_ms = percentile(&all, 0.99);
+    result.server_cpu_us_per_request = f64::NAN;
     result
+}
+
+/// User + system CPU time of a process so far, in microseconds (Linux `/proc`, whose clock
+/// ticks are always 1/100 s).
+pub fn process_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10_000)
 }
 
 /// The `q` quantile (nearest rank) of sorted microsecond latencies, in milliseconds.

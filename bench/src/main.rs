@@ -39,6 +39,18 @@ struct Cli {
     /// Also write the results as a markdown block to this file.
     #[arg(long, global = true)]
     markdown: Option<PathBuf>,
+    /// Override the small backlog (default 5000).
+    #[arg(long, global = true)]
+    small_backlog: Option<u64>,
+    /// Override the large backlog (default 50000).
+    #[arg(long, global = true)]
+    large_backlog: Option<u64>,
+    /// Override the seconds each ingress load runs after its warm-up (default 5).
+    #[arg(long, global = true)]
+    ingress_seconds: Option<u64>,
+    /// Override the jobs figure 7 processes (default 100000, read every quarter).
+    #[arg(long, global = true)]
+    memory_jobs: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,6 +93,7 @@ struct Plan {
     reencrypt_rows: u64,
     memory_total: u64,
     memory_step: u64,
+    memory_budget: Duration,
 }
 
 impl Plan {
@@ -100,6 +113,7 @@ impl Plan {
             reencrypt_rows: 10_000,
             memory_total: 100_000,
             memory_step: 25_000,
+            memory_budget: Duration::from_secs(300),
         }
     }
 
@@ -119,6 +133,7 @@ impl Plan {
             reencrypt_rows: 200,
             memory_total: 200,
             memory_step: 100,
+            memory_budget: Duration::from_secs(60),
         }
     }
 }
@@ -156,6 +171,20 @@ fn main() -> anyhow::Result<()> {
         Command::Memory => (Figures::Memory, Plan::full(cli.runs)),
         Command::Smoke => (Figures::All, Plan::smoke()),
     };
+    let mut plan = plan;
+    if let Some(n) = cli.small_backlog {
+        plan.small = n.max(20);
+    }
+    if let Some(n) = cli.large_backlog {
+        plan.large = n.max(20);
+    }
+    if let Some(s) = cli.ingress_seconds {
+        plan.ingress.duration = Duration::from_secs(s.max(1));
+    }
+    if let Some(n) = cli.memory_jobs {
+        plan.memory_total = n.max(4);
+        plan.memory_step = (n / 4).max(1);
+    }
     let report = runtime.block_on(async {
         let env = BenchEnv::new().await?;
         eprintln!(
@@ -209,10 +238,11 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                     ));
                     let t = worker::measure(env, tenant, consumer, backlog, window).await?;
                     eprintln!(
-                        "    {:.0} jobs/s ({} jobs in {:.2} s)",
-                        t.jobs_per_s, t.jobs, t.seconds
+                        "    {:.0} jobs/s ({} jobs in {:.2} s); per job: {:.2} commits, {:.2} rows written",
+                        t.jobs_per_s, t.jobs, t.seconds, t.commits_per_job, t.rows_per_job
                     );
                     samples.push(consumer, backlog == plan.large, run, t.jobs_per_s);
+                    samples.push_pg(consumer, t.commits_per_job, t.rows_per_job);
                 }
             }
             let window = Window::for_backlog(plan.large, plan.window_jobs, plan.cap);
@@ -304,10 +334,17 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
 
     if wants(Figures::Memory) {
         progress(&format!(
-            "memory: {} jobs through one gatehouse work, {} at a time",
+            "memory: {} jobs through two gatehouse work processes, {} at a time",
             plan.memory_total, plan.memory_step
         ));
-        let points = storage::memory_run(env, tenant, plan.memory_total, plan.memory_step).await?;
+        let points = storage::memory_run(
+            env,
+            tenant,
+            plan.memory_total,
+            plan.memory_step,
+            plan.memory_budget,
+        )
+        .await?;
         for p in &points {
             eprintln!(
                 "    after {} jobs: {} keys, {} bytes",

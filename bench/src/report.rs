@@ -27,9 +27,22 @@ pub fn median(values: &[f64]) -> f64 {
 #[derive(Debug, Default)]
 pub struct WorkerSamples {
     by: BTreeMap<(String, bool), BTreeMap<usize, f64>>,
+    pg: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
 }
 
 impl WorkerSamples {
+    pub fn push_pg(&mut self, consumer: Consumer, commits_per_job: f64, rows_per_job: f64) {
+        let entry = self.pg.entry(consumer.label()).or_default();
+        entry.0.push(commits_per_job);
+        entry.1.push(rows_per_job);
+    }
+
+    fn pg(&self, consumer: Consumer) -> (f64, f64) {
+        self.pg
+            .get(&consumer.label())
+            .map_or((f64::NAN, f64::NAN), |(c, r)| (median(c), median(r)))
+    }
+
     pub fn push(&mut self, consumer: Consumer, large: bool, run: usize, jobs_per_s: f64) {
         self.by
             .entry((consumer.label(), large))
@@ -167,6 +180,16 @@ impl Report {
                 verdict(vs_update >= 0.8),
             );
         }
+        let (g_commits, g_rows) = s.pg(gh);
+        let (u_commits, u_rows) = s.pg(Consumer::BareUpdate);
+        self.row(
+            "1. PostgreSQL work per job".into(),
+            format!("{g_commits:.2} commits, {g_rows:.1} rows written"),
+            format!("one-UPDATE: {u_commits:.2} commits, {u_rows:.1} rows written"),
+            format!("{} rows", times(g_rows / u_rows)),
+            "(explains 1)",
+            "–".into(),
+        );
         let sensitivity = |c: Consumer| s.ratio((c, true), (c, false));
         let g = sensitivity(gh);
         self.row(
@@ -220,6 +243,8 @@ impl Report {
             .collect();
         let added = median(&added);
         let errors: u64 = gatehouse.iter().chain(bare).map(|r| r.errors).sum();
+        let g_cpu = median(&pick(gatehouse, |r| r.server_cpu_us_per_request));
+        let b_cpu = median(&pick(bare, |r| r.server_cpu_us_per_request));
         self.row(
             format!("4. webhook req/s, concurrency {concurrency}"),
             rate(g_rps),
@@ -232,9 +257,17 @@ impl Report {
             "4. webhook latency p50 / p99".into(),
             format!("{} / {}", ms(g_p50), ms(g_p99)),
             format!("{} / {}", ms(b_p50), ms(b_p99)),
-            format!("p99 +{}", ms(added)),
+            format!("p99 {:+.2} ms", added),
             "p99 added < 1 ms",
             verdict(added < 1.0),
+        );
+        self.row(
+            "4. server CPU per webhook request".into(),
+            format!("{g_cpu:.0} µs"),
+            format!("{b_cpu:.0} µs"),
+            times(g_cpu / b_cpu),
+            "(explains 4)",
+            "–".into(),
         );
         if errors > 0 {
             self.notes.push(format!(

@@ -62,6 +62,25 @@ pub struct Throughput {
     pub jobs_per_s: f64,
     pub jobs: u64,
     pub seconds: f64,
+    /// PostgreSQL work per processed job over the whole run (this database only):
+    /// committed transactions and rows written (inserted + updated + deleted).
+    pub commits_per_job: f64,
+    pub rows_per_job: f64,
+}
+
+/// This database's transaction and row counters (`pg_stat_database`).
+async fn pg_counters(env: &BenchEnv) -> anyhow::Result<(i64, i64)> {
+    // Reads the shared statistics afresh, not this transaction's snapshot of them.
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&env.pool)
+        .await?;
+    let row: (i64, i64) = sqlx::query_as(
+        "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted
+         FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    Ok(row)
 }
 
 /// Prepares the database for the workers: the bench tenant and the baseline's counter row.
@@ -273,9 +292,14 @@ pub async fn measure(
 ) -> anyhow::Result<Throughput> {
     reset(env).await?;
     enqueue_backlog(env, tenant, backlog).await?;
+    let before = pg_counters(env).await?;
     let running = start(env, consumer)?;
     let result = sample(env, window).await;
     running.stop().await;
+    let processed = done_count(env).await?;
+    // Backends flush their statistics when their client disconnects.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = pg_counters(env).await?;
     // Every job the done set counted must have committed its effect: a bench that counted
     // acks of jobs that did nothing would flatter gatehouse.
     let stored = match consumer {
@@ -283,7 +307,11 @@ pub async fn measure(
         _ => None,
     };
     reset(env).await?;
-    let result = result?;
+    let mut result = result?;
+    let per_job = |d: i64| (d as f64 / processed.max(1) as f64).max(0.0);
+    // Our own two counter reads commit too; they are noise next to thousands of jobs.
+    result.commits_per_job = per_job(after.0 - before.0);
+    result.rows_per_job = per_job(after.1 - before.1);
     if let Some(stored) = stored
         && (stored as u64) < result.jobs
     {
@@ -325,6 +353,8 @@ async fn sample(env: &BenchEnv, window: Window) -> anyhow::Result<Throughput> {
                         },
                         jobs,
                         seconds,
+                        commits_per_job: f64::NAN,
+                        rows_per_job: f64::NAN,
                     });
                 }
             }
