@@ -220,138 +220,178 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
     let wants = |f: Figures| figures == Figures::All || figures == f;
 
     if wants(Figures::Worker) {
-        let consumers = [
-            Consumer::Gatehouse(1),
-            Consumer::BareNoop,
-            Consumer::BareUpdate,
-        ];
-        let mut samples = report::WorkerSamples::default();
-        for run in 0..plan.runs {
-            for backlog in [plan.small, plan.large] {
-                let window = Window::for_backlog(backlog, plan.window_jobs, plan.cap);
-                for consumer in consumers {
-                    progress(&format!(
-                        "run {}/{}: {} at a backlog of {backlog}",
-                        run + 1,
-                        plan.runs,
-                        consumer.label()
-                    ));
-                    let t = worker::measure(env, tenant, consumer, backlog, window).await?;
-                    eprintln!(
-                        "    {:.0} jobs/s ({} jobs in {:.2} s); per job: {:.2} commits, {:.2} rows written",
-                        t.jobs_per_s, t.jobs, t.seconds, t.commits_per_job, t.rows_per_job
-                    );
-                    samples.push(consumer, backlog == plan.large, run, t.jobs_per_s);
-                    samples.push_pg(consumer, t.commits_per_job, t.rows_per_job);
+        let result: anyhow::Result<()> = async {
+            let consumers = [
+                Consumer::Gatehouse(1),
+                Consumer::BareNoop,
+                Consumer::BareUpdate,
+            ];
+            let mut samples = report::WorkerSamples::default();
+            for run in 0..plan.runs {
+                for backlog in [plan.small, plan.large] {
+                    let window = Window::for_backlog(backlog, plan.window_jobs, plan.cap);
+                    for consumer in consumers {
+                        progress(&format!(
+                            "run {}/{}: {} at a backlog of {backlog}",
+                            run + 1,
+                            plan.runs,
+                            consumer.label()
+                        ));
+                        let t = worker::measure(env, tenant, consumer, backlog, window).await?;
+                        eprintln!(
+                            "    {:.0} jobs/s ({} jobs in {:.2} s); per job: {:.2} commits, {:.2} rows written",
+                            t.jobs_per_s, t.jobs, t.seconds, t.commits_per_job, t.rows_per_job
+                        );
+                        samples.push(consumer, backlog == plan.large, run, t.jobs_per_s);
+                        samples.push_pg(consumer, t.commits_per_job, t.rows_per_job);
+                    }
                 }
+                let window = Window::for_backlog(plan.large, plan.window_jobs, plan.cap);
+                progress(&format!(
+                    "run {}/{}: gatehouse work ×2 at a backlog of {}",
+                    run + 1,
+                    plan.runs,
+                    plan.large
+                ));
+                let t =
+                    worker::measure(env, tenant, Consumer::Gatehouse(2), plan.large, window).await?;
+                eprintln!("    {:.0} jobs/s", t.jobs_per_s);
+                samples.push(Consumer::Gatehouse(2), true, run, t.jobs_per_s);
             }
-            let window = Window::for_backlog(plan.large, plan.window_jobs, plan.cap);
-            progress(&format!(
-                "run {}/{}: gatehouse work ×2 at a backlog of {}",
-                run + 1,
-                plan.runs,
-                plan.large
-            ));
-            let t =
-                worker::measure(env, tenant, Consumer::Gatehouse(2), plan.large, window).await?;
-            eprintln!("    {:.0} jobs/s", t.jobs_per_s);
-            samples.push(Consumer::Gatehouse(2), true, run, t.jobs_per_s);
+            report.worker(&samples, plan.small, plan.large);
+            Ok(())
         }
-        report.worker(&samples, plan.small, plan.large);
+        .await;
+        if let Err(error) = result {
+            eprintln!("figures 1–3 (worker) failed: {error:#}");
+            report.failed("figures 1–3 (worker)", &error);
+        }
     }
 
     if wants(Figures::Ingress) {
-        let mut gatehouse = Vec::new();
-        let mut bare = Vec::new();
-        for run in 0..plan.runs {
-            for (kind, into) in [
-                (ServerKind::Gatehouse, &mut gatehouse),
-                (ServerKind::Bare, &mut bare),
-            ] {
-                progress(&format!(
-                    "run {}/{}: webhook ingress, {kind:?}",
-                    run + 1,
-                    plan.runs
-                ));
-                let r = ingress::webhook_run(env, tenant, kind, plan.ingress).await?;
-                eprintln!(
-                    "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                    r.rps(),
-                    r.p50_ms,
-                    r.p99_ms,
-                    r.errors
-                );
-                into.push(r);
+        let result: anyhow::Result<()> = async {
+            let mut gatehouse = Vec::new();
+            let mut bare = Vec::new();
+            for run in 0..plan.runs {
+                for (kind, into) in [
+                    (ServerKind::Gatehouse, &mut gatehouse),
+                    (ServerKind::Bare, &mut bare),
+                ] {
+                    progress(&format!(
+                        "run {}/{}: webhook ingress, {kind:?}",
+                        run + 1,
+                        plan.runs
+                    ));
+                    let r = ingress::webhook_run(env, tenant, kind, plan.ingress).await?;
+                    eprintln!(
+                        "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                        r.rps(),
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.errors
+                    );
+                    into.push(r);
+                }
             }
+            report.ingress(&gatehouse, &bare, plan.ingress.concurrency);
+            Ok(())
         }
-        report.ingress(&gatehouse, &bare, plan.ingress.concurrency);
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 4 (ingress) failed: {error:#}");
+            report.failed("figure 4 (ingress)", &error);
+        }
     }
 
     if wants(Figures::Login) {
-        env.create_user().await?;
-        let mut quiet = Vec::new();
-        let mut flooded = Vec::new();
-        for run in 0..plan.runs {
-            for (flood, into) in [(false, &mut quiet), (true, &mut flooded)] {
-                progress(&format!(
-                    "run {}/{}: /healthz and webhook p99, login flood {}",
-                    run + 1,
-                    plan.runs,
-                    if flood { "on" } else { "off" }
-                ));
-                let r = ingress::login_run(env, tenant, flood, plan.ingress).await?;
-                eprintln!(
-                    "    healthz p99 {:.2} ms, webhook p99 {:.2} ms, logins {} ({:.1}/s)",
-                    r.healthz.p99_ms,
-                    r.webhook.p99_ms,
-                    r.logins.ok,
-                    r.logins.rps()
-                );
-                into.push(r);
+        let result: anyhow::Result<()> = async {
+            env.create_user().await?;
+            let mut quiet = Vec::new();
+            let mut flooded = Vec::new();
+            for run in 0..plan.runs {
+                for (flood, into) in [(false, &mut quiet), (true, &mut flooded)] {
+                    progress(&format!(
+                        "run {}/{}: /healthz and webhook p99, login flood {}",
+                        run + 1,
+                        plan.runs,
+                        if flood { "on" } else { "off" }
+                    ));
+                    let r = ingress::login_run(env, tenant, flood, plan.ingress).await?;
+                    eprintln!(
+                        "    healthz p99 {:.2} ms, webhook p99 {:.2} ms, logins {} ({:.1}/s)",
+                        r.healthz.p99_ms,
+                        r.webhook.p99_ms,
+                        r.logins.ok,
+                        r.logins.rps()
+                    );
+                    into.push(r);
+                }
             }
+            report.login(&quiet, &flooded);
+            Ok(())
         }
-        report.login(&quiet, &flooded);
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 5 (login flood) failed: {error:#}");
+            report.failed("figure 5 (login flood)", &error);
+        }
     }
 
     if wants(Figures::Reencrypt) {
-        let mut runs = Vec::new();
-        for run in 0..plan.runs {
-            progress(&format!(
-                "run {}/{}: re-encryption baselines over {} rows",
-                run + 1,
-                plan.runs,
-                plan.reencrypt_rows
-            ));
-            let r = storage::reencrypt_run(env, plan.reencrypt_rows).await?;
-            eprintln!(
-                "    plain UPDATE {:.0} rows/s, reseal {:.0} rows/s",
-                r.plain_update_rows_per_s, r.reseal_rows_per_s
-            );
-            runs.push(r);
+        let result: anyhow::Result<()> = async {
+            let mut runs = Vec::new();
+            for run in 0..plan.runs {
+                progress(&format!(
+                    "run {}/{}: re-encryption baselines over {} rows",
+                    run + 1,
+                    plan.runs,
+                    plan.reencrypt_rows
+                ));
+                let r = storage::reencrypt_run(env, plan.reencrypt_rows).await?;
+                eprintln!(
+                    "    plain UPDATE {:.0} rows/s, reseal {:.0} rows/s",
+                    r.plain_update_rows_per_s, r.reseal_rows_per_s
+                );
+                runs.push(r);
+            }
+            report.reencrypt(&runs, plan.reencrypt_rows);
+            Ok(())
         }
-        report.reencrypt(&runs, plan.reencrypt_rows);
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 6 (re-encryption) failed: {error:#}");
+            report.failed("figure 6 (re-encryption)", &error);
+        }
     }
 
     if wants(Figures::Memory) {
-        progress(&format!(
-            "memory: {} jobs through two gatehouse work processes, {} at a time",
-            plan.memory_total, plan.memory_step
-        ));
-        let points = storage::memory_run(
-            env,
-            tenant,
-            plan.memory_total,
-            plan.memory_step,
-            plan.memory_budget,
-        )
-        .await?;
-        for p in &points {
-            eprintln!(
-                "    after {} jobs: {} keys, {} bytes",
-                p.processed, p.keys, p.bytes
-            );
+        let result: anyhow::Result<()> = async {
+            progress(&format!(
+                "memory: {} jobs through two gatehouse work processes, {} at a time",
+                plan.memory_total, plan.memory_step
+            ));
+            let points = storage::memory_run(
+                env,
+                tenant,
+                plan.memory_total,
+                plan.memory_step,
+                plan.memory_budget,
+            )
+            .await?;
+            for p in &points {
+                eprintln!(
+                    "    after {} jobs: {} keys, {} bytes",
+                    p.processed, p.keys, p.bytes
+                );
+            }
+            report.memory(&points);
+            Ok(())
         }
-        report.memory(&points);
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 7 (memory) failed: {error:#}");
+            report.failed("figure 7 (memory)", &error);
+        }
     }
     Ok(report)
 }

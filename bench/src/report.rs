@@ -372,6 +372,13 @@ impl Report {
             .push(format!("Redis memory series: {}.", series.join("; ")));
     }
 
+    /// A figure group that could not be measured: said in the notes, the others still run.
+    pub fn failed(&mut self, what: &str, error: &anyhow::Error) {
+        self.notes.push(format!(
+            "**{what} could not be measured in this run**: {error:#}."
+        ));
+    }
+
     /// The table and notes as a markdown block.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
