@@ -124,7 +124,7 @@ fn verdict(ok: bool) -> String {
 }
 
 fn thousands(n: u64) -> String {
-    if n >= 1000 && n % 1000 == 0 {
+    if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
@@ -382,9 +382,9 @@ impl Report {
     /// The table and notes as a markdown block.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
-        out.push_str(&format!(
-            "| figure | gatehouse | baseline (same run) | ratio | target | |\n|---|---|---|---|---|---|\n"
-        ));
+        out.push_str(
+            "| figure | gatehouse | baseline (same run) | ratio | target | |\n|---|---|---|---|---|---|\n",
+        );
         for r in &self.rows {
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} |\n",

@@ -339,25 +339,24 @@ async fn sample(env: &BenchEnv, window: Window) -> anyhow::Result<Throughput> {
             None if done >= window.warmup => start = Some((now, done)),
             None if now > give_up => anyhow::bail!("no job finished within 60 s"),
             None => {}
-            Some((t0, n0)) => {
-                if done >= window.until || now.duration_since(t0) >= window.cap {
-                    let seconds = now.duration_since(t0).as_secs_f64();
-                    let jobs = done - n0;
-                    // A window drained between two samples is too short to time: NaN, which
-                    // the report leaves out of the medians.
-                    return Ok(Throughput {
-                        jobs_per_s: if jobs == 0 {
-                            f64::NAN
-                        } else {
-                            jobs as f64 / seconds
-                        },
-                        jobs,
-                        seconds,
-                        commits_per_job: f64::NAN,
-                        rows_per_job: f64::NAN,
-                    });
-                }
+            Some((t0, n0)) if done >= window.until || now.duration_since(t0) >= window.cap => {
+                let seconds = now.duration_since(t0).as_secs_f64();
+                let jobs = done - n0;
+                // A window drained between two samples is too short to time: NaN, which
+                // the report leaves out of the medians.
+                return Ok(Throughput {
+                    jobs_per_s: if jobs == 0 {
+                        f64::NAN
+                    } else {
+                        jobs as f64 / seconds
+                    },
+                    jobs,
+                    seconds,
+                    commits_per_job: f64::NAN,
+                    rows_per_job: f64::NAN,
+                });
             }
+            Some(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
