@@ -167,8 +167,10 @@ impl BenchEnv {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        if let Ok(path) = std::env::var("PATH") {
-            cmd.env("PATH", path);
+        for passed in ["PATH", "GH_BENCH_HASH_CONCURRENCY"] {
+            if let Ok(value) = std::env::var(passed) {
+                cmd.env(passed, value);
+            }
         }
     }
 

@@ -100,7 +100,19 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
     match kind {
         ServerKind::Gatehouse => {
             let pool = gatehouse::db::connect_lazy(&config.database_url, 20)?;
-            let state = Arc::new(gatehouse::http::AppState::new(config, pool, redis));
+            let mut state = gatehouse::http::AppState::new(config, pool, redis);
+            // Experiment knob (not gatehouse configuration): how many argon2 hashes may run
+            // at once, to show what figure 5 depends on. Unset: gatehouse's default.
+            if let Some(n) = std::env::var("GH_BENCH_HASH_CONCURRENCY")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                state.hasher = gatehouse::security::password::Hasher::new(
+                    gatehouse::security::password::Cost::OWASP,
+                    n,
+                );
+            }
+            let state = Arc::new(state);
             gatehouse::http::serve(listener, state, shutdown).await?;
         }
         ServerKind::Bare => {
