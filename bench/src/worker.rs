@@ -128,10 +128,15 @@ pub async fn enqueue_backlog(env: &BenchEnv, tenant: Uuid, n: u64) -> anyhow::Re
     Ok(())
 }
 
-async fn done_count(env: &BenchEnv) -> anyhow::Result<u64> {
+/// Jobs in the queue's `done` index: a set in apalis-redis 1.0, a sorted set in gatehouse's
+/// own backend (issue 5), whichever this queue has.
+pub async fn done_count(env: &BenchEnv) -> anyhow::Result<u64> {
     let mut redis = env.redis.clone();
-    Ok(redis::cmd("SCARD")
-        .arg(format!("{}:done", env.queue_key(InboundMessage::QUEUE)))
+    let key = format!("{}:done", env.queue_key(InboundMessage::QUEUE));
+    let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
+    let command = if kind == "zset" { "ZCARD" } else { "SCARD" };
+    Ok(redis::cmd(command)
+        .arg(&key)
         .query_async(&mut redis)
         .await?)
 }
