@@ -134,7 +134,13 @@ pub async fn done_count(env: &BenchEnv) -> anyhow::Result<u64> {
     let mut redis = env.redis.clone();
     let key = format!("{}:done", env.queue_key(InboundMessage::QUEUE));
     let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
-    let command = if kind == "zset" { "ZCARD" } else { "SCARD" };
+    // Checked first and counted second: a key that does not exist yet may appear in between
+    // (as either type), so "none" counts as 0 rather than guessing a command.
+    let command = match kind.as_str() {
+        "zset" => "ZCARD",
+        "set" => "SCARD",
+        _ => return Ok(0),
+    };
     Ok(redis::cmd(command)
         .arg(&key)
         .query_async(&mut redis)
