@@ -1,0 +1,370 @@
+//! Figures 4 and 5: the signed-webhook ingress against a bare axum handler that only
+//! enqueues, and other routes' latency while argon2 logins flood the ingress.
+//!
+//! Both servers run as separate processes of this binary (`gatehouse-bench server …`),
+//! listening on 127.0.0.1 only, so the load generator never shares their runtime.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use gatehouse::security::twilio::{Algorithm, sign_form};
+use gatehouse_jobs::client::{Enqueue, Queues};
+use gatehouse_jobs::{InboundMessage, Job as _};
+use redis::aio::ConnectionManager;
+use uuid::Uuid;
+
+use crate::env::{self, ACCOUNT_SID, BenchEnv, LOGIN_EMAIL, LOGIN_PASSWORD, PUBLIC_BASE};
+use crate::load::{self, LoadResult, Prepared};
+
+/// Which server a `server` process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerKind {
+    /// gatehouse's own router (`gatehouse::http::serve`), as `gatehouse serve` runs it.
+    Gatehouse,
+    /// An axum handler that parses the form and enqueues the same payload, nothing else.
+    Bare,
+}
+
+const TWIML_EMPTY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
+
+struct Bare {
+    redis: ConnectionManager,
+    queues: Queues,
+}
+
+async fn bare_webhook(
+    State(state): State<Arc<Bare>>,
+    Path(tenant_id): Path<Uuid>,
+    body: Bytes,
+) -> impl IntoResponse {
+    let mut job = InboundMessage {
+        tenant_id,
+        message_sid: String::new(),
+        from: String::new(),
+        to: String::new(),
+        body: String::new(),
+        received_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    };
+    for (name, value) in form_urlencoded::parse(&body) {
+        match name.as_ref() {
+            "MessageSid" => job.message_sid = value.into_owned(),
+            "From" => job.from = value.into_owned(),
+            "To" => job.to = value.into_owned(),
+            "Body" => job.body = value.into_owned(),
+            _ => {}
+        }
+    }
+    let mut redis = state.redis.clone();
+    match state
+        .queues
+        .enqueue(&mut redis, &job, Enqueue::default())
+        .await
+    {
+        Ok(_) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/xml")],
+            TWIML_EMPTY,
+        )
+            .into_response(),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+/// Runs a server process until SIGTERM (the `server` subcommand).
+pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let shutdown = async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+        }
+    };
+    let config = Arc::new(
+        gatehouse::config::Config::from_env()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
+    );
+    let redis = gatehouse::queue::connect(&config.redis_url).await?;
+    match kind {
+        ServerKind::Gatehouse => {
+            let pool = gatehouse::db::connect_lazy(&config.database_url, 20)?;
+            let mut state = gatehouse::http::AppState::new(config, pool, redis);
+            // Experiment knob (not gatehouse configuration): how many argon2 hashes may run
+            // at once, to show what figure 5 depends on. Unset: gatehouse's default.
+            if let Some(n) = std::env::var("GH_BENCH_HASH_CONCURRENCY")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                state.hasher = gatehouse::security::password::Hasher::new(
+                    gatehouse::security::password::Cost::OWASP,
+                    n,
+                );
+            }
+            let state = Arc::new(state);
+            gatehouse::http::serve(listener, state, shutdown).await?;
+        }
+        ServerKind::Bare => {
+            let state = Arc::new(Bare {
+                redis,
+                queues: Queues::new(config.queue_namespace.clone()),
+            });
+            let app = Router::new()
+                .route("/healthz", get(|| async { "ok" }))
+                .route(
+                    "/v1/webhooks/twilio/{tenant_id}/messages",
+                    post(bare_webhook),
+                )
+                .with_state(state);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// A server process and its base URL.
+pub struct Server {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl Server {
+    pub async fn start(env: &BenchEnv, kind: ServerKind) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let kind_name = match kind {
+            ServerKind::Gatehouse => "gatehouse",
+            ServerKind::Bare => "bare",
+        };
+        let child = env.myself(
+            &["server", "--kind", kind_name, "--port", &port.to_string()],
+            &[],
+        )?;
+        let mut server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let client = load::client(1)?;
+        let url = format!("{}/healthz", server.base);
+        let up = env::wait_until(Duration::from_secs(20), || {
+            let request = client.get(&url).send();
+            async move { request.await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        if !up {
+            server.stop();
+            anyhow::bail!("the {kind_name} server did not come up within 20 s");
+        }
+        Ok(server)
+    }
+
+    /// CPU time the server process has used so far, in microseconds.
+    pub fn cpu_us(&self) -> Option<u64> {
+        load::process_cpu_us(self.child.id())
+    }
+
+    pub fn stop(&mut self) {
+        env::terminate(&mut self.child);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            env::kill(&mut self.child);
+        }
+    }
+}
+
+/// `n` signed webhook requests for `tenant`, each with a fresh MessageSid (so none is a
+/// duplicate), signed exactly as Twilio signs them.
+pub fn signed_webhooks(tenant: Uuid, n: usize) -> Vec<Prepared> {
+    let path = format!("/v1/webhooks/twilio/{tenant}/messages");
+    let url = format!("{PUBLIC_BASE}{path}");
+    (0..n)
+        .map(|i| {
+            let sid = format!("SM{}", Uuid::new_v4().simple());
+            let from = format!("+1415555{:04}", i % 200);
+            let params = [
+                ("MessageSid", sid.as_str()),
+                ("SmsSid", sid.as_str()),
+                ("AccountSid", ACCOUNT_SID),
+                ("From", from.as_str()),
+                ("To", "+14155550199"),
+                ("Body", "Hi! Where is my order #12345?"),
+                ("NumMedia", "0"),
+            ];
+            let signature = sign_form(
+                &url,
+                &params,
+                env::TWILIO_TOKEN.as_bytes(),
+                Algorithm::HmacSha1,
+            );
+            let body = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(params.iter())
+                .finish();
+            Prepared {
+                post: true,
+                path: path.clone(),
+                headers: vec![
+                    (
+                        "content-type",
+                        "application/x-www-form-urlencoded".to_owned(),
+                    ),
+                    ("x-forwarded-proto", "https".to_owned()),
+                    ("x-twilio-signature", signature),
+                ],
+                body,
+            }
+        })
+        .collect()
+}
+
+fn logins(n: usize) -> Vec<Prepared> {
+    let body = serde_json::json!({"email": LOGIN_EMAIL, "password": LOGIN_PASSWORD}).to_string();
+    vec![
+        Prepared {
+            post: true,
+            path: "/v1/auth/login".into(),
+            headers: vec![
+                ("content-type", "application/json".to_owned()),
+                ("x-forwarded-proto", "https".to_owned()),
+            ],
+            body,
+        };
+        n
+    ]
+}
+
+/// Load shape of the ingress figures.
+#[derive(Debug, Clone, Copy)]
+pub struct IngressPlan {
+    pub concurrency: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Prepared (signed) requests per run: the count bound.
+    pub max_requests: usize,
+}
+
+/// Figure 4, one run: the same signed requests against `kind`.
+pub async fn webhook_run(
+    env: &BenchEnv,
+    tenant: Uuid,
+    kind: ServerKind,
+    plan: IngressPlan,
+) -> anyhow::Result<LoadResult> {
+    env.clear_namespace().await?;
+    let requests = Arc::new(signed_webhooks(tenant, plan.max_requests));
+    let mut server = Server::start(env, kind).await?;
+    let client = load::client(plan.concurrency)?;
+    let cpu_before = server.cpu_us();
+    let mut result = load::run(
+        &client,
+        &server.base,
+        requests,
+        false,
+        plan.concurrency,
+        plan.warmup,
+        plan.duration,
+    )
+    .await;
+    if let (Some(before), Some(after)) = (cpu_before, server.cpu_us()) {
+        result.server_cpu_us_per_request = (after - before) as f64 / result.sent.max(1) as f64;
+    }
+    server.stop();
+    // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
+    let mut redis = env.redis.clone();
+    let queued: u64 = redis::cmd("LLEN")
+        .arg(format!("{}:active", env.queue_key(InboundMessage::QUEUE)))
+        .query_async(&mut redis)
+        .await?;
+    env.clear_namespace().await?;
+    if result.ok == 0 {
+        anyhow::bail!("{kind:?} ingress answered no request with 2xx");
+    }
+    if queued < result.ok {
+        anyhow::bail!(
+            "{kind:?} ingress answered {} requests with 2xx but queued only {queued} jobs",
+            result.ok
+        );
+    }
+    Ok(result)
+}
+
+/// Figure 5, one run: `/healthz` and webhook p99 at low concurrency, with or without a
+/// bounded login flood running alongside.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoginRun {
+    pub healthz: LoadResult,
+    pub webhook: LoadResult,
+    pub logins: LoadResult,
+}
+
+pub async fn login_run(
+    env: &BenchEnv,
+    tenant: Uuid,
+    flood: bool,
+    plan: IngressPlan,
+) -> anyhow::Result<LoginRun> {
+    env.clear_namespace().await?;
+    let mut server = Server::start(env, ServerKind::Gatehouse).await?;
+    let client = load::client(16)?;
+    let probes = 2;
+    let health = Arc::new(vec![Prepared::get("/healthz")]);
+    let hooks = Arc::new(signed_webhooks(tenant, plan.max_requests / 4));
+    // Bounded: at most 400 logins (about 35 s of argon2 on both cores), 8 at a time.
+    let flood_requests = Arc::new(logins(if flood { 400 } else { 0 }));
+    let (healthz, webhook, logins) = tokio::join!(
+        load::run(
+            &client,
+            &server.base,
+            health,
+            true,
+            probes,
+            plan.warmup,
+            plan.duration
+        ),
+        load::run(
+            &client,
+            &server.base,
+            hooks,
+            false,
+            probes,
+            plan.warmup,
+            plan.duration
+        ),
+        load::run(
+            &client,
+            &server.base,
+            flood_requests,
+            false,
+            8,
+            Duration::ZERO,
+            plan.warmup + plan.duration
+        ),
+    );
+    server.stop();
+    env.clear_namespace().await?;
+    Ok(LoginRun {
+        healthz,
+        webhook,
+        logins,
+    })
+}

@@ -1,0 +1,183 @@
+//! A closed-loop HTTP load generator for loopback: `concurrency` connections each send the
+//! next prepared request as soon as the previous answer arrives, until the requests or the
+//! time run out. Latencies are recorded after a warm-up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// One request, ready to send.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub post: bool,
+    pub path: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Prepared {
+    /// A GET as a TLS-terminating proxy on loopback forwards it.
+    pub fn get(path: &str) -> Self {
+        Self {
+            post: false,
+            path: path.to_owned(),
+            headers: vec![("x-forwarded-proto", "https".to_owned())],
+            body: String::new(),
+        }
+    }
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadResult {
+    /// Requests answered 2xx after the warm-up.
+    pub ok: u64,
+    /// Requests answered otherwise (or failed) after the warm-up.
+    pub errors: u64,
+    pub seconds: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Every request sent, warm-up included.
+    pub sent: u64,
+    /// CPU time the server process used per request sent, in microseconds (NaN if unknown).
+    pub server_cpu_us_per_request: f64,
+}
+
+impl LoadResult {
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// A keep-alive HTTP/1.1 client for loopback.
+pub fn client(concurrency: usize) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// Sends `requests` (each at most once, in order) to `base` with `concurrency` loops for
+/// `warmup + duration` at most; latencies count only after the warm-up.
+pub async fn run(
+    client: &reqwest::Client,
+    base: &str,
+    requests: Arc<Vec<Prepared>>,
+    cycle: bool,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> LoadResult {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let deadline = measure_from + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let base = base.to_owned();
+        let requests = requests.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut ok = 0u64;
+            let mut errors = 0u64;
+            let mut sent_total = 0u64;
+            loop {
+                let mut i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests.len() {
+                    if !cycle || requests.is_empty() {
+                        break;
+                    }
+                    i %= requests.len();
+                }
+                let sent = Instant::now();
+                if sent >= deadline {
+                    break;
+                }
+                sent_total += 1;
+                let request = &requests[i];
+                let url = format!("{base}{}", request.path);
+                let mut builder = if request.post {
+                    client.post(url).body(request.body.clone())
+                } else {
+                    client.get(url)
+                };
+                for (name, value) in &request.headers {
+                    builder = builder.header(*name, value);
+                }
+                let success = match builder.send().await {
+                    Ok(response) => {
+                        let status = response.status();
+                        // Read the body so the connection is reused.
+                        let _ = response.bytes().await;
+                        status.is_success()
+                    }
+                    Err(_) => false,
+                };
+                if sent >= measure_from {
+                    let micros = sent.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    latencies.push(micros);
+                    if success {
+                        ok += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, ok, errors, sent_total)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut result = LoadResult::default();
+    for task in tasks {
+        if let Ok((latencies, ok, errors, sent)) = task.await {
+            all.extend(latencies);
+            result.sent += sent;
+            result.ok += ok;
+            result.errors += errors;
+        }
+    }
+    let end = Instant::now().min(deadline);
+    result.seconds = end.saturating_duration_since(measure_from).as_secs_f64();
+    all.sort_unstable();
+    result.p50_ms = percentile(&all, 0.50);
+    result.p99_ms = percentile(&all, 0.99);
+    result.server_cpu_us_per_request = f64::NAN;
+    result
+}
+
+/// User + system CPU time of a process so far, in microseconds (Linux `/proc`, whose clock
+/// ticks are always 1/100 s).
+pub fn process_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10_000)
+}
+
+/// The `q` quantile (nearest rank) of sorted microsecond latencies, in milliseconds.
+pub fn percentile(sorted_micros: &[u32], q: f64) -> f64 {
+    if sorted_micros.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted_micros.len() as f64).ceil() as usize).clamp(1, sorted_micros.len());
+    f64::from(sorted_micros[rank - 1]) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u32> = (1..=100).map(|ms| ms * 1000).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

@@ -1,0 +1,397 @@
+//! `gatehouse-bench`: the system figures of BENCHMARKS.md, each measured against its
+//! baseline in the same run, on the same PostgreSQL and Redis, medians over repeated runs.
+//!
+//! It creates its own database (`gh_bench_*`) and Redis namespace (`ghbench-*`) and removes
+//! both afterwards; every load is bounded in count and time and sent to 127.0.0.1 only.
+//! `gatehouse work` is the release binary built next to this one.
+
+mod env;
+mod ingress;
+mod load;
+mod report;
+mod storage;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::env::BenchEnv;
+use crate::ingress::{IngressPlan, ServerKind};
+use crate::report::Report;
+use crate::worker::{Consumer, Window};
+
+/// Jobs in flight per worker, for gatehouse (`WORKER_CONCURRENCY`, its default) and the
+/// bare baselines alike.
+pub const WORKER_CONCURRENCY: usize = 4;
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse-bench",
+    about = "gatehouse against its baselines, side by side"
+)]
+struct Cli {
+    /// Repetitions of every measurement; figures are medians.
+    #[arg(long, global = true, default_value_t = 3)]
+    runs: usize,
+    /// Also write the results as a markdown block to this file.
+    #[arg(long, global = true)]
+    markdown: Option<PathBuf>,
+    /// Override the small backlog (default 5000).
+    #[arg(long, global = true)]
+    small_backlog: Option<u64>,
+    /// Override the large backlog (default 50000).
+    #[arg(long, global = true)]
+    large_backlog: Option<u64>,
+    /// Override the seconds each ingress load runs after its warm-up (default 5).
+    #[arg(long, global = true)]
+    ingress_seconds: Option<u64>,
+    /// Override the jobs figure 7 processes (default 100000, read every quarter).
+    #[arg(long, global = true)]
+    memory_jobs: Option<u64>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every system figure (1–7).
+    All,
+    /// Figures 1–3: worker throughput, backlog sensitivity, scale-out.
+    Worker,
+    /// Figure 4: signed-webhook ingress against a bare enqueue-only handler.
+    Ingress,
+    /// Figure 5: `/healthz` and webhook p99 during a bounded argon2 login flood.
+    Login,
+    /// Figure 6: re-encryption rows/s (baseline side; `rotate_keys` is pending).
+    Reencrypt,
+    /// Figure 7: Redis memory after processed jobs.
+    Memory,
+    /// Every figure at a toy size, once: checks the harness works (no timing claims).
+    Smoke,
+    /// Internal: one ingress server process on 127.0.0.1.
+    #[command(hide = true)]
+    Server {
+        #[arg(long, value_enum)]
+        kind: ServerKind,
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+/// Sizes of one invocation.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    runs: usize,
+    small: u64,
+    large: u64,
+    window_jobs: u64,
+    cap: Duration,
+    ingress: IngressPlan,
+    reencrypt_rows: u64,
+    memory_total: u64,
+    memory_step: u64,
+    memory_budget: Duration,
+}
+
+impl Plan {
+    fn full(runs: usize) -> Self {
+        Self {
+            runs: runs.max(1),
+            small: 5_000,
+            large: 50_000,
+            window_jobs: 20_000,
+            cap: Duration::from_secs(15),
+            ingress: IngressPlan {
+                concurrency: 16,
+                warmup: Duration::from_secs(1),
+                duration: Duration::from_secs(5),
+                max_requests: 150_000,
+            },
+            reencrypt_rows: 10_000,
+            memory_total: 100_000,
+            memory_step: 25_000,
+            memory_budget: Duration::from_secs(300),
+        }
+    }
+
+    fn smoke() -> Self {
+        Self {
+            runs: 1,
+            small: 200,
+            large: 400,
+            window_jobs: 1_000,
+            cap: Duration::from_secs(5),
+            ingress: IngressPlan {
+                concurrency: 4,
+                warmup: Duration::from_millis(200),
+                duration: Duration::from_millis(800),
+                max_requests: 20_000,
+            },
+            reencrypt_rows: 200,
+            memory_total: 200,
+            memory_step: 100,
+            memory_budget: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Figures {
+    All,
+    Worker,
+    Ingress,
+    Login,
+    Reencrypt,
+    Memory,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (figures, plan) = match cli.command {
+        Command::Server { kind, port } => return runtime.block_on(ingress::serve(kind, port)),
+        Command::All => (Figures::All, Plan::full(cli.runs)),
+        Command::Worker => (Figures::Worker, Plan::full(cli.runs)),
+        Command::Ingress => (Figures::Ingress, Plan::full(cli.runs)),
+        Command::Login => (Figures::Login, Plan::full(cli.runs)),
+        Command::Reencrypt => (Figures::Reencrypt, Plan::full(cli.runs)),
+        Command::Memory => (Figures::Memory, Plan::full(cli.runs)),
+        Command::Smoke => (Figures::All, Plan::smoke()),
+    };
+    let mut plan = plan;
+    if let Some(n) = cli.small_backlog {
+        plan.small = n.max(20);
+    }
+    if let Some(n) = cli.large_backlog {
+        plan.large = n.max(20);
+    }
+    if let Some(s) = cli.ingress_seconds {
+        plan.ingress.duration = Duration::from_secs(s.max(1));
+    }
+    if let Some(n) = cli.memory_jobs {
+        plan.memory_total = n.max(4);
+        plan.memory_step = (n / 4).max(1);
+    }
+    let report = runtime.block_on(async {
+        let env = BenchEnv::new().await?;
+        eprintln!(
+            "bench database {}, namespace {} (both removed at the end)",
+            env.db_name, env.namespace
+        );
+        let result = run(&env, figures, plan).await;
+        env.cleanup().await;
+        result
+    })?;
+    let markdown = report.markdown();
+    println!("{markdown}");
+    if let Some(path) = cli.markdown {
+        std::fs::write(&path, &markdown)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn progress(what: &str) {
+    eprintln!(
+        "[{}] {what}",
+        time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    );
+}
+
+async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Report> {
+    let mut report = Report::new(plan.runs);
+    let tenant = worker::prepare(env).await?;
+    let wants = |f: Figures| figures == Figures::All || figures == f;
+
+    if wants(Figures::Worker) {
+        let result: anyhow::Result<()> = async {
+            let consumers = [
+                Consumer::Gatehouse(1),
+                Consumer::BareNoop,
+                Consumer::BareUpdate,
+            ];
+            let mut samples = report::WorkerSamples::default();
+            for run in 0..plan.runs {
+                for backlog in [plan.small, plan.large] {
+                    let window = Window::for_backlog(backlog, plan.window_jobs, plan.cap);
+                    for consumer in consumers {
+                        progress(&format!(
+                            "run {}/{}: {} at a backlog of {backlog}",
+                            run + 1,
+                            plan.runs,
+                            consumer.label()
+                        ));
+                        let t = worker::measure(env, tenant, consumer, backlog, window).await?;
+                        eprintln!(
+                            "    {:.0} jobs/s ({} jobs in {:.2} s); per job: {:.2} commits, {:.2} rows written",
+                            t.jobs_per_s, t.jobs, t.seconds, t.commits_per_job, t.rows_per_job
+                        );
+                        samples.push(consumer, backlog == plan.large, run, t.jobs_per_s);
+                        samples.push_pg(consumer, t.commits_per_job, t.rows_per_job);
+                    }
+                }
+                let window = Window::for_backlog(plan.large, plan.window_jobs, plan.cap);
+                progress(&format!(
+                    "run {}/{}: gatehouse work ×2 at a backlog of {}",
+                    run + 1,
+                    plan.runs,
+                    plan.large
+                ));
+                let t =
+                    worker::measure(env, tenant, Consumer::Gatehouse(2), plan.large, window).await?;
+                eprintln!("    {:.0} jobs/s", t.jobs_per_s);
+                samples.push(Consumer::Gatehouse(2), true, run, t.jobs_per_s);
+            }
+            report.worker(&samples, plan.small, plan.large);
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            eprintln!("figures 1–3 (worker) failed: {error:#}");
+            report.failed("figures 1–3 (worker)", &error);
+        }
+    }
+
+    if wants(Figures::Ingress) {
+        let result: anyhow::Result<()> = async {
+            let mut gatehouse = Vec::new();
+            let mut bare = Vec::new();
+            for run in 0..plan.runs {
+                for (kind, into) in [
+                    (ServerKind::Gatehouse, &mut gatehouse),
+                    (ServerKind::Bare, &mut bare),
+                ] {
+                    progress(&format!(
+                        "run {}/{}: webhook ingress, {kind:?}",
+                        run + 1,
+                        plan.runs
+                    ));
+                    let r = ingress::webhook_run(env, tenant, kind, plan.ingress).await?;
+                    eprintln!(
+                        "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                        r.rps(),
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.errors
+                    );
+                    into.push(r);
+                }
+            }
+            report.ingress(&gatehouse, &bare, plan.ingress.concurrency);
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 4 (ingress) failed: {error:#}");
+            report.failed("figure 4 (ingress)", &error);
+        }
+    }
+
+    if wants(Figures::Login) {
+        let result: anyhow::Result<()> = async {
+            env.create_user().await?;
+            let mut quiet = Vec::new();
+            let mut flooded = Vec::new();
+            for run in 0..plan.runs {
+                for (flood, into) in [(false, &mut quiet), (true, &mut flooded)] {
+                    progress(&format!(
+                        "run {}/{}: /healthz and webhook p99, login flood {}",
+                        run + 1,
+                        plan.runs,
+                        if flood { "on" } else { "off" }
+                    ));
+                    let r = ingress::login_run(env, tenant, flood, plan.ingress).await?;
+                    eprintln!(
+                        "    healthz p99 {:.2} ms, webhook p99 {:.2} ms, logins {} ({:.1}/s)",
+                        r.healthz.p99_ms,
+                        r.webhook.p99_ms,
+                        r.logins.ok,
+                        r.logins.rps()
+                    );
+                    into.push(r);
+                }
+            }
+            report.login(&quiet, &flooded);
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 5 (login flood) failed: {error:#}");
+            report.failed("figure 5 (login flood)", &error);
+        }
+    }
+
+    if wants(Figures::Reencrypt) {
+        let result: anyhow::Result<()> = async {
+            let mut runs = Vec::new();
+            for run in 0..plan.runs {
+                progress(&format!(
+                    "run {}/{}: re-encryption baselines over {} rows",
+                    run + 1,
+                    plan.runs,
+                    plan.reencrypt_rows
+                ));
+                let r = storage::reencrypt_run(env, plan.reencrypt_rows).await?;
+                eprintln!(
+                    "    plain UPDATE {:.0} rows/s, reseal {:.0} rows/s",
+                    r.plain_update_rows_per_s, r.reseal_rows_per_s
+                );
+                runs.push(r);
+            }
+            report.reencrypt(&runs, plan.reencrypt_rows);
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 6 (re-encryption) failed: {error:#}");
+            report.failed("figure 6 (re-encryption)", &error);
+        }
+    }
+
+    if wants(Figures::Memory) {
+        let result: anyhow::Result<()> = async {
+            progress(&format!(
+                "memory: {} jobs through two gatehouse work processes, {} at a time",
+                plan.memory_total, plan.memory_step
+            ));
+            let points = storage::memory_run(
+                env,
+                tenant,
+                plan.memory_total,
+                plan.memory_step,
+                plan.memory_budget,
+            )
+            .await?;
+            for p in &points {
+                eprintln!(
+                    "    after {} jobs: {} keys, {} bytes",
+                    p.processed, p.keys, p.bytes
+                );
+            }
+            report.memory(&points);
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 7 (memory) failed: {error:#}");
+            report.failed("figure 7 (memory)", &error);
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,415 @@
+//! The results table: medians over the runs, each figure as a ratio to its same-run
+//! baseline, with the issue's target and whether it was met.
+
+use std::collections::BTreeMap;
+
+use crate::ingress::LoginRun;
+use crate::load::LoadResult;
+use crate::storage::{MemoryPoint, Reencrypt};
+use crate::worker::Consumer;
+
+/// The median (mean of the middle two for an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// Worker jobs/s per consumer, backlog (large or not) and run.
+#[derive(Debug, Default)]
+pub struct WorkerSamples {
+    by: BTreeMap<(String, bool), BTreeMap<usize, f64>>,
+    pg: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+}
+
+impl WorkerSamples {
+    pub fn push_pg(&mut self, consumer: Consumer, commits_per_job: f64, rows_per_job: f64) {
+        let entry = self.pg.entry(consumer.label()).or_default();
+        entry.0.push(commits_per_job);
+        entry.1.push(rows_per_job);
+    }
+
+    fn pg(&self, consumer: Consumer) -> (f64, f64) {
+        self.pg
+            .get(&consumer.label())
+            .map_or((f64::NAN, f64::NAN), |(c, r)| (median(c), median(r)))
+    }
+
+    pub fn push(&mut self, consumer: Consumer, large: bool, run: usize, jobs_per_s: f64) {
+        self.by
+            .entry((consumer.label(), large))
+            .or_default()
+            .insert(run, jobs_per_s);
+    }
+
+    fn runs(&self, consumer: Consumer, large: bool) -> Vec<f64> {
+        self.by
+            .get(&(consumer.label(), large))
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn median(&self, consumer: Consumer, large: bool) -> f64 {
+        median(&self.runs(consumer, large))
+    }
+
+    /// Per-run ratio a/b (same run index), then the median.
+    fn ratio(&self, a: (Consumer, bool), b: (Consumer, bool)) -> f64 {
+        let (Some(a), Some(b)) = (
+            self.by.get(&(a.0.label(), a.1)),
+            self.by.get(&(b.0.label(), b.1)),
+        ) else {
+            return f64::NAN;
+        };
+        let ratios: Vec<f64> = a
+            .iter()
+            .filter_map(|(run, x)| b.get(run).map(|y| x / y))
+            .collect();
+        median(&ratios)
+    }
+}
+
+struct Row {
+    figure: String,
+    gatehouse: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    verdict: String,
+}
+
+/// All rows of one invocation.
+pub struct Report {
+    runs: usize,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+fn rate(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn ms(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else {
+        format!("{x:.2} ms")
+    }
+}
+
+fn times(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else {
+        format!("{x:.2}×")
+    }
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "met" } else { "**missed**" }.into()
+}
+
+fn thousands(n: u64) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+impl Report {
+    pub fn new(runs: usize) -> Self {
+        Self {
+            runs,
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn row(
+        &mut self,
+        figure: String,
+        gh: String,
+        base: String,
+        ratio: String,
+        target: &str,
+        verdict: String,
+    ) {
+        self.rows.push(Row {
+            figure,
+            gatehouse: gh,
+            baseline: base,
+            ratio,
+            target: target.into(),
+            verdict,
+        });
+    }
+
+    pub fn worker(&mut self, s: &WorkerSamples, small: u64, large: u64) {
+        let gh = Consumer::Gatehouse(1);
+        for (large_backlog, backlog) in [(false, small), (true, large)] {
+            let g = s.median(gh, large_backlog);
+            let noop = s.median(Consumer::BareNoop, large_backlog);
+            let update = s.median(Consumer::BareUpdate, large_backlog);
+            let vs_update = s.ratio((gh, large_backlog), (Consumer::BareUpdate, large_backlog));
+            let vs_noop = s.ratio((gh, large_backlog), (Consumer::BareNoop, large_backlog));
+            self.row(
+                format!("1. worker jobs/s, backlog {}", thousands(backlog)),
+                rate(g),
+                format!("one-UPDATE {}; no-op {}", rate(update), rate(noop)),
+                format!(
+                    "{} of one-UPDATE; {} of no-op",
+                    times(vs_update),
+                    times(vs_noop)
+                ),
+                "≥ 0.8× one-UPDATE",
+                verdict(vs_update >= 0.8),
+            );
+        }
+        let (g_commits, g_rows) = s.pg(gh);
+        let (u_commits, u_rows) = s.pg(Consumer::BareUpdate);
+        self.row(
+            "1. PostgreSQL work per job".into(),
+            format!("{g_commits:.2} commits, {g_rows:.1} rows written"),
+            format!("one-UPDATE: {u_commits:.2} commits, {u_rows:.1} rows written"),
+            format!("{} rows", times(g_rows / u_rows)),
+            "(explains 1)",
+            "–".into(),
+        );
+        let sensitivity = |c: Consumer| s.ratio((c, true), (c, false));
+        let g = sensitivity(gh);
+        self.row(
+            format!(
+                "2. backlog sensitivity ({} / {})",
+                thousands(large),
+                thousands(small)
+            ),
+            times(g),
+            format!(
+                "one-UPDATE {}; no-op {}",
+                times(sensitivity(Consumer::BareUpdate)),
+                times(sensitivity(Consumer::BareNoop))
+            ),
+            times(g),
+            "≥ 0.8",
+            verdict(g >= 0.8),
+        );
+        let two = s.median(Consumer::Gatehouse(2), true);
+        let one = s.median(gh, true);
+        let scale = s.ratio((Consumer::Gatehouse(2), true), (gh, true));
+        self.row(
+            format!("3. scale-out jobs/s, backlog {}", thousands(large)),
+            format!("2 processes {}", rate(two)),
+            format!("1 process {}", rate(one)),
+            times(scale),
+            "(no target)",
+            "–".into(),
+        );
+    }
+
+    pub fn ingress(&mut self, gatehouse: &[LoadResult], bare: &[LoadResult], concurrency: usize) {
+        let pick =
+            |v: &[LoadResult], f: fn(&LoadResult) -> f64| -> Vec<f64> { v.iter().map(f).collect() };
+        let g_rps = median(&pick(gatehouse, LoadResult::rps));
+        let b_rps = median(&pick(bare, LoadResult::rps));
+        let ratios: Vec<f64> = gatehouse
+            .iter()
+            .zip(bare)
+            .map(|(g, b)| g.rps() / b.rps())
+            .collect();
+        let ratio = median(&ratios);
+        let g_p50 = median(&pick(gatehouse, |r| r.p50_ms));
+        let b_p50 = median(&pick(bare, |r| r.p50_ms));
+        let g_p99 = median(&pick(gatehouse, |r| r.p99_ms));
+        let b_p99 = median(&pick(bare, |r| r.p99_ms));
+        let added: Vec<f64> = gatehouse
+            .iter()
+            .zip(bare)
+            .map(|(g, b)| g.p99_ms - b.p99_ms)
+            .collect();
+        let added = median(&added);
+        let errors: u64 = gatehouse.iter().chain(bare).map(|r| r.errors).sum();
+        let g_cpu = median(&pick(gatehouse, |r| r.server_cpu_us_per_request));
+        let b_cpu = median(&pick(bare, |r| r.server_cpu_us_per_request));
+        self.row(
+            format!("4. webhook req/s, concurrency {concurrency}"),
+            rate(g_rps),
+            format!("bare enqueue-only handler {}", rate(b_rps)),
+            times(ratio),
+            "≥ 0.8×",
+            verdict(ratio >= 0.8),
+        );
+        self.row(
+            "4. webhook latency p50 / p99".into(),
+            format!("{} / {}", ms(g_p50), ms(g_p99)),
+            format!("{} / {}", ms(b_p50), ms(b_p99)),
+            format!("p99 {:+.2} ms", added),
+            "p99 added < 1 ms",
+            verdict(added < 1.0),
+        );
+        self.row(
+            "4. server CPU per webhook request".into(),
+            format!("{g_cpu:.0} µs"),
+            format!("{b_cpu:.0} µs"),
+            times(g_cpu / b_cpu),
+            "(explains 4)",
+            "–".into(),
+        );
+        if errors > 0 {
+            self.notes.push(format!(
+                "Ingress: {errors} non-2xx answers across all runs."
+            ));
+        }
+    }
+
+    pub fn login(&mut self, quiet: &[LoginRun], flooded: &[LoginRun]) {
+        for (name, f) in [
+            (
+                "/healthz",
+                (|r: &LoginRun| r.healthz.p99_ms) as fn(&LoginRun) -> f64,
+            ),
+            ("webhook", |r: &LoginRun| r.webhook.p99_ms),
+        ] {
+            let q = median(&quiet.iter().map(f).collect::<Vec<_>>());
+            let l = median(&flooded.iter().map(f).collect::<Vec<_>>());
+            let ratios: Vec<f64> = flooded
+                .iter()
+                .zip(quiet)
+                .map(|(a, b)| f(a) / f(b))
+                .collect();
+            let ratio = median(&ratios);
+            self.row(
+                format!("5. {name} p99 during login flood"),
+                ms(l),
+                format!("no flood {}", ms(q)),
+                times(ratio),
+                "< 2×",
+                verdict(ratio < 2.0),
+            );
+        }
+        let logins = median(&flooded.iter().map(|r| r.logins.rps()).collect::<Vec<_>>());
+        self.notes.push(format!(
+            "Login flood: {} successful logins/s (argon2id, OWASP cost) at 8 concurrent clients.",
+            rate(logins)
+        ));
+    }
+
+    pub fn reencrypt(&mut self, runs: &[Reencrypt], rows: u64) {
+        let plain = median(
+            &runs
+                .iter()
+                .map(|r| r.plain_update_rows_per_s)
+                .collect::<Vec<_>>(),
+        );
+        let reseal = median(&runs.iter().map(|r| r.reseal_rows_per_s).collect::<Vec<_>>());
+        self.row(
+            format!("6. re-encryption rows/s, {} rows", thousands(rows)),
+            "pending issue 4 (`rotate_keys`)".into(),
+            format!(
+                "plain UPDATE {}; open+seal in batches {}",
+                rate(plain),
+                rate(reseal)
+            ),
+            times(reseal / plain),
+            "(no target)",
+            "–".into(),
+        );
+    }
+
+    pub fn memory(&mut self, points: &[MemoryPoint]) {
+        let (Some(first), Some(last)) = (points.first(), points.last()) else {
+            return;
+        };
+        let growth = last.bytes as f64 / first.bytes.max(1) as f64;
+        let per_job = if last.processed > first.processed {
+            (last.bytes as f64 - first.bytes as f64) / (last.processed - first.processed) as f64
+        } else {
+            f64::NAN
+        };
+        self.row(
+            format!("7. Redis memory after {} jobs", thousands(last.processed)),
+            format!(
+                "{:.1} MiB, {} keys",
+                last.bytes as f64 / 1048576.0,
+                last.keys
+            ),
+            format!(
+                "after {} jobs: {:.1} MiB, {} keys",
+                thousands(first.processed),
+                first.bytes as f64 / 1048576.0,
+                first.keys
+            ),
+            format!("{} ({:.0} B per job)", times(growth), per_job),
+            "flat after warm-up",
+            verdict(growth < 1.1),
+        );
+        let series: Vec<String> = points
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} jobs → {:.1} MiB / {} keys",
+                    thousands(p.processed),
+                    p.bytes as f64 / 1048576.0,
+                    p.keys
+                )
+            })
+            .collect();
+        self.notes
+            .push(format!("Redis memory series: {}.", series.join("; ")));
+    }
+
+    /// A figure group that could not be measured: said in the notes, the others still run.
+    pub fn failed(&mut self, what: &str, error: &anyhow::Error) {
+        self.notes.push(format!(
+            "**{what} could not be measured in this run**: {error:#}."
+        ));
+    }
+
+    /// The table and notes as a markdown block.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "| figure | gatehouse | baseline (same run) | ratio | target | |\n|---|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.figure, r.gatehouse, r.baseline, r.ratio, r.target, r.verdict
+            ));
+        }
+        out.push_str(&format!(
+            "\nMedians of {} run(s); ratios are medians of per-run ratios.\n",
+            self.runs
+        ));
+        for note in &self.notes {
+            out.push_str(&format!("\n{note}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}
