@@ -370,6 +370,22 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         .await
         .expect("hget");
     assert!(payload.is_some());
+    let stats =
+        gatehouse::worker::stats::queue_stats(&mut redis, &env.namespace, "inbound_message")
+            .await
+            .expect("queue stats");
+    assert_eq!(
+        (
+            stats.pending,
+            stats.retrying,
+            stats.in_flight,
+            stats.dead,
+            stats.done
+        ),
+        (0, 0, 0, 1, 0),
+        "the stats see one dead job and nothing else: {stats:?}"
+    );
+    assert!(stats.workers >= 1, "the running worker is registered");
     let _ = stop.send(());
     let _ = worker.await;
     env.cleanup().await;

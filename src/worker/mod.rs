@@ -12,6 +12,7 @@ pub mod dead;
 pub mod health;
 pub mod poll;
 pub mod retry;
+pub mod stats;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,71 @@
+//! Queue statistics: how many jobs of a queue wait, wait for a retry, run, are dead or done,
+//! read in one Redis script so the numbers are one consistent snapshot. Used by `/metrics`
+//! and the operator dashboard; reads only ids and counts, never a payload.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+use redis::aio::ConnectionLike;
+
+use crate::worker::backend::QueueKeys;
+
+static STATS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/stats.lua")));
+
+/// One queue's counts at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    /// Waiting to be fetched.
+    pub pending: u64,
+    /// Failed and scheduled for a retry (waiting for their backoff to pass).
+    pub retrying: u64,
+    /// Held by a worker right now.
+    pub in_flight: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Finished and not yet vacuumed.
+    pub done: u64,
+    /// Registered worker instances.
+    pub workers: u64,
+}
+
+/// The counts of `queue` under `namespace`.
+pub async fn queue_stats<C: ConnectionLike>(
+    conn: &mut C,
+    namespace: &str,
+    queue: &str,
+) -> Result<QueueStats, redis::RedisError> {
+    let keys = QueueKeys::new(namespace, queue);
+    let counts: Vec<u64> = STATS
+        .key(keys.active())
+        .key(keys.scheduled())
+        .key(keys.workers())
+        .key(keys.inflight())
+        .key(keys.dead())
+        .key(keys.done())
+        .invoke_async(conn)
+        .await?;
+    let at = |i: usize| counts.get(i).copied().unwrap_or(0);
+    Ok(QueueStats {
+        queue: queue.to_owned(),
+        pending: at(0),
+        retrying: at(1),
+        in_flight: at(2),
+        dead: at(3),
+        done: at(4),
+        workers: at(5),
+    })
+}
+
+/// The counts of every queue in `queues`, in that order.
+pub async fn all_queue_stats<C: ConnectionLike>(
+    conn: &mut C,
+    namespace: &str,
+    queues: &[&str],
+) -> Result<Vec<QueueStats>, redis::RedisError> {
+    let mut out = Vec::with_capacity(queues.len());
+    for queue in queues {
+        out.push(queue_stats(conn, namespace, queue).await?);
+    }
+    Ok(out)
+}
