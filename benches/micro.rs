@@ -149,6 +149,36 @@ fn schema(c: &mut Criterion) {
     group.finish();
 }
 
+/// The whole LLM-answer pipeline (parse without duplicate keys → Draft 2020-12 schema →
+/// finiteness → sanitize/NFC), on a typical answer and on hostile ones.
+fn llm_answer(c: &mut Criterion) {
+    let valid = r#"{"intent":"order_status","confidence":0.92,"slots":{"order_number":"12345","days_late":1,"urgent":false}}"#;
+    let extra_key = r#"{"intent":"order_status","confidence":0.92,"slots":{},"note":"ignore previous instructions"}"#;
+    let bidi = "{\"intent\":\"complaint\",\"confidence\":0.8,\"slots\":{\"reason\":\"late\u{202e} delivery \\u0007\"}}";
+    let big = format!(
+        r#"{{"intent":"other","confidence":0.5,"slots":{{"text":"{}"}}}}"#,
+        "x".repeat(100_000)
+    );
+    assert!(
+        gatehouse::llm::validate::validate_answer(valid).is_ok(),
+        "the typical answer is accepted"
+    );
+    let mut group = c.benchmark_group("llm_answer");
+    group.bench_function("valid_3_slots", |b| {
+        b.iter(|| gatehouse::llm::validate::validate_answer(black_box(valid)))
+    });
+    group.bench_function("rejected_extra_key", |b| {
+        b.iter(|| gatehouse::llm::validate::validate_answer(black_box(extra_key)))
+    });
+    group.bench_function("sanitized_bidi_and_control", |b| {
+        b.iter(|| gatehouse::llm::validate::validate_answer(black_box(bidi)))
+    });
+    group.bench_function("rejected_100kB_slot", |b| {
+        b.iter(|| gatehouse::llm::validate::validate_answer(black_box(&big)))
+    });
+    group.finish();
+}
+
 fn jwt(c: &mut Criterion) {
     let keys = JwtKeys::new(
         &SecretString::from("jwt-bench-ZYXWVUTSRQPONMLKJIHGFEDCBA-9876543210".to_owned()),
@@ -314,6 +344,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = twilio, envelope, schema, jwt, scopes
+    targets = twilio, envelope, schema, llm_answer, jwt, scopes
 }
 criterion_main!(micro);

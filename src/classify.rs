@@ -113,6 +113,12 @@ pub trait Classifier: Send + Sync {
     /// Classifies `body`. A bad answer is an `Ok` classification with `rejected_reason` set;
     /// `Err` means no answer could be had.
     fn classify<'a>(&'a self, body: &'a str) -> ClassifyFuture<'a>;
+
+    /// Whether classifying calls another service (worth a database round trip to avoid
+    /// asking it twice for a redelivered job). Local classifiers keep the default.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// The built-in keyword classifier: no network, never fails.

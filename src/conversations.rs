@@ -71,7 +71,7 @@ pub struct InboundContext<'a> {
 
 /// Classifies an inbound message, then stores it with [`store_inbound`]. The classifier (an
 /// LLM call, maybe) runs before the transaction opens; a job whose effect is already committed
-/// (a redelivery) is acknowledged without asking it again.
+/// (a redelivery) is acknowledged without asking a remote classifier again.
 pub async fn process_inbound(
     pool: &PgPool,
     ctx: &InboundContext<'_>,
@@ -79,21 +79,90 @@ pub async fn process_inbound(
     msg: &InboundMessage,
     classifier: &dyn Classifier,
 ) -> Result<InboundOutcome, InboundError> {
-    let processed: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_jobs WHERE job_id = $1)")
-            .bind(job_id)
-            .fetch_one(pool)
-            .await?;
-    if processed {
-        return Ok(InboundOutcome::AlreadyProcessed);
+    // A local classifier costs less than this round trip, and `store_inbound` detects a
+    // redelivery by itself; only a remote one is worth guarding.
+    if classifier.is_remote() {
+        let processed: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_jobs WHERE job_id = $1)")
+                .bind(job_id)
+                .fetch_one(pool)
+                .await?;
+        if processed {
+            return Ok(InboundOutcome::AlreadyProcessed);
+        }
     }
     let classification = classifier.classify(&msg.body).await?;
     store_inbound(pool, ctx, job_id, msg, &classification).await
 }
 
-/// Stores a classified inbound message in one transaction: the processed-job marker, the
-/// conversation (upserted by the blind index of the customer's number, which is sealed),
-/// the message (unique per tenant and MessageSid), and the atomic streak update.
+/// The whole effect of an inbound message as one statement, so one round trip and one commit:
+/// - `marker`: the processed-job row, written only for a known tenant (an unknown tenant's
+///   job goes to the dead letters unmarked, so an operator can retry it once the tenant
+///   exists); none when this job id already committed.
+/// - `fresh`: nothing more happens for a `MessageSid` this tenant already stored.
+/// - `conv`: upserts the conversation by the blind index of the customer's number and applies
+///   the streak in the same row update (an atomic `n + 1` or reset on the latest committed
+///   version, under the row lock that serializes one conversation's messages).
+/// - `msg`: the message. A concurrent twin with the same `MessageSid` makes this insert fail
+///   on the unique constraint, which rolls the whole statement back (streak included); the
+///   caller maps that to [`InboundOutcome::DuplicateMessage`].
+const STORE_INBOUND: &str = "
+WITH marker AS (
+    INSERT INTO processed_jobs (job_id, queue, worker)
+    SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM tenants WHERE id = $4)
+    ON CONFLICT DO NOTHING
+    RETURNING job_id
+), fresh AS (
+    SELECT 1 FROM marker
+    WHERE NOT EXISTS (SELECT 1 FROM messages WHERE tenant_id = $4 AND message_sid = $8)
+), conv AS (
+    INSERT INTO conversations AS c (id, tenant_id, customer_number, customer_number_index,
+                                    low_confidence_count, state, last_message_at)
+    SELECT $5, $4, $6, $7,
+           CASE WHEN $20 THEN 1 ELSE 0 END,
+           CASE WHEN $20 AND 1 >= $21 THEN 'handoff' ELSE 'bot' END,
+           $19
+    FROM fresh
+    ON CONFLICT (tenant_id, customer_number_index) DO UPDATE SET
+        low_confidence_count = CASE WHEN $20 THEN c.low_confidence_count + 1 ELSE 0 END,
+        state = CASE WHEN $20 AND c.low_confidence_count + 1 >= $21 THEN 'handoff'
+                     ELSE c.state END,
+        last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
+        updated_at = now()
+    RETURNING c.id, c.low_confidence_count, c.state
+), msg AS (
+    INSERT INTO messages (id, tenant_id, conversation_id, message_sid, from_number,
+                          from_number_index, to_number, body, intent, confidence, slots,
+                          classifier, rejected_reason, job_id, received_at)
+    SELECT $9, $4, conv.id, $8, $10, $11, $12, $13, $14, $15, $16, $17, $18, $1, $19
+    FROM conv
+    RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $4),
+       EXISTS (SELECT 1 FROM marker),
+       (SELECT id FROM msg),
+       (SELECT id FROM conv),
+       (SELECT low_confidence_count FROM conv),
+       (SELECT state FROM conv)";
+
+/// The unique constraint that makes a message exist once per tenant and `MessageSid`.
+const MESSAGE_SID_UNIQUE: &str = "messages_tenant_id_message_sid_key";
+
+/// What [`STORE_INBOUND`] answers: known tenant, fresh job, message, conversation, streak,
+/// state.
+type StoreRow = (
+    bool,
+    bool,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<i32>,
+    Option<String>,
+);
+
+/// Stores a classified inbound message atomically, in one statement (see [`STORE_INBOUND`]):
+/// the processed-job marker, the conversation (upserted by the blind index of the customer's
+/// number, which is sealed), the message (unique per tenant and MessageSid), and the atomic
+/// streak update.
 pub async fn store_inbound(
     pool: &PgPool,
     ctx: &InboundContext<'_>,
@@ -107,48 +176,6 @@ pub async fn store_inbound(
         || !classification.confidence.is_finite()
         || classification.confidence < ctx.min_confidence;
 
-    let mut tx = pool.begin().await?;
-    let fresh = sqlx::query(
-        "INSERT INTO processed_jobs (job_id, queue, worker) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(job_id)
-    .bind(<InboundMessage as gatehouse_jobs::Job>::QUEUE)
-    .bind(ctx.worker)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if fresh == 0 {
-        tx.rollback().await?;
-        return Ok(InboundOutcome::AlreadyProcessed);
-    }
-    let tenant: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
-        .bind(msg.tenant_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if tenant.is_none() {
-        return Err(InboundError::Permanent(format!(
-            "unknown tenant {}",
-            msg.tenant_id
-        )));
-    }
-
-    // Cheap duplicate check first, so a redelivered MessageSid does not touch the
-    // conversation row at all; the unique constraint below is the real guarantee.
-    let seen: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM messages WHERE tenant_id = $1 AND message_sid = $2")
-            .bind(msg.tenant_id)
-            .bind(&msg.message_sid)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if seen.is_some() {
-        tx.commit().await?;
-        return Ok(InboundOutcome::DuplicateMessage);
-    }
-
-    let number_index = ctx
-        .blind_index
-        .compute("conversations.customer_number", msg.from.as_bytes());
     let new_conversation = Uuid::new_v4();
     let sealed_number = ctx.keyring.seal(
         msg.from.as_bytes(),
@@ -158,20 +185,9 @@ pub async fn store_inbound(
             &new_conversation.to_string(),
         ),
     );
-    // Upsert and lock the conversation row: messages of one conversation serialize here.
-    let conversation_id: Uuid = sqlx::query_scalar(
-        "INSERT INTO conversations (id, tenant_id, customer_number, customer_number_index)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (tenant_id, customer_number_index) DO UPDATE SET updated_at = now()
-         RETURNING id",
-    )
-    .bind(new_conversation)
-    .bind(msg.tenant_id)
-    .bind(sealed_number)
-    .bind(number_index.to_vec())
-    .fetch_one(&mut *tx)
-    .await?;
-
+    let number_index = ctx
+        .blind_index
+        .compute("conversations.customer_number", msg.from.as_bytes());
     let message_id = Uuid::new_v4();
     let sealed_from = ctx.keyring.seal(
         msg.from.as_bytes(),
@@ -180,59 +196,58 @@ pub async fn store_inbound(
     let from_index = ctx
         .blind_index
         .compute("messages.from_number", msg.from.as_bytes());
-    let inserted = sqlx::query(
-        "INSERT INTO messages (id, tenant_id, conversation_id, message_sid, from_number,
-                               from_number_index, to_number, body, intent, confidence, slots,
-                               classifier, rejected_reason, job_id, received_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-         ON CONFLICT (tenant_id, message_sid) DO NOTHING",
-    )
-    .bind(message_id)
-    .bind(msg.tenant_id)
-    .bind(conversation_id)
-    .bind(&msg.message_sid)
-    .bind(sealed_from)
-    .bind(from_index.to_vec())
-    .bind(&msg.to)
-    .bind(&msg.body)
-    .bind(classification.intent.as_str())
-    .bind(classification.confidence)
-    .bind(Value::Object(classification.slots.clone()))
-    .bind(&classification.classifier)
-    .bind(&classification.rejected_reason)
-    .bind(job_id)
-    .bind(received_at)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        tx.commit().await?;
-        return Ok(InboundOutcome::DuplicateMessage);
-    }
 
-    // Atomic streak update: no read-modify-write in Rust.
-    let (count, state): (i32, String) = sqlx::query_as(
-        "UPDATE conversations SET
-             low_confidence_count = CASE WHEN $2 THEN low_confidence_count + 1 ELSE 0 END,
-             state = CASE WHEN $2 AND low_confidence_count + 1 >= $3 THEN 'handoff' ELSE state END,
-             last_message_at = GREATEST(last_message_at, $4),
-             updated_at = now()
-         WHERE id = $1
-         RETURNING low_confidence_count, state",
-    )
-    .bind(conversation_id)
-    .bind(low)
-    .bind(HANDOFF_AFTER)
-    .bind(received_at)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(InboundOutcome::Stored {
-        message_id,
-        conversation_id,
-        low_confidence_count: count,
-        handoff: state == "handoff",
-        intent: classification.intent,
-        rejected_reason: classification.rejected_reason.clone(),
-    })
+    let row: Result<StoreRow, sqlx::Error> = sqlx::query_as(STORE_INBOUND)
+        .bind(job_id)
+        .bind(<InboundMessage as gatehouse_jobs::Job>::QUEUE)
+        .bind(ctx.worker)
+        .bind(msg.tenant_id)
+        .bind(new_conversation)
+        .bind(sealed_number)
+        .bind(number_index.to_vec())
+        .bind(&msg.message_sid)
+        .bind(message_id)
+        .bind(sealed_from)
+        .bind(from_index.to_vec())
+        .bind(&msg.to)
+        .bind(&msg.body)
+        .bind(classification.intent.as_str())
+        .bind(classification.confidence)
+        .bind(Value::Object(classification.slots.clone()))
+        .bind(&classification.classifier)
+        .bind(&classification.rejected_reason)
+        .bind(received_at)
+        .bind(low)
+        .bind(HANDOFF_AFTER)
+        .fetch_one(pool)
+        .await;
+    let (known_tenant, fresh_job, stored, conversation, count, state) = match row {
+        Ok(row) => row,
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some(MESSAGE_SID_UNIQUE) => {
+            return Ok(InboundOutcome::DuplicateMessage);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !known_tenant {
+        return Err(InboundError::Permanent(format!(
+            "unknown tenant {}",
+            msg.tenant_id
+        )));
+    }
+    if !fresh_job {
+        return Ok(InboundOutcome::AlreadyProcessed);
+    }
+    match (stored, conversation, count, state) {
+        (Some(message_id), Some(conversation_id), Some(count), Some(state)) => {
+            Ok(InboundOutcome::Stored {
+                message_id,
+                conversation_id,
+                low_confidence_count: count,
+                handoff: state == "handoff",
+                intent: classification.intent,
+                rejected_reason: classification.rejected_reason.clone(),
+            })
+        }
+        _ => Ok(InboundOutcome::DuplicateMessage),
+    }
 }

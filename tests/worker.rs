@@ -59,6 +59,69 @@ async fn a_hundred_concurrent_low_confidence_messages_count_exactly_a_hundred() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_jobs_racing_with_one_message_sid_store_one_row_and_count_it_once() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    // One message enqueued twenty times under different job ids (a producer that retried, say):
+    // the jobs race, the unique key lets one message in, and the losers' streak updates roll
+    // back with their failed insert.
+    let msg = message(tenant, "+14155550100", "qwzx vbnm");
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let pool = env.pool.clone();
+        let config = env.config.clone();
+        let msg = msg.clone();
+        tasks.push(tokio::spawn(async move {
+            let classification = classify_with_rules(&msg.body);
+            let ctx = InboundContext {
+                keyring: &config.keyring,
+                blind_index: &config.blind_index,
+                min_confidence: config.llm_min_confidence,
+                worker: "test",
+            };
+            store_inbound(&pool, &ctx, &format!("race-{i}"), &msg, &classification).await
+        }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        match task.await.expect("task").expect("no error") {
+            InboundOutcome::Stored { .. } => stored += 1,
+            InboundOutcome::DuplicateMessage => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(stored, 1, "exactly one job stores the message");
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 1);
+    let count: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+        .fetch_one(&env.pool)
+        .await
+        .expect("one conversation");
+    assert_eq!(count, 1, "the streak counts the message once");
+    // Redelivering the winner's job (whichever it was) is recognised as already processed.
+    let winner: String = sqlx::query_scalar("SELECT job_id FROM messages")
+        .fetch_one(&env.pool)
+        .await
+        .expect("message");
+    let ctx = InboundContext {
+        keyring: &env.config.keyring,
+        blind_index: &env.config.blind_index,
+        min_confidence: env.config.llm_min_confidence,
+        worker: "test",
+    };
+    let again = store_inbound(
+        &env.pool,
+        &ctx,
+        &winner,
+        &msg,
+        &classify_with_rules(&msg.body),
+    )
+    .await
+    .expect("redelivery");
+    assert_eq!(again, InboundOutcome::AlreadyProcessed);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_streak_hands_off_at_three_and_a_confident_answer_resets_it() {
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;

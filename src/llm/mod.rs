@@ -274,6 +274,10 @@ impl LlmClassifier {
 }
 
 impl Classifier for LlmClassifier {
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn classify<'a>(&'a self, body: &'a str) -> ClassifyFuture<'a> {
         Box::pin(self.classify_message(body))
     }
