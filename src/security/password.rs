@@ -7,16 +7,17 @@
 //!   password, made by `gatehouse migrate` from a legacy row ([`wrap_legacy`]);
 //! - 64 hex characters: a bare legacy digest. Never accepted: `migrate` wraps it first.
 //!
-//! Hashing costs ~19 MiB and tens of milliseconds of CPU, so [`Hasher`] runs it on the
-//! blocking pool behind a semaphore: a login flood queues there instead of stalling the
-//! async workers that serve webhooks.
+//! Hashing costs ~19 MiB and tens of milliseconds of CPU, so [`Hasher`] runs it on a few
+//! threads of its own, at a lower scheduling priority (nice +10 on Linux): a login flood
+//! queues there, and whatever else wants the CPU meanwhile (the async workers that serve
+//! webhooks, Redis, PostgreSQL) gets it first.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
 /// The marker in front of a wrapped legacy hash.
 pub const LEGACY_PREFIX: &str = "legacy-sha256:";
@@ -149,11 +150,65 @@ pub fn verify_blocking(
     }
 }
 
-/// Runs argon2 off the async runtime, at most `permits` at a time.
+/// How much lower than the rest of the process the hashing threads run (a nice increment).
+const HASH_NICENESS: i32 = 10;
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// Lowers the calling thread's scheduling priority. Best effort: where it is refused (or
+/// not Linux) the thread just runs at the normal priority.
+fn lower_own_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        let current = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+        if let Err(error) = rustix::process::setpriority_process(Some(tid), current + HASH_NICENESS)
+        {
+            tracing::debug!(%error, "cannot lower the priority of a password hashing thread");
+        }
+    }
+}
+
+/// The hashing threads: each takes the next job off one shared queue. They end when the
+/// last [`Hasher`] clone is dropped (the queue's sender with it).
+struct Pool {
+    jobs: Sender<HashJob>,
+}
+
+impl Pool {
+    fn start(threads: usize) -> Self {
+        let (sender, receiver) = std::sync::mpsc::channel::<HashJob>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..threads.max(1) {
+            let receiver: Arc<Mutex<Receiver<HashJob>>> = Arc::clone(&receiver);
+            let spawned = std::thread::Builder::new()
+                .name(format!("gatehouse-argon2-{i}"))
+                .spawn(move || {
+                    lower_own_priority();
+                    loop {
+                        let job = match receiver.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start a password hashing thread");
+            }
+        }
+        Self { jobs: sender }
+    }
+}
+
+/// Runs argon2 off the async runtime, on `concurrency` threads of lowered priority.
 #[derive(Clone)]
 pub struct Hasher {
     cost: Cost,
-    permits: Arc<Semaphore>,
+    pool: Arc<Pool>,
     /// A hash of a random password, verified against when the account does not exist so
     /// that an unknown email costs the same time as a wrong password. Made on first use.
     dummy: Arc<OnceLock<String>>,
@@ -168,11 +223,11 @@ impl std::fmt::Debug for Hasher {
 }
 
 impl Hasher {
-    /// A hasher with `cost` and `concurrency` simultaneous hashes (at least 1).
+    /// A hasher with `cost` and `concurrency` hashing threads (at least 1).
     pub fn new(cost: Cost, concurrency: usize) -> Self {
         Self {
             cost,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            pool: Arc::new(Pool::start(concurrency)),
             dummy: Arc::new(OnceLock::new()),
         }
     }
@@ -194,14 +249,18 @@ impl Hasher {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PasswordError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            // A panic fails this one call (its reply is dropped), not the thread.
+            if let Ok(value) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                let _ = reply.send(value);
+            }
+        });
+        self.pool
+            .jobs
+            .send(job)
             .map_err(|_| PasswordError::PoolClosed)?;
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| PasswordError::PoolClosed)
+        answer.await.map_err(|_| PasswordError::PoolClosed)
     }
 
     /// Hashes a new password.
@@ -343,6 +402,31 @@ mod tests {
         ] {
             assert!(verify_blocking(stored, b"x", WEAK).is_err(), "{stored}");
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_runs_on_its_own_threads_at_a_lower_priority_than_the_runtime() {
+        let here = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let hasher = Hasher::new(WEAK, 2);
+        let (name, nice) = hasher
+            .run(|| {
+                let nice =
+                    rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+                (std::thread::current().name().map(str::to_owned), nice)
+            })
+            .await
+            .unwrap();
+        assert!(name.unwrap().starts_with("gatehouse-argon2-"));
+        assert_eq!(nice, (here + HASH_NICENESS).min(19));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_that_call_and_the_pool_keeps_working() {
+        let hasher = Hasher::new(WEAK, 1);
+        let failed = hasher.run(|| -> u8 { panic!("boom") }).await;
+        assert!(matches!(failed, Err(PasswordError::PoolClosed)));
+        assert_eq!(hasher.run(|| 7u8).await.unwrap(), 7);
     }
 
     #[tokio::test]
