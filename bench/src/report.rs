@@ -331,7 +331,9 @@ impl Report {
     }
 
     pub fn memory(&mut self, points: &[MemoryPoint]) {
-        let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        // The first step is the warm-up (one retention window fills); "flat" compares the
+        // last reading with the first one after it.
+        let (Some(first), Some(last)) = (points.get(1).or(points.first()), points.last()) else {
             return;
         };
         let growth = last.bytes as f64 / first.bytes.max(1) as f64;
@@ -348,7 +350,7 @@ impl Report {
                 last.keys
             ),
             format!(
-                "after {} jobs: {:.1} MiB, {} keys",
+                "after {} jobs (warm-up done): {:.1} MiB, {} keys",
                 thousands(first.processed),
                 first.bytes as f64 / 1048576.0,
                 first.keys
