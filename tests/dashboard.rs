@@ -772,12 +772,12 @@ async fn seed(env: &TestEnv) -> String {
         "INSERT INTO security_events (type, occurred_at, ip, email, details)
          SELECT 'failed_login',
                 date_trunc('day', now()) - make_interval(days => (g % 7)::int)
-                    + make_interval(hours => ((g * 5) % 24)::int),
+                    + make_interval(hours => (CASE WHEN g % 3 = 0 THEN 1 + g % 4 ELSE (g * 5) % 24 END)::int),
                 CASE WHEN g % 3 = 0 THEN '203.0.113.7' ELSE '203.0.113.' || (g % 9) END::inet,
                 'victim' || (g % 6) || '@example.com', '{}'
            FROM generate_series(1, 160) AS g
           WHERE date_trunc('day', now()) - make_interval(days => (g % 7)::int)
-                    + make_interval(hours => ((g * 5) % 24)::int) < now()",
+                    + make_interval(hours => (CASE WHEN g % 3 = 0 THEN 1 + g % 4 ELSE (g * 5) % 24 END)::int) < now()",
     )
     .execute(&env.pool)
     .await
@@ -793,7 +793,27 @@ async fn seed(env: &TestEnv) -> String {
     .execute(&env.pool)
     .await
     .expect("rotations");
-    dead_job(env).await
+    let dead = dead_job(env).await;
+    // A backlog waiting for a worker (none runs from here on).
+    let mut redis = env.redis.clone();
+    for _ in 0..7 {
+        env.queues()
+            .enqueue(
+                &mut redis,
+                &gatehouse_jobs::RotateKeys {
+                    rotation_id: Uuid::new_v4(),
+                },
+                Enqueue::default(),
+            )
+            .await
+            .expect("enqueue");
+    }
+    dead
+}
+
+/// Asserts the browser arrives at `url` (waiting for a click's navigation to land).
+async fn at(browser: &webdriver::Browser, url: String) {
+    assert_eq!(browser.wait_for_url(&url).await, url);
 }
 
 fn shots_dir() -> std::path::PathBuf {
@@ -847,14 +867,14 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
 
     // Not signed in: the login form.
     browser.goto(&format!("{base}/admin")).await;
-    assert_eq!(browser.current_url().await, format!("{base}/admin/login"));
+    at(&browser, format!("{base}/admin/login")).await;
     browser.screenshot(&shots.join("login.png")).await;
     let email = browser.find("#email").await;
     browser.type_into(&email, OFFICER).await;
     let password = browser.find("#password").await;
     browser.type_into(&password, PASSWORD).await;
     browser.click(&browser.find("#signin").await).await;
-    assert_eq!(browser.current_url().await, format!("{base}/admin"));
+    at(&browser, format!("{base}/admin")).await;
 
     // Chromium took the __Host- cookie over http://127.0.0.1 (loopback counts as secure).
     let cookies = browser.cookies().await;
@@ -876,7 +896,7 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
         ("/admin/rotations", "rotations.png", 2),
     ] {
         browser.goto(&format!("{base}{path}")).await;
-        assert_eq!(browser.current_url().await, format!("{base}{path}"));
+        at(&browser, format!("{base}{path}")).await;
         let charts = browser.find_all("svg.chart").await;
         assert!(
             charts.len() >= min_charts,
@@ -928,10 +948,7 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
     let (evil, evil_task) = attacker(&base, &job_id).await;
     browser.goto(&format!("http://{evil}/")).await;
     browser.click(&browser.find("#claim").await).await;
-    assert_eq!(
-        browser.current_url().await,
-        format!("{base}/admin/queues/retry")
-    );
+    at(&browser, format!("{base}/admin/queues/retry")).await;
     let refused = browser.source().await;
     assert!(refused.contains("403 Forbidden"), "{refused}");
     browser.screenshot(&shots.join("csrf-refused.png")).await;
@@ -946,10 +963,7 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
     browser
         .click(&browser.find("form.retry button").await)
         .await;
-    assert_eq!(
-        browser.current_url().await,
-        format!("{base}/admin/queues?notice=retried")
-    );
+    at(&browser, format!("{base}/admin/queues?notice=retried")).await;
     assert!(!is_dead(&env, &job_id).await);
     assert_eq!(env.queued("sync_catalog").await, 1);
 
@@ -957,10 +971,10 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
     browser
         .click(&browser.find("form.logout button").await)
         .await;
-    assert_eq!(browser.current_url().await, format!("{base}/admin/login"));
+    at(&browser, format!("{base}/admin/login")).await;
     assert_eq!(session_keys(&env).await, 0);
     browser.goto(&format!("{base}/admin")).await;
-    assert_eq!(browser.current_url().await, format!("{base}/admin/login"));
+    at(&browser, format!("{base}/admin/login")).await;
 
     browser.quit();
     evil_task.abort();

@@ -168,6 +168,19 @@ impl Browser {
             .to_owned()
     }
 
+    /// Waits (at most 15 s) for the page at `url` — a click's navigation may still be on its
+    /// way when the click returns; returns the URL last seen.
+    pub async fn wait_for_url(&self, url: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.current_url().await;
+            if now == url || Instant::now() > deadline {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn source(&self) -> String {
         self.call(reqwest::Method::GET, "/source", None)
             .await

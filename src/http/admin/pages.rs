@@ -437,6 +437,8 @@ pub async fn rotations(State(state): State<Arc<AppState>>, officer: Officer) -> 
         Err(e) => return unavailable("cannot read key rotations", &e),
     };
     let body = html! {
+        section {
+        h2 { "Newest 50, with progress (done and failed of total)" }
         @if rotations.is_empty() {
             p { "No key rotation yet." }
         } @else {
@@ -465,6 +467,7 @@ pub async fn rotations(State(state): State<Arc<AppState>>, officer: Officer) -> 
                     }
                 }
             }
+        }
         }
     };
     html(
