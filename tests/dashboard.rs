@@ -206,6 +206,24 @@ async fn wait_for_events(env: &TestEnv, kind: &str, at_least: i64) -> i64 {
     }
 }
 
+/// Waits (at most 10 s) for `at_least` CSRF refusals to be recorded; returns the count.
+async fn csrf_events(env: &TestEnv, at_least: i64) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM security_events
+              WHERE type = 'permission_denied' AND details->>'reason' = 'csrf'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+        if n >= at_least || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn session_keys(env: &TestEnv) -> usize {
     let mut redis = env.redis.clone();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -713,6 +731,40 @@ async fn logout_deletes_the_session_server_side_and_needs_its_token() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_session_past_its_absolute_lifetime_is_gone_however_busy() {
+    let env = TestEnv::new().await;
+    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    let server = env.start_server().await;
+    let mut agent = Agent::new(&server);
+    assert_eq!(agent.login(OFFICER, PASSWORD).await.status, 303);
+    assert_eq!(agent.get("/admin").await.status, 200);
+    // Pretend it was created 12 hours and a minute ago (it stayed busy: the idle TTL is fresh).
+    let mut redis = env.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:admin:session:*", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let _: () = redis::cmd("HSET")
+        .arg(&keys[0])
+        .arg("created")
+        .arg(now - 12 * 3600 - 60)
+        .query_async(&mut redis)
+        .await
+        .expect("hset");
+    let page = agent.get("/admin").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.location(), "/admin/login");
+    assert_eq!(session_keys(&env).await, 0, "deleted when found expired");
+    server.stop().await;
+    env.cleanup().await;
+}
+
 // ------------------------------------------------------------------ real Chromium
 
 /// Seeds what the dashboard shows: events of every kind over several hours and days, failed
@@ -955,6 +1007,11 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
     assert!(
         is_dead(&env, &job_id).await,
         "the cross-site post retried nothing"
+    );
+    assert_eq!(
+        csrf_events(&env, 1).await,
+        1,
+        "the refusal is a security event"
     );
     assert_eq!(env.queued("sync_catalog").await, 0);
 
