@@ -286,6 +286,21 @@ async fn every_page_redirects_to_the_login_form_without_a_live_session() {
     let page = agent.get("/admin").await;
     assert_eq!(page.status, 303);
     assert_eq!(page.location(), "/admin/login");
+    // Plain HTTP (DEBUG=false) never reaches the dashboard: 301 to https first.
+    let plain = agent
+        .http
+        .get(server.url("/admin/login"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(plain.status(), 301);
+    assert_eq!(
+        plain
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://gh.example.com/admin/login")
+    );
     // And the retry form without a session does nothing but redirect.
     let page = agent
         .post("/admin/queues/retry", &[("csrf", "x"), ("job_id", "y")])
