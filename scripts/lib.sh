@@ -280,6 +280,35 @@ ensure_redis() {
   say "Redis is up on $REDIS_HOST:$REDIS_PORT (started by this script)"
 }
 
+# ------------------------------------------------------------------ Chromium
+
+# The dashboard test (tests/dashboard.rs) drives a real headless Chromium through
+# chromedriver. Paths can be overridden with CHROMIUM and CHROMEDRIVER.
+CHROMIUM_BIN="${CHROMIUM:-/usr/bin/chromium}"
+CHROMEDRIVER_BIN="${CHROMEDRIVER:-/usr/bin/chromedriver}"
+
+ensure_chromium() {
+  if [[ -x $CHROMIUM_BIN && -x $CHROMEDRIVER_BIN ]]; then
+    say "Chromium and chromedriver are installed ($CHROMIUM_BIN, $CHROMEDRIVER_BIN; nothing to do)"
+    return 0
+  fi
+  if [[ -n ${CHROMIUM:-}${CHROMEDRIVER:-} ]]; then
+    die "CHROMIUM=$CHROMIUM_BIN or CHROMEDRIVER=$CHROMEDRIVER_BIN is not an executable file" \
+      "point both at a Chromium and the chromedriver of the same version, or unset them."
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    die "Chromium or chromedriver is missing ($CHROMIUM_BIN, $CHROMEDRIVER_BIN) and apt-get is not available." \
+      "The dashboard test drives a real headless Chromium. Install Chromium and the matching" \
+      "chromedriver with your system's package manager and set CHROMIUM and CHROMEDRIVER to" \
+      "their paths, then run this again."
+  fi
+  say "installing Chromium and chromedriver for the dashboard's browser test (Debian packages chromium, chromium-driver; takes a few minutes)"
+  apt_install chromium chromium-driver
+  [[ -x $CHROMIUM_BIN && -x $CHROMEDRIVER_BIN ]] ||
+    die "installed chromium and chromium-driver, but $CHROMIUM_BIN or $CHROMEDRIVER_BIN is still missing"
+  say "Chromium is installed: $("$CHROMIUM_BIN" --version 2>/dev/null | head -n 1)"
+}
+
 # ---------------------------------------------------------------------- Rust
 
 # ensure_rust [SUBCOMMAND...] — cargo (the toolchain pinned in

@@ -12,6 +12,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod conversations;
+pub mod dashboard;
 pub mod db;
 pub mod events;
 pub mod http;

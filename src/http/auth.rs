@@ -57,7 +57,7 @@ fn account_error(error: AccountError) -> ApiError {
 }
 
 /// Every register, login and token attempt counts against the client IP's limit.
-async fn ip_limit(state: &AppState, ctx: &Ctx) -> Result<Decision, ApiError> {
+pub(crate) async fn ip_limit(state: &AppState, ctx: &Ctx) -> Result<Decision, ApiError> {
     limit(
         state,
         ctx,
@@ -123,39 +123,56 @@ pub async fn login(
 ) -> Result<Response, ApiError> {
     ip_limit(&state, &ctx).await?;
     let req: LoginRequest = json_body(&state, &headers, body).await?;
-    let email = normalize_email(&req.email);
+    let user_id = check_password(&state, &ctx, &req.email, &req.password, None).await?;
+    tracing::info!(user.id = %user_id, "login");
+    token_response(&state, user_id, SubjectKind::User)
+}
+
+/// Checks a user's email and password with every login protection but the per-IP limit
+/// (which callers count before reading the body): a locked email is refused before any
+/// password work, a failure is a `failed_login` event (with `surface` in its details when
+/// given, e.g. `"admin"`) and counts against the email. Shared by the JSON login and the
+/// operator dashboard's login form.
+pub(crate) async fn check_password(
+    state: &AppState,
+    ctx: &Ctx,
+    email: &str,
+    password: &SecretString,
+    surface: Option<&'static str>,
+) -> Result<uuid::Uuid, ApiError> {
+    let email = normalize_email(email);
     if email.is_empty() || email.len() > 320 {
         return Err(ApiError::invalid_credentials());
     }
     // A locked email is refused before any password work; only failures count against it,
     // so a user who logs in often is never locked out by their own successes.
     limit(
-        &state,
-        &ctx,
+        state,
+        ctx,
         Limit::FailedLogin,
         &email,
         Mode::Peek,
         Some(&email),
     )
     .await?;
-    match accounts::login(&state.pool, &state.hasher, &email, &req.password)
+    match accounts::login(&state.pool, &state.hasher, &email, password)
         .await
         .map_err(account_error)?
     {
-        Login::Ok(user_id) => {
-            tracing::info!(user.id = %user_id, "login");
-            token_response(&state, user_id, SubjectKind::User)
-        }
+        Login::Ok(user_id) => Ok(user_id),
         Login::Invalid { user_id } => {
             let mut event = ctx.event(EventType::FailedLogin);
             event.email = Some(email.clone());
             event.user_id = user_id;
-            event.details = json!({"reason": "invalid_credentials"});
-            record(&state, event);
+            event.details = match surface {
+                Some(surface) => json!({"reason": "invalid_credentials", "surface": surface}),
+                None => json!({"reason": "invalid_credentials"}),
+            };
+            record(state, event);
             // Count the failure; if this one crossed the limit, the next attempt gets 429.
             let _ = limit(
-                &state,
-                &ctx,
+                state,
+                ctx,
                 Limit::FailedLogin,
                 &email,
                 Mode::Hit,

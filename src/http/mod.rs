@@ -1,5 +1,6 @@
 //! The HTTP edge (axum): parses, calls one core function, maps the result.
 
+pub mod admin;
 pub mod auth;
 pub mod authz;
 pub mod client_ip;
@@ -116,6 +117,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/tenants/{tenant_id}/catalog/sync",
             post(tenants::catalog_sync),
         )
+        .merge(admin::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

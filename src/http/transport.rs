@@ -20,6 +20,13 @@ const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000; includeSubDomains; preload");
 
+/// The operator dashboard's policy: its own stylesheet, forms posting to itself, inline SVG
+/// (no `style` attributes, no scripts at all).
+const ADMIN_CSP: HeaderValue = HeaderValue::from_static(
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'",
+);
+
 /// Headers every response carries, whatever `DEBUG` says.
 const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); 4] = [
     (
@@ -80,6 +87,7 @@ pub async fn transport_security(
     let request_id = uuid::Uuid::now_v7().to_string();
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let debug = state.config.debug;
+    let admin = req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/");
     let mut response = if !debug
         && !EXEMPT.contains(&req.uri().path())
         && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https"
@@ -105,6 +113,9 @@ pub async fn transport_security(
     }
     for (name, value) in SECURITY_HEADERS {
         headers.insert(name, value);
+    }
+    if admin {
+        headers.insert(header::CONTENT_SECURITY_POLICY, ADMIN_CSP);
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", value);

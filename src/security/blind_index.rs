@@ -56,7 +56,7 @@ impl fmt::Debug for BlindIndex {
 }
 
 /// HMAC-SHA256 over the concatenation of `parts`, for a key of any length.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // `Hmac::new` takes a block-sized key and is infallible; preparing the key
     // here exactly as RFC 2104 does avoids the (never failing) fallible
     // `new_from_slice`.

@@ -1,0 +1,400 @@
+//! The `/admin` operator dashboard: server-rendered HTML (maud, escaped by default, no
+//! JavaScript) behind a login form, a server-side session and CSRF tokens, for users holding
+//! `security:read` (checked per request through the scope cache).
+
+pub mod csrf;
+pub mod pages;
+pub mod session;
+pub mod svg;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use maud::Markup;
+use secrecy::SecretString;
+use serde_json::json;
+
+use super::AppState;
+use super::auth::{check_password, ip_limit};
+use super::authz::{Ctx, read_limited, record};
+use super::error::ApiError;
+use crate::access::{Principal, Scope};
+use crate::events::EventType;
+use crate::security::jwt::SubjectKind;
+use session::Token;
+
+/// The biggest form the dashboard reads.
+const MAX_FORM_BYTES: usize = 8 * 1024;
+
+/// The stylesheet (the CSP allows styles from 'self' only).
+const STYLESHEET: &str = include_str!("admin.css");
+
+/// The dashboard's routes, merged into the main router.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/admin", get(pages::overview))
+        .route("/admin/login", get(login_form).post(login))
+        .route("/admin/logout", post(logout))
+        .route("/admin/auth", get(pages::failed_auth))
+        .route("/admin/rate-limits", get(pages::rate_limits))
+        .route("/admin/webhooks", get(pages::webhooks))
+        .route("/admin/queues", get(pages::queues))
+        .route("/admin/queues/retry", post(retry_dead))
+        .route("/admin/rotations", get(pages::rotations))
+        .route("/admin/static/admin.css", get(stylesheet))
+}
+
+/// An HTML response that no cache keeps.
+pub fn html(status: StatusCode, markup: Markup) -> Response {
+    let mut response = (status, markup.into_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// 303 See Other to `to` (a fixed path of ours).
+fn see_other(to: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
+}
+
+/// An error page for an API error (status, message, `Retry-After` kept).
+fn error_page(error: ApiError) -> Response {
+    let mut response = html(
+        error.status,
+        pages::message_page("Error", error.status, &error.message),
+    );
+    if let Some(seconds) = error.retry_after
+        && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+fn forbidden() -> Response {
+    html(
+        StatusCode::FORBIDDEN,
+        pages::message_page(
+            "Forbidden",
+            StatusCode::FORBIDDEN,
+            "You are not allowed to do this.",
+        ),
+    )
+}
+
+fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Response {
+    tracing::error!(%error, "admin: {what}");
+    error_page(ApiError::unavailable())
+}
+
+/// A signed-in operator holding `security:read` as of this request.
+pub struct Officer {
+    pub principal: Principal,
+    pub session: Token,
+    pub ctx: Ctx,
+    /// The CSRF token for this session's forms.
+    pub csrf: String,
+}
+
+impl FromRequestParts<Arc<AppState>> for Officer {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let ctx = match Ctx::from_request_parts(parts, state).await {
+            Ok(ctx) => ctx,
+            Err(never) => match never {},
+        };
+        let Some(id) = session::token_cookie(&parts.headers, session::COOKIE) else {
+            return Err(see_other("/admin/login"));
+        };
+        let namespace = &state.config.queue_namespace;
+        let mut redis = state.redis.clone();
+        let live = session::load(&mut redis, namespace, &id)
+            .await
+            .map_err(|e| unavailable("cannot read the session store", &e))?;
+        let Some(live) = live else {
+            let mut response = see_other("/admin/login");
+            response
+                .headers_mut()
+                .insert(header::SET_COOKIE, session::clear_cookie(session::COOKIE));
+            return Err(response);
+        };
+        let (principal, _) = state
+            .scopes
+            .resolve(&mut redis, &state.pool, live.user_id, SubjectKind::User)
+            .await
+            .map_err(|e| unavailable("cannot resolve the operator's scopes", &e))?;
+        let principal = match principal {
+            Some(p) if p.active => p,
+            _ => {
+                let _ = session::destroy(&mut redis, namespace, &id).await;
+                let mut response = see_other("/admin/login");
+                response
+                    .headers_mut()
+                    .insert(header::SET_COOKIE, session::clear_cookie(session::COOKIE));
+                return Err(response);
+            }
+        };
+        if !principal.has_platform_scope(Scope::SecurityRead) {
+            deny(state, &ctx, &principal, "security:read");
+            return Err(forbidden());
+        }
+        let csrf = csrf::token(&state.config.secret_key, "session", id.as_bytes());
+        Ok(Officer {
+            principal,
+            session: id,
+            ctx,
+            csrf,
+        })
+    }
+}
+
+fn deny(state: &AppState, ctx: &Ctx, principal: &Principal, scope: &str) {
+    let mut event = ctx.event(EventType::PermissionDenied);
+    event.user_id = Some(principal.id);
+    event.email = principal.email.clone();
+    event.details = json!({"scope": scope, "surface": "admin"});
+    record(state, event);
+}
+
+/// A refused CSRF check: a `permission_denied` event (no token in it) and 403.
+fn csrf_refused(state: &AppState, ctx: &Ctx, user: Option<&Principal>) -> Response {
+    let mut event = ctx.event(EventType::PermissionDenied);
+    if let Some(p) = user {
+        event.user_id = Some(p.id);
+        event.email = p.email.clone();
+    }
+    event.details = json!({"reason": "csrf", "surface": "admin"});
+    record(state, event);
+    forbidden()
+}
+
+/// Reads a form body (`application/x-www-form-urlencoded`, at most 8 KiB).
+async fn form(headers: &HeaderMap, body: Body) -> Result<Vec<(String, String)>, ApiError> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Err(ApiError::unsupported_media_type(
+            "application/x-www-form-urlencoded",
+        ));
+    }
+    let bytes = read_limited(body, headers, MAX_FORM_BYTES).await?;
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    let mut values = form.iter().filter(|(k, _)| k == name);
+    let first = values.next()?;
+    // A repeated field is ambiguous: refuse it.
+    values.next().is_none().then_some(first.1.as_str())
+}
+
+/// A login form with a fresh nonce cookie.
+fn login_page(state: &AppState, status: StatusCode, error: Option<&str>) -> Response {
+    let nonce = Token::random();
+    let token = csrf::token(&state.config.secret_key, "login", nonce.as_bytes());
+    let mut response = html(status, pages::login_page(&token, error));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        session::set_cookie(
+            session::LOGIN_COOKIE,
+            &nonce.encode(),
+            Some(session::LOGIN_SECONDS),
+        ),
+    );
+    response
+}
+
+async fn login_form(State(state): State<Arc<AppState>>) -> Response {
+    login_page(&state, StatusCode::OK, None)
+}
+
+/// The same words whatever was wrong (unknown email, wrong password, locked out by scope).
+const LOGIN_FAILED: &str = "The email or password is not valid.";
+
+async fn login(
+    State(state): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Every attempt counts against the client's address, as on the JSON login.
+    if let Err(error) = ip_limit(&state, &ctx).await {
+        return error_page(error);
+    }
+    let form = match form(&headers, body).await {
+        Ok(form) => form,
+        Err(error) => return error_page(error),
+    };
+    let nonce = session::token_cookie(&headers, session::LOGIN_COOKIE);
+    let token_ok = match (&nonce, field(&form, "csrf")) {
+        (Some(nonce), Some(presented)) => csrf::verify(
+            &state.config.secret_key,
+            "login",
+            nonce.as_bytes(),
+            presented,
+        ),
+        _ => false,
+    };
+    if !token_ok || !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
+        return csrf_refused(&state, &ctx, None);
+    }
+    let (Some(email), Some(password)) = (field(&form, "email"), field(&form, "password")) else {
+        return login_page(&state, StatusCode::BAD_REQUEST, Some(LOGIN_FAILED));
+    };
+    let password = SecretString::from(password.to_owned());
+    let user_id = match check_password(&state, &ctx, email, &password, Some("admin")).await {
+        Ok(id) => id,
+        Err(error) if error.status == StatusCode::UNAUTHORIZED => {
+            return login_page(&state, StatusCode::UNAUTHORIZED, Some(LOGIN_FAILED));
+        }
+        Err(error) => return error_page(error),
+    };
+    let mut redis = state.redis.clone();
+    let principal = match state
+        .scopes
+        .resolve(&mut redis, &state.pool, user_id, SubjectKind::User)
+        .await
+    {
+        Ok((Some(p), _)) if p.active => p,
+        Ok(_) => return login_page(&state, StatusCode::UNAUTHORIZED, Some(LOGIN_FAILED)),
+        Err(e) => return unavailable("cannot resolve the operator's scopes", &e),
+    };
+    if !principal.has_platform_scope(Scope::SecurityRead) {
+        deny(&state, &ctx, &principal, "security:read");
+        return forbidden();
+    }
+    let namespace = &state.config.queue_namespace;
+    // A session id the browser already had is never reused (no fixation).
+    if let Some(old) = session::token_cookie(&headers, session::COOKIE) {
+        let _ = session::destroy(&mut redis, namespace, &old).await;
+    }
+    let id = match session::create(&mut redis, namespace, user_id).await {
+        Ok(id) => id,
+        Err(e) => return unavailable("cannot create a session", &e),
+    };
+    tracing::info!(user.id = %user_id, "admin: signed in");
+    let mut response = see_other("/admin");
+    let headers = response.headers_mut();
+    headers.append(
+        header::SET_COOKIE,
+        session::set_cookie(session::COOKIE, &id.encode(), None),
+    );
+    headers.append(
+        header::SET_COOKIE,
+        session::clear_cookie(session::LOGIN_COOKIE),
+    );
+    response
+}
+
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let form = match form(&headers, body).await {
+        Ok(form) => form,
+        Err(error) => return error_page(error),
+    };
+    let Some(id) = session::token_cookie(&headers, session::COOKIE) else {
+        return see_other("/admin/login");
+    };
+    let token_ok = field(&form, "csrf").is_some_and(|presented| {
+        csrf::verify(
+            &state.config.secret_key,
+            "session",
+            id.as_bytes(),
+            presented,
+        )
+    });
+    if !token_ok || !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
+        return csrf_refused(&state, &ctx, None);
+    }
+    let mut redis = state.redis.clone();
+    if let Err(e) = session::destroy(&mut redis, &state.config.queue_namespace, &id).await {
+        return unavailable("cannot delete the session", &e);
+    }
+    tracing::info!("admin: signed out");
+    let mut response = see_other("/admin/login");
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, session::clear_cookie(session::COOKIE));
+    response
+}
+
+async fn retry_dead(
+    State(state): State<Arc<AppState>>,
+    officer: Officer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Origin first: a cross-site post is refused before its body is even read.
+    if !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
+        return csrf_refused(&state, &officer.ctx, Some(&officer.principal));
+    }
+    let form = match form(&headers, body).await {
+        Ok(form) => form,
+        Err(error) => return error_page(error),
+    };
+    let token_ok = field(&form, "csrf").is_some_and(|presented| {
+        csrf::verify(
+            &state.config.secret_key,
+            "session",
+            officer.session.as_bytes(),
+            presented,
+        )
+    });
+    if !token_ok {
+        return csrf_refused(&state, &officer.ctx, Some(&officer.principal));
+    }
+    let Some(job_id) = field(&form, "job_id").filter(|id| !id.is_empty() && id.len() <= 128) else {
+        return error_page(ApiError::invalid_request("job_id is required"));
+    };
+    let mut redis = state.redis.clone();
+    match crate::worker::dead::retry(
+        &mut redis,
+        &state.config.queue_namespace,
+        &gatehouse_jobs::QUEUES,
+        job_id,
+    )
+    .await
+    {
+        Ok(Some(queue)) => {
+            tracing::info!(user.id = %officer.principal.id, job.id = job_id, job.queue = queue, "admin: dead job retried");
+            see_other("/admin/queues?notice=retried")
+        }
+        Ok(None) => see_other("/admin/queues?notice=missing"),
+        Err(e) => unavailable("cannot retry a dead job", &e),
+    }
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        STYLESHEET,
+    )
+        .into_response()
+}
