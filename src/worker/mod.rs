@@ -12,6 +12,7 @@ pub mod dead;
 pub mod health;
 pub mod poll;
 pub mod retry;
+pub mod scrape;
 pub mod stats;
 
 use std::future::Future;
@@ -161,6 +162,13 @@ fn job_failed(
     retryable: bool,
     error: impl std::error::Error + Send + Sync + 'static,
 ) -> BoxDynError {
+    let outcome = if !retryable || attempt >= policy.max_attempts as usize {
+        "dead"
+    } else {
+        "retry"
+    };
+    ::metrics::counter!("gatehouse_jobs_total", "queue" => queue, "outcome" => outcome)
+        .increment(1);
     if !retryable {
         tracing::error!(job.id = %job_id, job.queue = queue, job.attempt = attempt, %error, "job failed permanently; dead-lettered");
         AbortError::new(error).into()
@@ -189,9 +197,22 @@ async fn handle_inbound(
         job.queue = InboundMessage::QUEUE,
         request.id = meta.get("request_id").unwrap_or("-"),
     );
-    run_inbound(job, job_id, attempt, worker, state)
+    let started = std::time::Instant::now();
+    let result = run_inbound(job, job_id, attempt, worker, state)
         .instrument(span)
-        .await
+        .await;
+    observe_job(InboundMessage::QUEUE, started, result.is_ok());
+    result
+}
+
+/// A job attempt's duration, and its success (failures are counted by `job_failed`).
+fn observe_job(queue: &'static str, started: std::time::Instant, ok: bool) {
+    ::metrics::histogram!("gatehouse_job_duration_seconds", "queue" => queue)
+        .record(started.elapsed().as_secs_f64());
+    if ok {
+        ::metrics::counter!("gatehouse_jobs_total", "queue" => queue, "outcome" => "ok")
+            .increment(1);
+    }
 }
 
 async fn run_inbound(
@@ -264,8 +285,8 @@ async fn handle_sync(
         job.queue = SyncCatalog::QUEUE,
         request.id = meta.get("request_id").unwrap_or("-"),
     );
-    async move {
-        let started = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    let result = async move {
         match crate::catalog::sync(
             &state.pool,
             &state.keyring,
@@ -286,7 +307,6 @@ async fn handle_sync(
                 tracing::info!(
                     tenant.id = %job.tenant_id,
                     pages, fetched, upserted, deleted, rejected,
-                    duration_ms = started.elapsed().as_millis() as u64,
                     "catalog synced"
                 );
                 Ok(())
@@ -309,7 +329,9 @@ async fn handle_sync(
         }
     }
     .instrument(span)
-    .await
+    .await;
+    observe_job(SyncCatalog::QUEUE, started, result.is_ok());
+    result
 }
 
 /// Restarts allowed within a sliding window. A worker that fails (Redis restarting, say) is
@@ -417,11 +439,19 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
                 .await
                 .map_err(|e| WorkerError::HealthPort(port, e))?;
-            tracing::info!(port, "worker health on GET /healthz");
+            tracing::info!(
+                port,
+                "worker health on GET /healthz, metrics on GET /metrics"
+            );
             Some(tokio::spawn(health::serve(
                 listener,
                 redis_health.clone(),
                 state.pool.clone(),
+                scrape::Scrape {
+                    handle: crate::monitoring::install(),
+                    redis: redis.clone(),
+                    namespace: queues.namespace().to_owned(),
+                },
             )))
         }
     };
