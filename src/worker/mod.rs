@@ -49,6 +49,9 @@ pub struct WorkerState {
     pub retry: RetryPolicies,
     /// The client for tenants' stores (catalog sync).
     pub store: StoreClient,
+    /// Records security events from jobs (`state.events.record(event).await`), alert rules
+    /// included.
+    pub events: crate::events::SecurityLog,
 }
 
 /// The handlers' HTTP clients could not be built.
@@ -58,6 +61,8 @@ pub enum SetupError {
     Store(#[from] reqwest::Error),
     #[error(transparent)]
     Llm(#[from] crate::llm::SetupError),
+    #[error("REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 impl WorkerState {
@@ -66,6 +71,11 @@ impl WorkerState {
         // The store client is rustls without a built-in provider: ring is the process's one
         // TLS stack (installing it twice is a no-op).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let events = crate::events::SecurityLog::new(
+            pool.clone(),
+            crate::queue::connect_lazy(&config.redis_url)?,
+            config.queue_namespace.clone(),
+        );
         Ok(Self {
             pool,
             keyring: config.keyring.clone(),
@@ -76,6 +86,7 @@ impl WorkerState {
             store: StoreClient::new(StoreLimits::with_timeout(Duration::from_millis(
                 config.store_timeout_ms,
             )))?,
+            events,
         })
     }
 }
