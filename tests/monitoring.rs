@@ -246,6 +246,7 @@ async fn traffic_and_scrapes(env: &TestEnv) -> (String, String) {
             handle: gatehouse::monitoring::install(),
             redis: env.redis.clone(),
             namespace: env.namespace.clone(),
+            token: None,
         },
     ));
     let worker_text = scrape(&http, &format!("http://{addr}/metrics")).await;
@@ -397,6 +398,67 @@ async fn every_metric_the_shipped_alert_rules_and_dashboard_name_is_one_metrics_
             "no alert rule over {name}"
         );
     }
+    env.cleanup().await;
+}
+
+const METRICS_TOKEN: &str = "prometheus-scrape-token-0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_metrics_token_both_metrics_endpoints_refuse_scrapes_without_it() {
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("METRICS_TOKEN".into(), METRICS_TOKEN.into());
+    })
+    .await;
+    let server = env.start_server().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let worker_addr = listener.local_addr().expect("addr");
+    let health = tokio::spawn(serve_worker_health(
+        listener,
+        RedisHealth::default(),
+        env.pool.clone(),
+        Scrape {
+            handle: gatehouse::monitoring::install(),
+            redis: env.redis.clone(),
+            namespace: env.namespace.clone(),
+            token: env.worker_options().metrics_token,
+        },
+    ));
+    let http = reqwest::Client::new();
+    for url in [
+        server.url("/metrics"),
+        format!("http://{worker_addr}/metrics"),
+    ] {
+        let status = |auth: Option<&str>| {
+            let mut request = http.get(&url).header("x-forwarded-proto", "https");
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            async move { request.send().await.expect("scrape").status().as_u16() }
+        };
+        assert_eq!(status(None).await, 401, "{url}");
+        assert_eq!(status(Some("Bearer wrong-token")).await, 401, "{url}");
+        assert_eq!(
+            status(Some(&format!("Basic {METRICS_TOKEN}"))).await,
+            401,
+            "{url}"
+        );
+        assert_eq!(
+            status(Some(&format!("Bearer {METRICS_TOKEN}"))).await,
+            200,
+            "{url}"
+        );
+    }
+    // The rest of the API is unaffected.
+    let r = http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status(), 200);
+    health.abort();
+    server.stop().await;
     env.cleanup().await;
 }
 

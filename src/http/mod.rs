@@ -76,6 +76,7 @@ impl AppState {
             handle: crate::monitoring::install(),
             redis: redis.clone(),
             namespace: config.queue_namespace.clone(),
+            token: config.metrics_token.clone(),
         };
         Self {
             config,

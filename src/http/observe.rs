@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, header};
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::AppState;
 
@@ -17,17 +17,14 @@ use super::AppState;
     get,
     path = "/metrics",
     tag = "health",
-    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain"))
-)]
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.scrape.text().await,
+    security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "Prometheus text exposition format", content_type = "text/plain"),
+        (status = 401, description = "`METRICS_TOKEN` is set and the request does not carry it"),
     )
-        .into_response()
+)]
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    state.scrape.respond(&headers).await
 }
 
 /// A bounded label for the method: the standard ones, else `other`.

@@ -39,15 +39,8 @@ struct HealthState {
     scrape: Scrape,
 }
 
-async fn metrics(State(state): State<HealthState>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.scrape.text().await,
-    )
-        .into_response()
+async fn metrics(State(state): State<HealthState>, headers: axum::http::HeaderMap) -> Response {
+    state.scrape.respond(&headers).await
 }
 
 async fn healthz(State(state): State<HealthState>) -> Response {

@@ -103,8 +103,11 @@ pub struct WorkerOptions {
     pub missed_heartbeats: usize,
     /// How long finished jobs stay in Redis before the vacuum removes them.
     pub retention: Duration,
-    /// Where to answer `GET /healthz` (`WORKER_HEALTH_PORT`); `None`: no listener.
+    /// Where to answer `GET /healthz` and `GET /metrics` (`WORKER_HEALTH_PORT`); `None`: no
+    /// listener.
     pub health_port: Option<u16>,
+    /// `METRICS_TOKEN`: the bearer token `/metrics` requires, if any.
+    pub metrics_token: Option<secrecy::SecretString>,
 }
 
 impl WorkerOptions {
@@ -116,6 +119,7 @@ impl WorkerOptions {
             missed_heartbeats: config.worker_missed_heartbeats,
             retention: Duration::from_secs(config.job_retention_seconds),
             health_port: config.worker_health_port,
+            metrics_token: config.metrics_token.clone(),
         }
     }
 
@@ -462,6 +466,7 @@ pub async fn run(
                     handle: crate::monitoring::install(),
                     redis: redis.clone(),
                     namespace: queues.namespace().to_owned(),
+                    token: options.metrics_token.clone(),
                 },
             )))
         }

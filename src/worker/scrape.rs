@@ -1,10 +1,15 @@
 //! The `/metrics` text both processes serve (the ingress on its port, `gatehouse work` on
 //! `WORKER_HEALTH_PORT`): the process's recorder (counters, histograms), then gauges read at
 //! scrape time — every queue's depth and dead letters from Redis (one script per queue) — and
-//! the LLM rejection counters.
+//! the LLM rejection counters. With `METRICS_TOKEN` set, a scrape must present it as a bearer
+//! token (compared in constant time).
 
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
 
 use crate::monitoring::{render, write_family};
 use crate::worker::stats::{QueueStats, all_queue_stats};
@@ -15,9 +20,47 @@ pub struct Scrape {
     pub handle: PrometheusHandle,
     pub redis: ConnectionManager,
     pub namespace: String,
+    /// `METRICS_TOKEN`: required as a bearer token when set.
+    pub token: Option<SecretString>,
 }
 
 impl Scrape {
+    /// Whether `headers` may scrape: always without a token configured, else only with
+    /// `Authorization: Bearer <METRICS_TOKEN>`.
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .unwrap_or_default();
+        bool::from(presented.as_bytes().ct_eq(token.expose_secret().as_bytes()))
+    }
+
+    /// The `/metrics` response: 401 without the token (when one is configured), else the text.
+    pub async fn respond(&self, headers: &HeaderMap) -> Response {
+        if !self.authorized(headers) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"metrics\"")],
+                "a valid bearer token is required\n",
+            )
+                .into_response();
+        }
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            self.text().await,
+        )
+            .into_response()
+    }
+
     /// The whole Prometheus text. Redis unreachable → `gatehouse_queue_stats_up 0` and no
     /// queue gauges (the rest is still served).
     pub async fn text(&self) -> String {
