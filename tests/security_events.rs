@@ -270,6 +270,7 @@ async fn every_critical_kind_alerts_once_per_window_and_subject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_events_are_still_recorded_without_alerts() {
     let env = TestEnv::new().await;
+    let metrics = gatehouse::monitoring::install();
     // Nothing listens on port 1: every alert-window count fails.
     let dead =
         gatehouse::queue::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
@@ -287,12 +288,15 @@ async fn with_redis_down_events_are_still_recorded_without_alerts() {
     assert_eq!(count(&env, "failed_login").await, 10);
     assert_eq!(count(&env, "encryption_error").await, 1);
     assert_eq!(count(&env, "suspicious_activity").await, 0);
+    // Counted, so Prometheus can tell alerting is degraded.
+    assert!(counter(&metrics, "gatehouse_security_alert_failures_total") >= 11.0);
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_insert_never_fails_the_caller() {
     let env = TestEnv::new().await;
+    let metrics = gatehouse::monitoring::install();
     // A pool whose database does not exist: every insert fails.
     let broken = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(2))
@@ -306,7 +310,16 @@ async fn a_failed_insert_never_fails_the_caller() {
     ))
     .await;
     assert_eq!(count(&env, "failed_login").await, 0);
+    assert!(counter(&metrics, "gatehouse_security_event_insert_failures_total") >= 1.0);
     env.cleanup().await;
+}
+
+/// An unlabelled counter's value in the process's Prometheus text.
+fn counter(handle: &metrics_exporter_prometheus::PrometheusHandle, name: &str) -> f64 {
+    gatehouse::monitoring::render(handle)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 // --- the API -----------------------------------------------------------------------------
