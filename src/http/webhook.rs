@@ -196,6 +196,7 @@ pub async fn twilio_message(
         Err(KeyCacheError::Tenant(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot open webhook keys");
             let mut event = SecurityEvent::new(EventType::EncryptionError);
+            event.ip = Some(client_ip(peer, &headers, &state.config.trusted_proxies));
             event.tenant_id = Some(tenant_id);
             event.request_id = Some(request_id.clone());
             event.details = json!({"operation": "open_webhook_keys"});
