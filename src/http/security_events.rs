@@ -104,8 +104,8 @@ fn parse_filter(query: Option<&str>) -> Result<EventFilter, ApiError> {
     tag = "security",
     security(("bearer" = [])),
     params(
-        ("type" = Option<String>, Query, description = "Only events of this type (e.g. `failed_login`, `suspicious_activity`)."),
-        ("since" = Option<String>, Query, description = "Only events at or after this RFC 3339 time."),
+        ("type" = Option<String>, Query, description = "Only events of this type: `failed_login`, `permission_denied`, `invalid_webhook_signature`, `rate_limit_exceeded`, `suspicious_activity` (alerts), `four_eyes_violation`, `encryption_error`, `key_rotation_started` or `key_rotation_completed`."),
+        ("since" = Option<String>, Query, description = "Only events at or after this RFC 3339 time (e.g. `2026-11-29T00:00:00Z`; encode `+` as `%2B`)."),
         ("limit" = Option<u32>, Query, description = "At most this many events (default 100)."),
         ("before" = Option<String>, Query, description = "The `next_before` cursor of the previous page: only events older than its last event."),
     ),
