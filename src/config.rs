@@ -63,6 +63,7 @@ pub const VARIABLES: &[&str] = &[
     "JOB_RETENTION_SECONDS",
     "STORE_TIMEOUT_MS",
     "WORKER_HEALTH_PORT",
+    "METRICS_TOKEN",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -373,6 +374,10 @@ pub struct Config {
     /// `GET /healthz` (200 while it reaches Redis and PostgreSQL, else 503). Unset: no
     /// listener.
     pub worker_health_port: Option<u16>,
+    /// `METRICS_TOKEN` (optional, at least 32 characters): when set, `GET /metrics` (ingress and
+    /// worker) requires `Authorization: Bearer` with it. Unset: `/metrics` is open (restrict it
+    /// at the network).
+    pub metrics_token: Option<SecretString>,
 }
 
 impl Config {
@@ -557,6 +562,17 @@ impl Config {
                 _ => Err("must be a whole number from 1 to 65535".to_owned()),
             });
 
+        let metrics_token = r.optional_secret("METRICS_TOKEN");
+        if let Some(token) = &metrics_token {
+            let t = token.expose_secret();
+            if t.chars().count() < MIN_SECRET_CHARS || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                r.problem(
+                    "METRICS_TOKEN",
+                    "must be at least 32 visible ASCII characters (no spaces)",
+                );
+            }
+        }
+
         let problems = r.finish();
         match (database_url, secret_key, jwt_secret_key, keyring) {
             (Some(database_url), Some(secret_key), Some(jwt_secret_key), Some(keyring))
@@ -594,6 +610,7 @@ impl Config {
                     job_retention_seconds,
                     store_timeout_ms,
                     worker_health_port,
+                    metrics_token,
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -1701,6 +1718,20 @@ mod tests {
             a.blind_index.compute("messages.from_number", b"+1555"),
             b.blind_index.compute("messages.from_number", b"+1555")
         );
+    }
+
+    #[test]
+    fn a_short_or_spaced_metrics_token_is_rejected_and_a_long_one_kept() {
+        for bad in ["short", "a token with spaces in it that is long enough"] {
+            let problem = fails_on(&[("METRICS_TOKEN", bad)], "METRICS_TOKEN");
+            assert!(!problem.to_string().contains(bad));
+        }
+        let cfg = load(&with(&[(
+            "METRICS_TOKEN",
+            "prometheus-scrape-token-0123456789abcdef",
+        )]))
+        .expect("valid");
+        assert!(cfg.metrics_token.is_some());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod db;
 pub mod events;
 pub mod http;
 pub mod llm;
+pub mod monitoring;
 pub mod payloads;
 pub mod queue;
 pub mod ratelimit;

@@ -19,24 +19,37 @@ use crate::events::EventType;
 use crate::ratelimit::{Decision, Mode, normalize_email};
 use crate::security::jwt::SubjectKind;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct RegisterRequest {
     email: String,
+    #[schema(value_type = String, format = Password)]
     password: SecretString,
     first_name: String,
     last_name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct LoginRequest {
     email: String,
+    #[schema(value_type = String, format = Password)]
     password: SecretString,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct TokenRequest {
     client_id: String,
+    #[schema(value_type = String, format = Password)]
     client_secret: SecretString,
+}
+
+/// `gh_` and 16 URL-safe characters: the shape of the client ids gatehouse issues (a secret
+/// is 43 characters and has no prefix).
+fn looks_like_client_id(id: &str) -> bool {
+    id.len() == 19
+        && id.starts_with("gh_")
+        && id[3..]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 fn account_error(error: AccountError) -> ApiError {
@@ -91,6 +104,18 @@ fn token_response(
     Ok(response)
 }
 
+/// Registers a user.
+#[utoipa::path(post, path = "/v1/auth/register", tag = "auth",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered", body = super::openapi::Registered),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflict", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn register(
     State(state): State<Arc<AppState>>,
     ctx: Ctx,
@@ -115,6 +140,18 @@ pub async fn register(
     Ok(with_rate_headers(response, &decision))
 }
 
+/// Logs a user in: an access token.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in", body = super::openapi::TokenResponse),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn login(
     State(state): State<Arc<AppState>>,
     ctx: Ctx,
@@ -184,6 +221,18 @@ pub(crate) async fn check_password(
     }
 }
 
+/// A service account's token (client credentials).
+#[utoipa::path(post, path = "/v1/auth/token", tag = "auth",
+    request_body = TokenRequest,
+    responses(
+        (status = 200, description = "Issued", body = super::openapi::TokenResponse),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn token(
     State(state): State<Arc<AppState>>,
     ctx: Ctx,
@@ -212,7 +261,10 @@ pub async fn token(
         }
         None => {
             let mut event = ctx.event(EventType::FailedLogin);
-            event.details = json!({"reason": "invalid_client_credentials", "client_id": req.client_id.chars().take(128).collect::<String>()});
+            // Only an id of the shape gatehouse issues is logged: a secret pasted into the
+            // wrong field never reaches the log.
+            let client_id = Some(req.client_id.as_str()).filter(|id| looks_like_client_id(id));
+            event.details = json!({"reason": "invalid_client_credentials", "client_id": client_id});
             record(&state, event);
             let _ = limit(&state, &ctx, Limit::FailedLogin, &subject, Mode::Hit, None).await;
             Err(ApiError::invalid_credentials())
@@ -220,6 +272,13 @@ pub async fn token(
     }
 }
 
+/// The caller, its memberships and scopes.
+#[utoipa::path(get, path = "/v1/me", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller", body = super::openapi::Me),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn me(caller: Caller) -> Json<serde_json::Value> {
     let p = &caller.principal;
     let memberships: Vec<_> = p

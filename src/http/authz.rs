@@ -70,8 +70,7 @@ impl FromRequestParts<Arc<AppState>> for Ctx {
 
 /// Records `event` off the request path: recording never fails or slows the request.
 pub fn record(state: &AppState, event: SecurityEvent) {
-    let pool = state.pool.clone();
-    tokio::spawn(async move { crate::events::record(&pool, event).await });
+    state.events.spawn(event);
 }
 
 /// An authenticated caller.
@@ -267,6 +266,7 @@ pub async fn limit(
     if decision.allowed {
         return Ok(decision);
     }
+    ::metrics::counter!("gatehouse_rate_limit_hits_total", "limit" => which.name()).increment(1);
     let mut event = ctx.event(EventType::RateLimitExceeded);
     event.email = email.map(str::to_owned);
     event.details = json!({"limit": which.name(), "rate": rate.to_string()});

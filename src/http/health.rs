@@ -11,10 +11,19 @@ use serde_json::json;
 
 use super::AppState;
 
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "Alive", body = super::openapi::Health)))]
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// PostgreSQL and Redis answer.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = super::openapi::Readiness),
+        (status = 503, description = "A dependency does not answer", body = super::openapi::Readiness),
+    ))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let timeout = Duration::from_secs(2);
     let pg = async {

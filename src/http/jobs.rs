@@ -26,6 +26,25 @@ pub const IDEMPOTENCY_TTL_SECONDS: u64 = 24 * 3600;
 static VALIDATORS: LazyLock<Result<PayloadValidators, SchemaError>> =
     LazyLock::new(PayloadValidators::new);
 
+/// Enqueues a job whose payload follows the queue's committed JSON Schema (`jobs:enqueue`).
+/// An `Idempotency-Key` header makes retries safe.
+#[utoipa::path(post, path = "/v1/jobs/{queue}", tag = "jobs", security(("bearer" = [])),
+    params(
+        ("queue" = String, Path, description = "A queue of `gatehouse-jobs` (e.g. `inbound_message`, `sync_catalog`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible characters; repeats within 24 h return the first job"),
+    ),
+    request_body(content = Object, description = "The job payload (see `jobs/schemas/`)"),
+    responses(
+        (status = 202, description = "Enqueued", body = super::openapi::JobAccepted),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 404, description = "No such resource", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn enqueue(
     State(state): State<Arc<AppState>>,
     caller: Caller,

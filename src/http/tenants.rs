@@ -21,15 +21,18 @@ use super::error::ApiError;
 use crate::access::{self, AccessError, Scope, TenantRole};
 use crate::tenants::{NewTenant, TenantError};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     name: String,
     twilio_account_sid: String,
+    #[schema(value_type = String, format = Password)]
     twilio_auth_token: SecretString,
     store_url: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
     store_api_key: Option<SecretString>,
     webhook_shared_key_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
     webhook_shared_key: Option<SecretString>,
     /// An existing user who becomes the tenant's owner.
     owner_email: Option<String>,
@@ -39,6 +42,20 @@ fn path_uuid(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found())
 }
 
+/// Creates a tenant (`platform:admin`).
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])),
+    request_body = CreateTenant,
+    responses(
+        (status = 201, description = "Created", body = super::openapi::Created),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflict", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -80,12 +97,28 @@ pub async fn create(
     Ok(with_rate_headers(response, &decision))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRole {
     role: String,
 }
 
+/// Adds a member to a tenant or changes its role.
+#[utoipa::path(put, path = "/v1/tenants/{tenant_id}/members/{user_id}", tag = "tenants",
+    security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path), ("user_id" = Uuid, Path)),
+    request_body = SetRole,
+    responses(
+        (status = 200, description = "Membership set", body = super::openapi::MemberSet),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 404, description = "No such resource", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn put_member(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -156,10 +189,12 @@ pub async fn put_member(
     Ok(with_rate_headers(response, &decision))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
+    /// `incremental` (default) or `full`.
     #[serde(default = "default_mode")]
+    #[schema(value_type = Option<String>)]
     mode: SyncMode,
 }
 
@@ -167,6 +202,22 @@ fn default_mode() -> SyncMode {
     SyncMode::Incremental
 }
 
+/// Requests a catalog sync of a tenant's store.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/catalog/sync", tag = "tenants",
+    security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path)),
+    request_body = SyncRequest,
+    responses(
+        (status = 202, description = "Sync enqueued", body = super::openapi::JobAccepted),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 404, description = "No such resource", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn catalog_sync(
     State(state): State<Arc<AppState>>,
     caller: Caller,

@@ -130,6 +130,23 @@ fn twiml() -> Response {
         .into_response()
 }
 
+/// A Twilio inbound message: content type → size → signature (`X-Twilio-Signature` over the
+/// raw body) → dedupe → enqueue. Answers empty TwiML.
+#[utoipa::path(post, path = "/v1/webhooks/twilio/{tenant_id}/messages", tag = "webhooks",
+    params(
+        ("tenant_id" = Uuid, Path),
+        ("X-Twilio-Signature" = String, Header, description = "Twilio's request signature"),
+    ),
+    request_body(content = String, description = "Twilio's form fields (or JSON)",
+        content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "Accepted (empty TwiML)", content_type = "text/xml"),
+        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
+        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
+        (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
+    ))]
 pub async fn twilio_message(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -150,8 +167,9 @@ pub async fn twilio_message(
         event.tenant_id = tenant_id;
         event.request_id = Some(request_id.clone());
         event.details = json!({"reason": reason});
-        let pool = state.pool.clone();
-        tokio::spawn(async move { crate::events::record(&pool, event).await });
+        state.events.spawn(event);
+        ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "invalid")
+            .increment(1);
         ApiError::invalid_signature()
     };
 
@@ -171,16 +189,18 @@ pub async fn twilio_message(
         Ok(None) => return Err(reject(Some(tenant_id), "unknown tenant")),
         Err(KeyCacheError::Unavailable(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot load webhook keys");
+            ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "unavailable")
+                .increment(1);
             return Err(ApiError::unavailable());
         }
         Err(KeyCacheError::Tenant(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot open webhook keys");
             let mut event = SecurityEvent::new(EventType::EncryptionError);
+            event.ip = Some(client_ip(peer, &headers, &state.config.trusted_proxies));
             event.tenant_id = Some(tenant_id);
             event.request_id = Some(request_id.clone());
             event.details = json!({"operation": "open_webhook_keys"});
-            let pool = state.pool.clone();
-            tokio::spawn(async move { crate::events::record(&pool, event).await });
+            state.events.spawn(event);
             return Err(ApiError::unavailable());
         }
     };
@@ -211,6 +231,7 @@ pub async fn twilio_message(
         tracing::warn!(tenant.id = %tenant_id, reason = %error, "webhook signature rejected");
         return Err(reject(Some(tenant_id), "signature"));
     }
+    ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "valid").increment(1);
 
     let fields = fields(kind, &raw)?;
     let received_at = OffsetDateTime::now_utc()

@@ -1,6 +1,7 @@
 //! The worker process's own health: with `WORKER_HEALTH_PORT` set, `gatehouse work` answers
 //! `GET /healthz` with 200 while its maintenance task reaches Redis and PostgreSQL answers,
-//! and 503 (saying which is down) otherwise — for a supervisor's liveness/readiness probe.
+//! and 503 (saying which is down) otherwise — for a supervisor's liveness/readiness probe — and
+//! `GET /metrics` (Prometheus text: job counters and durations, queue gauges).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use sqlx::PgPool;
+
+use super::scrape::Scrape;
 
 /// Whether the last maintenance round (heartbeat, recovery, vacuum) reached Redis. False until
 /// the first round has.
@@ -33,6 +36,11 @@ impl RedisHealth {
 struct HealthState {
     redis: RedisHealth,
     pool: PgPool,
+    scrape: Scrape,
+}
+
+async fn metrics(State(state): State<HealthState>, headers: axum::http::HeaderMap) -> Response {
+    state.scrape.respond(&headers).await
 }
 
 async fn healthz(State(state): State<HealthState>) -> Response {
@@ -57,14 +65,20 @@ async fn healthz(State(state): State<HealthState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// Serves `/healthz` on `listener` until the task is dropped or aborted.
+/// Serves `/healthz` and `/metrics` on `listener` until the task is dropped or aborted.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     redis: RedisHealth,
     pool: PgPool,
+    scrape: Scrape,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
-        .with_state(HealthState { redis, pool });
+        .route("/metrics", get(metrics))
+        .with_state(HealthState {
+            redis,
+            pool,
+            scrape,
+        });
     axum::serve(listener, app).await
 }

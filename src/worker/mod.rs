@@ -12,6 +12,7 @@ pub mod dead;
 pub mod health;
 pub mod poll;
 pub mod retry;
+pub mod scrape;
 pub mod stats;
 
 use std::future::Future;
@@ -48,6 +49,9 @@ pub struct WorkerState {
     pub retry: RetryPolicies,
     /// The client for tenants' stores (catalog sync).
     pub store: StoreClient,
+    /// Records security events from jobs (`state.events.record(event).await`), alert rules
+    /// included.
+    pub events: crate::events::SecurityLog,
 }
 
 /// The handlers' HTTP clients could not be built.
@@ -57,6 +61,8 @@ pub enum SetupError {
     Store(#[from] reqwest::Error),
     #[error(transparent)]
     Llm(#[from] crate::llm::SetupError),
+    #[error("REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 impl WorkerState {
@@ -65,6 +71,11 @@ impl WorkerState {
         // The store client is rustls without a built-in provider: ring is the process's one
         // TLS stack (installing it twice is a no-op).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let events = crate::events::SecurityLog::new(
+            pool.clone(),
+            crate::queue::connect_lazy(&config.redis_url)?,
+            config.queue_namespace.clone(),
+        );
         Ok(Self {
             pool,
             keyring: config.keyring.clone(),
@@ -75,6 +86,7 @@ impl WorkerState {
             store: StoreClient::new(StoreLimits::with_timeout(Duration::from_millis(
                 config.store_timeout_ms,
             )))?,
+            events,
         })
     }
 }
@@ -91,8 +103,11 @@ pub struct WorkerOptions {
     pub missed_heartbeats: usize,
     /// How long finished jobs stay in Redis before the vacuum removes them.
     pub retention: Duration,
-    /// Where to answer `GET /healthz` (`WORKER_HEALTH_PORT`); `None`: no listener.
+    /// Where to answer `GET /healthz` and `GET /metrics` (`WORKER_HEALTH_PORT`); `None`: no
+    /// listener.
     pub health_port: Option<u16>,
+    /// `METRICS_TOKEN`: the bearer token `/metrics` requires, if any.
+    pub metrics_token: Option<secrecy::SecretString>,
 }
 
 impl WorkerOptions {
@@ -104,6 +119,7 @@ impl WorkerOptions {
             missed_heartbeats: config.worker_missed_heartbeats,
             retention: Duration::from_secs(config.job_retention_seconds),
             health_port: config.worker_health_port,
+            metrics_token: config.metrics_token.clone(),
         }
     }
 
@@ -161,6 +177,13 @@ fn job_failed(
     retryable: bool,
     error: impl std::error::Error + Send + Sync + 'static,
 ) -> BoxDynError {
+    let outcome = if !retryable || attempt >= policy.max_attempts as usize {
+        "dead"
+    } else {
+        "retry"
+    };
+    ::metrics::counter!("gatehouse_jobs_total", "queue" => queue, "outcome" => outcome)
+        .increment(1);
     if !retryable {
         tracing::error!(job.id = %job_id, job.queue = queue, job.attempt = attempt, %error, "job failed permanently; dead-lettered");
         AbortError::new(error).into()
@@ -189,9 +212,22 @@ async fn handle_inbound(
         job.queue = InboundMessage::QUEUE,
         request.id = meta.get("request_id").unwrap_or("-"),
     );
-    run_inbound(job, job_id, attempt, worker, state)
+    let started = std::time::Instant::now();
+    let result = run_inbound(job, job_id, attempt, worker, state)
         .instrument(span)
-        .await
+        .await;
+    observe_job(InboundMessage::QUEUE, started, result.is_ok());
+    result
+}
+
+/// A job attempt's duration, and its success (failures are counted by `job_failed`).
+fn observe_job(queue: &'static str, started: std::time::Instant, ok: bool) {
+    ::metrics::histogram!("gatehouse_job_duration_seconds", "queue" => queue)
+        .record(started.elapsed().as_secs_f64());
+    if ok {
+        ::metrics::counter!("gatehouse_jobs_total", "queue" => queue, "outcome" => "ok")
+            .increment(1);
+    }
 }
 
 async fn run_inbound(
@@ -264,8 +300,8 @@ async fn handle_sync(
         job.queue = SyncCatalog::QUEUE,
         request.id = meta.get("request_id").unwrap_or("-"),
     );
-    async move {
-        let started = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    let result = async move {
         match crate::catalog::sync(
             &state.pool,
             &state.keyring,
@@ -286,7 +322,6 @@ async fn handle_sync(
                 tracing::info!(
                     tenant.id = %job.tenant_id,
                     pages, fetched, upserted, deleted, rejected,
-                    duration_ms = started.elapsed().as_millis() as u64,
                     "catalog synced"
                 );
                 Ok(())
@@ -309,7 +344,9 @@ async fn handle_sync(
         }
     }
     .instrument(span)
-    .await
+    .await;
+    observe_job(SyncCatalog::QUEUE, started, result.is_ok());
+    result
 }
 
 /// Restarts allowed within a sliding window. A worker that fails (Redis restarting, say) is
@@ -417,11 +454,20 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
                 .await
                 .map_err(|e| WorkerError::HealthPort(port, e))?;
-            tracing::info!(port, "worker health on GET /healthz");
+            tracing::info!(
+                port,
+                "worker health on GET /healthz, metrics on GET /metrics"
+            );
             Some(tokio::spawn(health::serve(
                 listener,
                 redis_health.clone(),
                 state.pool.clone(),
+                scrape::Scrape {
+                    handle: crate::monitoring::install(),
+                    redis: redis.clone(),
+                    namespace: queues.namespace().to_owned(),
+                    token: options.metrics_token.clone(),
+                },
             )))
         }
     };

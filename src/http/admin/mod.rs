@@ -9,14 +9,14 @@ pub mod svg;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use maud::Markup;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -36,18 +36,18 @@ const MAX_FORM_BYTES: usize = 8 * 1024;
 const STYLESHEET: &str = include_str!("admin.css");
 
 /// The dashboard's routes, merged into the main router.
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/admin", get(pages::overview))
-        .route("/admin/login", get(login_form).post(login))
-        .route("/admin/logout", post(logout))
-        .route("/admin/auth", get(pages::failed_auth))
-        .route("/admin/rate-limits", get(pages::rate_limits))
-        .route("/admin/webhooks", get(pages::webhooks))
-        .route("/admin/queues", get(pages::queues))
-        .route("/admin/queues/retry", post(retry_dead))
-        .route("/admin/rotations", get(pages::rotations))
-        .route("/admin/static/admin.css", get(stylesheet))
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(pages::overview))
+        .routes(routes!(login_form, login))
+        .routes(routes!(logout))
+        .routes(routes!(pages::failed_auth))
+        .routes(routes!(pages::rate_limits))
+        .routes(routes!(pages::webhooks))
+        .routes(routes!(pages::queues))
+        .routes(routes!(retry_dead))
+        .routes(routes!(pages::rotations))
+        .routes(routes!(stylesheet))
 }
 
 /// An HTML response that no cache keeps.
@@ -224,6 +224,9 @@ fn login_page(state: &AppState, status: StatusCode, error: Option<&str>) -> Resp
     response
 }
 
+/// The dashboard's login form.
+#[utoipa::path(get, path = "/admin/login", tag = "admin",
+    responses((status = 200, description = "The login form", content_type = "text/html")))]
 async fn login_form(State(state): State<Arc<AppState>>) -> Response {
     login_page(&state, StatusCode::OK, None)
 }
@@ -231,6 +234,15 @@ async fn login_form(State(state): State<Arc<AppState>>) -> Response {
 /// The same words whatever was wrong (unknown email, wrong password, locked out by scope).
 const LOGIN_FAILED: &str = "The email or password is not valid.";
 
+/// Signs in (form fields `email`, `password`, `csrf`); sets the `__Host-` session cookie.
+#[utoipa::path(post, path = "/admin/login", tag = "admin",
+    request_body(content_type = "application/x-www-form-urlencoded", description = "email, password, csrf"),
+    responses(
+        (status = 303, description = "Signed in: to /admin"),
+        (status = 401, description = "Wrong email or password (one answer for both)", content_type = "text/html"),
+        (status = 403, description = "Missing or wrong CSRF token, or cross-site", content_type = "text/html"),
+        (status = 429, description = "Too many attempts", content_type = "text/html"),
+    ))]
 async fn login(
     State(state): State<Arc<AppState>>,
     ctx: Ctx,
@@ -306,6 +318,13 @@ async fn login(
     response
 }
 
+/// Signs out: deletes the session server-side.
+#[utoipa::path(post, path = "/admin/logout", tag = "admin",
+    request_body(content_type = "application/x-www-form-urlencoded", description = "csrf"),
+    responses(
+        (status = 303, description = "Signed out: to the login page"),
+        (status = 403, description = "Missing or wrong CSRF token, or cross-site", content_type = "text/html"),
+    ))]
 async fn logout(
     State(state): State<Arc<AppState>>,
     ctx: Ctx,
@@ -342,6 +361,13 @@ async fn logout(
     response
 }
 
+/// Puts a dead job back on its queue (form fields `id`, `queue`, `csrf`).
+#[utoipa::path(post, path = "/admin/queues/retry", tag = "admin",
+    request_body(content_type = "application/x-www-form-urlencoded", description = "id, queue, csrf"),
+    responses(
+        (status = 303, description = "Back to the queues page with a notice"),
+        (status = 403, description = "No `security:read`, a missing or wrong CSRF token, or cross-site", content_type = "text/html"),
+    ))]
 async fn retry_dead(
     State(state): State<Arc<AppState>>,
     officer: Officer,
@@ -388,6 +414,9 @@ async fn retry_dead(
     }
 }
 
+/// The dashboard's stylesheet.
+#[utoipa::path(get, path = "/admin/static/admin.css", tag = "admin",
+    responses((status = 200, description = "CSS", content_type = "text/css")))]
 async fn stylesheet() -> Response {
     (
         [
