@@ -7,6 +7,7 @@ pub mod error;
 pub mod health;
 pub mod jobs;
 pub mod key_cache;
+pub mod rotations;
 pub mod tenants;
 pub mod transport;
 pub mod webhook;
@@ -115,6 +116,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/tenants/{tenant_id}/catalog/sync",
             post(tenants::catalog_sync),
+        )
+        .route("/v1/admin/key-rotations", post(rotations::create))
+        .route("/v1/admin/key-rotations/{id}", get(rotations::get))
+        .route(
+            "/v1/admin/key-rotations/{id}/approve",
+            post(rotations::approve),
         )
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)

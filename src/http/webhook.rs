@@ -178,7 +178,16 @@ pub async fn twilio_message(
             let mut event = SecurityEvent::new(EventType::EncryptionError);
             event.tenant_id = Some(tenant_id);
             event.request_id = Some(request_id.clone());
-            event.details = json!({"operation": "open_webhook_keys"});
+            event.details = match &error {
+                crate::tenants::TenantError::Encryption { column, source, .. } => json!({
+                    "operation": "open_webhook_keys",
+                    "table": "tenants",
+                    "column": column,
+                    "row_id": tenant_id,
+                    "reason": source.to_string(),
+                }),
+                _ => json!({"operation": "open_webhook_keys"}),
+            };
             let pool = state.pool.clone();
             tokio::spawn(async move { crate::events::record(&pool, event).await });
             return Err(ApiError::unavailable());
