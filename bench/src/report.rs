@@ -332,8 +332,18 @@ impl Report {
             ),
             format!(
                 "{} of plain UPDATE; {} of open+seal",
-                times(rotate / plain),
-                times(rotate / reseal)
+                times(median(
+                    &runs
+                        .iter()
+                        .map(|r| r.rotate_keys_rows_per_s / r.plain_update_rows_per_s)
+                        .collect::<Vec<_>>()
+                )),
+                times(median(
+                    &runs
+                        .iter()
+                        .map(|r| r.rotate_keys_rows_per_s / r.reseal_rows_per_s)
+                        .collect::<Vec<_>>()
+                ))
             ),
             "(no target)",
             "–".into(),
