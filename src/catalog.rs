@@ -36,6 +36,7 @@ use sqlx::PgPool;
 use unicode_normalization::UnicodeNormalization;
 use uuid::Uuid;
 
+use crate::events::{EventType, SecurityEvent, SecurityLog};
 use crate::security::keyring::{Keyring, aad};
 
 /// Bounds on what a store may send.
@@ -312,6 +313,7 @@ impl std::fmt::Debug for StoreCredentials {
 pub async fn store_credentials(
     pool: &PgPool,
     keyring: &Keyring,
+    events: &SecurityLog,
     tenant_id: Uuid,
 ) -> Result<StoreCredentials, CatalogError> {
     let row: Option<(Option<String>, Option<Vec<u8>>)> =
@@ -327,12 +329,28 @@ pub async fn store_credentials(
         .ok()
         .filter(|u| u.scheme() == "https" || u.scheme() == "http")
         .ok_or(CatalogError::BadStore("store_url is not an http(s) URL"))?;
-    let plain = keyring
-        .open(
-            &sealed,
-            &aad("tenants", "store_api_key", &tenant_id.to_string()),
-        )
-        .map_err(|_| CatalogError::BadStore("store_api_key could not be opened"))?;
+    let plain = match keyring.open(
+        &sealed,
+        &aad("tenants", "store_api_key", &tenant_id.to_string()),
+    ) {
+        Ok(plain) => plain,
+        Err(error) => {
+            // Fail closed: no plaintext fallback, no request to the store; an event names the
+            // cell and the check that failed, never the value.
+            tracing::error!(tenant.id = %tenant_id, %error, "cannot open the store API key");
+            let mut event = SecurityEvent::new(EventType::EncryptionError);
+            event.tenant_id = Some(tenant_id);
+            event.details = serde_json::json!({
+                "operation": "sync_catalog",
+                "table": "tenants",
+                "column": "store_api_key",
+                "row_id": tenant_id,
+                "reason": error.to_string(),
+            });
+            events.record(event).await;
+            return Err(CatalogError::BadStore("store_api_key could not be opened"));
+        }
+    };
     let key = String::from_utf8(plain.to_vec())
         .map_err(|_| CatalogError::BadStore("store_api_key is not UTF-8"))?;
     Ok(StoreCredentials {
@@ -587,6 +605,7 @@ pub async fn apply_listing(
 pub async fn sync(
     pool: &PgPool,
     keyring: &Keyring,
+    events: &SecurityLog,
     client: &StoreClient,
     job_id: &str,
     worker: &str,
@@ -599,7 +618,7 @@ pub async fn sync(
     if done.is_some() {
         return Ok(SyncOutcome::AlreadyProcessed);
     }
-    let creds = store_credentials(pool, keyring, job.tenant_id).await?;
+    let creds = store_credentials(pool, keyring, events, job.tenant_id).await?;
     let listing = fetch_listing(client, &creds).await?;
     for rejection in listing.rejections.iter().take(MAX_RECORDED_REJECTIONS) {
         tracing::warn!(

@@ -64,6 +64,7 @@ pub const VARIABLES: &[&str] = &[
     "STORE_TIMEOUT_MS",
     "WORKER_HEALTH_PORT",
     "METRICS_TOKEN",
+    "KEY_ROTATION_BATCH_SIZE",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -367,6 +368,9 @@ pub struct Config {
     /// `JOB_RETENTION_SECONDS`, default 3600, 1..=2592000: how long a finished job's
     /// payload and metadata stay in Redis before the vacuum removes them.
     pub job_retention_seconds: u64,
+    /// `KEY_ROTATION_BATCH_SIZE`, default 500, 1..=10 000: sealed values re-encrypted per
+    /// transaction by the `rotate_keys` job.
+    pub key_rotation_batch_size: usize,
     /// `STORE_TIMEOUT_MS`, default 10 000, 100..=120 000: timeout of each request to a
     /// tenant's store (catalog sync).
     pub store_timeout_ms: u64,
@@ -556,6 +560,7 @@ impl Config {
         };
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
+        let key_rotation_batch_size = r.integer("KEY_ROTATION_BATCH_SIZE", 500usize, 1, 10_000);
         let worker_health_port =
             r.optional_parse("WORKER_HEALTH_PORT", |s| match s.parse::<u16>() {
                 Ok(port) if port > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
@@ -611,6 +616,7 @@ impl Config {
                     store_timeout_ms,
                     worker_health_port,
                     metrics_token,
+                    key_rotation_batch_size,
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -1109,6 +1115,14 @@ mod tests {
         assert!(p.rule.contains("JOB_RETRY_BASE_MS_ROTATE_KEYS"), "{p}");
         fails_on(&[("JOB_RETENTION_SECONDS", "0")], "JOB_RETENTION_SECONDS");
         fails_on(&[("STORE_TIMEOUT_MS", "-1")], "STORE_TIMEOUT_MS");
+        fails_on(
+            &[("KEY_ROTATION_BATCH_SIZE", "0")],
+            "KEY_ROTATION_BATCH_SIZE",
+        );
+        fails_on(
+            &[("KEY_ROTATION_BATCH_SIZE", "10001")],
+            "KEY_ROTATION_BATCH_SIZE",
+        );
         let cfg = load(&with(&[
             ("JOB_RETRY_BASE_MS_SYNC_CATALOG", "100"),
             ("JOB_RETRY_CAP_MS_SYNC_CATALOG", "1000"),

@@ -2,7 +2,7 @@
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
 //! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`,
-//! `classify`, `llm`, `queue`); the bottom
+//! `classify`, `llm`, `queue`, `rotation`, `outbox`); the bottom
 //! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
 
 pub mod access;
@@ -18,9 +18,11 @@ pub mod events;
 pub mod http;
 pub mod llm;
 pub mod monitoring;
+pub mod outbox;
 pub mod payloads;
 pub mod queue;
 pub mod ratelimit;
+pub mod rotation;
 pub mod security;
 pub mod tenants;
 pub mod worker;

@@ -161,7 +161,16 @@ async fn run_sync(
     job_id: &str,
     job: &SyncCatalog,
 ) -> Result<SyncOutcome, CatalogError> {
-    gatehouse::catalog::sync(&env.pool, &env.config.keyring, client, job_id, "test", job).await
+    gatehouse::catalog::sync(
+        &env.pool,
+        &env.config.keyring,
+        &env.events(),
+        client,
+        job_id,
+        "test",
+        job,
+    )
+    .await
 }
 
 async fn seed_product(env: &TestEnv, tenant: Uuid, external_id: &str) {
@@ -400,12 +409,17 @@ async fn two_syncs_of_one_tenant_serialize_while_another_tenant_syncs_in_paralle
         .expect("lock");
 
     let blocked = {
-        let (pool, keyring, client) =
-            (env.pool.clone(), env.config.keyring.clone(), client.clone());
+        let (pool, keyring, client, events) = (
+            env.pool.clone(),
+            env.config.keyring.clone(),
+            client.clone(),
+            env.events(),
+        );
         tokio::spawn(async move {
             gatehouse::catalog::sync(
                 &pool,
                 &keyring,
+                &events,
                 &client,
                 "second",
                 "t",

@@ -316,15 +316,35 @@ impl Report {
                 .collect::<Vec<_>>(),
         );
         let reseal = median(&runs.iter().map(|r| r.reseal_rows_per_s).collect::<Vec<_>>());
+        let rotate = median(
+            &runs
+                .iter()
+                .map(|r| r.rotate_keys_rows_per_s)
+                .collect::<Vec<_>>(),
+        );
         self.row(
             format!("6. re-encryption rows/s, {} rows", thousands(rows)),
-            "pending issue 4 (`rotate_keys`)".into(),
+            format!("`rotate_keys` (1 worker process) {}", rate(rotate)),
             format!(
                 "plain UPDATE {}; open+seal in batches {}",
                 rate(plain),
                 rate(reseal)
             ),
-            times(reseal / plain),
+            format!(
+                "{} of plain UPDATE; {} of open+seal",
+                times(median(
+                    &runs
+                        .iter()
+                        .map(|r| r.rotate_keys_rows_per_s / r.plain_update_rows_per_s)
+                        .collect::<Vec<_>>()
+                )),
+                times(median(
+                    &runs
+                        .iter()
+                        .map(|r| r.rotate_keys_rows_per_s / r.reseal_rows_per_s)
+                        .collect::<Vec<_>>()
+                ))
+            ),
             "(no target)",
             "–".into(),
         );

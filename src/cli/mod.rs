@@ -93,6 +93,9 @@ enum KeysCommand {
     Generate,
     /// Validate ENCRYPTION_KEY, ENCRYPTION_OLD_KEYS, JWT_SECRET_KEY and SECRET_KEY.
     Check,
+    /// Per sealed column, how many values each key id protects; exits 1 when any value's
+    /// key is unknown to this configuration.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,6 +185,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("keys ok");
             Ok(())
+        }
+        Command::Keys(KeysCommand::Status) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(keys_status(&config))
         }
         Command::Migrate => {
             let config = load_config(false)?;
@@ -316,6 +323,70 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// `gatehouse keys status`: one line per configured key and per (column, key id), then the
+/// number of values no configured key opens. Plain, space-separated, for scripts:
+///
+/// ```text
+/// key 3f2a…c4 current
+/// key 91be…07 old
+/// tenants.twilio_auth_token 3f2a…c4 current 12
+/// tenants.twilio_auth_token 91be…07 old 0
+/// unknown 0
+/// ```
+async fn keys_status(config: &Config) -> anyhow::Result<()> {
+    let pool = connect_db(config).await?;
+    let usage = crate::rotation::key_usage(&pool)
+        .await
+        .map_err(|e| Failure::Service(format!("database: {e}")))?;
+    let keyring = &config.keyring;
+    let current = keyring.current_id().to_hex();
+    let role = |id: &str| -> &'static str {
+        if id == current {
+            "current"
+        } else if crate::security::keyring::KeyId::from_hex(id).is_some_and(|k| keyring.knows(k)) {
+            "old"
+        } else {
+            "unknown"
+        }
+    };
+    let configured: Vec<String> = keyring.key_ids().iter().map(|k| k.to_hex()).collect();
+    for id in &configured {
+        println!("key {id} {}", role(id));
+    }
+    let mut unknown = 0i64;
+    for col in crate::rotation::SEALED_COLUMNS {
+        let name = col.name();
+        let here: Vec<_> = usage.iter().filter(|u| u.column == col).collect();
+        // Every configured key, protecting something or nothing, so "the old key protects
+        // nothing" reads as a 0.
+        for id in &configured {
+            let n: i64 = here
+                .iter()
+                .filter(|u| u.key_id.as_deref() == Some(id.as_str()))
+                .map(|u| u.count)
+                .sum();
+            println!("{name} {id} {} {n}", role(id));
+        }
+        for u in here.iter().filter(|u| {
+            u.key_id
+                .as_deref()
+                .is_none_or(|id| !configured.iter().any(|c| c == id))
+        }) {
+            let id = u.key_id.as_deref().unwrap_or("malformed");
+            println!("{name} {id} unknown {}", u.count);
+            unknown += u.count;
+        }
+    }
+    println!("unknown {unknown}");
+    if unknown > 0 {
+        return Err(Failure::Invalid(format!(
+            "{unknown} sealed value(s) are under a key this configuration does not have"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn account_failure(error: crate::accounts::AccountError) -> anyhow::Error {

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod key_cache;
 pub mod observe;
 pub mod openapi;
+pub mod rotations;
 pub mod security_events;
 pub mod tenants;
 pub mod transport;
@@ -131,6 +132,9 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tenants::put_member))
         .routes(routes!(tenants::catalog_sync))
         .routes(routes!(security_events::list))
+        .routes(routes!(rotations::create))
+        .routes(routes!(rotations::get))
+        .routes(routes!(rotations::approve))
         .merge(admin::routes())
 }
 

@@ -26,6 +26,7 @@ use uuid::Uuid;
         (name = "jobs", description = "Producers enqueue jobs"),
         (name = "webhooks", description = "Twilio webhooks"),
         (name = "security", description = "Security events"),
+        (name = "keys", description = "Four-eyes key rotation"),
         (name = "admin", description = "The operator dashboard (HTML, session cookie, CSRF)"),
     )
 )]
@@ -83,6 +84,47 @@ pub struct Registered {
     pub id: Uuid,
     /// Normalized (trimmed, lower-cased).
     pub email: String,
+}
+
+/// A key-rotation request as `POST /v1/admin/key-rotations` answers it.
+#[derive(Serialize, ToSchema)]
+pub struct RotationRequested {
+    pub id: Uuid,
+    /// `pending_approval`.
+    pub status: String,
+    pub initiated_by: Uuid,
+}
+
+/// An approved rotation: its job is queued.
+#[derive(Serialize, ToSchema)]
+pub struct RotationQueued {
+    pub id: Uuid,
+    /// `queued`.
+    pub status: String,
+}
+
+/// A key rotation with its progress.
+#[derive(Serialize, ToSchema)]
+pub struct RotationView {
+    pub id: Uuid,
+    /// `pending_approval`, `queued`, `running`, `completed`, `failed` or `expired`.
+    pub status: String,
+    pub initiated_by: Uuid,
+    pub approved_by: Option<Uuid>,
+    /// RFC 3339.
+    pub approved_at: Option<String>,
+    /// The key everything is re-encrypted under (16 lower-case hex characters).
+    pub target_key_id: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    /// Sealed values to re-encrypt, fixed when the job starts.
+    pub total: i64,
+    pub done: i64,
+    /// Values no known key opens: counted, reported, left untouched.
+    pub failed: i64,
+    pub last_error: Option<String>,
 }
 
 /// A created resource.

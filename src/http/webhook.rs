@@ -199,7 +199,16 @@ pub async fn twilio_message(
             event.ip = Some(client_ip(peer, &headers, &state.config.trusted_proxies));
             event.tenant_id = Some(tenant_id);
             event.request_id = Some(request_id.clone());
-            event.details = json!({"operation": "open_webhook_keys"});
+            event.details = match &error {
+                crate::tenants::TenantError::Encryption { column, source, .. } => json!({
+                    "operation": "open_webhook_keys",
+                    "table": "tenants",
+                    "column": column,
+                    "row_id": tenant_id,
+                    "reason": source.to_string(),
+                }),
+                _ => json!({"operation": "open_webhook_keys"}),
+            };
             state.events.spawn(event);
             return Err(ApiError::unavailable());
         }

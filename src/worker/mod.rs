@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use gatehouse_jobs::{InboundMessage, Job, SyncCatalog, client::Queues};
+use gatehouse_jobs::{InboundMessage, Job, RotateKeys, SyncCatalog, client::Queues};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -52,6 +52,8 @@ pub struct WorkerState {
     /// Records security events from jobs (`state.events.record(event).await`), alert rules
     /// included.
     pub events: crate::events::SecurityLog,
+    /// Sealed values re-encrypted per transaction (`KEY_ROTATION_BATCH_SIZE`).
+    pub key_rotation_batch_size: usize,
 }
 
 /// The handlers' HTTP clients could not be built.
@@ -87,6 +89,7 @@ impl WorkerState {
                 config.store_timeout_ms,
             )))?,
             events,
+            key_rotation_batch_size: config.key_rotation_batch_size,
         })
     }
 }
@@ -305,6 +308,7 @@ async fn handle_sync(
         match crate::catalog::sync(
             &state.pool,
             &state.keyring,
+            &state.events,
             &state.store,
             &job_id,
             worker.name(),
@@ -347,6 +351,93 @@ async fn handle_sync(
     .await;
     observe_job(SyncCatalog::QUEUE, started, result.is_ok());
     result
+}
+
+async fn handle_rotate(
+    job: RotateKeys,
+    id: TaskId,
+    attempt: Attempt,
+    worker: WorkerContext,
+    state: Data<Arc<WorkerState>>,
+) -> Result<(), BoxDynError> {
+    let job_id = id.to_string();
+    let span = tracing::info_span!(
+        "job",
+        job.id = %job_id,
+        job.queue = RotateKeys::QUEUE,
+        rotation.id = %job.rotation_id,
+    );
+    let started = std::time::Instant::now();
+    let result = async move {
+        let ctx = crate::rotation::RunContext {
+            keyring: &state.keyring,
+            events: &state.events,
+            job_id: &job_id,
+            worker: worker.name(),
+            batch_size: state.key_rotation_batch_size,
+        };
+        match crate::rotation::run(&state.pool, &ctx, job.rotation_id).await {
+            Ok(crate::rotation::RunOutcome::Finished {
+                status,
+                total,
+                done,
+                failed,
+            }) => {
+                tracing::info!(
+                    %status, total, done, failed,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "key rotation finished"
+                );
+                Ok(())
+            }
+            Ok(crate::rotation::RunOutcome::AlreadyFinished { status }) => {
+                tracing::info!(%status, "key rotation already finished");
+                Ok(())
+            }
+            Err(error) => {
+                let retryable = error.is_retryable();
+                let last = !retryable || attempt.current() >= state.retry.rotate_keys.max_attempts as usize;
+                if last {
+                    // The rotation will not run again: say so on its row.
+                    let marked = sqlx::query(
+                        "UPDATE key_rotations SET status = 'failed', completed_at = now(), last_error = $2
+                         WHERE id = $1 AND status IN ('queued', 'running')",
+                    )
+                    .bind(job.rotation_id)
+                    .bind(error.to_string())
+                    .execute(&state.pool)
+                    .await;
+                    if let Err(db) = marked {
+                        tracing::error!(error = %db, "cannot mark the key rotation failed");
+                    }
+                }
+                Err(job_failed(
+                    RotateKeys::QUEUE,
+                    &job_id,
+                    attempt.current(),
+                    &state.retry.rotate_keys,
+                    retryable,
+                    error,
+                ))
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    observe_job(RotateKeys::QUEUE, started, result.is_ok());
+    result
+}
+
+/// Pushes committed outbox entries to Redis every second (see `crate::outbox`).
+async fn relay_outbox(pool: PgPool, mut redis: ConnectionManager, queues: Queues) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = crate::outbox::relay(&pool, &mut redis, &queues).await {
+            tracing::warn!(%error, "outbox relay cannot read PostgreSQL; will retry");
+        }
+    }
 }
 
 /// Restarts allowed within a sliding window. A worker that fails (Redis restarting, say) is
@@ -486,9 +577,20 @@ pub async fn run(
         &options,
         state.retry.sync_catalog,
     );
+    let rotate = queue_settings(
+        &queues,
+        RotateKeys::QUEUE,
+        &options,
+        state.retry.rotate_keys,
+    );
+    let relay = tokio::spawn(relay_outbox(
+        state.pool.clone(),
+        redis.clone(),
+        queues.clone(),
+    ));
     let maintenance = tokio::spawn(maintain(
         redis.clone(),
-        vec![inbound.keys.clone(), sync.keys.clone()],
+        vec![inbound.keys.clone(), sync.keys.clone(), rotate.keys.clone()],
         live.clone(),
         options.clone(),
         redis_health,
@@ -531,6 +633,22 @@ pub async fn run(
                     .build(handle_sync)
             }
         })
+        .register({
+            let (redis, state, live, base) = (redis.clone(), state.clone(), live.clone(), base.clone());
+            move |restarts| {
+                if restarts > 0 {
+                    retire(&live, &rotate, format!("{base}-{}-r{}", RotateKeys::QUEUE, restarts - 1));
+                }
+                let storage = QueueBackend::<RotateKeys>::new(redis.clone(), rotate.clone(), live.clone())
+                    .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
+                WorkerBuilder::new(format!("{base}-{}-r{restarts}", RotateKeys::QUEUE))
+                    .backend(storage)
+                    .catch_panic()
+                    .concurrency(concurrency)
+                    .data(state.clone())
+                    .build(handle_rotate)
+            }
+        })
         .should_restart({
             let budget = std::sync::Mutex::new(RestartBudget::default());
             move |ctx, error| {
@@ -568,6 +686,7 @@ pub async fn run(
         }
     };
     maintenance.abort();
+    relay.abort();
     if let Some(server) = health_server {
         server.abort();
     }

@@ -147,6 +147,16 @@ impl TestEnv {
         }
     }
 
+    /// The security-event recorder a process of this test would use (alerts counted under
+    /// the test's namespace).
+    pub fn events(&self) -> gatehouse::events::SecurityLog {
+        gatehouse::events::SecurityLog::new(
+            self.pool.clone(),
+            self.redis.clone(),
+            self.namespace.clone(),
+        )
+    }
+
     pub fn queues(&self) -> Queues {
         Queues::new(self.namespace.clone())
     }

@@ -15,10 +15,10 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::Markup;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use secrecy::SecretString;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::{check_password, ip_limit};

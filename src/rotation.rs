@@ -1,0 +1,649 @@
+//! Key rotation: four-eyes requests and approvals, progress, and the re-encryption batches
+//! that the `rotate_keys` job runs; also the per-column key census of `gatehouse keys status`.
+//!
+//! Four-eyes: a request records its initiator and the key id it rotates to (the requesting
+//! ingress's current key). An approval is checked against the database at that moment, not
+//! only against the caller's token: a different user, both active, both holding
+//! `keys:rotate` through their platform role; the request still pending and unexpired. The
+//! approval row is single use (its primary key is the rotation id) and bound to the request;
+//! it commits with the status change and an outbox entry, so the job is relayed to Redis
+//! after the commit however long Redis is away (see `outbox`).
+//!
+//! Re-encryption, and how several jobs for one rotation cooperate. Each batch is one
+//! transaction: `SELECT … FOR UPDATE SKIP LOCKED` of values whose envelope key id is not the
+//! current key (and that this rotation has not already recorded as unreadable), open, seal
+//! under the current key, `UPDATE`, and add the batch's counts to the rotation row in SQL
+//! (`done = done + n`) in the same transaction. So a value is counted exactly when the
+//! transaction that re-sealed it commits: a killed worker's batch rolls back with its
+//! counts, a redelivered or concurrent job never counts a value twice (a re-sealed value no
+//! longer matches the selection, a locked one is skipped), and several workers — or two
+//! jobs for the same rotation — share the work. A value that does not open is left
+//! untouched, recorded once in `key_rotation_failures` (primary key: rotation, cell), counted
+//! in `failed` and reported as an `encryption_error` event; later batches skip it.
+//!
+//! `total` is the number of values not under the target key when the first job moves the
+//! rotation from `queued` to `running` (a plain count; only that job's conditional update
+//! writes it, so later or concurrent jobs do not reset it). Values sealed under an old key
+//! after that moment (a process still running the previous configuration) are re-sealed
+//! too; completion then raises `total` to `done + failed`, so progress never reads above
+//! 100 %. A job that finds nothing left to lock but values still pending (another worker's
+//! batch in flight) waits for that batch rather than declaring the rotation complete; if
+//! that worker dies its locks go with its connection and the survivor takes the rows.
+//!
+//! Re-sealing does not change a value, so the ingress's webhook key cache (which holds opened
+//! keys) stays correct and `tenants.keys_version` is not bumped; a web request that reads a
+//! row meanwhile sees the old envelope (its key is still configured as old) or the new one.
+
+use std::time::Duration;
+
+use gatehouse_jobs::{Job, RotateKeys};
+use serde_json::json;
+use sqlx::{PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::access::{PlatformRole, Scope};
+use crate::events::{EventType, SecurityEvent, SecurityLog};
+use crate::security::keyring::{KeyId, Keyring, aad};
+
+/// How long a request waits for its approval by default.
+pub const APPROVAL_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A sealed column: `{table}.{column}`, keyed by the table's `id` (a UUID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedColumn {
+    pub table: &'static str,
+    pub column: &'static str,
+}
+
+impl SealedColumn {
+    /// `table.column`.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.table, self.column)
+    }
+}
+
+/// Every sealed column, in the order the rotation walks them.
+pub const SEALED_COLUMNS: [SealedColumn; 5] = [
+    SealedColumn {
+        table: "tenants",
+        column: "twilio_auth_token",
+    },
+    SealedColumn {
+        table: "tenants",
+        column: "store_api_key",
+    },
+    SealedColumn {
+        table: "tenants",
+        column: "webhook_shared_key",
+    },
+    SealedColumn {
+        table: "conversations",
+        column: "customer_number",
+    },
+    SealedColumn {
+        table: "messages",
+        column: "from_number",
+    },
+];
+
+/// Why a rotation operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("no such key rotation")]
+    NotFound,
+    #[error("a rotation cannot be approved by the user who requested it")]
+    SelfApproval,
+    #[error("the rotation is {0}, not pending approval")]
+    NotPending(String),
+    #[error("the rotation request expired before it was approved")]
+    Expired,
+    #[error("the approver is not an active user holding keys:rotate")]
+    ApproverNotAuthorized,
+    #[error("the initiator is no longer an active user holding keys:rotate")]
+    InitiatorNotAuthorized,
+    #[error("this process encrypts with key {current}, the rotation targets {target}")]
+    WrongKey { current: String, target: String },
+    #[error("the rotation is {0}; only approved rotations run")]
+    NotApproved(String),
+}
+
+impl RotationError {
+    /// Whether running the job again can help (the database coming back, or this worker
+    /// being redeployed with the rotation's target key).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Database(_) | Self::WrongKey { .. })
+    }
+}
+
+/// A rotation as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Rotation {
+    pub id: Uuid,
+    pub status: String,
+    pub initiated_by: Uuid,
+    pub approved_by: Option<Uuid>,
+    pub approved_at: Option<OffsetDateTime>,
+    pub target_key_id: String,
+    pub created_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+    pub started_at: Option<OffsetDateTime>,
+    pub completed_at: Option<OffsetDateTime>,
+    pub total: i64,
+    pub done: i64,
+    pub failed: i64,
+    pub last_error: Option<String>,
+}
+
+const ROTATION_COLUMNS: &str = "id, status, initiated_by, approved_by, approved_at, target_key_id, \
+     created_at, expires_at, started_at, completed_at, total, done, failed, last_error";
+
+/// Whether `user` is an active user whose platform role grants `keys:rotate`, read now.
+async fn holds_rotate_scope(
+    tx: &mut Transaction<'_, Postgres>,
+    user: Uuid,
+) -> Result<bool, sqlx::Error> {
+    // FOR SHARE: a concurrent deactivation or role change waits for this approval (or
+    // this approval waits for it), so the check holds at commit.
+    let row: Option<(bool, Option<String>)> =
+        sqlx::query_as("SELECT is_active, platform_role FROM users WHERE id = $1 FOR SHARE")
+            .bind(user)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(match row {
+        Some((true, Some(role))) => PlatformRole::parse(&role)
+            .is_some_and(|role| role.scopes().contains(&Scope::KeysRotate)),
+        _ => false,
+    })
+}
+
+/// Records a request by `initiator` to re-encrypt everything under `target`, approvable
+/// until `ttl` from now.
+pub async fn request(
+    pool: &PgPool,
+    initiator: Uuid,
+    target: KeyId,
+    ttl: Duration,
+) -> Result<Rotation, RotationError> {
+    let mut tx = pool.begin().await?;
+    if !holds_rotate_scope(&mut tx, initiator).await? {
+        return Err(RotationError::InitiatorNotAuthorized);
+    }
+    let rotation: Rotation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO key_rotations (initiated_by, target_key_id, expires_at)
+         VALUES ($1, $2, now() + make_interval(secs => $3))
+         RETURNING {ROTATION_COLUMNS}"
+    )))
+    .bind(initiator)
+    .bind(target.to_hex())
+    .bind(ttl.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rotation)
+}
+
+/// Reads a rotation.
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Rotation>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROTATION_COLUMNS} FROM key_rotations WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// An approval that committed: the rotation (now `queued`) and its outbox job id.
+#[derive(Debug, Clone)]
+pub struct Approved {
+    pub rotation: Rotation,
+    pub job_id: String,
+}
+
+/// Approves `rotation_id` as `approver` (four-eyes, see the module docs). On success the
+/// rotation is `queued` and an outbox entry for its `rotate_keys` job committed with it.
+pub async fn approve(
+    pool: &PgPool,
+    rotation_id: Uuid,
+    approver: Uuid,
+) -> Result<Approved, RotationError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, Uuid, bool)> = sqlx::query_as(
+        "SELECT status, initiated_by, expires_at <= now() FROM key_rotations
+         WHERE id = $1 FOR UPDATE",
+    )
+    .bind(rotation_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((status, initiator, expired)) = row else {
+        return Err(RotationError::NotFound);
+    };
+    if approver == initiator {
+        return Err(RotationError::SelfApproval);
+    }
+    if status != "pending_approval" {
+        return Err(RotationError::NotPending(status));
+    }
+    if expired {
+        sqlx::query("UPDATE key_rotations SET status = 'expired' WHERE id = $1")
+            .bind(rotation_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        return Err(RotationError::Expired);
+    }
+    if !holds_rotate_scope(&mut tx, approver).await? {
+        return Err(RotationError::ApproverNotAuthorized);
+    }
+    if !holds_rotate_scope(&mut tx, initiator).await? {
+        return Err(RotationError::InitiatorNotAuthorized);
+    }
+    // Single use: the approval's primary key is the rotation (a second one cannot commit).
+    sqlx::query(
+        "INSERT INTO key_rotation_approvals (rotation_id, approved_by, initiated_by)
+         VALUES ($1, $2, $3)",
+    )
+    .bind(rotation_id)
+    .bind(approver)
+    .bind(initiator)
+    .execute(&mut *tx)
+    .await?;
+    let rotation: Rotation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE key_rotations SET status = 'queued', approved_by = $2, approved_at = now()
+         WHERE id = $1 RETURNING {ROTATION_COLUMNS}"
+    )))
+    .bind(rotation_id)
+    .bind(approver)
+    .fetch_one(&mut *tx)
+    .await?;
+    let job_id = Uuid::now_v7().to_string();
+    let payload = serde_json::to_value(RotateKeys { rotation_id })
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query("INSERT INTO outbox (queue, job_id, payload) VALUES ($1, $2, $3)")
+        .bind(RotateKeys::QUEUE)
+        .bind(&job_id)
+        .bind(payload)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Approved { rotation, job_id })
+}
+
+/// How a run of the `rotate_keys` job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// This run finished the rotation (`completed`, or `failed` when values did not open).
+    Finished {
+        status: String,
+        total: i64,
+        done: i64,
+        failed: i64,
+    },
+    /// Another run finished it first, or it had already finished.
+    AlreadyFinished { status: String },
+}
+
+/// What a run needs besides the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct RunContext<'a> {
+    pub keyring: &'a Keyring,
+    /// Where `key_rotation_*` and `encryption_error` events go.
+    pub events: &'a SecurityLog,
+    pub job_id: &'a str,
+    pub worker: &'a str,
+    pub batch_size: usize,
+}
+
+/// SQL: the value is not under the current key (`$1`) and the rotation (`$2`) has not
+/// recorded it as unreadable.
+fn pending_filter(col: &SealedColumn, alias: &str) -> String {
+    format!(
+        "{alias}.{c} IS NOT NULL AND substring({alias}.{c} from 2 for 8) <> $1
+         AND NOT EXISTS (SELECT 1 FROM key_rotation_failures f
+                         WHERE f.rotation_id = $2 AND f.table_name = '{t}'
+                           AND f.column_name = '{c}' AND f.row_id = {alias}.id)",
+        c = col.column,
+        t = col.table,
+    )
+}
+
+/// Values still to re-seal (not locked: rows in another worker's open batch count).
+async fn remaining(pool: &PgPool, current: &[u8], rotation_id: Uuid) -> Result<i64, sqlx::Error> {
+    let mut total = 0;
+    for col in &SEALED_COLUMNS {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {t} x WHERE {filter}",
+            t = col.table,
+            filter = pending_filter(col, "x"),
+        )))
+        .bind(current)
+        .bind(rotation_id)
+        .fetch_one(pool)
+        .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+struct Batch {
+    rows: usize,
+    last_id: Option<Uuid>,
+    failures: Vec<(Uuid, String)>,
+}
+
+/// One batch of one column, one transaction.
+async fn batch(
+    pool: &PgPool,
+    ctx: &RunContext<'_>,
+    col: &SealedColumn,
+    rotation_id: Uuid,
+    after: Uuid,
+) -> Result<Batch, sqlx::Error> {
+    let current = ctx.keyring.current_id().0;
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT x.id, x.{c} FROM {t} x
+         WHERE {filter} AND x.id > $3
+         ORDER BY x.id LIMIT $4 FOR UPDATE SKIP LOCKED",
+        c = col.column,
+        t = col.table,
+        filter = pending_filter(col, "x"),
+    )))
+    .bind(&current[..])
+    .bind(rotation_id)
+    .bind(after)
+    .bind(ctx.batch_size as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    let count = rows.len();
+    let last_id = rows.last().map(|(id, _)| *id);
+    let mut ids = Vec::with_capacity(count);
+    let mut values = Vec::with_capacity(count);
+    let mut failed_ids = Vec::new();
+    let mut reasons = Vec::new();
+    for (id, sealed) in rows {
+        let cell = aad(col.table, col.column, &id.to_string());
+        match ctx.keyring.open(&sealed, &cell) {
+            Ok(plain) => {
+                ids.push(id);
+                values.push(ctx.keyring.seal(&plain, &cell));
+            }
+            Err(error) => {
+                failed_ids.push(id);
+                // Names the key id or the check that failed; never the value.
+                reasons.push(error.to_string());
+            }
+        }
+    }
+    let done = if ids.is_empty() {
+        0
+    } else {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {t} x SET {c} = v.val
+             FROM unnest($1::uuid[], $2::bytea[]) AS v(id, val) WHERE x.id = v.id",
+            c = col.column,
+            t = col.table,
+        )))
+        .bind(&ids)
+        .bind(&values)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected() as i64
+    };
+    let failures: Vec<(Uuid, String)> = if failed_ids.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(
+            "INSERT INTO key_rotation_failures (rotation_id, table_name, column_name, row_id, reason)
+             SELECT $1, $2, $3, u.id, u.reason FROM unnest($4::uuid[], $5::text[]) AS u(id, reason)
+             ON CONFLICT DO NOTHING
+             RETURNING row_id, reason",
+        )
+        .bind(rotation_id)
+        .bind(col.table)
+        .bind(col.column)
+        .bind(&failed_ids)
+        .bind(&reasons)
+        .fetch_all(&mut *tx)
+        .await?
+    };
+    if done > 0 || !failures.is_empty() {
+        sqlx::query(
+            "UPDATE key_rotations SET done = done + $2, failed = failed + $3 WHERE id = $1",
+        )
+        .bind(rotation_id)
+        .bind(done)
+        .bind(failures.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Batch {
+        rows: count,
+        last_id,
+        failures,
+    })
+}
+
+/// Reports a value the rotation could not open: where it is, never what it holds.
+async fn report_failure(
+    events: &SecurityLog,
+    rotation_id: Uuid,
+    col: &SealedColumn,
+    row_id: Uuid,
+    reason: &str,
+) {
+    let mut event = SecurityEvent::new(EventType::EncryptionError);
+    if col.table == "tenants" {
+        event.tenant_id = Some(row_id);
+    }
+    event.details = json!({
+        "operation": "rotate_keys",
+        "rotation_id": rotation_id,
+        "table": col.table,
+        "column": col.column,
+        "row_id": row_id,
+        "reason": reason,
+    });
+    events.record(event).await;
+}
+
+/// Runs (or resumes, or joins) an approved rotation until nothing is left to re-seal, then
+/// finishes it. Idempotent: a run of a finished rotation changes nothing.
+pub async fn run(
+    pool: &PgPool,
+    ctx: &RunContext<'_>,
+    rotation_id: Uuid,
+) -> Result<RunOutcome, RotationError> {
+    let rotation = get(pool, rotation_id)
+        .await?
+        .ok_or(RotationError::NotFound)?;
+    match rotation.status.as_str() {
+        "queued" | "running" => {}
+        "completed" | "failed" => {
+            return Ok(RunOutcome::AlreadyFinished {
+                status: rotation.status,
+            });
+        }
+        _ => return Err(RotationError::NotApproved(rotation.status)),
+    }
+    let current_id = ctx.keyring.current_id();
+    if current_id.to_hex() != rotation.target_key_id {
+        return Err(RotationError::WrongKey {
+            current: current_id.to_hex(),
+            target: rotation.target_key_id,
+        });
+    }
+    let current = current_id.0;
+    if rotation.status == "queued" {
+        let total = remaining(pool, &current, rotation_id).await?;
+        let started = sqlx::query(
+            "UPDATE key_rotations SET status = 'running', started_at = now(), total = $2
+             WHERE id = $1 AND status = 'queued'",
+        )
+        .bind(rotation_id)
+        .bind(total)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if started == 1 {
+            let mut event = SecurityEvent::new(EventType::KeyRotationStarted);
+            event.user_id = rotation.approved_by;
+            event.details = json!({
+                "rotation_id": rotation_id,
+                "target_key_id": rotation.target_key_id,
+                "initiated_by": rotation.initiated_by,
+                "approved_by": rotation.approved_by,
+                "total": total,
+                "job_id": ctx.job_id,
+                "worker": ctx.worker,
+            });
+            ctx.events.record(event).await;
+        }
+    }
+    loop {
+        let mut progressed = false;
+        for col in &SEALED_COLUMNS {
+            let mut after = Uuid::nil();
+            loop {
+                let batch = batch(pool, ctx, col, rotation_id, after).await?;
+                for (row_id, reason) in &batch.failures {
+                    report_failure(ctx.events, rotation_id, col, *row_id, reason).await;
+                }
+                match batch.last_id {
+                    Some(last) if batch.rows > 0 => {
+                        after = last;
+                        progressed = true;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if remaining(pool, &current, rotation_id).await? == 0 {
+            break;
+        }
+        if !progressed {
+            // Everything left is locked by another worker's batch: wait for it to commit
+            // (or for its worker to die and release the rows).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    finish(pool, ctx, rotation_id).await
+}
+
+async fn finish(
+    pool: &PgPool,
+    ctx: &RunContext<'_>,
+    rotation_id: Uuid,
+) -> Result<RunOutcome, RotationError> {
+    let mut tx = pool.begin().await?;
+    let finished: Option<(String, i64, i64, i64, Option<Uuid>, String)> = sqlx::query_as(
+        "UPDATE key_rotations SET
+             status = CASE WHEN failed = 0 THEN 'completed' ELSE 'failed' END,
+             completed_at = now(),
+             total = GREATEST(total, done + failed),
+             last_error = CASE WHEN failed = 0 THEN NULL
+                          ELSE failed || ' value(s) could not be opened and were left untouched' END
+         WHERE id = $1 AND status = 'running'
+         RETURNING status, total, done, failed, approved_by, target_key_id",
+    )
+    .bind(rotation_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO processed_jobs (job_id, queue, worker) VALUES ($1, $2, $3)
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(ctx.job_id)
+    .bind(RotateKeys::QUEUE)
+    .bind(ctx.worker)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let Some((status, total, done, failed, approved_by, target)) = finished else {
+        let status = get(pool, rotation_id)
+            .await?
+            .map(|r| r.status)
+            .unwrap_or_default();
+        return Ok(RunOutcome::AlreadyFinished { status });
+    };
+    let mut event = SecurityEvent::new(EventType::KeyRotationCompleted);
+    event.user_id = approved_by;
+    event.details = json!({
+        "rotation_id": rotation_id,
+        "status": status,
+        "target_key_id": target,
+        "total": total,
+        "done": done,
+        "failed": failed,
+        "job_id": ctx.job_id,
+        "worker": ctx.worker,
+    });
+    ctx.events.record(event).await;
+    Ok(RunOutcome::Finished {
+        status,
+        total,
+        done,
+        failed,
+    })
+}
+
+/// How many values of one column one key id protects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub column: SealedColumn,
+    /// 16 lower-case hex characters; `None` for a value too malformed to carry one.
+    pub key_id: Option<String>,
+    pub count: i64,
+}
+
+/// Per sealed column, how many values each key id protects (ids as found in the envelopes).
+pub async fn key_usage(pool: &PgPool) -> Result<Vec<KeyUsage>, sqlx::Error> {
+    let mut out = Vec::new();
+    for col in SEALED_COLUMNS {
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT CASE WHEN length({c}) >= 37 AND get_byte({c}, 0) = 1
+                         THEN encode(substring({c} from 2 for 8), 'hex') END AS key_id,
+                    count(*)
+             FROM {t} WHERE {c} IS NOT NULL GROUP BY 1 ORDER BY 1",
+            c = col.column,
+            t = col.table,
+        )))
+        .fetch_all(pool)
+        .await?;
+        out.extend(rows.into_iter().map(|(key_id, count)| KeyUsage {
+            column: col,
+            key_id,
+            count,
+        }));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_database_trouble_and_a_worker_on_the_wrong_key_are_worth_a_retry() {
+        assert!(
+            RotationError::WrongKey {
+                current: "a".into(),
+                target: "b".into()
+            }
+            .is_retryable()
+        );
+        assert!(!RotationError::NotApproved("pending_approval".into()).is_retryable());
+        assert!(!RotationError::NotFound.is_retryable());
+    }
+
+    #[test]
+    fn the_pending_filter_names_its_cell_and_binds_the_key_and_rotation() {
+        let sql = pending_filter(&SEALED_COLUMNS[3], "x");
+        assert!(sql.contains("x.customer_number IS NOT NULL"), "{sql}");
+        assert!(sql.contains("substring(x.customer_number from 2 for 8) <> $1"));
+        assert!(sql.contains("f.rotation_id = $2 AND f.table_name = 'conversations'"));
+    }
+}
