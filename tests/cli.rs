@@ -305,32 +305,6 @@ async fn dev_reads_dotenv_migrates_and_serves() {
     env.cleanup().await;
 }
 
-/// A loopback server that plays Sentry: it keeps every envelope it is sent.
-async fn fake_sentry() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let store = seen.clone();
-    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let store = store.clone();
-        async move {
-            if let Ok(mut all) = store.lock() {
-                all.push(String::from_utf8_lossy(&body).into_owned());
-            }
-            "{}"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_webhook_reaches_sentry_without_secrets_or_the_message() {
     let env = TestEnv::new().await;

@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,29 +16,6 @@ const PASSWORD: &str = "Corr3ct-H0rse-Battery-Staple";
 const WRONG_PASSWORD: &str = "Wr0ng-Passw0rd-Do-Not-Log";
 const FORGED_SIGNATURE: &str = "Rm9yZ2VkU2lnbmF0dXJlRm9yZ2Vk=";
 const BODY_TEXT: &str = "my-card-is-4111-1111-1111-1111";
-
-/// A loopback server that plays Sentry: it keeps every envelope it is sent.
-async fn fake_sentry() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let store = seen.clone();
-    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let store = store.clone();
-        async move {
-            if let Ok(mut all) = store.lock() {
-                all.push(String::from_utf8_lossy(&body).into_owned());
-            }
-            "{}"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, seen)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -93,6 +93,10 @@ pub struct RotationRequested {
     /// `pending_approval`.
     pub status: String,
     pub initiated_by: Uuid,
+    /// The key everything will be re-encrypted under (16 lower-case hex characters).
+    pub target_key_id: String,
+    /// When the request lapses unapproved (RFC 3339).
+    pub expires_at: String,
 }
 
 /// An approved rotation: its job is queued.

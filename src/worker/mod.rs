@@ -600,55 +600,37 @@ pub async fn run(
     let retire = |live: &LiveWorkers, settings: &QueueSettings, name: String| {
         live.remove(&settings.keys.prefix, &name);
     };
+    // One registration per queue: a restart retires the previous instance's name and builds
+    // the worker again under a new one.
+    macro_rules! queue_worker {
+        ($job:ty, $settings:ident, $handler:expr) => {{
+            let (redis, state, live, base) =
+                (redis.clone(), state.clone(), live.clone(), base.clone());
+            move |restarts| {
+                let queue = <$job as gatehouse_jobs::Job>::QUEUE;
+                if restarts > 0 {
+                    retire(
+                        &live,
+                        &$settings,
+                        format!("{base}-{queue}-r{}", restarts - 1),
+                    );
+                }
+                let storage =
+                    QueueBackend::<$job>::new(redis.clone(), $settings.clone(), live.clone())
+                        .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
+                WorkerBuilder::new(format!("{base}-{queue}-r{restarts}"))
+                    .backend(storage)
+                    .catch_panic()
+                    .concurrency(concurrency)
+                    .data(state.clone())
+                    .build($handler)
+            }
+        }};
+    }
     let monitor = Monitor::new()
-        .register({
-            let (redis, state, live, base) = (redis.clone(), state.clone(), live.clone(), base.clone());
-            move |restarts| {
-                if restarts > 0 {
-                    retire(&live, &inbound, format!("{base}-{}-r{}", InboundMessage::QUEUE, restarts - 1));
-                }
-                let storage = QueueBackend::<InboundMessage>::new(redis.clone(), inbound.clone(), live.clone())
-                    .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
-                WorkerBuilder::new(format!("{base}-{}-r{restarts}", InboundMessage::QUEUE))
-                    .backend(storage)
-                    .catch_panic()
-                    .concurrency(concurrency)
-                    .data(state.clone())
-                    .build(handle_inbound)
-            }
-        })
-        .register({
-            let (redis, state, live, base) = (redis.clone(), state.clone(), live.clone(), base.clone());
-            move |restarts| {
-                if restarts > 0 {
-                    retire(&live, &sync, format!("{base}-{}-r{}", SyncCatalog::QUEUE, restarts - 1));
-                }
-                let storage = QueueBackend::<SyncCatalog>::new(redis.clone(), sync.clone(), live.clone())
-                    .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
-                WorkerBuilder::new(format!("{base}-{}-r{restarts}", SyncCatalog::QUEUE))
-                    .backend(storage)
-                    .catch_panic()
-                    .concurrency(concurrency)
-                    .data(state.clone())
-                    .build(handle_sync)
-            }
-        })
-        .register({
-            let (redis, state, live, base) = (redis.clone(), state.clone(), live.clone(), base.clone());
-            move |restarts| {
-                if restarts > 0 {
-                    retire(&live, &rotate, format!("{base}-{}-r{}", RotateKeys::QUEUE, restarts - 1));
-                }
-                let storage = QueueBackend::<RotateKeys>::new(redis.clone(), rotate.clone(), live.clone())
-                    .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
-                WorkerBuilder::new(format!("{base}-{}-r{restarts}", RotateKeys::QUEUE))
-                    .backend(storage)
-                    .catch_panic()
-                    .concurrency(concurrency)
-                    .data(state.clone())
-                    .build(handle_rotate)
-            }
-        })
+        .register(queue_worker!(InboundMessage, inbound, handle_inbound))
+        .register(queue_worker!(SyncCatalog, sync, handle_sync))
+        .register(queue_worker!(RotateKeys, rotate, handle_rotate))
         .should_restart({
             let budget = std::sync::Mutex::new(RestartBudget::default());
             move |ctx, error| {

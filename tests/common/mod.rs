@@ -496,3 +496,26 @@ pub fn signed_form_with(
         .header("x-twilio-signature", signature)
         .body(body)
 }
+
+/// A loopback server that plays Sentry: it keeps the body of every envelope it is sent.
+pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let store = seen.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let store = store.clone();
+        async move {
+            if let Ok(mut all) = store.lock() {
+                all.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            "{}"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
