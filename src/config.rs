@@ -65,6 +65,7 @@ pub const VARIABLES: &[&str] = &[
     "WORKER_HEALTH_PORT",
     "METRICS_TOKEN",
     "KEY_ROTATION_BATCH_SIZE",
+    "KEY_ROTATION_APPROVAL_TTL_SECONDS",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -371,6 +372,9 @@ pub struct Config {
     /// `KEY_ROTATION_BATCH_SIZE`, default 500, 1..=10 000: sealed values re-encrypted per
     /// transaction by the `rotate_keys` job.
     pub key_rotation_batch_size: usize,
+    /// `KEY_ROTATION_APPROVAL_TTL_SECONDS`, default 86 400 (24 h), 60..=604 800: how long a
+    /// key-rotation request waits for its second person before approving it answers 409.
+    pub key_rotation_approval_ttl_seconds: u64,
     /// `STORE_TIMEOUT_MS`, default 10 000, 100..=120 000: timeout of each request to a
     /// tenant's store (catalog sync).
     pub store_timeout_ms: u64,
@@ -561,6 +565,12 @@ impl Config {
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
         let key_rotation_batch_size = r.integer("KEY_ROTATION_BATCH_SIZE", 500usize, 1, 10_000);
+        let key_rotation_approval_ttl_seconds = r.integer(
+            "KEY_ROTATION_APPROVAL_TTL_SECONDS",
+            86_400u64,
+            60,
+            7 * 86_400,
+        );
         let worker_health_port =
             r.optional_parse("WORKER_HEALTH_PORT", |s| match s.parse::<u16>() {
                 Ok(port) if port > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
@@ -617,6 +627,7 @@ impl Config {
                     worker_health_port,
                     metrics_token,
                     key_rotation_batch_size,
+                    key_rotation_approval_ttl_seconds,
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -1122,6 +1133,14 @@ mod tests {
         fails_on(
             &[("KEY_ROTATION_BATCH_SIZE", "10001")],
             "KEY_ROTATION_BATCH_SIZE",
+        );
+        fails_on(
+            &[("KEY_ROTATION_APPROVAL_TTL_SECONDS", "59")],
+            "KEY_ROTATION_APPROVAL_TTL_SECONDS",
+        );
+        fails_on(
+            &[("KEY_ROTATION_APPROVAL_TTL_SECONDS", "1d")],
+            "KEY_ROTATION_APPROVAL_TTL_SECONDS",
         );
         let cfg = load(&with(&[
             ("JOB_RETRY_BASE_MS_SYNC_CATALOG", "100"),

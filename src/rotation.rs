@@ -46,7 +46,7 @@ use crate::access::{PlatformRole, Scope};
 use crate::events::{EventType, SecurityEvent, SecurityLog};
 use crate::security::keyring::{KeyId, Keyring, aad};
 
-/// How long a request waits for its approval by default.
+/// How long a request waits for its approval by default (`KEY_ROTATION_APPROVAL_TTL_SECONDS`).
 pub const APPROVAL_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// A sealed column: `{table}.{column}`, keyed by the table's `id` (a UUID).

@@ -499,7 +499,10 @@ async fn an_approver_is_checked_against_the_database_not_only_the_token() {
 
 #[tokio::test]
 async fn an_approval_is_single_use_and_an_expired_request_cannot_be_approved() {
-    let env = TestEnv::new().await;
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("KEY_ROTATION_APPROVAL_TTL_SECONDS".into(), "3600".into());
+    })
+    .await;
     let server = env.start_server().await;
     let http = client();
     let alice = user(&env, Some("security_officer")).await;
@@ -556,6 +559,18 @@ async fn an_approval_is_single_use_and_an_expired_request_cannot_be_approved() {
     )
     .await;
     let stale = body["id"].as_str().expect("id").to_owned();
+    let ttl: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM expires_at - created_at)::float8 FROM key_rotations
+         WHERE id = $1::uuid",
+    )
+    .bind(&stale)
+    .fetch_one(&env.pool)
+    .await
+    .expect("rotation");
+    assert!(
+        (ttl - 3600.0).abs() < 5.0,
+        "the request expires after KEY_ROTATION_APPROVAL_TTL_SECONDS: {ttl}"
+    );
     sqlx::query(
         "UPDATE key_rotations SET expires_at = now() - interval '1 second' WHERE id = $1::uuid",
     )

@@ -17,7 +17,7 @@ use super::authz::{Caller, record, with_rate_headers};
 use super::error::ApiError;
 use crate::access::Scope;
 use crate::events::EventType;
-use crate::rotation::{self, APPROVAL_TTL, Rotation, RotationError};
+use crate::rotation::{self, Rotation, RotationError};
 
 fn path_uuid(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found())
@@ -70,13 +70,18 @@ pub async fn create(
     caller.require(&state, Scope::KeysRotate)?;
     let decision = caller.limit_writes(&state).await?;
     let target = state.config.keyring.current_id();
-    let rotation = rotation::request(&state.pool, caller.id(), target, APPROVAL_TTL)
-        .await
-        .map_err(|e| match e {
-            RotationError::Database(error) => database_error(error, "record key rotation"),
-            // The token said keys:rotate, the database no longer does.
-            _ => caller.deny(&state, Scope::KeysRotate, None),
-        })?;
+    let rotation = rotation::request(
+        &state.pool,
+        caller.id(),
+        target,
+        std::time::Duration::from_secs(state.config.key_rotation_approval_ttl_seconds),
+    )
+    .await
+    .map_err(|e| match e {
+        RotationError::Database(error) => database_error(error, "record key rotation"),
+        // The token said keys:rotate, the database no longer does.
+        _ => caller.deny(&state, Scope::KeysRotate, None),
+    })?;
     tracing::info!(rotation.id = %rotation.id, user.id = %caller.id(), target_key_id = %rotation.target_key_id, "key rotation requested");
     let body = json!({
         "id": rotation.id,
