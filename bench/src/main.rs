@@ -6,6 +6,12 @@
 //! `gatehouse work` is the release binary built next to this one.
 
 mod env;
+
+/// The same allocator as the `gatehouse` binary, so that the ingress figure's two servers (both
+/// in this process image) and gatehouse in production allocate alike.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod ingress;
 mod load;
 mod report;
