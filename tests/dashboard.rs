@@ -501,7 +501,8 @@ async fn login_sets_a_host_prefixed_secure_httponly_strict_cookie_and_every_page
 }
 
 #[tokio::test]
-async fn a_user_without_security_read_gets_403_and_losing_the_role_applies_on_the_next_request() {
+async fn a_user_without_security_read_cannot_sign_in_and_losing_the_role_applies_on_the_next_request()
+ {
     let env = TestEnv::new().await;
     create_user(&env, "admin@example.com", Some(PlatformRole::PlatformAdmin)).await;
     let officer = create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
@@ -509,7 +510,17 @@ async fn a_user_without_security_read_gets_403_and_losing_the_role_applies_on_th
 
     let mut admin = Agent::new(&server);
     let refused = admin.login("admin@example.com", PASSWORD).await;
-    assert_eq!(refused.status, 403);
+    // The right password of an account without the scope gets the wrong-password answer, so
+    // the form never confirms a password.
+    let mut guesser = Agent::new(&server);
+    let wrong = guesser
+        .login("admin@example.com", "not-the-password-at-all")
+        .await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(wrong.status, 401);
+    for page in [&refused, &wrong] {
+        assert!(page.body.contains("The email or password is not valid."));
+    }
     assert!(
         !admin.cookies.contains_key("__Host-gh_admin"),
         "no session for them"

@@ -292,8 +292,10 @@ async fn login(
         Err(e) => return unavailable("cannot resolve the operator's scopes", &e),
     };
     if !principal.has_platform_scope(Scope::SecurityRead) {
+        // The same answer as a wrong password: the form must not confirm that a password
+        // was right for an account that may not use the dashboard. The event says why.
         deny(&state, &ctx, &principal, "security:read");
-        return forbidden();
+        return login_page(&state, StatusCode::UNAUTHORIZED, Some(LOGIN_FAILED));
     }
     let namespace = &state.config.queue_namespace;
     // A session id the browser already had is never reused (no fixation).
