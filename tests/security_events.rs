@@ -388,10 +388,13 @@ async fn security_events_read_back_newest_first_filtered_and_paged_with_a_cursor
 
     let r = get(&http, &server, &token, "").await;
     assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("x-next-before").is_none() && r.headers().get("link").is_none(),
+        "one page holds all 25: no next page"
+    );
     let body: Value = r.json().await.expect("json");
-    let events = body["events"].as_array().expect("events");
+    let events = body.as_array().expect("the body is the array of events");
     assert_eq!(events.len(), 25);
-    assert!(body["next_before"].is_null());
     let first = &events[0];
     for field in [
         "id",
@@ -419,20 +422,36 @@ async fn security_events_read_back_newest_first_filtered_and_paged_with_a_cursor
     // Pages of 10 by the cursor: every event once, in the same order.
     let mut paged = Vec::new();
     let mut query = "?limit=10".to_owned();
+    let mut pages = 0;
     loop {
-        let body: Value = get(&http, &server, &token, &query)
-            .await
-            .json()
-            .await
-            .expect("json");
-        let page = body["events"].as_array().expect("events").clone();
+        let r = get(&http, &server, &token, &query).await;
+        let next = r
+            .headers()
+            .get("x-next-before")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let link = r
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let body: Value = r.json().await.expect("json");
+        let page = body.as_array().expect("events").clone();
         assert!(page.len() <= 10);
         paged.extend(page.into_iter().map(|e| e["id"].clone()));
-        match body["next_before"].as_str() {
-            Some(cursor) => query = format!("?limit=10&before={cursor}"),
+        pages += 1;
+        match next {
+            Some(cursor) => {
+                let link = link.expect("a Link header beside the cursor");
+                assert_eq!(
+                    link,
+                    format!("</v1/admin/security-events?limit=10&before={cursor}>; rel=\"next\""),
+                    "the Link names the next page with the same filters"
+                );
+                query = format!("?limit=10&before={cursor}");
+            }
             None => break,
         }
     }
+    assert_eq!(pages, 3, "25 events in pages of 10");
     let all: Vec<Value> = events.iter().map(|e| e["id"].clone()).collect();
     assert_eq!(paged, all);
 
@@ -442,7 +461,7 @@ async fn security_events_read_back_newest_first_filtered_and_paged_with_a_cursor
         .json()
         .await
         .expect("json");
-    let only = body["events"].as_array().expect("events");
+    let only = body.as_array().expect("events");
     assert_eq!(only.len(), 12);
     assert!(only.iter().all(|e| e["type"] == "key_rotation_started"));
     let since = (base + Duration::from_secs(20))
@@ -453,7 +472,7 @@ async fn security_events_read_back_newest_first_filtered_and_paged_with_a_cursor
         .json()
         .await
         .expect("json");
-    assert_eq!(body["events"].as_array().expect("events").len(), 5);
+    assert_eq!(body.as_array().expect("events").len(), 5);
     server.stop().await;
     env.cleanup().await;
 }

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -23,13 +24,8 @@ pub const DEFAULT_LIMIT: u32 = 100;
 /// The largest `limit`.
 pub const MAX_LIMIT: u32 = 1000;
 
-/// One page of events, newest first.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct EventsPage {
-    pub events: Vec<StoredEvent>,
-    /// Pass as `before` to read the next (older) page; `null` when this page is the last.
-    pub next_before: Option<String>,
-}
+/// The response header carrying the cursor of the next (older) page, when there is one.
+pub const NEXT_CURSOR_HEADER: &str = "x-next-before";
 
 /// The cursor naming an event's place in the order: `(occurred_at, id)`, opaque to clients.
 pub fn cursor(event: &StoredEvent) -> String {
@@ -107,10 +103,14 @@ fn parse_filter(query: Option<&str>) -> Result<EventFilter, ApiError> {
         ("type" = Option<String>, Query, description = "Only events of this type: `failed_login`, `permission_denied`, `invalid_webhook_signature`, `rate_limit_exceeded`, `suspicious_activity` (alerts), `four_eyes_violation`, `encryption_error`, `key_rotation_started` or `key_rotation_completed`."),
         ("since" = Option<String>, Query, description = "Only events at or after this RFC 3339 time (e.g. `2026-11-29T00:00:00Z`; encode `+` as `%2B`)."),
         ("limit" = Option<u32>, Query, description = "At most this many events (default 100)."),
-        ("before" = Option<String>, Query, description = "The `next_before` cursor of the previous page: only events older than its last event."),
+        ("before" = Option<String>, Query, description = "The cursor from the previous page's `X-Next-Before` header (or its `Link: rel=\"next\"`): only events older than that page's last event."),
     ),
     responses(
-        (status = 200, description = "Events, newest first", body = EventsPage),
+        (status = 200, description = "Events, newest first. When more (older) events remain, `X-Next-Before` carries the cursor for `before` and `Link` the next page's URL (`rel=\"next\"`).", body = Vec<StoredEvent>,
+            headers(
+                ("X-Next-Before" = String, description = "The cursor of the next page; absent on the last page"),
+                ("Link" = String, description = "`</v1/admin/security-events?…&before=…>; rel=\"next\"`; absent on the last page"),
+            )),
         (status = 400, description = "A bad `type`, `since`, `limit` or `before` (`invalid_request`)", body = super::error::ErrorBody),
         (status = 401, description = "No valid bearer token", body = super::error::ErrorBody),
         (status = 403, description = "The caller lacks `security:read`", body = super::error::ErrorBody),
@@ -121,22 +121,41 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     RawQuery(query): RawQuery,
-) -> Result<Json<EventsPage>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&state, Scope::SecurityRead)?;
     let filter = parse_filter(query.as_deref())?;
     let events = events::list(&state.pool, &filter).await.map_err(|error| {
         tracing::error!(%error, "cannot read security events");
         ApiError::unavailable()
     })?;
-    let next_before = if events.len() == filter.limit as usize {
+    // SPEC's body is the array itself; the next page is named in headers.
+    let next = if events.len() == filter.limit as usize {
         events.last().map(cursor)
     } else {
         None
     };
-    Ok(Json(EventsPage {
-        events,
-        next_before,
-    }))
+    let mut response = Json(events).into_response();
+    if let Some(next) = next {
+        let mut link = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+            if name != "before" {
+                link.append_pair(&name, &value);
+            }
+        }
+        link.append_pair("before", &next);
+        let link = format!(
+            "</v1/admin/security-events?{}>; rel=\"next\"",
+            link.finish()
+        );
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&next) {
+            headers.insert(NEXT_CURSOR_HEADER, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            headers.insert(header::LINK, value);
+        }
+    }
+    Ok(response)
 }
 
 #[cfg(test)]
