@@ -167,6 +167,10 @@ async fn the_openapi_document_lists_every_route_the_router_serves_and_nothing_el
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert_eq!(params, ["type", "since", "limit", "before"]);
+    // The dashboard's pages are HTML, and say what a caller without a session or scope gets.
+    let page = &doc["paths"]["/admin/queues"]["get"]["responses"];
+    assert!(page["200"]["content"]["text/html"].is_object(), "{page}");
+    assert!(page["303"].is_object() && page["403"].is_object(), "{page}");
     server.stop().await;
     env.cleanup().await;
 }

@@ -124,14 +124,29 @@ fn legend(kinds: &[&str]) -> Markup {
     }
 }
 
+/// What every dashboard page answers (for the OpenAPI document).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum PageAnswers {
+    /// The page.
+    #[response(status = 200, content_type = "text/html")]
+    Page(String),
+    /// No session: to the login page.
+    #[response(status = 303)]
+    SignIn,
+    /// The user lacks `security:read`.
+    #[response(status = 403, content_type = "text/html")]
+    Forbidden(String),
+}
+
 /// `/admin`: events per hour and kind over 48 hours, totals, the newest events.
-#[utoipa::path(get, path = "/admin", tag = "admin",
+#[utoipa::path(
+    get,
+    path = "/admin",
+    tag = "admin",
     description = "The security-events timeline (per hour, by kind) and the newest events. HTML for users holding `security:read`.",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "No session: to the login page"),
-        (status = 403, description = "The user lacks `security:read`", content_type = "text/html"),
-    ))]
+    responses(PageAnswers)
+)]
 pub async fn overview(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
     let timeline = match dashboard::timeline(&state.pool, 48).await {
         Ok(t) => t,
@@ -183,13 +198,13 @@ pub async fn overview(State(state): State<Arc<AppState>>, officer: Officer) -> R
 }
 
 /// `/admin/auth`: failed logins by hour of day × day, and the top source addresses.
-#[utoipa::path(get, path = "/admin/auth", tag = "admin",
+#[utoipa::path(
+    get,
+    path = "/admin/auth",
+    tag = "admin",
     description = "Failed authentication: hour-of-day × day heatmap and top source addresses. HTML for users holding `security:read`.",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "No session: to the login page"),
-        (status = 403, description = "The user lacks `security:read`", content_type = "text/html"),
-    ))]
+    responses(PageAnswers)
+)]
 pub async fn failed_auth(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
     let map = match dashboard::failed_login_heatmap(&state.pool, 7).await {
         Ok(m) => m,
@@ -225,13 +240,13 @@ pub async fn failed_auth(State(state): State<Arc<AppState>>, officer: Officer) -
 }
 
 /// `/admin/rate-limits`: refusals per hour, per limit, and the most limited addresses.
-#[utoipa::path(get, path = "/admin/rate-limits", tag = "admin",
+#[utoipa::path(
+    get,
+    path = "/admin/rate-limits",
+    tag = "admin",
     description = "Rate-limit refusals per limit. HTML for users holding `security:read`.",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "No session: to the login page"),
-        (status = 403, description = "The user lacks `security:read`", content_type = "text/html"),
-    ))]
+    responses(PageAnswers)
+)]
 pub async fn rate_limits(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
     let timeline = match dashboard::timeline(&state.pool, 24).await {
         Ok(t) => t,
@@ -296,13 +311,13 @@ pub async fn rate_limits(State(state): State<Arc<AppState>>, officer: Officer) -
 }
 
 /// `/admin/webhooks`: signature verification per tenant.
-#[utoipa::path(get, path = "/admin/webhooks", tag = "admin",
+#[utoipa::path(
+    get,
+    path = "/admin/webhooks",
+    tag = "admin",
     description = "Webhook verification status per tenant. HTML for users holding `security:read`.",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "No session: to the login page"),
-        (status = 403, description = "The user lacks `security:read`", content_type = "text/html"),
-    ))]
+    responses(PageAnswers)
+)]
 pub async fn webhooks(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
     let tenants = match dashboard::webhook_status(&state.pool).await {
         Ok(t) => t,
@@ -361,13 +376,13 @@ pub struct QueuesQuery {
 
 /// `/admin/queues`: depth, in flight, retries and dead letters per queue, with a retry
 /// button (a CSRF-guarded form) per dead job.
-#[utoipa::path(get, path = "/admin/queues", tag = "admin",
+#[utoipa::path(
+    get,
+    path = "/admin/queues",
+    tag = "admin",
     description = "Queues: depth, in flight, retries, dead letters (with retry buttons). HTML for users holding `security:read`.",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "No session: to the login page"),
-        (status = 403, description = "The user lacks `security:read`", content_type = "text/html"),
-    ))]
+    responses(PageAnswers)
+)]
 pub async fn queues(
     State(state): State<Arc<AppState>>,
     officer: Officer,
@@ -466,13 +481,13 @@ pub async fn queues(
 }
 
 /// `/admin/rotations`: key rotations and their progress.
-#[utoipa::path(get, path = "/admin/rotations", tag = "admin",
+#[utoipa::path(
+    get,
+    path = "/admin/rotations",
+    tag = "admin",
     description = "Key rotations and their progress. HTML for users holding `security:read`.",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "No session: to the login page"),
-        (status = 403, description = "The user lacks `security:read`", content_type = "text/html"),
-    ))]
+    responses(PageAnswers)
+)]
 pub async fn rotations(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
     let rotations = match dashboard::rotations(&state.pool, 50).await {
         Ok(r) => r,
