@@ -427,6 +427,24 @@ async fn batch(
     })
 }
 
+/// Ends a rotation that will not run again (its job's last attempt failed, or failed for
+/// good) as `failed` with the reason; a rotation already finished is left as it is.
+pub async fn mark_failed(
+    pool: &PgPool,
+    rotation_id: Uuid,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE key_rotations SET status = 'failed', completed_at = now(), last_error = $2
+         WHERE id = $1 AND status IN ('queued', 'running')",
+    )
+    .bind(rotation_id)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Reports a value the rotation could not open: where it is, never what it holds.
 async fn report_failure(
     events: &SecurityLog,

@@ -215,22 +215,30 @@ async fn handle_inbound(
         job.queue = InboundMessage::QUEUE,
         request.id = meta.get("request_id").unwrap_or("-"),
     );
-    let started = std::time::Instant::now();
-    let result = run_inbound(job, job_id, attempt, worker, state)
-        .instrument(span)
-        .await;
-    observe_job(InboundMessage::QUEUE, started, result.is_ok());
-    result
+    observed(
+        InboundMessage::QUEUE,
+        span,
+        run_inbound(job, job_id, attempt, worker, state),
+    )
+    .await
 }
 
-/// A job attempt's duration, and its success (failures are counted by `job_failed`).
-fn observe_job(queue: &'static str, started: std::time::Instant, ok: bool) {
+/// Runs one job attempt inside its span and records its duration and, when it succeeds, its
+/// count (failures are counted by `job_failed`).
+async fn observed(
+    queue: &'static str,
+    span: tracing::Span,
+    attempt: impl std::future::Future<Output = Result<(), BoxDynError>>,
+) -> Result<(), BoxDynError> {
+    let started = std::time::Instant::now();
+    let result = attempt.instrument(span).await;
     ::metrics::histogram!("gatehouse_job_duration_seconds", "queue" => queue)
         .record(started.elapsed().as_secs_f64());
-    if ok {
+    if result.is_ok() {
         ::metrics::counter!("gatehouse_jobs_total", "queue" => queue, "outcome" => "ok")
             .increment(1);
     }
+    result
 }
 
 async fn run_inbound(
@@ -303,8 +311,7 @@ async fn handle_sync(
         job.queue = SyncCatalog::QUEUE,
         request.id = meta.get("request_id").unwrap_or("-"),
     );
-    let started = std::time::Instant::now();
-    let result = async move {
+    let attempt_run = async move {
         match crate::catalog::sync(
             &state.pool,
             &state.keyring,
@@ -346,11 +353,8 @@ async fn handle_sync(
                 ))
             }
         }
-    }
-    .instrument(span)
-    .await;
-    observe_job(SyncCatalog::QUEUE, started, result.is_ok());
-    result
+    };
+    observed(SyncCatalog::QUEUE, span, attempt_run).await
 }
 
 async fn handle_rotate(
@@ -367,8 +371,8 @@ async fn handle_rotate(
         job.queue = RotateKeys::QUEUE,
         rotation.id = %job.rotation_id,
     );
-    let started = std::time::Instant::now();
-    let result = async move {
+    let attempt_run = async move {
+        let started = std::time::Instant::now();
         let ctx = crate::rotation::RunContext {
             keyring: &state.keyring,
             events: &state.events,
@@ -396,16 +400,15 @@ async fn handle_rotate(
             }
             Err(error) => {
                 let retryable = error.is_retryable();
-                let last = !retryable || attempt.current() >= state.retry.rotate_keys.max_attempts as usize;
+                let last = !retryable
+                    || attempt.current() >= state.retry.rotate_keys.max_attempts as usize;
                 if last {
                     // The rotation will not run again: say so on its row.
-                    let marked = sqlx::query(
-                        "UPDATE key_rotations SET status = 'failed', completed_at = now(), last_error = $2
-                         WHERE id = $1 AND status IN ('queued', 'running')",
+                    let marked = crate::rotation::mark_failed(
+                        &state.pool,
+                        job.rotation_id,
+                        &error.to_string(),
                     )
-                    .bind(job.rotation_id)
-                    .bind(error.to_string())
-                    .execute(&state.pool)
                     .await;
                     if let Err(db) = marked {
                         tracing::error!(error = %db, "cannot mark the key rotation failed");
@@ -421,11 +424,8 @@ async fn handle_rotate(
                 ))
             }
         }
-    }
-    .instrument(span)
-    .await;
-    observe_job(RotateKeys::QUEUE, started, result.is_ok());
-    result
+    };
+    observed(RotateKeys::QUEUE, span, attempt_run).await
 }
 
 /// Pushes committed outbox entries to Redis every second (see `crate::outbox`).
