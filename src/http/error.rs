@@ -94,19 +94,30 @@ impl ApiError {
             "the request signature is missing or invalid",
         )
     }
+    /// The rest of the body is left unread, so the connection cannot carry another request:
+    /// `Connection: close` tells the client so, instead of letting it send its next request on
+    /// a connection the server is closing.
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("the body exceeds {limit} bytes"),
         )
+        .closing()
     }
+    /// Answered before the body is read, so it closes the connection (see `payload_too_large`).
     pub fn unsupported_media_type(expected: &str) -> Self {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!("the content type must be {expected}"),
         )
+        .closing()
+    }
+    fn closing(mut self) -> Self {
+        self.headers
+            .push((header::CONNECTION, HeaderValue::from_static("close")));
+        self
     }
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
