@@ -2,8 +2,11 @@
 //! counting every request by method, matched route template (never the raw path) and status,
 //! with its latency.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 use std::time::Instant;
+
+use ::metrics::{Counter, Histogram};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, Method};
@@ -43,27 +46,87 @@ fn method_label(method: &Method) -> &'static str {
 
 /// Counts the request and times it. Requests no route matched share the route `unmatched`.
 pub async fn track(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    ::metrics::counter!(
-        "gatehouse_http_requests_total",
-        "method" => method,
-        "route" => route.clone(),
-        "status" => status
-    )
-    .increment(1);
-    ::metrics::histogram!(
-        "gatehouse_http_request_duration_seconds",
-        "method" => method,
-        "route" => route
-    )
-    .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    HANDLES.record(
+        method,
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
+}
+
+/// The request metrics' handles by route template, registered on a route's first request:
+/// afterwards a request costs one map lookup instead of building and hashing a labelled key
+/// per metric. Bounded: route templates, methods (`method_label`) and statuses are finite.
+static HANDLES: LazyLock<Handles> = LazyLock::new(Handles::default);
+
+#[derive(Default)]
+struct Handles {
+    routes: RwLock<HashMap<String, RouteHandles>>,
+}
+
+#[derive(Default)]
+struct RouteHandles {
+    /// `gatehouse_http_requests_total` by method and status.
+    requests: Vec<(&'static str, u16, Counter)>,
+    /// `gatehouse_http_request_duration_seconds` by method.
+    durations: Vec<(&'static str, Histogram)>,
+}
+
+impl RouteHandles {
+    fn find(&self, method: &str, status: u16) -> Option<(&Counter, &Histogram)> {
+        let requests = self
+            .requests
+            .iter()
+            .find(|(m, s, _)| *m == method && *s == status)?;
+        let duration = self.durations.iter().find(|(m, _)| *m == method)?;
+        Some((&requests.2, &duration.1))
+    }
+}
+
+impl Handles {
+    fn record(&self, method: &'static str, route: &str, status: u16, seconds: f64) {
+        {
+            let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((requests, duration)) =
+                routes.get(route).and_then(|r| r.find(method, status))
+            {
+                requests.increment(1);
+                duration.record(seconds);
+                return;
+            }
+        }
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        let handles = routes.entry(route.to_owned()).or_default();
+        if !handles
+            .requests
+            .iter()
+            .any(|(m, s, _)| *m == method && *s == status)
+        {
+            let counter = ::metrics::counter!(
+                "gatehouse_http_requests_total",
+                "method" => method,
+                "route" => route.to_owned(),
+                "status" => status.to_string()
+            );
+            handles.requests.push((method, status, counter));
+        }
+        if !handles.durations.iter().any(|(m, _)| *m == method) {
+            let histogram = ::metrics::histogram!(
+                "gatehouse_http_request_duration_seconds",
+                "method" => method,
+                "route" => route.to_owned()
+            );
+            handles.durations.push((method, histogram));
+        }
+        if let Some((requests, duration)) = handles.find(method, status) {
+            requests.increment(1);
+            duration.record(seconds);
+        }
+    }
 }

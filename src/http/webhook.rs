@@ -1,13 +1,12 @@
 //! `POST /v1/webhooks/twilio/{tenant_id}/messages`: content type → size → signature →
 //! dedupe → enqueue, in that order (SPEC "Precise points").
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Extension;
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
@@ -54,37 +53,28 @@ struct Fields {
     body: String,
 }
 
+/// The form pairs of a body, parsed once for the signature check and for the fields.
+type FormPairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
 /// The parameters of a verified request, by name.
-enum Params {
-    Form(Vec<(String, String)>),
+enum Params<'a> {
+    Form(&'a FormPairs<'a>),
     Json(serde_json::Value),
 }
 
-impl Params {
-    fn parse(kind: Kind, raw: &[u8]) -> Result<Self, ApiError> {
-        match kind {
-            Kind::Form => Ok(Self::Form(
-                form_urlencoded::parse(raw).into_owned().collect(),
-            )),
-            Kind::Json => serde_json::from_slice(raw)
-                .map(Self::Json)
-                .map_err(|_| ApiError::invalid_request("the body is not valid JSON")),
-        }
-    }
-
+impl Params<'_> {
     fn get(&self, name: &str) -> Option<String> {
         match self {
             Self::Form(pairs) => pairs
                 .iter()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone()),
+                .map(|(_, v)| v.clone().into_owned()),
             Self::Json(value) => value.get(name).and_then(|v| v.as_str()).map(str::to_owned),
         }
     }
 }
 
-fn fields(kind: Kind, raw: &[u8]) -> Result<Fields, ApiError> {
-    let params = Params::parse(kind, raw)?;
+fn fields(params: &Params<'_>) -> Result<Fields, ApiError> {
     let get = |name: &str| params.get(name);
     let sid = get("MessageSid")
         .or_else(|| get("SmsSid"))
@@ -150,22 +140,23 @@ fn twiml() -> Response {
 pub async fn twilio_message(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
     Path(tenant): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let kind = content_kind(&headers).ok_or_else(|| {
+    // The parts are borrowed, not cloned: this is the hottest route.
+    let (parts, body) = request.into_parts();
+    let (uri, headers) = (&parts.uri, &parts.headers);
+    let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
+    let kind = content_kind(headers).ok_or_else(|| {
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
     })?;
-    let raw = read_limited(body, &headers, state.config.max_body_bytes).await?;
+    let raw = read_limited(body, headers, state.config.max_body_bytes).await?;
 
     let reject = |tenant_id: Option<Uuid>, reason: &'static str| {
         let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
-        event.ip = Some(client_ip(peer, &headers, &state.config.trusted_proxies));
+        event.ip = Some(client_ip(peer, headers, &state.config.trusted_proxies));
         event.tenant_id = tenant_id;
-        event.request_id = Some(request_id.clone());
+        event.request_id = request_id.map(str::to_owned);
         event.details = json!({"reason": reason});
         state.events.spawn(event);
         ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "invalid")
@@ -196,9 +187,9 @@ pub async fn twilio_message(
         Err(KeyCacheError::Tenant(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot open webhook keys");
             let mut event = SecurityEvent::new(EventType::EncryptionError);
-            event.ip = Some(client_ip(peer, &headers, &state.config.trusted_proxies));
+            event.ip = Some(client_ip(peer, headers, &state.config.trusted_proxies));
             event.tenant_id = Some(tenant_id);
-            event.request_id = Some(request_id.clone());
+            event.request_id = request_id.map(str::to_owned);
             event.details = match &error {
                 crate::tenants::TenantError::Encryption { column, source, .. } => json!({
                     "operation": "open_webhook_keys",
@@ -232,8 +223,12 @@ pub async fn twilio_message(
             .get("x-twilio-webhooks-signature-settings")
             .and_then(|v| v.to_str().ok()),
     };
+    let pairs: FormPairs<'_> = match kind {
+        Kind::Form => form_urlencoded::parse(&raw).collect(),
+        Kind::Json => Vec::new(),
+    };
     let signed_body = match kind {
-        Kind::Form => twilio::Body::Form(&raw),
+        Kind::Form => twilio::Body::FormPairs(&pairs),
         Kind::Json => twilio::Body::Json(&raw),
     };
     if let Err(error) = twilio::verify(&url, signed_body, signed_headers, &tenant_keys) {
@@ -242,7 +237,14 @@ pub async fn twilio_message(
     }
     ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "valid").increment(1);
 
-    let fields = fields(kind, &raw)?;
+    let params = match kind {
+        Kind::Form => Params::Form(&pairs),
+        Kind::Json => Params::Json(
+            serde_json::from_slice(&raw)
+                .map_err(|_| ApiError::invalid_request("the body is not valid JSON"))?,
+        ),
+    };
+    let fields = fields(&params)?;
     let received_at = OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .map_err(|_| ApiError::internal())?;
@@ -266,7 +268,7 @@ pub async fn twilio_message(
             Enqueue {
                 job_id: None,
                 dedupe: Some((dedupe, DEDUPE_TTL_SECONDS)),
-                request_id: Some(request_id.clone()),
+                request_id: request_id.map(str::to_owned),
             },
         )
         .await

@@ -33,11 +33,12 @@
 //! produce a broken URL. The `url` crate is deliberately not used: it would normalise the URL
 //! (dropping default ports, re-encoding) and so change the signed bytes.
 //!
-//! All signature and hash comparisons are constant time ([`subtle`]); every URL variant and every
-//! candidate key is always computed and compared, with the results combined without branching.
+//! All signature and hash comparisons are constant time ([`subtle`]). The URL as received is
+//! tried first and the rebuilt variants only when it does not match; identical variants are
+//! computed once. Stopping at the first match reveals only which public spelling of the URL
+//! (or which key of the named id) matched, never anything about the expected tag.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use base64::Engine as _;
@@ -60,6 +61,9 @@ pub const BODY_SHA256_PARAM: &str = "bodySHA256";
 pub enum Body<'a> {
     /// `application/x-www-form-urlencoded`: parsed here with [`form_urlencoded::parse`].
     Form(&'a [u8]),
+    /// A form body the caller already parsed with [`form_urlencoded::parse`] (every pair, in
+    /// order, repeats included), so a handler that needs the fields parses the body once.
+    FormPairs(&'a [(Cow<'a, str>, Cow<'a, str>)]),
     /// Any other body (JSON): authenticated through the URL's `bodySHA256` query parameter.
     Json(&'a [u8]),
 }
@@ -69,6 +73,7 @@ impl fmt::Debug for Body<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Body::Form(b) => write!(f, "Form({} bytes)", b.len()),
+            Body::FormPairs(pairs) => write!(f, "FormPairs({} pairs)", pairs.len()),
             Body::Json(b) => write!(f, "Json({} bytes)", b.len()),
         }
     }
@@ -237,6 +242,14 @@ pub fn verify(
             canonical_params(form_urlencoded::parse(raw)),
             Choice::from(1),
         ),
+        Body::FormPairs(pairs) => (
+            canonical_params(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (Cow::Borrowed(k.as_ref()), Cow::Borrowed(v.as_ref()))),
+            ),
+            Choice::from(1),
+        ),
         Body::Json(raw) => {
             let expected = parsed
                 .body_sha256()
@@ -246,16 +259,23 @@ pub fn verify(
         }
     };
 
-    let variants = parsed.variants();
-    let mut matched = Choice::from(0);
-    for key in &candidate_keys {
-        for variant in &variants {
-            let tag = compute_tag(algorithm, key, variant, &params);
-            matched |= tag.as_slice().ct_eq(&provided);
-        }
-    }
+    let keyed: Vec<Keyed> = candidate_keys
+        .iter()
+        .map(|key| Keyed::new(algorithm, key))
+        .collect();
+    let matches = |url: &str| {
+        keyed
+            .iter()
+            .any(|mac| bool::from(mac.tag(url, &params).as_slice().ct_eq(&provided)))
+    };
+    // The URL as received first: what Twilio signs whenever the public base URL is right.
+    let matched = matches(parsed.raw) || {
+        let [_, removed, added] = parsed.variants();
+        (removed != parsed.raw && matches(&removed))
+            || (added != parsed.raw && added != removed && matches(&added))
+    };
 
-    if !bool::from(matched) {
+    if !matched {
         return Err(SignatureError::BadSignature);
     }
     if !bool::from(body_hash_ok) {
@@ -273,7 +293,7 @@ pub fn sign_form(url: &str, params: &[(&str, &str)], key: &[u8], alg: Algorithm)
             .iter()
             .map(|&(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v))),
     );
-    BASE64.encode(compute_tag(alg, key, url, &params))
+    BASE64.encode(Keyed::new(alg, key).tag(url, &params))
 }
 
 /// Lower-case hex SHA-256 of a raw body, the value of the `bodySHA256` query parameter.
@@ -286,32 +306,48 @@ pub fn signature_settings_value(key_id: &str) -> String {
     format!("key={key_id},algorithm={}", Algorithm::HmacSha256.name())
 }
 
-type Params<'a> = BTreeMap<Cow<'a, str>, BTreeSet<Cow<'a, str>>>;
+/// The signed parameters in signing order: sorted by name, then value (byte order), each
+/// distinct `name=value` pair once.
+type Params<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 
 fn canonical_params<'a>(pairs: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>) -> Params<'a> {
-    let mut params = Params::new();
-    for (name, value) in pairs {
-        params.entry(name).or_default().insert(value);
-    }
+    let mut params: Params<'a> = pairs.collect();
+    params.sort_unstable();
+    params.dedup();
     params
 }
 
-fn compute_tag(alg: Algorithm, key: &[u8], url: &str, params: &Params<'_>) -> Vec<u8> {
-    fn run<M: Mac + KeyInit>(key: &[u8], url: &str, params: &Params<'_>) -> Vec<u8> {
+/// An HMAC already keyed: each URL variant clones it instead of hashing the key again.
+#[derive(Clone)]
+enum Keyed {
+    Sha1(Hmac<Sha1>),
+    Sha256(Hmac<Sha256>),
+}
+
+impl Keyed {
+    fn new(alg: Algorithm, key: &[u8]) -> Self {
         // HMAC accepts keys of any length: `new_from_slice` never fails for it.
-        let mut mac = <M as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length");
-        mac.update(url.as_bytes());
-        for (name, values) in params {
-            for value in values {
+        const ANY_LENGTH: &str = "HMAC accepts keys of any length";
+        match alg {
+            Algorithm::HmacSha1 => Self::Sha1(Hmac::new_from_slice(key).expect(ANY_LENGTH)),
+            Algorithm::HmacSha256 => Self::Sha256(Hmac::new_from_slice(key).expect(ANY_LENGTH)),
+        }
+    }
+
+    fn tag(&self, url: &str, params: &Params<'_>) -> Vec<u8> {
+        fn run<M: Mac + Clone>(keyed: &M, url: &str, params: &Params<'_>) -> Vec<u8> {
+            let mut mac = keyed.clone();
+            mac.update(url.as_bytes());
+            for (name, value) in params {
                 mac.update(name.as_bytes());
                 mac.update(value.as_bytes());
             }
+            mac.finalize().into_bytes().to_vec()
         }
-        mac.finalize().into_bytes().to_vec()
-    }
-    match alg {
-        Algorithm::HmacSha1 => run::<Hmac<Sha1>>(key, url, params),
-        Algorithm::HmacSha256 => run::<Hmac<Sha256>>(key, url, params),
+        match self {
+            Self::Sha1(mac) => run(mac, url, params),
+            Self::Sha256(mac) => run(mac, url, params),
+        }
     }
 }
 
@@ -497,6 +533,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde::Deserialize;
+    use std::collections::BTreeMap;
 
     const VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -552,13 +589,10 @@ mod tests {
             }
         }
 
+        /// Verifies the raw body and, for a form, the same body parsed by the caller
+        /// (`Body::FormPairs`, as the webhook handler passes it): both must agree.
         fn verify(&self) -> Result<(), SignatureError> {
-            let body = self.body_bytes();
-            let body = if self.pairs.is_some() {
-                Body::Form(&body)
-            } else {
-                Body::Json(&body)
-            };
+            let raw = self.body_bytes();
             let headers = Headers {
                 signature: self.signature.as_deref(),
                 signature_settings: self.settings.as_deref(),
@@ -567,7 +601,18 @@ mod tests {
                 auth_token: &self.auth_token,
                 shared_keys: &self.shared_keys,
             };
-            verify(&self.url, body, headers, &keys)
+            if self.pairs.is_none() {
+                return verify(&self.url, Body::Json(&raw), headers, &keys);
+            }
+            let result = verify(&self.url, Body::Form(&raw), headers, &keys);
+            let pairs: Vec<_> = form_urlencoded::parse(&raw).collect();
+            assert_eq!(
+                verify(&self.url, Body::FormPairs(&pairs), headers, &keys),
+                result,
+                "{}: parsed pairs and raw body disagree",
+                self.name
+            );
+            result
         }
 
         fn expect_rejected(&self, what: &str) -> SignatureError {
@@ -1393,6 +1438,9 @@ mod tests {
             };
             let headers = Headers { signature: Some(&sig), signature_settings: settings };
             prop_assert_eq!(verify(&url, Body::Form(body.as_bytes()), headers, &keys), Ok(()));
+            // The same body parsed by the caller verifies alike.
+            let pairs: Vec<_> = form_urlencoded::parse(body.as_bytes()).collect();
+            prop_assert_eq!(verify(&url, Body::FormPairs(&pairs), headers, &keys), Ok(()));
 
             // JSON form: the URL carries the body hash and no params are signed.
             let json = body.as_bytes();
