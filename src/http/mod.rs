@@ -21,14 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use gatehouse_jobs::client::Queues;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -151,14 +150,24 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            transport::transport_security,
-        ))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
-        .layer(axum::middleware::from_fn(observe::track))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
+}
+
+/// The outermost layer, one middleware for all that wraps every answer: request metrics
+/// around transport security (HTTPS redirect, security headers, request id). Being outside
+/// the panic catcher, a panic's 500 carries the headers and is counted too.
+async fn edge(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let measure = observe::Measure::start(&request);
+    let response = transport::secure(&state, peer, request, next).await;
+    measure.finish(&response);
+    response
 }
 
 /// Serves the router on `listener` until `shutdown` resolves, then drains connections.

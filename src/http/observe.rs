@@ -10,7 +10,6 @@ use ::metrics::{Counter, Histogram};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
 use axum::response::Response;
 
 use super::AppState;
@@ -44,20 +43,38 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Counts the request and times it. Requests no route matched share the route `unmatched`.
-pub async fn track(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = method_label(request.method());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    HANDLES.record(
-        method,
-        route,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    response
+/// Counts a request by method, matched route and status, and times it: `start` when it
+/// arrives, `finish` with its response. Requests no route matched share the route `unmatched`.
+pub struct Measure {
+    route: Option<MatchedPath>,
+    method: &'static str,
+    started: Instant,
+}
+
+impl Measure {
+    pub fn start(request: &Request) -> Self {
+        Self {
+            route: request.extensions().get::<MatchedPath>().cloned(),
+            method: method_label(request.method()),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records the metrics, and at DEBUG level one access-log line (no path, no query: the
+    /// route template only, so no identifier or token in a URL reaches the log).
+    pub fn finish(self, response: &Response) {
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let status = response.status().as_u16();
+        let elapsed = self.started.elapsed();
+        HANDLES.record(self.method, route, status, elapsed.as_secs_f64());
+        tracing::debug!(
+            http.method = self.method,
+            http.route = route,
+            http.status = status,
+            latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            "request finished"
+        );
+    }
 }
 
 /// The request metrics' handles by route template, registered on a route's first request:

@@ -2,9 +2,8 @@
 //! and a request id on every request and response.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -77,22 +76,18 @@ fn redirect_target(state: &AppState, req: &Request) -> Option<String> {
 }
 
 /// Redirects plain HTTP to HTTPS (unless `DEBUG=true` or a health endpoint) and sets the
-/// security headers on every response.
-pub async fn transport_security(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// security headers and the request id on every response, whatever `next` answered.
+pub async fn secure(state: &AppState, peer: SocketAddr, mut req: Request, next: Next) -> Response {
     let request_id = uuid::Uuid::now_v7().to_string();
-    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let request_id_header = HeaderValue::from_str(&request_id).ok();
+    req.extensions_mut().insert(RequestId(request_id));
     let debug = state.config.debug;
     let admin = req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/");
     let mut response = if !debug
         && !EXEMPT.contains(&req.uri().path())
         && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https"
     {
-        match redirect_target(&state, &req) {
+        match redirect_target(state, &req) {
             Some(target) => match HeaderValue::from_str(&target) {
                 Ok(location) => (
                     StatusCode::MOVED_PERMANENTLY,
@@ -117,7 +112,7 @@ pub async fn transport_security(
     if admin {
         headers.insert(header::CONTENT_SECURITY_POLICY, ADMIN_CSP);
     }
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Some(value) = request_id_header {
         headers.insert("x-request-id", value);
     }
     response
