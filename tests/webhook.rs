@@ -401,6 +401,60 @@ async fn oversized_malformed_and_mistyped_bodies_are_refused_and_the_server_stay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_route_answers_500_with_the_security_headers_and_the_server_stays_up() {
+    let env = TestEnv::new().await;
+    let state = Arc::new(AppState::new(
+        env.config.clone(),
+        env.pool.clone(),
+        env.redis.clone(),
+    ));
+    let routes = axum::Router::new().route(
+        "/boom",
+        axum::routing::get(|| async {
+            if std::hint::black_box(true) {
+                panic!("a handler bug");
+            }
+            "unreachable"
+        }),
+    );
+    let app = gatehouse::http::layered(routes, state)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = client();
+    for _ in 0..2 {
+        let r = http
+            .get(format!("http://{addr}/boom"))
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .expect("the server answers a panicking route");
+        assert_eq!(r.status(), 500);
+        for name in [
+            "strict-transport-security",
+            "x-content-type-options",
+            "x-frame-options",
+            "referrer-policy",
+            "content-security-policy",
+            "x-request-id",
+        ] {
+            assert!(r.headers().contains_key(name), "{name} on a panic's 500");
+        }
+        let json: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(json["error"]["code"], "internal");
+        assert!(
+            !json.to_string().contains("a handler bug"),
+            "the panic message stays out of the answer"
+        );
+    }
+    server.abort();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plain_http_is_redirected_and_every_response_carries_security_headers() {
     let env = TestEnv::new().await;
     let server = env.start_server().await;

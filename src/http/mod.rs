@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod authz;
 pub mod client_ip;
+pub mod edge;
 pub mod error;
 pub mod health;
 pub mod jobs;
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use gatehouse_jobs::client::Queues;
 use redis::aio::ConnectionManager;
@@ -139,8 +140,15 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
 
 /// The whole router.
 pub fn router(state: Arc<AppState>) -> Router {
-    let max_body = state.config.max_body_bytes;
     let (routes, _) = routes().split_for_parts();
+    layered(routes, state)
+}
+
+/// `routes` behind the layers every route has (edge, panic catcher, timeout, body limit) and
+/// the JSON fallbacks. Public so a test can put a route of its own (one that panics, say)
+/// behind exactly what production routes get.
+pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    let max_body = state.config.max_body_bytes;
     routes
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
@@ -151,23 +159,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), edge))
+        .layer(edge::EdgeLayer::new(state.clone()))
         .with_state(state)
-}
-
-/// The outermost layer, one middleware for all that wraps every answer: request metrics
-/// around transport security (HTTPS redirect, security headers, request id). Being outside
-/// the panic catcher, a panic's 500 carries the headers and is counted too.
-async fn edge(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let measure = observe::Measure::start(&request);
-    let response = transport::secure(&state, peer, request, next).await;
-    measure.finish(&response);
-    response
 }
 
 /// Serves the router on `listener` until `shutdown` resolves, then drains connections.

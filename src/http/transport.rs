@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
@@ -75,19 +74,31 @@ fn redirect_target(state: &AppState, req: &Request) -> Option<String> {
     Some(format!("https://{host}{path_and_query}"))
 }
 
-/// Redirects plain HTTP to HTTPS (unless `DEBUG=true` or a health endpoint) and sets the
-/// security headers and the request id on every response, whatever `next` answered.
-pub async fn secure(state: &AppState, peer: SocketAddr, mut req: Request, next: Next) -> Response {
+/// What the edge decided about a request before its route runs, to finish its response.
+pub struct Arrival {
+    request_id: Option<HeaderValue>,
+    admin: bool,
+    debug: bool,
+}
+
+/// Gives the request its id and decides the HTTPS redirect: plain HTTP (unless `DEBUG=true`
+/// or a health endpoint) is answered here, and the route never runs.
+pub fn arrive(
+    state: &AppState,
+    peer: SocketAddr,
+    req: &mut Request,
+) -> (Arrival, Option<Response>) {
     let request_id = uuid::Uuid::now_v7().to_string();
-    let request_id_header = HeaderValue::from_str(&request_id).ok();
+    let arrival = Arrival {
+        request_id: HeaderValue::from_str(&request_id).ok(),
+        admin: req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/"),
+        debug: state.config.debug,
+    };
     req.extensions_mut().insert(RequestId(request_id));
-    let debug = state.config.debug;
-    let admin = req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/");
-    let mut response = if !debug
+    let redirect = (!arrival.debug
         && !EXEMPT.contains(&req.uri().path())
-        && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https"
-    {
-        match redirect_target(state, &req) {
+        && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https")
+        .then(|| match redirect_target(state, req) {
             Some(target) => match HeaderValue::from_str(&target) {
                 Ok(location) => (
                     StatusCode::MOVED_PERMANENTLY,
@@ -98,22 +109,23 @@ pub async fn secure(state: &AppState, peer: SocketAddr, mut req: Request, next: 
             },
             None => super::error::ApiError::invalid_request("missing or invalid Host header")
                 .into_response(),
-        }
-    } else {
-        next.run(req).await
-    };
+        });
+    (arrival, redirect)
+}
+
+/// Sets the security headers and the request id on every response, whoever answered.
+pub fn depart(arrival: Arrival, response: &mut Response) {
     let headers = response.headers_mut();
-    if !debug {
+    if !arrival.debug {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
     }
     for (name, value) in SECURITY_HEADERS {
         headers.insert(name, value);
     }
-    if admin {
+    if arrival.admin {
         headers.insert(header::CONTENT_SECURITY_POLICY, ADMIN_CSP);
     }
-    if let Some(value) = request_id_header {
+    if let Some(value) = arrival.request_id {
         headers.insert("x-request-id", value);
     }
-    response
 }

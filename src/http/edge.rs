@@ -1,0 +1,132 @@
+//! The outermost layer, wrapping every answer: request metrics around transport security
+//! (HTTPS redirect, security headers, request id). Outside the panic catcher, so a caught
+//! panic's 500 carries the headers and is counted too.
+//!
+//! A plain tower layer rather than `axum::middleware::from_fn`: it runs on every request,
+//! and this way a request costs no clone of the inner service and no boxed future. Everything
+//! before the route is synchronous, so the route's future is created in `call` and wrapped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::AppState;
+use super::observe::Measure;
+use super::transport::{self, Arrival};
+
+/// Adds [`Edge`] to every route.
+#[derive(Clone)]
+pub struct EdgeLayer {
+    state: Arc<AppState>,
+}
+
+impl EdgeLayer {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S> Service<Request> for Edge<S>
+where
+    S: Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = EdgeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        // Without the peer (a router served without connect info) forwarded headers are not
+        // trusted: the unspecified address is nobody's proxy unless configured so.
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
+        let measure = Measure::start(&request);
+        let (arrival, answered) = transport::arrive(&self.state, peer, &mut request);
+        let inner = match answered {
+            Some(response) => Inner::Answered {
+                response: Some(response),
+            },
+            None => Inner::Route {
+                future: self.inner.call(request),
+            },
+        };
+        EdgeFuture {
+            inner,
+            done: Some((measure, arrival)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = InnerProj]
+    enum Inner<F> {
+        Answered { response: Option<Response> },
+        Route { #[pin] future: F },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The route's answer (or the edge's own), finished with headers and metrics.
+    pub struct EdgeFuture<F> {
+        #[pin]
+        inner: Inner<F>,
+        done: Option<(Measure, Arrival)>,
+    }
+}
+
+impl<F, E> Future for EdgeFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = match this.inner.project() {
+            InnerProj::Answered { response } => match response.take() {
+                Some(response) => response,
+                None => panic!("EdgeFuture polled after completion"),
+            },
+            InnerProj::Route { future } => match future.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(response)) => response,
+            },
+        };
+        if let Some((measure, arrival)) = this.done.take() {
+            transport::depart(arrival, &mut response);
+            measure.finish(&response);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
