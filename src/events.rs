@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use time::OffsetDateTime;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// The kinds of security event (SPEC "Security events").
@@ -215,6 +216,8 @@ pub struct SecurityLog {
     /// Where alert windows are counted; `None` records events without alerting.
     redis: Option<ConnectionManager>,
     namespace: String,
+    /// Recordings started by [`SecurityLog::spawn`] and not finished yet, awaited at shutdown.
+    pending: TaskTracker,
 }
 
 impl std::fmt::Debug for SecurityLog {
@@ -233,6 +236,7 @@ impl SecurityLog {
             pool,
             redis: Some(redis),
             namespace: namespace.into(),
+            pending: TaskTracker::new(),
         }
     }
 
@@ -242,13 +246,33 @@ impl SecurityLog {
             pool,
             redis: None,
             namespace: String::new(),
+            pending: TaskTracker::new(),
         }
     }
 
     /// Records `event` off the caller's path (a spawned task): never fails or slows it.
+    /// [`SecurityLog::drain`] waits for it at shutdown.
     pub fn spawn(&self, event: SecurityEvent) {
         let log = self.clone();
-        tokio::spawn(async move { log.record(event).await });
+        self.pending.spawn(async move { log.record(event).await });
+    }
+
+    /// Waits up to `within` for the recordings [`SecurityLog::spawn`] started, so an event
+    /// caused just before shutdown still reaches its row, log line and Sentry. True when all
+    /// finished; otherwise how many did not is logged. Recording continues afterwards.
+    pub async fn drain(&self, within: Duration) -> bool {
+        self.pending.close();
+        let finished = tokio::time::timeout(within, self.pending.wait())
+            .await
+            .is_ok();
+        self.pending.reopen();
+        if !finished {
+            tracing::error!(
+                unfinished = self.pending.len(),
+                "security events still being recorded at shutdown"
+            );
+        }
+        finished
     }
 
     /// Records `event` three ways (log line, row, metrics), then evaluates the alert rules and

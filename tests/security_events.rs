@@ -314,6 +314,29 @@ async fn a_failed_insert_never_fails_the_caller() {
     env.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_spawned_just_before_shutdown_are_all_recorded_once_drained() {
+    let env = TestEnv::new().await;
+    let log = log(&env);
+    for i in 0..20u8 {
+        log.spawn(failed_login(
+            IpAddr::from([203, 0, 113, 100 + i]),
+            OffsetDateTime::now_utc(),
+        ));
+    }
+    // What `http::serve` does once its connections are closed: no sleeping, no polling.
+    assert!(log.drain(Duration::from_secs(10)).await, "drained in time");
+    assert_eq!(count(&env, "failed_login").await, 20);
+    // The log keeps recording after a drain.
+    log.spawn(failed_login(
+        "203.0.113.99".parse().expect("ip"),
+        OffsetDateTime::now_utc(),
+    ));
+    assert!(log.drain(Duration::from_secs(10)).await);
+    assert_eq!(count(&env, "failed_login").await, 21);
+    env.cleanup().await;
+}
+
 /// An unlabelled counter's value in the process's Prometheus text.
 fn counter(handle: &metrics_exporter_prometheus::PrometheusHandle, name: &str) -> f64 {
     gatehouse::monitoring::render(handle)

@@ -163,14 +163,21 @@ pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the router on `listener` until `shutdown` resolves, then drains connections.
+/// How long shutdown waits for security events still being recorded.
+pub const EVENT_DRAIN: Duration = Duration::from_secs(5);
+
+/// Serves the router on `listener` until `shutdown` resolves, then drains connections and
+/// the security events their requests caused (up to [`EVENT_DRAIN`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let events = state.events.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    events.drain(EVENT_DRAIN).await;
+    served
 }
