@@ -216,8 +216,7 @@ async fn traffic_and_scrapes(env: &TestEnv) -> (String, String) {
     }
     assert!(refused, "the auth limit refused an attempt");
     // Kinds only other modules produce (key rotation, the keyring), through the one recorder.
-    let state =
-        gatehouse::http::AppState::new(env.config.clone(), env.pool.clone(), env.redis.clone());
+    let state = env.app_state();
     for kind in [EventType::FourEyesViolation, EventType::EncryptionError] {
         let mut event = SecurityEvent::new(kind);
         event.tenant_id = Some(tenant);

@@ -8,10 +8,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use common::*;
-use gatehouse::http::AppState;
 use serde_json::Value;
 
 const METHODS: [&str; 7] = ["get", "head", "delete", "options", "patch", "post", "put"];
@@ -71,12 +69,7 @@ fn documented_routes(doc: &Value) -> BTreeSet<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_lists_every_route_the_router_serves_and_nothing_else() {
     let env = TestEnv::new().await;
-    let state = Arc::new(AppState::new(
-        env.config.clone(),
-        env.pool.clone(),
-        env.redis.clone(),
-    ));
-    let served = served_routes(&gatehouse::http::router(state));
+    let served = served_routes(&gatehouse::http::router(env.app_state()));
     assert!(
         served.len() >= 14,
         "the router's table was read: {served:?}"

@@ -148,11 +148,7 @@ async fn two_ingress_processes_sharing_redis_agree_on_one_window() {
     let other_redis = gatehouse::queue::connect(&SecretString::from(redis_url()))
         .await
         .expect("redis");
-    let a = Arc::new(AppState::new(
-        env.config.clone(),
-        env.pool.clone(),
-        env.redis.clone(),
-    ));
+    let a = env.app_state();
     let b = Arc::new(AppState::new(
         env.config.clone(),
         env.pool.clone(),

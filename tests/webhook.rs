@@ -12,6 +12,15 @@ use gatehouse::http::key_cache::KeyCache;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{InboundMessage, Job};
 
+/// The headers SPEC's transport security puts on every response (`DEBUG=false`).
+const SECURITY_HEADERS: [&str; 5] = [
+    "strict-transport-security",
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    "content-security-policy",
+];
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -403,11 +412,7 @@ async fn oversized_malformed_and_mistyped_bodies_are_refused_and_the_server_stay
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panicking_route_answers_500_with_the_security_headers_and_the_server_stays_up() {
     let env = TestEnv::new().await;
-    let state = Arc::new(AppState::new(
-        env.config.clone(),
-        env.pool.clone(),
-        env.redis.clone(),
-    ));
+    let state = env.app_state();
     let routes = axum::Router::new().route(
         "/boom",
         axum::routing::get(|| async {
@@ -433,15 +438,8 @@ async fn a_panicking_route_answers_500_with_the_security_headers_and_the_server_
             .await
             .expect("the server answers a panicking route");
         assert_eq!(r.status(), 500);
-        for name in [
-            "strict-transport-security",
-            "x-content-type-options",
-            "x-frame-options",
-            "referrer-policy",
-            "content-security-policy",
-            "x-request-id",
-        ] {
-            assert!(r.headers().contains_key(name), "{name} on a panic's 500");
+        for name in SECURITY_HEADERS.iter().chain(&["x-request-id"]) {
+            assert!(r.headers().contains_key(*name), "{name} on a panic's 500");
         }
         let json: serde_json::Value = r.json().await.expect("json");
         assert_eq!(json["error"]["code"], "internal");
@@ -469,13 +467,7 @@ async fn plain_http_is_redirected_and_every_response_carries_security_headers() 
         r.headers().get("location").and_then(|v| v.to_str().ok()),
         Some("https://gh.example.com/v1/webhooks/twilio/x/messages?a=1")
     );
-    for name in [
-        "strict-transport-security",
-        "x-content-type-options",
-        "x-frame-options",
-        "referrer-policy",
-        "content-security-policy",
-    ] {
+    for name in SECURITY_HEADERS {
         assert!(r.headers().contains_key(name), "{name} on a redirect");
     }
     assert_eq!(

@@ -179,13 +179,17 @@ impl TestEnv {
         .expect("tenant created")
     }
 
-    pub async fn start_server(&self) -> TestServer {
-        let state = Arc::new(AppState::new(
+    /// The ingress state over this env's configuration, database and Redis.
+    pub fn app_state(&self) -> Arc<AppState> {
+        Arc::new(AppState::new(
             self.config.clone(),
             self.pool.clone(),
             self.redis.clone(),
-        ));
-        TestServer::start(state).await
+        ))
+    }
+
+    pub async fn start_server(&self) -> TestServer {
+        TestServer::start(self.app_state()).await
     }
 
     pub fn worker_state(&self) -> Arc<WorkerState> {
