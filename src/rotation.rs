@@ -108,13 +108,21 @@ pub enum RotationError {
     WrongKey { current: String, target: String },
     #[error("the rotation is {0}; only approved rotations run")]
     NotApproved(String),
+    /// Every value left was locked by other transactions for the run's whole stall limit.
+    #[error(
+        "no value could be re-sealed for {seconds} s: the rest are locked by other transactions"
+    )]
+    Stalled { seconds: u64 },
 }
 
 impl RotationError {
     /// Whether running the job again can help (the database coming back, or this worker
     /// being redeployed with the rotation's target key).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Database(_) | Self::WrongKey { .. })
+        matches!(
+            self,
+            Self::Database(_) | Self::WrongKey { .. } | Self::Stalled { .. }
+        )
     }
 }
 
@@ -294,7 +302,14 @@ pub struct RunContext<'a> {
     pub job_id: &'a str,
     pub worker: &'a str,
     pub batch_size: usize,
+    /// How long the run waits, without re-sealing anything, for values other transactions
+    /// hold locked before it gives up with [`RotationError::Stalled`] (retryable: the job is
+    /// retried later and resumes, and its worker slot is free meanwhile).
+    pub stall_limit: Duration,
 }
+
+/// The worker's [`RunContext::stall_limit`].
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 /// SQL: the value is not under the current key (`$1`) and the rotation (`$2`) has not
 /// recorded it as unreadable.
@@ -521,6 +536,7 @@ pub async fn run(
             ctx.events.record(event).await;
         }
     }
+    let mut last_progress = std::time::Instant::now();
     loop {
         let mut progressed = false;
         for col in &SEALED_COLUMNS {
@@ -542,9 +558,16 @@ pub async fn run(
         if remaining(pool, &current, rotation_id).await? == 0 {
             break;
         }
-        if !progressed {
-            // Everything left is locked by another worker's batch: wait for it to commit
-            // (or for its worker to die and release the rows).
+        if progressed {
+            last_progress = std::time::Instant::now();
+        } else {
+            // Everything left is locked by another transaction (another worker's batch, or
+            // a request): wait for it to commit or release the rows, but not forever.
+            if last_progress.elapsed() >= ctx.stall_limit {
+                return Err(RotationError::Stalled {
+                    seconds: ctx.stall_limit.as_secs(),
+                });
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

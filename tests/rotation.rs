@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use gatehouse::http::AppState;
-use gatehouse::rotation::{self, RunContext, RunOutcome};
+use gatehouse::rotation::{self, RotationError, RunContext, RunOutcome};
 use gatehouse::security::blind_index::BlindIndex;
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::keyring::{EncryptionKey, Keyring, aad};
@@ -928,6 +928,7 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
                 job_id: job,
                 worker: job,
                 batch_size: 25,
+                stall_limit: rotation::STALL_LIMIT,
             };
             rotation::run(&pool, &ctx, rotation_id).await
         }
@@ -960,6 +961,83 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
     assert_eq!(
         rotation_row(&env, rotation_id).await,
         (status, total, done, failed)
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_run_blocked_by_a_row_lock_gives_up_after_its_stall_limit_and_a_retry_finishes() {
+    let new_key = generate_key();
+    let env = rotated_env(&new_key, &[]).await;
+    let old = old_keyring();
+    let tenant = sealed_tenant(&env, &old).await;
+    let seeded = seed(&env, &old, tenant, 100, 1).await + 3;
+    let (rotation_id, _) = approved_rotation(&env).await;
+    let keyring = env.config.keyring.clone();
+    let events = env.events();
+    let ctx = RunContext {
+        keyring: &keyring,
+        events: &events,
+        job_id: "job-stalled",
+        worker: "job-stalled",
+        batch_size: 25,
+        stall_limit: Duration::from_secs(1),
+    };
+    // Another transaction holds one sealed row and does not let go.
+    let mut holder = env.pool.begin().await.expect("begin");
+    let (locked,): (Uuid,) =
+        sqlx::query_as("SELECT id FROM conversations ORDER BY id LIMIT 1 FOR UPDATE")
+            .fetch_one(&mut *holder)
+            .await
+            .expect("lock a conversation");
+    let started = Instant::now();
+    let stalled = rotation::run(&env.pool, &ctx, rotation_id).await;
+    assert!(
+        matches!(stalled, Err(RotationError::Stalled { seconds: 1 })),
+        "{stalled:?}"
+    );
+    assert!(stalled.as_ref().is_err_and(RotationError::is_retryable));
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded wait");
+    // Everything but the locked row moved; the rotation is still running, nothing is lost.
+    let (status, total, done, failed) = rotation_row(&env, rotation_id).await;
+    assert_eq!(
+        (status.as_str(), total, done, failed),
+        ("running", seeded, seeded - 1, 0)
+    );
+    let key_id: Vec<u8> = sqlx::query_scalar(
+        "SELECT substring(customer_number from 2 for 8) FROM conversations WHERE id = $1",
+    )
+    .bind(locked)
+    .fetch_one(&env.pool)
+    .await
+    .expect("the locked row");
+    assert_eq!(
+        key_id,
+        old.current_id().0.to_vec(),
+        "the locked value is untouched"
+    );
+    holder.rollback().await.expect("release the lock");
+    // The retry resumes and finishes.
+    let ctx = RunContext {
+        job_id: "job-retry",
+        worker: "job-retry",
+        ..ctx
+    };
+    let finished = rotation::run(&env.pool, &ctx, rotation_id)
+        .await
+        .expect("the retry runs");
+    assert!(
+        matches!(finished, RunOutcome::Finished { .. }),
+        "{finished:?}"
+    );
+    assert_eq!(
+        rotation_row(&env, rotation_id).await,
+        ("completed".to_owned(), seeded, seeded, 0)
+    );
+    let retired = Keyring::new(EncryptionKey::from_base64(&new_key).expect("key"), vec![]);
+    assert_eq!(
+        open_everything(&env, &retired).await,
+        (seeded as usize, seeded as usize)
     );
     env.cleanup().await;
 }

@@ -379,6 +379,7 @@ async fn handle_rotate(
             job_id: &job_id,
             worker: worker.name(),
             batch_size: state.key_rotation_batch_size,
+            stall_limit: crate::rotation::STALL_LIMIT,
         };
         match crate::rotation::run(&state.pool, &ctx, job.rotation_id).await {
             Ok(crate::rotation::RunOutcome::Finished {
