@@ -345,7 +345,8 @@ async fn remaining(pool: &PgPool, current: &[u8], rotation_id: Uuid) -> Result<i
 struct Batch {
     rows: usize,
     last_id: Option<Uuid>,
-    failures: Vec<(Uuid, String)>,
+    /// Values this batch recorded as unreadable (to be reported).
+    failures: usize,
 }
 
 /// One batch of one column, one transaction.
@@ -407,14 +408,14 @@ async fn batch(
         .await?
         .rows_affected() as i64
     };
-    let failures: Vec<(Uuid, String)> = if failed_ids.is_empty() {
+    let failures: Vec<(Uuid,)> = if failed_ids.is_empty() {
         Vec::new()
     } else {
         sqlx::query_as(
             "INSERT INTO key_rotation_failures (rotation_id, table_name, column_name, row_id, reason)
              SELECT $1, $2, $3, u.id, u.reason FROM unnest($4::uuid[], $5::text[]) AS u(id, reason)
              ON CONFLICT DO NOTHING
-             RETURNING row_id, reason",
+             RETURNING row_id",
         )
         .bind(rotation_id)
         .bind(col.table)
@@ -438,7 +439,7 @@ async fn batch(
     Ok(Batch {
         rows: count,
         last_id,
-        failures,
+        failures: failures.len(),
     })
 }
 
@@ -460,27 +461,55 @@ pub async fn mark_failed(
     Ok(())
 }
 
-/// Reports a value the rotation could not open: where it is, never what it holds.
-async fn report_failure(
+/// Reports the rotation's unreadable values not reported yet, each as an `encryption_error`
+/// event naming where it is, never what it holds, then marks them reported. At least once:
+/// the rows stay locked (`SKIP LOCKED` for a concurrent run) until the marks commit, so a run
+/// that dies before that leaves them for the next run to report again.
+async fn report_failures(
+    pool: &PgPool,
     events: &SecurityLog,
     rotation_id: Uuid,
-    col: &SealedColumn,
-    row_id: Uuid,
-    reason: &str,
-) {
-    let mut event = SecurityEvent::new(EventType::EncryptionError);
-    if col.table == "tenants" {
-        event.tenant_id = Some(row_id);
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let pending: Vec<(String, String, Uuid, String)> = sqlx::query_as(
+        "SELECT table_name, column_name, row_id, reason FROM key_rotation_failures
+         WHERE rotation_id = $1 AND reported_at IS NULL
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(rotation_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    if pending.is_empty() {
+        return Ok(());
     }
-    event.details = json!({
-        "operation": "rotate_keys",
-        "rotation_id": rotation_id,
-        "table": col.table,
-        "column": col.column,
-        "row_id": row_id,
-        "reason": reason,
-    });
-    events.record(event).await;
+    for (table, column, row_id, reason) in &pending {
+        let mut event = SecurityEvent::new(EventType::EncryptionError);
+        if table == "tenants" {
+            event.tenant_id = Some(*row_id);
+        }
+        event.details = json!({
+            "operation": "rotate_keys",
+            "rotation_id": rotation_id,
+            "table": table,
+            "column": column,
+            "row_id": row_id,
+            "reason": reason,
+        });
+        events.record(event).await;
+    }
+    sqlx::query(
+        "UPDATE key_rotation_failures SET reported_at = now()
+         WHERE rotation_id = $1 AND reported_at IS NULL
+           AND (table_name, column_name, row_id) IN
+               (SELECT * FROM unnest($2::text[], $3::text[], $4::uuid[]))",
+    )
+    .bind(rotation_id)
+    .bind(pending.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+    .bind(pending.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+    .bind(pending.iter().map(|p| p.2).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
 }
 
 /// Runs (or resumes, or joins) an approved rotation until nothing is left to re-seal, then
@@ -536,6 +565,8 @@ pub async fn run(
             ctx.events.record(event).await;
         }
     }
+    // What a run that died between a batch's commit and its reports left unreported.
+    report_failures(pool, ctx.events, rotation_id).await?;
     let mut last_progress = std::time::Instant::now();
     loop {
         let mut progressed = false;
@@ -543,8 +574,8 @@ pub async fn run(
             let mut after = Uuid::nil();
             loop {
                 let batch = batch(pool, ctx, col, rotation_id, after).await?;
-                for (row_id, reason) in &batch.failures {
-                    report_failure(ctx.events, rotation_id, col, *row_id, reason).await;
+                if batch.failures > 0 {
+                    report_failures(pool, ctx.events, rotation_id).await?;
                 }
                 match batch.last_id {
                     Some(last) if batch.rows > 0 => {

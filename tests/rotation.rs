@@ -1043,6 +1043,91 @@ async fn a_run_blocked_by_a_row_lock_gives_up_after_its_stall_limit_and_a_retry_
 }
 
 #[tokio::test]
+async fn an_unreadable_value_a_crashed_run_left_unreported_is_reported_once_by_the_next_run() {
+    let new_key = generate_key();
+    let env = rotated_env(&new_key, &[]).await;
+    let old = old_keyring();
+    let tenant = sealed_tenant(&env, &old).await;
+    let seeded = seed(&env, &old, tenant, 20, 1).await + 3;
+    let (rotation_id, _) = approved_rotation(&env).await;
+    // What a run that died right after a batch's commit leaves: a value no key opens, its
+    // failure row committed and counted, no event yet.
+    let (conv,): (Uuid,) = sqlx::query_as("SELECT id FROM conversations ORDER BY id LIMIT 1")
+        .fetch_one(&env.pool)
+        .await
+        .expect("a conversation");
+    let stranger = Keyring::new(EncryptionKey::generate(), vec![]);
+    let foreign = stranger.seal(
+        b"+14155550000",
+        &aad("conversations", "customer_number", &conv.to_string()),
+    );
+    sqlx::query("UPDATE conversations SET customer_number = $2 WHERE id = $1")
+        .bind(conv)
+        .bind(&foreign)
+        .execute(&env.pool)
+        .await
+        .expect("foreign value");
+    sqlx::query(
+        "INSERT INTO key_rotation_failures (rotation_id, table_name, column_name, row_id, reason)
+         VALUES ($1, 'conversations', 'customer_number', $2, 'no configured key opens it')",
+    )
+    .bind(rotation_id)
+    .bind(conv)
+    .execute(&env.pool)
+    .await
+    .expect("failure row");
+    sqlx::query("UPDATE key_rotations SET failed = 1 WHERE id = $1")
+        .bind(rotation_id)
+        .execute(&env.pool)
+        .await
+        .expect("counted");
+    assert!(events(&env, "encryption_error").await.is_empty());
+
+    let keyring = env.config.keyring.clone();
+    let log = env.events();
+    let ctx = RunContext {
+        keyring: &keyring,
+        events: &log,
+        job_id: "job-next",
+        worker: "job-next",
+        batch_size: 25,
+        stall_limit: rotation::STALL_LIMIT,
+    };
+    let outcome = rotation::run(&env.pool, &ctx, rotation_id)
+        .await
+        .expect("the next run");
+    assert!(
+        matches!(outcome, RunOutcome::Finished { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        rotation_row(&env, rotation_id).await,
+        ("failed".to_owned(), seeded, seeded - 1, 1)
+    );
+    let reported = events(&env, "encryption_error").await;
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(reported[0]["details"]["row_id"], json!(conv));
+    assert_eq!(reported[0]["details"]["operation"], "rotate_keys");
+    let unreported: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM key_rotation_failures WHERE reported_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+    assert_eq!(unreported, 0);
+    // A redelivery reports nothing twice.
+    let ctx = RunContext {
+        job_id: "job-again",
+        worker: "job-again",
+        ..ctx
+    };
+    rotation::run(&env.pool, &ctx, rotation_id)
+        .await
+        .expect("again");
+    assert_eq!(events(&env, "encryption_error").await.len(), 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn values_that_no_known_key_opens_are_counted_as_failed_reported_and_left_untouched() {
     let new_key = generate_key();
     let env = rotated_env(&new_key, &[]).await;
