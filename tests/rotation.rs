@@ -313,6 +313,44 @@ fn status_count(output: &str, column: &str, key_id: &str) -> Option<(String, i64
 }
 
 /// Requests and approves a rotation through the core (two security officers).
+/// A rotation ready to run: values sealed under the old key (`conversations` conversations,
+/// `per` messages each, plus the tenant's three secrets), the new key current, and a request
+/// approved by two officers. Returns the new key, the env, the old keyring, how many values
+/// are sealed, and the rotation's id.
+async fn seeded_rotation(
+    conversations: usize,
+    per: usize,
+) -> (String, TestEnv, Keyring, i64, Uuid) {
+    let new_key = generate_key();
+    let env = rotated_env(&new_key, &[]).await;
+    let old = old_keyring();
+    let tenant = sealed_tenant(&env, &old).await;
+    let seeded = seed(&env, &old, tenant, conversations, per).await + 3;
+    let (rotation_id, _) = approved_rotation(&env).await;
+    (new_key, env, old, seeded, rotation_id)
+}
+
+/// Seals the first conversation's number under a key no configuration has; returns its id,
+/// the stored ciphertext and the stranger's keyring.
+async fn seal_first_conversation_under_an_unknown_key(env: &TestEnv) -> (Uuid, Vec<u8>, Keyring) {
+    let (conv,): (Uuid,) = sqlx::query_as("SELECT id FROM conversations ORDER BY id LIMIT 1")
+        .fetch_one(&env.pool)
+        .await
+        .expect("a conversation");
+    let stranger = Keyring::new(EncryptionKey::generate(), vec![]);
+    let foreign = stranger.seal(
+        b"+14155550000",
+        &aad("conversations", "customer_number", &conv.to_string()),
+    );
+    sqlx::query("UPDATE conversations SET customer_number = $2 WHERE id = $1")
+        .bind(conv)
+        .bind(&foreign)
+        .execute(&env.pool)
+        .await
+        .expect("foreign value");
+    (conv, foreign, stranger)
+}
+
 async fn approved_rotation(env: &TestEnv) -> (Uuid, String) {
     let alice = user(env, Some("security_officer")).await;
     let bob = user(env, Some("security_officer")).await;
@@ -910,12 +948,7 @@ async fn a_rotation_survives_kill_9_of_its_worker_and_two_workers_finish_it_toge
 
 #[tokio::test]
 async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value_once() {
-    let new_key = generate_key();
-    let env = rotated_env(&new_key, &[]).await;
-    let old = old_keyring();
-    let tenant = sealed_tenant(&env, &old).await;
-    let seeded = seed(&env, &old, tenant, 1_500, 1).await + 3;
-    let (rotation_id, _) = approved_rotation(&env).await;
+    let (_, env, _, seeded, rotation_id) = seeded_rotation(1_500, 1).await;
     let keyring = env.config.keyring.clone();
     let run = |job: &'static str| {
         let pool = env.pool.clone();
@@ -967,12 +1000,7 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
 
 #[tokio::test]
 async fn a_run_blocked_by_a_row_lock_gives_up_after_its_stall_limit_and_a_retry_finishes() {
-    let new_key = generate_key();
-    let env = rotated_env(&new_key, &[]).await;
-    let old = old_keyring();
-    let tenant = sealed_tenant(&env, &old).await;
-    let seeded = seed(&env, &old, tenant, 100, 1).await + 3;
-    let (rotation_id, _) = approved_rotation(&env).await;
+    let (new_key, env, old, seeded, rotation_id) = seeded_rotation(100, 1).await;
     let keyring = env.config.keyring.clone();
     let events = env.events();
     let ctx = RunContext {
@@ -1044,29 +1072,10 @@ async fn a_run_blocked_by_a_row_lock_gives_up_after_its_stall_limit_and_a_retry_
 
 #[tokio::test]
 async fn an_unreadable_value_a_crashed_run_left_unreported_is_reported_once_by_the_next_run() {
-    let new_key = generate_key();
-    let env = rotated_env(&new_key, &[]).await;
-    let old = old_keyring();
-    let tenant = sealed_tenant(&env, &old).await;
-    let seeded = seed(&env, &old, tenant, 20, 1).await + 3;
-    let (rotation_id, _) = approved_rotation(&env).await;
+    let (_, env, _, seeded, rotation_id) = seeded_rotation(20, 1).await;
     // What a run that died right after a batch's commit leaves: a value no key opens, its
     // failure row committed and counted, no event yet.
-    let (conv,): (Uuid,) = sqlx::query_as("SELECT id FROM conversations ORDER BY id LIMIT 1")
-        .fetch_one(&env.pool)
-        .await
-        .expect("a conversation");
-    let stranger = Keyring::new(EncryptionKey::generate(), vec![]);
-    let foreign = stranger.seal(
-        b"+14155550000",
-        &aad("conversations", "customer_number", &conv.to_string()),
-    );
-    sqlx::query("UPDATE conversations SET customer_number = $2 WHERE id = $1")
-        .bind(conv)
-        .bind(&foreign)
-        .execute(&env.pool)
-        .await
-        .expect("foreign value");
+    let (conv, _, _) = seal_first_conversation_under_an_unknown_key(&env).await;
     sqlx::query(
         "INSERT INTO key_rotation_failures (rotation_id, table_name, column_name, row_id, reason)
          VALUES ($1, 'conversations', 'customer_number', $2, 'no configured key opens it')",
@@ -1136,21 +1145,7 @@ async fn values_that_no_known_key_opens_are_counted_as_failed_reported_and_left_
     let seeded = seed(&env, &old, tenant, 300, 1).await + 3;
     // One conversation's number sealed under a key nobody configured, and one message's
     // number copied from another message (a known key, but the wrong cell).
-    let stranger = Keyring::new(EncryptionKey::generate(), vec![]);
-    let (conv,): (Uuid,) = sqlx::query_as("SELECT id FROM conversations ORDER BY id LIMIT 1")
-        .fetch_one(&env.pool)
-        .await
-        .expect("a conversation");
-    let foreign = stranger.seal(
-        b"+14155550000",
-        &aad("conversations", "customer_number", &conv.to_string()),
-    );
-    sqlx::query("UPDATE conversations SET customer_number = $2 WHERE id = $1")
-        .bind(conv)
-        .bind(&foreign)
-        .execute(&env.pool)
-        .await
-        .expect("foreign value");
+    let (conv, foreign, stranger) = seal_first_conversation_under_an_unknown_key(&env).await;
     let (m1, m2): (Uuid, Uuid) =
         sqlx::query_as("SELECT min(id::text)::uuid, max(id::text)::uuid FROM messages")
             .fetch_one(&env.pool)
