@@ -97,6 +97,24 @@ fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Response {
     error_page(ApiError::unavailable())
 }
 
+/// A read a page cannot do without: on failure the cause is logged (as `what`), never shown,
+/// and the page answers 503. Use with `?` in a handler returning `Result<Response, Unavailable>`.
+fn loaded<T, E: std::fmt::Display>(what: &str, result: Result<T, E>) -> Result<T, Unavailable> {
+    result.map_err(|error| {
+        tracing::error!(%error, "admin: {what}");
+        Unavailable
+    })
+}
+
+/// A page's data could not be read (already logged by [`loaded`]): the 503 error page.
+pub struct Unavailable;
+
+impl IntoResponse for Unavailable {
+    fn into_response(self) -> Response {
+        error_page(ApiError::unavailable())
+    }
+}
+
 /// A signed-in operator holding `security:read` as of this request.
 pub struct Officer {
     pub principal: Principal,

@@ -11,7 +11,7 @@ use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 
 use super::svg;
-use super::{Officer, html, unavailable};
+use super::{Officer, Unavailable, html, loaded};
 use crate::dashboard;
 use crate::http::AppState;
 
@@ -147,15 +147,18 @@ enum PageAnswers {
     description = "The security-events timeline (per hour, by kind) and the newest events. HTML for users holding `security:read`.",
     responses(PageAnswers)
 )]
-pub async fn overview(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
-    let timeline = match dashboard::timeline(&state.pool, 48).await {
-        Ok(t) => t,
-        Err(e) => return unavailable("cannot read the event timeline", &e),
-    };
-    let recent = match dashboard::recent_events(&state.pool, 25).await {
-        Ok(r) => r,
-        Err(e) => return unavailable("cannot read recent events", &e),
-    };
+pub async fn overview(
+    State(state): State<Arc<AppState>>,
+    officer: Officer,
+) -> Result<Response, Unavailable> {
+    let timeline = loaded(
+        "cannot read the event timeline",
+        dashboard::timeline(&state.pool, 48).await,
+    )?;
+    let recent = loaded(
+        "cannot read recent events",
+        dashboard::recent_events(&state.pool, 25).await,
+    )?;
     let body = html! {
         section {
             h2 { "Per hour, by kind (last 48 hours, UTC)" }
@@ -191,10 +194,10 @@ pub async fn overview(State(state): State<Arc<AppState>>, officer: Officer) -> R
             }
         }
     };
-    html(
+    Ok(html(
         StatusCode::OK,
         layout(&officer, "/admin", "Security events", body),
-    )
+    ))
 }
 
 /// `/admin/auth`: failed logins by hour of day × day, and the top source addresses.
@@ -205,15 +208,18 @@ pub async fn overview(State(state): State<Arc<AppState>>, officer: Officer) -> R
     description = "Failed authentication: hour-of-day × day heatmap and top source addresses. HTML for users holding `security:read`.",
     responses(PageAnswers)
 )]
-pub async fn failed_auth(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
-    let map = match dashboard::failed_login_heatmap(&state.pool, 7).await {
-        Ok(m) => m,
-        Err(e) => return unavailable("cannot read the failed-login heatmap", &e),
-    };
-    let top = match dashboard::top_source_ips(&state.pool, "failed_login", 24 * 7, 10).await {
-        Ok(t) => t,
-        Err(e) => return unavailable("cannot read top source addresses", &e),
-    };
+pub async fn failed_auth(
+    State(state): State<Arc<AppState>>,
+    officer: Officer,
+) -> Result<Response, Unavailable> {
+    let map = loaded(
+        "cannot read the failed-login heatmap",
+        dashboard::failed_login_heatmap(&state.pool, 7).await,
+    )?;
+    let top = loaded(
+        "cannot read top source addresses",
+        dashboard::top_source_ips(&state.pool, "failed_login", 24 * 7, 10).await,
+    )?;
     let bars: Vec<(String, i64)> = top.iter().map(|s| (s.ip.clone(), s.count)).collect();
     let body = html! {
         section {
@@ -233,10 +239,10 @@ pub async fn failed_auth(State(state): State<Arc<AppState>>, officer: Officer) -
             }
         }
     };
-    html(
+    Ok(html(
         StatusCode::OK,
         layout(&officer, "/admin/auth", "Failed authentication", body),
-    )
+    ))
 }
 
 /// `/admin/rate-limits`: refusals per hour, per limit, and the most limited addresses.
@@ -247,19 +253,22 @@ pub async fn failed_auth(State(state): State<Arc<AppState>>, officer: Officer) -
     description = "Rate-limit refusals per limit. HTML for users holding `security:read`.",
     responses(PageAnswers)
 )]
-pub async fn rate_limits(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
-    let timeline = match dashboard::timeline(&state.pool, 24).await {
-        Ok(t) => t,
-        Err(e) => return unavailable("cannot read the event timeline", &e),
-    };
-    let hits = match dashboard::rate_limit_hits(&state.pool).await {
-        Ok(h) => h,
-        Err(e) => return unavailable("cannot read rate-limit statistics", &e),
-    };
-    let top = match dashboard::top_source_ips(&state.pool, "rate_limit_exceeded", 24, 10).await {
-        Ok(t) => t,
-        Err(e) => return unavailable("cannot read top source addresses", &e),
-    };
+pub async fn rate_limits(
+    State(state): State<Arc<AppState>>,
+    officer: Officer,
+) -> Result<Response, Unavailable> {
+    let timeline = loaded(
+        "cannot read the event timeline",
+        dashboard::timeline(&state.pool, 24).await,
+    )?;
+    let hits = loaded(
+        "cannot read rate-limit statistics",
+        dashboard::rate_limit_hits(&state.pool).await,
+    )?;
+    let top = loaded(
+        "cannot read top source addresses",
+        dashboard::top_source_ips(&state.pool, "rate_limit_exceeded", 24, 10).await,
+    )?;
     let config = &state.config;
     let configured = [
         ("auth_ip", "RATE_LIMIT_LOGIN_IP", config.rate_limit_login_ip),
@@ -304,10 +313,10 @@ pub async fn rate_limits(State(state): State<Arc<AppState>>, officer: Officer) -
             (svg::hbars(&bars, color, "rate-limit refusals per source address"))
         }
     };
-    html(
+    Ok(html(
         StatusCode::OK,
         layout(&officer, "/admin/rate-limits", "Rate limiting", body),
-    )
+    ))
 }
 
 /// `/admin/webhooks`: signature verification per tenant.
@@ -318,15 +327,18 @@ pub async fn rate_limits(State(state): State<Arc<AppState>>, officer: Officer) -
     description = "Webhook verification status per tenant. HTML for users holding `security:read`.",
     responses(PageAnswers)
 )]
-pub async fn webhooks(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
-    let tenants = match dashboard::webhook_status(&state.pool).await {
-        Ok(t) => t,
-        Err(e) => return unavailable("cannot read webhook status", &e),
-    };
-    let unknown = match dashboard::webhook_unknown_tenant_refusals(&state.pool).await {
-        Ok(n) => n,
-        Err(e) => return unavailable("cannot read webhook status", &e),
-    };
+pub async fn webhooks(
+    State(state): State<Arc<AppState>>,
+    officer: Officer,
+) -> Result<Response, Unavailable> {
+    let tenants = loaded(
+        "cannot read webhook status",
+        dashboard::webhook_status(&state.pool).await,
+    )?;
+    let unknown = loaded(
+        "cannot read webhook status",
+        dashboard::webhook_unknown_tenant_refusals(&state.pool).await,
+    )?;
     let bars: Vec<(String, i64)> = tenants
         .iter()
         .filter(|t| t.invalid_7d > 0)
@@ -363,10 +375,10 @@ pub async fn webhooks(State(state): State<Arc<AppState>>, officer: Officer) -> R
             }
         }
     };
-    html(
+    Ok(html(
         StatusCode::OK,
         layout(&officer, "/admin/webhooks", "Webhook verification", body),
-    )
+    ))
 }
 
 #[derive(Deserialize)]
@@ -387,21 +399,17 @@ pub async fn queues(
     State(state): State<Arc<AppState>>,
     officer: Officer,
     Query(query): Query<QueuesQuery>,
-) -> Response {
+) -> Result<Response, Unavailable> {
     let mut redis = state.redis.clone();
     let namespace = &state.config.queue_namespace;
-    let stats =
-        match crate::worker::stats::all_queue_stats(&mut redis, namespace, &gatehouse_jobs::QUEUES)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => return unavailable("cannot read queue statistics", &e),
-        };
-    let dead =
-        match crate::worker::dead::list(&mut redis, namespace, &gatehouse_jobs::QUEUES, 50).await {
-            Ok(d) => d,
-            Err(e) => return unavailable("cannot list dead jobs", &e),
-        };
+    let stats = loaded(
+        "cannot read queue statistics",
+        crate::worker::stats::all_queue_stats(&mut redis, namespace, &gatehouse_jobs::QUEUES).await,
+    )?;
+    let dead = loaded(
+        "cannot list dead jobs",
+        crate::worker::dead::list(&mut redis, namespace, &gatehouse_jobs::QUEUES, 50).await,
+    )?;
     let notice = match query.notice.as_deref() {
         Some("retried") => Some("The job is back on its queue."),
         Some("missing") => Some("No dead job with that id (already retried or purged)."),
@@ -474,10 +482,10 @@ pub async fn queues(
             }
         }
     };
-    html(
+    Ok(html(
         StatusCode::OK,
         layout(&officer, "/admin/queues", "Queues", body),
-    )
+    ))
 }
 
 /// `/admin/rotations`: key rotations and their progress.
@@ -488,11 +496,14 @@ pub async fn queues(
     description = "Key rotations and their progress. HTML for users holding `security:read`.",
     responses(PageAnswers)
 )]
-pub async fn rotations(State(state): State<Arc<AppState>>, officer: Officer) -> Response {
-    let rotations = match dashboard::rotations(&state.pool, 50).await {
-        Ok(r) => r,
-        Err(e) => return unavailable("cannot read key rotations", &e),
-    };
+pub async fn rotations(
+    State(state): State<Arc<AppState>>,
+    officer: Officer,
+) -> Result<Response, Unavailable> {
+    let rotations = loaded(
+        "cannot read key rotations",
+        dashboard::rotations(&state.pool, 50).await,
+    )?;
     let body = html! {
         section {
         h2 { "Newest 50, with progress (done and failed of total)" }
@@ -527,8 +538,8 @@ pub async fn rotations(State(state): State<Arc<AppState>>, officer: Officer) -> 
         }
         }
     };
-    html(
+    Ok(html(
         StatusCode::OK,
         layout(&officer, "/admin/rotations", "Key rotations", body),
-    )
+    ))
 }
