@@ -224,7 +224,7 @@ pub async fn rate_limit_hits(pool: &PgPool) -> Result<Vec<LimitHits>, DashboardE
 }
 
 /// Webhook verification of one tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct WebhookStatus {
     pub tenant_id: Uuid,
     pub name: String,
@@ -253,22 +253,12 @@ impl WebhookStatus {
 
 /// Webhook verification per tenant (at most 500 tenants, by name).
 pub async fn webhook_status(pool: &PgPool) -> Result<Vec<WebhookStatus>, DashboardError> {
-    type Row = (
-        Uuid,
-        String,
-        bool,
-        i64,
-        i64,
-        Option<String>,
-        i64,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT t.id, t.name, t.webhook_shared_key_id IS NOT NULL,
-                coalesce(e.day, 0), coalesce(e.week, 0),
-                to_char(e.last AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
-                coalesce(m.day, 0),
-                to_char(m.last AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"')
+    Ok(sqlx::query_as(
+        "SELECT t.id AS tenant_id, t.name, t.webhook_shared_key_id IS NOT NULL AS shared_key,
+                coalesce(e.day, 0) AS invalid_24h, coalesce(e.week, 0) AS invalid_7d,
+                to_char(e.last AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"') AS last_invalid,
+                coalesce(m.day, 0) AS messages_24h,
+                to_char(m.last AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"') AS last_message
            FROM tenants t
            LEFT JOIN (
                 SELECT tenant_id,
@@ -289,31 +279,7 @@ pub async fn webhook_status(pool: &PgPool) -> Result<Vec<WebhookStatus>, Dashboa
           LIMIT 500",
     )
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                tenant_id,
-                name,
-                shared_key,
-                invalid_24h,
-                invalid_7d,
-                last_invalid,
-                messages_24h,
-                last_message,
-            )| WebhookStatus {
-                tenant_id,
-                name,
-                shared_key,
-                invalid_24h,
-                invalid_7d,
-                last_invalid,
-                messages_24h,
-                last_message,
-            },
-        )
-        .collect())
+    .await?)
 }
 
 /// Invalid signatures in the last 24 hours for tenant ids that name no tenant (probing).
@@ -329,7 +295,7 @@ pub async fn webhook_unknown_tenant_refusals(pool: &PgPool) -> Result<i64, Dashb
 }
 
 /// One key rotation and its progress.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Rotation {
     pub id: Uuid,
     pub status: String,
@@ -356,24 +322,11 @@ impl Rotation {
 
 /// The newest `limit` key rotations.
 pub async fn rotations(pool: &PgPool, limit: i64) -> Result<Vec<Rotation>, DashboardError> {
-    type Row = (
-        Uuid,
-        String,
-        String,
-        Option<String>,
-        String,
-        Option<String>,
-        Option<String>,
-        i64,
-        i64,
-        i64,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT r.id, r.status, r.target_key_id, u.email,
-                to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
-                to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
-                to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
+    Ok(sqlx::query_as(
+        "SELECT r.id, r.status, r.target_key_id, u.email AS initiated_by,
+                to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"') AS created_at,
+                to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"') AS started_at,
+                to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"') AS completed_at,
                 r.total, r.done, r.failed, r.last_error
            FROM key_rotations r
            LEFT JOIN users u ON u.id = r.initiated_by
@@ -382,41 +335,11 @@ pub async fn rotations(pool: &PgPool, limit: i64) -> Result<Vec<Rotation>, Dashb
     )
     .bind(limit.clamp(1, 500))
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                id,
-                status,
-                target_key_id,
-                initiated_by,
-                created_at,
-                started_at,
-                completed_at,
-                total,
-                done,
-                failed,
-                last_error,
-            )| Rotation {
-                id,
-                status,
-                target_key_id,
-                initiated_by,
-                created_at,
-                started_at,
-                completed_at,
-                total,
-                done,
-                failed,
-                last_error,
-            },
-        )
-        .collect())
+    .await?)
 }
 
 /// One recent event, as the dashboard lists it (details are not shown).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RecentEvent {
     pub kind: String,
     pub occurred_at: String,
@@ -427,25 +350,16 @@ pub struct RecentEvent {
 
 /// The newest `limit` security events.
 pub async fn recent_events(pool: &PgPool, limit: i64) -> Result<Vec<RecentEvent>, DashboardError> {
-    type Row = (String, String, Option<String>, Option<String>, Option<Uuid>);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT type, to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
-                    host(ip), email, tenant_id
-               FROM security_events
-              ORDER BY occurred_at DESC, id
-              LIMIT $1",
+    Ok(sqlx::query_as(
+        "SELECT type AS kind,
+                to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"') AS occurred_at,
+                host(ip) AS ip, email, tenant_id
+           FROM security_events e
+          -- The column, not the formatted text the output names `occurred_at`.
+          ORDER BY e.occurred_at DESC, e.id
+          LIMIT $1",
     )
     .bind(limit.clamp(1, 500))
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(kind, occurred_at, ip, email, tenant_id)| RecentEvent {
-            kind,
-            occurred_at,
-            ip,
-            email,
-            tenant_id,
-        })
-        .collect())
+    .await?)
 }
