@@ -113,6 +113,20 @@ async fn call(
     (status, body)
 }
 
+/// `POST /v1/admin/key-rotations` as `bearer`: must answer 201; the new request's id.
+async fn request_rotation(http: &reqwest::Client, server: &TestServer, bearer: &str) -> String {
+    let (status, body) = call(
+        http,
+        server,
+        Method::POST,
+        "/v1/admin/key-rotations",
+        bearer,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
 async fn events(env: &TestEnv, kind: &str) -> Vec<Value> {
     sqlx::query_scalar(
         "SELECT jsonb_build_object('user_id', user_id, 'tenant_id', tenant_id, 'details', details)
@@ -445,15 +459,7 @@ async fn an_approver_is_checked_against_the_database_not_only_the_token() {
         token(&env, carol),
         token(&env, admin),
     );
-    let (_, body) = call(
-        &http,
-        &server,
-        Method::POST,
-        "/v1/admin/key-rotations",
-        &alice_t,
-    )
-    .await;
-    let id = body["id"].as_str().expect("id").to_owned();
+    let id = request_rotation(&http, &server, &alice_t).await;
     let approve = format!("/v1/admin/key-rotations/{id}/approve");
 
     // Without the scope at all: refused before anything else, with permission_denied.
@@ -548,15 +554,7 @@ async fn an_approval_is_single_use_and_an_expired_request_cannot_be_approved() {
     let carol = user(&env, Some("security_officer")).await;
     let (alice_t, bob_t, carol_t) = (token(&env, alice), token(&env, bob), token(&env, carol));
 
-    let (_, body) = call(
-        &http,
-        &server,
-        Method::POST,
-        "/v1/admin/key-rotations",
-        &alice_t,
-    )
-    .await;
-    let id = body["id"].as_str().expect("id").to_owned();
+    let id = request_rotation(&http, &server, &alice_t).await;
     let approve = format!("/v1/admin/key-rotations/{id}/approve");
     let (status, body) = call(&http, &server, Method::POST, &approve, &bob_t).await;
     assert_eq!(status, 202, "{body}");
@@ -588,15 +586,7 @@ async fn an_approval_is_single_use_and_an_expired_request_cannot_be_approved() {
     assert_eq!(env.count("SELECT count(*) FROM outbox").await, 1);
 
     // A request left past its expiry.
-    let (_, body) = call(
-        &http,
-        &server,
-        Method::POST,
-        "/v1/admin/key-rotations",
-        &alice_t,
-    )
-    .await;
-    let stale = body["id"].as_str().expect("id").to_owned();
+    let stale = request_rotation(&http, &server, &alice_t).await;
     let ttl: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM expires_at - created_at)::float8 FROM key_rotations
          WHERE id = $1::uuid",
