@@ -87,6 +87,14 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// An agent signed in as the security officer `OFFICER` (the sign-in must answer 303).
+    async fn officer(server: &'a TestServer) -> Self {
+        let mut agent = Self::new(server);
+        let done = agent.login(OFFICER, PASSWORD).await;
+        assert_eq!(done.status, 303, "{}", done.body);
+        agent
+    }
+
     fn cookie_header(&self) -> String {
         self.cookies
             .iter()
@@ -527,8 +535,7 @@ async fn a_user_without_security_read_cannot_sign_in_and_losing_the_role_applies
     );
     assert_eq!(wait_for_events(&env, "permission_denied", 1).await, 1);
 
-    let mut agent = Agent::new(&server);
-    assert_eq!(agent.login(OFFICER, PASSWORD).await.status, 303);
+    let mut agent = Agent::officer(&server).await;
     assert_eq!(agent.get("/admin/queues").await.status, 200);
     // The role goes (as a role change does: rows, then the scope version).
     sqlx::query("UPDATE users SET platform_role = NULL WHERE id = $1")
@@ -571,8 +578,7 @@ async fn a_retry_without_or_with_a_wrong_token_is_refused_and_the_right_token_re
     create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
     let job_id = dead_job(&env).await;
     let server = env.start_server().await;
-    let mut agent = Agent::new(&server);
-    assert_eq!(agent.login(OFFICER, PASSWORD).await.status, 303);
+    let mut agent = Agent::officer(&server).await;
     let queues = agent.get("/admin/queues").await;
     assert_eq!(queues.status, 200);
     assert!(queues.body.contains(&job_id), "the dead job is listed");
@@ -684,8 +690,7 @@ async fn hostile_tenant_names_emails_and_error_texts_render_inert() {
         .expect("hset");
 
     let server = env.start_server().await;
-    let mut agent = Agent::new(&server);
-    assert_eq!(agent.login(OFFICER, PASSWORD).await.status, 303);
+    let mut agent = Agent::officer(&server).await;
     let mut seen = 0;
     for path in PAGES {
         let page = agent.get(path).await;
@@ -730,8 +735,7 @@ async fn logout_deletes_the_session_server_side_and_needs_its_token() {
     let env = TestEnv::new().await;
     create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
     let server = env.start_server().await;
-    let mut agent = Agent::new(&server);
-    assert_eq!(agent.login(OFFICER, PASSWORD).await.status, 303);
+    let mut agent = Agent::officer(&server).await;
     let page = agent.get("/admin").await;
     let csrf = page.csrf();
     let stolen = agent.cookies["__Host-gh_admin"].clone();
@@ -762,8 +766,7 @@ async fn a_session_past_its_absolute_lifetime_is_gone_however_busy() {
     let env = TestEnv::new().await;
     create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
     let server = env.start_server().await;
-    let mut agent = Agent::new(&server);
-    assert_eq!(agent.login(OFFICER, PASSWORD).await.status, 303);
+    let mut agent = Agent::officer(&server).await;
     assert_eq!(agent.get("/admin").await.status, 200);
     // Pretend it was created 12 hours and a minute ago (it stayed busy: the idle TTL is fresh).
     let mut redis = env.redis.clone();
