@@ -233,6 +233,22 @@ async fn traffic_and_scrapes(env: &TestEnv) -> (String, String) {
     let ingress = scrape(&http, &server.url("/metrics")).await;
 
     // The worker's health port serves the same families (jobs are produced there).
+    let (addr, health) = worker_health(env, None).await;
+    let worker_text = scrape(&http, &format!("http://{addr}/metrics")).await;
+    health.abort();
+    worker.stop().await.expect("worker stops");
+    server.stop().await;
+    (ingress, worker_text)
+}
+
+/// A worker's health and metrics server on a free loopback port, as `gatehouse work` runs it.
+async fn worker_health(
+    env: &TestEnv,
+    token: Option<secrecy::SecretString>,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -245,14 +261,10 @@ async fn traffic_and_scrapes(env: &TestEnv) -> (String, String) {
             handle: gatehouse::monitoring::install(),
             redis: env.redis.clone(),
             namespace: env.namespace.clone(),
-            token: None,
+            token,
         },
     ));
-    let worker_text = scrape(&http, &format!("http://{addr}/metrics")).await;
-    health.abort();
-    worker.stop().await.expect("worker stops");
-    server.stop().await;
-    (ingress, worker_text)
+    (addr, health)
 }
 
 fn env_vars(vars: &mut std::collections::HashMap<String, String>) {
@@ -409,21 +421,7 @@ async fn with_a_metrics_token_both_metrics_endpoints_refuse_scrapes_without_it()
     })
     .await;
     let server = env.start_server().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let worker_addr = listener.local_addr().expect("addr");
-    let health = tokio::spawn(serve_worker_health(
-        listener,
-        RedisHealth::default(),
-        env.pool.clone(),
-        Scrape {
-            handle: gatehouse::monitoring::install(),
-            redis: env.redis.clone(),
-            namespace: env.namespace.clone(),
-            token: env.worker_options().metrics_token,
-        },
-    ));
+    let (worker_addr, health) = worker_health(&env, env.worker_options().metrics_token).await;
     let http = reqwest::Client::new();
     for url in [
         server.url("/metrics"),
