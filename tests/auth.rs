@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -73,25 +72,6 @@ async fn add_member(env: &TestEnv, tenant: Uuid, user: Uuid, role: TenantRole) {
         .execute(&env.pool)
         .await
         .expect("membership");
-}
-
-async fn events(env: &TestEnv, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM security_events WHERE type = $1")
-        .bind(kind)
-        .fetch_one(&env.pool)
-        .await
-        .expect("count")
-}
-
-async fn wait_for_events(env: &TestEnv, kind: &str, at_least: i64) -> i64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = events(env, kind).await;
-        if n >= at_least || std::time::Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn status(request: RequestBuilder) -> u16 {
@@ -318,7 +298,7 @@ async fn an_unknown_email_and_a_wrong_password_get_the_same_answer_and_a_failed_
     assert_eq!(answers[0].0, StatusCode::UNAUTHORIZED);
     assert_eq!(answers[0], answers[1], "same status and body");
     assert!(answers[0].1.contains("invalid_credentials"));
-    assert_eq!(wait_for_events(&env, "failed_login", 2).await, 2);
+    assert_eq!(env.wait_for_events("failed_login", 2).await, 2);
     // Recorded off the request path, so in either order.
     let rows: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
         "SELECT email, host(ip) FROM security_events WHERE type = 'failed_login' ORDER BY email",
@@ -480,7 +460,7 @@ async fn forged_expired_and_foreign_tokens_are_refused_with_401() {
         .expect("me");
     assert_eq!(ok.status(), 200);
     assert_eq!(
-        wait_for_events(&env, "failed_login", expected_events).await,
+        env.wait_for_events("failed_login", expected_events).await,
         expected_events
     );
     server.stop().await;
@@ -624,7 +604,7 @@ async fn every_protected_endpoint_checks_its_scope_and_logs_permission_denied() 
     );
 
     // 2 + 3 + 3 refusals above, each one event naming the scope.
-    assert_eq!(wait_for_events(&env, "permission_denied", 8).await, 8);
+    assert_eq!(env.wait_for_events("permission_denied", 8).await, 8);
     let scopes: Vec<String> = sqlx::query_scalar("SELECT DISTINCT details->>'scope' FROM security_events WHERE type = 'permission_denied' ORDER BY 1")
         .fetch_all(&env.pool)
         .await
@@ -844,7 +824,7 @@ async fn the_ip_limit_holds_against_spoofed_forwarded_headers_and_answers_429_wi
         0,
         "the refused request was not processed"
     );
-    assert!(wait_for_events(&env, "rate_limit_exceeded", 3).await >= 3);
+    assert!(env.wait_for_events("rate_limit_exceeded", 3).await >= 3);
     let ip: String = sqlx::query_scalar(
         "SELECT host(ip) FROM security_events WHERE type = 'rate_limit_exceeded' LIMIT 1",
     )

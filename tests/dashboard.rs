@@ -195,25 +195,6 @@ fn tags(html: &str) -> Vec<&str> {
     out
 }
 
-async fn events(env: &TestEnv, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM security_events WHERE type = $1")
-        .bind(kind)
-        .fetch_one(&env.pool)
-        .await
-        .expect("count")
-}
-
-async fn wait_for_events(env: &TestEnv, kind: &str, at_least: i64) -> i64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = events(env, kind).await;
-        if n >= at_least || std::time::Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits (at most 10 s) for `at_least` CSRF refusals to be recorded; returns the count.
 async fn csrf_events(env: &TestEnv, at_least: i64) -> i64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -334,7 +315,7 @@ async fn a_wrong_password_and_an_unknown_email_get_the_same_answer_and_failed_lo
     assert!(unknown.body.contains(message), "{}", unknown.body);
     assert!(!agent.cookies.contains_key("__Host-gh_admin"), "no session");
     assert_eq!(session_keys(&env).await, 0);
-    assert_eq!(wait_for_events(&env, "failed_login", 2).await, 2);
+    assert_eq!(env.wait_for_events("failed_login", 2).await, 2);
     let (emails, surfaces): (Vec<Option<String>>, Vec<Option<String>>) = sqlx::query_as::<_, (Option<String>, Option<String>)>(
         "SELECT email, details->>'surface' FROM security_events WHERE type = 'failed_login' ORDER BY email",
     )
@@ -533,7 +514,7 @@ async fn a_user_without_security_read_cannot_sign_in_and_losing_the_role_applies
         !admin.cookies.contains_key("__Host-gh_admin"),
         "no session for them"
     );
-    assert_eq!(wait_for_events(&env, "permission_denied", 1).await, 1);
+    assert_eq!(env.wait_for_events("permission_denied", 1).await, 1);
 
     let mut agent = Agent::officer(&server).await;
     assert_eq!(agent.get("/admin/queues").await.status, 200);
@@ -551,7 +532,7 @@ async fn a_user_without_security_read_cannot_sign_in_and_losing_the_role_applies
     for path in PAGES {
         assert_eq!(agent.get(path).await.status, 403, "{path}");
     }
-    assert!(wait_for_events(&env, "permission_denied", 7).await >= 7);
+    assert!(env.wait_for_events("permission_denied", 7).await >= 7);
     // Deactivated: the session is dropped altogether.
     sqlx::query(
         "UPDATE users SET platform_role = 'security_officer', is_active = false WHERE id = $1",

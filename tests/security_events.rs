@@ -40,14 +40,6 @@ fn log(env: &TestEnv) -> SecurityLog {
     SecurityLog::new(env.pool.clone(), env.redis.clone(), env.namespace.clone())
 }
 
-async fn count(env: &TestEnv, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM security_events WHERE type = $1")
-        .bind(kind)
-        .fetch_one(&env.pool)
-        .await
-        .expect("count")
-}
-
 async fn alerts(env: &TestEnv) -> Vec<Value> {
     sqlx::query_scalar(
         "SELECT details FROM security_events WHERE type = 'suspicious_activity' ORDER BY occurred_at",
@@ -55,17 +47,6 @@ async fn alerts(env: &TestEnv) -> Vec<Value> {
     .fetch_all(&env.pool)
     .await
     .expect("alerts")
-}
-
-async fn wait_for(env: &TestEnv, kind: &str, want: i64) -> i64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = count(env, kind).await;
-        if n >= want || std::time::Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +59,7 @@ async fn ten_failed_logins_from_one_ip_in_a_window_raise_exactly_one_alert() {
         log.record(failed_login(ip, start + Duration::from_secs(i * 10)))
             .await;
     }
-    assert_eq!(count(&env, "failed_login").await, 15);
+    assert_eq!(env.events_of("failed_login").await, 15);
     let alerts = alerts(&env).await;
     assert_eq!(alerts.len(), 1, "one alert per window: {alerts:?}");
     assert_eq!(alerts[0]["rule"], "failed_logins_per_ip");
@@ -113,7 +94,7 @@ async fn nine_failed_logins_from_one_ip_raise_no_alert_and_other_ips_count_apart
         ))
         .await;
     }
-    assert_eq!(count(&env, "failed_login").await, 18);
+    assert_eq!(env.events_of("failed_login").await, 18);
     assert!(alerts(&env).await.is_empty());
     env.cleanup().await;
 }
@@ -167,7 +148,7 @@ async fn two_ingress_processes_sharing_redis_agree_on_one_window() {
     for task in tasks {
         task.await.expect("recorded");
     }
-    assert_eq!(count(&env, "failed_login").await, 10);
+    assert_eq!(env.events_of("failed_login").await, 10);
     let alerts = alerts(&env).await;
     assert_eq!(alerts.len(), 1, "the fleet raised {alerts:?}");
     env.cleanup().await;
@@ -194,8 +175,8 @@ async fn forged_tokens_over_http_are_failed_logins_that_raise_one_alert_for_thei
             .expect("request");
         assert_eq!(r.status(), 401);
     }
-    assert_eq!(wait_for(&env, "failed_login", 12).await, 12);
-    assert_eq!(wait_for(&env, "suspicious_activity", 1).await, 1);
+    assert_eq!(env.wait_for_events("failed_login", 12).await, 12);
+    assert_eq!(env.wait_for_events("suspicious_activity", 1).await, 1);
     let alerts = alerts(&env).await;
     assert_eq!(alerts[0]["rule"], "failed_logins_per_ip");
     assert_eq!(alerts[0]["subject"], "ip:192.0.2.77");
@@ -281,9 +262,9 @@ async fn with_redis_down_events_are_still_recorded_without_alerts() {
     let mut event = SecurityEvent::new(EventType::EncryptionError);
     event.details = serde_json::json!({"operation": "open"});
     log.record(event).await;
-    assert_eq!(count(&env, "failed_login").await, 10);
-    assert_eq!(count(&env, "encryption_error").await, 1);
-    assert_eq!(count(&env, "suspicious_activity").await, 0);
+    assert_eq!(env.events_of("failed_login").await, 10);
+    assert_eq!(env.events_of("encryption_error").await, 1);
+    assert_eq!(env.events_of("suspicious_activity").await, 0);
     // Counted, so Prometheus can tell alerting is degraded.
     assert!(counter(&metrics, "gatehouse_security_alert_failures_total") >= 11.0);
     env.cleanup().await;
@@ -305,7 +286,7 @@ async fn a_failed_insert_never_fails_the_caller() {
         OffsetDateTime::now_utc(),
     ))
     .await;
-    assert_eq!(count(&env, "failed_login").await, 0);
+    assert_eq!(env.events_of("failed_login").await, 0);
     assert!(counter(&metrics, "gatehouse_security_event_insert_failures_total") >= 1.0);
     env.cleanup().await;
 }
@@ -322,14 +303,14 @@ async fn events_spawned_just_before_shutdown_are_all_recorded_once_drained() {
     }
     // What `http::serve` does once its connections are closed: no sleeping, no polling.
     assert!(log.drain(Duration::from_secs(10)).await, "drained in time");
-    assert_eq!(count(&env, "failed_login").await, 20);
+    assert_eq!(env.events_of("failed_login").await, 20);
     // The log keeps recording after a drain.
     log.spawn(failed_login(
         "203.0.113.99".parse().expect("ip"),
         OffsetDateTime::now_utc(),
     ));
     assert!(log.drain(Duration::from_secs(10)).await);
-    assert_eq!(count(&env, "failed_login").await, 21);
+    assert_eq!(env.events_of("failed_login").await, 21);
     env.cleanup().await;
 }
 
@@ -506,7 +487,7 @@ async fn reading_security_events_needs_security_read_and_bad_filters_are_invalid
     assert_eq!(r.status(), 403);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "forbidden");
-    assert_eq!(wait_for(&env, "permission_denied", 1).await, 1);
+    assert_eq!(env.wait_for_events("permission_denied", 1).await, 1);
     let denied_user: Option<Uuid> =
         sqlx::query_scalar("SELECT user_id FROM security_events WHERE type = 'permission_denied'")
             .fetch_one(&env.pool)

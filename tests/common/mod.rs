@@ -312,6 +312,28 @@ impl TestEnv {
         }
     }
 
+    /// How many security events of `kind` are stored.
+    pub async fn events_of(&self, kind: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM security_events WHERE type = $1")
+            .bind(kind)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count security events")
+    }
+
+    /// Polls until at least `at_least` events of `kind` are stored (events are recorded off
+    /// the request's path) or 10 s pass; returns the last count.
+    pub async fn wait_for_events(&self, kind: &str, at_least: i64) -> i64 {
+        let start = Instant::now();
+        loop {
+            let n = self.events_of(kind).await;
+            if n >= at_least || start.elapsed() > Duration::from_secs(10) {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Drops the database and the namespace's keys. (A test that panics before calling it
     /// is cleaned up by `Drop`.)
     pub async fn cleanup(mut self) {
