@@ -125,6 +125,28 @@ async fn the_openapi_document_lists_every_route_the_router_serves_and_nothing_el
         );
     }
 
+    // Every operation with a JSON request body documents what a bad body gets.
+    let mut with_body = 0;
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in METHODS {
+            let Some(op) = item.get(method) else { continue };
+            let json_body = op["requestBody"]["content"]
+                .as_object()
+                .is_some_and(|c| c.contains_key("application/json"));
+            if !json_body {
+                continue;
+            }
+            with_body += 1;
+            for status in ["400", "413", "415"] {
+                assert!(
+                    op["responses"][status]["content"]["application/json"].is_object(),
+                    "{method} {path} documents no {status} error body"
+                );
+            }
+        }
+    }
+    assert!(with_body >= 7, "operations with a JSON body: {with_body}");
+
     // The bearer scheme, the error body and the security events' read-back shape.
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],

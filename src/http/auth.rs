@@ -109,10 +109,8 @@ fn token_response(
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Registered", body = super::openapi::Registered),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 409, description = "Conflict", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
@@ -145,10 +143,8 @@ pub async fn register(
     request_body = LoginRequest,
     responses(
         (status = 200, description = "Logged in", body = super::openapi::TokenResponse),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
@@ -226,10 +222,8 @@ pub(crate) async fn check_password(
     request_body = TokenRequest,
     responses(
         (status = 200, description = "Issued", body = super::openapi::TokenResponse),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]

@@ -20,6 +20,22 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// What every endpoint that reads a request body may answer about that body, besides its own
+/// answers (for the OpenAPI document: `responses(..., BodyErrors)`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum BodyErrors {
+    /// Malformed request (`invalid_request` / `invalid_payload`)
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// Body too large (`payload_too_large`)
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Wrong content type (`unsupported_media_type`)
+    #[response(status = 415)]
+    WrongType(ErrorBody),
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,

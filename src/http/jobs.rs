@@ -36,12 +36,10 @@ static VALIDATORS: LazyLock<Result<PayloadValidators, SchemaError>> =
     request_body(content = Object, description = "The job payload (see `jobs/schemas/`)"),
     responses(
         (status = 202, description = "Enqueued", body = super::openapi::JobAccepted),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
         (status = 404, description = "No such resource", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]

@@ -47,12 +47,10 @@ fn path_uuid(raw: &str) -> Result<Uuid, ApiError> {
     request_body = CreateTenant,
     responses(
         (status = 201, description = "Created", body = super::openapi::Created),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
         (status = 409, description = "Conflict", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
@@ -110,12 +108,10 @@ pub struct SetRole {
     request_body = SetRole,
     responses(
         (status = 200, description = "Membership set", body = super::openapi::MemberSet),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
         (status = 404, description = "No such resource", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
@@ -209,12 +205,10 @@ fn default_mode() -> SyncMode {
     request_body = SyncRequest,
     responses(
         (status = 202, description = "Sync enqueued", body = super::openapi::JobAccepted),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
         (status = 404, description = "No such resource", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]

@@ -139,10 +139,8 @@ fn twiml() -> Response {
         content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "Accepted (empty TwiML)", content_type = "text/xml"),
-        (status = 400, description = "Malformed request (`invalid_request` / `invalid_payload`)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = super::error::ErrorBody),
-        (status = 415, description = "Wrong content type (`unsupported_media_type`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
 pub async fn twilio_message(
