@@ -66,6 +66,14 @@ pub const VARIABLES: &[&str] = &[
     "METRICS_TOKEN",
     "KEY_ROTATION_BATCH_SIZE",
     "KEY_ROTATION_APPROVAL_TTL_SECONDS",
+    "RATE_LIMIT_UNAUTHENTICATED_IP",
+    "HTTP_HEADER_TIMEOUT_SECONDS",
+    "HTTP_MAX_CONNECTIONS",
+    "STORE_ALLOWED_NETWORKS",
+    "CATALOG_SYNC_DEADLINE_SECONDS",
+    "PASSWORD_HASH_QUEUE",
+    "SECURITY_EVENT_RETENTION_DAYS",
+    "PROCESSED_JOB_RETENTION_DAYS",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -82,6 +90,10 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MIN_SECRET_CHARS: usize = 32;
 /// Minimum number of distinct characters in `JWT_SECRET_KEY`.
 pub const MIN_JWT_DISTINCT_CHARS: usize = 16;
+/// How long the ingress remembers a webhook's `MessageSid` (and `POST /v1/jobs` an
+/// idempotency key), so the same delivery never makes a second job: 7 days.
+/// `PROCESSED_JOB_RETENTION_DAYS` must outlast it.
+pub const WEBHOOK_DEDUPE_SECONDS: u64 = 7 * 24 * 3600;
 /// Largest accepted `MAX_BODY_BYTES` (64 MiB).
 pub const MAX_BODY_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -282,7 +294,32 @@ pub struct RetryPolicies {
     pub rotate_keys: RetryPolicy,
 }
 
+impl RetryPolicy {
+    /// The longest a job can take from its first run to its last retry: the sum of every
+    /// retry's largest delay, `min(cap, base * 2^(n-1))` for n = 1 .. max_attempts - 1.
+    pub fn longest_schedule(&self) -> Duration {
+        let mut total = Duration::ZERO;
+        for n in 1..self.max_attempts {
+            let doubled = self
+                .base
+                .checked_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX))
+                .unwrap_or(self.cap);
+            total = total.saturating_add(doubled.min(self.cap));
+        }
+        total
+    }
+}
+
 impl RetryPolicies {
+    /// The longest retry schedule of any queue (see [`RetryPolicy::longest_schedule`]).
+    pub fn longest_schedule(&self) -> Duration {
+        [self.inbound_message, self.sync_catalog, self.rotate_keys]
+            .iter()
+            .map(RetryPolicy::longest_schedule)
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The policy of a queue by its name (`inbound_message`, …); `None` for an unknown queue.
     pub fn for_queue(&self, queue: &str) -> Option<RetryPolicy> {
         match queue {
@@ -386,6 +423,32 @@ pub struct Config {
     /// worker) requires `Authorization: Bearer` with it. Unset: `/metrics` is open (restrict it
     /// at the network).
     pub metrics_token: Option<SecretString>,
+    /// `RATE_LIMIT_UNAUTHENTICATED_IP`, default `60/m`: refused unauthenticated requests
+    /// (forged or unknown-tenant webhooks, missing/garbage/forged bearer tokens, dashboard
+    /// session and CSRF refusals) per client IP (IPv6 by /64) before the answer turns to 429.
+    pub rate_limit_unauthenticated_ip: Rate,
+    /// `HTTP_HEADER_TIMEOUT_SECONDS`, default 10, 1..=300: a connection whose request headers
+    /// are not complete this long after it opened (or after its previous response) is closed.
+    pub http_header_timeout_seconds: u64,
+    /// `HTTP_MAX_CONNECTIONS`, default 10 000, 1..=1 000 000: open connections per listener;
+    /// past it new connections wait in the kernel's backlog until one closes.
+    pub http_max_connections: usize,
+    /// `STORE_ALLOWED_NETWORKS`: CIDRs a store URL may point into although the address is
+    /// loopback, private, link-local, CGNAT, multicast or unspecified; default none.
+    pub store_allowed_networks: Vec<IpNet>,
+    /// `CATALOG_SYNC_DEADLINE_SECONDS`, default 600, 10..=86 400: the whole-job time budget of
+    /// one catalog sync attempt (every page fetched and applied within it).
+    pub catalog_sync_deadline_seconds: u64,
+    /// `PASSWORD_HASH_QUEUE`, default 64, 1..=100 000: password hashes (login, register)
+    /// that may wait for a hashing thread; past it a login answers 503 at once.
+    pub password_hash_queue: usize,
+    /// `SECURITY_EVENT_RETENTION_DAYS`, default 90, 1..=36 500: older `security_events` rows
+    /// are deleted by the workers.
+    pub security_event_retention_days: u64,
+    /// `PROCESSED_JOB_RETENTION_DAYS`, default 30, 1..=36 500, and longer than both the
+    /// webhook dedupe window (7 days) and every queue's longest retry schedule: older
+    /// `processed_jobs` rows (and finished `catalog_syncs`) are deleted by the workers.
+    pub processed_job_retention_days: u64,
 }
 
 impl Config {
@@ -467,15 +530,7 @@ impl Config {
 
         let keyring = read_keyring(&mut r);
 
-        let trusted_proxies = r.list("TRUSTED_PROXIES", |entry| {
-            if let Ok(net) = entry.parse::<IpNet>() {
-                Ok(net.trunc())
-            } else if let Ok(ip) = entry.parse::<IpAddr>() {
-                Ok(IpNet::from(ip))
-            } else {
-                Err("must be an IP address or CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32".to_owned())
-            }
-        });
+        let trusted_proxies = r.list("TRUSTED_PROXIES", parse_network);
 
         let public_base_url = r.optional_parse("PUBLIC_BASE_URL", |s| parse_public_base(s, debug));
 
@@ -588,6 +643,33 @@ impl Config {
             }
         }
 
+        let rate_limit_unauthenticated_ip =
+            r.rate("RATE_LIMIT_UNAUTHENTICATED_IP", Rate::per_minute(60));
+        let http_header_timeout_seconds = r.integer("HTTP_HEADER_TIMEOUT_SECONDS", 10u64, 1, 300);
+        let http_max_connections = r.integer("HTTP_MAX_CONNECTIONS", 10_000usize, 1, 1_000_000);
+        let store_allowed_networks = r.list("STORE_ALLOWED_NETWORKS", parse_network);
+        let catalog_sync_deadline_seconds =
+            r.integer("CATALOG_SYNC_DEADLINE_SECONDS", 600u64, 10, 86_400);
+        let password_hash_queue = r.integer("PASSWORD_HASH_QUEUE", 64usize, 1, 100_000);
+        let security_event_retention_days =
+            r.integer("SECURITY_EVENT_RETENTION_DAYS", 90u64, 1, 36_500);
+        let processed_job_retention_days =
+            r.integer("PROCESSED_JOB_RETENTION_DAYS", 30u64, 1, 36_500);
+        let must_outlast = retry
+            .longest_schedule()
+            .as_secs()
+            .max(WEBHOOK_DEDUPE_SECONDS);
+        if processed_job_retention_days.saturating_mul(86_400) <= must_outlast {
+            r.problem(
+                "PROCESSED_JOB_RETENTION_DAYS",
+                format!(
+                    "must be more than {} days: the webhook dedupe window (7 days) and the longest \
+                     retry schedule (JOB_RETRY_*) must end before a job's exactly-once marker goes",
+                    must_outlast / 86_400
+                ),
+            );
+        }
+
         let problems = r.finish();
         match (database_url, secret_key, jwt_secret_key, keyring) {
             (Some(database_url), Some(secret_key), Some(jwt_secret_key), Some(keyring))
@@ -628,6 +710,14 @@ impl Config {
                     metrics_token,
                     key_rotation_batch_size,
                     key_rotation_approval_ttl_seconds,
+                    rate_limit_unauthenticated_ip,
+                    http_header_timeout_seconds,
+                    http_max_connections,
+                    store_allowed_networks,
+                    catalog_sync_deadline_seconds,
+                    password_hash_queue,
+                    security_event_retention_days,
+                    processed_job_retention_days,
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -779,6 +869,17 @@ fn read_retry_policy<F: Fn(&str) -> Lookup>(
         base: Duration::from_millis(base),
         cap: Duration::from_millis(cap),
         max_attempts,
+    }
+}
+
+/// A CIDR (host bits cleared: `10.1.2.3/8` → `10.0.0.0/8`) or a bare IP (a /32 or /128).
+fn parse_network(entry: &str) -> Result<IpNet, String> {
+    if let Ok(net) = entry.parse::<IpNet>() {
+        Ok(net.trunc())
+    } else if let Ok(ip) = entry.parse::<IpAddr>() {
+        Ok(IpNet::from(ip))
+    } else {
+        Err("must be an IP address or CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32".to_owned())
     }
 }
 
@@ -1103,6 +1204,88 @@ mod tests {
         assert_eq!(cfg.retry.rotate_keys.max_attempts, 4);
         assert_eq!(cfg.job_retention_seconds, 3600);
         assert_eq!(cfg.store_timeout_ms, 10_000);
+        assert_eq!(cfg.rate_limit_unauthenticated_ip.to_string(), "60/m");
+        assert_eq!(cfg.http_header_timeout_seconds, 10);
+        assert_eq!(cfg.http_max_connections, 10_000);
+        assert!(cfg.store_allowed_networks.is_empty());
+        assert_eq!(cfg.catalog_sync_deadline_seconds, 600);
+        assert_eq!(cfg.password_hash_queue, 64);
+        assert_eq!(cfg.security_event_retention_days, 90);
+        assert_eq!(cfg.processed_job_retention_days, 30);
+    }
+
+    #[test]
+    fn hostile_traffic_settings_are_validated_and_named() {
+        fails_on(
+            &[("RATE_LIMIT_UNAUTHENTICATED_IP", "0/m")],
+            "RATE_LIMIT_UNAUTHENTICATED_IP",
+        );
+        fails_on(
+            &[("HTTP_HEADER_TIMEOUT_SECONDS", "0")],
+            "HTTP_HEADER_TIMEOUT_SECONDS",
+        );
+        fails_on(&[("HTTP_MAX_CONNECTIONS", "ten")], "HTTP_MAX_CONNECTIONS");
+        fails_on(
+            &[("STORE_ALLOWED_NETWORKS", "127.0.0.0/8,nope")],
+            "STORE_ALLOWED_NETWORKS[1]",
+        );
+        fails_on(
+            &[("CATALOG_SYNC_DEADLINE_SECONDS", "1")],
+            "CATALOG_SYNC_DEADLINE_SECONDS",
+        );
+        fails_on(&[("PASSWORD_HASH_QUEUE", "0")], "PASSWORD_HASH_QUEUE");
+        fails_on(
+            &[("SECURITY_EVENT_RETENTION_DAYS", "0")],
+            "SECURITY_EVENT_RETENTION_DAYS",
+        );
+        let cfg = load(&with(&[(
+            "STORE_ALLOWED_NETWORKS",
+            "127.0.0.1, 10.1.2.3/8, ::1",
+        )]))
+        .unwrap();
+        assert_eq!(
+            cfg.store_allowed_networks,
+            vec![
+                "127.0.0.1/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+                "::1/128".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn processed_jobs_must_outlast_the_dedupe_window_and_the_longest_retry_schedule() {
+        let p = fails_on(
+            &[("PROCESSED_JOB_RETENTION_DAYS", "7")],
+            "PROCESSED_JOB_RETENTION_DAYS",
+        );
+        assert!(p.rule.contains("dedupe"), "{p}");
+        assert!(load(&with(&[("PROCESSED_JOB_RETENTION_DAYS", "8")])).is_ok());
+        // 100 attempts capped at 7 days each: about 690 days of retries.
+        let long = [
+            ("JOB_MAX_ATTEMPTS_SYNC_CATALOG", "100"),
+            ("JOB_RETRY_CAP_MS_SYNC_CATALOG", "604800000"),
+        ];
+        fails_on(&long, "PROCESSED_JOB_RETENTION_DAYS");
+        let mut longer = long.to_vec();
+        longer.push(("PROCESSED_JOB_RETENTION_DAYS", "700"));
+        assert!(load(&with(&longer)).is_ok());
+    }
+
+    #[test]
+    fn the_longest_retry_schedule_sums_each_capped_delay() {
+        let policy = RetryPolicy {
+            base: Duration::from_secs(5),
+            cap: Duration::from_secs(12),
+            max_attempts: 4,
+        };
+        // retries 1, 2, 3: 5 s, 10 s, min(12, 20) = 12 s
+        assert_eq!(policy.longest_schedule(), Duration::from_secs(27));
+        let one = RetryPolicy {
+            max_attempts: 1,
+            ..policy
+        };
+        assert_eq!(one.longest_schedule(), Duration::ZERO);
     }
 
     #[test]

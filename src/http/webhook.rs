@@ -26,7 +26,7 @@ use crate::security::twilio;
 
 /// How long a MessageSid is remembered in Redis for deduplication (Twilio retries within
 /// hours; the database's unique key is the lasting guarantee).
-pub const DEDUPE_TTL_SECONDS: u64 = 7 * 24 * 3600;
+pub const DEDUPE_TTL_SECONDS: u64 = crate::config::WEBHOOK_DEDUPE_SECONDS;
 
 /// `gatehouse_webhook_verifications_total{result="valid"}`, registered once: it counts every
 /// accepted webhook, the hottest path there is.
