@@ -3,7 +3,8 @@
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
 //! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`,
 //! `classify`, `llm`, `queue`, `rotation`, `outbox`); the bottom
-//! (`security`, `config`, `events`, `db`). No module imports a floor above its own.
+//! (`security`, `config`, `events`, `db`, and `server`, the HTTP/1.1 server loop both edges
+//! run). No module imports a floor above its own.
 
 pub mod access;
 pub mod accounts;
@@ -24,5 +25,6 @@ pub mod queue;
 pub mod ratelimit;
 pub mod rotation;
 pub mod security;
+pub mod server;
 pub mod tenants;
 pub mod worker;

@@ -364,3 +364,69 @@ async fn dev_exits_1_when_its_port_is_taken_instead_of_lingering_half_alive() {
     drop(taken);
     env.cleanup().await;
 }
+
+/// The local addresses (as /proc/net/tcp{,6} spell them) of the sockets listening on `port`.
+fn listening_addresses(port: u16) -> Vec<String> {
+    let port = format!("{port:04X}");
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let [_, local, _, state, ..] = fields[..]
+                && state == "0A"
+                && let Some((ip, p)) = local.split_once(':')
+                && p == port
+            {
+                found.push(ip.to_owned());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_listens_on_loopback_unless_told_otherwise_and_logs_where() {
+    let env = TestEnv::new().await;
+    let (port, health_port) = (free_port(), free_port());
+    let mut dev = Command::new(BIN)
+        .arg("dev")
+        .env_clear()
+        .envs(env.vars.iter())
+        .env("DEBUG", "true")
+        .env("PORT", port.to_string())
+        .env("WORKER_HEALTH_PORT", health_port.to_string())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dev");
+    let stderr = dev.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
+    wait_healthy(&format!("http://127.0.0.1:{health_port}/healthz")).await;
+    // 127.0.0.1 as /proc/net/tcp spells it; no wildcard (0.0.0.0 or ::) listener.
+    assert_eq!(listening_addresses(port), ["0100007F"]);
+    assert_eq!(listening_addresses(health_port), ["0100007F"]);
+    assert!(terminate(&mut dev).success(), "dev exits 0 on SIGTERM");
+    // The process is gone, so the reader reaches the end of its stderr.
+    let logged: Vec<String> = lines.iter().collect();
+    let serving = format!("127.0.0.1:{port}");
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("serving") && l.contains(&serving)),
+        "the log names the address: {logged:#?}"
+    );
+    env.cleanup().await;
+}

@@ -255,6 +255,7 @@ async fn worker_health(
     let addr = listener.local_addr().expect("addr");
     let health = tokio::spawn(serve_worker_health(
         listener,
+        gatehouse::server::Limits::from_config(&env.config),
         RedisHealth::default(),
         env.pool.clone(),
         Scrape {
@@ -263,6 +264,7 @@ async fn worker_health(
             namespace: env.namespace.clone(),
             token,
         },
+        std::future::pending(),
     ));
     (addr, health)
 }

@@ -777,3 +777,174 @@ async fn signatures_made_by_twilios_own_library_are_accepted_over_http() {
     server.stop().await;
     env.cleanup().await;
 }
+
+/// Twilio's fields plus numbered filler, `total` parameters in all.
+fn params_totalling(sid: &str, total: usize) -> Vec<(String, String)> {
+    let mut params = sms_params(sid, "+14155550100", "hello");
+    let filler = total - params.len();
+    params.extend((0..filler).map(|i| (format!("p{i}"), "v".to_owned())));
+    assert_eq!(params.len(), total);
+    params
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_form_of_1000_parameters_is_verified_and_accepted() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let r = signed_form(
+        &client(),
+        &server,
+        tenant,
+        &params_totalling(&message_sid(), 1_000),
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.queued("inbound_message").await, 1);
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_form_of_1001_parameters_is_refused_with_400_before_its_signature_is_checked() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let http = client();
+    let expect_400 = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 400);
+        let json: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(json["error"]["code"], "invalid_request");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("1000 parameters")),
+            "{json}"
+        );
+    };
+    // Correctly signed: still refused, the count comes first.
+    let too_many = params_totalling(&message_sid(), 1_001);
+    expect_400(
+        signed_form(&http, &server, tenant, &too_many)
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    // What the issue measured: a 1 MiB body of bare names, for a known tenant and for an
+    // unknown one, with a forged signature.
+    let bare = "a&".repeat(512 * 1024 - 1);
+    for target in [tenant, uuid::Uuid::new_v4()] {
+        expect_400(
+            http.post(server.url(&webhook_path(target)))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-forwarded-proto", "https")
+                .header("x-twilio-signature", "bCKNFa1ALlAtW1bWNwG18+MUxZY=")
+                .body(bare.clone())
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
+    }
+    // None of them left an event: a forgery sent after them leaves the first and only one.
+    let forged = http
+        .post(server.url(&webhook_path(tenant)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", "bCKNFa1ALlAtW1bWNwG18+MUxZY=")
+        .body("MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(forged.status(), 403);
+    assert_eq!(env.wait_for_events("invalid_webhook_signature", 1).await, 1);
+    server.stop().await;
+    assert_eq!(env.events_of("invalid_webhook_signature").await, 1);
+    assert_eq!(
+        env.queued("inbound_message").await,
+        0,
+        "nothing was enqueued"
+    );
+    env.cleanup().await;
+}
+
+/// A JSON body signed as Twilio signs one: the URL carries the body's SHA-256.
+fn signed_json(
+    http: &reqwest::Client,
+    server: &TestServer,
+    tenant: uuid::Uuid,
+    body: &str,
+) -> reqwest::RequestBuilder {
+    use gatehouse::security::twilio::{Algorithm, body_sha256_hex, sign_form};
+    let path = format!(
+        "{}?bodySHA256={}",
+        webhook_path(tenant),
+        body_sha256_hex(body.as_bytes())
+    );
+    let signature = sign_form(
+        &format!("{PUBLIC_BASE}{path}"),
+        &[],
+        TOKEN.as_bytes(),
+        Algorithm::HmacSha1,
+    );
+    http.post(server.url(&path))
+        .header("content-type", "application/json")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", signature)
+        .body(body.to_owned())
+}
+
+fn json_members(sid: &str, total: usize) -> String {
+    let mut members = serde_json::Map::new();
+    members.insert("MessageSid".into(), sid.into());
+    members.insert("From".into(), "+14155550100".into());
+    members.insert("Body".into(), "hello".into());
+    for i in 0..total - 3 {
+        members.insert(format!("p{i}"), serde_json::json!({"nested": [i]}));
+    }
+    serde_json::Value::Object(members).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_json_body_is_read_up_to_1000_members_and_refused_past_them() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let http = client();
+    let r = signed_json(&http, &server, tenant, &json_members(&message_sid(), 1_000))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let r = signed_json(&http, &server, tenant, &json_members(&message_sid(), 1_001))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 400);
+    let json: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(json["error"]["code"], "invalid_request");
+    // Not JSON at all, and JSON that is not an object, are what they were.
+    for (body, needle) in [
+        ("{\"MessageSid\":", "not valid JSON"),
+        ("[1,2]", "MessageSid"),
+    ] {
+        let r = signed_json(&http, &server, tenant, body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 400);
+        let json: serde_json::Value = r.json().await.expect("json");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle)),
+            "{body}: {json}"
+        );
+    }
+    assert_eq!(env.queued("inbound_message").await, 1, "only the first");
+    server.stop().await;
+    env.cleanup().await;
+}

@@ -41,7 +41,12 @@ enum Command {
     /// Apply pending migrations and exit.
     Migrate,
     /// Migrate, serve and work in one process (reads .env), for a laptop.
-    Dev,
+    Dev {
+        /// The address the ingress (and `WORKER_HEALTH_PORT`) listens on: loopback unless
+        /// told otherwise, since `dev` runs with `DEBUG=true`.
+        #[arg(long, value_name = "ADDR", default_value_t = std::net::Ipv4Addr::LOCALHOST.into())]
+        listen: std::net::IpAddr,
+    },
     /// Encryption and signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -262,17 +267,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let config = Arc::new(load_config(false)?);
             let _guard = telemetry(&config);
-            runtime()?.block_on(serve(config, shutdown_signal()))
+            // Behind a proxy or in a container: every interface.
+            let every = std::net::Ipv4Addr::UNSPECIFIED.into();
+            runtime()?.block_on(serve(config, every, shutdown_signal()))
         }
         Command::Work => {
             let config = Arc::new(load_config(false)?);
             let _guard = telemetry(&config);
-            runtime()?.block_on(work(config, shutdown_signal()))
+            runtime()?.block_on(work(config, None, shutdown_signal()))
         }
-        Command::Dev => {
+        Command::Dev { listen } => {
             let config = Arc::new(load_config(true)?);
             let _guard = telemetry(&config);
-            runtime()?.block_on(dev(config))
+            runtime()?.block_on(dev(config, listen))
         }
         Command::Jobs(command) => {
             let config = load_config(false)?;
@@ -518,6 +525,7 @@ async fn shutdown_signal() {
 
 async fn serve(
     config: Arc<Config>,
+    ip: std::net::IpAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     if config.public_base_url.is_none() {
@@ -530,7 +538,7 @@ async fn serve(
         .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
     let redis = crate::queue::connect_lazy(&config.redis_url)
         .map_err(|e| Failure::Invalid(format!("REDIS_URL: {e}")))?;
-    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], config.port));
+    let addr = std::net::SocketAddr::new(ip, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Failure::Invalid(format!("PORT: cannot listen on {addr}: {e}")))?;
@@ -541,8 +549,10 @@ async fn serve(
     Ok(())
 }
 
+/// `health_ip`: where `WORKER_HEALTH_PORT` listens, when not on every interface.
 async fn work(
     config: Arc<Config>,
+    health_ip: Option<std::net::IpAddr>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let pool = crate::db::connect(
@@ -556,14 +566,17 @@ async fn work(
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
     let state =
         Arc::new(WorkerState::new(pool, &config).map_err(|e| Failure::Invalid(e.to_string()))?);
-    let options = WorkerOptions::from_config(&config);
+    let mut options = WorkerOptions::from_config(&config);
+    if let Some(ip) = health_ip {
+        options.health_ip = ip;
+    }
     let queues = gatehouse_jobs::client::Queues::new(config.queue_namespace.clone());
     crate::worker::run(state, redis, queues, options, shutdown).await?;
     tracing::info!("workers stopped");
     Ok(())
 }
 
-async fn dev(config: Arc<Config>) -> anyhow::Result<()> {
+async fn dev(config: Arc<Config>, listen: std::net::IpAddr) -> anyhow::Result<()> {
     let pool = connect_db(&config).await?;
     crate::db::migrate(&pool)
         .await
@@ -580,8 +593,8 @@ async fn dev(config: Arc<Config>) -> anyhow::Result<()> {
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let web = serve(config.clone(), wait(rx.clone()));
-    let workers = work(config, wait(rx));
+    let web = serve(config.clone(), listen, wait(rx.clone()));
+    let workers = work(config, Some(listen), wait(rx));
     tokio::pin!(web, workers);
     // Whichever half ends first (a signal, or a failure such as a port in use) stops the
     // other, so `dev` never lingers half-alive.
@@ -596,5 +609,37 @@ async fn dev(config: Arc<Config>) -> anyhow::Result<()> {
             let other = web.await;
             result.and(other)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev_listen(args: &[&str]) -> Result<std::net::IpAddr, clap::Error> {
+        let cli = Cli::try_parse_from(["gatehouse", "dev"].iter().chain(args))?;
+        match cli.command {
+            Command::Dev { listen } => Ok(listen),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dev_listens_on_loopback_unless_given_another_address() {
+        assert_eq!(dev_listen(&[]).expect("parses").to_string(), "127.0.0.1");
+        assert_eq!(
+            dev_listen(&["--listen", "0.0.0.0"])
+                .expect("parses")
+                .to_string(),
+            "0.0.0.0"
+        );
+        assert_eq!(
+            dev_listen(&["--listen", "::1"])
+                .expect("parses")
+                .to_string(),
+            "::1"
+        );
+        assert!(dev_listen(&["--listen", "localhost"]).is_err());
+        assert!(dev_listen(&["--listen", "127.0.0.1:8080"]).is_err());
     }
 }

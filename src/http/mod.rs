@@ -21,14 +21,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
 use gatehouse_jobs::client::Queues;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
+use tower_layer::Layer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -166,18 +167,25 @@ pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
 /// How long shutdown waits for security events still being recorded.
 pub const EVENT_DRAIN: Duration = Duration::from_secs(5);
 
-/// Serves the router on `listener` until `shutdown` resolves, then drains connections and
-/// the security events their requests caused (up to [`EVENT_DRAIN`]).
+/// Serves the router on `listener` (through [`crate::server`]: header timeout, connection cap)
+/// until `shutdown` resolves, then drains connections and the security events their requests
+/// caused (up to [`EVENT_DRAIN`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let events = state.events.clone();
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = crate::server::Limits::from_config(&state.config);
+    let app = router(state);
+    // Handlers read the peer through `ConnectInfo<SocketAddr>` (the client IP starts there).
+    let served = crate::server::run(
+        listener,
+        limits,
+        move |peer: SocketAddr| Extension(ConnectInfo(peer)).layer(app.clone()),
+        shutdown,
+    )
+    .await;
     events.drain(EVENT_DRAIN).await;
     served
 }

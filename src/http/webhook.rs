@@ -1,7 +1,6 @@
-//! `POST /v1/webhooks/twilio/{tenant_id}/messages`: content type → size → signature →
-//! dedupe → enqueue, in that order (SPEC "Precise points").
+//! `POST /v1/webhooks/twilio/{tenant_id}/messages`: content type → size → parameter count →
+//! signature → dedupe → enqueue, in that order (SPEC "Precise points", "Hostile traffic").
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 
@@ -22,7 +21,7 @@ use super::error::ApiError;
 use super::key_cache::KeyCacheError;
 use super::transport::RequestId;
 use crate::events::{EventType, SecurityEvent};
-use crate::security::twilio;
+use crate::security::twilio::{self, FormPairs};
 
 /// How long a MessageSid is remembered in Redis for deduplication (Twilio retries within
 /// hours; the database's unique key is the lasting guarantee).
@@ -61,13 +60,10 @@ struct Fields {
     body: String,
 }
 
-/// The form pairs of a body, parsed once for the signature check and for the fields.
-type FormPairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
-
 /// The parameters of a verified request, by name.
 enum Params<'a> {
     Form(&'a FormPairs<'a>),
-    Json(serde_json::Value),
+    Json(JsonParams),
 }
 
 impl Params<'_> {
@@ -77,8 +73,102 @@ impl Params<'_> {
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone().into_owned()),
-            Self::Json(value) => value.get(name).and_then(|v| v.as_str()).map(str::to_owned),
+            Self::Json(params) => params.get(name).map(str::to_owned),
         }
+    }
+}
+
+fn too_many_parameters() -> ApiError {
+    ApiError::invalid_request(format!(
+        "the body has more than {} parameters",
+        twilio::MAX_FORM_PARAMS
+    ))
+}
+
+/// The string members of a JSON body that [`fields`] reads (the last of a repeated name, as
+/// `serde_json::Value` keeps it); every other member is skipped without being kept, and at
+/// most [`twilio::MAX_FORM_PARAMS`] members are read.
+#[derive(Default)]
+struct JsonParams {
+    message_sid: Option<String>,
+    sms_sid: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    body: Option<String>,
+}
+
+impl JsonParams {
+    fn get(&self, name: &str) -> Option<&str> {
+        match name {
+            "MessageSid" => self.message_sid.as_deref(),
+            "SmsSid" => self.sms_sid.as_deref(),
+            "From" => self.from.as_deref(),
+            "To" => self.to.as_deref(),
+            "Body" => self.body.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A verified JSON body's members: 400 when it is not JSON or has too many members; JSON
+    /// other than an object has none.
+    fn parse(raw: &[u8]) -> Result<Self, ApiError> {
+        use serde::Deserializer as _;
+        let invalid = || ApiError::invalid_request("the body is not valid JSON");
+        if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return serde_json::from_slice::<serde::de::IgnoredAny>(raw)
+                .map(|_| Self::default())
+                .map_err(|_| invalid());
+        }
+        let too_many = std::cell::Cell::new(false);
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        let parsed = de
+            .deserialize_map(JsonMembers {
+                too_many: &too_many,
+            })
+            .and_then(|params| de.end().map(|()| params));
+        match parsed {
+            Ok(params) => Ok(params),
+            Err(_) if too_many.get() => Err(too_many_parameters()),
+            Err(_) => Err(invalid()),
+        }
+    }
+}
+
+struct JsonMembers<'a> {
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonMembers<'_> {
+    type Value = JsonParams;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonParams, A::Error> {
+        let mut params = JsonParams::default();
+        let mut members = 0usize;
+        while let Some(name) = map.next_key::<String>()? {
+            members += 1;
+            if members > twilio::MAX_FORM_PARAMS {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom("too many members"));
+            }
+            let slot = match name.as_ref() {
+                "MessageSid" => &mut params.message_sid,
+                "SmsSid" => &mut params.sms_sid,
+                "From" => &mut params.from,
+                "To" => &mut params.to,
+                "Body" => &mut params.body,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            let value: serde_json::Value = map.next_value()?;
+            *slot = value.as_str().map(str::to_owned);
+        }
+        Ok(params)
     }
 }
 
@@ -128,8 +218,9 @@ fn twiml() -> Response {
         .into_response()
 }
 
-/// A Twilio inbound message: content type → size → signature (`X-Twilio-Signature` over the
-/// raw body) → dedupe → enqueue. Answers empty TwiML.
+/// A Twilio inbound message: content type → size → parameter count (at most
+/// [`twilio::MAX_FORM_PARAMS`], else 400) → signature (`X-Twilio-Signature` over the raw body)
+/// → dedupe → enqueue. Answers empty TwiML.
 #[utoipa::path(post, path = "/v1/webhooks/twilio/{tenant_id}/messages", tag = "webhooks",
     params(
         ("tenant_id" = Uuid, Path),
@@ -157,6 +248,12 @@ pub async fn twilio_message(
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
     })?;
     let raw = read_limited(body, headers, state.config.max_body_bytes).await?;
+    // Parsed once, for the signature and the fields, and counted as it is parsed: a form of
+    // more than MAX_FORM_PARAMS parameters costs nothing more (SPEC "Hostile traffic").
+    let pairs: FormPairs<'_> = match kind {
+        Kind::Form => twilio::parse_form(&raw).map_err(|_| too_many_parameters())?,
+        Kind::Json => Vec::new(),
+    };
 
     let reject = |tenant_id: Option<Uuid>, reason: &'static str| {
         let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
@@ -229,10 +326,6 @@ pub async fn twilio_message(
             .get("x-twilio-webhooks-signature-settings")
             .and_then(|v| v.to_str().ok()),
     };
-    let pairs: FormPairs<'_> = match kind {
-        Kind::Form => form_urlencoded::parse(&raw).collect(),
-        Kind::Json => Vec::new(),
-    };
     let signed_body = match kind {
         Kind::Form => twilio::Body::FormPairs(&pairs),
         Kind::Json => twilio::Body::Json(&raw),
@@ -245,10 +338,7 @@ pub async fn twilio_message(
 
     let params = match kind {
         Kind::Form => Params::Form(&pairs),
-        Kind::Json => Params::Json(
-            serde_json::from_slice(&raw)
-                .map_err(|_| ApiError::invalid_request("the body is not valid JSON"))?,
-        ),
+        Kind::Json => Params::Json(JsonParams::parse(&raw)?),
     };
     let fields = fields(&params)?;
     let received_at = OffsetDateTime::now_utc()

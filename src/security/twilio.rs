@@ -1,4 +1,5 @@
 //! Twilio webhook signature verification (classic HMAC-SHA1, bodySHA256 JSON, shared-key HMAC-SHA256).
+//! It also owns the bounded form parser ([`parse_form`]) the webhook handler shares with it.
 //!
 //! This replicates `twilio.request_validator.RequestValidator` from Twilio's official Python
 //! helper library (9.x), which is what `shared/testdata/twilio-signatures.json` was computed with.
@@ -56,13 +57,39 @@ pub const SIGNATURE_SETTINGS_HEADER: &str = "X-Twilio-Webhooks-Signature-Setting
 /// Query parameter carrying the hex SHA-256 of a JSON body.
 pub const BODY_SHA256_PARAM: &str = "bodySHA256";
 
+/// The most parameters a form body may carry (SPEC "Hostile traffic"): Twilio sends a few
+/// dozen; a body past it is refused before anything is verified.
+pub const MAX_FORM_PARAMS: usize = 1_000;
+
+/// The pairs of a form body, in order, repeats included.
+pub type FormPairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+/// A form body with more than [`MAX_FORM_PARAMS`] parameters.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+#[error("the form has more than {MAX_FORM_PARAMS} parameters")]
+pub struct TooManyParameters;
+
+/// Parses a form body with [`form_urlencoded::parse`], stopping at the parameter past
+/// [`MAX_FORM_PARAMS`]: however many a body holds, at most that many are ever collected.
+pub fn parse_form(raw: &[u8]) -> Result<FormPairs<'_>, TooManyParameters> {
+    let mut pairs = Vec::new();
+    for pair in form_urlencoded::parse(raw) {
+        if pairs.len() == MAX_FORM_PARAMS {
+            return Err(TooManyParameters);
+        }
+        pairs.push(pair);
+    }
+    Ok(pairs)
+}
+
 /// The raw request body, as received (before any parsing).
 #[derive(Clone, Copy)]
 pub enum Body<'a> {
-    /// `application/x-www-form-urlencoded`: parsed here with [`form_urlencoded::parse`].
+    /// `application/x-www-form-urlencoded`: parsed here with [`parse_form`] (more than
+    /// [`MAX_FORM_PARAMS`] parameters: [`SignatureError::TooManyParameters`]).
     Form(&'a [u8]),
-    /// A form body the caller already parsed with [`form_urlencoded::parse`] (every pair, in
-    /// order, repeats included), so a handler that needs the fields parses the body once.
+    /// A form body the caller already parsed with [`parse_form`] (every pair, in order,
+    /// repeats included), so a handler that needs the fields parses the body once.
     FormPairs(&'a [(Cow<'a, str>, Cow<'a, str>)]),
     /// Any other body (JSON): authenticated through the URL's `bodySHA256` query parameter.
     Json(&'a [u8]),
@@ -154,6 +181,9 @@ pub enum SignatureError {
     /// The signature settings name an algorithm other than `HMAC_SHA256`.
     #[error("webhook signature names an unknown algorithm")]
     UnknownAlgorithm,
+    /// A form body with more than [`MAX_FORM_PARAMS`] parameters.
+    #[error("webhook form has too many parameters")]
+    TooManyParameters,
     /// The URL to verify against is not an absolute `http(s)://host[:port]…` URL (a server-side
     /// configuration problem, e.g. a bad `PUBLIC_BASE_URL`).
     #[error("webhook URL cannot be used for signature verification")]
@@ -239,7 +269,11 @@ pub fn verify(
 
     let (params, body_hash_ok) = match body {
         Body::Form(raw) => (
-            canonical_params(form_urlencoded::parse(raw)),
+            canonical_params(
+                parse_form(raw)
+                    .map_err(|TooManyParameters| SignatureError::TooManyParameters)?
+                    .into_iter(),
+            ),
             Choice::from(1),
         ),
         Body::FormPairs(pairs) => (
@@ -738,6 +772,57 @@ mod tests {
         for (fixture, valid) in all {
             assert_eq!(fixture.verify().is_ok(), valid, "{}", fixture.name);
         }
+    }
+
+    #[test]
+    fn a_form_is_read_up_to_max_form_params_and_refused_past_them() {
+        let form = |n: usize| {
+            (0..n)
+                .map(|i| format!("p{i}=v"))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        let at_limit = form(MAX_FORM_PARAMS);
+        assert_eq!(
+            parse_form(at_limit.as_bytes()).map(|p| p.len()),
+            Ok(MAX_FORM_PARAMS)
+        );
+        assert_eq!(
+            parse_form(form(MAX_FORM_PARAMS + 1).as_bytes()),
+            Err(TooManyParameters)
+        );
+        // Empty pieces are not parameters; bare names are.
+        assert_eq!(parse_form("&".repeat(100_000).as_bytes()), Ok(Vec::new()));
+        assert_eq!(
+            parse_form("a&".repeat(512 * 1024).as_bytes()),
+            Err(TooManyParameters)
+        );
+
+        // verify() counts the same way, whatever the signature.
+        let token = SecretString::from("token".to_owned());
+        let keys = TenantKeys {
+            auth_token: &token,
+            shared_keys: &[],
+        };
+        let url = "https://gh.example.com/hook";
+        let pairs: Vec<(String, String)> = (0..MAX_FORM_PARAMS)
+            .map(|i| (format!("p{i}"), "v".to_owned()))
+            .collect();
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let signature = sign_form(url, &refs, b"token", Algorithm::HmacSha1);
+        let headers = Headers {
+            signature: Some(&signature),
+            signature_settings: None,
+        };
+        assert_eq!(
+            verify(url, Body::Form(at_limit.as_bytes()), headers, &keys),
+            Ok(())
+        );
+        let past = format!("{at_limit}&x=1");
+        assert_eq!(
+            verify(url, Body::Form(past.as_bytes()), headers, &keys),
+            Err(SignatureError::TooManyParameters)
+        );
     }
 
     #[test]

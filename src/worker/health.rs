@@ -65,12 +65,15 @@ async fn healthz(State(state): State<HealthState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// Serves `/healthz` and `/metrics` on `listener` until the task is dropped or aborted.
+/// Serves `/healthz` and `/metrics` on `listener` (through [`crate::server`]: header timeout,
+/// connection cap) until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    limits: crate::server::Limits,
     redis: RedisHealth,
     pool: PgPool,
     scrape: Scrape,
+    shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
@@ -80,5 +83,5 @@ pub async fn serve(
             pool,
             scrape,
         });
-    axum::serve(listener, app).await
+    crate::server::run(listener, limits, move |_peer| app.clone(), shutdown).await
 }

@@ -109,6 +109,12 @@ pub struct WorkerOptions {
     /// Where to answer `GET /healthz` and `GET /metrics` (`WORKER_HEALTH_PORT`); `None`: no
     /// listener.
     pub health_port: Option<u16>,
+    /// The address the health port listens on: every interface for `gatehouse work`, the
+    /// ingress's for `gatehouse dev` (loopback unless told otherwise).
+    pub health_ip: std::net::IpAddr,
+    /// The health port's header timeout and connection cap (`HTTP_HEADER_TIMEOUT_SECONDS`,
+    /// `HTTP_MAX_CONNECTIONS`).
+    pub health_limits: crate::server::Limits,
     /// `METRICS_TOKEN`: the bearer token `/metrics` requires, if any.
     pub metrics_token: Option<secrecy::SecretString>,
 }
@@ -122,6 +128,8 @@ impl WorkerOptions {
             missed_heartbeats: config.worker_missed_heartbeats,
             retention: Duration::from_secs(config.job_retention_seconds),
             health_port: config.worker_health_port,
+            health_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            health_limits: crate::server::Limits::from_config(config),
             metrics_token: config.metrics_token.clone(),
         }
     }
@@ -529,6 +537,9 @@ async fn maintain(
     }
 }
 
+/// How long the health port's open connections may take to finish at shutdown.
+const HEALTH_DRAIN: Duration = Duration::from_secs(5);
+
 /// Runs every queue's workers until `shutdown` resolves, then stops taking jobs and waits
 /// up to the grace period for in-flight ones.
 pub async fn run(
@@ -540,18 +551,21 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let base = unique_worker_name();
     let redis_health = health::RedisHealth::default();
+    let stop_health = tokio_util::sync::CancellationToken::new();
     let health_server = match options.health_port {
         None => None,
         Some(port) => {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            let listener = tokio::net::TcpListener::bind((options.health_ip, port))
                 .await
                 .map_err(|e| WorkerError::HealthPort(port, e))?;
             tracing::info!(
                 port,
+                ip = %options.health_ip,
                 "worker health on GET /healthz, metrics on GET /metrics"
             );
             Some(tokio::spawn(health::serve(
                 listener,
+                options.health_limits,
                 redis_health.clone(),
                 state.pool.clone(),
                 scrape::Scrape {
@@ -560,6 +574,7 @@ pub async fn run(
                     namespace: queues.namespace().to_owned(),
                     token: options.metrics_token.clone(),
                 },
+                stop_health.clone().cancelled_owned(),
             )))
         }
     };
@@ -670,8 +685,15 @@ pub async fn run(
     };
     maintenance.abort();
     relay.abort();
-    if let Some(server) = health_server {
-        server.abort();
+    if let Some(mut server) = health_server {
+        // Connections finish the probe or scrape they are serving; idle ones close at once.
+        stop_health.cancel();
+        if tokio::time::timeout(HEALTH_DRAIN, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
     }
     result
 }

@@ -1,0 +1,306 @@
+//! The HTTP server loop itself, over raw TCP against the real ingress and the worker's health
+//! port: slow and idle connections are closed after `HTTP_HEADER_TIMEOUT_SECONDS`, at most
+//! `HTTP_MAX_CONNECTIONS` are served at once, shutdown drains, and handlers still see the peer.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use gatehouse::worker::health::{RedisHealth, serve as serve_worker_health};
+use gatehouse::worker::scrape::Scrape;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Generous: the server is told 1 s; a loaded machine may take longer to notice.
+const CLOSE_WITHIN: Duration = Duration::from_secs(20);
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n";
+
+fn header_timeout(
+    seconds: &'static str,
+) -> impl FnOnce(&mut std::collections::HashMap<String, String>) {
+    move |vars| {
+        vars.insert("HTTP_HEADER_TIMEOUT_SECONDS".into(), seconds.into());
+    }
+}
+
+/// Reads until the peer closes the connection (EOF or reset); false if it is still open after
+/// `within`. Whatever the server sends before closing is ignored.
+async fn closed_by_peer(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body; `None` if none is complete within
+/// `within` (or the connection closes first).
+async fn read_response(stream: &mut TcpStream, within: Duration) -> Option<(u16, String)> {
+    let deadline = Instant::now() + within;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let status = head.split(' ').nth(1)?.parse().ok()?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                let body = String::from_utf8_lossy(&data[end + 4..end + 4 + length]).into_owned();
+                return Some((status, body));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => data.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_part_of_its_headers_and_then_nothing_is_closed() {
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let server = env.start_server().await;
+    let mut slow = TcpStream::connect(server.addr).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: gatehouse.test\r\nX-Slow: ")
+        .await
+        .expect("write");
+    assert!(
+        closed_by_peer(&mut slow, CLOSE_WITHIN).await,
+        "a connection trickling its headers stays open"
+    );
+    // The server is unharmed: a complete request on a new connection is answered.
+    let mut fine = TcpStream::connect(server.addr).await.expect("connect");
+    fine.write_all(HEALTHZ).await.expect("write");
+    let (status, body) = read_response(&mut fine, CLOSE_WITHIN)
+        .await
+        .expect("a complete request is answered");
+    assert_eq!(status, 200);
+    assert!(body.contains("ok"), "{body}");
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let server = env.start_server().await;
+    let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+    assert!(
+        closed_by_peer(&mut silent, CLOSE_WITHIN).await,
+        "a connection that never sends a byte stays open"
+    );
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let server = env.start_server().await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    // Two requests on one connection: it is kept alive between them...
+    for _ in 0..2 {
+        stream.write_all(HEALTHZ).await.expect("write");
+        let (status, _) = read_response(&mut stream, CLOSE_WITHIN)
+            .await
+            .expect("answered on the kept-alive connection");
+        assert_eq!(status, 200);
+    }
+    // ...and closed once it idles past the header timeout.
+    assert!(
+        closed_by_peer(&mut stream, CLOSE_WITHIN).await,
+        "an idle keep-alive connection stays open"
+    );
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("HTTP_MAX_CONNECTIONS".into(), "2".into());
+        // Long enough that the two held connections are not closed for idling meanwhile.
+        vars.insert("HTTP_HEADER_TIMEOUT_SECONDS".into(), "120".into());
+    })
+    .await;
+    let server = env.start_server().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(HEALTHZ).await.expect("write");
+        let (status, _) = read_response(&mut stream, CLOSE_WITHIN)
+            .await
+            .expect("within the cap: answered");
+        assert_eq!(status, 200);
+        held.push(stream);
+    }
+    // The kernel completes the handshake (backlog), but the server does not take it.
+    let mut third = TcpStream::connect(server.addr).await.expect("connect");
+    third.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(
+        read_response(&mut third, Duration::from_secs(2)).await,
+        None,
+        "a third connection was served while two were held"
+    );
+    drop(held.pop());
+    let (status, _) = read_response(&mut third, CLOSE_WITHIN)
+        .await
+        .expect("served once a held connection closed");
+    assert_eq!(status, 200);
+    // The one still held was never disturbed.
+    let still = held.first_mut().expect("held");
+    still.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(
+        read_response(still, CLOSE_WITHIN).await.map(|(s, _)| s),
+        Some(200)
+    );
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_the_socket_peer_as_the_client_address() {
+    // Loopback is not a trusted proxy here: its X-Forwarded-For must be ignored, so the
+    // event names the socket peer that ConnectInfo carries.
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("TRUSTED_PROXIES".into(), "10.0.0.0/8".into());
+        // Plain HTTP from an untrusted peer would be redirected to https before the handler.
+        vars.insert("DEBUG".into(), "true".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let response = reqwest::Client::new()
+        .post(server.url(&webhook_path(tenant)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-twilio-signature", "bCKNFa1ALlAtW1bWNwG18+MUxZY=")
+        .body("MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 403);
+    assert_eq!(env.wait_for_events("invalid_webhook_signature", 1).await, 1);
+    let ip: String = sqlx::query_scalar(
+        "SELECT host(ip) FROM security_events WHERE type = 'invalid_webhook_signature'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("event ip");
+    assert_eq!(ip, "127.0.0.1");
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_request_in_flight_closes_idle_connections_and_returns() {
+    let env = TestEnv::with_vars(header_timeout("120")).await;
+    let server = env.start_server().await;
+    let mut idle = TcpStream::connect(server.addr).await.expect("connect");
+    idle.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(
+        read_response(&mut idle, CLOSE_WITHIN).await.map(|(s, _)| s),
+        Some(200)
+    );
+    // A request whose body is still arriving when shutdown starts: with `Expect:
+    // 100-continue`, hyper says "100 Continue" once the handler reads the body, so the
+    // request is known to be in flight.
+    let mut busy = TcpStream::connect(server.addr).await.expect("connect");
+    let body = "MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100";
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: gatehouse.test\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         X-Forwarded-Proto: https\r\nX-Twilio-Signature: bCKNFa1ALlAtW1bWNwG18+MUxZY=\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        webhook_path(uuid::Uuid::new_v4()),
+        body.len()
+    );
+    busy.write_all(head.as_bytes()).await.expect("write");
+    assert_eq!(
+        read_response(&mut busy, CLOSE_WITHIN).await.map(|(s, _)| s),
+        Some(100),
+        "the handler reads the body"
+    );
+
+    let stopping = tokio::spawn(server.stop());
+    assert!(
+        closed_by_peer(&mut idle, CLOSE_WITHIN).await,
+        "an idle connection kept shutdown waiting"
+    );
+    busy.write_all(body.as_bytes()).await.expect("write");
+    let (status, _) = read_response(&mut busy, CLOSE_WITHIN)
+        .await
+        .expect("the request in flight is answered");
+    assert_eq!(status, 403);
+    assert!(
+        closed_by_peer(&mut busy, CLOSE_WITHIN).await,
+        "the connection closes after its last answer"
+    );
+    tokio::time::timeout(CLOSE_WITHIN, stopping)
+        .await
+        .expect("serve returns once its connections are closed")
+        .expect("stop task");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_health_port_closes_slow_and_idle_connections_too() {
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let health = tokio::spawn(serve_worker_health(
+        listener,
+        gatehouse::server::Limits::from_config(&env.config),
+        RedisHealth::default(),
+        env.pool.clone(),
+        Scrape {
+            handle: gatehouse::monitoring::install(),
+            redis: env.redis.clone(),
+            namespace: env.namespace.clone(),
+            token: None,
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: gate")
+        .await
+        .expect("write");
+    let mut kept = TcpStream::connect(addr).await.expect("connect");
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(
+        read_response(&mut kept, CLOSE_WITHIN).await.map(|(s, _)| s),
+        Some(200)
+    );
+    assert!(
+        closed_by_peer(&mut slow, CLOSE_WITHIN).await,
+        "a trickling connection to the health port stays open"
+    );
+    assert!(
+        closed_by_peer(&mut kept, CLOSE_WITHIN).await,
+        "an idle keep-alive connection to the health port stays open"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(CLOSE_WITHIN, health)
+        .await
+        .expect("the health server stops when told")
+        .expect("health task")
+        .expect("health server");
+    env.cleanup().await;
+}
