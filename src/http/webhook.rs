@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use super::AppState;
-use super::authz::read_limited;
+use super::authz::{Ctx, read_limited, refuse_unauthenticated, unauthenticated_budget};
 use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::key_cache::KeyCacheError;
@@ -153,6 +153,13 @@ pub async fn twilio_message(
     let (parts, body) = request.into_parts();
     let (uri, headers) = (&parts.uri, &parts.headers);
     let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
+    // A client past its budget of refused requests is answered 429 here, before the tenant
+    // key lookup (which can cost PostgreSQL work); each refusal below counts against it.
+    let ctx = Ctx {
+        ip: client_ip(peer, headers, &state.config.trusted_proxies),
+        request_id: request_id.unwrap_or_default().to_owned(),
+    };
+    unauthenticated_budget(&state, &ctx).await?;
     let kind = content_kind(headers).ok_or_else(|| {
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
     })?;
@@ -171,7 +178,7 @@ pub async fn twilio_message(
     };
 
     let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
-        return Err(reject(None, "unknown tenant"));
+        return Err(refuse_unauthenticated(&state, &ctx, reject(None, "unknown tenant")).await);
     };
     let Some(base) = state.public_base.as_deref() else {
         tracing::error!("PUBLIC_BASE_URL is not set; webhooks cannot be verified");
@@ -183,7 +190,10 @@ pub async fn twilio_message(
         .await
     {
         Ok(Some(keys)) => keys,
-        Ok(None) => return Err(reject(Some(tenant_id), "unknown tenant")),
+        Ok(None) => {
+            let refusal = reject(Some(tenant_id), "unknown tenant");
+            return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
+        }
         Err(KeyCacheError::Unavailable(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot load webhook keys");
             ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "unavailable")
@@ -239,7 +249,8 @@ pub async fn twilio_message(
     };
     if let Err(error) = twilio::verify(&url, signed_body, signed_headers, &tenant_keys) {
         tracing::warn!(tenant.id = %tenant_id, reason = %error, "webhook signature rejected");
-        return Err(reject(Some(tenant_id), "signature"));
+        let refusal = reject(Some(tenant_id), "signature");
+        return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
     }
     VERIFIED.increment(1);
 
