@@ -118,11 +118,7 @@ pub async fn refund<C: ConnectionLike + Send>(
     rate: Rate,
 ) -> Result<bool, RateLimitError> {
     let (_, interval_us) = interval_us(rate);
-    let given: i64 = REFUND
-        .key(key)
-        .arg(interval_us)
-        .invoke_async(conn)
-        .await?;
+    let given: i64 = REFUND.key(key).arg(interval_us).invoke_async(conn).await?;
     Ok(given == 1)
 }
 
@@ -271,7 +267,10 @@ mod tests {
     fn a_reset_by_ip_covers_every_per_ip_limit_of_the_64() {
         let keys = reset_keys(&ResetTarget::Ip(ip("2001:db8:1:2::77")));
         for name in names::PER_IP {
-            assert!(keys.contains(&(name, "2001:db8:1:2::/64".to_owned())), "{name}");
+            assert!(
+                keys.contains(&(name, "2001:db8:1:2::/64".to_owned())),
+                "{name}"
+            );
         }
         let v4 = reset_keys(&ResetTarget::Ip(ip("203.0.113.5")));
         assert_eq!(v4.len(), names::PER_IP.len());

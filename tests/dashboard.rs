@@ -395,7 +395,7 @@ async fn the_login_form_counts_against_the_per_ip_and_per_email_limits() {
 
 #[tokio::test]
 async fn csrf_and_session_refusals_count_against_the_unauthenticated_limit_but_genuine_logins_do_not()
-{
+ {
     let env = TestEnv::with_vars(|vars| {
         vars.insert("RATE_LIMIT_UNAUTHENTICATED_IP".into(), "3/m".into());
     })
@@ -406,7 +406,10 @@ async fn csrf_and_session_refusals_count_against_the_unauthenticated_limit_but_g
     // Two login posts without the form's token, one made-up session cookie.
     for _ in 0..2 {
         let page = agent
-            .post("/admin/login", &[("email", OFFICER), ("password", PASSWORD)])
+            .post(
+                "/admin/login",
+                &[("email", OFFICER), ("password", PASSWORD)],
+            )
             .await;
         assert_eq!(page.status, 403);
     }
@@ -418,7 +421,10 @@ async fn csrf_and_session_refusals_count_against_the_unauthenticated_limit_but_g
     assert_eq!(page.status, 303);
     // The budget is spent: the next CSRF refusal is a 429 page with Retry-After.
     let page = agent
-        .post("/admin/login", &[("email", OFFICER), ("password", PASSWORD)])
+        .post(
+            "/admin/login",
+            &[("email", OFFICER), ("password", PASSWORD)],
+        )
         .await;
     assert_eq!(page.status, 429);
     assert!(page.headers.contains_key("retry-after"));
@@ -449,20 +455,23 @@ async fn a_password_typed_into_the_dashboards_email_field_is_never_stored() {
     let page = agent.login(typed, "whatever").await;
     assert_eq!(page.status, 401);
     assert_eq!(env.wait_for_events("failed_login", 1).await, 1);
-    let (email, details): (Option<String>, serde_json::Value) = sqlx::query_as(
-        "SELECT email, details FROM security_events WHERE type = 'failed_login'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .expect("event");
+    let (email, details): (Option<String>, serde_json::Value) =
+        sqlx::query_as("SELECT email, details FROM security_events WHERE type = 'failed_login'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("event");
     assert_eq!(email, None);
     assert_eq!(details["email_shape"], serde_json::json!(false));
     assert_eq!(details["surface"], serde_json::json!("admin"));
-    let rows: Vec<String> = sqlx::query_scalar("SELECT row_to_json(e)::text FROM security_events e")
-        .fetch_all(&env.pool)
-        .await
-        .expect("rows");
-    assert!(rows.iter().all(|r| !r.to_lowercase().contains("mys3cret")), "{rows:?}");
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(e)::text FROM security_events e")
+            .fetch_all(&env.pool)
+            .await
+            .expect("rows");
+    assert!(
+        rows.iter().all(|r| !r.to_lowercase().contains("mys3cret")),
+        "{rows:?}"
+    );
     server.stop().await;
     env.cleanup().await;
 }

@@ -73,7 +73,12 @@ async fn login_from(
 }
 
 /// A forged webhook (a made-up signature) for `tenant_path` from `ip`.
-async fn forged(http: &reqwest::Client, server: &TestServer, tenant_path: &str, ip: &str) -> Response {
+async fn forged(
+    http: &reqwest::Client,
+    server: &TestServer,
+    tenant_path: &str,
+    ip: &str,
+) -> Response {
     from(
         http,
         server,
@@ -94,7 +99,10 @@ async fn forged(http: &reqwest::Client, server: &TestServer, tenant_path: &str, 
 
 async fn code(response: Response) -> String {
     let body: Value = response.json().await.expect("json body");
-    body["error"]["code"].as_str().unwrap_or_default().to_owned()
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Asserts a 429 `rate_limited` with `Retry-After` and the `RateLimit-*` headers.
@@ -112,7 +120,11 @@ async fn assert_rate_limited(response: Response, what: &str) {
         .unwrap_or_else(|| panic!("{what}: Retry-After"));
     assert!((1..=60).contains(&retry), "{what}: {retry}");
     assert!(header("ratelimit-limit").is_some(), "{what}");
-    assert_eq!(header("ratelimit-remaining").as_deref(), Some("0"), "{what}");
+    assert_eq!(
+        header("ratelimit-remaining").as_deref(),
+        Some("0"),
+        "{what}"
+    );
     assert_eq!(code(response).await, "rate_limited", "{what}");
 }
 
@@ -191,11 +203,16 @@ async fn forged_webhooks_past_the_unauthenticated_limit_answer_429_before_any_po
     assert_eq!(env.wait_for_events("invalid_webhook_signature", 3).await, 3);
     // Twilio's genuine signed webhook from another address is unaffected.
     let sid = message_sid();
-    let genuine = signed_form(&http, &server, tenant, &sms_params(&sid, "+14155550100", "hi"))
-        .header("x-forwarded-for", "198.51.100.77")
-        .send()
-        .await
-        .expect("genuine");
+    let genuine = signed_form(
+        &http,
+        &server,
+        tenant,
+        &sms_params(&sid, "+14155550100", "hi"),
+    )
+    .header("x-forwarded-for", "198.51.100.77")
+    .send()
+    .await
+    .expect("genuine");
     assert_eq!(genuine.status(), 200);
     assert_eq!(env.events_of("invalid_webhook_signature").await, 3);
     server.stop().await;
@@ -239,7 +256,10 @@ async fn garbage_bearer_tokens_past_the_limit_answer_429_and_genuine_tokens_stil
     }
     // Another client still gets the plain 401.
     assert_eq!(
-        me("203.0.113.10", Some("garbage")).await.expect("me").status(),
+        me("203.0.113.10", Some("garbage"))
+            .await
+            .expect("me")
+            .status(),
         401
     );
     server.stop().await;
@@ -412,7 +432,10 @@ async fn a_full_hashing_queue_answers_503_at_once_and_a_gone_request_is_not_hash
                 .as_u16()
         })
     };
-    wait_stats(&hasher, "one login waits", |s| s.waiting == 1).await;
+    wait_stats(&hasher, "one login waits", |s| {
+        s.waiting == 1 && s.callers == 2
+    })
+    .await;
     // ...so the queue is full: the next login and a registration are refused at once.
     let r = login_from(&http, &server, "198.51.100.1", "ada@example.com", PASSWORD).await;
     assert_eq!(r.status(), 503);
@@ -429,6 +452,8 @@ async fn a_full_hashing_queue_answers_503_at_once_and_a_gone_request_is_not_hash
     // The client of the waiting login goes away before a thread is free.
     waiting.abort();
     let _ = waiting.await;
+    // Once the server has noticed (the handler's future is dropped), only the blocker waits.
+    wait_stats(&hasher, "the login's handler is gone", |s| s.callers == 1).await;
     let _ = release.send(());
     wait_stats(&hasher, "the abandoned hash is skipped", |s| {
         s.waiting == 0 && s.skipped == 1
@@ -460,12 +485,11 @@ async fn a_password_typed_into_the_email_field_is_never_stored_in_an_event() {
     assert_eq!(r.status(), 401);
     assert_eq!(env.wait_for_events("failed_login", 2).await, 2);
     assert_eq!(env.wait_for_events("rate_limit_exceeded", 1).await, 1);
-    let rows: Vec<(String, Option<String>, Value)> = sqlx::query_as(
-        "SELECT type, email, details FROM security_events ORDER BY occurred_at, id",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .expect("events");
+    let rows: Vec<(String, Option<String>, Value)> =
+        sqlx::query_as("SELECT type, email, details FROM security_events ORDER BY occurred_at, id")
+            .fetch_all(&env.pool)
+            .await
+            .expect("events");
     let shapeless: Vec<_> = rows
         .iter()
         .filter(|(_, email, _)| email.is_none())
@@ -491,7 +515,10 @@ async fn a_password_typed_into_the_email_field_is_never_stored_in_an_event() {
         .query_async(&mut redis)
         .await
         .expect("keys");
-    assert!(keys.iter().all(|k| !k.to_lowercase().contains("tr0ub4dor")), "{keys:?}");
+    assert!(
+        keys.iter().all(|k| !k.to_lowercase().contains("tr0ub4dor")),
+        "{keys:?}"
+    );
     server.stop().await;
     env.cleanup().await;
 }
@@ -528,8 +555,16 @@ async fn limits_reset_lifts_an_email_lockout_and_every_per_ip_limit_of_an_addres
     assert_eq!(r.status(), 429, "locked");
     let out = limits_reset(&env, &["--email", " Ada@Example.com "]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("removed failed_login ada@example.com"), "{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("removed failed_login ada@example.com"),
+        "{stdout}"
+    );
     let r = login_from(&http, &server, "198.51.100.3", "ada@example.com", PASSWORD).await;
     assert_eq!(r.status(), 200, "the lockout is lifted");
     // Running it again finds nothing to remove, and says so.
@@ -549,14 +584,39 @@ async fn limits_reset_lifts_an_email_lockout_and_every_per_ip_limit_of_an_addres
     };
     assert_eq!(garbage("2001:db8:5:6::1").await.expect("me").status(), 401);
     assert_rate_limited(garbage("2001:db8:5:6::1").await.expect("me"), "spent").await;
-    let r = login_from(&http, &server, "2001:db8:5:6::1", "ada@example.com", PASSWORD).await;
+    let r = login_from(
+        &http,
+        &server,
+        "2001:db8:5:6::1",
+        "ada@example.com",
+        PASSWORD,
+    )
+    .await;
     assert_eq!(r.status(), 429);
     let out = limits_reset(&env, &["--ip", "2001:db8:5:6:aaaa::1"]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("removed auth_ip 2001:db8:5:6::/64"), "{stdout}");
-    assert!(stdout.contains("removed unauthenticated_ip 2001:db8:5:6::/64"), "{stdout}");
-    let r = login_from(&http, &server, "2001:db8:5:6::1", "ada@example.com", PASSWORD).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("removed auth_ip 2001:db8:5:6::/64"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("removed unauthenticated_ip 2001:db8:5:6::/64"),
+        "{stdout}"
+    );
+    let r = login_from(
+        &http,
+        &server,
+        "2001:db8:5:6::1",
+        "ada@example.com",
+        PASSWORD,
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(garbage("2001:db8:5:6::1").await.expect("me").status(), 401);
 
@@ -589,6 +649,11 @@ async fn limits_reset_exits_1_on_a_usage_error_and_2_when_redis_cannot_be_reache
         .stdin(Stdio::null())
         .output()
         .expect("gatehouse runs");
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.cleanup().await;
 }

@@ -97,8 +97,7 @@ async fn refund_failed_login(state: &AppState, subject: &str) {
         subject,
     );
     let mut redis = state.redis.clone();
-    if let Err(error) = ratelimit::refund(&mut redis, &key, Limit::FailedLogin.rate(state)).await
-    {
+    if let Err(error) = ratelimit::refund(&mut redis, &key, Limit::FailedLogin.rate(state)).await {
         tracing::warn!(%error, "cannot refund a reserved login attempt");
     }
 }
@@ -293,6 +292,7 @@ pub async fn token(
     responses(
         (status = 200, description = "The caller", body = super::openapi::Me),
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 429, description = "Too many refused requests from this address (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
 pub async fn me(caller: Caller) -> Json<serde_json::Value> {

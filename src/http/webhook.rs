@@ -141,6 +141,7 @@ fn twiml() -> Response {
         (status = 200, description = "Accepted (empty TwiML)", content_type = "text/xml"),
         super::error::BodyErrors,
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 429, description = "Too many refused requests from this address (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
 pub async fn twilio_message(
@@ -154,12 +155,25 @@ pub async fn twilio_message(
     let (uri, headers) = (&parts.uri, &parts.headers);
     let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
     // A client past its budget of refused requests is answered 429 here, before the tenant
-    // key lookup (which can cost PostgreSQL work); each refusal below counts against it.
+    // key lookup (which can cost PostgreSQL work); each refusal below counts against it. A
+    // tenant whose keys are in memory is still verified (no PostgreSQL): Twilio's addresses
+    // are shared by every tenant, and one tenant's misconfigured token must not stop the
+    // others' messages. A forgery for it is refused below, and past the budget that is a 429.
     let ctx = Ctx {
         ip: client_ip(peer, headers, &state.config.trusted_proxies),
         request_id: request_id.unwrap_or_default().to_owned(),
     };
-    unauthenticated_budget(&state, &ctx).await?;
+    let mut spent = None;
+    if let Err(limited) = unauthenticated_budget(&state, &ctx).await {
+        let in_memory = match Uuid::parse_str(&tenant) {
+            Ok(id) => state.key_cache.holds_keys(id).await,
+            Err(_) => false,
+        };
+        if !in_memory {
+            return Err(limited);
+        }
+        spent = Some(limited);
+    }
     let kind = content_kind(headers).ok_or_else(|| {
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
     })?;
@@ -248,6 +262,9 @@ pub async fn twilio_message(
         Kind::Json => twilio::Body::Json(&raw),
     };
     if let Err(error) = twilio::verify(&url, signed_body, signed_headers, &tenant_keys) {
+        if let Some(limited) = spent {
+            return Err(limited);
+        }
         tracing::warn!(tenant.id = %tenant_id, reason = %error, "webhook signature rejected");
         let refusal = reject(Some(tenant_id), "signature");
         return Err(refuse_unauthenticated(&state, &ctx, refusal).await);

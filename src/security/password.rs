@@ -186,7 +186,9 @@ fn lower_own_priority() {
 struct Counters {
     /// Jobs waiting for a thread right now.
     waiting: AtomicUsize,
-    /// Jobs a thread ran.
+    /// Callers awaiting an answer right now (a dropped caller no longer counts).
+    callers: AtomicUsize,
+    /// Jobs a thread ran (counted as it starts one).
     computed: AtomicU64,
     /// Jobs dropped unrun because their request had gone.
     skipped: AtomicU64,
@@ -197,9 +199,13 @@ struct Counters {
 /// A snapshot of the pool's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Jobs waiting for a hashing thread right now.
+    /// Jobs waiting for a hashing thread right now (abandoned ones included until a thread
+    /// skips them).
     pub waiting: usize,
-    /// Jobs run to completion (or to their panic).
+    /// Callers still awaiting an answer (queued or being hashed); a caller whose future was
+    /// dropped no longer counts.
+    pub callers: usize,
+    /// Jobs a thread has run or is running.
     pub computed: u64,
     /// Queued jobs skipped because the request that queued them had gone.
     pub skipped: u64,
@@ -239,8 +245,8 @@ impl Pool {
                                 .increment(1);
                             continue;
                         }
-                        (job.run)();
                         counters.computed.fetch_add(1, Ordering::SeqCst);
+                        (job.run)();
                     }
                 });
             if let Err(error) = spawned {
@@ -251,6 +257,22 @@ impl Pool {
             jobs: sender,
             counters,
         }
+    }
+}
+
+/// Counts a caller awaiting its answer for as long as its future lives.
+struct CallerGuard(Arc<Counters>);
+
+impl CallerGuard {
+    fn new(counters: Arc<Counters>) -> Self {
+        counters.callers.fetch_add(1, Ordering::SeqCst);
+        Self(counters)
+    }
+}
+
+impl Drop for CallerGuard {
+    fn drop(&mut self) {
+        self.0.callers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -318,6 +340,7 @@ impl Hasher {
         let c = &self.pool.counters;
         PoolStats {
             waiting: c.waiting.load(Ordering::SeqCst),
+            callers: c.callers.load(Ordering::SeqCst),
             computed: c.computed.load(Ordering::SeqCst),
             skipped: c.skipped.load(Ordering::SeqCst),
             refused: c.refused.load(Ordering::SeqCst),
@@ -366,6 +389,7 @@ impl Hasher {
                 return Err(PasswordError::PoolClosed);
             }
         }
+        let _caller = CallerGuard::new(Arc::clone(&self.pool.counters));
         answer.await.map_err(|_| PasswordError::PoolClosed)
     }
 
@@ -606,12 +630,16 @@ mod tests {
             gone.abort();
             assert!(gone.await.is_err_and(|e| e.is_cancelled()));
         }
+        until(&hasher, "two callers are gone", |s| s.callers == 2).await;
         let _ = release.send(());
         assert_eq!(
             kept.await.expect("task").expect("verified"),
             Verified::Mismatch
         );
-        until(&hasher, "the queue drains", |s| s.waiting == 0 && s.skipped == 2).await;
+        until(&hasher, "the queue drains", |s| {
+            s.waiting == 0 && s.skipped == 2
+        })
+        .await;
         let stats = hasher.stats();
         // The blocker and the kept request were computed; the two abandoned ones were not.
         assert_eq!(stats.computed, 2, "{stats:?}");
