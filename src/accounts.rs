@@ -39,6 +39,24 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
+/// Whether a value typed into an email field has an email address's shape: at most 254
+/// characters, exactly one `@` between a non-empty local part and a non-empty domain holding a
+/// dot, no whitespace or control characters. Security events store an email only when it
+/// does (a password typed into the wrong box must not end up in the event, the log or Sentry).
+pub fn looks_like_email(value: &str) -> bool {
+    if value.is_empty()
+        || value.chars().count() > 254
+        || value.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return false;
+    }
+    let mut parts = value.split('@');
+    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+}
+
 fn validate_email(email: &str) -> Result<(), AccountError> {
     let bad = || AccountError::Invalid("email must be an address like name@example.com".into());
     if email.len() < 3
@@ -360,6 +378,30 @@ mod tests {
                 user(bad, "a long enough password").validate().is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn only_values_shaped_like_an_address_count_as_emails() {
+        for good in ["ada@example.com", "a.b+c@sub.example.org"] {
+            assert!(looks_like_email(good), "{good}");
+        }
+        let long = format!("{}@example.com", "a".repeat(250));
+        for bad in [
+            "",
+            "correct horse battery staple",
+            "hunter2",
+            "@example.com",
+            "ada@",
+            "ada@localhost",
+            "a@b@example.com",
+            "ada @example.com",
+            "ada@example.com\n",
+            "ada@.com",
+            "ada@example.",
+            long.as_str(),
+        ] {
+            assert!(!looks_like_email(bad), "{bad}");
         }
     }
 

@@ -394,6 +394,89 @@ async fn the_login_form_counts_against_the_per_ip_and_per_email_limits() {
 }
 
 #[tokio::test]
+async fn csrf_and_session_refusals_count_against_the_unauthenticated_limit_but_genuine_logins_do_not()
+ {
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("RATE_LIMIT_UNAUTHENTICATED_IP".into(), "3/m".into());
+    })
+    .await;
+    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    let server = env.start_server().await;
+    let mut agent = Agent::new(&server);
+    // Two login posts without the form's token, one made-up session cookie.
+    for _ in 0..2 {
+        let page = agent
+            .post(
+                "/admin/login",
+                &[("email", OFFICER), ("password", PASSWORD)],
+            )
+            .await;
+        assert_eq!(page.status, 403);
+    }
+    let mut forger = Agent::new(&server);
+    forger
+        .cookies
+        .insert("__Host-gh_admin".into(), "A".repeat(43));
+    let page = forger.get("/admin").await;
+    assert_eq!(page.status, 303);
+    // The budget is spent: the next CSRF refusal is a 429 page with Retry-After.
+    let page = agent
+        .post(
+            "/admin/login",
+            &[("email", OFFICER), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(page.status, 429);
+    assert!(page.headers.contains_key("retry-after"));
+    assert_eq!(
+        page.headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok()),
+        Some("0")
+    );
+    forger
+        .cookies
+        .insert("__Host-gh_admin".into(), "E".repeat(43));
+    assert_eq!(forger.get("/admin").await.status, 429);
+    // A genuine sign-in from the same address is neither counted nor refused.
+    let done = agent.login(OFFICER, PASSWORD).await;
+    assert_eq!(done.status, 303, "{}", done.body);
+    assert_eq!(agent.get("/admin").await.status, 200);
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_password_typed_into_the_dashboards_email_field_is_never_stored() {
+    let env = TestEnv::new().await;
+    let server = env.start_server().await;
+    let mut agent = Agent::new(&server);
+    let typed = "MyS3cret pass phrase";
+    let page = agent.login(typed, "whatever").await;
+    assert_eq!(page.status, 401);
+    assert_eq!(env.wait_for_events("failed_login", 1).await, 1);
+    let (email, details): (Option<String>, serde_json::Value) =
+        sqlx::query_as("SELECT email, details FROM security_events WHERE type = 'failed_login'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("event");
+    assert_eq!(email, None);
+    assert_eq!(details["email_shape"], serde_json::json!(false));
+    assert_eq!(details["surface"], serde_json::json!("admin"));
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(e)::text FROM security_events e")
+            .fetch_all(&env.pool)
+            .await
+            .expect("rows");
+    assert!(
+        rows.iter().all(|r| !r.to_lowercase().contains("mys3cret")),
+        "{rows:?}"
+    );
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn login_sets_a_host_prefixed_secure_httponly_strict_cookie_and_every_page_carries_the_csp() {
     let env = TestEnv::new().await;
     create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;

@@ -1,10 +1,11 @@
 //! The command line: `gatehouse serve | work | migrate | dev | keys | tenants | users |
-//! service-accounts`.
+//! service-accounts | jobs | limits`.
 //!
 //! Exit codes: 0 success, 1 usage or validation error, 2 a service (PostgreSQL, Redis)
 //! cannot be reached. Secrets are read from stdin as `name=value` lines, never from argv.
 
 mod jobs;
+mod limits;
 mod stdin;
 
 use std::collections::HashMap;
@@ -62,6 +63,9 @@ enum Command {
     /// Service accounts (producers).
     #[command(subcommand, name = "service-accounts")]
     ServiceAccounts(ServiceAccountsCommand),
+    /// Rate limits: lift a lockout.
+    #[command(subcommand)]
+    Limits(limits::LimitsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -284,6 +288,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Jobs(command) => {
             let config = load_config(false)?;
             runtime()?.block_on(jobs::run(&config, command))
+        }
+        Command::Limits(command) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(limits::run(&config, command))
         }
         Command::Tenants(TenantsCommand::Create {
             name,

@@ -16,8 +16,9 @@ use super::authz::{Caller, Ctx, Limit, json_body, limit, record, with_rate_heade
 use super::error::ApiError;
 use crate::accounts::{self, AccountError, Login, NewUser};
 use crate::events::EventType;
-use crate::ratelimit::{Decision, Mode, normalize_email};
+use crate::ratelimit::{self, Decision, Mode, email_subject, ip_subject, normalize_email};
 use crate::security::jwt::SubjectKind;
+use crate::security::password::PasswordError;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct RegisterRequest {
@@ -62,6 +63,10 @@ fn account_error(error: AccountError) -> ApiError {
             tracing::error!(%error, "accounts: database failure");
             ApiError::unavailable()
         }
+        AccountError::Password(PasswordError::Busy) => {
+            tracing::warn!("password hashing queue full; answering 503");
+            ApiError::overloaded(1)
+        }
         AccountError::Password(error) => {
             tracing::error!(%error, "accounts: password hashing failure");
             ApiError::internal()
@@ -69,17 +74,32 @@ fn account_error(error: AccountError) -> ApiError {
     }
 }
 
-/// Every register, login and token attempt counts against the client IP's limit.
+/// Every register, login and token attempt counts against the client IP's limit (IPv6 by
+/// its /64).
 pub(crate) async fn ip_limit(state: &AppState, ctx: &Ctx) -> Result<Decision, ApiError> {
     limit(
         state,
         ctx,
         Limit::AuthIp,
-        &ctx.ip.to_string(),
+        &ip_subject(ctx.ip),
         Mode::Hit,
         None,
     )
     .await
+}
+
+/// Gives back an attempt reserved on the per-email limit (the password was right, or it was
+/// never checked). A failure leaves the reservation counted: logged, never fatal.
+async fn refund_failed_login(state: &AppState, subject: &str) {
+    let key = ratelimit::key(
+        &state.config.queue_namespace,
+        Limit::FailedLogin.name(),
+        subject,
+    );
+    let mut redis = state.redis.clone();
+    if let Err(error) = ratelimit::refund(&mut redis, &key, Limit::FailedLogin.rate(state)).await {
+        tracing::warn!(%error, "cannot refund a reserved login attempt");
+    }
 }
 
 fn token_response(
@@ -162,10 +182,13 @@ pub async fn login(
 }
 
 /// Checks a user's email and password with every login protection but the per-IP limit
-/// (which callers count before reading the body): a locked email is refused before any
-/// password work, a failure is a `failed_login` event (with `surface` in its details when
-/// given, e.g. `"admin"`) and counts against the email. Shared by the JSON login and the
-/// operator dashboard's login form.
+/// (which callers count before reading the body). One attempt is reserved on the email's
+/// limit before any password work (a locked email is refused there, and however many guesses
+/// arrive at once, at most the limit's worth get checked); a right password gives it back, so
+/// a user who logs in often is never locked out by their own successes. A failure is a
+/// `failed_login` event (with `surface` in its details when given, e.g. `"admin"`) carrying
+/// the email only when the value has an email's shape (otherwise `details.email_shape:
+/// false`, never the value). Shared by the JSON login and the dashboard's login form.
 pub(crate) async fn check_password(
     state: &AppState,
     ctx: &Ctx,
@@ -177,42 +200,44 @@ pub(crate) async fn check_password(
     if email.is_empty() || email.len() > 320 {
         return Err(ApiError::invalid_credentials());
     }
-    // A locked email is refused before any password work; only failures count against it,
-    // so a user who logs in often is never locked out by their own successes.
+    let shaped = accounts::looks_like_email(&email);
+    let subject = email_subject(&email);
     limit(
         state,
         ctx,
         Limit::FailedLogin,
-        &email,
-        Mode::Peek,
+        &subject,
+        Mode::Hit,
         Some(&email),
     )
     .await?;
-    match accounts::login(&state.pool, &state.hasher, &email, password)
-        .await
-        .map_err(account_error)?
-    {
-        Login::Ok(user_id) => Ok(user_id),
-        Login::Invalid { user_id } => {
+    let outcome = accounts::login(&state.pool, &state.hasher, &email, password).await;
+    match outcome {
+        Ok(Login::Ok(user_id)) => {
+            refund_failed_login(state, &subject).await;
+            Ok(user_id)
+        }
+        Ok(Login::Invalid { user_id }) => {
+            // The reserved attempt stays counted: this failure is it.
             let mut event = ctx.event(EventType::FailedLogin);
-            event.email = Some(email.clone());
             event.user_id = user_id;
-            event.details = match surface {
-                Some(surface) => json!({"reason": "invalid_credentials", "surface": surface}),
-                None => json!({"reason": "invalid_credentials"}),
-            };
+            let mut details = json!({"reason": "invalid_credentials"});
+            if let Some(surface) = surface {
+                details["surface"] = json!(surface);
+            }
+            if shaped {
+                event.email = Some(email);
+            } else {
+                details["email_shape"] = json!(false);
+            }
+            event.details = details;
             record(state, event);
-            // Count the failure; if this one crossed the limit, the next attempt gets 429.
-            let _ = limit(
-                state,
-                ctx,
-                Limit::FailedLogin,
-                &email,
-                Mode::Hit,
-                Some(&email),
-            )
-            .await;
             Err(ApiError::invalid_credentials())
+        }
+        Err(error) => {
+            // Nothing was checked (hashing queue full, database down): not a failure.
+            refund_failed_login(state, &subject).await;
+            Err(account_error(error))
         }
     }
 }
@@ -233,13 +258,10 @@ pub async fn token(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // Limited per IP only: a client secret is 256 random bits, and a limit on the client id
+    // would let anyone who has seen one lock its producer out.
     ip_limit(&state, &ctx).await?;
     let req: TokenRequest = json_body(&state, &headers, body).await?;
-    let subject = format!(
-        "client:{}",
-        req.client_id.chars().take(128).collect::<String>()
-    );
-    limit(&state, &ctx, Limit::FailedLogin, &subject, Mode::Peek, None).await?;
     match accounts::authenticate_service(
         &state.pool,
         &state.hasher,
@@ -260,7 +282,6 @@ pub async fn token(
             let client_id = Some(req.client_id.as_str()).filter(|id| looks_like_client_id(id));
             event.details = json!({"reason": "invalid_client_credentials", "client_id": client_id});
             record(&state, event);
-            let _ = limit(&state, &ctx, Limit::FailedLogin, &subject, Mode::Hit, None).await;
             Err(ApiError::invalid_credentials())
         }
     }
@@ -271,6 +292,7 @@ pub async fn token(
     responses(
         (status = 200, description = "The caller", body = super::openapi::Me),
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
+        (status = 429, description = "Too many refused requests from this address (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
 pub async fn me(caller: Caller) -> Json<serde_json::Value> {

@@ -1,6 +1,8 @@
 //! Who is calling and what they may do: the request context (client IP, request id), the
 //! bearer-token extractor, scope checks that log `permission_denied`, rate limits that
-//! answer 429 with `RateLimit-*` headers, and a JSON body reader with the API's errors.
+//! answer 429 with `RateLimit-*` headers (among them the per-IP budget of refused
+//! unauthenticated requests, [`unauthenticated_budget`] / [`refuse_unauthenticated`]), and a
+//! JSON body reader with the API's errors.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use super::transport::RequestId;
 use crate::access::{Principal, Scope};
 use crate::config::Rate;
 use crate::events::{EventType, SecurityEvent};
-use crate::ratelimit::{self, Decision, Mode};
+use crate::ratelimit::{self, Decision, Mode, ip_subject, names};
 use crate::security::jwt::JwtError;
 
 /// The client's address and the request id, for limits and security events.
@@ -97,18 +99,22 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let ctx = Ctx::from_parts(parts, state);
+        // Every refusal below is decided before any PostgreSQL work and counts against the
+        // client's unauthenticated budget (429 once it is spent).
         let Some(token) = bearer(&parts.headers) else {
-            return Err(ApiError::unauthorized());
+            return Err(refuse_unauthenticated(state, &ctx, ApiError::unauthorized()).await);
         };
         let claims = match state.jwt.verify(token) {
             Ok(claims) => claims,
-            Err(JwtError::Expired) => return Err(ApiError::unauthorized()),
+            Err(JwtError::Expired) => {
+                return Err(refuse_unauthenticated(state, &ctx, ApiError::unauthorized()).await);
+            }
             Err(_) => {
                 // A forged, tampered or foreign token: someone is trying something.
                 let mut event = ctx.event(EventType::FailedLogin);
                 event.details = json!({"reason": "invalid_token"});
                 record(state, event);
-                return Err(ApiError::unauthorized());
+                return Err(refuse_unauthenticated(state, &ctx, ApiError::unauthorized()).await);
             }
         };
         let mut redis = state.redis.clone();
@@ -127,7 +133,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                 event.user_id = Some(claims.sub);
                 event.details = json!({"reason": "inactive_or_deleted_subject"});
                 record(state, event);
-                Err(ApiError::unauthorized())
+                Err(refuse_unauthenticated(state, &ctx, ApiError::unauthorized()).await)
             }
         }
     }
@@ -194,29 +200,78 @@ impl Caller {
 /// The limits gatehouse applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
-    /// Every register, login and token attempt, per client IP.
+    /// Every register, login and token attempt, per client IP (subject: [`ip_subject`]).
     AuthIp,
-    /// Failed logins per normalized email (and failed token requests per client id).
+    /// Refused unauthenticated requests (forged or unknown-tenant webhooks, bad bearer
+    /// tokens, dashboard session and CSRF refusals), per client IP (subject: [`ip_subject`]).
+    UnauthenticatedIp,
+    /// Failed logins per email (subject: [`ratelimit::email_subject`]), reserved before the
+    /// password check and refunded on success.
     FailedLogin,
     /// Authenticated writes per user or service account.
     User,
 }
 
 impl Limit {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
-            Limit::AuthIp => "auth_ip",
-            Limit::FailedLogin => "failed_login",
-            Limit::User => "user",
+            Limit::AuthIp => names::AUTH_IP,
+            Limit::UnauthenticatedIp => names::UNAUTHENTICATED_IP,
+            Limit::FailedLogin => names::FAILED_LOGIN,
+            Limit::User => names::USER,
         }
     }
 
-    fn rate(self, state: &AppState) -> Rate {
+    pub fn rate(self, state: &AppState) -> Rate {
         match self {
             Limit::AuthIp => state.config.rate_limit_login_ip,
+            Limit::UnauthenticatedIp => state.config.rate_limit_unauthenticated_ip,
             Limit::FailedLogin => state.config.rate_limit_login_email,
             Limit::User => state.config.rate_limit_user,
         }
+    }
+}
+
+/// Peeks at the client's budget of refused unauthenticated requests: 429 when it is spent.
+/// Paths whose refusal can only be decided after PostgreSQL work (a webhook's tenant keys)
+/// call this first, so a client past its budget costs one Redis call and nothing more.
+/// Genuine requests are never counted. Redis unreachable → 503 (fail closed, as every limit).
+pub async fn unauthenticated_budget(state: &AppState, ctx: &Ctx) -> Result<(), ApiError> {
+    let subject = ip_subject(ctx.ip);
+    limit(
+        state,
+        ctx,
+        Limit::UnauthenticatedIp,
+        &subject,
+        Mode::Peek,
+        None,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Counts one refused unauthenticated request against the client's budget: `Ok` while the
+/// budget lasts (answer the refusal as usual), else the 429 `rate_limited` to answer instead
+/// (503 when Redis cannot count it: fail closed, as every limit).
+pub async fn count_refusal(state: &AppState, ctx: &Ctx) -> Result<(), ApiError> {
+    let subject = ip_subject(ctx.ip);
+    limit(
+        state,
+        ctx,
+        Limit::UnauthenticatedIp,
+        &subject,
+        Mode::Hit,
+        None,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// [`count_refusal`], then the answer to give: `refusal` (401/403) while the budget lasts.
+pub async fn refuse_unauthenticated(state: &AppState, ctx: &Ctx, refusal: ApiError) -> ApiError {
+    match count_refusal(state, ctx).await {
+        Ok(()) => refusal,
+        Err(error) => error,
     }
 }
 
@@ -268,8 +323,15 @@ pub async fn limit(
     }
     ::metrics::counter!("gatehouse_rate_limit_hits_total", "limit" => which.name()).increment(1);
     let mut event = ctx.event(EventType::RateLimitExceeded);
-    event.email = email.map(str::to_owned);
     event.details = json!({"limit": which.name(), "rate": rate.to_string()});
+    if let Some(email) = email {
+        // Only a value with an email's shape is stored; never what was typed otherwise.
+        if crate::accounts::looks_like_email(email) {
+            event.email = Some(email.to_owned());
+        } else {
+            event.details["email_shape"] = json!(false);
+        }
+    }
     record(state, event);
     let mut error = ApiError::rate_limited(decision.retry_after_seconds);
     error.headers = rate_headers(&decision);

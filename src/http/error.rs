@@ -148,6 +148,17 @@ impl ApiError {
         e.retry_after = Some(5);
         e
     }
+    /// Too much work already waits (the password hashing queue is full): answered at once,
+    /// `Retry-After` seconds from now it may succeed.
+    pub fn overloaded(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the service is busy, retry shortly",
+        );
+        e.retry_after = Some(retry_after.max(1));
+        e
+    }
     /// An unexpected failure; the cause must already be logged.
     pub fn internal() -> Self {
         Self::new(

@@ -61,6 +61,17 @@ impl KeyCache {
         self.entries.write().await.remove(&tenant_id);
     }
 
+    /// Whether the tenant's keys are in memory and still trusted, so [`KeyCache::get`] would
+    /// answer without PostgreSQL (the webhook lets such a tenant's messages through from an
+    /// address past its budget of refused requests).
+    pub async fn holds_keys(&self, tenant_id: Uuid) -> bool {
+        self.entries
+            .read()
+            .await
+            .get(&tenant_id)
+            .is_some_and(|e| e.keys.is_some() && e.fetched.elapsed() < self.max_stale)
+    }
+
     /// The tenant's keys, `None` for an unknown tenant.
     pub async fn get(
         self: &Arc<Self>,

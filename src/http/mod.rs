@@ -55,7 +55,7 @@ pub struct AppState {
     /// `PUBLIC_BASE_URL` without a trailing slash.
     pub public_base: Option<String>,
     pub jwt: JwtKeys,
-    /// argon2id on the blocking pool, bounded.
+    /// argon2id on its own threads behind a `PASSWORD_HASH_QUEUE`-bounded queue.
     pub hasher: Hasher,
     pub scopes: ScopeCache,
     /// Records security events (row, log line, metrics) and evaluates the alert rules.
@@ -74,6 +74,7 @@ impl AppState {
             .map(|u| u.as_str().trim_end_matches('/').to_owned());
         let jwt = JwtKeys::from_config(&config);
         let scopes = ScopeCache::new(config.queue_namespace.clone());
+        let hasher = Hasher::owasp_with_queue(config.password_hash_queue);
         let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());
         let scrape = crate::worker::scrape::Scrape {
             handle: crate::monitoring::install(),
@@ -89,7 +90,7 @@ impl AppState {
             key_cache,
             public_base,
             jwt,
-            hasher: Hasher::owasp(),
+            hasher,
             scopes,
             events,
             scrape,

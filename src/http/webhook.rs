@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use super::AppState;
-use super::authz::read_limited;
+use super::authz::{Ctx, read_limited, refuse_unauthenticated, unauthenticated_budget};
 use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::key_cache::KeyCacheError;
@@ -232,6 +232,7 @@ fn twiml() -> Response {
         (status = 200, description = "Accepted (empty TwiML)", content_type = "text/xml"),
         super::error::BodyErrors,
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 429, description = "Too many refused requests from this address (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
 pub async fn twilio_message(
@@ -244,6 +245,26 @@ pub async fn twilio_message(
     let (parts, body) = request.into_parts();
     let (uri, headers) = (&parts.uri, &parts.headers);
     let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
+    // A client past its budget of refused requests is answered 429 here, before the tenant
+    // key lookup (which can cost PostgreSQL work); each refusal below counts against it. A
+    // tenant whose keys are in memory is still verified (no PostgreSQL): Twilio's addresses
+    // are shared by every tenant, and one tenant's misconfigured token must not stop the
+    // others' messages. A forgery for it is refused below, and past the budget that is a 429.
+    let ctx = Ctx {
+        ip: client_ip(peer, headers, &state.config.trusted_proxies),
+        request_id: request_id.unwrap_or_default().to_owned(),
+    };
+    let mut spent = None;
+    if let Err(limited) = unauthenticated_budget(&state, &ctx).await {
+        let in_memory = match Uuid::parse_str(&tenant) {
+            Ok(id) => state.key_cache.holds_keys(id).await,
+            Err(_) => false,
+        };
+        if !in_memory {
+            return Err(limited);
+        }
+        spent = Some(limited);
+    }
     let kind = content_kind(headers).ok_or_else(|| {
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
     })?;
@@ -268,7 +289,7 @@ pub async fn twilio_message(
     };
 
     let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
-        return Err(reject(None, "unknown tenant"));
+        return Err(refuse_unauthenticated(&state, &ctx, reject(None, "unknown tenant")).await);
     };
     let Some(base) = state.public_base.as_deref() else {
         tracing::error!("PUBLIC_BASE_URL is not set; webhooks cannot be verified");
@@ -280,7 +301,10 @@ pub async fn twilio_message(
         .await
     {
         Ok(Some(keys)) => keys,
-        Ok(None) => return Err(reject(Some(tenant_id), "unknown tenant")),
+        Ok(None) => {
+            let refusal = reject(Some(tenant_id), "unknown tenant");
+            return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
+        }
         Err(KeyCacheError::Unavailable(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot load webhook keys");
             ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "unavailable")
@@ -331,8 +355,12 @@ pub async fn twilio_message(
         Kind::Json => twilio::Body::Json(&raw),
     };
     if let Err(error) = twilio::verify(&url, signed_body, signed_headers, &tenant_keys) {
+        if let Some(limited) = spent {
+            return Err(limited);
+        }
         tracing::warn!(tenant.id = %tenant_id, reason = %error, "webhook signature rejected");
-        return Err(reject(Some(tenant_id), "signature"));
+        let refusal = reject(Some(tenant_id), "signature");
+        return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
     }
     VERIFIED.increment(1);
 

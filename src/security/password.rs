@@ -10,9 +10,12 @@
 //! Hashing costs ~19 MiB and tens of milliseconds of CPU, so [`Hasher`] runs it on a few
 //! threads of its own, at the lowest scheduling priority (nice +19 on Linux): a login flood
 //! queues there, and whatever else wants the CPU meanwhile (the async workers that serve
-//! webhooks, Redis, PostgreSQL) gets it first.
+//! webhooks, Redis, PostgreSQL) gets it first. The queue in front of them is bounded
+//! (`PASSWORD_HASH_QUEUE`): a full queue refuses at once, and a queued hash whose request has
+//! gone is skipped.
 
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
@@ -39,6 +42,8 @@ pub enum PasswordError {
     Hashing,
     #[error("the password hashing pool is gone")]
     PoolClosed,
+    #[error("too many password hashes are waiting; retry shortly")]
+    Busy,
 }
 
 /// What a verification found.
@@ -155,7 +160,12 @@ pub fn verify_blocking(
 /// login flood still rose 2.8x on 2 cores; at +19, 1.7x.
 const HASH_NICENESS: i32 = 19;
 
-type HashJob = Box<dyn FnOnce() + Send>;
+/// A queued hash: `run` does the work; `abandoned` says whether the request that queued it
+/// has gone (its answer would be read by nobody), and then the job is skipped.
+struct HashJob {
+    run: Box<dyn FnOnce() + Send>,
+    abandoned: Box<dyn Fn() -> bool + Send>,
+}
 
 /// Lowers the calling thread's scheduling priority. Best effort: where it is refused (or
 /// not Linux) the thread just runs at the normal priority.
@@ -171,18 +181,53 @@ fn lower_own_priority() {
     }
 }
 
-/// The hashing threads: each takes the next job off one shared queue. They end when the
-/// last [`Hasher`] clone is dropped (the queue's sender with it).
+/// What the pool has done, for tests and metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Jobs waiting for a thread right now.
+    waiting: AtomicUsize,
+    /// Callers awaiting an answer right now (a dropped caller no longer counts).
+    callers: AtomicUsize,
+    /// Jobs a thread ran (counted as it starts one).
+    computed: AtomicU64,
+    /// Jobs dropped unrun because their request had gone.
+    skipped: AtomicU64,
+    /// Jobs refused because the queue was full.
+    refused: AtomicU64,
+}
+
+/// A snapshot of the pool's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Jobs waiting for a hashing thread right now (abandoned ones included until a thread
+    /// skips them).
+    pub waiting: usize,
+    /// Callers still awaiting an answer (queued or being hashed); a caller whose future was
+    /// dropped no longer counts.
+    pub callers: usize,
+    /// Jobs a thread has run or is running.
+    pub computed: u64,
+    /// Queued jobs skipped because the request that queued them had gone.
+    pub skipped: u64,
+    /// Jobs refused at once because the queue was full.
+    pub refused: u64,
+}
+
+/// The hashing threads: each takes the next job off one shared, bounded queue. They end when
+/// the last [`Hasher`] clone is dropped (the queue's sender with it).
 struct Pool {
-    jobs: Sender<HashJob>,
+    jobs: SyncSender<HashJob>,
+    counters: Arc<Counters>,
 }
 
 impl Pool {
-    fn start(threads: usize) -> Self {
-        let (sender, receiver) = std::sync::mpsc::channel::<HashJob>();
+    fn start(threads: usize, queue: usize) -> Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<HashJob>(queue.max(1));
         let receiver = Arc::new(Mutex::new(receiver));
+        let counters = Arc::new(Counters::default());
         for i in 0..threads.max(1) {
             let receiver: Arc<Mutex<Receiver<HashJob>>> = Arc::clone(&receiver);
+            let counters = Arc::clone(&counters);
             let spawned = std::thread::Builder::new()
                 .name(format!("gatehouse-argon2-{i}"))
                 .spawn(move || {
@@ -192,21 +237,52 @@ impl Pool {
                             Ok(queue) => queue.recv(),
                             Err(_) => return,
                         };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return,
+                        let Ok(job) = job else { return };
+                        counters.waiting.fetch_sub(1, Ordering::SeqCst);
+                        if (job.abandoned)() {
+                            counters.skipped.fetch_add(1, Ordering::SeqCst);
+                            ::metrics::counter!("gatehouse_password_hashes_skipped_total")
+                                .increment(1);
+                            continue;
                         }
+                        counters.computed.fetch_add(1, Ordering::SeqCst);
+                        (job.run)();
                     }
                 });
             if let Err(error) = spawned {
                 tracing::error!(%error, "cannot start a password hashing thread");
             }
         }
-        Self { jobs: sender }
+        Self {
+            jobs: sender,
+            counters,
+        }
     }
 }
 
-/// Runs argon2 off the async runtime, on `concurrency` threads of lowered priority.
+/// Counts a caller awaiting its answer for as long as its future lives.
+struct CallerGuard(Arc<Counters>);
+
+impl CallerGuard {
+    fn new(counters: Arc<Counters>) -> Self {
+        counters.callers.fetch_add(1, Ordering::SeqCst);
+        Self(counters)
+    }
+}
+
+impl Drop for CallerGuard {
+    fn drop(&mut self) {
+        self.0.callers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many hashes may wait for a thread when no `PASSWORD_HASH_QUEUE` applies (the CLI).
+pub const DEFAULT_QUEUE: usize = 1024;
+
+/// Runs argon2 off the async runtime, on `concurrency` threads of lowered priority, behind a
+/// bounded queue: when `queue` hashes already wait, a new one is refused at once
+/// ([`PasswordError::Busy`]) rather than waiting; a queued hash whose caller has gone (its
+/// future dropped: the client disconnected or the request timed out) is skipped, not computed.
 #[derive(Clone)]
 pub struct Hasher {
     cost: Cost,
@@ -225,11 +301,18 @@ impl std::fmt::Debug for Hasher {
 }
 
 impl Hasher {
-    /// A hasher with `cost` and `concurrency` hashing threads (at least 1).
+    /// A hasher with `cost`, `concurrency` hashing threads (at least 1) and room for
+    /// [`DEFAULT_QUEUE`] waiting hashes.
     pub fn new(cost: Cost, concurrency: usize) -> Self {
+        Self::with_queue(cost, concurrency, DEFAULT_QUEUE)
+    }
+
+    /// A hasher with `cost`, `concurrency` hashing threads and room for `queue` (at least 1)
+    /// hashes waiting for one.
+    pub fn with_queue(cost: Cost, concurrency: usize, queue: usize) -> Self {
         Self {
             cost,
-            pool: Arc::new(Pool::start(concurrency)),
+            pool: Arc::new(Pool::start(concurrency, queue)),
             dummy: Arc::new(OnceLock::new()),
         }
     }
@@ -239,29 +322,74 @@ impl Hasher {
     /// benchmark harness measured `/healthz` p99 rising 7× during a flood on 2 cores; with
     /// one slot, 1.5×.)
     pub fn owasp() -> Self {
+        Self::owasp_with_queue(DEFAULT_QUEUE)
+    }
+
+    /// [`Hasher::owasp`] with room for `queue` waiting hashes (`PASSWORD_HASH_QUEUE`).
+    pub fn owasp_with_queue(queue: usize) -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self::new(Cost::OWASP, cpus.saturating_sub(1).max(1))
+        Self::with_queue(Cost::OWASP, cpus.saturating_sub(1).max(1), queue)
     }
 
     pub fn cost(&self) -> Cost {
         self.cost
     }
 
-    async fn run<T: Send + 'static>(
+    /// What the pool has done so far.
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.pool.counters;
+        PoolStats {
+            waiting: c.waiting.load(Ordering::SeqCst),
+            callers: c.callers.load(Ordering::SeqCst),
+            computed: c.computed.load(Ordering::SeqCst),
+            skipped: c.skipped.load(Ordering::SeqCst),
+            refused: c.refused.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Runs `f` on a hashing thread: refused at once with [`PasswordError::Busy`] when the
+    /// queue is full; skipped if this future is dropped before a thread takes it.
+    pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PasswordError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: HashJob = Box::new(move || {
-            // A panic fails this one call (its reply is dropped), not the thread.
-            if let Ok(value) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                let _ = reply.send(value);
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let watched = Arc::clone(&reply);
+        let job = HashJob {
+            abandoned: Box::new(move || {
+                watched
+                    .lock()
+                    .map(|r| r.as_ref().is_none_or(|r| r.is_closed()))
+                    .unwrap_or(true)
+            }),
+            run: Box::new(move || {
+                // A panic fails this one call (its reply is dropped), not the thread.
+                if let Ok(value) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                    && let Ok(mut slot) = reply.lock()
+                    && let Some(reply) = slot.take()
+                {
+                    let _ = reply.send(value);
+                }
+            }),
+        };
+        let counters = &self.pool.counters;
+        // Counted before it is visible to the threads, which count it down when they take it.
+        counters.waiting.fetch_add(1, Ordering::SeqCst);
+        match self.pool.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                counters.waiting.fetch_sub(1, Ordering::SeqCst);
+                counters.refused.fetch_add(1, Ordering::SeqCst);
+                ::metrics::counter!("gatehouse_password_hash_queue_full_total").increment(1);
+                return Err(PasswordError::Busy);
             }
-        });
-        self.pool
-            .jobs
-            .send(job)
-            .map_err(|_| PasswordError::PoolClosed)?;
+            Err(TrySendError::Disconnected(_)) => {
+                counters.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(PasswordError::PoolClosed);
+            }
+        }
+        let _caller = CallerGuard::new(Arc::clone(&self.pool.counters));
         answer.await.map_err(|_| PasswordError::PoolClosed)
     }
 
@@ -447,6 +575,79 @@ mod tests {
                 .get()
                 .is_some_and(|d| d.starts_with("$argon2id$"))
         );
+    }
+
+    /// Occupies the hasher's (single) thread until the returned sender is used or dropped.
+    async fn occupy(hasher: &Hasher) -> std::sync::mpsc::Sender<()> {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let h = hasher.clone();
+        tokio::spawn(async move {
+            let _ = h
+                .run(move || {
+                    let _ = started_tx.send(());
+                    let _ = wait.recv();
+                })
+                .await;
+        });
+        for _ in 0..200 {
+            if started_rx.try_recv().is_ok() {
+                return release;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("the hashing thread never took the blocking job");
+    }
+
+    async fn until(hasher: &Hasher, what: &str, done: impl Fn(PoolStats) -> bool) {
+        for _ in 0..400 {
+            if done(hasher.stats()) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("{what}: {:?}", hasher.stats());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_abandoned_hashes_are_skipped() {
+        let hasher = Hasher::with_queue(WEAK, 1, 3);
+        let release = occupy(&hasher).await;
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let h = hasher.clone();
+                tokio::spawn(async move { h.verify(None, &SecretString::from("guess")).await })
+            })
+            .collect();
+        until(&hasher, "three hashes wait", |s| s.waiting == 3).await;
+        // The queue is full: the next one is refused without waiting for anything.
+        let refused = hasher.hash(&SecretString::from("one more")).await;
+        assert!(matches!(refused, Err(PasswordError::Busy)), "{refused:?}");
+        // Two of the waiting requests go away (their futures are dropped); one stays.
+        let mut waiting = waiting.into_iter();
+        let kept = waiting.next().expect("a task");
+        for gone in waiting {
+            gone.abort();
+            assert!(gone.await.is_err_and(|e| e.is_cancelled()));
+        }
+        until(&hasher, "two callers are gone", |s| s.callers == 2).await;
+        let _ = release.send(());
+        assert_eq!(
+            kept.await.expect("task").expect("verified"),
+            Verified::Mismatch
+        );
+        until(&hasher, "the queue drains", |s| {
+            s.waiting == 0 && s.skipped == 2
+        })
+        .await;
+        let stats = hasher.stats();
+        // The blocker and the kept request were computed; the two abandoned ones were not.
+        assert_eq!(stats.computed, 2, "{stats:?}");
+        assert_eq!(stats.skipped, 2, "{stats:?}");
+        assert_eq!(stats.refused, 1, "{stats:?}");
+        // And the pool keeps working.
+        assert!(hasher.hash(&SecretString::from("after")).await.is_ok());
+        assert_eq!(hasher.stats().computed, 3);
     }
 
     #[test]

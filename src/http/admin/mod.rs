@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::{check_password, ip_limit};
-use super::authz::{Ctx, read_limited, record};
+use super::authz::{Ctx, count_refusal, read_limited, record};
 use super::error::ApiError;
 use crate::access::{Principal, Scope};
 use crate::events::EventType;
@@ -67,7 +67,8 @@ fn see_other(to: &'static str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
 }
 
-/// An error page for an API error (status, message, `Retry-After` kept).
+/// An error page for an API error (status, message, `Retry-After` and the error's headers,
+/// such as `RateLimit-*`, kept).
 fn error_page(error: ApiError) -> Response {
     let mut response = html(
         error.status,
@@ -78,7 +79,20 @@ fn error_page(error: ApiError) -> Response {
     {
         response.headers_mut().insert(header::RETRY_AFTER, value);
     }
+    for (name, value) in error.headers {
+        response.headers_mut().insert(name, value);
+    }
     response
+}
+
+/// A request refused for its session or CSRF token counts against the client's budget of
+/// refused unauthenticated requests (decided in Redis, before any PostgreSQL work):
+/// `refused` while the budget lasts, a 429 page once it is spent.
+async fn counted(state: &AppState, ctx: &Ctx, refused: Response) -> Response {
+    match count_refusal(state, ctx).await {
+        Ok(()) => refused,
+        Err(error) => error_page(error),
+    }
 }
 
 fn forbidden() -> Response {
@@ -144,11 +158,12 @@ impl FromRequestParts<Arc<AppState>> for Officer {
             .await
             .map_err(|e| unavailable("cannot read the session store", &e))?;
         let Some(live) = live else {
+            // A session cookie that names no live session (forged, expired, logged out).
             let mut response = see_other("/admin/login");
             response
                 .headers_mut()
                 .insert(header::SET_COOKIE, session::clear_cookie(session::COOKIE));
-            return Err(response);
+            return Err(counted(state, &ctx, response).await);
         };
         let (principal, _) = state
             .scopes
@@ -188,8 +203,9 @@ fn deny(state: &AppState, ctx: &Ctx, principal: &Principal, scope: &str) {
     record(state, event);
 }
 
-/// A refused CSRF check: a `permission_denied` event (no token in it) and 403.
-fn csrf_refused(state: &AppState, ctx: &Ctx, user: Option<&Principal>) -> Response {
+/// A refused CSRF check: a `permission_denied` event (no token in it) and 403, counted
+/// against the client's budget of refused requests (429 once it is spent).
+async fn csrf_refused(state: &AppState, ctx: &Ctx, user: Option<&Principal>) -> Response {
     let mut event = ctx.event(EventType::PermissionDenied);
     if let Some(p) = user {
         event.user_id = Some(p.id);
@@ -197,7 +213,7 @@ fn csrf_refused(state: &AppState, ctx: &Ctx, user: Option<&Principal>) -> Respon
     }
     event.details = json!({"reason": "csrf", "surface": "admin"});
     record(state, event);
-    forbidden()
+    counted(state, ctx, forbidden()).await
 }
 
 /// Reads a form body (`application/x-www-form-urlencoded`, at most 8 KiB).
@@ -286,7 +302,7 @@ async fn login(
         _ => false,
     };
     if !token_ok || !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
-        return csrf_refused(&state, &ctx, None);
+        return csrf_refused(&state, &ctx, None).await;
     }
     let (Some(email), Some(password)) = (field(&form, "email"), field(&form, "password")) else {
         return login_page(&state, StatusCode::BAD_REQUEST, Some(LOGIN_FAILED));
@@ -367,7 +383,7 @@ async fn logout(
         )
     });
     if !token_ok || !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
-        return csrf_refused(&state, &ctx, None);
+        return csrf_refused(&state, &ctx, None).await;
     }
     let mut redis = state.redis.clone();
     if let Err(e) = session::destroy(&mut redis, &state.config.queue_namespace, &id).await {
@@ -396,7 +412,7 @@ async fn retry_dead(
 ) -> Response {
     // Origin first: a cross-site post is refused before its body is even read.
     if !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
-        return csrf_refused(&state, &officer.ctx, Some(&officer.principal));
+        return csrf_refused(&state, &officer.ctx, Some(&officer.principal)).await;
     }
     let form = match form(&headers, body).await {
         Ok(form) => form,
@@ -411,7 +427,7 @@ async fn retry_dead(
         )
     });
     if !token_ok {
-        return csrf_refused(&state, &officer.ctx, Some(&officer.principal));
+        return csrf_refused(&state, &officer.ctx, Some(&officer.principal)).await;
     }
     let Some(job_id) = field(&form, "job_id").filter(|id| !id.is_empty() && id.len() <= 128) else {
         return error_page(ApiError::invalid_request("job_id is required"));
