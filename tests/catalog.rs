@@ -1121,3 +1121,42 @@ async fn staging_left_by_failed_or_abandoned_attempts_never_reaches_the_next_att
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sync_still_waiting_for_the_tenant_lock_at_its_deadline_fails_as_retryable_with_nothing_applied()
+ {
+    let env = TestEnv::with_vars(|v| {
+        v.insert("CATALOG_SYNC_DEADLINE_SECONDS".into(), "10".into());
+    })
+    .await;
+    let (_store, url) = Store::start(vec![page(json!([product("a", "Apple", 1)]), None)]).await;
+    let tenant = store_tenant(&env, &url).await;
+    seed_product(&env, tenant, "old").await;
+    let before = snapshot(&env, tenant).await;
+    // Someone holds the tenant's row lock for longer than the whole deadline: the apply step
+    // is part of the budget too.
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
+        .bind(tenant)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let client = env.worker_state().store.clone();
+    let error = run_sync(&env, &client, "locked", &job(tenant, SyncMode::Full))
+        .await
+        .expect_err("the deadline ends the wait");
+    holder.rollback().await.expect("release");
+    assert!(
+        matches!(error, CatalogError::DeadlineExceeded { seconds: 10 }),
+        "{error:?}"
+    );
+    assert!(error.is_retryable());
+    assert_eq!(snapshot(&env, tenant).await, before);
+    assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM catalog_syncs").await, 0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM catalog_sync_staging").await,
+        0
+    );
+    env.cleanup().await;
+}

@@ -175,18 +175,18 @@ pub async fn sync(
     )
     .await;
     let result = match result {
-        // The apply transaction's statement timeout is the deadline's.
+        // The apply transaction's statement timeout (query_canceled) is the deadline's.
         Err(CatalogError::Database(sqlx::Error::Database(e)))
-            if e.code().as_deref() == Some("57014") =>
+            if e.code().as_deref() == Some("57014") && deadline.remaining().is_err() =>
         {
             Err(deadline.exceeded())
         }
         other => other,
     };
-    if !matches!(result, Ok(SyncOutcome::Applied { .. })) {
-        if let Err(error) = staging::discard(pool, attempt).await {
-            tracing::warn!(%error, "cannot discard a failed catalog sync's staging rows; the sweep will");
-        }
+    if !matches!(result, Ok(SyncOutcome::Applied { .. }))
+        && let Err(error) = staging::discard(pool, attempt).await
+    {
+        tracing::warn!(%error, "cannot discard a failed catalog sync's staging rows; the sweep will");
     }
     if let Ok(SyncOutcome::Applied { rejected, .. }) = &result
         && *rejected > staging::MAX_RECORDED_REJECTIONS
