@@ -5,6 +5,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::security::keyring::{EnvelopeError, Keyring, aad};
+use crate::security::net::UrlPolicy;
 use crate::security::twilio::SharedKey;
 
 /// Why a tenant operation failed.
@@ -75,10 +76,34 @@ impl NewTenant {
             Err(TenantError::Invalid(problems.join("; ")))
         }
     }
+
+    /// Checks `store_url` against the network rules (`security::net`): https (http only with
+    /// `DEBUG=true`), no user info, no literal non-public address outside
+    /// `STORE_ALLOWED_NETWORKS`, no `localhost`. The entry points (`POST /v1/tenants`,
+    /// `tenants create`) call it before `create`; names are judged again by what they resolve
+    /// to whenever a sync connects (`catalog`).
+    pub fn check_store_url(&self, policy: &UrlPolicy) -> Result<(), TenantError> {
+        match &self.store_url {
+            None => Ok(()),
+            Some(url) => policy
+                .check(url)
+                .map(drop)
+                .map_err(|refusal| TenantError::Invalid(format!("store_url {refusal}"))),
+        }
+    }
+}
+
+/// The store-URL rules of this configuration.
+pub fn store_url_policy(config: &crate::config::Config) -> UrlPolicy {
+    UrlPolicy {
+        allow_http: config.debug,
+        allowed_networks: config.store_allowed_networks.clone(),
+    }
 }
 
 /// Creates a tenant, sealing its secrets under the current key; with an owner email, that
-/// user becomes the tenant's `owner` in the same transaction.
+/// user becomes the tenant's `owner` in the same transaction. The store URL's network rules
+/// depend on the configuration: callers check them first (`NewTenant::check_store_url`).
 pub async fn create(
     pool: &PgPool,
     keyring: &Keyring,

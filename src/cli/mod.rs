@@ -323,6 +323,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             new.validate()
                 .map_err(|e| Failure::Invalid(e.to_string()))?;
             let config = load_config(false)?;
+            new.check_store_url(&crate::tenants::store_url_policy(&config))
+                .map_err(|e| Failure::Invalid(e.to_string()))?;
             runtime()?.block_on(async {
                 let pool = connect_db(&config).await?;
                 let id = crate::tenants::create(&pool, &config.keyring, &new)

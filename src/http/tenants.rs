@@ -28,6 +28,10 @@ pub struct CreateTenant {
     twilio_account_sid: String,
     #[schema(value_type = String, format = Password)]
     twilio_auth_token: SecretString,
+    /// The store API's base URL: `https` (plain `http` only with `DEBUG=true`), no user info;
+    /// a literal loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+    /// address, or `localhost`, is refused (400 `invalid_request` naming `store_url`) unless
+    /// inside `STORE_ALLOWED_NETWORKS`.
     store_url: Option<String>,
     #[schema(value_type = Option<String>, format = Password)]
     store_api_key: Option<SecretString>,
@@ -81,6 +85,9 @@ pub async fn create(
         webhook_shared_key,
         owner_email: req.owner_email,
     };
+    new.validate()
+        .and_then(|()| new.check_store_url(&crate::tenants::store_url_policy(&state.config)))
+        .map_err(|e| ApiError::invalid_request(e.to_string()))?;
     let id = crate::tenants::create(&state.pool, &state.config.keyring, &new)
         .await
         .map_err(|e| match e {

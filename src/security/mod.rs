@@ -1,8 +1,9 @@
-//! The bottom floor: cryptographic primitives and verifiers that know nothing of HTTP,
-//! queues or the database.
+//! The bottom floor: cryptographic primitives, verifiers and the outbound address policy
+//! (`net`), knowing nothing of HTTP, queues or the database.
 
 pub mod blind_index;
 pub mod jwt;
 pub mod keyring;
+pub mod net;
 pub mod password;
 pub mod twilio;

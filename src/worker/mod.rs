@@ -85,9 +85,13 @@ impl WorkerState {
             min_confidence: config.llm_min_confidence,
             classifier: crate::llm::classifier(config.llm.as_ref())?,
             retry: config.retry,
-            store: StoreClient::new(StoreLimits::with_timeout(Duration::from_millis(
-                config.store_timeout_ms,
-            )))?,
+            store: StoreClient::new(
+                StoreLimits {
+                    deadline: Duration::from_secs(config.catalog_sync_deadline_seconds),
+                    ..StoreLimits::with_timeout(Duration::from_millis(config.store_timeout_ms))
+                },
+                config.store_allowed_networks.clone(),
+            )?,
             events,
             key_rotation_batch_size: config.key_rotation_batch_size,
         })
