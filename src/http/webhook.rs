@@ -183,7 +183,9 @@ pub async fn twilio_message(
         .await
     {
         Ok(Some(keys)) => keys,
-        Ok(None) => return Err(reject(Some(tenant_id), "unknown tenant")),
+        // No such tenant: the id in the path is the client's, not a tenant's, so the event
+        // names none (and all such forgeries share one alert subject).
+        Ok(None) => return Err(reject(None, "unknown tenant")),
         Err(KeyCacheError::Unavailable(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot load webhook keys");
             ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "unavailable")
