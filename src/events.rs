@@ -1008,8 +1008,8 @@ mod tests {
     #[test]
     fn budgets_key_ipv4_whole_and_ipv6_by_its_64() {
         assert_eq!(pair_ip(IpAddr::from([203, 0, 113, 7])), "203.0.113.7");
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
         assert_eq!(pair_ip(a), "2001:db8:1:2::/64");
         assert_eq!(pair_ip(a), pair_ip(b));
     }
