@@ -13,7 +13,7 @@ const SECONDS_BUCKETS: [f64; 13] = [
 ];
 
 /// Every counter gatehouse produces through the recorder, with its help text.
-pub const COUNTERS: [(&str, &str); 12] = [
+pub const COUNTERS: [(&str, &str); 15] = [
     (
         "gatehouse_security_events_total",
         "Security events recorded, by type.",
@@ -33,6 +33,18 @@ pub const COUNTERS: [(&str, &str); 12] = [
     (
         "gatehouse_encryption_errors_total",
         "Envelopes that could not be sealed or opened.",
+    ),
+    (
+        "gatehouse_security_events_suppressed_total",
+        "Security events counted but not stored (past the per-type, per-IP budget), by type.",
+    ),
+    (
+        "gatehouse_security_events_dropped_total",
+        "Security events dropped because the recording queue was full, by type.",
+    ),
+    (
+        "gatehouse_retention_deleted_total",
+        "Rows deleted by the retention rounds, by table.",
     ),
     (
         "gatehouse_security_event_insert_failures_total",
@@ -88,6 +100,16 @@ const ZERO: &[(&str, &str, &[&str])] = &[
         "result",
         &["valid", "invalid", "unavailable"],
     ),
+    (
+        "gatehouse_retention_deleted_total",
+        "table",
+        &[
+            "security_events",
+            "processed_jobs",
+            "catalog_syncs",
+            "outbox",
+        ],
+    ),
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -137,7 +159,13 @@ fn describe_and_zero() {
         metrics::counter!(name).absolute(0);
     }
     for kind in crate::events::EventType::ALL {
-        metrics::counter!("gatehouse_security_events_total", "type" => kind.as_str()).absolute(0);
+        for name in [
+            "gatehouse_security_events_total",
+            "gatehouse_security_events_suppressed_total",
+            "gatehouse_security_events_dropped_total",
+        ] {
+            metrics::counter!(name, "type" => kind.as_str()).absolute(0);
+        }
     }
     for rule in crate::events::RULES {
         metrics::counter!("gatehouse_security_alerts_total", "rule" => rule.name).absolute(0);

@@ -439,8 +439,10 @@ async fn forged_expired_and_foreign_tokens_are_refused_with_401() {
         ("garbage", "not.a.token".to_owned(), true),
     ];
     let mut expected_events = 0;
-    for (what, token, event) in &cases {
+    for (i, (what, token, event)) in cases.iter().enumerate() {
+        // Each from its own address: one address's failed logins are stored 10 a minute.
         let r = api(&http, &server, Method::GET, "/v1/me")
+            .header("x-forwarded-for", format!("192.0.2.{}", i + 1))
             .bearer_auth(token)
             .send()
             .await

@@ -1,6 +1,7 @@
 //! The real binary (`gatehouse serve`) with `SENTRY_DSN` pointed at a loopback server that
-//! plays Sentry: critical security events (and the alert they raise) arrive, non-critical ones
-//! do not, and no password, token, signature or message body reaches Sentry or the JSON log.
+//! plays Sentry: critical security events arrive through the alert they raise (one Sentry
+//! event per rule, subject and window, however many forgeries), non-critical ones do not, and
+//! no password, token, signature or message body reaches Sentry or the JSON log.
 
 mod common;
 
@@ -215,17 +216,89 @@ async fn critical_events_reach_sentry_and_the_json_log_without_secrets_and_faile
         .iter()
         .find(|l| l["type"] == "invalid_webhook_signature")
         .expect("an invalid_webhook_signature line");
-    assert_eq!(forged["level"], "ERROR");
+    // The forgery reaches Sentry through its alert (one per rule, subject and window), so its
+    // own line is a warning; the alert's is the ERROR line Sentry receives.
+    assert_eq!(forged["level"], "WARN");
     assert_eq!(forged["tenant.id"], tenant.to_string());
     let alert = security
         .iter()
         .find(|l| l["type"] == "suspicious_activity")
         .expect("an alert line");
+    assert_eq!(alert["level"], "ERROR");
+    assert_eq!(alert["tenant.id"], tenant.to_string());
     assert!(
         alert["details"]
             .as_str()
             .is_some_and(|d| d.contains("\"rule\":\"invalid_webhook_signature\"")),
         "{alert}"
     );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_webhooks_sends_sentry_one_event_per_rule_subject_and_window() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let (sentry, seen) = fake_sentry().await;
+    let port = free_port();
+    let dsn = format!("http://0123456789abcdef@{sentry}/42");
+    let mut serve = spawn_serve(&env, port, &dsn);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&format!("{base}/healthz")).await;
+    let http = reqwest::Client::new();
+    // The alert window is the hour: keep the flood inside one.
+    let into_hour = time::OffsetDateTime::now_utc().unix_timestamp() % 3600;
+    if into_hour > 3540 {
+        tokio::time::sleep(Duration::from_secs((3601 - into_hour) as u64)).await;
+    }
+    const N: usize = 30;
+    let body = "MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100&Body=hi";
+    for i in 0..N {
+        // N forgeries for the real tenant, and N for tenants that do not exist, each from
+        // its own address.
+        for (target, ip) in [
+            (tenant, format!("198.51.100.{i}")),
+            (uuid::Uuid::new_v4(), format!("203.0.113.{i}")),
+        ] {
+            let r = http
+                .post(format!("{base}{}", webhook_path(target)))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-for", ip)
+                .header("x-twilio-signature", FORGED_SIGNATURE)
+                .body(body)
+                .send()
+                .await
+                .expect("webhook");
+            assert_eq!(r.status(), 403);
+        }
+    }
+    let stored = env
+        .wait_for_count(
+            "SELECT count(*) FROM security_events WHERE type = 'invalid_webhook_signature'",
+            2 * N as i64,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(stored, 2 * N as i64);
+    // Stopping flushes Sentry's queue.
+    assert!(terminate(&mut serve).success());
+    assert_eq!(env.events_of("suspicious_activity").await, 2);
+
+    let envelopes = seen.lock().map(|v| v.clone()).unwrap_or_default();
+    let events: Vec<&String> = envelopes
+        .iter()
+        .filter(|e| e.contains("\"type\":\"event\""))
+        .collect();
+    assert_eq!(
+        events.len(),
+        2,
+        "one Sentry event per (rule, subject, window), nothing else: {events:#?}"
+    );
+    for subject in [format!("tenant:{tenant}"), "unknown-tenant".to_owned()] {
+        let about: Vec<_> = events.iter().filter(|e| e.contains(&subject)).collect();
+        assert_eq!(about.len(), 1, "{subject}: {events:#?}");
+        assert!(about[0].contains("invalid_webhook_signature"));
+    }
     env.cleanup().await;
 }

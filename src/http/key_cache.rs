@@ -6,10 +6,14 @@
 //! to webhooks of tenants the ingress has recently served, and signed messages keep flowing
 //! into Redis through an outage of minutes. Past `max_stale` an entry is no longer trusted
 //! and is re-read inline. A tenant the cache has never seen cannot be verified during an
-//! outage: the caller answers 503, never 200 and never a dropped message. Unknown tenants
-//! are cached too (as such), so random tenant ids cannot hammer the database.
+//! outage: the caller answers 503, never 200 and never a dropped message.
+//!
+//! Unknown tenants are cached too (as such), so random tenant ids cannot hammer the database,
+//! but apart: in a least-recently-used set of at most [`MAX_UNKNOWN`] ids. Known tenants live
+//! in their own map, bounded by the real tenant count, so no number of unknown ids evicts a
+//! known tenant's keys.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,13 +24,75 @@ use uuid::Uuid;
 use crate::security::keyring::Keyring;
 use crate::tenants::{TenantError, VerificationKeys, verification_keys};
 
-/// At most this many tenants are cached; past it expired entries are dropped.
-const MAX_ENTRIES: usize = 50_000;
+/// At most this many unknown tenant ids are remembered (least recently used go first).
+pub const MAX_UNKNOWN: usize = 10_000;
+
+/// Past this many known tenants, entries too old to be trusted are dropped (known tenants are
+/// real rows, so this is only a guard against a very long-lived process).
+const MAX_KNOWN: usize = 1_000_000;
 
 #[derive(Clone)]
 struct Entry {
-    keys: Option<Arc<VerificationKeys>>,
+    keys: Arc<VerificationKeys>,
     fetched: Instant,
+}
+
+/// Tenant ids the database did not know, least recently used first out.
+#[derive(Debug)]
+struct UnknownIds {
+    capacity: usize,
+    /// id → (when it was looked up, its use stamp).
+    ids: HashMap<Uuid, (Instant, u64)>,
+    /// use stamp → id, oldest first.
+    order: BTreeMap<u64, Uuid>,
+    stamp: u64,
+}
+
+impl UnknownIds {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            ids: HashMap::new(),
+            order: BTreeMap::new(),
+            stamp: 0,
+        }
+    }
+
+    fn next_stamp(&mut self) -> u64 {
+        self.stamp += 1;
+        self.stamp
+    }
+
+    /// When `id` was looked up, marking it used.
+    fn get(&mut self, id: Uuid) -> Option<Instant> {
+        let stamp = self.next_stamp();
+        let (fetched, old) = self.ids.get_mut(&id).map(|e| {
+            let old = e.1;
+            e.1 = stamp;
+            (e.0, old)
+        })?;
+        self.order.remove(&old);
+        self.order.insert(stamp, id);
+        Some(fetched)
+    }
+
+    fn insert(&mut self, id: Uuid, fetched: Instant) {
+        let stamp = self.next_stamp();
+        if let Some((_, old)) = self.ids.insert(id, (fetched, stamp)) {
+            self.order.remove(&old);
+        } else if self.ids.len() > self.capacity
+            && let Some((_, oldest)) = self.order.pop_first()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.order.insert(stamp, id);
+    }
+
+    fn remove(&mut self, id: Uuid) {
+        if let Some((_, stamp)) = self.ids.remove(&id) {
+            self.order.remove(&stamp);
+        }
+    }
 }
 
 /// Why keys could not be had.
@@ -39,7 +105,8 @@ pub enum KeyCacheError {
 }
 
 pub struct KeyCache {
-    entries: RwLock<HashMap<Uuid, Entry>>,
+    known: RwLock<HashMap<Uuid, Entry>>,
+    unknown: Mutex<UnknownIds>,
     /// Tenants whose background refresh is running (one at a time per tenant).
     refreshing: Mutex<HashSet<Uuid>>,
     ttl: Duration,
@@ -49,7 +116,8 @@ pub struct KeyCache {
 impl KeyCache {
     pub fn new(ttl: Duration) -> Arc<Self> {
         Arc::new(Self {
-            entries: RwLock::new(HashMap::new()),
+            known: RwLock::new(HashMap::new()),
+            unknown: Mutex::new(UnknownIds::new(MAX_UNKNOWN)),
             refreshing: Mutex::new(HashSet::new()),
             ttl,
             max_stale: (ttl * 12).max(Duration::from_secs(3600)),
@@ -58,18 +126,21 @@ impl KeyCache {
 
     /// Drops a tenant's entry (after its keys change).
     pub async fn invalidate(&self, tenant_id: Uuid) {
-        self.entries.write().await.remove(&tenant_id);
+        self.known.write().await.remove(&tenant_id);
+        if let Ok(mut unknown) = self.unknown.lock() {
+            unknown.remove(tenant_id);
+        }
     }
 
     /// Whether the tenant's keys are in memory and still trusted, so [`KeyCache::get`] would
     /// answer without PostgreSQL (the webhook lets such a tenant's messages through from an
     /// address past its budget of refused requests).
     pub async fn holds_keys(&self, tenant_id: Uuid) -> bool {
-        self.entries
+        self.known
             .read()
             .await
             .get(&tenant_id)
-            .is_some_and(|e| e.keys.is_some() && e.fetched.elapsed() < self.max_stale)
+            .is_some_and(|e| e.fetched.elapsed() < self.max_stale)
     }
 
     /// The tenant's keys, `None` for an unknown tenant.
@@ -79,15 +150,27 @@ impl KeyCache {
         keyring: &Keyring,
         tenant_id: Uuid,
     ) -> Result<Option<Arc<VerificationKeys>>, KeyCacheError> {
-        let cached = self.entries.read().await.get(&tenant_id).cloned();
-        if let Some(entry) = cached {
-            let age = entry.fetched.elapsed();
+        let known = self
+            .known
+            .read()
+            .await
+            .get(&tenant_id)
+            .map(|e| (Some(e.keys.clone()), e.fetched));
+        let cached = known.or_else(|| {
+            self.unknown
+                .lock()
+                .ok()
+                .and_then(|mut u| u.get(tenant_id))
+                .map(|fetched| (None, fetched))
+        });
+        if let Some((keys, fetched)) = cached {
+            let age = fetched.elapsed();
             if age < self.ttl {
-                return Ok(entry.keys);
+                return Ok(keys);
             }
             if age < self.max_stale {
                 self.refresh_in_background(pool.clone(), keyring.clone(), tenant_id);
-                return Ok(entry.keys);
+                return Ok(keys);
             }
         }
         self.load(pool, keyring, tenant_id).await
@@ -111,21 +194,27 @@ impl KeyCache {
     }
 
     async fn store(&self, tenant_id: Uuid, keys: Option<Arc<VerificationKeys>>) {
-        let mut entries = self.entries.write().await;
-        if entries.len() >= MAX_ENTRIES {
-            let max_stale = self.max_stale;
-            entries.retain(|_, e| e.fetched.elapsed() < max_stale);
-            if entries.len() >= MAX_ENTRIES {
-                entries.clear();
+        let fetched = Instant::now();
+        match keys {
+            Some(keys) => {
+                if let Ok(mut unknown) = self.unknown.lock() {
+                    unknown.remove(tenant_id);
+                }
+                let mut known = self.known.write().await;
+                if known.len() >= MAX_KNOWN && !known.contains_key(&tenant_id) {
+                    let max_stale = self.max_stale;
+                    known.retain(|_, e| e.fetched.elapsed() < max_stale);
+                }
+                known.insert(tenant_id, Entry { keys, fetched });
+            }
+            None => {
+                // A tenant that is gone stops being known.
+                self.known.write().await.remove(&tenant_id);
+                if let Ok(mut unknown) = self.unknown.lock() {
+                    unknown.insert(tenant_id, fetched);
+                }
             }
         }
-        entries.insert(
-            tenant_id,
-            Entry {
-                keys,
-                fetched: Instant::now(),
-            },
-        );
     }
 
     fn refresh_in_background(self: &Arc<Self>, pool: PgPool, keyring: Keyring, tenant_id: Uuid) {
@@ -155,5 +244,31 @@ impl KeyCache {
                 set.remove(&tenant_id);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_ids_evict_the_least_recently_used_first_and_stay_bounded() {
+        let mut ids = UnknownIds::new(3);
+        let [a, b, c, d] = [0u128, 1, 2, 3].map(Uuid::from_u128);
+        let now = Instant::now();
+        ids.insert(a, now);
+        ids.insert(b, now);
+        ids.insert(c, now);
+        // Using `a` makes `b` the least recently used.
+        assert!(ids.get(a).is_some());
+        ids.insert(d, now);
+        assert!(ids.get(b).is_none());
+        assert!(ids.get(a).is_some() && ids.get(c).is_some() && ids.get(d).is_some());
+        assert_eq!((ids.ids.len(), ids.order.len()), (3, 3));
+        // Re-inserting an id refreshes it without growing the set.
+        ids.insert(c, now);
+        assert_eq!((ids.ids.len(), ids.order.len()), (3, 3));
+        ids.remove(c);
+        assert_eq!((ids.ids.len(), ids.order.len()), (2, 2));
     }
 }

@@ -301,8 +301,10 @@ pub async fn twilio_message(
         .await
     {
         Ok(Some(keys)) => keys,
+        // No such tenant: the id in the path is the client's, not a tenant's, so the event
+        // names none (and all such forgeries share one alert subject).
         Ok(None) => {
-            let refusal = reject(Some(tenant_id), "unknown tenant");
+            let refusal = reject(None, "unknown tenant");
             return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
         }
         Err(KeyCacheError::Unavailable(error)) => {

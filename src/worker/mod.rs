@@ -6,6 +6,9 @@
 //! (see ARCHITECTURE.md). Every process names its workers uniquely, heartbeats from a task of
 //! its own (so long jobs keep their workers alive), vacuums finished jobs, and supervises its
 //! workers: one ending on its own is restarted under a new name, never a silent clean exit.
+//! Beside the Redis maintenance, a task of its own deletes expired PostgreSQL rows in bounded
+//! batches about once a minute (`crate::retention`), so a slow database never delays a
+//! heartbeat.
 
 pub mod backend;
 pub mod dead;
@@ -121,6 +124,8 @@ pub struct WorkerOptions {
     pub health_limits: crate::server::Limits,
     /// `METRICS_TOKEN`: the bearer token `/metrics` requires, if any.
     pub metrics_token: Option<secrecy::SecretString>,
+    /// Which PostgreSQL rows expire, and how often and how much a round deletes.
+    pub row_retention: crate::retention::Retention,
 }
 
 impl WorkerOptions {
@@ -135,6 +140,7 @@ impl WorkerOptions {
             health_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             health_limits: crate::server::Limits::from_config(config),
             metrics_token: config.metrics_token.clone(),
+            row_retention: crate::retention::Retention::from_config(config),
         }
     }
 
@@ -608,6 +614,10 @@ pub async fn run(
         redis.clone(),
         queues.clone(),
     ));
+    let retention = tokio::spawn(crate::retention::run(
+        state.pool.clone(),
+        options.row_retention,
+    ));
     let maintenance = tokio::spawn(maintain(
         redis.clone(),
         vec![inbound.keys.clone(), sync.keys.clone(), rotate.keys.clone()],
@@ -688,6 +698,7 @@ pub async fn run(
         }
     };
     maintenance.abort();
+    retention.abort();
     relay.abort();
     if let Some(mut server) = health_server {
         // Connections finish the probe or scrape they are serving; idle ones close at once.

@@ -150,8 +150,8 @@ impl TestEnv {
         }
     }
 
-    /// The security-event recorder a process of this test would use (alerts counted under
-    /// the test's namespace).
+    /// The security-event recorder a process of this test would use (its own small pool to
+    /// the test's database, budgets and alerts counted under the test's namespace).
     pub fn events(&self) -> gatehouse::events::SecurityLog {
         gatehouse::events::SecurityLog::new(
             self.pool.clone(),
