@@ -40,6 +40,8 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
+use crate::security::net::client_key;
+
 /// The kinds of security event (SPEC "Security events").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -170,7 +172,7 @@ impl AlertRule {
     /// The subject `event` counts against, if the rule can name one.
     fn subject(&self, event: &SecurityEvent) -> Option<String> {
         match self.per {
-            Subject::Ip => event.ip.map(|ip| format!("ip:{ip}")),
+            Subject::Ip => event.ip.map(|ip| format!("ip:{}", client_key(ip))),
             Subject::Tenant { fallback } => Some(match (event.tenant_id, event.user_id) {
                 (Some(tenant), _) => format!("tenant:{tenant}"),
                 (None, Some(user)) => format!("user:{user}"),
@@ -639,17 +641,6 @@ fn once_per(last: &AtomicI64, seconds: i64) -> bool {
             .is_ok()
 }
 
-/// An IP as budgets key it: IPv4 whole, IPv6 by its /64 (one host holds a whole /64).
-fn pair_ip(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & (u128::MAX << 64);
-            format!("{}/64", std::net::Ipv6Addr::from(prefix))
-        }
-    }
-}
-
 fn window_index(at: OffsetDateTime, window: Duration) -> u64 {
     at.unix_timestamp().max(0) as u64 / window.as_secs().max(1)
 }
@@ -663,7 +654,7 @@ impl Recorder {
         // (worker-side) have no pair.
         let pair = match (event.kind, event.ip) {
             (EventType::SuspiciousActivity, _) | (_, None) => None,
-            (_, Some(ip)) => Some(pair_ip(ip)),
+            (_, Some(ip)) => Some(client_key(ip)),
         };
         let verdict = self
             .count(&event, pair.as_deref(), rule.zip(subject.as_deref()))
@@ -1007,11 +998,23 @@ mod tests {
 
     #[test]
     fn budgets_key_ipv4_whole_and_ipv6_by_its_64() {
-        assert_eq!(pair_ip(IpAddr::from([203, 0, 113, 7])), "203.0.113.7");
+        assert_eq!(client_key(IpAddr::from([203, 0, 113, 7])), "203.0.113.7");
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
         let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
-        assert_eq!(pair_ip(a), "2001:db8:1:2::/64");
-        assert_eq!(pair_ip(a), pair_ip(b));
+        assert_eq!(client_key(a), "2001:db8:1:2::/64");
+        assert_eq!(client_key(a), client_key(b));
+        // Per-IP alert rules count an IPv6 client by its /64 too: rotating addresses inside
+        // one /64 is one subject, so one Sentry event per window.
+        let rule = RULES
+            .iter()
+            .find(|r| r.name == "failed_logins_per_ip")
+            .expect("rule");
+        let mut event = SecurityEvent::new(EventType::FailedLogin);
+        event.ip = Some(a);
+        let first = rule.subject(&event);
+        event.ip = Some(b);
+        assert_eq!(rule.subject(&event), first);
+        assert_eq!(first.as_deref(), Some("ip:2001:db8:1:2::/64"));
     }
 
     #[test]

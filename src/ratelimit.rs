@@ -15,7 +15,7 @@
 use redis::Script;
 use redis::aio::ConnectionLike;
 use sha2::{Digest, Sha256};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use crate::config::Rate;
@@ -75,22 +75,8 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
-/// The subject of a per-IP limit: an IPv4 address as is (also when it arrives IPv4-mapped,
-/// `::ffff:a.b.c.d`), an IPv6 address by its /64 (`2001:db8:1:2::/64`) — one client commonly
-/// holds a whole /64, so keying on the full address would give it 2^64 allowances.
-pub fn ip_subject(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                let prefix = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-                format!("{prefix}/64")
-            }
-        },
-    }
-}
+/// The subject of a per-IP limit: [`client_key`] (IPv4 as is, IPv6 by its /64).
+pub use crate::security::net::client_key as ip_subject;
 
 /// The subject of the per-email limit: the normalized email when it has an email's shape;
 /// otherwise (a password typed into the email box, say) a digest of it, so the value never

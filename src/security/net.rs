@@ -241,6 +241,23 @@ impl UrlPolicy {
     }
 }
 
+/// One client as per-client budgets count it (rate limits, the security-event budget, alert
+/// subjects): an IPv4 address as is (also when it arrives IPv4-mapped, `::ffff:a.b.c.d`), an
+/// IPv6 address by its /64 (`2001:db8:1:2::/64`) — one client commonly holds a whole /64, so
+/// keying on the full address would give it 2^64 allowances.
+pub fn client_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let prefix = u128::from(v6) & (u128::MAX << 64);
+                format!("{}/64", Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
