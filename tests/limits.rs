@@ -524,15 +524,34 @@ async fn a_password_typed_into_the_email_field_is_never_stored_in_an_event() {
 }
 
 fn limits_reset(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    limits_reset_with(&env.vars, args)
+}
+
+fn limits_reset_with(
+    vars: &std::collections::HashMap<String, String>,
+    args: &[&str],
+) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_gatehouse"))
         .args(["limits", "reset"])
         .args(args)
         .env_clear()
-        .envs(env.vars.iter())
+        .envs(vars.iter())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()
         .expect("gatehouse runs")
+}
+
+/// Runs `gatehouse limits reset ARGS`, asserts it exits 0, and returns its stdout.
+fn limits_reset_ok(env: &TestEnv, args: &[&str]) -> String {
+    let out = limits_reset(env, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -553,14 +572,7 @@ async fn limits_reset_lifts_an_email_lockout_and_every_per_ip_limit_of_an_addres
     }
     let r = login_from(&http, &server, "198.51.100.3", "ADA@example.com", PASSWORD).await;
     assert_eq!(r.status(), 429, "locked");
-    let out = limits_reset(&env, &["--email", " Ada@Example.com "]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = limits_reset_ok(&env, &["--email", " Ada@Example.com "]);
     assert!(
         stdout.contains("removed failed_login ada@example.com"),
         "{stdout}"
@@ -568,9 +580,8 @@ async fn limits_reset_lifts_an_email_lockout_and_every_per_ip_limit_of_an_addres
     let r = login_from(&http, &server, "198.51.100.3", "ada@example.com", PASSWORD).await;
     assert_eq!(r.status(), 200, "the lockout is lifted");
     // Running it again finds nothing to remove, and says so.
-    let again = limits_reset(&env, &["--email", "ada@example.com"]);
-    assert_eq!(again.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&again.stdout).contains("none failed_login"));
+    let again = limits_reset_ok(&env, &["--email", "ada@example.com"]);
+    assert!(again.contains("none failed_login"), "{again}");
 
     // An IPv6 client spends its login and unauthenticated budgets; a reset of any address of
     // its /64 lifts both.
@@ -593,14 +604,7 @@ async fn limits_reset_lifts_an_email_lockout_and_every_per_ip_limit_of_an_addres
     )
     .await;
     assert_eq!(r.status(), 429);
-    let out = limits_reset(&env, &["--ip", "2001:db8:5:6:aaaa::1"]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = limits_reset_ok(&env, &["--ip", "2001:db8:5:6:aaaa::1"]);
     assert!(
         stdout.contains("removed auth_ip 2001:db8:5:6::/64"),
         "{stdout}"
@@ -621,9 +625,8 @@ async fn limits_reset_lifts_an_email_lockout_and_every_per_ip_limit_of_an_addres
     assert_eq!(garbage("2001:db8:5:6::1").await.expect("me").status(), 401);
 
     // A client id is accepted, and the answer explains that token limits are per IP.
-    let out = limits_reset(&env, &["--client-id", "gh_0123456789abcdef"]);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("per IP only"));
+    let stdout = limits_reset_ok(&env, &["--client-id", "gh_0123456789abcdef"]);
+    assert!(stdout.contains("per IP only"), "{stdout}");
     server.stop().await;
     env.cleanup().await;
 }
@@ -640,15 +643,9 @@ async fn limits_reset_exits_1_on_a_usage_error_and_2_when_redis_cannot_be_reache
         let out = limits_reset(&env, args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["limits", "reset", "--email", "a@example.com"])
-        .env_clear()
-        .envs(env.vars.iter())
-        .env("REDIS_URL", "redis://127.0.0.1:1")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("gatehouse runs");
+    let mut unreachable = env.vars.clone();
+    unreachable.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());
+    let out = limits_reset_with(&unreachable, &["--email", "a@example.com"]);
     assert_eq!(
         out.status.code(),
         Some(2),
