@@ -64,6 +64,9 @@ struct Cli {
     /// Override the wrong-password logins of figure 8's login flood (default 2000).
     #[arg(long, global = true)]
     flood_logins: Option<usize>,
+    /// Override the forged webhooks figure 8 keeps in flight (default 64).
+    #[arg(long, global = true)]
+    flood_concurrency: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -212,6 +215,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = cli.flood_logins {
         plan.flood.logins = n.max(1);
+    }
+    if let Some(n) = cli.flood_concurrency {
+        plan.flood.forged_concurrency = n.max(1);
     }
     let report = runtime.block_on(async {
         let env = BenchEnv::new().await?;
@@ -425,6 +431,9 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
     if wants(Figures::Flood) {
         let result: anyhow::Result<()> = async {
             let sentry = flood::FakeSentry::start().await?;
+            // A tenant of its own, sealed under the run's key: figure 6 re-seals every earlier
+            // tenant's token under a key these processes do not have.
+            let tenant = env.create_tenant().await?;
             progress("floods: creating the users and producers of the legitimate mix");
             let fixture = flood::prepare(env, tenant, &plan.flood).await?;
             let mut runs = Vec::new();
