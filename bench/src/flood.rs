@@ -1,9 +1,11 @@
 //! Figure 8: hostile traffic against the real `gatehouse serve` and one `gatehouse work` (the
 //! release binaries next to this one), with a fake Sentry on 127.0.0.1 counting envelopes.
 //!
-//! Each run has four phases, each on freshly started processes and an emptied namespace: a
+//! Each run has five phases, each on freshly started processes and an emptied namespace: a
 //! baseline (the legitimate mix alone), a forged-webhook flood from one IP, the same flood
-//! from 2,000 IPs, and a flood of concurrent wrong-password logins from 2,000 IPs. Beside every
+//! from 2,000 IPs, a flood of concurrent wrong-password logins from 2,000 IPs, and the floor:
+//! as many `GET /healthz` at the first flood's rate (what any flood of that rate costs the
+//! genuine traffic, with no work behind it). Beside every
 //! phase runs the same legitimate mix, paced (open loop): Twilio's signed webhooks for the real
 //! tenant, each from one of Twilio's addresses; users logging in with the right password at a
 //! human pace, each from an address of its own; producers enqueueing `inbound_message` jobs
@@ -108,10 +110,19 @@ pub enum Phase {
     ForgedOneIp,
     ForgedManyIps,
     Logins,
+    /// The floor: as many requests as the forged floods, at the rate the same run's forged
+    /// flood from 1 IP reached and at most as many in flight, but `GET /healthz` (no work at
+    /// all): what is left is the flood's transport and the load generator's own CPU.
+    HealthzFlood,
 }
 
 impl Phase {
-    pub const FLOODS: [Phase; 3] = [Phase::ForgedOneIp, Phase::ForgedManyIps, Phase::Logins];
+    pub const FLOODS: [Phase; 4] = [
+        Phase::ForgedOneIp,
+        Phase::ForgedManyIps,
+        Phase::Logins,
+        Phase::HealthzFlood,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -119,6 +130,7 @@ impl Phase {
             Phase::ForgedOneIp => "forged webhooks from 1 IP",
             Phase::ForgedManyIps => "forged webhooks from many IPs",
             Phase::Logins => "wrong-password logins from many IPs",
+            Phase::HealthzFlood => "a /healthz flood from 1 IP (the floor)",
         }
     }
 
@@ -129,6 +141,7 @@ impl Phase {
             Phase::ForgedOneIp => "forged flood, 1 IP",
             Phase::ForgedManyIps => "forged flood, many IPs",
             Phase::Logins => "login flood",
+            Phase::HealthzFlood => "/healthz flood (floor)",
         }
     }
 }
@@ -442,11 +455,13 @@ fn login(email: &str, password: &str) -> Prepared {
 fn flood_requests(phase: Phase, tenant: Uuid, plan: &FloodPlan) -> Vec<Prepared> {
     let ips = attacker_ips(plan.attacker_ips);
     let ip = |i: usize| match phase {
-        Phase::ForgedOneIp => ONE_ATTACKER,
+        Phase::ForgedOneIp | Phase::HealthzFlood => ONE_ATTACKER,
         _ => ips[i % ips.len()],
     };
     match phase {
         Phase::Baseline => Vec::new(),
+        // Paced at the same run's forged flood from 1 IP's rate (see run_phase).
+        Phase::HealthzFlood => Vec::new(),
         Phase::ForgedOneIp | Phase::ForgedManyIps => (0..plan.forged)
             .map(|i| {
                 let forged = if i % 2 == 0 {
@@ -478,7 +493,7 @@ fn flood_requests(phase: Phase, tenant: Uuid, plan: &FloodPlan) -> Vec<Prepared>
 async fn flood(
     client: &reqwest::Client,
     base: &str,
-    requests: Vec<Prepared>,
+    requests: impl Iterator<Item = Prepared>,
     concurrency: usize,
     deadline: tokio::time::Instant,
 ) -> (BTreeMap<String, u64>, bool) {
@@ -493,6 +508,47 @@ async fn flood(
             Err(_) => return (answers, true),
         }
     }
+}
+
+/// Sends `count` copies of `request` at `rate` per second (open loop), at most `concurrency`
+/// in flight (past that it waits), until `deadline`; answers by status.
+async fn paced_flood(
+    client: &reqwest::Client,
+    base: &str,
+    request: Prepared,
+    count: usize,
+    rate: f64,
+    concurrency: usize,
+    deadline: tokio::time::Instant,
+) -> BTreeMap<String, u64> {
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let request = Arc::new(request);
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let at = start + period.mul_f64(i as f64);
+        if at >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(at).await;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, base, request) = (client.clone(), base.to_owned(), request.clone());
+        tasks.spawn(async move {
+            let (status, _) = send(&client, &base, &request).await;
+            drop(permit);
+            status
+        });
+    }
+    let mut answers = BTreeMap::new();
+    while let Some(status) = tasks.join_next().await {
+        if let Ok(status) = status {
+            *answers.entry(status_name(status)).or_insert(0) += 1;
+        }
+    }
+    answers
 }
 
 /// Calls `make(i)` every `1/rate` seconds until `stop`, each request in its own task (open
@@ -842,13 +898,16 @@ impl Drop for Processes {
     }
 }
 
-/// One phase on fresh processes and an emptied namespace.
+/// One phase on fresh processes and an emptied namespace. `floor` is how long the
+/// `/healthz` flood's requests are spread over (the same run's forged flood from 1 IP's
+/// duration).
 pub async fn run_phase(
     env: &BenchEnv,
     fixture: &Fixture,
     sentry: &FakeSentry,
     phase: Phase,
     plan: &FloodPlan,
+    floor: Duration,
 ) -> anyhow::Result<PhaseResult> {
     env.clear_namespace().await?;
     let port = free_port()?.to_string();
@@ -962,18 +1021,44 @@ pub async fn run_phase(
     tokio::time::sleep(plan.warmup).await;
 
     let window_start = Instant::now();
-    let flood_sent = requests.len() as u64;
+    let mut flood_sent = requests.len() as u64;
     let concurrency = match phase {
         Phase::Logins => requests.len(),
         _ => plan.forged_concurrency,
     };
     let attacker = client(concurrency, plan.request_timeout)?;
-    let (flood_answers, flood_capped) = if requests.is_empty() {
-        tokio::time::sleep(plan.baseline_window).await;
-        (BTreeMap::new(), false)
-    } else {
-        let deadline = tokio::time::Instant::now() + plan.cap;
-        flood(&attacker, &base, requests, concurrency, deadline).await
+    let (flood_answers, flood_capped) = match phase {
+        Phase::Baseline => {
+            tokio::time::sleep(plan.baseline_window).await;
+            (BTreeMap::new(), false)
+        }
+        Phase::HealthzFlood => {
+            let deadline = tokio::time::Instant::now() + plan.cap;
+            let rate = plan.forged as f64 / floor.as_secs_f64().max(0.001);
+            let answers = paced_flood(
+                &attacker,
+                &base,
+                proxied(Prepared::get("/healthz"), ONE_ATTACKER),
+                plan.forged,
+                rate,
+                concurrency,
+                deadline,
+            )
+            .await;
+            flood_sent = answers.values().sum();
+            (answers, false)
+        }
+        _ => {
+            let deadline = tokio::time::Instant::now() + plan.cap;
+            flood(
+                &attacker,
+                &base,
+                requests.into_iter(),
+                concurrency,
+                deadline,
+            )
+            .await
+        }
     };
     let flood_seconds = window_start.elapsed().as_secs_f64();
     let min = if phase == Phase::Baseline {

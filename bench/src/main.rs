@@ -439,6 +439,7 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
             let mut runs = Vec::new();
             for run in 0..plan.runs {
                 let mut phases = Vec::new();
+                let mut floor = Duration::from_secs(5);
                 for phase in std::iter::once(flood::Phase::Baseline).chain(flood::Phase::FLOODS) {
                     progress(&format!(
                         "run {}/{}: gatehouse serve + work, {}",
@@ -446,7 +447,11 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                         plan.runs,
                         phase.label()
                     ));
-                    let r = flood::run_phase(env, &fixture, &sentry, phase, &plan.flood).await?;
+                    let r = flood::run_phase(env, &fixture, &sentry, phase, &plan.flood, floor)
+                        .await?;
+                    if phase == flood::Phase::ForgedOneIp {
+                        floor = Duration::from_secs_f64(r.flood_seconds);
+                    }
                     eprintln!(
                         "    webhook p99 {:.2} ms (n={}), /healthz p99 {:.2} ms; flood {} in {:.1} s{}: {:?}; +{} rows, +{} keys, {} Sentry envelopes; legitimate refused {} of {}{}",
                         r.webhook.p99_ms,
