@@ -140,9 +140,20 @@ impl BenchEnv {
 
     /// `gatehouse` with this run's environment (the release binary next to this one).
     pub fn gatehouse(&self, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Result<Child> {
+        self.gatehouse_logging_to(args, extra, Stdio::inherit())
+    }
+
+    /// [`BenchEnv::gatehouse`] with its log (stderr) sent to `log` instead of ours.
+    pub fn gatehouse_logging_to(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+        log: Stdio,
+    ) -> anyhow::Result<Child> {
         let mut cmd = Command::new(sibling_binary("gatehouse")?);
         self.configure(&mut cmd, extra);
         cmd.args(args)
+            .stderr(log)
             .spawn()
             .context("failed to start the gatehouse binary")
     }

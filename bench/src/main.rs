@@ -6,6 +6,7 @@
 //! `gatehouse work` is the release binary built next to this one.
 
 mod env;
+mod flood;
 
 /// The same allocator as the `gatehouse` binary, so that the ingress figure's two servers (both
 /// in this process image) and gatehouse in production allocate alike.
@@ -57,13 +58,22 @@ struct Cli {
     /// Override the jobs figure 7 processes (default 100000, read every quarter).
     #[arg(long, global = true)]
     memory_jobs: Option<u64>,
+    /// Override the forged webhooks of each figure 8 flood (default 20000).
+    #[arg(long, global = true)]
+    flood_forged: Option<usize>,
+    /// Override the wrong-password logins of figure 8's login flood (default 2000).
+    #[arg(long, global = true)]
+    flood_logins: Option<usize>,
+    /// Override the forged webhooks figure 8 keeps in flight (default 64).
+    #[arg(long, global = true)]
+    flood_concurrency: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every system figure (1–7).
+    /// Every system figure (1–8).
     All,
     /// Figures 1–3: worker throughput, backlog sensitivity, scale-out.
     Worker,
@@ -75,6 +85,10 @@ enum Command {
     Reencrypt,
     /// Figure 7: Redis memory after processed jobs.
     Memory,
+    /// Figure 8: forged-webhook and login floods through `gatehouse serve` + `gatehouse work`:
+    /// genuine traffic's latency, rows, Redis keys and Sentry events per flood, legitimate
+    /// requests refused.
+    Flood,
     /// Every figure at a toy size, once: checks the harness works (no timing claims).
     Smoke,
     /// Internal: one ingress server process on 127.0.0.1.
@@ -100,6 +114,7 @@ struct Plan {
     memory_total: u64,
     memory_step: u64,
     memory_budget: Duration,
+    flood: flood::FloodPlan,
 }
 
 impl Plan {
@@ -120,6 +135,7 @@ impl Plan {
             memory_total: 100_000,
             memory_step: 25_000,
             memory_budget: Duration::from_secs(300),
+            flood: flood::FloodPlan::full(),
         }
     }
 
@@ -140,6 +156,7 @@ impl Plan {
             memory_total: 200,
             memory_step: 100,
             memory_budget: Duration::from_secs(60),
+            flood: flood::FloodPlan::smoke(),
         }
     }
 }
@@ -152,6 +169,7 @@ enum Figures {
     Login,
     Reencrypt,
     Memory,
+    Flood,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -175,6 +193,7 @@ fn main() -> anyhow::Result<()> {
         Command::Login => (Figures::Login, Plan::full(cli.runs)),
         Command::Reencrypt => (Figures::Reencrypt, Plan::full(cli.runs)),
         Command::Memory => (Figures::Memory, Plan::full(cli.runs)),
+        Command::Flood => (Figures::Flood, Plan::full(cli.runs)),
         Command::Smoke => (Figures::All, Plan::smoke()),
     };
     let mut plan = plan;
@@ -190,6 +209,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = cli.memory_jobs {
         plan.memory_total = n.max(4);
         plan.memory_step = (n / 4).max(1);
+    }
+    if let Some(n) = cli.flood_forged {
+        plan.flood.forged = n.max(1);
+    }
+    if let Some(n) = cli.flood_logins {
+        plan.flood.logins = n.max(1);
+    }
+    if let Some(n) = cli.flood_concurrency {
+        plan.flood.forged_concurrency = n.max(1);
     }
     let report = runtime.block_on(async {
         let env = BenchEnv::new().await?;
@@ -397,6 +425,64 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
         if let Err(error) = result {
             eprintln!("figure 7 (memory) failed: {error:#}");
             report.failed("figure 7 (memory)", &error);
+        }
+    }
+
+    if wants(Figures::Flood) {
+        let result: anyhow::Result<()> = async {
+            let sentry = flood::FakeSentry::start().await?;
+            // A tenant of its own, sealed under the run's key: figure 6 re-seals every earlier
+            // tenant's token under a key these processes do not have.
+            let tenant = env.create_tenant().await?;
+            progress("floods: creating the users and producers of the legitimate mix");
+            let fixture = flood::prepare(env, tenant, &plan.flood).await?;
+            let mut runs = Vec::new();
+            for run in 0..plan.runs {
+                let mut phases = Vec::new();
+                let mut floor = Duration::from_secs(5);
+                for phase in std::iter::once(flood::Phase::Baseline).chain(flood::Phase::FLOODS) {
+                    progress(&format!(
+                        "run {}/{}: gatehouse serve + work, {}",
+                        run + 1,
+                        plan.runs,
+                        phase.label()
+                    ));
+                    let r = flood::run_phase(env, &fixture, &sentry, phase, &plan.flood, floor)
+                        .await?;
+                    if phase == flood::Phase::ForgedOneIp {
+                        floor = Duration::from_secs_f64(r.flood_seconds);
+                    }
+                    eprintln!(
+                        "    webhook p99 {:.2} ms (n={}), /healthz p99 {:.2} ms; flood {} in {:.1} s{}: {:?}; +{} rows, +{} keys, {} Sentry envelopes; legitimate refused {} of {}{}",
+                        r.webhook.p99_ms,
+                        r.webhook.n,
+                        r.healthz.p99_ms,
+                        r.flood_sent,
+                        r.flood_seconds,
+                        if r.flood_capped { " (capped)" } else { "" },
+                        r.flood_answers,
+                        r.rows_added(),
+                        r.keys_added(),
+                        r.sentry_envelopes,
+                        r.refused(),
+                        r.legit_sent,
+                        if r.server_up { "" } else { "; a process had exited" },
+                    );
+                    phases.push(r);
+                }
+                let baseline = phases.remove(0);
+                runs.push(flood::FloodRun {
+                    baseline,
+                    floods: phases,
+                });
+            }
+            report.flood(&runs);
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            eprintln!("figure 8 (floods) failed: {error:#}");
+            report.failed("figure 8 (floods)", &error);
         }
     }
     Ok(report)

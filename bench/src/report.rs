@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::flood::{FloodRun, Phase, PhaseResult};
 use crate::ingress::LoginRun;
 use crate::load::LoadResult;
 use crate::storage::{MemoryPoint, Reencrypt};
@@ -392,6 +393,210 @@ impl Report {
             .collect();
         self.notes
             .push(format!("Redis memory series: {}.", series.join("; ")));
+    }
+
+    pub fn flood(&mut self, runs: &[FloodRun]) {
+        let baselines: Vec<&PhaseResult> = runs.iter().map(|r| &r.baseline).collect();
+        let of = |phase: Phase| -> Vec<(&PhaseResult, &PhaseResult)> {
+            runs.iter()
+                .filter_map(|r| {
+                    r.floods
+                        .iter()
+                        .find(|f| f.phase == phase)
+                        .map(|f| (f, &r.baseline))
+                })
+                .collect()
+        };
+        let med = |v: Vec<f64>| median(&v);
+        let base_webhook_p99 = med(baselines.iter().map(|b| b.webhook.p99_ms).collect());
+        let base_webhook_p50 = med(baselines.iter().map(|b| b.webhook.p50_ms).collect());
+        let base_healthz_p99 = med(baselines.iter().map(|b| b.healthz.p99_ms).collect());
+        let base_refused: u64 = baselines.iter().map(|b| b.refused()).sum();
+        let base_sent: u64 = baselines.iter().map(|b| b.legit_sent).sum();
+        for phase in Phase::FLOODS {
+            let pairs = of(phase);
+            if pairs.is_empty() {
+                continue;
+            }
+            let name = phase.short();
+            let p99 = med(pairs.iter().map(|(f, _)| f.webhook.p99_ms).collect());
+            let p50 = med(pairs.iter().map(|(f, _)| f.webhook.p50_ms).collect());
+            let ratio = med(pairs
+                .iter()
+                .map(|(f, b)| f.webhook.p99_ms / b.webhook.p99_ms)
+                .collect());
+            let n = med(pairs.iter().map(|(f, _)| f.webhook.n as f64).collect());
+            // Against the same run's /healthz flood at the same rate (what any flood costs).
+            let vs_floor = med(runs
+                .iter()
+                .filter_map(|r| {
+                    let f = r.floods.iter().find(|f| f.phase == phase)?;
+                    let floor = r.floods.iter().find(|f| f.phase == Phase::HealthzFlood)?;
+                    Some(f.webhook.p99_ms / floor.webhook.p99_ms)
+                })
+                .collect());
+            let ratio_text = if phase == Phase::HealthzFlood || vs_floor.is_nan() {
+                times(ratio)
+            } else {
+                format!("{} ({} of the floor)", times(ratio), times(vs_floor))
+            };
+            self.row(
+                format!("8. genuine webhook p99, {name}"),
+                format!("{} (p50 {}; {n:.0} requests)", ms(p99), ms(p50)),
+                format!(
+                    "no flood {} (p50 {})",
+                    ms(base_webhook_p99),
+                    ms(base_webhook_p50)
+                ),
+                ratio_text,
+                if phase == Phase::HealthzFlood {
+                    "(the floor of the rows above)"
+                } else {
+                    "< 2×"
+                },
+                if phase == Phase::HealthzFlood {
+                    "–".into()
+                } else {
+                    verdict(ratio < 2.0)
+                },
+            );
+            if phase == Phase::HealthzFlood {
+                continue;
+            }
+            let h99 = med(pairs.iter().map(|(f, _)| f.healthz.p99_ms).collect());
+            let h_ratio = med(pairs
+                .iter()
+                .map(|(f, b)| f.healthz.p99_ms / b.healthz.p99_ms)
+                .collect());
+            let h_failed: u64 = pairs.iter().map(|(f, _)| f.healthz_failed).sum();
+            self.row(
+                format!("8. /healthz p99, {name}"),
+                format!("{}; {h_failed} not 200", ms(h99)),
+                format!("no flood {}", ms(base_healthz_p99)),
+                times(h_ratio),
+                "(reported)",
+                "–".into(),
+            );
+            // What the flood added: the phase's additions less the same run's baseline phase.
+            let per_k = |f: &PhaseResult, b: &PhaseResult, pick: fn(&PhaseResult) -> f64| {
+                (pick(f) - pick(b)) * 1000.0 / f.flood_count().max(1) as f64
+            };
+            let rows = med(pairs
+                .iter()
+                .map(|(f, b)| per_k(f, b, |r| r.rows_added() as f64))
+                .collect());
+            let keys = med(pairs
+                .iter()
+                .map(|(f, b)| per_k(f, b, |r| r.keys_added() as f64))
+                .collect());
+            let sentry = med(pairs
+                .iter()
+                .map(|(f, b)| per_k(f, b, |r| r.sentry_envelopes as f64))
+                .collect());
+            let sentry_total = med(pairs
+                .iter()
+                .map(|(f, _)| f.sentry_envelopes as f64)
+                .collect());
+            let log_lines = med(pairs
+                .iter()
+                .map(|(f, b)| per_k(f, b, |r| r.log_lines as f64))
+                .collect());
+            self.row(
+                format!("8. cost per 1,000 flood requests, {name}"),
+                format!(
+                    "{rows:.0} `security_events` rows, {keys:.0} Redis keys, {sentry:.1} Sentry envelopes ({sentry_total:.0} in all), {log_lines:.0} log lines"
+                ),
+                format!(
+                    "no flood: {:.0} rows, {:.0} keys, {:.0} envelopes, {:.0} log lines in the phase",
+                    med(baselines.iter().map(|b| b.rows_added() as f64).collect()),
+                    med(baselines.iter().map(|b| b.keys_added() as f64).collect()),
+                    med(baselines.iter().map(|b| b.sentry_envelopes as f64).collect()),
+                    med(baselines.iter().map(|b| b.log_lines as f64).collect()),
+                ),
+                "–".into(),
+                "(bounded)",
+                "–".into(),
+            );
+            let mut statuses: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for (f, _) in &pairs {
+                for status in f.flood_answers.keys() {
+                    statuses.entry(status.clone()).or_default();
+                }
+            }
+            for (status, counts) in statuses.iter_mut() {
+                for (f, _) in &pairs {
+                    counts.push(f.flood_answers.get(status).copied().unwrap_or(0) as f64);
+                }
+            }
+            let answers: Vec<String> = statuses
+                .iter()
+                .map(|(status, counts)| format!("{status} ×{:.0}", median(counts)))
+                .collect();
+            let seconds = med(pairs.iter().map(|(f, _)| f.flood_seconds).collect());
+            let capped = pairs.iter().any(|(f, _)| f.flood_capped);
+            let up = pairs.iter().all(|(f, _)| f.server_up);
+            self.row(
+                format!("8. answers to the flood, {name}"),
+                answers.join(", "),
+                format!(
+                    "{} requests in {seconds:.1} s{}",
+                    med(pairs.iter().map(|(f, _)| f.flood_count() as f64).collect()),
+                    if capped {
+                        ", **capped** (abandoned)"
+                    } else {
+                        ""
+                    }
+                ),
+                "–".into(),
+                "server stays up",
+                verdict(up),
+            );
+            let share = med(pairs.iter().map(|(f, _)| f.refused_share()).collect());
+            let refused: u64 = pairs.iter().map(|(f, _)| f.refused()).sum();
+            let sent: u64 = pairs.iter().map(|(f, _)| f.legit_sent).sum();
+            self.row(
+                format!("8. legitimate requests refused, {name}"),
+                format!("{:.2} % ({refused} of {sent})", share * 100.0),
+                format!(
+                    "no flood {:.2} % ({base_refused} of {base_sent})",
+                    base_refused as f64 * 100.0 / base_sent.max(1) as f64
+                ),
+                "–".into(),
+                "< 0.1 %",
+                verdict(share < 0.001),
+            );
+        }
+        for (i, run) in runs.iter().enumerate() {
+            for r in std::iter::once(&run.baseline).chain(&run.floods) {
+                let mut parts = vec![format!(
+                    "legitimate requests {:?}, refused {:?}",
+                    r.legit_by_kind, r.legit_refused
+                )];
+                parts.push(format!("`security_events` rows added {:?}", r.rows));
+                parts.push(format!("Redis keys added by kind {:?}", r.keys));
+                parts.push(format!(
+                    "Sentry: {} envelopes, {} events",
+                    r.sentry_envelopes, r.sentry_events
+                ));
+                parts.push(format!(
+                    "log: {} lines, {:.1} MiB",
+                    r.log_lines,
+                    r.log_bytes as f64 / 1048576.0
+                ));
+                if r.skipped > 0 {
+                    parts.push(format!(
+                        "{} paced requests skipped (4,096 in flight)",
+                        r.skipped
+                    ));
+                }
+                self.notes.push(format!(
+                    "Figure 8, run {}, {}: {}.",
+                    i + 1,
+                    r.phase.label(),
+                    parts.join("; ")
+                ));
+            }
+        }
     }
 
     /// A figure group that could not be measured: said in the notes, the others still run.

@@ -44,6 +44,12 @@ fn a_smoke_run_produces_every_figure_and_leaves_no_database_or_keys_behind() {
         "5. /healthz p99",
         "6. re-encryption",
         "7. Redis memory",
+        "8. genuine webhook p99, forged flood, 1 IP",
+        "8. genuine webhook p99, forged flood, many IPs",
+        "8. genuine webhook p99, login flood",
+        "8. cost per 1,000 flood requests",
+        "8. answers to the flood",
+        "8. legitimate requests refused",
     ] {
         assert!(table.contains(figure), "no row for {figure:?} in:\n{table}");
     }
