@@ -237,34 +237,21 @@ impl Limit {
 /// call this first, so a client past its budget costs one Redis call and nothing more.
 /// Genuine requests are never counted. Redis unreachable → 503 (fail closed, as every limit).
 pub async fn unauthenticated_budget(state: &AppState, ctx: &Ctx) -> Result<(), ApiError> {
-    let subject = ip_subject(ctx.ip);
-    limit(
-        state,
-        ctx,
-        Limit::UnauthenticatedIp,
-        &subject,
-        Mode::Peek,
-        None,
-    )
-    .await
-    .map(|_| ())
+    unauthenticated(state, ctx, Mode::Peek).await
 }
 
 /// Counts one refused unauthenticated request against the client's budget: `Ok` while the
 /// budget lasts (answer the refusal as usual), else the 429 `rate_limited` to answer instead
 /// (503 when Redis cannot count it: fail closed, as every limit).
 pub async fn count_refusal(state: &AppState, ctx: &Ctx) -> Result<(), ApiError> {
+    unauthenticated(state, ctx, Mode::Hit).await
+}
+
+async fn unauthenticated(state: &AppState, ctx: &Ctx, mode: Mode) -> Result<(), ApiError> {
     let subject = ip_subject(ctx.ip);
-    limit(
-        state,
-        ctx,
-        Limit::UnauthenticatedIp,
-        &subject,
-        Mode::Hit,
-        None,
-    )
-    .await
-    .map(|_| ())
+    limit(state, ctx, Limit::UnauthenticatedIp, &subject, mode, None)
+        .await
+        .map(|_| ())
 }
 
 /// [`count_refusal`], then the answer to give: `refusal` (401/403) while the budget lasts.

@@ -278,7 +278,7 @@ pub async fn twilio_message(
 
     let reject = |tenant_id: Option<Uuid>, reason: &'static str| {
         let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
-        event.ip = Some(client_ip(peer, headers, &state.config.trusted_proxies));
+        event.ip = Some(ctx.ip);
         event.tenant_id = tenant_id;
         event.request_id = request_id.map(str::to_owned);
         event.details = json!({"reason": reason});
@@ -316,7 +316,7 @@ pub async fn twilio_message(
         Err(KeyCacheError::Tenant(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot open webhook keys");
             let mut event = SecurityEvent::new(EventType::EncryptionError);
-            event.ip = Some(client_ip(peer, headers, &state.config.trusted_proxies));
+            event.ip = Some(ctx.ip);
             event.tenant_id = Some(tenant_id);
             event.request_id = request_id.map(str::to_owned);
             event.details = match &error {
