@@ -286,6 +286,22 @@ async fn a_forged_signature_is_refused_with_403_and_a_security_event() {
         )
         .await;
     assert_eq!(events, 2);
+    // The refusal's one record says why, for an operator diagnosing a URL mismatch: a
+    // mismatch for the real tenant, nothing but "unknown tenant" for the other.
+    let details: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT details FROM security_events WHERE type = 'invalid_webhook_signature'
+          ORDER BY (tenant_id IS NULL), id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("details");
+    assert_eq!(
+        details,
+        [
+            serde_json::json!({"reason": "signature", "error": "webhook signature does not match"}),
+            serde_json::json!({"reason": "unknown tenant"}),
+        ]
+    );
     assert_eq!(
         env.queued("inbound_message").await,
         0,

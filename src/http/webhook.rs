@@ -276,12 +276,17 @@ pub async fn twilio_message(
         Kind::Json => Vec::new(),
     };
 
-    let reject = |tenant_id: Option<Uuid>, reason: &'static str| {
+    // One record of a refusal: the security event (its log line, row and alert, within the
+    // event budget), never a second log line per forged request as well.
+    let reject = |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<String>| {
         let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
         event.ip = Some(ctx.ip);
         event.tenant_id = tenant_id;
         event.request_id = request_id.map(str::to_owned);
-        event.details = json!({"reason": reason});
+        event.details = match cause {
+            Some(cause) => json!({"reason": reason, "error": cause}),
+            None => json!({"reason": reason}),
+        };
         state.events.spawn(event);
         ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "invalid")
             .increment(1);
@@ -289,7 +294,9 @@ pub async fn twilio_message(
     };
 
     let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
-        return Err(refuse_unauthenticated(&state, &ctx, reject(None, "unknown tenant")).await);
+        return Err(
+            refuse_unauthenticated(&state, &ctx, reject(None, "unknown tenant", None)).await,
+        );
     };
     let Some(base) = state.public_base.as_deref() else {
         tracing::error!("PUBLIC_BASE_URL is not set; webhooks cannot be verified");
@@ -304,7 +311,7 @@ pub async fn twilio_message(
         // No such tenant: the id in the path is the client's, not a tenant's, so the event
         // names none (and all such forgeries share one alert subject).
         Ok(None) => {
-            let refusal = reject(None, "unknown tenant");
+            let refusal = reject(None, "unknown tenant", None);
             return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
         }
         Err(KeyCacheError::Unavailable(error)) => {
@@ -360,8 +367,7 @@ pub async fn twilio_message(
         if let Some(limited) = spent {
             return Err(limited);
         }
-        tracing::warn!(tenant.id = %tenant_id, reason = %error, "webhook signature rejected");
-        let refusal = reject(Some(tenant_id), "signature");
+        let refusal = reject(Some(tenant_id), "signature", Some(error.to_string()));
         return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
     }
     VERIFIED.increment(1);
