@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use super::AppState;
-use super::authz::{Ctx, read_limited, refuse_unauthenticated, unauthenticated_budget};
+use super::authz::{Ctx, count_refusal, read_limited, unauthenticated_budget};
 use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::key_cache::KeyCacheError;
@@ -246,24 +246,21 @@ pub async fn twilio_message(
     let (uri, headers) = (&parts.uri, &parts.headers);
     let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
     // A client past its budget of refused requests is answered 429 here, before the tenant
-    // key lookup (which can cost PostgreSQL work); each refusal below counts against it. A
-    // tenant whose keys are in memory is still verified (no PostgreSQL): Twilio's addresses
-    // are shared by every tenant, and one tenant's misconfigured token must not stop the
-    // others' messages. A forgery for it is refused below, and past the budget that is a 429.
+    // key lookup (which can cost PostgreSQL work); each refusal below counts against it first.
+    // A tenant whose keys are in memory skips that check: verifying it costs no PostgreSQL,
+    // the genuine hot path pays no Redis round trip for it, and Twilio's addresses are shared
+    // by every tenant, so one tenant's misconfigured token must not stop the others' messages.
+    // A forgery for it still counts, and past the budget is answered 429.
     let ctx = Ctx {
         ip: client_ip(peer, headers, &state.config.trusted_proxies),
         request_id: request_id.unwrap_or_default().to_owned(),
     };
-    let mut spent = None;
-    if let Err(limited) = unauthenticated_budget(&state, &ctx).await {
-        let in_memory = match Uuid::parse_str(&tenant) {
-            Ok(id) => state.key_cache.holds_keys(id).await,
-            Err(_) => false,
-        };
-        if !in_memory {
-            return Err(limited);
-        }
-        spent = Some(limited);
+    let in_memory = match Uuid::parse_str(&tenant) {
+        Ok(id) => state.key_cache.holds_keys(id).await,
+        Err(_) => false,
+    };
+    if !in_memory {
+        unauthenticated_budget(&state, &ctx).await?;
     }
     let kind = content_kind(headers).ok_or_else(|| {
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
@@ -293,10 +290,17 @@ pub async fn twilio_message(
         ApiError::invalid_signature()
     };
 
+    // A refusal counts against the client's budget first; within it, it is recorded and
+    // answered 403, past it answered 429 (recorded as a rate-limit hit, within its budget).
+    let refuse = async |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<String>| {
+        match count_refusal(&state, &ctx).await {
+            Ok(()) => reject(tenant_id, reason, cause),
+            Err(limited) => limited,
+        }
+    };
+
     let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
-        return Err(
-            refuse_unauthenticated(&state, &ctx, reject(None, "unknown tenant", None)).await,
-        );
+        return Err(refuse(None, "unknown tenant", None).await);
     };
     let Some(base) = state.public_base.as_deref() else {
         tracing::error!("PUBLIC_BASE_URL is not set; webhooks cannot be verified");
@@ -310,10 +314,7 @@ pub async fn twilio_message(
         Ok(Some(keys)) => keys,
         // No such tenant: the id in the path is the client's, not a tenant's, so the event
         // names none (and all such forgeries share one alert subject).
-        Ok(None) => {
-            let refusal = reject(None, "unknown tenant", None);
-            return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
-        }
+        Ok(None) => return Err(refuse(None, "unknown tenant", None).await),
         Err(KeyCacheError::Unavailable(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot load webhook keys");
             ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "unavailable")
@@ -364,11 +365,7 @@ pub async fn twilio_message(
         Kind::Json => twilio::Body::Json(&raw),
     };
     if let Err(error) = twilio::verify(&url, signed_body, signed_headers, &tenant_keys) {
-        if let Some(limited) = spent {
-            return Err(limited);
-        }
-        let refusal = reject(Some(tenant_id), "signature", Some(error.to_string()));
-        return Err(refuse_unauthenticated(&state, &ctx, refusal).await);
+        return Err(refuse(Some(tenant_id), "signature", Some(error.to_string())).await);
     }
     VERIFIED.increment(1);
 
