@@ -5,7 +5,10 @@
 //! their last error, orphan recovery, retention), replacing what apalis-redis 1.0 gets wrong
 //! (see ARCHITECTURE.md). Every process names its workers uniquely, heartbeats from a task of
 //! its own (so long jobs keep their workers alive), vacuums finished jobs, and supervises its
-//! workers: one ending on its own is restarted under a new name, never a silent clean exit.
+//! workers: one ending on its own is restarted under a new name, never a silent clean exit. A
+//! Redis outage (classified by `redis_outage`) pauses them instead of ending the process: each
+//! restart waits a capped, jittered backoff and probes Redis first, the outage is logged once
+//! at its start and once at its end and shown on `/healthz` and `/metrics` (`health`).
 //! Beside the Redis maintenance, a task of its own deletes expired PostgreSQL rows in bounded
 //! batches about once a minute (`crate::retention`), so a slow database never delays a
 //! heartbeat.
@@ -573,15 +576,16 @@ impl Backoff {
     }
 }
 
-/// The restart policy of a process's workers: every failure is restarted after a backoff
-/// (per queue); a Redis outage never exhausts anything (the restarted worker first probes
-/// Redis, and the outage is logged and shown on `/healthz` once), anything else spends the
-/// [`RestartBudget`].
+/// The restart policy of a process's workers: a failure that is a Redis outage is restarted
+/// after a backoff (per queue), the restarted worker first probing Redis, and never exhausts
+/// anything (the outage is logged and shown on `/healthz` once); any other failure is
+/// restarted at once and spends the [`RestartBudget`].
 #[derive(Debug, Default)]
 struct Supervisor {
     budget: RestartBudget,
-    /// Per queue worker ("{base}-{queue}"): its backoff and the delay its next start waits.
-    queues: std::collections::HashMap<String, (Backoff, Duration)>,
+    /// Per queue worker ("{base}-{queue}"): its backoff, the delay its next start waits, and
+    /// the generation of the shared Redis connection its current instance was built with.
+    queues: std::collections::HashMap<String, (Backoff, Duration, u64)>,
 }
 
 /// A worker's name without its restart suffix ("{base}-{queue}").
@@ -591,15 +595,24 @@ fn queue_key(name: &str) -> &str {
 
 impl Supervisor {
     /// Whether to restart after `error`; records the delay the restarted worker waits.
+    /// `generation`: the shared connection's current generation ([`SharedRedis`]).
     fn on_failure(
         &mut self,
         name: &str,
         error: &ApalisWorkerError,
         redis: &health::RedisHealth,
+        generation: u64,
     ) -> bool {
         let outage = failure_is_outage(error);
-        let (backoff, delay) = self.queues.entry(queue_key(name).to_owned()).or_default();
+        let (backoff, delay, built) = self.queues.entry(queue_key(name).to_owned()).or_default();
         match outage {
+            // A worker still holding a connection that was since renewed: its error is that
+            // stale connection's, not news about Redis. Restart it on the new one at once.
+            Some(cause) if !cause.is_io_error() && *built < generation => {
+                *delay = Duration::ZERO;
+                tracing::debug!(worker.name = name, %error, "worker stopped on a renewed redis connection; restarting on the new one");
+                true
+            }
             Some(cause) => {
                 *delay = backoff.next(std::time::Instant::now(), rand::random::<f64>());
                 redis.outage(cause);
@@ -620,12 +633,11 @@ impl Supervisor {
     }
 
     /// The delay the next start of a queue's worker waits (taken: a later start without a
-    /// failure waits nothing).
-    fn take_delay(&mut self, key: &str) -> Duration {
-        self.queues
-            .get_mut(key)
-            .map(|(_, delay)| std::mem::take(delay))
-            .unwrap_or_default()
+    /// failure waits nothing); records the connection generation it is built with.
+    fn take_delay(&mut self, key: &str, generation: u64) -> Duration {
+        let (_, delay, built) = self.queues.entry(key.to_owned()).or_default();
+        *built = generation;
+        std::mem::take(delay)
     }
 }
 
@@ -664,6 +676,8 @@ async fn probe_redis(
 #[derive(Clone)]
 struct SharedRedis {
     current: Arc<std::sync::RwLock<ConnectionManager>>,
+    /// How many times the connection was renewed.
+    generation: Arc<std::sync::atomic::AtomicU64>,
     url: Option<secrecy::SecretString>,
 }
 
@@ -671,8 +685,13 @@ impl SharedRedis {
     fn new(conn: ConnectionManager, url: Option<secrecy::SecretString>) -> Self {
         Self {
             current: Arc::new(std::sync::RwLock::new(conn)),
+            generation: Arc::default(),
             url,
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn get(&self) -> ConnectionManager {
@@ -690,6 +709,8 @@ impl SharedRedis {
             Ok(conn) => {
                 if let Ok(mut current) = self.current.write() {
                     *current = conn;
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 }
                 tracing::debug!("opened a new redis connection after a failed probe");
             }
@@ -868,9 +889,10 @@ pub async fn run(
                         format!("{base}-{queue}-r{}", restarts - 1),
                     );
                 }
+                let generation = redis.generation();
                 let delay = supervisor
                     .lock()
-                    .map(|mut s| s.take_delay(&format!("{base}-{queue}")))
+                    .map(|mut s| s.take_delay(&format!("{base}-{queue}"), generation))
                     .unwrap_or(Backoff::CAP);
                 let (probe, health) = (redis.clone(), health.clone());
                 let storage =
@@ -891,11 +913,12 @@ pub async fn run(
         .register(queue_worker!(SyncCatalog, sync, handle_sync))
         .register(queue_worker!(RotateKeys, rotate, handle_rotate))
         .should_restart({
-            let health = redis_health.clone();
+            let (health, shared) = (redis_health.clone(), shared.clone());
             move |ctx, error| {
+                let generation = shared.generation();
                 supervisor
                     .lock()
-                    .map(|mut s| s.on_failure(ctx.name(), error, &health))
+                    .map(|mut s| s.on_failure(ctx.name(), error, &health, generation))
                     .unwrap_or(false)
             }
         });
@@ -1054,8 +1077,12 @@ mod tests {
         };
         for restart in 0..1000 {
             let name = format!("host-1-ab-inbound_message-r{restart}");
-            assert!(supervisor.on_failure(&name, &refused(), &health));
-            assert!(!supervisor.take_delay("host-1-ab-inbound_message").is_zero());
+            assert!(supervisor.on_failure(&name, &refused(), &health, 0));
+            assert!(
+                !supervisor
+                    .take_delay("host-1-ab-inbound_message", 0)
+                    .is_zero()
+            );
         }
         assert!(health.down_since().is_some(), "the outage shows");
         assert!(!health.get());
@@ -1065,14 +1092,32 @@ mod tests {
         let bug = || ApalisWorkerError::PanicError("bug".into());
         for restart in 0..RestartBudget::MAX_IN_WINDOW {
             let name = format!("host-1-ab-sync_catalog-r{restart}");
-            assert!(supervisor.on_failure(&name, &bug(), &health));
-            assert!(supervisor.take_delay("host-1-ab-sync_catalog").is_zero());
+            assert!(supervisor.on_failure(&name, &bug(), &health, 0));
+            assert!(supervisor.take_delay("host-1-ab-sync_catalog", 0).is_zero());
         }
         assert!(
-            !supervisor.on_failure("host-1-ab-sync_catalog-r99", &bug(), &health),
+            !supervisor.on_failure("host-1-ab-sync_catalog-r99", &bug(), &health, 0),
             "a worker failing for another reason still gives up past the budget"
         );
         assert!(health.get(), "and that is no redis outage");
+    }
+
+    #[test]
+    fn a_worker_failing_on_a_connection_renewed_since_restarts_at_once_without_an_outage() {
+        let mut supervisor = Supervisor::default();
+        let health = health::RedisHealth::default();
+        health.reached();
+        let garbled =
+            || failed(redis::parse_redis_value(b"\x01\x02garbage\r\n").expect_err("garbage"));
+        assert!(supervisor.take_delay("h-1-ab-inbound_message", 0).is_zero());
+        // Built on generation 0; the connection is now at generation 1.
+        assert!(supervisor.on_failure("h-1-ab-inbound_message-r0", &garbled(), &health, 1));
+        assert!(supervisor.take_delay("h-1-ab-inbound_message", 1).is_zero());
+        assert!(health.get(), "no outage from a stale connection");
+        // Built on the current connection: the same error is an outage.
+        assert!(supervisor.on_failure("h-1-ab-inbound_message-r1", &garbled(), &health, 1));
+        assert!(!supervisor.take_delay("h-1-ab-inbound_message", 1).is_zero());
+        assert!(!health.get());
     }
 
     #[test]
