@@ -282,13 +282,42 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     let proxy = FaultProxy::start(upstream).await;
     let health_port = free_port().to_string();
     let health_url = format!("http://127.0.0.1:{health_port}/healthz");
-    let mut worker = env.spawn(
-        &["work"],
-        &[
-            ("REDIS_URL", &proxy.redis_url()),
-            ("WORKER_HEALTH_PORT", &health_port),
-        ],
-    );
+    // Its log lines are kept: the outage is logged when it starts and when it ends.
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("work")
+        .env_clear()
+        .envs(env.vars.iter())
+        .env("REDIS_URL", proxy.redis_url())
+        .env("WORKER_HEALTH_PORT", &health_port)
+        .env("RUST_LOG", "warn,gatehouse::worker::health=info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gatehouse work");
+    let stderr = worker.stderr.take().expect("stderr");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let collector = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("{line}");
+                lines.lock().expect("lines").push(line);
+            }
+        })
+    };
+    let logged = |message: &str| {
+        lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter(|l| l.contains(message))
+            .count()
+    };
     assert!(
         eventually(Duration::from_secs(30), || async {
             health(&health_url).await.is_some_and(|(s, _)| s == 200)
@@ -370,6 +399,16 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
         "the worker process never exited"
     );
     assert!(terminate(&mut worker).success(), "and it stops cleanly");
+    let _ = collector.join();
+    // One line when each outage starts and one when it ends, not one per retry (a fault's
+    // aftermath may at most reopen it once).
+    let (started, ended) = (
+        logged("redis is unreachable; workers stop fetching"),
+        logged("redis is reachable again; workers resume"),
+    );
+    assert!((5..=10).contains(&started), "{started} outage start lines");
+    assert!((5..=10).contains(&ended), "{ended} outage end lines");
+    assert_eq!(logged("giving up"), 0);
     drop(proxy);
     env.cleanup().await;
 }

@@ -168,3 +168,24 @@ pub async fn serve(
         });
     crate::server::run(listener, limits, move |_peer| app.clone(), shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_keeps_its_first_start_until_redis_is_reached_again() {
+        let health = RedisHealth::default();
+        assert!(!health.get(), "not healthy before Redis was ever reached");
+        health.reached();
+        assert!(health.get() && health.down_since().is_none());
+        health.outage(&"connection refused");
+        let since = health.down_since().expect("down");
+        health.outage(&"connection refused again");
+        health.set(false);
+        assert_eq!(health.down_since(), Some(since), "one outage, one start");
+        assert!(!health.get());
+        health.set(true);
+        assert!(health.get() && health.down_since().is_none());
+    }
+}
