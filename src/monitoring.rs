@@ -88,6 +88,14 @@ pub const HISTOGRAMS: [(&str, &str); 2] = [
     ),
 ];
 
+/// Every gauge the recorder holds (queue gauges are written at scrape time by
+/// `worker::scrape`), with its help text. Set where the state changes, never zeroed here: a
+/// process that does not track a dependency exports no sample for it.
+pub const GAUGES: [(&str, &str); 1] = [(
+    "gatehouse_dependency_up",
+    "Whether this worker process reaches a dependency (1) or is riding out an outage of it (0), by dependency.",
+)];
+
 /// Label sets known in advance, started at zero.
 const ZERO: &[(&str, &str, &[&str])] = &[
     (
@@ -147,6 +155,9 @@ fn describe_and_zero() {
     }
     for (name, help) in HISTOGRAMS {
         metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+    }
+    for (name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
     }
     for name in [
         "gatehouse_failed_logins_total",
@@ -245,6 +256,12 @@ mod tests {
         for (name, _) in HISTOGRAMS {
             assert!(
                 name.starts_with("gatehouse_") && name.ends_with("_seconds"),
+                "{name}"
+            );
+        }
+        for (name, _) in GAUGES {
+            assert!(
+                name.starts_with("gatehouse_") && !name.ends_with("_total"),
                 "{name}"
             );
         }

@@ -5,7 +5,10 @@
 //! their last error, orphan recovery, retention), replacing what apalis-redis 1.0 gets wrong
 //! (see ARCHITECTURE.md). Every process names its workers uniquely, heartbeats from a task of
 //! its own (so long jobs keep their workers alive), vacuums finished jobs, and supervises its
-//! workers: one ending on its own is restarted under a new name, never a silent clean exit.
+//! workers: one ending on its own is restarted under a new name, never a silent clean exit. A
+//! Redis outage (classified by `redis_outage`) pauses them instead of ending the process: each
+//! restart waits a capped, jittered backoff and probes Redis first, the outage is logged once
+//! at its start and once at its end and shown on `/healthz` and `/metrics` (`health`).
 //! Beside the Redis maintenance, a task of its own deletes expired PostgreSQL rows in bounded
 //! batches about once a minute (`crate::retention`), so a slow database never delays a
 //! heartbeat.
@@ -23,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
+use apalis_core::error::WorkerError as ApalisWorkerError;
 use gatehouse_jobs::{InboundMessage, Job, RotateKeys, SyncCatalog, client::Queues};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -126,6 +130,11 @@ pub struct WorkerOptions {
     pub metrics_token: Option<secrecy::SecretString>,
     /// Which PostgreSQL rows expire, and how often and how much a round deletes.
     pub row_retention: crate::retention::Retention,
+    /// `REDIS_URL`, the address the connection given to [`run`] was opened with: a connection
+    /// whose (re)connect ended in an answer that is not I/O (garbage, a server error) stays
+    /// failed for good in the redis crate, so the workers open a new one from this URL.
+    /// `None`: never renewed.
+    pub redis_url: Option<secrecy::SecretString>,
 }
 
 impl WorkerOptions {
@@ -141,6 +150,7 @@ impl WorkerOptions {
             health_limits: crate::server::Limits::from_config(config),
             metrics_token: config.metrics_token.clone(),
             row_retention: crate::retention::Retention::from_config(config),
+            redis_url: Some(config.redis_url.clone()),
         }
     }
 
@@ -448,21 +458,67 @@ async fn handle_rotate(
 }
 
 /// Pushes committed outbox entries to Redis every second (see `crate::outbox`).
-async fn relay_outbox(pool: PgPool, mut redis: ConnectionManager, queues: Queues) {
+async fn relay_outbox(pool: PgPool, redis: SharedRedis, queues: Queues) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        let mut redis = redis.get();
         if let Err(error) = crate::outbox::relay(&pool, &mut redis, &queues).await {
             tracing::warn!(%error, "outbox relay cannot read PostgreSQL; will retry");
         }
     }
 }
 
-/// Restarts allowed within a sliding window. A worker that fails (Redis restarting, say) is
-/// restarted at once; the redis connection's own backoff spaces the attempts (about 0.5 s
-/// each), so an outage of about half a minute is ridden out. Past that the process exits
-/// non-zero, for its supervisor to restart, instead of spinning or stopping silently.
+/// The Redis error inside a worker's failure, if the failure is a Redis outage: anything on
+/// the way to a usable answer — connect, I/O (refused, reset, closed, timed out), protocol
+/// garbage — or a server that says it cannot serve now (`LOADING`, `BUSY`, `TRYAGAIN`,
+/// `READONLY`, `MASTERDOWN`, `CLUSTERDOWN`). Classified by where it happens (the error's kind
+/// and the server's error code), never by its text. Anything else (a script error, "worker
+/// not registered", a panic) is not an outage.
+pub fn redis_outage<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a redis::RedisError> {
+    use redis::{ErrorKind, ServerErrorKind};
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(redis) = e.downcast_ref::<redis::RedisError>() {
+            let outage = match redis.kind() {
+                ErrorKind::Io | ErrorKind::Parse => true,
+                ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown,
+                ) => true,
+                _ => redis.code() == Some("BUSY"),
+            };
+            return outage.then_some(redis);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Whether a worker's failure is a Redis outage (see [`redis_outage`]).
+fn failure_is_outage(error: &ApalisWorkerError) -> Option<&redis::RedisError> {
+    /// What apalis wraps a durable backend's errors in (it gives no `source()`).
+    type Durable =
+        apalis_core::backend::finalize::DurableError<backend::BackendError, serde_json::Error>;
+    match error {
+        ApalisWorkerError::BackendError(inner) => match inner.downcast_ref::<Durable>() {
+            Some(Durable::PollNextError(backend)) => redis_outage(backend),
+            Some(_) => None,
+            None => redis_outage(inner.as_ref()),
+        },
+        other => redis_outage(other),
+    }
+}
+
+/// Restarts allowed within a sliding window, for failures that are not outages (a bug, a
+/// script error): past it the process exits non-zero, for its supervisor to restart, instead
+/// of spinning or stopping silently. Outages never count here (see [`Supervisor`]).
 #[derive(Debug, Default)]
 struct RestartBudget {
     recent: std::collections::VecDeque<std::time::Instant>,
@@ -489,10 +545,184 @@ impl RestartBudget {
     }
 }
 
+/// The backoff between restarts of one queue's worker during an outage: exponential from
+/// [`Self::BASE`] with equal jitter (half fixed, half random), capped at [`Self::CAP`] so the
+/// drain resumes within seconds of the dependency's return, and forgotten after
+/// [`Self::HEALTHY`] without a failure.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    last: Option<std::time::Instant>,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+    const HEALTHY: Duration = Duration::from_secs(30);
+
+    /// Records a failure at `now`; returns the delay before the next start. `jitter` in [0, 1).
+    fn next(&mut self, now: std::time::Instant, jitter: f64) -> Duration {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) > Self::HEALTHY)
+        {
+            self.failures = 0;
+        }
+        self.last = Some(now);
+        let exp = Self::BASE.saturating_mul(1u32 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        let ceiling = exp.min(Self::CAP);
+        ceiling / 2 + ceiling.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+/// The restart policy of a process's workers: a failure that is a Redis outage is restarted
+/// after a backoff (per queue), the restarted worker first probing Redis, and never exhausts
+/// anything (the outage is logged and shown on `/healthz` once); any other failure is
+/// restarted at once and spends the [`RestartBudget`].
+#[derive(Debug, Default)]
+struct Supervisor {
+    budget: RestartBudget,
+    /// Per queue worker ("{base}-{queue}"): its backoff, the delay its next start waits, and
+    /// the generation of the shared Redis connection its current instance was built with.
+    queues: std::collections::HashMap<String, (Backoff, Duration, u64)>,
+}
+
+/// A worker's name without its restart suffix ("{base}-{queue}").
+fn queue_key(name: &str) -> &str {
+    name.rsplit_once("-r").map_or(name, |(key, _)| key)
+}
+
+impl Supervisor {
+    /// Whether to restart after `error`; records the delay the restarted worker waits.
+    /// `generation`: the shared connection's current generation ([`SharedRedis`]).
+    fn on_failure(
+        &mut self,
+        name: &str,
+        error: &ApalisWorkerError,
+        redis: &health::RedisHealth,
+        generation: u64,
+    ) -> bool {
+        let outage = failure_is_outage(error);
+        let (backoff, delay, built) = self.queues.entry(queue_key(name).to_owned()).or_default();
+        match outage {
+            // A worker still holding a connection that was since renewed: its error is that
+            // stale connection's, not news about Redis. Restart it on the new one at once.
+            Some(cause) if !cause.is_io_error() && *built < generation => {
+                *delay = Duration::ZERO;
+                tracing::debug!(worker.name = name, %error, "worker stopped on a renewed redis connection; restarting on the new one");
+                true
+            }
+            Some(cause) => {
+                *delay = backoff.next(std::time::Instant::now(), rand::random::<f64>());
+                redis.outage(cause);
+                tracing::debug!(worker.name = name, %error, delay_ms = delay.as_millis() as u64, "worker stopped by a redis outage; probing again after the delay");
+                true
+            }
+            None => {
+                *delay = Duration::ZERO;
+                let allowed = self.budget.allow();
+                if allowed {
+                    tracing::error!(worker.name = name, %error, "worker failed, restarting");
+                } else {
+                    tracing::error!(worker.name = name, %error, "worker keeps failing, giving up");
+                }
+                allowed
+            }
+        }
+    }
+
+    /// The delay the next start of a queue's worker waits (taken: a later start without a
+    /// failure waits nothing); records the connection generation it is built with.
+    fn take_delay(&mut self, key: &str, generation: u64) -> Duration {
+        let (_, delay, built) = self.queues.entry(key.to_owned()).or_default();
+        *built = generation;
+        std::mem::take(delay)
+    }
+}
+
+/// Before a restarted worker registers: waits its backoff, then probes Redis (PING). A failed
+/// probe fails the start, which the supervisor counts as the outage's next failure; a
+/// successful one ends the outage.
+async fn probe_redis(
+    delay: Duration,
+    redis: SharedRedis,
+    health: health::RedisHealth,
+) -> Result<(), backend::BackendError> {
+    if delay.is_zero() {
+        return Ok(());
+    }
+    tokio::time::sleep(delay).await;
+    let mut conn = redis.get();
+    match redis::cmd("PING").query_async::<String>(&mut conn).await {
+        Ok(_) => {
+            health.reached();
+            Ok(())
+        }
+        Err(error) => {
+            if !error.is_io_error() {
+                redis.renew();
+            }
+            Err(error.into())
+        }
+    }
+}
+
+/// The process's Redis connection for the workers, the maintenance round and the outbox
+/// relay, renewable: redis-rs 1.8's `ConnectionManager` reconnects only after I/O errors, so a
+/// reconnect answered with garbage (or a server error) leaves it failing with that error for
+/// good. A failed probe that is not I/O replaces it with a new one from `REDIS_URL`; users
+/// take a clone per round or per worker start.
+#[derive(Clone)]
+struct SharedRedis {
+    current: Arc<std::sync::RwLock<ConnectionManager>>,
+    /// How many times the connection was renewed.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    url: Option<secrecy::SecretString>,
+}
+
+impl SharedRedis {
+    fn new(conn: ConnectionManager, url: Option<secrecy::SecretString>) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new(conn)),
+            generation: Arc::default(),
+            url,
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn get(&self) -> ConnectionManager {
+        match self.current.read() {
+            Ok(conn) => conn.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn renew(&self) {
+        let Some(url) = &self.url else {
+            return;
+        };
+        match crate::queue::connect_lazy(url) {
+            Ok(conn) => {
+                if let Ok(mut current) = self.current.write() {
+                    *current = conn;
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                tracing::debug!("opened a new redis connection after a failed probe");
+            }
+            Err(error) => tracing::warn!(%error, "cannot open a new redis connection"),
+        }
+    }
+}
+
 /// Keeps this process's workers alive in Redis, recovers dead workers' jobs and vacuums
 /// finished ones, every heartbeat interval, independently of how busy the workers are.
 async fn maintain(
-    mut redis: ConnectionManager,
+    redis: SharedRedis,
     queues: Vec<QueueKeys>,
     live: LiveWorkers,
     options: WorkerOptions,
@@ -502,10 +732,21 @@ async fn maintain(
     const VACUUM_CHUNKS_PER_ROUND: usize = 20;
     let mut ticker = tokio::time::interval(options.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut healthy = true;
     loop {
         ticker.tick().await;
+        let mut redis = redis.get();
+        // The round's first outage error, if any; other errors are logged as they come.
+        let mut outage: Option<redis::RedisError> = None;
         let mut ok = true;
+        let mut failed = |error: redis::RedisError, what: &str, queue: &str| {
+            ok = false;
+            if redis_outage(&error).is_some() {
+                tracing::debug!(queue, %error, "{what} failed (redis outage)");
+                outage.get_or_insert(error);
+            } else {
+                tracing::warn!(queue, %error, "{what} failed");
+            }
+        };
         for keys in &queues {
             let names = live.names(&keys.prefix);
             match backend::heartbeat(&mut redis, keys, options.orphan_timeout(), None, &names).await
@@ -516,8 +757,7 @@ async fn maintain(
                 ),
                 Ok(_) => {}
                 Err(error) => {
-                    ok = false;
-                    tracing::warn!(queue = %keys.prefix, %error, "heartbeat failed");
+                    failed(error, "heartbeat", &keys.prefix);
                     continue;
                 }
             }
@@ -526,23 +766,17 @@ async fn maintain(
                     Ok(n) if n as usize == VACUUM_CHUNK => continue,
                     Ok(_) => break,
                     Err(error) => {
-                        ok = false;
-                        tracing::warn!(queue = %keys.prefix, %error, "vacuum failed");
+                        failed(error, "vacuum", &keys.prefix);
                         break;
                     }
                 }
             }
         }
-        health.set(ok);
-        if ok != healthy {
-            if ok {
-                tracing::info!("worker maintenance reaches Redis again");
-            } else {
-                tracing::error!(
-                    "worker maintenance cannot reach Redis; jobs wait until it is back"
-                );
-            }
-            healthy = ok;
+        // Logged once per outage, by the health state.
+        match outage {
+            Some(error) => health.outage(&error),
+            None if ok => health.reached(),
+            None => {}
         }
     }
 }
@@ -560,6 +794,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let base = unique_worker_name();
+    // Installed before anything sets a gauge (a no-op when already installed).
+    let metrics = crate::monitoring::install();
     let redis_health = health::RedisHealth::default();
     let stop_health = tokio_util::sync::CancellationToken::new();
     let health_server = match options.health_port {
@@ -579,7 +815,7 @@ pub async fn run(
                 redis_health.clone(),
                 state.pool.clone(),
                 scrape::Scrape {
-                    handle: crate::monitoring::install(),
+                    handle: metrics,
                     redis: redis.clone(),
                     namespace: queues.namespace().to_owned(),
                     token: options.metrics_token.clone(),
@@ -609,9 +845,10 @@ pub async fn run(
         &options,
         state.retry.rotate_keys,
     );
+    let shared = SharedRedis::new(redis.clone(), options.redis_url.clone());
     let relay = tokio::spawn(relay_outbox(
         state.pool.clone(),
-        redis.clone(),
+        shared.clone(),
         queues.clone(),
     ));
     let retention = tokio::spawn(crate::retention::run(
@@ -619,12 +856,13 @@ pub async fn run(
         options.row_retention,
     ));
     let maintenance = tokio::spawn(maintain(
-        redis.clone(),
+        shared.clone(),
         vec![inbound.keys.clone(), sync.keys.clone(), rotate.keys.clone()],
         live.clone(),
         options.clone(),
-        redis_health,
+        redis_health.clone(),
     ));
+    let supervisor = Arc::new(std::sync::Mutex::new(Supervisor::default()));
     // A restarted worker's previous name stops heartbeating, so whatever it held is recovered
     // after the orphan timeout.
     let retire = |live: &LiveWorkers, settings: &QueueSettings, name: String| {
@@ -634,8 +872,14 @@ pub async fn run(
     // the worker again under a new one.
     macro_rules! queue_worker {
         ($job:ty, $settings:ident, $handler:expr) => {{
-            let (redis, state, live, base) =
-                (redis.clone(), state.clone(), live.clone(), base.clone());
+            let (redis, state, live, base, supervisor, health) = (
+                shared.clone(),
+                state.clone(),
+                live.clone(),
+                base.clone(),
+                supervisor.clone(),
+                redis_health.clone(),
+            );
             move |restarts| {
                 let queue = <$job as gatehouse_jobs::Job>::QUEUE;
                 if restarts > 0 {
@@ -645,9 +889,16 @@ pub async fn run(
                         format!("{base}-{queue}-r{}", restarts - 1),
                     );
                 }
+                let generation = redis.generation();
+                let delay = supervisor
+                    .lock()
+                    .map(|mut s| s.take_delay(&format!("{base}-{queue}"), generation))
+                    .unwrap_or(Backoff::CAP);
+                let (probe, health) = (redis.clone(), health.clone());
                 let storage =
-                    QueueBackend::<$job>::new(redis.clone(), $settings.clone(), live.clone())
-                        .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL));
+                    QueueBackend::<$job>::new(redis.get(), $settings.clone(), live.clone())
+                        .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL))
+                        .before_start(move |_| probe_redis(delay, probe.clone(), health.clone()));
                 WorkerBuilder::new(format!("{base}-{queue}-r{restarts}"))
                     .backend(storage)
                     .catch_panic()
@@ -662,15 +913,13 @@ pub async fn run(
         .register(queue_worker!(SyncCatalog, sync, handle_sync))
         .register(queue_worker!(RotateKeys, rotate, handle_rotate))
         .should_restart({
-            let budget = std::sync::Mutex::new(RestartBudget::default());
+            let (health, shared) = (redis_health.clone(), shared.clone());
             move |ctx, error| {
-                let allowed = budget.lock().map(|mut b| b.allow()).unwrap_or(false);
-                if allowed {
-                    tracing::error!(worker.name = ctx.name(), %error, "worker failed, restarting");
-                } else {
-                    tracing::error!(worker.name = ctx.name(), %error, "worker keeps failing, giving up");
-                }
-                allowed
+                let generation = shared.generation();
+                supervisor
+                    .lock()
+                    .map(|mut s| s.on_failure(ctx.name(), error, &health, generation))
+                    .unwrap_or(false)
             }
         });
     let context = monitor.context();
@@ -728,6 +977,159 @@ mod tests {
         let old = std::time::Instant::now() - RestartBudget::WINDOW - Duration::from_secs(1);
         budget.recent.iter_mut().for_each(|t| *t = old);
         assert!(budget.allow());
+    }
+
+    /// The error a Redis reply `-{line}` becomes.
+    fn server_error(line: &str) -> redis::RedisError {
+        let reply = format!("-{line}\r\n");
+        redis::parse_redis_value(reply.as_bytes())
+            .and_then(redis::Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    /// A worker's failure as apalis reports it: the backend's error inside `DurableError`.
+    fn failed(error: redis::RedisError) -> ApalisWorkerError {
+        ApalisWorkerError::BackendError(Box::new(apalis_core::backend::finalize::DurableError::<
+            _,
+            serde_json::Error,
+        >::PollNextError(
+            backend::BackendError::Redis(error)
+        )))
+    }
+
+    #[test]
+    fn redis_errors_on_the_way_to_an_answer_or_servers_that_cannot_serve_are_outages() {
+        let io = |kind| redis::RedisError::from(std::io::Error::from(kind));
+        let garbage = redis::parse_redis_value(b"\x01\x02garbage\r\n").expect_err("garbage");
+        for error in [
+            io(std::io::ErrorKind::ConnectionRefused),
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::UnexpectedEof),
+            io(std::io::ErrorKind::TimedOut),
+            io(std::io::ErrorKind::BrokenPipe),
+            garbage,
+            server_error("LOADING Redis is loading the dataset in memory"),
+            server_error(
+                "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+            ),
+            server_error("TRYAGAIN Multiple keys request during rehashing of slot"),
+            server_error("READONLY You can't write against a read only replica."),
+            server_error(
+                "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            ),
+            server_error("CLUSTERDOWN The cluster is down"),
+        ] {
+            let text = error.to_string();
+            assert!(failure_is_outage(&failed(error)).is_some(), "{text}");
+        }
+    }
+
+    #[test]
+    fn script_errors_and_panics_are_worker_failures_not_outages() {
+        for error in [
+            server_error("gatehouse: worker w-r0 is not registered (declared dead?)"),
+            server_error("ERR Error running script"),
+            server_error("NOSCRIPT No matching script"),
+            server_error("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        ] {
+            let text = error.to_string();
+            assert!(failure_is_outage(&failed(error)).is_none(), "{text}");
+        }
+        assert!(failure_is_outage(&ApalisWorkerError::PanicError("boom".into())).is_none());
+        assert!(
+            failure_is_outage(&ApalisWorkerError::BackendError(Box::new(
+                backend::BackendError::Unsupported
+            )))
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn restart_delays_grow_with_jitter_up_to_the_cap_and_reset_after_a_healthy_period() {
+        let mut backoff = Backoff::default();
+        let start = std::time::Instant::now();
+        let low: Vec<Duration> = (0..12).map(|_| backoff.next(start, 0.0)).collect();
+        assert_eq!(low[0], Backoff::BASE / 2);
+        assert_eq!(low[1], Backoff::BASE);
+        assert!(
+            low.windows(2).all(|w| w[0] <= w[1]),
+            "never shrinks: {low:?}"
+        );
+        assert_eq!(*low.last().expect("delays"), Backoff::CAP / 2);
+        assert_eq!(
+            backoff.next(start, 0.999_999).max(Backoff::CAP),
+            Backoff::CAP
+        );
+        assert!(backoff.next(start, 0.999_999) > Backoff::CAP * 9 / 10);
+        // A failure long after the last one starts from the base again.
+        let later = start + Backoff::HEALTHY + Duration::from_secs(1);
+        assert_eq!(backoff.next(later, 0.0), Backoff::BASE / 2);
+    }
+
+    #[test]
+    fn a_redis_outage_never_exhausts_the_restarts_but_other_failures_do() {
+        let mut supervisor = Supervisor::default();
+        let health = health::RedisHealth::default();
+        let refused = || {
+            failed(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))
+        };
+        for restart in 0..1000 {
+            let name = format!("host-1-ab-inbound_message-r{restart}");
+            assert!(supervisor.on_failure(&name, &refused(), &health, 0));
+            assert!(
+                !supervisor
+                    .take_delay("host-1-ab-inbound_message", 0)
+                    .is_zero()
+            );
+        }
+        assert!(health.down_since().is_some(), "the outage shows");
+        assert!(!health.get());
+        health.reached();
+        assert!(health.down_since().is_none() && health.get());
+
+        let bug = || ApalisWorkerError::PanicError("bug".into());
+        for restart in 0..RestartBudget::MAX_IN_WINDOW {
+            let name = format!("host-1-ab-sync_catalog-r{restart}");
+            assert!(supervisor.on_failure(&name, &bug(), &health, 0));
+            assert!(supervisor.take_delay("host-1-ab-sync_catalog", 0).is_zero());
+        }
+        assert!(
+            !supervisor.on_failure("host-1-ab-sync_catalog-r99", &bug(), &health, 0),
+            "a worker failing for another reason still gives up past the budget"
+        );
+        assert!(health.get(), "and that is no redis outage");
+    }
+
+    #[test]
+    fn a_worker_failing_on_a_connection_renewed_since_restarts_at_once_without_an_outage() {
+        let mut supervisor = Supervisor::default();
+        let health = health::RedisHealth::default();
+        health.reached();
+        let garbled =
+            || failed(redis::parse_redis_value(b"\x01\x02garbage\r\n").expect_err("garbage"));
+        assert!(supervisor.take_delay("h-1-ab-inbound_message", 0).is_zero());
+        // Built on generation 0; the connection is now at generation 1.
+        assert!(supervisor.on_failure("h-1-ab-inbound_message-r0", &garbled(), &health, 1));
+        assert!(supervisor.take_delay("h-1-ab-inbound_message", 1).is_zero());
+        assert!(health.get(), "no outage from a stale connection");
+        // Built on the current connection: the same error is an outage.
+        assert!(supervisor.on_failure("h-1-ab-inbound_message-r1", &garbled(), &health, 1));
+        assert!(!supervisor.take_delay("h-1-ab-inbound_message", 1).is_zero());
+        assert!(!health.get());
+    }
+
+    #[test]
+    fn the_queue_key_is_the_worker_name_without_its_restart_suffix() {
+        assert_eq!(
+            queue_key("h-12-0af3-inbound_message-r0"),
+            "h-12-0af3-inbound_message"
+        );
+        assert_eq!(
+            queue_key("my-r-host-1-ab-rotate_keys-r17"),
+            "my-r-host-1-ab-rotate_keys"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! both removed afterwards. A missing service fails the test; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
