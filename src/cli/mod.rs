@@ -471,7 +471,11 @@ fn telemetry(config: &Config) -> Option<sentry::ClientInitGuard> {
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // apalis-core logs each failed poll of a worker at WARN/ERROR; gatehouse supervises its
+    // workers and logs an outage once when it starts and once when it ends, so those lines
+    // (and the Sentry events ERROR lines become) would only repeat it per probe.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,apalis_core=off"));
     let (pretty, json) = if config.debug {
         (
             Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
