@@ -13,24 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-/// Waits until `check` holds or `within` passes; returns whether it held.
-async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return true;
-        }
-        if start.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Reads until `n` bytes arrived or the peer ends the stream (returns what came, and the error
 /// that ended it if any).
 async fn read_n(stream: &mut TcpStream, n: usize) -> (Vec<u8>, Option<std::io::Error>) {

@@ -64,24 +64,6 @@ async fn hlen(env: &TestEnv, key: &str) -> i64 {
         .expect("hlen")
 }
 
-/// Waits until `check` holds or `within` passes; returns whether it held.
-async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return true;
-        }
-        if start.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_thousand_jobs_enqueued_without_workers_are_drained_then_vacuumed() {
     // apalis-redis 1.0 died at 8,000 due jobs (one unpack of every id) and slowed with the

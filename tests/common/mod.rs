@@ -550,3 +550,21 @@ pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
     });
     (addr, seen)
 }
+
+/// Waits until `check` holds or `within` passes (polling every 50 ms); returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
