@@ -203,8 +203,20 @@ async fn connection(
     let mut up: Option<TcpStream> = None;
     let mut from_client = vec![0u8; 16 * 1024];
     let mut from_up = vec![0u8; 16 * 1024];
+    // The mode this connection last acted on: a change that lands between a read and the next
+    // look at the mode is seen here, not only by `changed()`.
+    let mut acted: Option<Mode> = None;
     loop {
         let mode = *watch.borrow_and_update();
+        if matches!(acted, Some(Mode::Blackhole | Mode::Garbage)) && acted != Some(mode) {
+            // Bytes were eaten (or garbage sent): the stream cannot resume.
+            if let Some(up) = up.take() {
+                reset(up);
+            }
+            reset(client);
+            return;
+        }
+        acted = Some(mode);
         match mode {
             Mode::Refuse | Mode::Reset => {
                 if let Some(up) = up.take() {
