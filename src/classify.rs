@@ -87,9 +87,14 @@ impl Classification {
 /// rejected [`Classification`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClassifyError {
-    /// A timeout, a connection failure, 429 or 5xx: a later attempt can succeed.
+    /// The classifier answered 408, 429 or 5xx for this message: a later attempt can
+    /// succeed, and this one counts.
     #[error("classifier unavailable: {0}")]
     Unavailable(String),
+    /// The classifier could not be reached (refused, reset, closed, no answer in time) or its
+    /// circuit is open: an outage, which never uses the job's attempts.
+    #[error("classifier unreachable: {0}")]
+    Unreachable(String),
     /// The classifier refuses every request (bad credentials, unknown model, wrong URL): no
     /// retry helps until an operator fixes the configuration.
     #[error("classifier misconfigured: {0}")]
@@ -99,7 +104,17 @@ pub enum ClassifyError {
 impl ClassifyError {
     /// Whether retrying the job can help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::Unreachable(_))
+    }
+
+    /// Where the failure belongs (`crate::fault`).
+    pub fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::{Dependency, Fault};
+        match self {
+            Self::Unavailable(_) => Fault::Retry,
+            Self::Unreachable(_) => Fault::Outage(Dependency::Llm),
+            Self::Misconfigured(_) => Fault::Permanent,
+        }
     }
 }
 
@@ -118,6 +133,11 @@ pub trait Classifier: Send + Sync {
     /// asking it twice for a redelivered job). Local classifiers keep the default.
     fn is_remote(&self) -> bool {
         false
+    }
+
+    /// The remote endpoint's circuit breaker, if it has one.
+    fn circuit(&self) -> Option<std::sync::Arc<crate::circuit::Circuit>> {
+        None
     }
 }
 

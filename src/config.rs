@@ -74,6 +74,7 @@ pub const VARIABLES: &[&str] = &[
     "PASSWORD_HASH_QUEUE",
     "SECURITY_EVENT_RETENTION_DAYS",
     "PROCESSED_JOB_RETENTION_DAYS",
+    "OUTAGE_MAX_WAIT_SECONDS",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -439,6 +440,10 @@ pub struct Config {
     /// `CATALOG_SYNC_DEADLINE_SECONDS`, default 600, 10..=86 400: the whole-job time budget of
     /// one catalog sync attempt (every page fetched and applied within it).
     pub catalog_sync_deadline_seconds: u64,
+    /// `OUTAGE_MAX_WAIT_SECONDS`, default 86 400, 1..=2 592 000: how long a job may wait out
+    /// outages (PostgreSQL, Redis, an open LLM or store circuit) without using attempts; past
+    /// it, its failed attempts count again and it can reach the dead letters.
+    pub outage_max_wait_seconds: u64,
     /// `PASSWORD_HASH_QUEUE`, default 64, 1..=100 000: password hashes (login, register)
     /// that may wait for a hashing thread; past it a login answers 503 at once.
     pub password_hash_queue: usize,
@@ -650,21 +655,21 @@ impl Config {
         let store_allowed_networks = r.list("STORE_ALLOWED_NETWORKS", parse_network);
         let catalog_sync_deadline_seconds =
             r.integer("CATALOG_SYNC_DEADLINE_SECONDS", 600u64, 10, 86_400);
+        let outage_max_wait_seconds = r.integer("OUTAGE_MAX_WAIT_SECONDS", 86_400u64, 1, 2_592_000);
         let password_hash_queue = r.integer("PASSWORD_HASH_QUEUE", 64usize, 1, 100_000);
         let security_event_retention_days =
             r.integer("SECURITY_EVENT_RETENTION_DAYS", 90u64, 1, 36_500);
         let processed_job_retention_days =
             r.integer("PROCESSED_JOB_RETENTION_DAYS", 30u64, 1, 36_500);
-        let must_outlast = retry
-            .longest_schedule()
-            .as_secs()
+        let must_outlast = (retry.longest_schedule().as_secs() + outage_max_wait_seconds)
             .max(WEBHOOK_DEDUPE_SECONDS);
         if processed_job_retention_days.saturating_mul(86_400) <= must_outlast {
             r.problem(
                 "PROCESSED_JOB_RETENTION_DAYS",
                 format!(
                     "must be more than {} days: the webhook dedupe window (7 days) and the longest \
-                     retry schedule (JOB_RETRY_*) must end before a job's exactly-once marker goes",
+                     retry schedule (JOB_RETRY_*) plus OUTAGE_MAX_WAIT_SECONDS must end before a \
+                     job's exactly-once marker goes",
                     must_outlast / 86_400
                 ),
             );
@@ -715,6 +720,7 @@ impl Config {
                     http_max_connections,
                     store_allowed_networks,
                     catalog_sync_deadline_seconds,
+                    outage_max_wait_seconds,
                     password_hash_queue,
                     security_event_retention_days,
                     processed_job_retention_days,
@@ -1209,6 +1215,7 @@ mod tests {
         assert_eq!(cfg.http_max_connections, 10_000);
         assert!(cfg.store_allowed_networks.is_empty());
         assert_eq!(cfg.catalog_sync_deadline_seconds, 600);
+        assert_eq!(cfg.outage_max_wait_seconds, 86_400);
         assert_eq!(cfg.password_hash_queue, 64);
         assert_eq!(cfg.security_event_retention_days, 90);
         assert_eq!(cfg.processed_job_retention_days, 30);

@@ -9,6 +9,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use crate::classify::{Classification, Classifier, ClassifyError, Intent};
+use crate::fault::Fault;
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::{Keyring, aad};
 
@@ -30,13 +31,18 @@ pub enum InboundError {
 }
 
 impl InboundError {
+    /// Where the failure belongs (`crate::fault`).
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::Database(error) => crate::fault::postgres(error),
+            Self::Permanent(_) => Fault::Permanent,
+            Self::Classify(error) => error.fault(),
+        }
+    }
+
     /// Whether retrying the job can help.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Database(_) => true,
-            Self::Permanent(_) => false,
-            Self::Classify(error) => error.is_retryable(),
-        }
+        self.fault() != Fault::Permanent
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod accounts;
 pub mod catalog;
+pub mod circuit;
 pub mod classify;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod conversations;
 pub mod dashboard;
 pub mod db;
 pub mod events;
+pub mod fault;
 pub mod http;
 pub mod llm;
 pub mod monitoring;

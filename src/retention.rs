@@ -138,13 +138,27 @@ async fn purge(
 
 /// Runs a round every `retention.every`, for ever (the worker aborts it at shutdown). A round
 /// that fails (PostgreSQL unavailable) is logged and tried again next time.
-pub async fn run(pool: PgPool, retention: Retention) {
+///
+/// A PostgreSQL outage is noted on `postgres` (logged once, for the whole process) instead of
+/// a warning per round, and no round runs while it lasts.
+pub async fn run(
+    pool: PgPool,
+    retention: Retention,
+    postgres: crate::worker::outage::Reachability,
+) {
     let mut ticker = tokio::time::interval(retention.every.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        if postgres.is_down() {
+            continue;
+        }
         if let Err(error) = run_round(&pool, &retention).await {
-            tracing::warn!(%error, "retention round failed; will retry");
+            if let crate::fault::Fault::Outage(_) = crate::fault::postgres(&error) {
+                postgres.outage(&error);
+            } else {
+                tracing::warn!(%error, "retention round failed; will retry");
+            }
         }
     }
 }

@@ -119,10 +119,23 @@ impl RotationError {
     /// Whether running the job again can help (the database coming back, or this worker
     /// being redeployed with the rotation's target key).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Database(_) | Self::WrongKey { .. } | Self::Stalled { .. }
-        )
+        self.fault() != crate::fault::Fault::Permanent
+    }
+
+    /// Where the failure belongs (`crate::fault`).
+    pub fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
+        match self {
+            Self::Database(error) => crate::fault::postgres(error),
+            Self::WrongKey { .. } | Self::Stalled { .. } => Fault::Retry,
+            Self::NotFound
+            | Self::SelfApproval
+            | Self::NotPending(_)
+            | Self::Expired
+            | Self::ApproverNotAuthorized
+            | Self::InitiatorNotAuthorized
+            | Self::NotApproved(_) => Fault::Permanent,
+        }
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gatehouse::worker::health::{RedisHealth, serve as serve_worker_health};
+use gatehouse::worker::health::{Outages, serve as serve_worker_health};
 use gatehouse::worker::scrape::Scrape;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -264,7 +264,7 @@ async fn the_worker_health_port_closes_slow_and_idle_connections_too() {
     let health = tokio::spawn(serve_worker_health(
         listener,
         gatehouse::server::Limits::from_config(&env.config),
-        RedisHealth::default(),
+        Outages::default(),
         env.pool.clone(),
         Scrape {
             handle: gatehouse::monitoring::install(),

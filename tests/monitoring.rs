@@ -16,7 +16,7 @@ use gatehouse::accounts::{self, NewUser};
 use gatehouse::events::{EventType, SecurityEvent};
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::password::Hasher;
-use gatehouse::worker::health::{RedisHealth, serve as serve_worker_health};
+use gatehouse::worker::health::{Outages, serve as serve_worker_health};
 use gatehouse::worker::scrape::Scrape;
 use secrecy::SecretString;
 use uuid::Uuid;
@@ -256,7 +256,7 @@ async fn worker_health(
     let health = tokio::spawn(serve_worker_health(
         listener,
         gatehouse::server::Limits::from_config(&env.config),
-        RedisHealth::default(),
+        Outages::default(),
         env.pool.clone(),
         Scrape {
             handle: gatehouse::monitoring::install(),

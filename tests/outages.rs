@@ -214,21 +214,116 @@ async fn wait_health(
     }
 }
 
+/// A `gatehouse work` process whose log lines (at `RUST_LOG`) are kept, with its health port.
+struct LoggedWorker {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    collector: Option<std::thread::JoinHandle<()>>,
+    health_url: String,
+}
+
+impl LoggedWorker {
+    /// Outage transitions, circuits and warnings are logged.
+    const LOG: &str =
+        "warn,gatehouse::worker::outage=info,gatehouse::llm=info,gatehouse::catalog=info";
+
+    fn spawn(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
+        let health_port = free_port().to_string();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .arg("work")
+            .env_clear()
+            .envs(env.vars.iter())
+            .envs(extra.iter().copied())
+            .env("WORKER_HEALTH_PORT", &health_port)
+            .env("RUST_LOG", Self::LOG)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn gatehouse work");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let collector = {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    eprintln!("{line}");
+                    lines.lock().expect("lines").push(line);
+                }
+            })
+        };
+        Self {
+            child,
+            lines,
+            collector: Some(collector),
+            health_url: format!("http://127.0.0.1:{health_port}/healthz"),
+        }
+    }
+
+    /// Log lines containing `message`.
+    fn logged(&self, message: &str) -> usize {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter(|l| l.contains(message))
+            .count()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("status").is_none()
+    }
+
+    /// SIGTERM; whether it stopped cleanly. The log is complete afterwards.
+    fn stop(&mut self) -> bool {
+        let ok = terminate(&mut self.child).success();
+        if let Some(collector) = self.collector.take() {
+            let _ = collector.join();
+        }
+        ok
+    }
+
+    async fn wait_health(
+        &self,
+        within: Duration,
+        want: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> (bool, Option<(u16, serde_json::Value)>) {
+        wait_health(&self.health_url, within, want).await
+    }
+}
+
+impl Drop for LoggedWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `/healthz`'s `outages` names `dependency`, with an RFC 3339 time.
+fn names_outage(body: &serde_json::Value, dependency: &str) -> bool {
+    body["outages"].as_array().is_some_and(|outages| {
+        outages.iter().any(|o| {
+            o["dependency"] == dependency
+                && o["since"].as_str().is_some_and(|t| {
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .is_ok()
+                })
+        })
+    })
+}
+
+/// `/healthz` answers 200 and names no outage.
+fn all_clear(status: u16, body: &serde_json::Value) -> bool {
+    status == 200 && body["outages"].as_array().is_some_and(Vec::is_empty)
+}
+
 /// Whether `/healthz` says Redis is down, with an RFC 3339 time.
 fn says_redis_down(body: &serde_json::Value) -> bool {
-    body["redis"] == "unreachable"
-        && body["outages"].as_array().is_some_and(|outages| {
-            outages.iter().any(|o| {
-                o["dependency"] == "redis"
-                    && o["since"].as_str().is_some_and(|t| {
-                        time::OffsetDateTime::parse(
-                            t,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .is_ok()
-                    })
-            })
-        })
+    body["redis"] == "unreachable" && names_outage(body, "redis")
 }
 
 async fn messages_of(env: &TestEnv, sids: &[String]) -> (i64, i64) {
@@ -239,6 +334,57 @@ async fn messages_of(env: &TestEnv, sids: &[String]) -> (i64, i64) {
     .fetch_one(&env.pool)
     .await
     .expect("count messages")
+}
+
+/// How many of a queue's finished jobs took how many attempts (from their meta hashes).
+async fn attempts_histogram(
+    env: &TestEnv,
+    queue: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut redis = env.redis.clone();
+    let pattern = format!("{}:{queue}:meta:*", env.namespace);
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .expect("scan");
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut histogram = std::collections::BTreeMap::new();
+    for key in keys {
+        let attempts: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("attempts")
+            .query_async(&mut redis)
+            .await
+            .expect("hget");
+        *histogram
+            .entry(attempts.unwrap_or_else(|| "-".into()))
+            .or_insert(0) += 1;
+    }
+    histogram
+}
+
+/// Asserts that every finished job of `queue` ran on its first counted attempt: no outage
+/// used one.
+async fn assert_no_attempt_used(env: &TestEnv, queue: &str, jobs: usize) {
+    let histogram = attempts_histogram(env, queue).await;
+    assert_eq!(
+        histogram,
+        std::collections::BTreeMap::from([("1".to_owned(), jobs)]),
+        "every job finished on attempt 1 (attempts: jobs)"
+    );
 }
 
 async fn dead_letters(env: &TestEnv) -> i64 {
@@ -264,44 +410,10 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     .parse()
     .expect("Redis is on an IP address");
     let proxy = FaultProxy::start(upstream).await;
-    let health_port = free_port().to_string();
-    let health_url = format!("http://127.0.0.1:{health_port}/healthz");
     // Its log lines are kept: the outage is logged when it starts and when it ends.
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .arg("work")
-        .env_clear()
-        .envs(env.vars.iter())
-        .env("REDIS_URL", proxy.redis_url())
-        .env("WORKER_HEALTH_PORT", &health_port)
-        .env("RUST_LOG", "warn,gatehouse::worker::health=info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse work");
-    let stderr = worker.stderr.take().expect("stderr");
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let collector = {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                eprintln!("{line}");
-                lines.lock().expect("lines").push(line);
-            }
-        })
-    };
-    let logged = |message: &str| {
-        lines
-            .lock()
-            .expect("lines")
-            .iter()
-            .filter(|l| l.contains(message))
-            .count()
-    };
+    let redis_via_proxy = proxy.redis_url();
+    let mut worker = LoggedWorker::spawn(&env, &[("REDIS_URL", &redis_via_proxy)]);
+    let health_url = worker.health_url.clone();
     assert!(
         eventually(Duration::from_secs(30), || async {
             health(&health_url).await.is_some_and(|(s, _)| s == 200)
@@ -353,12 +465,12 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
             tokio::time::sleep(rest).await;
         }
         assert!(
-            worker.try_wait().expect("status").is_none(),
+            worker.running(),
             "{shape:?}: the worker process is still running"
         );
         proxy.set(Mode::Pass);
         let (up, last) = wait_health(&health_url, Duration::from_secs(30), |s, b| {
-            s == 200 && b["redis"] == "ok" && b["outages"].as_array().is_some_and(Vec::is_empty)
+            all_clear(s, b) && b["redis"] == "ok"
         })
         .await;
         assert!(up, "{shape:?}: /healthz is ok again: {last:?}");
@@ -378,21 +490,18 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
         .await
         .expect("the conversation");
     assert_eq!(i64::from(streak), total, "no job's effect applied twice");
-    assert!(
-        worker.try_wait().expect("status").is_none(),
-        "the worker process never exited"
-    );
-    assert!(terminate(&mut worker).success(), "and it stops cleanly");
-    let _ = collector.join();
+    assert_no_attempt_used(&env, "inbound_message", sids.len()).await;
+    assert!(worker.running(), "the worker process never exited");
+    assert!(worker.stop(), "and it stops cleanly");
     // One line when each outage starts and one when it ends, not one per retry (a fault's
     // aftermath may at most reopen it once).
     let (started, ended) = (
-        logged("redis is unreachable; workers stop fetching"),
-        logged("redis is reachable again; workers resume"),
+        worker.logged("redis is unreachable; workers stop fetching"),
+        worker.logged("redis is reachable again; workers resume"),
     );
     assert!((5..=10).contains(&started), "{started} outage start lines");
     assert!((5..=10).contains(&ended), "{ended} outage end lines");
-    assert_eq!(logged("giving up"), 0);
+    assert_eq!(worker.logged("giving up"), 0);
     drop(proxy);
     env.cleanup().await;
 }
@@ -406,10 +515,14 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> Self {
-        let port = free_port();
+        Self::start_with(free_port(), &["--save", "", "--appendonly", "no"])
+    }
+
+    /// A redis-server on `port` with these extra arguments.
+    fn start_with(port: u16, args: &[&str]) -> Self {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             // Other clients hear BUSY 100 ms into a long script (the default is 5 s).
             .args(["--busy-reply-threshold", "100"])
             .stdout(std::process::Stdio::null())
@@ -531,5 +644,631 @@ async fn a_redis_busy_running_a_script_pauses_the_worker_until_the_script_is_kil
     assert_eq!(dead, 0, "no job ended dead");
     assert!(terminate(&mut worker).success());
     drop(server);
+    env.cleanup().await;
+}
+
+/// `url` (a PostgreSQL URL) with its host and port replaced by `addr`.
+fn through(url: &str, addr: std::net::SocketAddr) -> String {
+    let mut url = url::Url::parse(url).expect("a URL");
+    url.set_host(Some(&addr.ip().to_string())).expect("host");
+    url.set_port(Some(addr.port())).expect("port");
+    url.to_string()
+}
+
+/// The address a URL points at (a loopback server of the test machine).
+fn address_of(url: &str) -> std::net::SocketAddr {
+    let url = url::Url::parse(url).expect("a URL");
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    )
+    .parse()
+    .expect("the server is on an IP address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_rides_out_every_postgres_fault_shape_and_no_job_dies_is_lost_or_runs_twice() {
+    const BACKLOG: usize = 1000;
+    const ARRIVING: usize = 300;
+    const WEBHOOKS: usize = 20;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    // The worker reaches PostgreSQL only through the proxy; the ingress (in this process)
+    // and the test's own checks go straight to it.
+    let proxy = FaultProxy::start(address_of(&env.db_url)).await;
+    let db_via_proxy = through(&env.db_url, proxy.addr);
+    let mut worker = LoggedWorker::spawn(&env, &[("DATABASE_URL", &db_via_proxy)]);
+    let (healthy, last) = worker
+        .wait_health(Duration::from_secs(30), |s, _| s == 200)
+        .await;
+    assert!(healthy, "the worker is healthy behind the proxy: {last:?}");
+    let server = env.start_server().await;
+    let http = reqwest::Client::new();
+
+    let mut redis = env.redis.clone();
+    let mut sids = Vec::new();
+    for shape in Mode::FAULTS {
+        // A backlog, and the fault while the worker is in the middle of it; more jobs arrive
+        // during the fault, straight into Redis and as signed webhooks through the ingress.
+        let jobs: Vec<InboundMessage> = (0..BACKLOG + ARRIVING)
+            .map(|_| low_confidence_message(tenant))
+            .collect();
+        sids.extend(jobs.iter().map(|j| j.message_sid.clone()));
+        let before = messages_of(&env, &sids).await.0;
+        env.queues()
+            .enqueue_batch(&mut redis, &jobs[..BACKLOG])
+            .await
+            .expect("enqueue");
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                messages_of(&env, &sids).await.0 > before
+            })
+            .await,
+            "{shape:?}: the worker is draining before the fault"
+        );
+        let fault_started = Instant::now();
+        proxy.set(shape);
+        env.queues()
+            .enqueue_batch(&mut redis, &jobs[BACKLOG..])
+            .await
+            .expect("enqueue");
+        for _ in 0..WEBHOOKS {
+            let sid = message_sid();
+            let params = sms_params(&sid, "+14155550100", "qwzx vbnm");
+            let response = signed_form(&http, &server, tenant, &params)
+                .send()
+                .await
+                .expect("webhook");
+            assert_eq!(response.status(), 200, "{shape:?}: the ingress takes it");
+            sids.push(sid);
+        }
+        if shape != Mode::Trickle {
+            // (A trickle is slowness, not necessarily an outage.)
+            let (down, last) = worker
+                .wait_health(Duration::from_secs(30), |s, b| {
+                    s == 503 && b["postgres"] == "unreachable" && names_outage(b, "postgres")
+                })
+                .await;
+            assert!(down, "{shape:?}: /healthz reports postgres down: {last:?}");
+        }
+        if let Some(rest) = Duration::from_secs(5).checked_sub(fault_started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        assert!(
+            worker.running(),
+            "{shape:?}: the worker process is still running"
+        );
+        let stalled_at = messages_of(&env, &sids).await.0;
+        proxy.set(Mode::Pass);
+        let (up, last) = worker.wait_health(Duration::from_secs(30), all_clear).await;
+        assert!(up, "{shape:?}: /healthz is ok again: {last:?}");
+        // The drain resumes within seconds, not after a backoff grown during the outage.
+        assert!(
+            eventually(Duration::from_secs(15), || async {
+                messages_of(&env, &sids).await.0 > stalled_at
+            })
+            .await,
+            "{shape:?}: the drain resumed"
+        );
+    }
+
+    let total = sids.len() as i64;
+    let all = eventually(Duration::from_secs(90), || async {
+        messages_of(&env, &sids).await.0 >= total
+    })
+    .await;
+    let (rows, distinct) = messages_of(&env, &sids).await;
+    assert!(all, "every job ran: {rows} of {total}");
+    assert_eq!((rows, distinct), (total, total), "one row per message");
+    assert_eq!(dead_letters(&env).await, 0, "no job ended dead");
+    let streak: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+        .fetch_one(&env.pool)
+        .await
+        .expect("the conversation");
+    assert_eq!(i64::from(streak), total, "no job's effect applied twice");
+    assert_no_attempt_used(&env, "inbound_message", sids.len()).await;
+    assert!(worker.running(), "the worker process never exited");
+    assert!(worker.stop(), "and it stops cleanly");
+    let (started, ended) = (
+        worker.logged("postgres is unreachable; workers stop fetching"),
+        worker.logged("postgres is reachable again; workers resume"),
+    );
+    assert!((5..=14).contains(&started), "{started} outage start lines");
+    assert_eq!(started, ended, "each outage that started ended");
+    assert_eq!(worker.logged("dead-lettered"), 0);
+    assert_eq!(worker.logged("giving up"), 0);
+    server.stop().await;
+    drop(proxy);
+    env.cleanup().await;
+}
+
+const LLM_MODEL: &str = "outage-model";
+const STORE_KEY: &str = "store-key-outages-0123456789";
+
+/// A loopback chat-completions endpoint that answers every request with one valid,
+/// confident classification; counts the requests it answered.
+async fn fake_llm() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = answered.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let content = serde_json::json!({"intent": "order_status", "confidence": 0.9});
+                axum::Json(serde_json::json!({
+                    "id": "chatcmpl-outage",
+                    "object": "chat.completion",
+                    "model": LLM_MODEL,
+                    "choices": [{
+                        "index": 0,
+                        "message": { "role": "assistant", "content": content.to_string() },
+                        "finish_reason": "stop"
+                    }]
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, answered)
+}
+
+/// Messages of `sids` stored with the LLM's own answer (not a rejection, not the rules).
+async fn classified_by_llm(env: &TestEnv, sids: &[String]) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE message_sid = ANY($1) AND classifier = $2",
+    )
+    .bind(sids)
+    .bind(format!("llm:{LLM_MODEL}"))
+    .fetch_one(&env.pool)
+    .await
+    .expect("count messages")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_fault_shape_in_front_of_the_llm_opens_its_circuit_and_kills_no_job() {
+    const PER_PHASE: usize = 40;
+    let (llm, answered) = fake_llm().await;
+    let proxy = FaultProxy::start(llm).await;
+    let llm_url = format!("http://{}/v1", proxy.addr);
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("LLM_URL".into(), llm_url.clone());
+        vars.insert("LLM_MODEL".into(), LLM_MODEL.into());
+        // Hangs (blackhole, trickle) end quickly.
+        vars.insert("LLM_TIMEOUT_MS".into(), "800".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let mut worker = LoggedWorker::spawn(&env, &[]);
+    let (healthy, last) = worker
+        .wait_health(Duration::from_secs(30), |s, _| s == 200)
+        .await;
+    assert!(healthy, "{last:?}");
+    let mut redis = env.redis.clone();
+    let mut sids = Vec::new();
+    for shape in Mode::FAULTS {
+        let jobs: Vec<InboundMessage> = (0..PER_PHASE)
+            .map(|_| low_confidence_message(tenant))
+            .collect();
+        sids.extend(jobs.iter().map(|j| j.message_sid.clone()));
+        let before = answered.load(std::sync::atomic::Ordering::SeqCst);
+        proxy.set(shape);
+        env.queues()
+            .enqueue_batch(&mut redis, &jobs)
+            .await
+            .expect("enqueue");
+        // Repeated failures to reach it open the circuit: the worker says so and stays ready.
+        let (open, last) = worker
+            .wait_health(Duration::from_secs(30), |s, b| {
+                s == 200 && names_outage(b, "llm")
+            })
+            .await;
+        assert!(
+            open,
+            "{shape:?}: /healthz names the LLM's open circuit: {last:?}"
+        );
+        let (blocked, last) = worker
+            .wait_health(Duration::from_secs(5), |_, b| {
+                b["outages"][0]["circuit"] == "open"
+            })
+            .await;
+        assert!(blocked, "{shape:?}: {last:?}");
+        if shape != Mode::Trickle {
+            assert_eq!(
+                answered.load(std::sync::atomic::Ordering::SeqCst),
+                before,
+                "{shape:?}: nothing reached the LLM"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(worker.running(), "{shape:?}");
+        proxy.set(Mode::Pass);
+        let (closed, last) = worker.wait_health(Duration::from_secs(90), all_clear).await;
+        assert!(closed, "{shape:?}: one probe closed the circuit: {last:?}");
+        let stored = eventually(Duration::from_secs(60), || async {
+            classified_by_llm(&env, &sids).await >= sids.len() as i64
+        })
+        .await;
+        assert!(stored, "{shape:?}: every job ran once the LLM answered");
+    }
+    let total = sids.len() as i64;
+    assert_eq!(
+        messages_of(&env, &sids).await,
+        (total, total),
+        "one row each"
+    );
+    assert_eq!(
+        classified_by_llm(&env, &sids).await,
+        total,
+        "all by the LLM"
+    );
+    assert_eq!(dead_letters(&env).await, 0, "no job ended dead");
+    assert_no_attempt_used(&env, "inbound_message", sids.len()).await;
+    assert!(worker.stop());
+    let opened = worker.logged("the LLM fails to answer repeatedly; its circuit is open");
+    assert!(
+        (6..=18).contains(&opened),
+        "{opened} lines: once per outage (and per failed probe at most)"
+    );
+    assert!(worker.logged("the LLM answers again; its circuit is closed") >= 6);
+    drop(proxy);
+    env.cleanup().await;
+}
+
+/// A loopback store answering one page with one product; counts the pages it served.
+async fn fake_store() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    let app = axum::Router::new().route(
+        "/shop/products",
+        axum::routing::get(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                axum::Json(serde_json::json!({
+                    "products": [{
+                        "id": "sku-1", "name": "Apple", "price_cents": 100,
+                        "currency": "EUR", "in_stock": true
+                    }],
+                    "next_page": null
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, served)
+}
+
+async fn store_tenant(env: &TestEnv, store: std::net::SocketAddr) -> Uuid {
+    gatehouse::tenants::create(
+        &env.pool,
+        &env.config.keyring,
+        &gatehouse::tenants::NewTenant {
+            name: "Shop".into(),
+            twilio_account_sid: ACCOUNT_SID.into(),
+            twilio_auth_token: secrecy::SecretString::from(TOKEN.to_owned()),
+            store_url: Some(format!("http://{store}/shop/")),
+            store_api_key: Some(secrecy::SecretString::from(STORE_KEY.to_owned())),
+            webhook_shared_key: None,
+            owner_email: None,
+        },
+    )
+    .await
+    .expect("tenant created")
+}
+
+/// Finished syncs of `tenant` (the job's exactly-once markers).
+async fn syncs_applied(env: &TestEnv, jobs: &[String]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM processed_jobs WHERE job_id = ANY($1)")
+        .bind(jobs)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_fault_shape_in_front_of_a_store_pauses_its_syncs_only_and_kills_none() {
+    let (store, _) = fake_store().await;
+    let proxy = FaultProxy::start(store).await;
+    let (healthy_store, healthy_served) = fake_store().await;
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("STORE_TIMEOUT_MS".into(), "800".into());
+    })
+    .await;
+    let faulty = store_tenant(&env, proxy.addr).await;
+    let other = store_tenant(&env, healthy_store).await;
+    let mut worker = LoggedWorker::spawn(&env, &[]);
+    let (healthy, last) = worker
+        .wait_health(Duration::from_secs(30), |s, _| s == 200)
+        .await;
+    assert!(healthy, "{last:?}");
+    let mut redis = env.redis.clone();
+    let queues = env.queues();
+    let sync = |tenant| gatehouse_jobs::SyncCatalog {
+        tenant_id: tenant,
+        requested_by: Uuid::new_v4(),
+        mode: gatehouse_jobs::SyncMode::Full,
+    };
+    let mut faulty_jobs = Vec::new();
+    for shape in Mode::FAULTS {
+        proxy.set(shape);
+        // Enough syncs of the faulty store to open its circuit.
+        for _ in 0..6 {
+            let job = queues
+                .enqueue(
+                    &mut redis,
+                    &sync(faulty),
+                    gatehouse_jobs::client::Enqueue::default(),
+                )
+                .await
+                .expect("enqueue");
+            faulty_jobs.push(job.job_id);
+        }
+        let (open, last) = worker
+            .wait_health(Duration::from_secs(60), |s, b| {
+                s == 200 && names_outage(b, "store") && b["outages"][0]["hosts"] == 1
+            })
+            .await;
+        assert!(
+            open,
+            "{shape:?}: /healthz names one store's open circuit: {last:?}"
+        );
+        // Another tenant's store still syncs meanwhile.
+        let served = healthy_served.load(std::sync::atomic::Ordering::SeqCst);
+        let job = queues
+            .enqueue(
+                &mut redis,
+                &sync(other),
+                gatehouse_jobs::client::Enqueue::default(),
+            )
+            .await
+            .expect("enqueue");
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                syncs_applied(&env, std::slice::from_ref(&job.job_id)).await == 1
+            })
+            .await,
+            "{shape:?}: the healthy store's sync ran"
+        );
+        assert!(healthy_served.load(std::sync::atomic::Ordering::SeqCst) > served);
+        proxy.set(Mode::Pass);
+        let (closed, last) = worker
+            .wait_health(Duration::from_secs(120), all_clear)
+            .await;
+        assert!(closed, "{shape:?}: a probe closed the circuit: {last:?}");
+        let done = eventually(Duration::from_secs(60), || async {
+            syncs_applied(&env, &faulty_jobs).await == faulty_jobs.len() as i64
+        })
+        .await;
+        assert!(
+            done,
+            "{shape:?}: every sync of the faulty store ran after it came back"
+        );
+    }
+    let dead: i64 = redis::cmd("ZCARD")
+        .arg(format!("{}:sync_catalog:dead", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("zcard");
+    assert_eq!(dead, 0, "no sync ended dead");
+    // The faulty store's syncs and the healthy one's, one per phase.
+    assert_no_attempt_used(&env, "sync_catalog", faulty_jobs.len() + Mode::FAULTS.len()).await;
+    assert!(worker.running());
+    assert!(worker.stop());
+    drop(proxy);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_waits_out_an_outage_longer_than_the_maximum_counts_its_attempts_again() {
+    // An LLM endpoint nothing listens on, and a one-second maximum wait.
+    let llm_url = format!("http://127.0.0.1:{}/v1", free_port());
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("LLM_URL".into(), llm_url.clone());
+        vars.insert("LLM_MODEL".into(), LLM_MODEL.into());
+        vars.insert("OUTAGE_MAX_WAIT_SECONDS".into(), "1".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let worker = env.start_worker();
+    let mut redis = env.redis.clone();
+    let job = env
+        .queues()
+        .enqueue(
+            &mut redis,
+            &low_confidence_message(tenant),
+            gatehouse_jobs::client::Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    let meta = format!("{}:inbound_message:meta:{}", env.namespace, job.job_id);
+    // Deferred first: its attempts stay at 0 while it waits.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut redis = redis.clone();
+            let meta = meta.clone();
+            async move {
+                let (attempts, waiting): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                    .arg(&meta)
+                    .arg("attempts")
+                    .arg("waiting_since")
+                    .query_async(&mut redis)
+                    .await
+                    .expect("hmget");
+                attempts.as_deref() == Some("0") && waiting.is_some()
+            }
+        })
+        .await,
+        "the job waits without using an attempt"
+    );
+    assert!(
+        env.wait_for_dead("inbound_message", &job.job_id, Duration::from_secs(60))
+            .await,
+        "past the maximum wait, its attempts count and it reaches the dead letters"
+    );
+    let (attempts, error): (String, String) = redis::cmd("HMGET")
+        .arg(&meta)
+        .arg("attempts")
+        .arg("last_error")
+        .query_async(&mut redis)
+        .await
+        .expect("hmget");
+    assert_eq!(attempts, "4", "its four attempts, counted after the wait");
+    assert!(error.contains("OUTAGE_MAX_WAIT_SECONDS"), "{error}");
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothing() {
+    const JOBS: usize = 3000;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let dir = std::env::temp_dir().join(format!("gh-aof-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let port = free_port();
+    // AOF on, fsync always: what was acknowledged survives the restart.
+    let args = [
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        &dir_arg,
+        "--enable-debug-command",
+        "yes",
+    ];
+    let mut server = PrivateRedis::start_with(port, &args);
+    let url = server.url();
+    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+        .await
+        .expect("private redis");
+    // Ballast, so the reload takes a while and clients hear LOADING meanwhile.
+    let _: () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(1_500_000)
+        .arg("ballast")
+        .arg(64)
+        .query_async(&mut conn)
+        .await
+        .expect("DEBUG POPULATE");
+    // DEBUG POPULATE is not written to the AOF: a rewrite puts the ballast there.
+    let _: () = redis::cmd("BGREWRITEAOF")
+        .query_async(&mut conn)
+        .await
+        .expect("BGREWRITEAOF");
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let mut conn = conn.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("persistence")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("INFO");
+                info.contains("aof_rewrite_in_progress:0")
+                    && info.contains("aof_rewrite_scheduled:0")
+            }
+        })
+        .await,
+        "the AOF rewrite finished"
+    );
+    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    let sids: Vec<String> = jobs.iter().map(|j| j.message_sid.clone()).collect();
+    let mut worker = LoggedWorker::spawn(&env, &[("REDIS_URL", &url)]);
+    let (healthy, last) = worker
+        .wait_health(Duration::from_secs(30), |s, _| s == 200)
+        .await;
+    assert!(healthy, "{last:?}");
+    env.queues()
+        .enqueue_batch(&mut conn, &jobs)
+        .await
+        .expect("enqueue");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            messages_of(&env, &sids).await.0 > 100
+        })
+        .await,
+        "draining"
+    );
+    // A clean restart in the middle of the drain: SHUTDOWN, then the same directory.
+    let _: Result<(), _> = redis::cmd("SHUTDOWN").query_async(&mut conn).await;
+    let _ = server.child.wait();
+    let restarted_at = Instant::now();
+    server = PrivateRedis::start_with(port, &args);
+    let mut probe = redis::Client::open(url.clone())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    // How long the restarted server answers LOADING.
+    let mut loading = Duration::ZERO;
+    loop {
+        match redis::cmd("PING").query_async::<String>(&mut probe).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading) => {
+                loading = restarted_at.elapsed();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        !loading.is_zero(),
+        "the restarted server answered LOADING for a while"
+    );
+    let (up, last) = worker.wait_health(Duration::from_secs(60), all_clear).await;
+    assert!(up, "/healthz is ok again: {last:?}");
+    let all = eventually(Duration::from_secs(90), || async {
+        messages_of(&env, &sids).await.0 >= JOBS as i64
+    })
+    .await;
+    let (rows, distinct) = messages_of(&env, &sids).await;
+    assert!(all, "every job ran: {rows} of {JOBS}");
+    assert_eq!((rows, distinct), (JOBS as i64, JOBS as i64), "once each");
+    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+        .await
+        .expect("private redis");
+    let dead: i64 = redis::cmd("ZCARD")
+        .arg(format!("{}:inbound_message:dead", env.namespace))
+        .query_async(&mut conn)
+        .await
+        .expect("zcard");
+    assert_eq!(dead, 0, "no job ended dead");
+    assert!(
+        worker.running(),
+        "the same worker process, from start to end"
+    );
+    assert!(worker.stop());
+    assert_eq!(worker.logged("giving up"), 0);
+    assert!(
+        worker.logged("redis is unreachable; workers stop fetching") >= 1,
+        "the outage was noticed"
+    );
+    eprintln!("restart: the restarted server answered LOADING for {loading:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
     env.cleanup().await;
 }

@@ -380,17 +380,18 @@ async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
-    let env = TestEnv::new().await;
+    // An LLM that answers 503 to every request: each attempt fails on its own (an answer from
+    // a reachable endpoint counts, unlike an outage).
+    let llm = answering(503).await;
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("LLM_URL".into(), format!("http://{llm}/v1"));
+        vars.insert("LLM_MODEL".into(), "failing-model".into());
+    })
+    .await;
     let tenant = env.create_tenant().await;
-    // A worker whose PostgreSQL is unreachable: every attempt fails with a retryable error.
-    let dead_pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(200))
-        .connect_lazy("postgres://postgres@127.0.0.1:1/none")
-        .expect("lazy pool");
-    let state = env.worker_state_with(dead_pool);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(gatehouse::worker::run(
-        state,
+        env.worker_state(),
         env.redis.clone(),
         env.queues(),
         gatehouse::worker::WorkerOptions {

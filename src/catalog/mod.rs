@@ -92,10 +92,20 @@ pub enum CatalogError {
 impl CatalogError {
     /// Whether retrying the job can help.
     pub fn is_retryable(&self) -> bool {
+        self.fault() != crate::fault::Fault::Permanent
+    }
+
+    /// Where the failure belongs (`crate::fault`): a store that cannot be reached (or whose
+    /// circuit is open) is an outage; its answers (5xx, a malformed page) are the job's.
+    pub fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
         match self {
-            Self::Database(_) | Self::DeadlineExceeded { .. } | Self::StagingLost { .. } => true,
-            Self::Store(e) => e.is_retryable(),
-            Self::UnknownTenant | Self::NoStore | Self::BadStore(_) => false,
+            Self::Database(error) => crate::fault::postgres(error),
+            // Rows a restarted PostgreSQL lost: running again restages them.
+            Self::StagingLost { .. } => Fault::Transient,
+            Self::DeadlineExceeded { .. } => Fault::Retry,
+            Self::Store(error) => error.fault(),
+            Self::UnknownTenant | Self::NoStore | Self::BadStore(_) => Fault::Permanent,
         }
     }
 }

@@ -97,6 +97,8 @@ pub struct StoreClient {
     http: reqwest::Client,
     limits: StoreLimits,
     allowed: Arc<[IpNet]>,
+    /// One circuit breaker per store host (`crate::circuit`).
+    circuits: crate::circuit::Circuits,
 }
 
 impl StoreClient {
@@ -119,7 +121,13 @@ impl StoreClient {
             http,
             limits,
             allowed,
+            circuits: crate::circuit::Circuits::default(),
         })
+    }
+
+    /// The per-host circuit breakers (for `/healthz` and the metrics).
+    pub fn circuits(&self) -> &crate::circuit::Circuits {
+        &self.circuits
     }
 
     pub fn limits(&self) -> &StoreLimits {
@@ -134,6 +142,12 @@ pub enum StoreError {
     Timeout { page: u32 },
     #[error("store could not be reached on page {page}")]
     Unreachable { page: u32 },
+    /// The store's host failed at the connection level repeatedly: its circuit is open and
+    /// no request is sent until the next probe.
+    #[error(
+        "the store's circuit is open (it failed to answer repeatedly); next probe in {retry_after_ms} ms"
+    )]
+    CircuitOpen { retry_after_ms: u64 },
     #[error("store answered HTTP {status} on page {page}")]
     Status { page: u32, status: u16 },
     #[error("store page {page} is not a valid listing: {why}")]
@@ -152,10 +166,26 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
+        self.fault() != crate::fault::Fault::Permanent
+    }
+
+    /// Where the failure belongs (`crate::fault`): not reaching the store (refused, reset,
+    /// closed, no answer in time, its circuit open) is the store's outage; whatever it
+    /// answered is this job's.
+    pub fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::{Dependency, Fault};
         match self {
-            Self::Timeout { .. } | Self::Unreachable { .. } | Self::Malformed { .. } => true,
-            Self::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
-            Self::PageTooLarge { .. } | Self::ListingTooLarge(_) | Self::Forbidden { .. } => false,
+            Self::Timeout { .. } | Self::Unreachable { .. } | Self::CircuitOpen { .. } => {
+                Fault::Outage(Dependency::Store)
+            }
+            Self::Malformed { .. } => Fault::Retry,
+            Self::Status { status, .. } if *status >= 500 || *status == 408 || *status == 429 => {
+                Fault::Retry
+            }
+            Self::Status { .. }
+            | Self::PageTooLarge { .. }
+            | Self::ListingTooLarge(_)
+            | Self::Forbidden { .. } => Fault::Permanent,
         }
     }
 }
@@ -266,10 +296,29 @@ pub(super) async fn fetch_page(
     let url = page_url(&creds.base_url, page);
     check_literal_host(&url, &client.allowed)?;
     let limit = client.limits.max_page_bytes;
+    // One circuit per host and port: one tenant's dead store never pauses another's sync.
+    let host = match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => String::new(),
+    };
+    let circuit = client.circuits.get(&host);
+    if let crate::circuit::Admit::Wait(wait) = circuit.admit() {
+        return Err(StoreError::CircuitOpen {
+            retry_after_ms: wait.as_millis() as u64,
+        });
+    }
     let map_send = |e: reqwest::Error| {
         if let Some(class) = forbidden_cause(&e) {
-            StoreError::Forbidden { class }
-        } else if e.is_timeout() {
+            return StoreError::Forbidden { class };
+        }
+        if circuit.failure() {
+            tracing::warn!(
+                store.host = %host,
+                "a store fails to answer repeatedly; its circuit is open: its syncs wait (no attempt used) and one probe tests it"
+            );
+        }
+        if e.is_timeout() {
             StoreError::Timeout { page }
         } else {
             StoreError::Unreachable { page }
@@ -283,6 +332,9 @@ pub(super) async fn fetch_page(
         .send()
         .await
         .map_err(map_send)?;
+    if circuit.success() {
+        tracing::info!(store.host = %host, "a store answers again; its circuit is closed");
+    }
     let status = response.status();
     if !status.is_success() {
         return Err(StoreError::Status {

@@ -569,12 +569,13 @@ async fn work(
     health_ip: Option<std::net::IpAddr>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let pool = crate::db::connect(
+    // Lazy: a worker started during a PostgreSQL outage waits it out like one already running
+    // (its probe says when PostgreSQL answers), instead of exiting.
+    let pool = crate::db::connect_lazy(
         &config.database_url,
         (config.worker_concurrency as u32 + 2).min(50),
     )
-    .await
-    .map_err(|e| Failure::Service(format!("PostgreSQL cannot be reached: {e}")))?;
+    .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
     let redis = crate::queue::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;

@@ -7,8 +7,12 @@
 //! - an answer or response that fails any check → a *rejected* classification: intent `other`,
 //!   confidence 0, no slots, `rejected_reason` set; logged (never the answer itself) and counted
 //!   in [`rejection_counts`]. It counts as low confidence;
-//! - a timeout, a connection failure, 408, 429 or 5xx → [`ClassifyError::Unavailable`]: the job
-//!   fails and is retried;
+//! - 408, 429 or 5xx → [`ClassifyError::Unavailable`]: the job fails and is retried (the
+//!   attempt counts);
+//! - a timeout or a connection failure (refused, reset, closed, garbage) →
+//!   [`ClassifyError::Unreachable`]: an outage, retried without using an attempt; repeated
+//!   ones open the endpoint's circuit (`crate::circuit`), and while it is open no request is
+//!   sent but the one probe;
 //! - any other non-2xx status (401, 403, 404, a redirect…) → [`ClassifyError::Misconfigured`]:
 //!   no retry helps until an operator fixes `LLM_*`; 400, 413 and 422 are the provider refusing
 //!   this particular message and become a rejection (`request_refused`).
@@ -28,6 +32,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::circuit::{Admit, Circuit};
 use crate::classify::{
     Classification, Classifier, ClassifyError, ClassifyFuture, Intent, RuleClassifier,
 };
@@ -85,6 +90,8 @@ pub struct LlmClassifier {
     name: String,
     system_prompt: String,
     timeout_ms: u128,
+    /// The endpoint's circuit breaker (`crate::circuit`): connection-level failures open it.
+    circuit: Arc<Circuit>,
 }
 
 impl fmt::Debug for LlmClassifier {
@@ -153,6 +160,7 @@ impl LlmClassifier {
             name: format!("llm:{}", config.model),
             system_prompt: system_prompt(),
             timeout_ms: config.timeout.as_millis(),
+            circuit: Arc::new(Circuit::new(crate::circuit::Settings::default())),
         })
     }
 
@@ -214,7 +222,17 @@ impl LlmClassifier {
             // reqwest marks the header sensitive.
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let mut response = builder.send().await.map_err(|e| self.unavailable(e))?;
+        if let Admit::Wait(wait) = self.circuit.admit() {
+            return Err(Failure::Error(ClassifyError::Unreachable(format!(
+                "LLM: its circuit is open after repeated connection failures; next probe in {} ms",
+                wait.as_millis()
+            ))));
+        }
+        let mut response = builder.send().await.map_err(|e| self.unreachable(e))?;
+        // Whatever it answered, the endpoint is reachable.
+        if self.circuit.success() {
+            tracing::info!(llm.model = %self.model, "the LLM answers again; its circuit is closed");
+        }
         let status = response.status();
         if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
             return Err(Failure::Error(ClassifyError::Unavailable(format!(
@@ -236,7 +254,7 @@ impl LlmClassifier {
             return Err(Rejection::ResponseTooLarge.into());
         }
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.unavailable(e))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.unreachable(e))? {
             if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(Rejection::ResponseTooLarge.into());
             }
@@ -252,7 +270,15 @@ impl LlmClassifier {
             .ok_or(Failure::Rejected(Rejection::MalformedResponse))
     }
 
-    fn unavailable(&self, error: reqwest::Error) -> Failure {
+    /// A connection-level failure (refused, reset, closed, garbage, no answer in time): an
+    /// outage for the job, and one more failure for the circuit.
+    fn unreachable(&self, error: reqwest::Error) -> Failure {
+        if self.circuit.failure() {
+            tracing::error!(
+                llm.model = %self.model,
+                "the LLM fails to answer repeatedly; its circuit is open: inbound jobs wait (no attempt used) and one probe tests it"
+            );
+        }
         let what = if error.is_timeout() {
             format!("no answer within {} ms", self.timeout_ms)
         } else if error.is_connect() {
@@ -269,13 +295,17 @@ impl LlmClassifier {
             detail.push_str(&cause.to_string());
             source = cause.source();
         }
-        Failure::Error(ClassifyError::Unavailable(format!("LLM: {what}: {detail}")))
+        Failure::Error(ClassifyError::Unreachable(format!("LLM: {what}: {detail}")))
     }
 }
 
 impl Classifier for LlmClassifier {
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn circuit(&self) -> Option<Arc<Circuit>> {
+        Some(self.circuit.clone())
     }
 
     fn classify<'a>(&'a self, body: &'a str) -> ClassifyFuture<'a> {

@@ -146,6 +146,9 @@ pub struct QueueSettings {
     /// A worker silent this long is dead and its jobs are handed on.
     pub orphan_timeout: Duration,
     pub retry: RetryPolicy,
+    /// The process's outage state: fetching pauses while PostgreSQL is down, and deferred
+    /// attempts are acknowledged without counting (`super::outage`).
+    pub outages: super::outage::Outages,
 }
 
 /// One heartbeat round for a queue: keeps `names` alive (and `strict`, which must still be
@@ -254,6 +257,11 @@ impl Persistence for QueuePersistence {
         &mut self,
         worker: &WorkerContext,
     ) -> Result<Vec<Task<Vec<u8>>>, BackendError> {
+        // Every job needs PostgreSQL: while it is down, take nothing (what is queued waits
+        // in Redis, unattempted).
+        if self.settings.outages.paused() {
+            return Ok(Vec::new());
+        }
         let keys = &self.settings.keys;
         let result: Vec<redis::Value> = FETCH
             .key(keys.workers())
@@ -312,29 +320,52 @@ impl Persistence for QueuePersistence {
         }
         let keys = &self.settings.keys;
         let policy = self.settings.retry;
+        let deferrals = &self.settings.outages.deferrals;
         let mut invocation = ACK.prepare_invoke();
         invocation
             .key(keys.inflight_of(worker.name()))
             .key(keys.done())
             .key(keys.dead())
             .key(keys.scheduled())
-            .key(keys.meta());
+            .key(keys.meta())
+            .arg(self.settings.outages.max_wait.as_millis() as u64);
         for result in &results {
+            let id = result.task_id.to_string();
             let attempt = result.attempt.max(1);
-            let outcome = outcome(&result.status, attempt, &policy);
-            let delay = if outcome == "retry" {
+            // What the attempt is if it counts: the outcome itself, or (for a deferral) what
+            // it becomes once the job has waited out outages for longer than the maximum.
+            let counted = outcome(&result.status, attempt, &policy);
+            let counted_delay = if counted == "retry" {
                 backoff_delay(&policy, attempt as u32, rand::random::<f64>())
             } else {
                 Duration::ZERO
             };
+            let deferred = match deferrals.take(&id) {
+                Some(delay) if result.status != Status::Done => Some(delay),
+                _ => None,
+            };
+            let (outcome, delay) = match deferred {
+                Some(delay) => ("defer", delay),
+                None => (counted, counted_delay),
+            };
             invocation
-                .arg(result.task_id.to_string())
+                .arg(id)
                 .arg(outcome)
                 .arg(attempt)
                 .arg(delay.as_millis() as u64)
-                .arg(error_text(result));
+                .arg(error_text(result))
+                .arg(counted)
+                .arg(counted_delay.as_millis() as u64);
         }
-        let acked: usize = invocation.invoke_async(&mut self.conn).await?;
+        let (acked, expired): (usize, usize) = invocation.invoke_async(&mut self.conn).await?;
+        if expired > 0 {
+            tracing::warn!(
+                queue = %keys.prefix,
+                jobs = expired,
+                max_wait_s = self.settings.outages.max_wait.as_secs(),
+                "jobs waited out outages for longer than OUTAGE_MAX_WAIT_SECONDS; their failed attempts count again"
+            );
+        }
         if acked < results.len() {
             tracing::warn!(
                 queue = %keys.prefix,

@@ -8,7 +8,11 @@
 //! workers: one ending on its own is restarted under a new name, never a silent clean exit. A
 //! Redis outage (classified by `redis_outage`) pauses them instead of ending the process: each
 //! restart waits a capped, jittered backoff and probes Redis first, the outage is logged once
-//! at its start and once at its end and shown on `/healthz` and `/metrics` (`health`).
+//! at its start and once at its end and shown on `/healthz` and `/metrics` (`health`,
+//! `outage`). A job whose attempt fails for an outage (PostgreSQL, the LLM, a store) or a
+//! transient fault is deferred without using an attempt (`settle`, `crate::fault`); while
+//! PostgreSQL is down the process fetches nothing and gives back what it holds, and a probe
+//! (`outage::watch_postgres`) resumes it.
 //! Beside the Redis maintenance, a task of its own deletes expired PostgreSQL rows in bounded
 //! batches about once a minute (`crate::retention`), so a slow database never delays a
 //! heartbeat.
@@ -16,6 +20,7 @@
 pub mod backend;
 pub mod dead;
 pub mod health;
+pub mod outage;
 pub mod poll;
 pub mod retry;
 pub mod scrape;
@@ -61,7 +66,19 @@ pub struct WorkerState {
     pub events: crate::events::SecurityLog,
     /// Sealed values re-encrypted per transaction (`KEY_ROTATION_BATCH_SIZE`).
     pub key_rotation_batch_size: usize,
+    /// Dependencies' outages and circuits, and the deferral register (`outage`).
+    pub outages: outage::Outages,
+    /// The longest an `inbound_message` attempt may run (the LLM's timeout plus
+    /// [`ATTEMPT_DB_ALLOWANCE`]): past it, a hang (a connection that stopped answering) ends
+    /// the attempt.
+    pub inbound_limit: Duration,
+    /// The same for `sync_catalog` (`CATALOG_SYNC_DEADLINE_SECONDS` plus the allowance).
+    pub sync_limit: Duration,
 }
+
+/// What an attempt may spend in PostgreSQL beyond its remote calls' own bounds before it
+/// counts as hung.
+pub const ATTEMPT_DB_ALLOWANCE: Duration = Duration::from_secs(30);
 
 /// The handlers' HTTP clients could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -85,22 +102,35 @@ impl WorkerState {
             crate::queue::connect_lazy(&config.redis_url)?,
             config.queue_namespace.clone(),
         );
+        let classifier = crate::llm::classifier(config.llm.as_ref())?;
+        let store = StoreClient::new(
+            StoreLimits {
+                deadline: Duration::from_secs(config.catalog_sync_deadline_seconds),
+                ..StoreLimits::with_timeout(Duration::from_millis(config.store_timeout_ms))
+            },
+            config.store_allowed_networks.clone(),
+        )?;
+        // The circuits live with the clients that use them; the outage state shows them.
+        let mut outages = outage::Outages::new(Duration::from_secs(config.outage_max_wait_seconds));
+        if let Some(circuit) = classifier.circuit() {
+            outages.llm = circuit;
+        }
+        outages.stores = store.circuits().clone();
         Ok(Self {
             pool,
             keyring: config.keyring.clone(),
             blind_index: config.blind_index.clone(),
             min_confidence: config.llm_min_confidence,
-            classifier: crate::llm::classifier(config.llm.as_ref())?,
+            classifier,
             retry: config.retry,
-            store: StoreClient::new(
-                StoreLimits {
-                    deadline: Duration::from_secs(config.catalog_sync_deadline_seconds),
-                    ..StoreLimits::with_timeout(Duration::from_millis(config.store_timeout_ms))
-                },
-                config.store_allowed_networks.clone(),
-            )?,
+            store,
             events,
             key_rotation_batch_size: config.key_rotation_batch_size,
+            outages,
+            inbound_limit: config.llm.as_ref().map_or(Duration::ZERO, |l| l.timeout)
+                + ATTEMPT_DB_ALLOWANCE,
+            sync_limit: Duration::from_secs(config.catalog_sync_deadline_seconds)
+                + ATTEMPT_DB_ALLOWANCE,
         })
     }
 }
@@ -187,6 +217,7 @@ fn queue_settings(
     queue: &str,
     options: &WorkerOptions,
     retry: RetryPolicy,
+    outages: &outage::Outages,
 ) -> QueueSettings {
     QueueSettings {
         keys: QueueKeys::new(queues.namespace(), queue),
@@ -194,6 +225,90 @@ fn queue_settings(
         heartbeat: options.heartbeat,
         orphan_timeout: options.orphan_timeout(),
         retry,
+        outages: outages.clone(),
+    }
+}
+
+/// An attempt that ended without its job's fault: PostgreSQL was down when it started, or it
+/// ran past its time limit while PostgreSQL stopped answering.
+#[derive(Debug, thiserror::Error)]
+enum NotRun {
+    #[error("postgres is down; the job was given back without running")]
+    Paused,
+    #[error("the attempt ran past {0:?} and postgres does not answer (a hung connection)")]
+    Hung(Duration),
+    #[error("the attempt ran past its time limit of {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Settles a failed attempt by where its failure belongs (`crate::fault`): an outage or a
+/// transient fault is deferred — rescheduled without counting the attempt, the PostgreSQL
+/// outage noted so the process stops fetching — and anything else goes to [`job_failed`].
+fn settle(
+    queue: &'static str,
+    job_id: &str,
+    attempt: usize,
+    policy: &RetryPolicy,
+    outages: &outage::Outages,
+    fault: crate::fault::Fault,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> BoxDynError {
+    use crate::fault::{Dependency, Fault};
+    match fault {
+        Fault::Outage(_) | Fault::Transient => {
+            if fault == Fault::Outage(Dependency::Postgres) {
+                outages.postgres.outage(&error);
+            }
+            let delay = outages.delay(fault, rand::random::<f64>());
+            outages.deferrals.defer(job_id, delay);
+            ::metrics::counter!("gatehouse_jobs_total", "queue" => queue, "outcome" => "deferred")
+                .increment(1);
+            let cause = match fault {
+                Fault::Outage(dependency) => dependency.as_str(),
+                _ => "transient",
+            };
+            tracing::debug!(job.id = %job_id, job.queue = queue, job.attempt = attempt, cause, delay_ms = delay.as_millis() as u64, %error, "job deferred without using an attempt");
+            error.into()
+        }
+        Fault::Retry | Fault::Permanent => {
+            job_failed(queue, job_id, attempt, policy, fault == Fault::Retry, error)
+        }
+    }
+}
+
+/// Runs one attempt unless PostgreSQL is down (then the job is given back at once), bounded by
+/// `limit` (`None`: unbounded): an attempt past it is cancelled — its transaction never
+/// commits — and counts as PostgreSQL's outage if a quick probe gets no answer either.
+async fn guarded<T, E>(
+    outages: &outage::Outages,
+    pool: &PgPool,
+    job_id: &str,
+    limit: Option<Duration>,
+    attempt: impl Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, (crate::fault::Fault, NotRun)> {
+    use crate::fault::{Dependency, Fault};
+    // A deferral left by an earlier attempt that was never acknowledged is stale.
+    outages.deferrals.take(job_id);
+    if outages.paused() {
+        return Err((Fault::Outage(Dependency::Postgres), NotRun::Paused));
+    }
+    let Some(limit) = limit else {
+        return Ok(attempt.await);
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(result) => Ok(result),
+        Err(_) => {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(2),
+                sqlx::query("SELECT 1").execute(pool),
+            )
+            .await;
+            if matches!(probe, Ok(Ok(_))) {
+                Err((Fault::Retry, NotRun::TimedOut(limit)))
+            } else {
+                Err((Fault::Outage(Dependency::Postgres), NotRun::Hung(limit)))
+            }
+        }
     }
 }
 
@@ -282,7 +397,31 @@ async fn run_inbound(
         min_confidence: state.min_confidence,
         worker: worker.name(),
     };
-    match process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref()).await {
+    let policy = &state.retry.inbound_message;
+    let run = guarded(
+        &state.outages,
+        &state.pool,
+        &job_id,
+        Some(state.inbound_limit),
+        process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref()),
+    )
+    .await;
+    let result = match run {
+        Ok(result) => result,
+        Err((fault, error)) => {
+            let (queue, attempt) = (InboundMessage::QUEUE, attempt.current());
+            return Err(settle(
+                queue,
+                &job_id,
+                attempt,
+                policy,
+                &state.outages,
+                fault,
+                error,
+            ));
+        }
+    };
+    match result {
         Ok(outcome) => {
             match outcome {
                 InboundOutcome::Stored {
@@ -310,17 +449,15 @@ async fn run_inbound(
             }
             Ok(())
         }
-        Err(error) => {
-            let retryable = error.is_retryable();
-            Err(job_failed(
-                InboundMessage::QUEUE,
-                &job_id,
-                attempt.current(),
-                &state.retry.inbound_message,
-                retryable,
-                error,
-            ))
-        }
+        Err(error) => Err(settle(
+            InboundMessage::QUEUE,
+            &job_id,
+            attempt.current(),
+            policy,
+            &state.outages,
+            error.fault(),
+            error,
+        )),
     }
 }
 
@@ -340,17 +477,39 @@ async fn handle_sync(
         request.id = meta.get("request_id").unwrap_or("-"),
     );
     let attempt_run = async move {
-        match crate::catalog::sync(
+        let policy = &state.retry.sync_catalog;
+        let run = guarded(
+            &state.outages,
             &state.pool,
-            &state.keyring,
-            &state.events,
-            &state.store,
             &job_id,
-            worker.name(),
-            &job,
+            Some(state.sync_limit),
+            crate::catalog::sync(
+                &state.pool,
+                &state.keyring,
+                &state.events,
+                &state.store,
+                &job_id,
+                worker.name(),
+                &job,
+            ),
         )
-        .await
-        {
+        .await;
+        let result = match run {
+            Ok(result) => result,
+            Err((fault, error)) => {
+                let (queue, attempt) = (SyncCatalog::QUEUE, attempt.current());
+                return Err(settle(
+                    queue,
+                    &job_id,
+                    attempt,
+                    policy,
+                    &state.outages,
+                    fault,
+                    error,
+                ));
+            }
+        };
+        match result {
             Ok(SyncOutcome::Applied {
                 pages,
                 fetched,
@@ -369,17 +528,15 @@ async fn handle_sync(
                 tracing::info!(tenant.id = %job.tenant_id, "catalog sync already applied");
                 Ok(())
             }
-            Err(error) => {
-                let retryable = error.is_retryable();
-                Err(job_failed(
-                    SyncCatalog::QUEUE,
-                    &job_id,
-                    attempt.current(),
-                    &state.retry.sync_catalog,
-                    retryable,
-                    error,
-                ))
-            }
+            Err(error) => Err(settle(
+                SyncCatalog::QUEUE,
+                &job_id,
+                attempt.current(),
+                policy,
+                &state.outages,
+                error.fault(),
+                error,
+            )),
         }
     };
     observed(SyncCatalog::QUEUE, span, attempt_run).await
@@ -409,7 +566,32 @@ async fn handle_rotate(
             batch_size: state.key_rotation_batch_size,
             stall_limit: crate::rotation::STALL_LIMIT,
         };
-        match crate::rotation::run(&state.pool, &ctx, job.rotation_id).await {
+        let policy = &state.retry.rotate_keys;
+        // Unbounded: a rotation may rightly run for hours (each batch is its own transaction).
+        let run = guarded(
+            &state.outages,
+            &state.pool,
+            &job_id,
+            None,
+            crate::rotation::run(&state.pool, &ctx, job.rotation_id),
+        )
+        .await;
+        let result = match run {
+            Ok(result) => result,
+            Err((fault, error)) => {
+                let (queue, attempt) = (RotateKeys::QUEUE, attempt.current());
+                return Err(settle(
+                    queue,
+                    &job_id,
+                    attempt,
+                    policy,
+                    &state.outages,
+                    fault,
+                    error,
+                ));
+            }
+        };
+        match result {
             Ok(crate::rotation::RunOutcome::Finished {
                 status,
                 total,
@@ -428,9 +610,9 @@ async fn handle_rotate(
                 Ok(())
             }
             Err(error) => {
-                let retryable = error.is_retryable();
-                let last = !retryable
-                    || attempt.current() >= state.retry.rotate_keys.max_attempts as usize;
+                let fault = error.fault();
+                let last = fault == crate::fault::Fault::Permanent
+                    || (fault.counts() && attempt.current() >= policy.max_attempts as usize);
                 if last {
                     // The rotation will not run again: say so on its row.
                     let marked = crate::rotation::mark_failed(
@@ -443,12 +625,13 @@ async fn handle_rotate(
                         tracing::error!(error = %db, "cannot mark the key rotation failed");
                     }
                 }
-                Err(job_failed(
+                Err(settle(
                     RotateKeys::QUEUE,
                     &job_id,
                     attempt.current(),
-                    &state.retry.rotate_keys,
-                    retryable,
+                    policy,
+                    &state.outages,
+                    fault,
                     error,
                 ))
             }
@@ -457,15 +640,28 @@ async fn handle_rotate(
     observed(RotateKeys::QUEUE, span, attempt_run).await
 }
 
-/// Pushes committed outbox entries to Redis every second (see `crate::outbox`).
-async fn relay_outbox(pool: PgPool, redis: SharedRedis, queues: Queues) {
+/// Pushes committed outbox entries to Redis every second (see `crate::outbox`). A PostgreSQL
+/// outage is noted once (the process's outage state logs it), not per round.
+async fn relay_outbox(
+    pool: PgPool,
+    redis: SharedRedis,
+    queues: Queues,
+    postgres: outage::Reachability,
+) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        if postgres.is_down() {
+            continue;
+        }
         let mut redis = redis.get();
         if let Err(error) = crate::outbox::relay(&pool, &mut redis, &queues).await {
-            tracing::warn!(%error, "outbox relay cannot read PostgreSQL; will retry");
+            if let crate::fault::Fault::Outage(_) = crate::fault::postgres(&error) {
+                postgres.outage(&error);
+            } else {
+                tracing::warn!(%error, "outbox relay failed; will retry");
+            }
         }
     }
 }
@@ -600,7 +796,7 @@ impl Supervisor {
         &mut self,
         name: &str,
         error: &ApalisWorkerError,
-        redis: &health::RedisHealth,
+        redis: &outage::Reachability,
         generation: u64,
     ) -> bool {
         let outage = failure_is_outage(error);
@@ -647,7 +843,7 @@ impl Supervisor {
 async fn probe_redis(
     delay: Duration,
     redis: SharedRedis,
-    health: health::RedisHealth,
+    health: outage::Reachability,
 ) -> Result<(), backend::BackendError> {
     if delay.is_zero() {
         return Ok(());
@@ -726,7 +922,7 @@ async fn maintain(
     queues: Vec<QueueKeys>,
     live: LiveWorkers,
     options: WorkerOptions,
-    health: health::RedisHealth,
+    health: outage::Reachability,
 ) {
     const VACUUM_CHUNK: usize = 1000;
     const VACUUM_CHUNKS_PER_ROUND: usize = 20;
@@ -796,7 +992,7 @@ pub async fn run(
     let base = unique_worker_name();
     // Installed before anything sets a gauge (a no-op when already installed).
     let metrics = crate::monitoring::install();
-    let redis_health = health::RedisHealth::default();
+    let redis_health = state.outages.redis.clone();
     let stop_health = tokio_util::sync::CancellationToken::new();
     let health_server = match options.health_port {
         None => None,
@@ -812,7 +1008,7 @@ pub async fn run(
             Some(tokio::spawn(health::serve(
                 listener,
                 options.health_limits,
-                redis_health.clone(),
+                state.outages.clone(),
                 state.pool.clone(),
                 scrape::Scrape {
                     handle: metrics,
@@ -832,28 +1028,37 @@ pub async fn run(
         InboundMessage::QUEUE,
         &options,
         state.retry.inbound_message,
+        &state.outages,
     );
     let sync = queue_settings(
         &queues,
         SyncCatalog::QUEUE,
         &options,
         state.retry.sync_catalog,
+        &state.outages,
     );
     let rotate = queue_settings(
         &queues,
         RotateKeys::QUEUE,
         &options,
         state.retry.rotate_keys,
+        &state.outages,
     );
     let shared = SharedRedis::new(redis.clone(), options.redis_url.clone());
     let relay = tokio::spawn(relay_outbox(
         state.pool.clone(),
         shared.clone(),
         queues.clone(),
+        state.outages.postgres.clone(),
     ));
     let retention = tokio::spawn(crate::retention::run(
         state.pool.clone(),
         options.row_retention,
+        state.outages.postgres.clone(),
+    ));
+    let postgres_probe = tokio::spawn(outage::watch_postgres(
+        state.pool.clone(),
+        state.outages.postgres.clone(),
     ));
     let maintenance = tokio::spawn(maintain(
         shared.clone(),
@@ -947,6 +1152,7 @@ pub async fn run(
         }
     };
     maintenance.abort();
+    postgres_probe.abort();
     retention.abort();
     relay.abort();
     if let Some(mut server) = health_server {
@@ -1069,7 +1275,7 @@ mod tests {
     #[test]
     fn a_redis_outage_never_exhausts_the_restarts_but_other_failures_do() {
         let mut supervisor = Supervisor::default();
-        let health = health::RedisHealth::default();
+        let health = outage::Reachability::new(crate::fault::Dependency::Redis);
         let refused = || {
             failed(redis::RedisError::from(std::io::Error::from(
                 std::io::ErrorKind::ConnectionRefused,
@@ -1105,7 +1311,7 @@ mod tests {
     #[test]
     fn a_worker_failing_on_a_connection_renewed_since_restarts_at_once_without_an_outage() {
         let mut supervisor = Supervisor::default();
-        let health = health::RedisHealth::default();
+        let health = outage::Reachability::new(crate::fault::Dependency::Redis);
         health.reached();
         let garbled =
             || failed(redis::parse_redis_value(b"\x01\x02garbage\r\n").expect_err("garbage"));

@@ -568,3 +568,18 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A loopback HTTP server that answers every request with `status` and an empty body (a
+/// reachable endpoint failing on its own: its answers count as the job's attempts).
+pub async fn answering(status: u16) -> SocketAddr {
+    let status = axum::http::StatusCode::from_u16(status).expect("a status code");
+    let app = axum::Router::new().fallback(move || async move { status });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}

@@ -15,6 +15,6 @@ if redis.call("hexists", KEYS[4], id) == 0 then
     return 0
 end
 redis.call("hset", KEYS[3] .. ":" .. id, "status", "Pending", "attempts", 0)
-redis.call("hdel", KEYS[3] .. ":" .. id, "dead_at")
+redis.call("hdel", KEYS[3] .. ":" .. id, "dead_at", "waiting_since")
 redis.call("rpush", KEYS[2], id)
 return 1

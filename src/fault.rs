@@ -1,0 +1,172 @@
+//! Where a job's failure belongs: to a dependency that is down (an outage), to the moment (a
+//! transient fault), or to the job itself. Errors are classified by where they happen — the
+//! error's kind, a SQLSTATE, an HTTP status — never by their text. ARCHITECTURE.md has the
+//! table; the tests below check each row.
+//!
+//! | class | what happens to the job | counts an attempt |
+//! |---|---|---|
+//! | [`Fault::Outage`] | given back at once, rescheduled; the worker stops fetching until the dependency answers (PostgreSQL, Redis) or the circuit lets a probe through (LLM, store) | no, for at most `OUTAGE_MAX_WAIT_SECONDS` |
+//! | [`Fault::Transient`] | rescheduled after a short jittered delay | no, for at most `OUTAGE_MAX_WAIT_SECONDS` |
+//! | [`Fault::Retry`] | retried on the queue's backoff schedule | yes |
+//! | [`Fault::Permanent`] | dead-lettered now | yes (its last) |
+
+use std::fmt;
+
+/// Something a job depends on that is not the job's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dependency {
+    Postgres,
+    Redis,
+    /// The LLM endpoint (`LLM_API_URL`).
+    Llm,
+    /// A tenant's store (one circuit per host).
+    Store,
+}
+
+impl Dependency {
+    /// The label on `/healthz`'s `outages` and on the `dependency` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Redis => "redis",
+            Self::Llm => "llm",
+            Self::Store => "store",
+        }
+    }
+}
+
+impl fmt::Display for Dependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a failed attempt means for its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The dependency cannot be reached or cannot serve now: not the job's fault.
+    Outage(Dependency),
+    /// A fault of the moment that running again resolves (a serialization failure, a
+    /// deadlock, a lock wait that gave up): not the job's fault.
+    Transient,
+    /// The job's own failure that a later attempt may not repeat (a reachable endpoint's 5xx
+    /// for this request, a query this job's data made slow).
+    Retry,
+    /// The job's own failure that no attempt fixes (its data is invalid, a constraint on its
+    /// rows refuses it, no key opens its ciphertext).
+    Permanent,
+}
+
+impl Fault {
+    /// Whether the attempt counts against the job's retry budget.
+    pub fn counts(self) -> bool {
+        matches!(self, Self::Retry | Self::Permanent)
+    }
+}
+
+/// Classifies a PostgreSQL (sqlx) error by where it happened.
+///
+/// Outage: anything on the way to a usable connection or transaction — I/O (refused, reset,
+/// closed, timed out), TLS, protocol garbage (`unexpected response from SSLRequest`), the pool
+/// timing out or closed, a connection lost mid-statement, and the server saying it cannot
+/// serve now: SQLSTATE class 08 (connection exception), 53 (insufficient resources: too many
+/// connections, disk full, out of memory), 57P01-57P05 (shutdown, crash, cannot connect now,
+/// idle session timeout) and 25006 (read-only transaction: a failover left us on a standby).
+/// Transient: 40001 (serialization failure), 40P01 (deadlock), 55P03 (lock not available).
+/// Permanent: class 23 (integrity constraint violation) and 22 (data exception): the job's
+/// own rows or values — except 23505 (unique violation), which a concurrent insert of the
+/// same key can cause and a rerun resolves (it sees the row), so it is retried on the job's
+/// attempts. Everything else (a query this build got wrong, a statement timeout, a row that
+/// does not decode) is retried on the job's attempts, as before.
+pub fn postgres(error: &sqlx::Error) -> Fault {
+    use sqlx::Error as E;
+    match error {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::PoolTimedOut | E::PoolClosed => {
+            Fault::Outage(Dependency::Postgres)
+        }
+        E::WorkerCrashed => Fault::Outage(Dependency::Postgres),
+        E::Database(db) => match db.code() {
+            Some(code) => sqlstate(&code),
+            None => Fault::Retry,
+        },
+        _ => Fault::Retry,
+    }
+}
+
+/// Classifies a SQLSTATE (see [`postgres`]).
+pub fn sqlstate(code: &str) -> Fault {
+    match code {
+        "40001" | "40P01" | "55P03" => Fault::Transient,
+        "23505" => Fault::Retry,
+        "25006" | "57P01" | "57P02" | "57P03" | "57P04" | "57P05" => {
+            Fault::Outage(Dependency::Postgres)
+        }
+        _ if code.starts_with("08") || code.starts_with("53") => {
+            Fault::Outage(Dependency::Postgres)
+        }
+        _ if code.starts_with("23") || code.starts_with("22") => Fault::Permanent,
+        _ => Fault::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_level_postgres_errors_are_outages() {
+        let outage = Fault::Outage(Dependency::Postgres);
+        let io = |kind| sqlx::Error::Io(std::io::Error::new(kind, "x"));
+        for kind in [
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::ConnectionAborted,
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            assert_eq!(postgres(&io(kind)), outage, "{kind:?}");
+        }
+        assert_eq!(
+            postgres(&sqlx::Error::Protocol(
+                "unexpected response from SSLRequest: 0x00".into()
+            )),
+            outage
+        );
+        assert_eq!(postgres(&sqlx::Error::Tls("handshake".into())), outage);
+        assert_eq!(postgres(&sqlx::Error::PoolTimedOut), outage);
+        assert_eq!(postgres(&sqlx::Error::PoolClosed), outage);
+        assert_eq!(postgres(&sqlx::Error::WorkerCrashed), outage);
+    }
+
+    #[test]
+    fn sqlstates_are_classified_by_class_and_code() {
+        let outage = Fault::Outage(Dependency::Postgres);
+        for code in [
+            "08000", "08003", "08006", "08001", "08004", "57P01", "57P02", "57P03", "53300",
+            "53100", "53200", "25006",
+        ] {
+            assert_eq!(sqlstate(code), outage, "{code}");
+        }
+        for code in ["40001", "40P01", "55P03"] {
+            assert_eq!(sqlstate(code), Fault::Transient, "{code}");
+        }
+        for code in ["23503", "23502", "23514", "22001", "22P02", "22003"] {
+            assert_eq!(sqlstate(code), Fault::Permanent, "{code}");
+        }
+        for code in ["23505", "42P01", "42703", "57014", "XX000"] {
+            assert_eq!(sqlstate(code), Fault::Retry, "{code}");
+        }
+    }
+
+    #[test]
+    fn decoding_and_missing_rows_count_as_attempts() {
+        assert_eq!(postgres(&sqlx::Error::RowNotFound), Fault::Retry);
+        assert_eq!(
+            postgres(&sqlx::Error::ColumnNotFound("x".into())),
+            Fault::Retry
+        );
+        assert!(Fault::Retry.counts() && Fault::Permanent.counts());
+        assert!(!Fault::Transient.counts() && !Fault::Outage(Dependency::Llm).counts());
+    }
+}
