@@ -31,7 +31,6 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -419,7 +418,7 @@ struct Recorder {
     /// The recorder's own small pool.
     pool: PgPool,
     /// Where budgets and alert windows are counted; `None` counts in process, without alerts.
-    redis: Option<ConnectionManager>,
+    redis: Option<crate::queue::Renewing>,
     namespace: String,
     budget: Budget,
     local: Arc<Mutex<Local>>,
@@ -477,7 +476,12 @@ pub fn own_pool(pool: &PgPool) -> PgPool {
 impl SecurityLog {
     /// Records into the database `pool` connects to (through a pool of its own, see
     /// [`own_pool`]) and counts budgets and alert windows in Redis under `namespace`.
-    pub fn new(pool: PgPool, redis: ConnectionManager, namespace: impl Into<String>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        redis: impl Into<crate::queue::Renewing>,
+        namespace: impl Into<String>,
+    ) -> Self {
+        let redis = redis.into();
         Self::build(
             Recorder {
                 pool: own_pool(&pool),

@@ -109,6 +109,31 @@ pub fn sqlstate(code: &str) -> Fault {
     }
 }
 
+/// Classifies a Redis error by where it happened: anything on the way to a usable answer —
+/// connect, I/O (refused, reset, closed, timed out), protocol garbage — and a server that says
+/// it cannot serve now (`LOADING`, `BUSY`, `TRYAGAIN`, `READONLY`, `MASTERDOWN`,
+/// `CLUSTERDOWN`) is an outage; anything else (a script error, a wrong type) is a failure of
+/// its own.
+pub fn redis(error: &redis::RedisError) -> Fault {
+    use redis::{ErrorKind, ServerErrorKind};
+    let outage = match error.kind() {
+        ErrorKind::Io | ErrorKind::Parse => true,
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ClusterDown,
+        ) => true,
+        _ => error.code() == Some("BUSY"),
+    };
+    if outage {
+        Fault::Outage(Dependency::Redis)
+    } else {
+        Fault::Retry
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -268,7 +268,7 @@ async fn the_worker_health_port_closes_slow_and_idle_connections_too() {
         env.pool.clone(),
         Scrape {
             handle: gatehouse::monitoring::install(),
-            redis: env.redis.clone(),
+            redis: env.redis.clone().into(),
             namespace: env.namespace.clone(),
             token: None,
         },

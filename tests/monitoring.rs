@@ -260,7 +260,7 @@ async fn worker_health(
         env.pool.clone(),
         Scrape {
             handle: gatehouse::monitoring::install(),
-            redis: env.redis.clone(),
+            redis: env.redis.clone().into(),
             namespace: env.namespace.clone(),
             token,
         },

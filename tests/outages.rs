@@ -1272,3 +1272,59 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
     let _ = std::fs::remove_dir_all(&dir);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ingress_takes_webhooks_again_after_every_redis_fault_shape() {
+    // The ingress's REDIS_URL is the proxy (a connection it renews is opened there too).
+    let proxy = FaultProxy::start(address_of(&redis_url())).await;
+    let via_proxy = proxy.redis_url();
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("REDIS_URL".into(), via_proxy);
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let redis = gatehouse::queue::connect_lazy(&secrecy::SecretString::from(proxy.redis_url()))
+        .expect("redis url");
+    let state = std::sync::Arc::new(gatehouse::http::AppState::new(
+        env.config.clone(),
+        env.pool.clone(),
+        redis,
+    ));
+    let server = TestServer::start(state).await;
+    let http = reqwest::Client::new();
+    let send = || async {
+        let sid = message_sid();
+        let params = sms_params(&sid, "+14155550100", "hello");
+        signed_form(&http, &server, tenant, &params)
+            .send()
+            .await
+            .expect("webhook")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(send().await, 200, "through the proxy");
+    for shape in [
+        Mode::Garbage,
+        Mode::AcceptThenClose,
+        Mode::Reset,
+        Mode::Refuse,
+        Mode::Blackhole,
+    ] {
+        proxy.set(shape);
+        let refused = send().await;
+        assert_eq!(
+            refused, 503,
+            "{shape:?}: Redis unusable, the webhook is refused for Twilio to retry"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = send().await;
+        proxy.set(Mode::Pass);
+        assert!(
+            eventually(Duration::from_secs(10), || async { send().await == 200 }).await,
+            "{shape:?}: the ingress enqueues again once Redis answers"
+        );
+    }
+    server.stop().await;
+    drop(proxy);
+    env.cleanup().await;
+}

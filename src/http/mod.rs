@@ -49,7 +49,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
-    pub redis: ConnectionManager,
+    /// Renewed from `REDIS_URL` when stuck (`crate::queue::Renewing`).
+    pub redis: crate::queue::Renewing,
     pub queues: Queues,
     pub key_cache: Arc<KeyCache>,
     /// `PUBLIC_BASE_URL` without a trailing slash.
@@ -65,7 +66,10 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `redis` must be a connection to `config.redis_url`: it is renewed from there when
+    /// stuck.
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
+        let redis = crate::queue::Renewing::from_manager(redis, &config.redis_url);
         let queues = Queues::new(config.queue_namespace.clone());
         let key_cache = KeyCache::new(Duration::from_secs(config.tenant_key_cache_seconds));
         let public_base = config

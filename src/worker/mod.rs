@@ -99,7 +99,7 @@ impl WorkerState {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let events = crate::events::SecurityLog::new(
             pool.clone(),
-            crate::queue::connect_lazy(&config.redis_url)?,
+            crate::queue::Renewing::lazy(&config.redis_url)?,
             config.queue_namespace.clone(),
         );
         let classifier = crate::llm::classifier(config.llm.as_ref())?;
@@ -675,21 +675,10 @@ async fn relay_outbox(
 pub fn redis_outage<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a redis::RedisError> {
-    use redis::{ErrorKind, ServerErrorKind};
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = current {
         if let Some(redis) = e.downcast_ref::<redis::RedisError>() {
-            let outage = match redis.kind() {
-                ErrorKind::Io | ErrorKind::Parse => true,
-                ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ReadOnly
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown,
-                ) => true,
-                _ => redis.code() == Some("BUSY"),
-            };
+            let outage = matches!(crate::fault::redis(redis), crate::fault::Fault::Outage(_));
             return outage.then_some(redis);
         }
         current = e.source();
@@ -865,55 +854,10 @@ async fn probe_redis(
 }
 
 /// The process's Redis connection for the workers, the maintenance round and the outbox
-/// relay, renewable: redis-rs 1.8's `ConnectionManager` reconnects only after I/O errors, so a
-/// reconnect answered with garbage (or a server error) leaves it failing with that error for
-/// good. A failed probe that is not I/O replaces it with a new one from `REDIS_URL`; users
-/// take a clone per round or per worker start.
-#[derive(Clone)]
-struct SharedRedis {
-    current: Arc<std::sync::RwLock<ConnectionManager>>,
-    /// How many times the connection was renewed.
-    generation: Arc<std::sync::atomic::AtomicU64>,
-    url: Option<secrecy::SecretString>,
-}
-
-impl SharedRedis {
-    fn new(conn: ConnectionManager, url: Option<secrecy::SecretString>) -> Self {
-        Self {
-            current: Arc::new(std::sync::RwLock::new(conn)),
-            generation: Arc::default(),
-            url,
-        }
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn get(&self) -> ConnectionManager {
-        match self.current.read() {
-            Ok(conn) => conn.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    fn renew(&self) {
-        let Some(url) = &self.url else {
-            return;
-        };
-        match crate::queue::connect_lazy(url) {
-            Ok(conn) => {
-                if let Ok(mut current) = self.current.write() {
-                    *current = conn;
-                    self.generation
-                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                }
-                tracing::debug!("opened a new redis connection after a failed probe");
-            }
-            Err(error) => tracing::warn!(%error, "cannot open a new redis connection"),
-        }
-    }
-}
+/// relay: renewable (`crate::queue::Renewing`), because a reconnect answered with garbage (or a
+/// server error) leaves a `ConnectionManager` failing for good. A failed probe that is not I/O
+/// replaces it; users take a clone per round or per worker start.
+type SharedRedis = crate::queue::Renewing;
 
 /// Keeps this process's workers alive in Redis, recovers dead workers' jobs and vacuums
 /// finished ones, every heartbeat interval, independently of how busy the workers are.
@@ -994,6 +938,10 @@ pub async fn run(
     let metrics = crate::monitoring::install();
     let redis_health = state.outages.redis.clone();
     let stop_health = tokio_util::sync::CancellationToken::new();
+    let shared: SharedRedis = match &options.redis_url {
+        Some(url) => crate::queue::Renewing::from_manager(redis.clone(), url),
+        None => redis.clone().into(),
+    };
     let health_server = match options.health_port {
         None => None,
         Some(port) => {
@@ -1012,7 +960,7 @@ pub async fn run(
                 state.pool.clone(),
                 scrape::Scrape {
                     handle: metrics,
-                    redis: redis.clone(),
+                    redis: shared.clone(),
                     namespace: queues.namespace().to_owned(),
                     token: options.metrics_token.clone(),
                 },
@@ -1044,7 +992,6 @@ pub async fn run(
         state.retry.rotate_keys,
         &state.outages,
     );
-    let shared = SharedRedis::new(redis.clone(), options.redis_url.clone());
     let relay = tokio::spawn(relay_outbox(
         state.pool.clone(),
         shared.clone(),

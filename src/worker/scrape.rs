@@ -7,7 +7,6 @@
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
@@ -18,7 +17,7 @@ use crate::worker::stats::{QueueStats, all_queue_stats};
 #[derive(Clone)]
 pub struct Scrape {
     pub handle: PrometheusHandle,
-    pub redis: ConnectionManager,
+    pub redis: crate::queue::Renewing,
     pub namespace: String,
     /// `METRICS_TOKEN`: required as a bearer token when set.
     pub token: Option<SecretString>,

@@ -245,10 +245,12 @@ async fn connection(
                             stats.discarded.fetch_add(n as u64, Ordering::Relaxed);
                             if mode == Mode::Garbage {
                                 let bytes = garbage_bytes(n);
+                                // Counted before the write: a client may read them (and look
+                                // at the count) before `write_all` returns here.
+                                stats.garbage.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                                 if client.write_all(&bytes).await.is_err() {
                                     return;
                                 }
-                                stats.garbage.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             }
                         }
                     },
@@ -309,9 +311,10 @@ async fn forward(
         return to.write_all(bytes).await;
     }
     for byte in bytes {
+        // Counted before the write, as the garbage is.
+        stats.trickled.fetch_add(1, Ordering::Relaxed);
         to.write_all(std::slice::from_ref(byte)).await?;
         to.flush().await?;
-        stats.trickled.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(TRICKLE_DELAY).await;
     }
     Ok(())
