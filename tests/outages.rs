@@ -398,21 +398,29 @@ async fn dead_letters(env: &TestEnv) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_runs_twice() {
-    const PER_PHASE: usize = 60;
-    let env = TestEnv::new().await;
-    let tenant = env.create_tenant().await;
-    let upstream = url::Url::parse(&redis_url()).expect("REDIS_URL");
-    let upstream = format!(
-        "{}:{}",
-        upstream.host_str().unwrap_or("127.0.0.1"),
-        upstream.port().unwrap_or(6379)
-    )
-    .parse()
-    .expect("Redis is on an IP address");
-    let proxy = FaultProxy::start(upstream).await;
-    // Its log lines are kept: the outage is logged when it starts and when it ends.
+    const BACKLOG: usize = 1000;
+    const ARRIVING: usize = 300;
+    const WEBHOOKS: usize = 20;
+    // The worker and the ingress reach Redis through the proxy (REDIS_URL); the test's own
+    // connection goes straight to it.
+    let proxy = FaultProxy::start(address_of(&redis_url())).await;
     let redis_via_proxy = proxy.redis_url();
-    let mut worker = LoggedWorker::spawn(&env, &[("REDIS_URL", &redis_via_proxy)]);
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("REDIS_URL".into(), redis_via_proxy.clone());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    // Its log lines are kept: the outage is logged when it starts and when it ends.
+    let mut worker = LoggedWorker::spawn(&env, &[]);
+    let ingress = gatehouse::queue::connect_lazy(&secrecy::SecretString::from(redis_via_proxy))
+        .expect("redis url");
+    let server = TestServer::start(std::sync::Arc::new(gatehouse::http::AppState::new(
+        env.config.clone(),
+        env.pool.clone(),
+        ingress,
+    )))
+    .await;
+    let http = reqwest::Client::new();
     let health_url = worker.health_url.clone();
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -424,22 +432,31 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
 
     let mut redis = env.redis.clone();
     let mut sids = Vec::new();
-    for shape in [
-        Mode::Refuse,
-        Mode::AcceptThenClose,
-        Mode::Reset,
-        Mode::Blackhole,
-        Mode::Garbage,
-    ] {
+    // Webhooks the ingress refused during a fault, which Twilio sends again later.
+    let mut to_resend: Vec<String> = Vec::new();
+    let send = |sid: String| {
+        let http = &http;
+        let server = &server;
+        async move {
+            let params = sms_params(&sid, "+14155550100", "qwzx vbnm");
+            let status = signed_form(http, server, tenant, &params)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            (sid, status)
+        }
+    };
+    for shape in Mode::FAULTS {
         // A backlog, and the fault while the worker is in the middle of it; more jobs arrive
-        // (straight into Redis, as the ingress would) during the fault.
-        let jobs: Vec<InboundMessage> = (0..2 * PER_PHASE)
+        // during the fault, straight into Redis and as webhooks the ingress cannot enqueue.
+        let jobs: Vec<InboundMessage> = (0..BACKLOG + ARRIVING)
             .map(|_| low_confidence_message(tenant))
             .collect();
         sids.extend(jobs.iter().map(|j| j.message_sid.clone()));
         let before = messages_of(&env, &sids).await.0;
         env.queues()
-            .enqueue_batch(&mut redis, &jobs[..PER_PHASE])
+            .enqueue_batch(&mut redis, &jobs[..BACKLOG])
             .await
             .expect("enqueue");
         assert!(
@@ -452,14 +469,28 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
         let fault_started = Instant::now();
         proxy.set(shape);
         env.queues()
-            .enqueue_batch(&mut redis, &jobs[PER_PHASE..])
+            .enqueue_batch(&mut redis, &jobs[BACKLOG..])
             .await
             .expect("enqueue");
-        let (down, last) = wait_health(&health_url, Duration::from_secs(30), |s, b| {
-            s == 503 && says_redis_down(b)
-        })
-        .await;
-        assert!(down, "{shape:?}: /healthz reports redis down: {last:?}");
+        let answers = futures::future::join_all((0..WEBHOOKS).map(|_| send(message_sid()))).await;
+        for (sid, status) in answers {
+            // 503 for Twilio to retry, or 200 if the fault let it through.
+            assert!(
+                status == 200 || status == 503,
+                "{shape:?}: a webhook answered {status}"
+            );
+            sids.push(sid.clone());
+            if status != 200 {
+                to_resend.push(sid);
+            }
+        }
+        if shape != Mode::Trickle {
+            let (down, last) = wait_health(&health_url, Duration::from_secs(30), |s, b| {
+                s == 503 && says_redis_down(b)
+            })
+            .await;
+            assert!(down, "{shape:?}: /healthz reports redis down: {last:?}");
+        }
         // The fault lasts about 5 s in all, whatever it took to be noticed.
         if let Some(rest) = Duration::from_secs(5).checked_sub(fault_started.elapsed()) {
             tokio::time::sleep(rest).await;
@@ -474,6 +505,14 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
         })
         .await;
         assert!(up, "{shape:?}: /healthz is ok again: {last:?}");
+        // Twilio sends the refused webhooks again.
+        for sid in std::mem::take(&mut to_resend) {
+            let delivered = eventually(Duration::from_secs(20), || async {
+                send(sid.clone()).await.1 == 200
+            })
+            .await;
+            assert!(delivered, "{shape:?}: the ingress takes the webhook again");
+        }
     }
 
     let total = sids.len() as i64;
@@ -499,9 +538,10 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
         worker.logged("redis is unreachable; workers stop fetching"),
         worker.logged("redis is reachable again; workers resume"),
     );
-    assert!((5..=10).contains(&started), "{started} outage start lines");
-    assert!((5..=10).contains(&ended), "{ended} outage end lines");
+    assert!((5..=12).contains(&started), "{started} outage start lines");
+    assert_eq!(started, ended, "each outage that started ended");
     assert_eq!(worker.logged("giving up"), 0);
+    server.stop().await;
     drop(proxy);
     env.cleanup().await;
 }

@@ -25,7 +25,8 @@ use crate::fault::{Dependency, Fault};
 /// the first failure that is an outage ([`Self::outage`]) until the next success
 /// ([`Self::reached`]). Each transition is logged once (an ERROR line when the outage starts,
 /// an INFO line with its length when it ends) and sets the `gatehouse_dependency_up{dependency}`
-/// gauge; failures in between log nothing.
+/// gauge and `gatehouse_dependency_down_since_seconds{dependency}` (the outage's start as a Unix
+/// time, 0 while up); failures in between log nothing.
 #[derive(Debug, Clone)]
 pub struct Reachability {
     dependency: Dependency,
@@ -97,6 +98,8 @@ impl Reachability {
         }
         if first || was_down.is_some() {
             ::metrics::gauge!("gatehouse_dependency_up", "dependency" => name).set(1.0);
+            ::metrics::gauge!("gatehouse_dependency_down_since_seconds", "dependency" => name)
+                .set(0.0);
         }
     }
 
@@ -114,6 +117,8 @@ impl Reachability {
         drop(reach);
         let name = self.dependency.as_str();
         ::metrics::gauge!("gatehouse_dependency_up", "dependency" => name).set(0.0);
+        ::metrics::gauge!("gatehouse_dependency_down_since_seconds", "dependency" => name)
+            .set(since.unix_timestamp() as f64);
         tracing::error!(
             dependency = name,
             since = %rfc3339(since),
