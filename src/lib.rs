@@ -29,5 +29,6 @@ pub mod retention;
 pub mod rotation;
 pub mod security;
 pub mod server;
+pub mod tenant_secrets;
 pub mod tenants;
 pub mod worker;

@@ -64,10 +64,18 @@ impl SealedColumn {
 }
 
 /// Every sealed column, in the order the rotation walks them.
-pub const SEALED_COLUMNS: [SealedColumn; 5] = [
+pub const SEALED_COLUMNS: [SealedColumn; 7] = [
     SealedColumn {
         table: "tenants",
         column: "twilio_auth_token",
+    },
+    SealedColumn {
+        table: "tenants",
+        column: "twilio_auth_token_previous",
+    },
+    SealedColumn {
+        table: "tenants",
+        column: "webhook_shared_key_previous",
     },
     SealedColumn {
         table: "tenants",
@@ -726,7 +734,11 @@ mod tests {
 
     #[test]
     fn the_pending_filter_names_its_cell_and_binds_the_key_and_rotation() {
-        let sql = pending_filter(&SEALED_COLUMNS[3], "x");
+        let column = SEALED_COLUMNS
+            .iter()
+            .find(|c| c.column == "customer_number")
+            .expect("conversations.customer_number is sealed");
+        let sql = pending_filter(column, "x");
         assert!(sql.contains("x.customer_number IS NOT NULL"), "{sql}");
         assert!(sql.contains("substring(x.customer_number from 2 for 8) <> $1"));
         assert!(sql.contains("f.rotation_id = $2 AND f.table_name = 'conversations'"));

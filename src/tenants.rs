@@ -172,6 +172,34 @@ pub struct VerificationKeys {
     /// Keys of the newer shared-key signature form.
     pub shared_keys: Vec<SharedKey>,
     pub keys_version: i64,
+    /// The Twilio auth token replaced by `tenants rotate-secret --previous-valid-for`, and
+    /// until when it still verifies (checked at each request, never extended by a cache).
+    pub previous_auth_token: Option<(SecretString, time::OffsetDateTime)>,
+    /// The same for the webhook shared key.
+    pub previous_shared_key: Option<(SharedKey, time::OffsetDateTime)>,
+}
+
+impl VerificationKeys {
+    /// The previous Twilio auth token, if it still verifies at `now`.
+    pub fn previous_auth_token_at(&self, now: time::OffsetDateTime) -> Option<&SecretString> {
+        self.previous_auth_token
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(token, _)| token)
+    }
+
+    /// The shared keys that verify at `now`: the current ones, and the previous one while its
+    /// overlap lasts.
+    pub fn shared_keys_at(&self, now: time::OffsetDateTime) -> std::borrow::Cow<'_, [SharedKey]> {
+        match &self.previous_shared_key {
+            Some((key, until)) if now < *until => {
+                let mut keys = self.shared_keys.clone();
+                keys.push(key.clone());
+                std::borrow::Cow::Owned(keys)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.shared_keys),
+        }
+    }
 }
 
 impl std::fmt::Debug for VerificationKeys {
@@ -212,9 +240,22 @@ pub async fn verification_keys(
         webhook_shared_key_id: Option<String>,
         webhook_shared_key: Option<Vec<u8>>,
         keys_version: i64,
+        twilio_auth_token_previous: Option<Vec<u8>>,
+        twilio_auth_token_previous_until: Option<time::OffsetDateTime>,
+        webhook_shared_key_previous_id: Option<String>,
+        webhook_shared_key_previous: Option<Vec<u8>>,
+        webhook_shared_key_previous_until: Option<time::OffsetDateTime>,
     }
+    // Previous secrets only while their overlap lasts.
     let row: Option<KeyRow> = sqlx::query_as(
-        "SELECT twilio_auth_token, webhook_shared_key_id, webhook_shared_key, keys_version
+        "SELECT twilio_auth_token, webhook_shared_key_id, webhook_shared_key, keys_version,
+                CASE WHEN twilio_auth_token_previous_until > now()
+                     THEN twilio_auth_token_previous END AS twilio_auth_token_previous,
+                twilio_auth_token_previous_until,
+                webhook_shared_key_previous_id,
+                CASE WHEN webhook_shared_key_previous_until > now()
+                     THEN webhook_shared_key_previous END AS webhook_shared_key_previous,
+                webhook_shared_key_previous_until
          FROM tenants WHERE id = $1",
     )
     .bind(tenant_id)
@@ -237,9 +278,35 @@ pub async fn verification_keys(
         }
         _ => Vec::new(),
     };
+    let previous_auth_token = match (
+        row.twilio_auth_token_previous,
+        row.twilio_auth_token_previous_until,
+    ) {
+        (Some(sealed), Some(until)) => Some((
+            open_text(keyring, tenant_id, "twilio_auth_token_previous", &sealed)?,
+            until,
+        )),
+        _ => None,
+    };
+    let previous_shared_key = match (
+        row.webhook_shared_key_previous_id,
+        row.webhook_shared_key_previous,
+        row.webhook_shared_key_previous_until,
+    ) {
+        (Some(kid), Some(sealed), Some(until)) => {
+            let key = open_text(keyring, tenant_id, "webhook_shared_key_previous", &sealed)?;
+            Some((
+                SharedKey::new(kid, key.expose_secret().as_bytes().to_vec()),
+                until,
+            ))
+        }
+        _ => None,
+    };
     Ok(Some(VerificationKeys {
         auth_token,
         shared_keys,
         keys_version,
+        previous_auth_token,
+        previous_shared_key,
     }))
 }

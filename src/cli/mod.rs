@@ -6,6 +6,7 @@
 
 mod jobs;
 mod limits;
+mod secrets;
 mod stdin;
 
 use std::collections::HashMap;
@@ -122,6 +123,9 @@ enum TenantsCommand {
         #[arg(long)]
         owner_email: Option<String>,
     },
+    /// Replace one tenant secret; the new value is read from stdin (`twilio_auth_token=…`,
+    /// `store_api_key=…`, or `webhook_shared_key_id=…` + `webhook_shared_key=…`).
+    RotateSecret(secrets::RotateSecretArgs),
 }
 
 /// A failure with its exit code.
@@ -292,6 +296,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Limits(command) => {
             let config = load_config(false)?;
             runtime()?.block_on(limits::run(&config, command))
+        }
+        Command::Tenants(TenantsCommand::RotateSecret(args)) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(secrets::rotate(&config, args))
         }
         Command::Tenants(TenantsCommand::Create {
             name,

@@ -132,6 +132,20 @@ impl KeyCache {
         }
     }
 
+    /// Marks every cached entry for a refresh on its next use (served meanwhile, re-read in
+    /// the background): after a change notice may have been missed.
+    pub async fn mark_all_stale(&self) {
+        let Some(stale) = Instant::now().checked_sub(self.ttl) else {
+            return;
+        };
+        for entry in self.known.write().await.values_mut() {
+            entry.fetched = entry.fetched.min(stale);
+        }
+        if let Ok(mut unknown) = self.unknown.lock() {
+            *unknown = UnknownIds::new(unknown.capacity);
+        }
+    }
+
     /// Whether the tenant's keys are in memory and still trusted, so [`KeyCache::get`] would
     /// answer without PostgreSQL (the webhook lets such a tenant's messages through from an
     /// address past its budget of refused requests).

@@ -182,6 +182,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let events = state.events.clone();
     let limits = crate::server::Limits::from_config(&state.config);
+    // Tenant-key change notices (`tenants rotate-secret`) drop this ingress's cached keys.
+    let notices = tokio::spawn(crate::tenant_secrets::listen(
+        state.config.redis_url.clone(),
+        state.config.queue_namespace.clone(),
+        state.key_cache.clone(),
+    ));
     let app = router(state);
     // Handlers read the peer through `ConnectInfo<SocketAddr>` (the client IP starts there).
     let served = crate::server::run(
@@ -191,6 +197,7 @@ pub async fn serve(
         shutdown,
     )
     .await;
+    notices.abort();
     events.drain(EVENT_DRAIN).await;
     served
 }
