@@ -11,7 +11,9 @@ ALTER TABLE tenants
 
 -- Security event kinds are the application's (`events::EventType`); the table keeps them
 -- well-formed instead of listing them, so a release that adds a kind needs no constraint
--- change (and an older binary still writes only kinds this accepts).
+-- change.
+-- contract: the dropped CHECK only listed kinds; the previous release writes only kinds of its
+-- list, all of which the new format check accepts.
 DO $$
 DECLARE c record;
 BEGIN
