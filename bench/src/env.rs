@@ -167,14 +167,32 @@ impl BenchEnv {
             .context("failed to start a gatehouse-bench server process")
     }
 
+    /// Runs `gatehouse ARGS` to its end (a CLI command such as `jobs dead`) and returns its
+    /// output.
+    pub async fn gatehouse_output(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<std::process::Output> {
+        let mut cmd = Command::new(sibling_binary("gatehouse")?);
+        self.configure(&mut cmd, extra);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        tokio::process::Command::from(cmd)
+            .output()
+            .await
+            .context("failed to run the gatehouse binary")
+    }
+
+    /// `extra` wins over the run's variables, `RUST_LOG` (`GH_BENCH_RUST_LOG`, else `warn`)
+    /// included.
     fn configure(&self, cmd: &mut Command, extra: &[(&str, &str)]) {
         cmd.env_clear()
             .envs(self.vars.iter())
-            .envs(extra.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GH_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
             )
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

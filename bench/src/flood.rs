@@ -170,7 +170,7 @@ pub fn attacker_ips(n: usize) -> Vec<IpAddr> {
 }
 
 /// Twilio's webhook addresses (one of its published ranges), round robin.
-fn twilio_ip(i: usize) -> IpAddr {
+pub(crate) fn twilio_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
         54,
         172,
@@ -354,7 +354,11 @@ fn status_name(status: Option<u16>) -> String {
 }
 
 /// Sends one prepared request and tells its status and latency.
-async fn send(client: &reqwest::Client, base: &str, request: &Prepared) -> (Option<u16>, u32) {
+pub(crate) async fn send(
+    client: &reqwest::Client,
+    base: &str,
+    request: &Prepared,
+) -> (Option<u16>, u32) {
     let url = format!("{base}{}", request.path);
     let mut builder = if request.post {
         client.post(url).body(request.body.clone())
@@ -388,7 +392,7 @@ fn record(samples: &Samples, kind: Legit, sent: Instant, status: Option<u16>, mi
     }
 }
 
-fn proxied(mut request: Prepared, ip: IpAddr) -> Prepared {
+pub(crate) fn proxied(mut request: Prepared, ip: IpAddr) -> Prepared {
     request.headers.push(("x-forwarded-for", ip.to_string()));
     request
 }
@@ -413,13 +417,17 @@ fn form_request(path: String, params: &[(&str, &str)], signature: String) -> Pre
 
 /// A webhook for `tenant` signed with `token` (the tenant's own token makes a genuine one).
 fn webhook(tenant: Uuid, token: &str, i: usize) -> Prepared {
+    signed_webhook(tenant, token, i, &format!("SM{}", Uuid::new_v4().simple()))
+}
+
+/// [`webhook`] with the `MessageSid` given (the outage drill counts the rows of its own).
+pub(crate) fn signed_webhook(tenant: Uuid, token: &str, i: usize, sid: &str) -> Prepared {
     let path = format!("/v1/webhooks/twilio/{tenant}/messages");
     let url = format!("{PUBLIC_BASE}{path}");
-    let sid = format!("SM{}", Uuid::new_v4().simple());
     let from = format!("+1415555{:04}", i % 200);
     let params = [
-        ("MessageSid", sid.as_str()),
-        ("SmsSid", sid.as_str()),
+        ("MessageSid", sid),
+        ("SmsSid", sid),
         ("AccountSid", ACCOUNT_SID),
         ("From", from.as_str()),
         ("To", "+14155550199"),
@@ -844,12 +852,12 @@ impl PhaseResult {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(socket.local_addr()?.port())
 }
 
-fn client(pool: usize, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client(pool: usize, timeout: Duration) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())

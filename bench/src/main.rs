@@ -2,7 +2,8 @@
 //! baseline in the same run, on the same PostgreSQL and Redis, medians over repeated runs.
 //!
 //! It creates its own database (`gh_bench_*`) and Redis namespace (`ghbench-*`) and removes
-//! both afterwards; every load is bounded in count and time and sent to 127.0.0.1 only.
+//! both afterwards; every load is bounded in count and time and sent to 127.0.0.1 only. The
+//! outage drill (`outage`, not part of `all`) restarts only a private `redis-server` of its own.
 //! `gatehouse work` is the release binary built next to this one.
 
 mod env;
@@ -15,6 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod ingress;
 mod load;
+mod outage;
 mod report;
 mod storage;
 mod worker;
@@ -67,6 +69,18 @@ struct Cli {
     /// Override the forged webhooks figure 8 keeps in flight (default 64).
     #[arg(long, global = true)]
     flood_concurrency: Option<usize>,
+    /// Override the outage drill's signed webhooks during the PostgreSQL outage (default 10000).
+    #[arg(long, global = true)]
+    outage_webhooks: Option<usize>,
+    /// Override the outage drill's PostgreSQL outage, in seconds (default 60).
+    #[arg(long, global = true)]
+    outage_seconds: Option<u64>,
+    /// Override the jobs the outage drill's Redis restart happens under (default 20000).
+    #[arg(long, global = true)]
+    outage_jobs: Option<usize>,
+    /// Override the ballast keys the outage drill's Redis reloads (default 1500000).
+    #[arg(long, global = true)]
+    outage_ballast: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,6 +103,11 @@ enum Command {
     /// genuine traffic's latency, rows, Redis keys and Sentry events per flood, legitimate
     /// requests refused.
     Flood,
+    /// The outage drill of issue 14 (not part of `all`): a 60 s PostgreSQL outage under
+    /// 10,000 arriving webhooks, and a Redis restart (AOF, reloading) under a 20,000-job drain,
+    /// against `gatehouse serve` + `gatehouse work`. Pass/fail per requirement; exits 1 if
+    /// any fails.
+    Outage,
     /// Every figure at a toy size, once: checks the harness works (no timing claims).
     Smoke,
     /// Internal: one ingress server process on 127.0.0.1.
@@ -115,6 +134,7 @@ struct Plan {
     memory_step: u64,
     memory_budget: Duration,
     flood: flood::FloodPlan,
+    outage: outage::OutagePlan,
 }
 
 impl Plan {
@@ -136,6 +156,7 @@ impl Plan {
             memory_step: 25_000,
             memory_budget: Duration::from_secs(300),
             flood: flood::FloodPlan::full(),
+            outage: outage::OutagePlan::full(),
         }
     }
 
@@ -157,6 +178,8 @@ impl Plan {
             memory_step: 100,
             memory_budget: Duration::from_secs(60),
             flood: flood::FloodPlan::smoke(),
+            // The drill is not part of the smoke run (nor of `all`).
+            outage: outage::OutagePlan::full(),
         }
     }
 }
@@ -170,6 +193,8 @@ enum Figures {
     Reencrypt,
     Memory,
     Flood,
+    /// Only by name: never part of `All`.
+    Outage,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -194,6 +219,7 @@ fn main() -> anyhow::Result<()> {
         Command::Reencrypt => (Figures::Reencrypt, Plan::full(cli.runs)),
         Command::Memory => (Figures::Memory, Plan::full(cli.runs)),
         Command::Flood => (Figures::Flood, Plan::full(cli.runs)),
+        Command::Outage => (Figures::Outage, Plan::full(cli.runs)),
         Command::Smoke => (Figures::All, Plan::smoke()),
     };
     let mut plan = plan;
@@ -219,6 +245,18 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = cli.flood_concurrency {
         plan.flood.forged_concurrency = n.max(1);
     }
+    if let Some(n) = cli.outage_webhooks {
+        plan.outage.webhooks = n.max(1);
+    }
+    if let Some(s) = cli.outage_seconds {
+        plan.outage.outage = Duration::from_secs(s.max(2));
+    }
+    if let Some(n) = cli.outage_jobs {
+        plan.outage.jobs = n.max(10);
+    }
+    if let Some(n) = cli.outage_ballast {
+        plan.outage.ballast = n;
+    }
     let report = runtime.block_on(async {
         let env = BenchEnv::new().await?;
         eprintln!(
@@ -236,6 +274,10 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("failed to write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
+    if report.drill_failed() {
+        eprintln!("the drill failed: see the requirements marked FAIL above");
+        std::process::exit(1);
+    }
     Ok(())
 }
 
@@ -251,7 +293,7 @@ fn progress(what: &str) {
 async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Report> {
     let mut report = Report::new(plan.runs);
     let tenant = worker::prepare(env).await?;
-    let wants = |f: Figures| figures == Figures::All || figures == f;
+    let wants = |f: Figures| (figures == Figures::All && f != Figures::Outage) || figures == f;
 
     if wants(Figures::Worker) {
         let result: anyhow::Result<()> = async {
@@ -483,6 +525,33 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
         if let Err(error) = result {
             eprintln!("figure 8 (floods) failed: {error:#}");
             report.failed("figure 8 (floods)", &error);
+        }
+    }
+
+    if wants(Figures::Outage) {
+        let dir = outage::drill_dir()?;
+        eprintln!(
+            "outage drill: logs and the private Redis's data in {}",
+            dir.display()
+        );
+        match outage::postgres_drill(env, &plan.outage, &dir).await {
+            Ok(drill) => report.outage_postgres(&drill),
+            Err(error) => {
+                eprintln!("drill A (PostgreSQL outage) failed: {error:#}");
+                report.drill_error("A. the PostgreSQL outage drill", &error);
+            }
+        }
+        match outage::redis_drill(env, &plan.outage, &dir).await {
+            Ok(drill) => report.outage_redis(&drill),
+            Err(error) => {
+                eprintln!("drill B (Redis restart) failed: {error:#}");
+                report.drill_error("B. the Redis restart drill", &error);
+            }
+        }
+        if report.drill_failed() || std::env::var_os("GH_BENCH_KEEP_LOGS").is_some() {
+            eprintln!("outage drill: logs kept in {}", dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
     Ok(report)

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use crate::flood::{FloodRun, Phase, PhaseResult};
 use crate::ingress::LoginRun;
 use crate::load::LoadResult;
+use crate::outage::{PostgresDrill, RedisDrill};
 use crate::storage::{MemoryPoint, Reencrypt};
 use crate::worker::Consumer;
 
@@ -87,10 +88,22 @@ struct Row {
     verdict: String,
 }
 
+/// A requirement of a drill: what was measured, what was required, and whether it held
+/// (`None`: reported, no requirement).
+struct Check {
+    requirement: String,
+    measured: String,
+    required: String,
+    pass: Option<bool>,
+}
+
 /// All rows of one invocation.
 pub struct Report {
     runs: usize,
     rows: Vec<Row>,
+    checks: Vec<Check>,
+    /// A drill's requirement failed, or a drill could not run: the process exits non-zero.
+    drill_failed: bool,
     notes: Vec<String>,
 }
 
@@ -124,6 +137,56 @@ fn verdict(ok: bool) -> String {
     if ok { "met" } else { "**missed**" }.into()
 }
 
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "**no**" }
+}
+
+fn running(b: bool) -> &'static str {
+    if b { "running" } else { "**exited**" }
+}
+
+fn seconds(x: Option<f64>) -> String {
+    x.map_or_else(|| "–".into(), |s| format!("{s:.2} s"))
+}
+
+/// A drain's rows over time.
+fn drain(d: &crate::outage::Drain) -> String {
+    format!(
+        "{} message rows: the first {} later, half by {}, 99 % by {}, the last {}",
+        d.rows,
+        seconds(d.first),
+        seconds(d.p50),
+        seconds(d.p99),
+        seconds(d.last)
+    )
+}
+
+/// Answers by status: `200 ×9998, 503 ×2`.
+fn answers(by_status: &BTreeMap<String, u64>) -> String {
+    by_status
+        .iter()
+        .map(|(status, n)| format!("{status} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Finished jobs by attempts: `attempts 1: 10000 jobs`.
+fn attempts(histogram: &BTreeMap<String, usize>) -> String {
+    if histogram.is_empty() {
+        return "no finished job found".into();
+    }
+    histogram
+        .iter()
+        .map(|(a, n)| format!("attempts {a}: {n} jobs"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An outage logged once (or a few times) when it started, and as often when it ended.
+fn outage_lines_ok(started: usize, ended: usize) -> bool {
+    (1..=3).contains(&started) && started == ended
+}
+
 fn thousands(n: u64) -> String {
     if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
@@ -137,6 +200,8 @@ impl Report {
         Self {
             runs,
             rows: Vec::new(),
+            checks: Vec::new(),
+            drill_failed: false,
             notes: Vec::new(),
         }
     }
@@ -599,6 +664,223 @@ impl Report {
         }
     }
 
+    fn check(&mut self, requirement: &str, measured: String, required: &str, pass: Option<bool>) {
+        if pass == Some(false) {
+            self.drill_failed = true;
+        }
+        self.checks.push(Check {
+            requirement: requirement.into(),
+            measured,
+            required: required.into(),
+            pass,
+        });
+    }
+
+    /// Whether a drill's requirement failed or a drill could not run.
+    pub fn drill_failed(&self) -> bool {
+        self.drill_failed
+    }
+
+    /// A drill that could not run to its end: a failed requirement, and said in the notes.
+    pub fn drill_error(&mut self, what: &str, error: &anyhow::Error) {
+        self.check(
+            &format!("{what} ran to its end"),
+            format!("no: {}", format!("{error:#}").replace('\n', " ")),
+            "yes",
+            Some(false),
+        );
+    }
+
+    pub fn outage_postgres(&mut self, d: &PostgresDrill) {
+        let ok = d.answers.get("200").copied().unwrap_or(0);
+        self.check(
+            &format!(
+                "A. webhooks answered 200 during a {:.0} s PostgreSQL outage",
+                d.outage_seconds
+            ),
+            format!(
+                "{ok} of {} ({}), sent over {:.1} s",
+                d.webhooks,
+                answers(&d.answers),
+                d.send_seconds
+            ),
+            "all",
+            Some(ok == d.webhooks as u64),
+        );
+        self.stored("A", &d.stored);
+        self.finished("A", d.finished, d.webhooks, "the proxy passed again");
+        self.dead("A", d.dead);
+        let ones = d.attempts.get("1").copied().unwrap_or(0);
+        self.check(
+            "A. attempts of the finished jobs",
+            attempts(&d.attempts),
+            &format!("1 for every job ({})", d.webhooks),
+            Some(ones == d.webhooks && d.attempts.len() == 1),
+        );
+        self.check(
+            "A. the same processes from start to end",
+            format!(
+                "`gatehouse work` pid {} {}; `gatehouse serve` pid {} {}",
+                d.worker.pid,
+                running(d.worker.running),
+                d.serve.pid,
+                running(d.serve.running)
+            ),
+            "both running",
+            Some(d.worker.running && d.serve.running),
+        );
+        self.check(
+            "A. the worker's outage log lines",
+            format!(
+                "`postgres is unreachable` ×{}, `postgres is reachable again` ×{}; dead-lettered or giving up ×{} (log: {} lines, {} of them `apalis_core`'s)",
+                d.unreachable_lines, d.reachable_lines, d.gave_up_lines, d.log_lines.0, d.log_lines.1
+            ),
+            "1–3 starts, as many ends; no job given up",
+            Some(outage_lines_ok(d.unreachable_lines, d.reachable_lines) && d.gave_up_lines == 0),
+        );
+        self.check(
+            "A. the worker paused",
+            format!(
+                "{} messages stored during the outage; `/healthz` said postgres unreachable: {}; 200 after the drain: {}",
+                d.stored_during_outage,
+                yes(d.health_saw_outage),
+                yes(d.healthy_after)
+            ),
+            "(reported)",
+            None,
+        );
+        self.check(
+            "A. drain after PostgreSQL returned",
+            format!(
+                "{}; {} jobs recovered from stopped worker registrations",
+                drain(&d.drain),
+                d.recovered
+            ),
+            "(reported)",
+            None,
+        );
+    }
+
+    pub fn outage_redis(&mut self, d: &RedisDrill) {
+        self.check(
+            "B. clients heard LOADING after the restart",
+            format!(
+                "LOADING from {} to {} after the restart, PONG at {:.2} s ({} ballast keys in the AOF)",
+                seconds(d.loading_first),
+                seconds(d.loading_last),
+                d.pong_after,
+                d.ballast
+            ),
+            "LOADING answered",
+            Some(d.loading_first.is_some()),
+        );
+        self.stored("B", &d.stored);
+        self.finished("B", d.finished, d.jobs, "the restart");
+        self.dead("B", d.dead);
+        let pids: Vec<String> = d
+            .workers
+            .iter()
+            .map(|w| format!("pid {} {}", w.pid, running(w.running)))
+            .collect();
+        self.check(
+            "B. the same processes from start to end",
+            format!(
+                "`gatehouse work` ×{}: {}; `gatehouse serve` pid {} {}, `/readyz` 200 again {} after the restart and after the drain: {}",
+                d.workers.len(),
+                pids.join(", "),
+                d.serve.pid,
+                running(d.serve.running),
+                seconds(d.serve_ready_after_restart),
+                yes(d.serve_ready_after)
+            ),
+            "all running; `/readyz` 200",
+            Some(d.workers.iter().all(|w| w.running) && d.serve.running && d.serve_ready_after),
+        );
+        let lines: Vec<String> = d
+            .outage_lines
+            .iter()
+            .enumerate()
+            .map(|(i, (down, up))| {
+                format!(
+                    "worker {}: `redis is unreachable` ×{down}, `redis is reachable again` ×{up}",
+                    i + 1
+                )
+            })
+            .collect();
+        self.check(
+            "B. the workers' outage log lines",
+            format!(
+                "{}; dead-lettered or giving up ×{} (logs: {} lines, {} of them `apalis_core`'s)",
+                lines.join("; "),
+                d.gave_up_lines,
+                d.log_lines.0,
+                d.log_lines.1
+            ),
+            "1–3 starts per worker, as many ends; no job given up",
+            Some(
+                d.outage_lines
+                    .iter()
+                    .all(|(down, up)| outage_lines_ok(*down, *up))
+                    && d.gave_up_lines == 0,
+            ),
+        );
+        self.check(
+            "B. drain after the restart",
+            format!(
+                "`SHUTDOWN` with {} of {} stored (server gone {:.2} s later); after the restart, {}; {} jobs recovered from stopped worker registrations",
+                d.stored_at_shutdown,
+                d.jobs,
+                d.shutdown_seconds,
+                drain(&d.drain),
+                d.recovered
+            ),
+            "(reported)",
+            None,
+        );
+        self.check(
+            "B. attempts of the finished jobs",
+            attempts(&d.attempts),
+            "(reported)",
+            None,
+        );
+    }
+
+    fn stored(&mut self, drill: &str, s: &crate::outage::Stored) {
+        self.check(
+            &format!("{drill}. messages stored exactly once"),
+            format!(
+                "{} rows, {} distinct `message_sid`, {} of the {} sent",
+                s.rows, s.distinct, s.ours, s.expected
+            ),
+            &format!("{} each", s.expected),
+            Some(s.exactly_once()),
+        );
+    }
+
+    fn finished(&mut self, drill: &str, (done, after): (u64, Option<f64>), n: usize, from: &str) {
+        self.check(
+            &format!("{drill}. every job finished"),
+            format!(
+                "{done} of {n} in the queue's `done` index{}",
+                after.map_or_else(String::new, |s| format!(", all {s:.2} s after {from}"))
+            ),
+            &format!("{n}"),
+            Some(done == n as u64),
+        );
+    }
+
+    fn dead(&mut self, drill: &str, d: crate::outage::Dead) {
+        self.check(
+            &format!("{drill}. dead jobs"),
+            format!(
+                "{} in the dead-letter set, {} listed by `gatehouse jobs dead`",
+                d.zcard, d.listed
+            ),
+            "0",
+            Some(d.zcard == 0 && d.listed == 0),
+        );
+    }
+
     /// A figure group that could not be measured: said in the notes, the others still run.
     pub fn failed(&mut self, what: &str, error: &anyhow::Error) {
         self.notes.push(format!(
@@ -609,19 +891,46 @@ impl Report {
     /// The table and notes as a markdown block.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
-        out.push_str(
-            "| figure | gatehouse | baseline (same run) | ratio | target | |\n|---|---|---|---|---|---|\n",
-        );
-        for r in &self.rows {
+        if !self.rows.is_empty() || self.checks.is_empty() {
+            out.push_str(
+                "| figure | gatehouse | baseline (same run) | ratio | target | |\n|---|---|---|---|---|---|\n",
+            );
+            for r in &self.rows {
+                out.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} |\n",
+                    r.figure, r.gatehouse, r.baseline, r.ratio, r.target, r.verdict
+                ));
+            }
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
-                r.figure, r.gatehouse, r.baseline, r.ratio, r.target, r.verdict
+                "\nMedians of {} run(s); ratios are medians of per-run ratios.\n",
+                self.runs
             ));
         }
-        out.push_str(&format!(
-            "\nMedians of {} run(s); ratios are medians of per-run ratios.\n",
-            self.runs
-        ));
+        if !self.checks.is_empty() {
+            if !self.rows.is_empty() {
+                out.push('\n');
+            }
+            out.push_str("| requirement | measured | required | |\n|---|---|---|---|\n");
+            for c in &self.checks {
+                let verdict = match c.pass {
+                    Some(true) => "PASS",
+                    Some(false) => "**FAIL**",
+                    None => "–",
+                };
+                out.push_str(&format!(
+                    "| {} | {} | {} | {verdict} |\n",
+                    c.requirement, c.measured, c.required
+                ));
+            }
+            out.push_str(&format!(
+                "\nThe drill runs once (`--runs` does not apply): {}.\n",
+                if self.drill_failed {
+                    "**a requirement failed**"
+                } else {
+                    "every requirement passed"
+                }
+            ));
+        }
         for note in &self.notes {
             out.push_str(&format!("\n{note}\n"));
         }

@@ -131,9 +131,20 @@ pub async fn enqueue_backlog(env: &BenchEnv, tenant: Uuid, n: u64) -> anyhow::Re
 /// Jobs in the queue's `done` index: a set in apalis-redis 1.0, a sorted set in gatehouse's
 /// own backend (issue 5), whichever this queue has.
 pub async fn done_count(env: &BenchEnv) -> anyhow::Result<u64> {
-    let mut redis = env.redis.clone();
-    let key = format!("{}:done", env.queue_key(InboundMessage::QUEUE));
-    let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
+    done_count_on(
+        &mut env.redis.clone(),
+        &env.queue_key(InboundMessage::QUEUE),
+    )
+    .await
+}
+
+/// [`done_count`] of the queue `queue_key` on the Redis behind `redis`.
+pub async fn done_count_on(
+    redis: &mut redis::aio::ConnectionManager,
+    queue_key: &str,
+) -> anyhow::Result<u64> {
+    let key = format!("{queue_key}:done");
+    let kind: String = redis::cmd("TYPE").arg(&key).query_async(redis).await?;
     // Checked first and counted second: a key that does not exist yet may appear in between
     // (as either type), so "none" counts as 0 rather than guessing a command.
     let command = match kind.as_str() {
@@ -141,10 +152,7 @@ pub async fn done_count(env: &BenchEnv) -> anyhow::Result<u64> {
         "set" => "SCARD",
         _ => return Ok(0),
     };
-    Ok(redis::cmd(command)
-        .arg(&key)
-        .query_async(&mut redis)
-        .await?)
+    Ok(redis::cmd(command).arg(&key).query_async(redis).await?)
 }
 
 /// Empties the queue keys and the tables the jobs write, so every run starts alike.
