@@ -53,10 +53,12 @@ pub enum EventType {
     EncryptionError,
     KeyRotationStarted,
     KeyRotationCompleted,
+    /// A user accepted an owner invitation and became a tenant's owner.
+    InvitationAccepted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         Self::FailedLogin,
         Self::PermissionDenied,
         Self::InvalidWebhookSignature,
@@ -66,6 +68,7 @@ impl EventType {
         Self::EncryptionError,
         Self::KeyRotationStarted,
         Self::KeyRotationCompleted,
+        Self::InvitationAccepted,
     ];
 
     /// The stored name.
@@ -80,6 +83,7 @@ impl EventType {
             Self::EncryptionError => "encryption_error",
             Self::KeyRotationStarted => "key_rotation_started",
             Self::KeyRotationCompleted => "key_rotation_completed",
+            Self::InvitationAccepted => "invitation_accepted",
         }
     }
 
