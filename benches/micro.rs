@@ -242,7 +242,7 @@ async fn scope_fixture() -> anyhow::Result<ScopeFixture> {
     .execute(&pool)
     .await?;
     let keyring = Keyring::new(EncryptionKey::generate(), Vec::new());
-    gatehouse::tenants::create(
+    let tenant = gatehouse::tenants::create(
         &pool,
         &keyring,
         &gatehouse::tenants::NewTenant {
@@ -252,11 +252,17 @@ async fn scope_fixture() -> anyhow::Result<ScopeFixture> {
             store_url: None,
             store_api_key: None,
             webhook_shared_key: None,
-            owner_email: Some("micro@example.com".into()),
+            owner_email: None,
         },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The user owns the tenant (owners come by invitation; the fixture writes the row).
+    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, 'owner')")
+        .bind(tenant)
+        .bind(user)
+        .execute(&pool)
+        .await?;
     let redis = gatehouse::queue::connect(&SecretString::from(redis_url())).await?;
     Ok(ScopeFixture {
         db_name,

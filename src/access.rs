@@ -203,6 +203,9 @@ pub enum AccessError {
     NotFound,
     #[error("{0}")]
     Conflict(&'static str),
+    /// The actor may not make this change (the owner rules, checked in the transaction).
+    #[error("not allowed")]
+    Forbidden,
 }
 
 /// Loads a principal from PostgreSQL; `None` when the subject does not exist.
@@ -379,13 +382,27 @@ impl ScopeCache {
     }
 }
 
-/// Adds `user_id` to `tenant_id` with `role`, or changes its role. The tenant always keeps an
-/// owner. Bumps the member's scope version before and after the commit (see the module
-/// docs); fails without changing anything when Redis cannot take the first bump.
+/// Who asks for a membership change, as far as the owner rules go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    /// A platform admin: may set any role (how a tenant gets an owner through the API).
+    PlatformAdmin,
+    /// A member of the tenant: must be an `owner` or `admin` of it when the change commits;
+    /// only an owner grants `owner` or changes an owner's role.
+    Member(Uuid),
+}
+
+/// Adds `user_id` to `tenant_id` with `role`, or changes its role, for `actor`. The tenant
+/// always keeps an owner. Everything the owner rules read (the actor's role, the target's
+/// current role) is read inside the transaction, under the tenant's row lock that every
+/// membership change takes first, so no concurrent change can slip between the check and the
+/// write. Bumps the member's scope version before and after the commit (see the module docs);
+/// fails without changing anything when Redis cannot take the first bump.
 pub async fn set_member_role<C: ConnectionLike + Send>(
     pool: &PgPool,
     redis: &mut C,
     cache: &ScopeCache,
+    actor: Actor,
     tenant_id: Uuid,
     user_id: Uuid,
     role: TenantRole,
@@ -397,6 +414,20 @@ pub async fn set_member_role<C: ConnectionLike + Send>(
             .bind(tenant_id)
             .fetch_optional(&mut *tx)
             .await?;
+    if let Actor::Member(actor_id) = actor {
+        let actor_role = member_role(&mut tx, tenant_id, actor_id).await?;
+        let target_role = member_role(&mut tx, tenant_id, user_id).await?;
+        let allowed = match actor_role {
+            Some(TenantRole::Owner) => true,
+            Some(TenantRole::Admin) => {
+                role != TenantRole::Owner && target_role != Some(TenantRole::Owner)
+            }
+            Some(TenantRole::Agent) | None => false,
+        };
+        if !allowed {
+            return Err(AccessError::Forbidden);
+        }
+    }
     let user: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
         .bind(user_id)
         .fetch_optional(&mut *tx)
@@ -424,20 +455,76 @@ pub async fn set_member_role<C: ConnectionLike + Send>(
             "the tenant must keep at least one owner",
         ));
     }
+    bump_scope_version(&mut tx, redis, cache, user_id).await?;
+    tx.commit().await?;
+    bump_after_commit(redis, cache, user_id).await;
+    Ok(())
+}
+
+/// `user_id`'s role in `tenant_id`, its membership row locked for the transaction.
+async fn member_role(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    user_id: Uuid,
+) -> Result<Option<TenantRole>, sqlx::Error> {
+    let role: Option<String> = sqlx::query_scalar(
+        "SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2 FOR UPDATE",
+    )
+    .bind(tenant_id)
+    .bind(user_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(role.as_deref().and_then(TenantRole::parse))
+}
+
+/// Why the first scope bump failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BumpError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the scope cache (Redis) cannot be updated: {0}")]
+    Cache(#[from] redis::RedisError),
+}
+
+impl From<BumpError> for AccessError {
+    fn from(error: BumpError) -> Self {
+        match error {
+            BumpError::Database(e) => AccessError::Database(e),
+            BumpError::Cache(e) => AccessError::Cache(e),
+        }
+    }
+}
+
+/// The first half of a scope change's bookkeeping, inside its transaction: the user's
+/// `scope_version` column, then the cache version (see the module docs). An error here must
+/// abort the transaction.
+pub async fn bump_scope_version<C: ConnectionLike + Send>(
+    conn: &mut PgConnection,
+    redis: &mut C,
+    cache: &ScopeCache,
+    user_id: Uuid,
+) -> Result<(), BumpError> {
     sqlx::query(
         "UPDATE users SET scope_version = scope_version + 1, updated_at = now() WHERE id = $1",
     )
     .bind(user_id)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     cache.bump(redis, user_id).await?;
-    tx.commit().await?;
+    Ok(())
+}
+
+/// The second half, after the commit: retires an entry filled from the old rows in between.
+pub async fn bump_after_commit<C: ConnectionLike + Send>(
+    redis: &mut C,
+    cache: &ScopeCache,
+    user_id: Uuid,
+) {
     if let Err(error) = cache.bump(redis, user_id).await {
         // The first bump already retired every entry older than this change; only an entry
         // filled between that bump and the commit can linger, for at most the cache TTL.
         tracing::error!(user.id = %user_id, %error, "cannot bump the scope version after a role change");
     }
-    Ok(())
 }
 
 #[cfg(test)]

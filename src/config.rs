@@ -75,6 +75,7 @@ pub const VARIABLES: &[&str] = &[
     "SECURITY_EVENT_RETENTION_DAYS",
     "PROCESSED_JOB_RETENTION_DAYS",
     "OUTAGE_MAX_WAIT_SECONDS",
+    "INVITE_TTL_SECONDS",
 ];
 
 /// The four key variables that `gatehouse keys check` validates.
@@ -454,6 +455,9 @@ pub struct Config {
     /// webhook dedupe window (7 days) and every queue's longest retry schedule: older
     /// `processed_jobs` rows (and finished `catalog_syncs`) are deleted by the workers.
     pub processed_job_retention_days: u64,
+    /// `INVITE_TTL_SECONDS`, default 604 800 (7 days), 60..=2 592 000 (30 days): how long an
+    /// owner invitation (`tenants create --owner-email`) can be accepted.
+    pub invite_ttl_seconds: u64,
 }
 
 impl Config {
@@ -675,6 +679,8 @@ impl Config {
             );
         }
 
+        let invite_ttl_seconds = r.integer("INVITE_TTL_SECONDS", 604_800u64, 60, 2_592_000);
+
         let problems = r.finish();
         match (database_url, secret_key, jwt_secret_key, keyring) {
             (Some(database_url), Some(secret_key), Some(jwt_secret_key), Some(keyring))
@@ -724,6 +730,7 @@ impl Config {
                     password_hash_queue,
                     security_event_retention_days,
                     processed_job_retention_days,
+                    invite_ttl_seconds,
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -1219,6 +1226,16 @@ mod tests {
         assert_eq!(cfg.password_hash_queue, 64);
         assert_eq!(cfg.security_event_retention_days, 90);
         assert_eq!(cfg.processed_job_retention_days, 30);
+        assert_eq!(cfg.invite_ttl_seconds, 604_800);
+    }
+
+    #[test]
+    fn invite_ttl_seconds_is_a_bounded_number_of_seconds() {
+        for bad in ["0", "59", "2592001", "7d", "-1"] {
+            fails_on(&[("INVITE_TTL_SECONDS", bad)], "INVITE_TTL_SECONDS");
+        }
+        let cfg = load(&with(&[("INVITE_TTL_SECONDS", "3600")])).unwrap();
+        assert_eq!(cfg.invite_ttl_seconds, 3600);
     }
 
     #[test]

@@ -55,10 +55,12 @@ pub enum EventType {
     KeyRotationCompleted,
     /// An operator replaced a tenant secret (`tenants rotate-secret`).
     TenantSecretRotated,
+    /// A user accepted an owner invitation and became a tenant's owner.
+    InvitationAccepted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         Self::FailedLogin,
         Self::PermissionDenied,
         Self::InvalidWebhookSignature,
@@ -69,6 +71,7 @@ impl EventType {
         Self::KeyRotationStarted,
         Self::KeyRotationCompleted,
         Self::TenantSecretRotated,
+        Self::InvitationAccepted,
     ];
 
     /// The stored name.
@@ -84,6 +87,7 @@ impl EventType {
             Self::KeyRotationStarted => "key_rotation_started",
             Self::KeyRotationCompleted => "key_rotation_completed",
             Self::TenantSecretRotated => "tenant_secret_rotated",
+            Self::InvitationAccepted => "invitation_accepted",
         }
     }
 

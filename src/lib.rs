@@ -2,7 +2,7 @@
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
 //! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`,
-//! `classify`, `llm`, `queue`, `rotation`, `outbox`, `retention`); the bottom
+//! `classify`, `llm`, `queue`, `rotation`, `outbox`, `retention`, `invitations`); the bottom
 //! (`security`, `config`, `events`, `db`, and `server`, the HTTP/1.1 server loop both edges
 //! run). No module imports a floor above its own.
 
@@ -19,6 +19,7 @@ pub mod db;
 pub mod events;
 pub mod fault;
 pub mod http;
+pub mod invitations;
 pub mod llm;
 pub mod monitoring;
 pub mod outbox;

@@ -15,8 +15,6 @@ pub enum TenantError {
     Database(#[from] sqlx::Error),
     #[error("{0}")]
     Invalid(String),
-    #[error("no user with that email")]
-    OwnerNotFound,
     #[error("a sealed value of tenant {tenant_id} could not be opened: {source}")]
     Encryption {
         tenant_id: Uuid,
@@ -34,6 +32,8 @@ pub struct NewTenant {
     pub store_url: Option<String>,
     pub store_api_key: Option<SecretString>,
     pub webhook_shared_key: Option<(String, SecretString)>,
+    /// Whom an owner invitation is issued for ([`create_with_invitation`]): a record for the
+    /// operator only, granting nothing to whoever holds the address.
     pub owner_email: Option<String>,
 }
 
@@ -70,6 +70,11 @@ impl NewTenant {
                 problems.push("webhook_shared_key must be at least 16 characters");
             }
         }
+        if let Some(email) = &self.owner_email
+            && !crate::accounts::looks_like_email(&crate::accounts::normalize_email(email))
+        {
+            problems.push("owner_email must be an address like name@example.com");
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -101,14 +106,43 @@ pub fn store_url_policy(config: &crate::config::Config) -> UrlPolicy {
     }
 }
 
-/// Creates a tenant, sealing its secrets under the current key; with an owner email, that
-/// user becomes the tenant's `owner` in the same transaction. The store URL's network rules
-/// depend on the configuration: callers check them first (`NewTenant::check_store_url`).
+/// A created tenant, with its owner invitation when an owner email was given.
+#[derive(Debug)]
+pub struct Created {
+    pub id: Uuid,
+    /// The token in it is shown once and stored only hashed.
+    pub invitation: Option<crate::invitations::Issued>,
+}
+
+/// Creates a tenant without an owner (see [`create_with_invitation`]); a `NewTenant` naming
+/// an owner email is refused here, since its invitation token would be lost.
 pub async fn create(
     pool: &PgPool,
     keyring: &Keyring,
     new: &NewTenant,
 ) -> Result<Uuid, TenantError> {
+    if new.owner_email.is_some() {
+        return Err(TenantError::Invalid(
+            "an owner email issues an invitation: use create_with_invitation".into(),
+        ));
+    }
+    Ok(
+        create_with_invitation(pool, keyring, new, std::time::Duration::ZERO)
+            .await?
+            .id,
+    )
+}
+
+/// Creates a tenant, sealing its secrets under the current key; with an owner email, an owner
+/// invitation valid for `invite_ttl` is issued in the same transaction (no account is looked
+/// at: whoever accepts the token becomes the owner). The store URL's network rules depend on
+/// the configuration: callers check them first (`NewTenant::check_store_url`).
+pub async fn create_with_invitation(
+    pool: &PgPool,
+    keyring: &Keyring,
+    new: &NewTenant,
+    invite_ttl: std::time::Duration,
+) -> Result<Created, TenantError> {
     new.validate()?;
     let id = Uuid::new_v4();
     let row = id.to_string();
@@ -148,21 +182,33 @@ pub async fn create(
     .bind(shared_key)
     .execute(&mut *tx)
     .await?;
-    if let Some(email) = &new.owner_email {
-        let email = email.trim().to_lowercase();
-        let user: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
-            .bind(&email)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let user = user.ok_or(TenantError::OwnerNotFound)?;
-        sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, 'owner')")
-            .bind(id)
-            .bind(user)
-            .execute(&mut *tx)
-            .await?;
-    }
+    let invitation = match &new.owner_email {
+        Some(email) => {
+            let email = crate::accounts::normalize_email(email);
+            Some(crate::invitations::issue(&mut tx, id, &email, invite_ttl).await?)
+        }
+        None => None,
+    };
     tx.commit().await?;
-    Ok(id)
+    Ok(Created { id, invitation })
+}
+
+/// The URL Twilio must call for `tenant_id`'s inbound messages: exactly the URL the webhook
+/// rebuilds and verifies signatures against (`PUBLIC_BASE_URL`, normalized without a trailing
+/// slash, then the route's path).
+pub fn webhook_url(public_base: &str, tenant_id: Uuid) -> String {
+    format!(
+        "{}/v1/webhooks/twilio/{tenant_id}/messages",
+        public_base.trim_end_matches('/')
+    )
+}
+
+/// Whether a tenant with this id exists.
+pub async fn exists(pool: &PgPool, tenant_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)")
+        .bind(tenant_id)
+        .fetch_one(pool)
+        .await
 }
 
 /// A tenant's webhook verification keys, opened.

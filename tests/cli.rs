@@ -139,7 +139,9 @@ async fn tenants_create_reads_its_secrets_from_stdin_and_seals_them() {
     assert_eq!(keys.auth_token.expose_secret(), TOKEN);
     assert_eq!(keys.shared_keys.len(), 1);
 
-    // Missing token, unknown name, unknown owner: exit 1 and nothing written.
+    // Missing token, unknown name, an owner email that is no address: exit 1 and nothing
+    // written. (An owner email issues an invitation, whoever holds the address: see
+    // tests/invitations.rs.)
     let bad = run(
         &[
             "tenants",
@@ -162,7 +164,7 @@ async fn tenants_create_reads_its_secrets_from_stdin_and_seals_them() {
             "--twilio-account-sid",
             ACCOUNT_SID,
             "--owner-email",
-            "nobody@example.com",
+            "nobody-at-example.com",
         ],
         &env.vars,
         &format!("twilio_auth_token={TOKEN}\n"),

@@ -298,7 +298,12 @@ async fn a_forged_signature_is_refused_with_403_and_a_security_event() {
     assert_eq!(
         details,
         [
-            serde_json::json!({"reason": "signature", "error": "webhook signature does not match"}),
+            serde_json::json!({
+                "reason": "signature",
+                "error": "webhook signature does not match",
+                // The URL the signature was checked against, to compare with Twilio's console.
+                "url": format!("{PUBLIC_BASE}{}", webhook_path(tenant)),
+            }),
             serde_json::json!({"reason": "unknown tenant"}),
         ]
     );

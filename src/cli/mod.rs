@@ -8,6 +8,7 @@ mod jobs;
 mod limits;
 mod secrets;
 mod stdin;
+mod tenants;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -111,7 +112,8 @@ enum KeysCommand {
 #[derive(Debug, Subcommand)]
 enum TenantsCommand {
     /// Create a tenant. Reads `twilio_auth_token=…` and optionally `store_api_key=…`,
-    /// `webhook_shared_key_id=…`, `webhook_shared_key=…` from stdin; prints the tenant id.
+    /// `webhook_shared_key_id=…`, `webhook_shared_key=…` from stdin; prints the tenant id, and
+    /// with `--owner-email` an `invite_token=…` line (the owner invitation, shown once).
     Create {
         #[arg(long)]
         name: String,
@@ -119,13 +121,19 @@ enum TenantsCommand {
         twilio_account_sid: String,
         #[arg(long)]
         store_url: Option<String>,
-        /// An existing user who becomes the tenant's owner.
+        /// Issue an owner invitation, recorded as meant for this address (the address itself
+        /// grants nothing: whoever accepts the token becomes the owner).
         #[arg(long)]
         owner_email: Option<String>,
     },
     /// Replace one tenant secret; the new value is read from stdin (`twilio_auth_token=…`,
     /// `store_api_key=…`, or `webhook_shared_key_id=…` + `webhook_shared_key=…`).
     RotateSecret(secrets::RotateSecretArgs),
+    /// Print the URL to paste into Twilio's console for this tenant (from PUBLIC_BASE_URL).
+    WebhookUrl {
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 /// A failure with its exit code.
@@ -333,19 +341,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(false)?;
             new.check_store_url(&crate::tenants::store_url_policy(&config))
                 .map_err(|e| Failure::Invalid(e.to_string()))?;
-            runtime()?.block_on(async {
-                let pool = connect_db(&config).await?;
-                let id = crate::tenants::create(&pool, &config.keyring, &new)
-                    .await
-                    .map_err(|e| match e {
-                        crate::tenants::TenantError::Database(e) => {
-                            Failure::Service(format!("database: {e}"))
-                        }
-                        other => Failure::Invalid(other.to_string()),
-                    })?;
-                println!("{id}");
-                Ok(())
-            })
+            runtime()?.block_on(tenants::create(&config, &new))
+        }
+        Command::Tenants(TenantsCommand::WebhookUrl { tenant }) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(tenants::webhook_url(&config, &tenant))
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod client_ip;
 pub mod edge;
 pub mod error;
 pub mod health;
+pub mod invitations;
 pub mod jobs;
 pub mod key_cache;
 pub mod observe;
@@ -136,6 +137,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(jobs::enqueue))
         .routes(routes!(tenants::create))
         .routes(routes!(tenants::put_member))
+        .routes(routes!(invitations::accept))
         .routes(routes!(tenants::catalog_sync))
         .routes(routes!(security_events::list))
         .routes(routes!(rotations::create))

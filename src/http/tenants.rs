@@ -38,8 +38,20 @@ pub struct CreateTenant {
     webhook_shared_key_id: Option<String>,
     #[schema(value_type = Option<String>, format = Password)]
     webhook_shared_key: Option<SecretString>,
-    /// An existing user who becomes the tenant's owner.
+    /// Whom an owner invitation is issued for (a record only: holding the address grants
+    /// nothing). The 201 body then carries `invite_token`, shown once; the signed-in user who
+    /// presents it to `POST /v1/invitations/accept` becomes the tenant's owner.
     owner_email: Option<String>,
+}
+
+/// A created tenant.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TenantCreated {
+    pub id: Uuid,
+    /// With `owner_email` only: the single-use owner invitation (32 random bytes, URL-safe
+    /// base64), shown this once; it expires after `INVITE_TTL_SECONDS`.
+    #[schema(format = Password)]
+    pub invite_token: Option<String>,
 }
 
 fn path_uuid(raw: &str) -> Result<Uuid, ApiError> {
@@ -50,7 +62,7 @@ fn path_uuid(raw: &str) -> Result<Uuid, ApiError> {
 #[utoipa::path(post, path = "/v1/tenants", tag = "tenants", security(("bearer" = [])),
     request_body = CreateTenant,
     responses(
-        (status = 201, description = "Created", body = super::openapi::Created),
+        (status = 201, description = "Created (with `invite_token` when `owner_email` was given)", body = TenantCreated),
         super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
@@ -88,17 +100,32 @@ pub async fn create(
     new.validate()
         .and_then(|()| new.check_store_url(&crate::tenants::store_url_policy(&state.config)))
         .map_err(|e| ApiError::invalid_request(e.to_string()))?;
-    let id = crate::tenants::create(&state.pool, &state.config.keyring, &new)
-        .await
-        .map_err(|e| match e {
-            TenantError::Database(error) => {
-                tracing::error!(%error, "cannot create tenant");
-                ApiError::unavailable()
-            }
-            other => ApiError::invalid_request(other.to_string()),
-        })?;
-    tracing::info!(tenant.id = %id, user.id = %caller.id(), "tenant created");
-    let response = (StatusCode::CREATED, Json(json!({"id": id}))).into_response();
+    let ttl = std::time::Duration::from_secs(state.config.invite_ttl_seconds);
+    let created =
+        crate::tenants::create_with_invitation(&state.pool, &state.config.keyring, &new, ttl)
+            .await
+            .map_err(|e| match e {
+                TenantError::Database(error) => {
+                    tracing::error!(%error, "cannot create tenant");
+                    ApiError::unavailable()
+                }
+                other => ApiError::invalid_request(other.to_string()),
+            })?;
+    let id = created.id;
+    tracing::info!(
+        tenant.id = %id,
+        user.id = %caller.id(),
+        invitation.id = created.invitation.as_ref().map(|i| tracing::field::display(i.id)),
+        "tenant created"
+    );
+    let body = match &created.invitation {
+        Some(invitation) => {
+            use secrecy::ExposeSecret;
+            json!({"id": id, "invite_token": invitation.token.expose_secret()})
+        }
+        None => json!({"id": id}),
+    };
+    let response = (StatusCode::CREATED, Json(body)).into_response();
     Ok(with_rate_headers(response, &decision))
 }
 
@@ -142,29 +169,19 @@ pub async fn put_member(
     let role = TenantRole::parse(&req.role)
         .ok_or_else(|| ApiError::invalid_request("role must be one of owner, admin, agent"))?;
     // Only an owner (or a platform admin) grants `owner` or changes an owner's role: an
-    // admin cannot promote itself above its grant.
-    let caller_is_owner = caller.principal.tenant_role(tenant_id) == Some(TenantRole::Owner);
-    if !platform_admin && !caller_is_owner {
-        let current: Option<String> = sqlx::query_scalar(
-            "SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2",
-        )
-        .bind(tenant_id)
-        .bind(user_id)
-        .fetch_optional(&state.pool)
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "cannot read membership");
-            ApiError::unavailable()
-        })?;
-        if role == TenantRole::Owner || current.as_deref() == Some("owner") {
-            return Err(caller.deny_in(&state, tenant_id, Scope::TenantAdmin));
-        }
-    }
+    // admin cannot promote itself above its grant. Checked inside the change's transaction,
+    // against the roles as they are then (`access::set_member_role`).
+    let actor = if platform_admin {
+        access::Actor::PlatformAdmin
+    } else {
+        access::Actor::Member(caller.id())
+    };
     let mut redis = state.redis.clone();
     access::set_member_role(
         &state.pool,
         &mut redis,
         &state.scopes,
+        actor,
         tenant_id,
         user_id,
         role,
@@ -172,6 +189,7 @@ pub async fn put_member(
     .await
     .map_err(|e| match e {
         AccessError::NotFound => ApiError::not_found(),
+        AccessError::Forbidden => caller.deny_in(&state, tenant_id, Scope::TenantAdmin),
         AccessError::Conflict(message) => ApiError::conflict("conflict", message),
         AccessError::Database(error) => {
             tracing::error!(%error, "cannot change membership");

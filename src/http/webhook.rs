@@ -209,6 +209,18 @@ fn fields(params: &Params<'_>) -> Result<Fields, ApiError> {
     })
 }
 
+/// Longest verified URL kept in a refusal's event (the path and query are the client's).
+const MAX_URL_DETAIL_CHARS: usize = 512;
+
+/// The verified URL as a refusal's event keeps it: cut at [`MAX_URL_DETAIL_CHARS`]
+/// characters, marked with `…` when cut.
+fn verified_url_detail(url: &str) -> String {
+    match url.char_indices().nth(MAX_URL_DETAIL_CHARS) {
+        Some((at, _)) => format!("{}…", &url[..at]),
+        None => url.to_owned(),
+    }
+}
+
 fn twiml() -> Response {
     (
         StatusCode::OK,
@@ -275,29 +287,31 @@ pub async fn twilio_message(
 
     // One record of a refusal: the security event (its log line, row and alert, within the
     // event budget), never a second log line per forged request as well.
-    let reject = |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<String>| {
-        let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
-        event.ip = Some(ctx.ip);
-        event.tenant_id = tenant_id;
-        event.request_id = request_id.map(str::to_owned);
-        event.details = match cause {
-            Some(cause) => json!({"reason": reason, "error": cause}),
-            None => json!({"reason": reason}),
+    let reject =
+        |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<(String, String)>| {
+            let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
+            event.ip = Some(ctx.ip);
+            event.tenant_id = tenant_id;
+            event.request_id = request_id.map(str::to_owned);
+            event.details = match cause {
+                Some((cause, url)) => json!({"reason": reason, "error": cause, "url": url}),
+                None => json!({"reason": reason}),
+            };
+            state.events.spawn(event);
+            ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "invalid")
+                .increment(1);
+            ApiError::invalid_signature()
         };
-        state.events.spawn(event);
-        ::metrics::counter!("gatehouse_webhook_verifications_total", "result" => "invalid")
-            .increment(1);
-        ApiError::invalid_signature()
-    };
 
     // A refusal counts against the client's budget first; within it, it is recorded and
     // answered 403, past it answered 429 (recorded as a rate-limit hit, within its budget).
-    let refuse = async |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<String>| {
-        match count_refusal(&state, &ctx).await {
-            Ok(()) => reject(tenant_id, reason, cause),
-            Err(limited) => limited,
-        }
-    };
+    let refuse =
+        async |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<(String, String)>| {
+            match count_refusal(&state, &ctx).await {
+                Ok(()) => reject(tenant_id, reason, cause),
+                Err(limited) => limited,
+            }
+        };
 
     let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
         return Err(refuse(None, "unknown tenant", None).await);
@@ -380,7 +394,14 @@ pub async fn twilio_message(
         verified = twilio::verify(&url, signed_body, signed_headers, &previous_keys);
     }
     if let Err(error) = verified {
-        return Err(refuse(Some(tenant_id), "signature", Some(error.to_string())).await);
+        // The URL the signature was checked against, so an operator can compare it with the
+        // one in Twilio's console (README "Connecting Twilio"); never a key or a signature.
+        return Err(refuse(
+            Some(tenant_id),
+            "signature",
+            Some((error.to_string(), verified_url_detail(&url))),
+        )
+        .await);
     }
     VERIFIED.increment(1);
 
@@ -427,4 +448,19 @@ pub async fn twilio_message(
         "webhook accepted"
     );
     Ok(twiml())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_keeps_the_verified_url_cut_to_a_bound() {
+        let url = "https://gh.example.com/v1/webhooks/twilio/x/messages";
+        assert_eq!(verified_url_detail(url), url);
+        let long = format!("{url}?{}", "é".repeat(1000));
+        let kept = verified_url_detail(&long);
+        assert_eq!(kept.chars().count(), MAX_URL_DETAIL_CHARS + 1);
+        assert!(kept.starts_with(url) && kept.ends_with('…'));
+    }
 }

@@ -18,12 +18,13 @@ pub fn kind_color(kind: &str) -> &'static str {
         "encryption_error" => "#7f7f7f",
         "key_rotation_started" => "#bcbd22",
         "key_rotation_completed" => "#17becf",
+        "invitation_accepted" => "#2ca02c",
         _ => "#444444",
     }
 }
 
 /// The kinds of security event, in legend order.
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "failed_login",
     "permission_denied",
     "invalid_webhook_signature",
@@ -33,6 +34,7 @@ pub const KINDS: [&str; 9] = [
     "encryption_error",
     "key_rotation_started",
     "key_rotation_completed",
+    "invitation_accepted",
 ];
 
 fn f(v: f64) -> String {
