@@ -26,7 +26,9 @@ pub const VARIABLES: &[&str] = &[
     "REDIS_URL",
     "DEBUG",
     "SECRET_KEY",
+    "SECRET_KEY_PREVIOUS",
     "JWT_SECRET_KEY",
+    "JWT_SECRET_KEY_PREVIOUS",
     "JWT_ISSUER",
     "JWT_AUDIENCE",
     "JWT_TTL_SECONDS",
@@ -78,12 +80,14 @@ pub const VARIABLES: &[&str] = &[
     "INVITE_TTL_SECONDS",
 ];
 
-/// The four key variables that `gatehouse keys check` validates.
+/// The key variables that `gatehouse keys check` validates.
 pub const KEY_VARIABLES: &[&str] = &[
     "ENCRYPTION_KEY",
     "ENCRYPTION_OLD_KEYS",
     "JWT_SECRET_KEY",
+    "JWT_SECRET_KEY_PREVIOUS",
     "SECRET_KEY",
+    "SECRET_KEY_PREVIOUS",
 ];
 
 /// Default `REDIS_URL`.
@@ -349,6 +353,12 @@ pub struct Config {
     /// `JWT_SECRET_KEY` (required, ≥ 32 characters, ≥ 16 distinct characters,
     /// different from `SECRET_KEY`).
     pub jwt_secret_key: SecretString,
+    /// `SECRET_KEY_PREVIOUS` (optional, `SECRET_KEY`'s rules, distinct from every other
+    /// key): while set, blind-index lookups also try it (`gatehouse keys reindex`).
+    pub secret_key_previous: Option<SecretString>,
+    /// `JWT_SECRET_KEY_PREVIOUS` (optional, `JWT_SECRET_KEY`'s rules, distinct from every
+    /// other key): tokens signed with it stay valid until they expire; it signs nothing.
+    pub jwt_secret_key_previous: Option<SecretString>,
     /// `JWT_ISSUER`, default `gatehouse`.
     pub jwt_issuer: String,
     /// `JWT_AUDIENCE`, default `gatehouse-api`.
@@ -357,7 +367,7 @@ pub struct Config {
     pub jwt_ttl_seconds: u64,
     /// `ENCRYPTION_KEY` (current) + `ENCRYPTION_OLD_KEYS` (decrypt only).
     pub keyring: Keyring,
-    /// Blind index keyed from `SECRET_KEY`.
+    /// Blind index keyed from `SECRET_KEY` (and `SECRET_KEY_PREVIOUS` for lookups).
     pub blind_index: BlindIndex,
     /// `TRUSTED_PROXIES`: comma-separated CIDRs (a bare IP is a /32 or /128),
     /// default none. Host bits are cleared (`10.1.2.3/8` → `10.0.0.0/8`).
@@ -532,6 +542,8 @@ impl Config {
 
         let secret_key = read_secret_key(&mut r);
         let jwt_secret_key = read_jwt_secret_key(&mut r, secret_key.as_ref());
+        let (secret_key_previous, jwt_secret_key_previous) =
+            read_previous_keys(&mut r, secret_key.as_ref(), jwt_secret_key.as_ref());
 
         let jwt_issuer = r.string("JWT_ISSUER", "gatehouse");
         let jwt_audience = r.string("JWT_AUDIENCE", "gatehouse-api");
@@ -686,13 +698,16 @@ impl Config {
             (Some(database_url), Some(secret_key), Some(jwt_secret_key), Some(keyring))
                 if problems.is_empty() =>
             {
-                let blind_index = BlindIndex::new(&secret_key);
+                let blind_index =
+                    BlindIndex::with_previous(&secret_key, secret_key_previous.as_ref());
                 Ok(Self {
                     database_url,
                     redis_url,
                     debug,
                     secret_key,
                     jwt_secret_key,
+                    secret_key_previous,
+                    jwt_secret_key_previous,
                     jwt_issuer,
                     jwt_audience,
                     jwt_ttl_seconds,
@@ -753,7 +768,8 @@ pub fn check_keys_from_env() -> Result<(), ConfigError> {
 fn check_keys_lookup(get: impl Fn(&str) -> Lookup) -> Result<(), ConfigError> {
     let mut r = Reader::new(get);
     let secret_key = read_secret_key(&mut r);
-    let _jwt = read_jwt_secret_key(&mut r, secret_key.as_ref());
+    let jwt = read_jwt_secret_key(&mut r, secret_key.as_ref());
+    let _previous = read_previous_keys(&mut r, secret_key.as_ref(), jwt.as_ref());
     let _keyring = read_keyring(&mut r);
     let problems = r.finish();
     if problems.is_empty() {
@@ -782,21 +798,7 @@ fn read_jwt_secret_key<F: Fn(&str) -> Lookup>(
     const NAME: &str = "JWT_SECRET_KEY";
     let key = r.required_secret(NAME)?;
     let value = key.expose_secret();
-    if value.chars().count() < MIN_SECRET_CHARS {
-        r.problem(NAME, "must be at least 32 characters");
-    }
-    let mut distinct: Vec<char> = value.chars().collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let distinct_count = distinct.len();
-    // Wipe the sorted copy of the secret's characters.
-    distinct.fill('\0');
-    if distinct_count < MIN_JWT_DISTINCT_CHARS {
-        r.problem(
-            NAME,
-            "is low-entropy: must contain at least 16 distinct characters",
-        );
-    }
+    check_jwt_key_strength(r, NAME, value);
     if let Some(secret_key) = secret_key {
         let same: bool = value
             .as_bytes()
@@ -807,6 +809,74 @@ fn read_jwt_secret_key<F: Fn(&str) -> Lookup>(
         }
     }
     Some(key)
+}
+
+/// `JWT_SECRET_KEY`'s length and entropy rules, for `name`.
+fn check_jwt_key_strength<F: Fn(&str) -> Lookup>(r: &mut Reader<F>, name: &str, value: &str) {
+    if value.chars().count() < MIN_SECRET_CHARS {
+        r.problem(name, "must be at least 32 characters");
+    }
+    let mut distinct: Vec<char> = value.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let distinct_count = distinct.len();
+    // Wipe the sorted copy of the secret's characters.
+    distinct.fill('\0');
+    if distinct_count < MIN_JWT_DISTINCT_CHARS {
+        r.problem(
+            name,
+            "is low-entropy: must contain at least 16 distinct characters",
+        );
+    }
+}
+
+/// Whether two secrets are equal, in constant time.
+fn same_secret(a: &SecretString, b: &SecretString) -> bool {
+    a.expose_secret()
+        .as_bytes()
+        .ct_eq(b.expose_secret().as_bytes())
+        .into()
+}
+
+/// `SECRET_KEY_PREVIOUS` and `JWT_SECRET_KEY_PREVIOUS`: optional, each under the rules of
+/// its current key, and distinct from every other key (a pair is reported once, on the
+/// previous variable; both previous keys equal is reported on `JWT_SECRET_KEY_PREVIOUS`).
+fn read_previous_keys<F: Fn(&str) -> Lookup>(
+    r: &mut Reader<F>,
+    secret_key: Option<&SecretString>,
+    jwt_secret_key: Option<&SecretString>,
+) -> (Option<SecretString>, Option<SecretString>) {
+    const SECRET: &str = "SECRET_KEY_PREVIOUS";
+    const JWT: &str = "JWT_SECRET_KEY_PREVIOUS";
+    let secret_previous = r.optional_secret(SECRET);
+    let jwt_previous = r.optional_secret(JWT);
+    if let Some(key) = &secret_previous {
+        if key.expose_secret().chars().count() < MIN_SECRET_CHARS {
+            r.problem(SECRET, "must be at least 32 characters");
+        }
+        if secret_key.is_some_and(|k| same_secret(k, key)) {
+            r.problem(SECRET, "must differ from SECRET_KEY");
+        }
+        if jwt_secret_key.is_some_and(|k| same_secret(k, key)) {
+            r.problem(SECRET, "must differ from JWT_SECRET_KEY");
+        }
+    }
+    if let Some(key) = &jwt_previous {
+        check_jwt_key_strength(r, JWT, key.expose_secret());
+        if jwt_secret_key.is_some_and(|k| same_secret(k, key)) {
+            r.problem(JWT, "must differ from JWT_SECRET_KEY");
+        }
+        if secret_key.is_some_and(|k| same_secret(k, key)) {
+            r.problem(JWT, "must differ from SECRET_KEY");
+        }
+        if secret_previous
+            .as_ref()
+            .is_some_and(|k| same_secret(k, key))
+        {
+            r.problem(JWT, "must differ from SECRET_KEY_PREVIOUS");
+        }
+    }
+    (secret_previous, jwt_previous)
 }
 
 fn read_keyring<F: Fn(&str) -> Lookup>(r: &mut Reader<F>) -> Option<Keyring> {
@@ -1987,5 +2057,123 @@ mod tests {
             assert!(seen.iter().any(|s| s == var), "{var} is never read");
         }
         assert_eq!(seen.len(), VARIABLES.len(), "a variable is read twice");
+    }
+
+    // -- SECRET_KEY_PREVIOUS / JWT_SECRET_KEY_PREVIOUS ------------------------------------
+
+    const SECRET_KEY_PREVIOUS: &str = "skp-abcdefghijklmnopqrstuvwxyz0123456789";
+    const JWT_SECRET_KEY_PREVIOUS: &str = "jwtp-abcdefghijklmnopqrstuvwxyz-0123456789";
+
+    #[test]
+    fn the_previous_keys_are_optional_and_kept_when_valid() {
+        let cfg = load(&minimal()).unwrap();
+        assert!(cfg.secret_key_previous.is_none());
+        assert!(cfg.jwt_secret_key_previous.is_none());
+        let cfg = load(&with(&[
+            ("SECRET_KEY_PREVIOUS", SECRET_KEY_PREVIOUS),
+            ("JWT_SECRET_KEY_PREVIOUS", JWT_SECRET_KEY_PREVIOUS),
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.secret_key_previous.as_ref().map(|k| k.expose_secret()),
+            Some(SECRET_KEY_PREVIOUS)
+        );
+        assert_eq!(
+            cfg.jwt_secret_key_previous
+                .as_ref()
+                .map(|k| k.expose_secret()),
+            Some(JWT_SECRET_KEY_PREVIOUS)
+        );
+        assert!(!format!("{cfg:?}").contains(SECRET_KEY_PREVIOUS));
+        assert!(!format!("{cfg:?}").contains(JWT_SECRET_KEY_PREVIOUS));
+    }
+
+    #[test]
+    fn a_weak_jwt_secret_key_previous_is_rejected_by_name_never_by_value() {
+        let short = "0123456789abcdefghijKLMNOPQ";
+        let p = fails_on(
+            &[("JWT_SECRET_KEY_PREVIOUS", short)],
+            "JWT_SECRET_KEY_PREVIOUS",
+        );
+        assert_eq!(p.rule, "must be at least 32 characters");
+        assert!(!p.to_string().contains(short));
+        let p = fails_on(
+            &[("JWT_SECRET_KEY_PREVIOUS", &"ab".repeat(20))],
+            "JWT_SECRET_KEY_PREVIOUS",
+        );
+        assert!(p.rule.contains("16 distinct characters"), "{p}");
+    }
+
+    #[test]
+    fn a_short_secret_key_previous_is_rejected() {
+        let short = "0123456789abcdefghijKLMNOPQ";
+        let p = fails_on(&[("SECRET_KEY_PREVIOUS", short)], "SECRET_KEY_PREVIOUS");
+        assert_eq!(p.rule, "must be at least 32 characters");
+        assert!(!p.to_string().contains(short));
+    }
+
+    #[test]
+    fn a_previous_key_equal_to_any_other_key_is_rejected() {
+        type Case<'a> = (&'a [(&'static str, &'a str)], &'a str, &'a str);
+        let cases: &[Case<'_>] = &[
+            (
+                &[("JWT_SECRET_KEY_PREVIOUS", JWT_SECRET_KEY)],
+                "JWT_SECRET_KEY_PREVIOUS",
+                "must differ from JWT_SECRET_KEY",
+            ),
+            (
+                &[("JWT_SECRET_KEY_PREVIOUS", SECRET_KEY)],
+                "JWT_SECRET_KEY_PREVIOUS",
+                "must differ from SECRET_KEY",
+            ),
+            (
+                &[("SECRET_KEY_PREVIOUS", SECRET_KEY)],
+                "SECRET_KEY_PREVIOUS",
+                "must differ from SECRET_KEY",
+            ),
+            (
+                &[("SECRET_KEY_PREVIOUS", JWT_SECRET_KEY)],
+                "SECRET_KEY_PREVIOUS",
+                "must differ from JWT_SECRET_KEY",
+            ),
+            (
+                &[
+                    ("SECRET_KEY_PREVIOUS", JWT_SECRET_KEY_PREVIOUS),
+                    ("JWT_SECRET_KEY_PREVIOUS", JWT_SECRET_KEY_PREVIOUS),
+                ],
+                "JWT_SECRET_KEY_PREVIOUS",
+                "must differ from SECRET_KEY_PREVIOUS",
+            ),
+        ];
+        for (pairs, variable, rule) in cases {
+            let p = fails_on(pairs, variable);
+            assert_eq!(p.rule, *rule);
+            for (_, value) in *pairs {
+                assert!(!p.to_string().contains(value));
+            }
+        }
+    }
+
+    #[test]
+    fn check_keys_validates_the_previous_keys_too() {
+        let mut vars = HashMap::from([
+            ("SECRET_KEY", SECRET_KEY.to_owned()),
+            ("JWT_SECRET_KEY", JWT_SECRET_KEY.to_owned()),
+            ("ENCRYPTION_KEY", ENCRYPTION_KEY.to_owned()),
+            ("SECRET_KEY_PREVIOUS", SECRET_KEY_PREVIOUS.to_owned()),
+            (
+                "JWT_SECRET_KEY_PREVIOUS",
+                JWT_SECRET_KEY_PREVIOUS.to_owned(),
+            ),
+        ]);
+        assert!(check_keys(|n| vars.get(n).cloned()).is_ok());
+        vars.insert("JWT_SECRET_KEY_PREVIOUS", JWT_SECRET_KEY.to_owned());
+        vars.insert("SECRET_KEY_PREVIOUS", "short".to_owned());
+        let err = check_keys(|n| vars.get(n).cloned()).unwrap_err();
+        let named: Vec<&str> = err.problems.iter().map(|p| p.variable.as_str()).collect();
+        assert_eq!(named, ["SECRET_KEY_PREVIOUS", "JWT_SECRET_KEY_PREVIOUS"]);
+        assert!(!err.to_string().contains(JWT_SECRET_KEY));
+        assert!(KEY_VARIABLES.contains(&"SECRET_KEY_PREVIOUS"));
+        assert!(KEY_VARIABLES.contains(&"JWT_SECRET_KEY_PREVIOUS"));
     }
 }

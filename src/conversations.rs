@@ -13,6 +13,11 @@ use crate::fault::Fault;
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::{Keyring, aad};
 
+/// The blind index domain of `conversations.customer_number_index`.
+pub const CUSTOMER_NUMBER_DOMAIN: &str = "conversations.customer_number";
+/// The blind index domain of `messages.from_number_index`.
+pub const FROM_NUMBER_DOMAIN: &str = "messages.from_number";
+
 /// Consecutive low-confidence answers that hand a conversation to a person.
 pub const HANDOFF_AFTER: i32 = 3;
 
@@ -106,9 +111,15 @@ pub async fn process_inbound(
 ///   job goes to the dead letters unmarked, so an operator can retry it once the tenant
 ///   exists); none when this job id already committed.
 /// - `fresh`: nothing more happens for a `MessageSid` this tenant already stored.
-/// - `conv`: upserts the conversation by the blind index of the customer's number and applies
-///   the streak in the same row update (an atomic `n + 1` or reset on the latest committed
-///   version, under the row lock that serializes one conversation's messages).
+/// - `found`/`upd`/`ins`/`conv`: the conversation by the blind index of the customer's number,
+///   per tenant. `found` takes the first of the index values the row may hold ($22, most
+///   preferred first: the current per-tenant form, then the forms written before per-tenant
+///   indexes or under `SECRET_KEY_PREVIOUS`, see `BlindIndex::lookups`), so a returning
+///   customer keeps the conversation across a `SECRET_KEY` rotation and the upgrade. `upd`
+///   applies the streak to it; with none, `ins` inserts it under the current form, and a
+///   concurrent first message of the same customer meets it on the unique index and applies
+///   the streak instead. Either way the streak is an atomic `n + 1` or reset on the latest
+///   committed version, under the row lock that serializes one conversation's messages.
 /// - `msg`: the message. A concurrent twin with the same `MessageSid` makes this insert fail
 ///   on the unique constraint, which rolls the whole statement back (streak included); the
 ///   caller maps that to [`InboundOutcome::DuplicateMessage`].
@@ -121,14 +132,31 @@ WITH marker AS (
 ), fresh AS (
     SELECT 1 FROM marker
     WHERE NOT EXISTS (SELECT 1 FROM messages WHERE tenant_id = $4 AND message_sid = $8)
-), conv AS (
+), found AS (
+    SELECT id FROM conversations
+    WHERE tenant_id = $4 AND customer_number_index = ANY($22::bytea[])
+    ORDER BY array_position($22::bytea[], customer_number_index)
+    LIMIT 1
+), upd AS (
+    UPDATE conversations AS c SET
+        low_confidence_count = CASE WHEN $20 THEN c.low_confidence_count + 1 ELSE 0 END,
+        state = CASE WHEN $20 AND c.low_confidence_count + 1 >= $21 THEN 'handoff'
+                     ELSE c.state END,
+        last_message_at = GREATEST(c.last_message_at, $19),
+        updated_at = now()
+    FROM fresh
+    WHERE c.id = (SELECT id FROM found)
+    RETURNING c.id, c.low_confidence_count, c.state
+), ins AS (
     INSERT INTO conversations AS c (id, tenant_id, customer_number, customer_number_index,
+                                    customer_number_index_form,
                                     low_confidence_count, state, last_message_at)
-    SELECT $5, $4, $6, $7,
+    SELECT $5, $4, $6, $7, $23,
            CASE WHEN $20 THEN 1 ELSE 0 END,
            CASE WHEN $20 AND 1 >= $21 THEN 'handoff' ELSE 'bot' END,
            $19
     FROM fresh
+    WHERE NOT EXISTS (SELECT 1 FROM found)
     ON CONFLICT (tenant_id, customer_number_index) DO UPDATE SET
         low_confidence_count = CASE WHEN $20 THEN c.low_confidence_count + 1 ELSE 0 END,
         state = CASE WHEN $20 AND c.low_confidence_count + 1 >= $21 THEN 'handoff'
@@ -136,11 +164,13 @@ WITH marker AS (
         last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
         updated_at = now()
     RETURNING c.id, c.low_confidence_count, c.state
+), conv AS (
+    SELECT * FROM upd UNION ALL SELECT * FROM ins
 ), msg AS (
     INSERT INTO messages (id, tenant_id, conversation_id, message_sid, from_number,
-                          from_number_index, to_number, body, intent, confidence, slots,
-                          classifier, rejected_reason, job_id, received_at)
-    SELECT $9, $4, conv.id, $8, $10, $11, $12, $13, $14, $15, $16, $17, $18, $1, $19
+                          from_number_index, from_number_index_form, to_number, body, intent,
+                          confidence, slots, classifier, rejected_reason, job_id, received_at)
+    SELECT $9, $4, conv.id, $8, $10, $11, $23, $12, $13, $14, $15, $16, $17, $18, $1, $19
     FROM conv
     RETURNING id
 )
@@ -191,17 +221,22 @@ pub async fn store_inbound(
             &new_conversation.to_string(),
         ),
     );
-    let number_index = ctx
-        .blind_index
-        .compute("conversations.customer_number", msg.from.as_bytes());
+    let number_index = ctx.blind_index.compute_for_tenant(
+        CUSTOMER_NUMBER_DOMAIN,
+        msg.tenant_id,
+        msg.from.as_bytes(),
+    );
+    let number_lookups =
+        ctx.blind_index
+            .lookups(CUSTOMER_NUMBER_DOMAIN, msg.tenant_id, msg.from.as_bytes());
     let message_id = Uuid::new_v4();
     let sealed_from = ctx.keyring.seal(
         msg.from.as_bytes(),
         &aad("messages", "from_number", &message_id.to_string()),
     );
-    let from_index = ctx
-        .blind_index
-        .compute("messages.from_number", msg.from.as_bytes());
+    let from_index =
+        ctx.blind_index
+            .compute_for_tenant(FROM_NUMBER_DOMAIN, msg.tenant_id, msg.from.as_bytes());
 
     let row: Result<StoreRow, sqlx::Error> = sqlx::query_as(STORE_INBOUND)
         .bind(job_id)
@@ -225,6 +260,8 @@ pub async fn store_inbound(
         .bind(received_at)
         .bind(low)
         .bind(HANDOFF_AFTER)
+        .bind(number_lookups)
+        .bind(ctx.blind_index.form())
         .fetch_one(pool)
         .await;
     let (known_tenant, fresh_job, stored, conversation, count, state) = match row {

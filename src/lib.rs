@@ -2,7 +2,7 @@
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
 //! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`,
-//! `classify`, `llm`, `queue`, `rotation`, `outbox`, `retention`, `invitations`); the bottom
+//! `classify`, `llm`, `queue`, `rotation`, `outbox`, `retention`, `invitations`, `reindex`); the bottom
 //! (`security`, `config`, `events`, `db`, and `server`, the HTTP/1.1 server loop both edges
 //! run). No module imports a floor above its own.
 
@@ -26,6 +26,7 @@ pub mod outbox;
 pub mod payloads;
 pub mod queue;
 pub mod ratelimit;
+pub mod reindex;
 pub mod retention;
 pub mod rotation;
 pub mod security;

@@ -7,6 +7,7 @@
 mod jobs;
 mod limits;
 mod secrets;
+mod reindex;
 mod stdin;
 mod tenants;
 
@@ -102,8 +103,19 @@ enum ServiceAccountsCommand {
 enum KeysCommand {
     /// Print a fresh base64 32-byte key.
     Generate,
-    /// Validate ENCRYPTION_KEY, ENCRYPTION_OLD_KEYS, JWT_SECRET_KEY and SECRET_KEY.
+    /// Validate ENCRYPTION_KEY, ENCRYPTION_OLD_KEYS, JWT_SECRET_KEY, JWT_SECRET_KEY_PREVIOUS,
+    /// SECRET_KEY and SECRET_KEY_PREVIOUS.
     Check,
+    /// Rewrite every blind index under SECRET_KEY, per tenant (resumable: run it again to
+    /// continue). Progress on stderr when it is a terminal; a summary line on stdout.
+    Reindex {
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch_size: u32,
+        /// Stop after about this many rows (whole batches); run again to continue.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
     /// Per sealed column, how many values each key id protects; exits 1 when any value's
     /// key is unknown to this configuration.
     Status,
@@ -206,6 +218,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("keys ok");
             Ok(())
+        }
+        Command::Keys(KeysCommand::Reindex { batch_size, limit }) => {
+            let config = load_config(false)?;
+            let options = crate::reindex::Options {
+                batch_size: batch_size as usize,
+                limit,
+            };
+            runtime()?.block_on(reindex::run(&config, options))
         }
         Command::Keys(KeysCommand::Status) => {
             let config = load_config(false)?;
