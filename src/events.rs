@@ -53,10 +53,20 @@ pub enum EventType {
     EncryptionError,
     KeyRotationStarted,
     KeyRotationCompleted,
+    /// `users deactivate`: the user's tokens and sessions are refused from the next request.
+    UserDeactivated,
+    /// `users activate`.
+    UserActivated,
+    /// `users set-platform-role` granted, changed or removed a platform role.
+    PlatformRoleChanged,
+    /// `service-accounts create`: a producer credential exists (details: its tenants).
+    ServiceAccountCreated,
+    /// `service-accounts revoke`: the account's tokens are refused from the next request.
+    ServiceAccountRevoked,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 14] = [
         Self::FailedLogin,
         Self::PermissionDenied,
         Self::InvalidWebhookSignature,
@@ -66,6 +76,11 @@ impl EventType {
         Self::EncryptionError,
         Self::KeyRotationStarted,
         Self::KeyRotationCompleted,
+        Self::UserDeactivated,
+        Self::UserActivated,
+        Self::PlatformRoleChanged,
+        Self::ServiceAccountCreated,
+        Self::ServiceAccountRevoked,
     ];
 
     /// The stored name.
@@ -80,6 +95,11 @@ impl EventType {
             Self::EncryptionError => "encryption_error",
             Self::KeyRotationStarted => "key_rotation_started",
             Self::KeyRotationCompleted => "key_rotation_completed",
+            Self::UserDeactivated => "user_deactivated",
+            Self::UserActivated => "user_activated",
+            Self::PlatformRoleChanged => "platform_role_changed",
+            Self::ServiceAccountCreated => "service_account_created",
+            Self::ServiceAccountRevoked => "service_account_revoked",
         }
     }
 
