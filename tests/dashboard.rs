@@ -787,6 +787,35 @@ async fn a_security_officer_only_reads_retrying_a_dead_job_needs_platform_admin(
 }
 
 #[tokio::test]
+async fn users_deactivate_drops_a_dashboard_session_on_its_next_request() {
+    let env = TestEnv::new().await;
+    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    let server = env.start_server().await;
+    let mut agent = Agent::officer(&server).await;
+    assert_eq!(agent.get("/admin").await.status, 200);
+    gatehouse::principals::set_user_active(
+        &env.pool,
+        &mut env.redis.clone(),
+        &gatehouse::access::ScopeCache::new(env.namespace.clone()),
+        OFFICER,
+        false,
+    )
+    .await
+    .expect("deactivated");
+    let page = agent.get("/admin/queues").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.location(), "/admin/login");
+    assert_eq!(session_keys(&env).await, 0, "the session is gone");
+    // Signing in again answers as a wrong password does.
+    let mut again = Agent::new(&server);
+    let refused = again.login(OFFICER, PASSWORD).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.body.contains("The email or password is not valid."));
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn hostile_tenant_names_emails_and_error_texts_render_inert() {
     let env = TestEnv::new().await;
     create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
