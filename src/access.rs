@@ -170,6 +170,12 @@ pub struct Principal {
     pub active: bool,
     pub platform_scopes: Vec<Scope>,
     pub memberships: Vec<Membership>,
+    /// Producers (service accounts) only: the account may enqueue for every tenant
+    /// (`--all-tenants`). No serde default: an entry cached before this field existed does
+    /// not parse, so it is reloaded from PostgreSQL instead of being read as unbound.
+    pub all_tenants: bool,
+    /// Producers only: the tenants named with `--tenant`.
+    pub bound_tenants: Vec<Uuid>,
 }
 
 impl Principal {
@@ -182,6 +188,24 @@ impl Principal {
             .iter()
             .find(|m| m.tenant_id == tenant_id)
             .map(|m| m.role)
+    }
+
+    /// Whether the principal may act as a producer (`POST /v1/jobs/{queue}`) for `tenant_id`,
+    /// given that it holds `jobs:enqueue`: a service account for the tenants it is bound to
+    /// (or all, with `--all-tenants`); a user through `platform:admin` (platform-wide by role)
+    /// or through a membership of that tenant (a `service` user with no membership is bound
+    /// to no tenant).
+    pub fn may_produce_for(&self, tenant_id: Uuid) -> bool {
+        if !self.active {
+            return false;
+        }
+        match self.kind {
+            SubjectKind::Service => self.all_tenants || self.bound_tenants.contains(&tenant_id),
+            SubjectKind::User => {
+                self.has_platform_scope(Scope::PlatformAdmin)
+                    || self.tenant_role(tenant_id).is_some()
+            }
+        }
     }
 
     /// Whether the principal holds `scope` in `tenant_id` through a membership.
@@ -248,17 +272,27 @@ pub async fn load(
                 active,
                 platform_scopes,
                 memberships,
+                all_tenants: false,
+                bound_tenants: Vec::new(),
             }))
         }
         SubjectKind::Service => {
-            let row: Option<(bool, Vec<String>)> =
-                sqlx::query_as("SELECT is_active, scopes FROM service_accounts WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            let Some((active, scopes)) = row else {
+            let row: Option<(bool, Vec<String>, bool)> = sqlx::query_as(
+                "SELECT is_active, scopes, all_tenants FROM service_accounts WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some((active, scopes, all_tenants)) = row else {
                 return Ok(None);
             };
+            let bound_tenants: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT tenant_id FROM service_account_tenants WHERE service_account_id = $1
+                 ORDER BY tenant_id",
+            )
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
             let platform_scopes = scopes
                 .iter()
                 .filter_map(|s| Scope::parse(s))
@@ -271,6 +305,8 @@ pub async fn load(
                 active,
                 platform_scopes,
                 memberships: Vec::new(),
+                all_tenants,
+                bound_tenants,
             }))
         }
     }
@@ -562,6 +598,54 @@ mod tests {
     }
 
     #[test]
+    fn producers_act_for_their_bound_tenants_users_through_membership_or_platform_admin() {
+        let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut service = Principal {
+            id: Uuid::new_v4(),
+            kind: SubjectKind::Service,
+            email: None,
+            active: true,
+            platform_scopes: vec![Scope::JobsEnqueue],
+            memberships: Vec::new(),
+            all_tenants: false,
+            bound_tenants: vec![mine],
+        };
+        assert!(service.may_produce_for(mine));
+        assert!(!service.may_produce_for(other));
+        service.all_tenants = true;
+        assert!(service.may_produce_for(other));
+        service.active = false;
+        assert!(!service.may_produce_for(mine));
+        let mut user = Principal {
+            kind: SubjectKind::User,
+            active: true,
+            all_tenants: true, // ignored for users
+            bound_tenants: Vec::new(),
+            memberships: vec![Membership {
+                tenant_id: mine,
+                role: TenantRole::Agent,
+            }],
+            ..service
+        };
+        assert!(user.may_produce_for(mine));
+        assert!(!user.may_produce_for(other));
+        user.platform_scopes = PlatformRole::PlatformAdmin.scopes().to_vec();
+        assert!(user.may_produce_for(other));
+    }
+
+    #[test]
+    fn an_entry_cached_before_tenant_bindings_is_not_read_as_unbound() {
+        // What the previous release cached: no all_tenants / bound_tenants. It must not parse
+        // (resolve then reloads from PostgreSQL) rather than default to "bound to nothing" or
+        // "all".
+        let old = serde_json::json!({
+            "id": Uuid::nil(), "kind": "service", "email": null, "active": true,
+            "platform_scopes": ["jobs:enqueue"], "memberships": [],
+        });
+        assert!(serde_json::from_value::<Principal>(old).is_err());
+    }
+
+    #[test]
     fn an_inactive_principal_holds_nothing() {
         let tenant = Uuid::new_v4();
         let mut p = Principal {
@@ -574,6 +658,8 @@ mod tests {
                 tenant_id: tenant,
                 role: TenantRole::Admin,
             }],
+            all_tenants: false,
+            bound_tenants: Vec::new(),
         };
         assert!(p.has_platform_scope(Scope::PlatformAdmin));
         assert!(p.has_tenant_scope(tenant, Scope::CatalogSync));

@@ -267,12 +267,36 @@ fn random_token(bytes: usize) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
 }
 
-/// Creates a service account with `scopes` (only those a service may hold).
+/// Which tenants a service account may enqueue for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantBinding {
+    /// Every tenant (`--all-tenants`), explicitly.
+    All,
+    /// Only these (`--tenant`, at least one, each an existing tenant).
+    Tenants(Vec<Uuid>),
+}
+
+/// Creates a platform-wide service account with `scopes` (only those a service may hold):
+/// [`create_bound_service_account`] with [`TenantBinding::All`]. The CLI makes operators
+/// choose a binding; this is for callers that mean every tenant.
 pub async fn create_service_account(
     pool: &PgPool,
     hasher: &Hasher,
     name: &str,
     scopes: &[String],
+) -> Result<ServiceCredentials, AccountError> {
+    create_bound_service_account(pool, hasher, name, scopes, &TenantBinding::All).await
+}
+
+/// Creates a service account with `scopes`, bound to `binding`'s tenants. A bound account may
+/// hold `jobs:enqueue` only (the other service scopes are platform-wide by nature); every
+/// bound tenant must exist. Nothing is written when anything is refused.
+pub async fn create_bound_service_account(
+    pool: &PgPool,
+    hasher: &Hasher,
+    name: &str,
+    scopes: &[String],
+    binding: &TenantBinding,
 ) -> Result<ServiceCredentials, AccountError> {
     validate_name("name", name)?;
     if scopes.is_empty() {
@@ -294,21 +318,69 @@ pub async fn create_service_account(
     }
     parsed.sort_unstable();
     parsed.dedup();
+    let mut tenants = match binding {
+        TenantBinding::All => Vec::new(),
+        TenantBinding::Tenants(tenants) => {
+            if tenants.is_empty() {
+                return Err(AccountError::Invalid(
+                    "a service account is bound to at least one --tenant, or to --all-tenants"
+                        .into(),
+                ));
+            }
+            if let Some(wide) = parsed.iter().find(|s| **s != Scope::JobsEnqueue.as_str()) {
+                return Err(AccountError::Invalid(format!(
+                    "scope {wide} is platform-wide: an account holding it needs --all-tenants (--tenant binds jobs:enqueue only)"
+                )));
+            }
+            tenants.clone()
+        }
+    };
+    tenants.sort_unstable();
+    tenants.dedup();
+    if !tenants.is_empty() {
+        let known: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = ANY($1)")
+            .bind(&tenants)
+            .fetch_all(pool)
+            .await?;
+        let unknown: Vec<String> = tenants
+            .iter()
+            .filter(|t| !known.contains(t))
+            .map(Uuid::to_string)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(AccountError::Invalid(format!(
+                "no tenant with id {}",
+                unknown.join(", ")
+            )));
+        }
+    }
     let client_id = format!("gh_{}", random_token(12));
     let client_secret = SecretString::from(random_token(32));
     let hash = hasher.hash(&client_secret).await?;
     let id = Uuid::new_v4();
+    let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO service_accounts (id, name, client_id, secret_hash, scopes)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO service_accounts (id, name, client_id, secret_hash, scopes, all_tenants)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(id)
     .bind(name.trim())
     .bind(&client_id)
     .bind(hash)
     .bind(&parsed)
-    .execute(pool)
+    .bind(*binding == TenantBinding::All)
+    .execute(&mut *tx)
     .await?;
+    // A tenant deleted since the check above fails the insert (foreign key): nothing stays.
+    sqlx::query(
+        "INSERT INTO service_account_tenants (service_account_id, tenant_id)
+         SELECT $1, unnest($2::uuid[])",
+    )
+    .bind(id)
+    .bind(&tenants)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(ServiceCredentials {
         id,
         client_id,
@@ -341,7 +413,19 @@ pub async fn authenticate_service(
         Err(e) => return Err(e.into()),
     };
     match (row, verified) {
-        (Some((id, _, true)), Verified::Ok | Verified::OkRehash(_)) => Ok(Some(id)),
+        (Some((id, _, true)), Verified::Ok | Verified::OkRehash(_)) => {
+            // For `service-accounts list`: once per token, never per request. Losing this
+            // write costs a stale time, never the token.
+            if let Err(error) =
+                sqlx::query("UPDATE service_accounts SET last_used_at = now() WHERE id = $1")
+                    .bind(id)
+                    .execute(pool)
+                    .await
+            {
+                tracing::warn!(service_account.id = %id, %error, "cannot record last_used_at");
+            }
+            Ok(Some(id))
+        }
         _ => Ok(None),
     }
 }

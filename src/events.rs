@@ -57,10 +57,20 @@ pub enum EventType {
     TenantSecretRotated,
     /// A user accepted an owner invitation and became a tenant's owner.
     InvitationAccepted,
+    /// `users deactivate`: the user's tokens and sessions are refused from the next request.
+    UserDeactivated,
+    /// `users activate`.
+    UserActivated,
+    /// `users set-platform-role` granted, changed or removed a platform role.
+    PlatformRoleChanged,
+    /// `service-accounts create`: a producer credential exists (details: its tenants).
+    ServiceAccountCreated,
+    /// `service-accounts revoke`: the account's tokens are refused from the next request.
+    ServiceAccountRevoked,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 16] = [
         Self::FailedLogin,
         Self::PermissionDenied,
         Self::InvalidWebhookSignature,
@@ -72,6 +82,11 @@ impl EventType {
         Self::KeyRotationCompleted,
         Self::TenantSecretRotated,
         Self::InvitationAccepted,
+        Self::UserDeactivated,
+        Self::UserActivated,
+        Self::PlatformRoleChanged,
+        Self::ServiceAccountCreated,
+        Self::ServiceAccountRevoked,
     ];
 
     /// The stored name.
@@ -88,6 +103,11 @@ impl EventType {
             Self::KeyRotationCompleted => "key_rotation_completed",
             Self::TenantSecretRotated => "tenant_secret_rotated",
             Self::InvitationAccepted => "invitation_accepted",
+            Self::UserDeactivated => "user_deactivated",
+            Self::UserActivated => "user_activated",
+            Self::PlatformRoleChanged => "platform_role_changed",
+            Self::ServiceAccountCreated => "service_account_created",
+            Self::ServiceAccountRevoked => "service_account_revoked",
         }
     }
 

@@ -24,6 +24,7 @@ pub mod llm;
 pub mod monitoring;
 pub mod outbox;
 pub mod payloads;
+pub mod principals;
 pub mod queue;
 pub mod ratelimit;
 pub mod reindex;

@@ -1109,6 +1109,7 @@ async fn the_cli_creates_users_and_service_accounts_whose_credentials_work_over_
         "orders",
         "--scope",
         "jobs:enqueue",
+        "--all-tenants",
     ]);
     let out = child.wait_with_output().expect("service-accounts create");
     assert!(
@@ -1166,6 +1167,7 @@ async fn the_cli_creates_users_and_service_accounts_whose_credentials_work_over_
         "x",
         "--scope",
         "keys:rotate",
+        "--all-tenants",
     ]);
     let out = child.wait_with_output().expect("run");
     assert_eq!(out.status.code(), Some(1));

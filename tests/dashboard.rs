@@ -23,6 +23,8 @@ use uuid::Uuid;
 
 const PASSWORD: &str = "correct horse battery staple";
 const OFFICER: &str = "officer@example.com";
+/// A platform admin: reads the dashboard like an officer, and alone may retry dead jobs.
+const ADMIN: &str = "admin@example.com";
 const HOSTILE: &str = "<script>alert(\"x\")</script><img src=x onerror=alert(1)>";
 
 async fn create_user(env: &TestEnv, email: &str, role: Option<PlatformRole>) -> Uuid {
@@ -576,17 +578,17 @@ async fn login_sets_a_host_prefixed_secure_httponly_strict_cookie_and_every_page
 async fn a_user_without_security_read_cannot_sign_in_and_losing_the_role_applies_on_the_next_request()
  {
     let env = TestEnv::new().await;
-    create_user(&env, "admin@example.com", Some(PlatformRole::PlatformAdmin)).await;
+    create_user(&env, "service@example.com", Some(PlatformRole::Service)).await;
     let officer = create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
     let server = env.start_server().await;
 
     let mut admin = Agent::new(&server);
-    let refused = admin.login("admin@example.com", PASSWORD).await;
+    let refused = admin.login("service@example.com", PASSWORD).await;
     // The right password of an account without the scope gets the wrong-password answer, so
     // the form never confirms a password.
     let mut guesser = Agent::new(&server);
     let wrong = guesser
-        .login("admin@example.com", "not-the-password-at-all")
+        .login("service@example.com", "not-the-password-at-all")
         .await;
     assert_eq!(refused.status, 401);
     assert_eq!(wrong.status, 401);
@@ -639,10 +641,11 @@ async fn a_user_without_security_read_cannot_sign_in_and_losing_the_role_applies
 async fn a_retry_without_or_with_a_wrong_token_is_refused_and_the_right_token_requeues_the_dead_job()
  {
     let env = TestEnv::new().await;
-    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    create_user(&env, ADMIN, Some(PlatformRole::PlatformAdmin)).await;
     let job_id = dead_job(&env).await;
     let server = env.start_server().await;
-    let mut agent = Agent::officer(&server).await;
+    let mut agent = Agent::new(&server);
+    assert_eq!(agent.login(ADMIN, PASSWORD).await.status, 303);
     let queues = agent.get("/admin/queues").await;
     assert_eq!(queues.status, 200);
     assert!(queues.body.contains(&job_id), "the dead job is listed");
@@ -663,7 +666,7 @@ async fn a_retry_without_or_with_a_wrong_token_is_refused_and_the_right_token_re
     assert_eq!(wrong.status, 403);
     // Another user's (or a stale session's) token is wrong too.
     let mut other = Agent::new(&server);
-    assert_eq!(other.login(OFFICER, PASSWORD).await.status, 303);
+    assert_eq!(other.login(ADMIN, PASSWORD).await.status, 303);
     let other_csrf = other.get("/admin/queues").await.csrf();
     assert_ne!(other_csrf, csrf);
     let foreign = agent
@@ -700,6 +703,114 @@ async fn a_retry_without_or_with_a_wrong_token_is_refused_and_the_right_token_re
     assert_eq!(env.queued("sync_catalog").await, 1, "back on its queue");
     let after = agent.get("/admin/queues?notice=retried").await;
     assert!(after.body.contains("The job is back on its queue."));
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_security_officer_only_reads_retrying_a_dead_job_needs_platform_admin() {
+    let env = TestEnv::new().await;
+    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    create_user(&env, ADMIN, Some(PlatformRole::PlatformAdmin)).await;
+    let job_id = dead_job(&env).await;
+    let server = env.start_server().await;
+
+    let mut officer = Agent::officer(&server).await;
+    let queues = officer.get("/admin/queues").await;
+    assert_eq!(queues.status, 200);
+    assert!(
+        queues.body.contains(&job_id),
+        "the officer sees the dead job"
+    );
+    assert!(
+        !queues.body.contains("/admin/queues/retry"),
+        "but no retry button"
+    );
+    // With a valid session and CSRF token (the sign-out form's), the post is still refused.
+    let csrf = queues.csrf();
+    let refused = officer
+        .post(
+            "/admin/queues/retry",
+            &[("csrf", &csrf), ("job_id", &job_id)],
+        )
+        .await;
+    assert_eq!(refused.status, 403);
+    assert!(is_dead(&env, &job_id).await, "nothing was retried");
+    assert_eq!(env.queued("sync_catalog").await, 0);
+    let denied = eventually(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM security_events WHERE type = 'permission_denied'
+              AND details->>'scope' = 'platform:admin' AND email = $1",
+        )
+        .bind(OFFICER)
+        .fetch_one(&env.pool)
+        .await
+        .is_ok_and(|n| n == 1)
+    })
+    .await;
+    assert!(denied, "the refusal is a permission_denied event");
+
+    let mut agent = Agent::new(&server);
+    assert_eq!(agent.login(ADMIN, PASSWORD).await.status, 303);
+    let queues = agent.get("/admin/queues").await;
+    assert!(queues.body.contains("/admin/queues/retry"));
+    let csrf = queues.csrf();
+    let right = agent
+        .post(
+            "/admin/queues/retry",
+            &[("csrf", &csrf), ("job_id", &job_id)],
+        )
+        .await;
+    assert_eq!(right.status, 303, "{}", right.body);
+    assert!(!is_dead(&env, &job_id).await);
+    assert_eq!(env.queued("sync_catalog").await, 1, "back on its queue");
+
+    // Losing platform:admin takes the button away from the next request.
+    gatehouse::principals::set_platform_role(
+        &env.pool,
+        &mut env.redis.clone(),
+        &gatehouse::access::ScopeCache::new(env.namespace.clone()),
+        ADMIN,
+        Some(PlatformRole::SecurityOfficer),
+    )
+    .await
+    .expect("role changed");
+    let again = agent
+        .post(
+            "/admin/queues/retry",
+            &[("csrf", &csrf), ("job_id", &job_id)],
+        )
+        .await;
+    assert_eq!(again.status, 403);
+    server.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn users_deactivate_drops_a_dashboard_session_on_its_next_request() {
+    let env = TestEnv::new().await;
+    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    let server = env.start_server().await;
+    let mut agent = Agent::officer(&server).await;
+    assert_eq!(agent.get("/admin").await.status, 200);
+    gatehouse::principals::set_user_active(
+        &env.pool,
+        &mut env.redis.clone(),
+        &gatehouse::access::ScopeCache::new(env.namespace.clone()),
+        OFFICER,
+        false,
+    )
+    .await
+    .expect("deactivated");
+    let page = agent.get("/admin/queues").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.location(), "/admin/login");
+    assert_eq!(session_keys(&env).await, 0, "the session is gone");
+    // Signing in again answers as a wrong password does.
+    let mut again = Agent::new(&server);
+    let refused = again.login(OFFICER, PASSWORD).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.body.contains("The email or password is not valid."));
     server.stop().await;
     env.cleanup().await;
 }
@@ -1003,7 +1114,8 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
         vars.insert("DEBUG".into(), "true".into());
     })
     .await;
-    create_user(&env, OFFICER, Some(PlatformRole::SecurityOfficer)).await;
+    // A platform admin: it reads every page and may press Retry.
+    create_user(&env, ADMIN, Some(PlatformRole::PlatformAdmin)).await;
     let job_id = seed(&env).await;
     let server = env.start_server().await;
     let base = format!("http://{}", server.addr);
@@ -1015,7 +1127,7 @@ async fn a_real_chromium_logs_in_renders_every_chart_and_refuses_a_cross_site_re
     at(&browser, format!("{base}/admin/login")).await;
     browser.screenshot(&shots.join("login.png")).await;
     let email = browser.find("#email").await;
-    browser.type_into(&email, OFFICER).await;
+    browser.type_into(&email, ADMIN).await;
     let password = browser.find("#password").await;
     browser.type_into(&password, PASSWORD).await;
     browser.click(&browser.find("#signin").await).await;

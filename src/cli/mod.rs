@@ -8,6 +8,7 @@ mod jobs;
 mod limits;
 mod secrets;
 mod reindex;
+mod principals;
 mod stdin;
 mod tenants;
 
@@ -65,7 +66,7 @@ enum Command {
     Users(UsersCommand),
     /// Service accounts (producers).
     #[command(subcommand, name = "service-accounts")]
-    ServiceAccounts(ServiceAccountsCommand),
+    ServiceAccounts(principals::ServiceAccountsCommand),
     /// Rate limits: lift a lockout.
     #[command(subcommand)]
     Limits(limits::LimitsCommand),
@@ -85,18 +86,8 @@ enum UsersCommand {
         #[arg(long)]
         platform_role: Option<String>,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum ServiceAccountsCommand {
-    /// Create a service account; prints `client_id=…` and `client_secret=…` (shown once).
-    Create {
-        #[arg(long)]
-        name: String,
-        /// A scope it holds (repeatable): jobs:enqueue, security:read, platform:admin.
-        #[arg(long = "scope", required = true)]
-        scopes: Vec<String>,
-    },
+    #[command(flatten)]
+    Incident(principals::UsersIncidentCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,19 +277,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::ServiceAccounts(ServiceAccountsCommand::Create { name, scopes }) => {
+        Command::ServiceAccounts(command) => {
             let config = load_config(false)?;
-            runtime()?.block_on(async {
-                let pool = connect_db(&config).await?;
-                let hasher = crate::security::password::Hasher::owasp();
-                let creds = crate::accounts::create_service_account(&pool, &hasher, &name, &scopes)
-                    .await
-                    .map_err(account_failure)?;
-                use secrecy::ExposeSecret;
-                println!("client_id={}", creds.client_id);
-                println!("client_secret={}", creds.client_secret.expose_secret());
-                Ok(())
-            })
+            runtime()?.block_on(principals::service_accounts(&config, command))
+        }
+        Command::Users(UsersCommand::Incident(command)) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(principals::users(&config, command))
         }
         Command::Serve => {
             let config = Arc::new(load_config(false)?);

@@ -155,6 +155,18 @@ impl Caller {
         ApiError::forbidden()
     }
 
+    /// Denies acting for a tenant outside the caller's binding: a `permission_denied` event
+    /// naming `scope`, the reason and the tenant (`tenant_id`: only when it exists), and 403.
+    pub fn deny_tenant(&self, state: &AppState, scope: Scope, tenant_id: Option<Uuid>) -> ApiError {
+        let mut event = self.ctx.event(EventType::PermissionDenied);
+        event.user_id = Some(self.principal.id);
+        event.email = self.principal.email.clone();
+        event.tenant_id = tenant_id;
+        event.details = json!({"scope": scope.as_str(), "reason": "tenant_not_bound"});
+        record(state, event);
+        ApiError::forbidden()
+    }
+
     /// Requires a platform-wide scope.
     pub fn require(&self, state: &AppState, scope: Scope) -> Result<(), ApiError> {
         if self.principal.has_platform_scope(scope) {

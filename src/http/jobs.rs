@@ -38,7 +38,7 @@ static VALIDATORS: LazyLock<Result<PayloadValidators, SchemaError>> =
         (status = 202, description = "Enqueued", body = super::openapi::JobAccepted),
         super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
-        (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
+        (status = 403, description = "Forbidden (missing scope, or a tenant the caller is not bound to)", body = super::error::ErrorBody),
         (status = 404, description = "No such resource", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
@@ -59,7 +59,7 @@ pub async fn enqueue(
         return Err(caller.deny(&state, Scope::KeysRotate, None));
     }
     let decision = caller.limit_writes(&state).await?;
-    let payload: Value = json_body(&state, &headers, body).await?;
+    let mut payload: Value = json_body(&state, &headers, body).await?;
     let validators = VALIDATORS.as_ref().map_err(|error| {
         tracing::error!(%error, "payload schemas do not compile");
         ApiError::internal()
@@ -75,12 +75,17 @@ pub async fn enqueue(
         }
         PayloadError::UnknownQueue(_) => ApiError::not_found(),
     })?;
-    // The caller acts for the payload's tenant: it must exist.
+    // The caller acts for the payload's tenant: one it is bound to (a bound producer gets 403
+    // for any other, existing or not, so it learns nothing about them), and one that exists.
     let tenant_id = payload
         .get("tenant_id")
         .and_then(Value::as_str)
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| ApiError::invalid_payload("/tenant_id: required"))?;
+    // A sync records who asked for it: the caller, whatever the payload says.
+    if queue == gatehouse_jobs::SyncCatalog::QUEUE {
+        payload["requested_by"] = json!(caller.id());
+    }
     let known: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
         .bind(tenant_id)
         .fetch_optional(&state.pool)
@@ -89,6 +94,10 @@ pub async fn enqueue(
             tracing::error!(%error, "cannot check the payload's tenant");
             ApiError::unavailable()
         })?;
+    if !caller.principal.may_produce_for(tenant_id) {
+        // Events name existing tenants only, never an id a client made up.
+        return Err(caller.deny_tenant(&state, Scope::JobsEnqueue, known));
+    }
     if known.is_none() {
         return Err(ApiError::invalid_payload("/tenant_id: no such tenant"));
     }

@@ -100,7 +100,7 @@ fn parse_filter(query: Option<&str>) -> Result<EventFilter, ApiError> {
     tag = "security",
     security(("bearer" = [])),
     params(
-        ("type" = Option<String>, Query, description = "Only events of this type: `failed_login`, `permission_denied`, `invalid_webhook_signature`, `rate_limit_exceeded`, `suspicious_activity` (alerts), `four_eyes_violation`, `encryption_error`, `key_rotation_started`, `key_rotation_completed` or `invitation_accepted`."),
+        ("type" = Option<String>, Query, description = "Only events of this type: `failed_login`, `permission_denied`, `invalid_webhook_signature`, `rate_limit_exceeded`, `suspicious_activity` (alerts), `four_eyes_violation`, `encryption_error`, `key_rotation_started`, `key_rotation_completed`, `tenant_secret_rotated`, `invitation_accepted`, `user_deactivated`, `user_activated`, `platform_role_changed`, `service_account_created` or `service_account_revoked`."),
         ("since" = Option<String>, Query, description = "Only events at or after this RFC 3339 time (e.g. `2026-11-29T00:00:00Z`; encode `+` as `%2B`)."),
         ("limit" = Option<u32>, Query, description = "At most this many events (default 100)."),
         ("before" = Option<String>, Query, description = "The cursor from the previous page's `X-Next-Before` header (or its `Link: rel=\"next\"`): only events older than that page's last event."),

@@ -1,6 +1,7 @@
 //! The `/admin` operator dashboard: server-rendered HTML (maud, escaped by default, no
 //! JavaScript) behind a login form, a server-side session and CSRF tokens, for users holding
-//! `security:read` (checked per request through the scope cache).
+//! `security:read` or `platform:admin` (checked per request through the scope cache). Pages
+//! only read; the one write (retrying a dead job) needs `platform:admin`.
 
 pub mod csrf;
 pub mod pages;
@@ -181,7 +182,7 @@ impl FromRequestParts<Arc<AppState>> for Officer {
                 return Err(response);
             }
         };
-        if !principal.has_platform_scope(Scope::SecurityRead) {
+        if !may_sign_in(&principal) {
             deny(state, &ctx, &principal, "security:read");
             return Err(forbidden());
         }
@@ -192,6 +193,20 @@ impl FromRequestParts<Arc<AppState>> for Officer {
             ctx,
             csrf,
         })
+    }
+}
+
+/// Who may sign in and read the dashboard: security officers (`security:read`) and platform
+/// admins (`platform:admin`, who alone may retry dead jobs, so they need the pages too).
+pub fn may_sign_in(principal: &Principal) -> bool {
+    principal.has_platform_scope(Scope::SecurityRead)
+        || principal.has_platform_scope(Scope::PlatformAdmin)
+}
+
+impl Officer {
+    /// Whether this operator may change things (retry dead jobs): `platform:admin`.
+    pub fn may_write(&self) -> bool {
+        self.principal.has_platform_scope(Scope::PlatformAdmin)
     }
 }
 
@@ -325,7 +340,7 @@ async fn login(
         Ok(_) => return login_page(&state, StatusCode::UNAUTHORIZED, Some(LOGIN_FAILED)),
         Err(e) => return unavailable("cannot resolve the operator's scopes", &e),
     };
-    if !principal.has_platform_scope(Scope::SecurityRead) {
+    if !may_sign_in(&principal) {
         // The same answer as a wrong password: the form must not confirm that a password
         // was right for an account that may not use the dashboard. The event says why.
         deny(&state, &ctx, &principal, "security:read");
@@ -397,12 +412,12 @@ async fn logout(
     response
 }
 
-/// Puts a dead job back on its queue (form fields `id`, `queue`, `csrf`).
+/// Puts a dead job back on its queue (form fields `job_id`, `csrf`); needs `platform:admin`.
 #[utoipa::path(post, path = "/admin/queues/retry", tag = "admin",
-    request_body(content_type = "application/x-www-form-urlencoded", description = "id, queue, csrf"),
+    request_body(content_type = "application/x-www-form-urlencoded", description = "job_id, csrf"),
     responses(
         (status = 303, description = "Back to the queues page with a notice"),
-        (status = 403, description = "No `security:read`, a missing or wrong CSRF token, or cross-site", content_type = "text/html"),
+        (status = 403, description = "No `platform:admin` (`security:read` only reads), a missing or wrong CSRF token, or cross-site", content_type = "text/html"),
     ))]
 async fn retry_dead(
     State(state): State<Arc<AppState>>,
@@ -410,6 +425,11 @@ async fn retry_dead(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Writes need platform:admin; security:read only reads. Refused before the body is read.
+    if !officer.may_write() {
+        deny(&state, &officer.ctx, &officer.principal, "platform:admin");
+        return forbidden();
+    }
     // Origin first: a cross-site post is refused before its body is even read.
     if !csrf::same_origin(&headers, state.config.public_base_url.as_ref()) {
         return csrf_refused(&state, &officer.ctx, Some(&officer.principal)).await;

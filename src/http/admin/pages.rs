@@ -107,7 +107,7 @@ pub fn login_page(csrf: &str, error: Option<&str>) -> Markup {
                         input #password type="password" name="password" autocomplete="current-password" required;
                         button #signin type="submit" { "Sign in" }
                     }
-                    p.hint { "For operators with the security:read scope." }
+                    p.hint { "For operators with the security:read or platform:admin scope." }
                 }
             }
         }
@@ -392,7 +392,7 @@ pub struct QueuesQuery {
     get,
     path = "/admin/queues",
     tag = "admin",
-    description = "Queues: depth, in flight, retries, dead letters (with retry buttons). HTML for users holding `security:read`.",
+    description = "Queues: depth, in flight, retries, dead letters (with retry buttons for `platform:admin`). HTML for users holding `security:read` or `platform:admin`.",
     responses(PageAnswers)
 )]
 pub async fn queues(
@@ -469,10 +469,12 @@ pub async fn queues(
                                 td.num { (job.attempts) }
                                 td.error { (job.last_error) }
                                 td {
-                                    form.retry method="post" action="/admin/queues/retry" {
-                                        input type="hidden" name="csrf" value=(officer.csrf);
-                                        input type="hidden" name="job_id" value=(job.id);
-                                        button type="submit" { "Retry" }
+                                    @if officer.may_write() {
+                                        form.retry method="post" action="/admin/queues/retry" {
+                                            input type="hidden" name="csrf" value=(officer.csrf);
+                                            input type="hidden" name="job_id" value=(job.id);
+                                            button type="submit" { "Retry" }
+                                        }
                                     }
                                 }
                             }
