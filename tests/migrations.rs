@@ -139,7 +139,11 @@ fn the_lint_catches_each_destructive_shape_and_passes_expanding_ones() {
         "CREATE INDEX users_name_idx ON users (name)",
         "ALTER TABLE users ADD CONSTRAINT c CHECK (length(email) < 320)",
     ] {
-        assert!(destructive(good).is_empty(), "{good}: {:?}", destructive(good));
+        assert!(
+            destructive(good).is_empty(),
+            "{good}: {:?}",
+            destructive(good)
+        );
     }
     assert_eq!(
         statements("-- DROP TABLE x;\nCREATE TABLE y (a int); -- RENAME\n"),

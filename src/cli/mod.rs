@@ -6,9 +6,9 @@
 
 mod jobs;
 mod limits;
-mod secrets;
-mod reindex;
 mod principals;
+mod reindex;
+mod secrets;
 mod stdin;
 mod tenants;
 
