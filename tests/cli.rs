@@ -4,35 +4,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
+use common::run_cli as run;
 use common::*;
 use hmac::{KeyInit, Mac};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
-
-fn run(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .envs(vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("gatehouse runs")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::run_cli as run;
 use common::*;
 use gatehouse::access::{PlatformRole, TenantRole};
 use gatehouse::accounts::{self, NewUser};
@@ -24,7 +22,6 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 const PASSWORD: &str = "correct horse battery staple";
-const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
 /// A request as it arrives through the (trusted, loopback) TLS-terminating proxy.
 fn api(http: &reqwest::Client, server: &TestServer, method: Method, path: &str) -> RequestBuilder {
@@ -584,26 +581,6 @@ async fn a_tenant_admins_change_is_judged_by_the_roles_as_they_are_when_it_commi
     assert_eq!(role_of(&env, tenant, owner).await.as_deref(), Some("owner"));
     server.stop().await;
     env.cleanup().await;
-}
-
-fn run(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .envs(vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("gatehouse runs")
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::run_cli as gatehouse;
 use common::*;
 use gatehouse::security::twilio::{Algorithm, sign_form};
 use uuid::Uuid;
@@ -19,26 +18,6 @@ const SHARED_ID: &str = "kid-1";
 const SHARED_KEY: &str = "first-shared-key-0123456789abcdef";
 const NEW_SHARED_ID: &str = "kid-2";
 const NEW_SHARED_KEY: &str = "second-shared-key-0123456789abcdef";
-
-fn gatehouse(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(args)
-        .env_clear()
-        .envs(vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("gatehouse runs")
-}
 
 fn rotate(env: &TestEnv, tenant: Uuid, secret: &str, overlap: u64, stdin: &str) -> Output {
     gatehouse(

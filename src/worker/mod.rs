@@ -245,15 +245,18 @@ enum NotRun {
 /// transient fault is deferred — rescheduled without counting the attempt, the PostgreSQL
 /// outage noted so the process stops fetching — and anything else goes to [`job_failed`].
 fn settle(
-    queue: &'static str,
-    job_id: &str,
-    attempt: usize,
-    policy: &RetryPolicy,
-    outages: &outage::Outages,
+    at: &Attempted<'_>,
     fault: crate::fault::Fault,
     error: impl std::error::Error + Send + Sync + 'static,
 ) -> BoxDynError {
     use crate::fault::{Dependency, Fault};
+    let Attempted {
+        queue,
+        job_id,
+        attempt,
+        policy,
+        outages,
+    } = *at;
     match fault {
         Fault::Outage(_) | Fault::Transient => {
             if fault == Fault::Outage(Dependency::Postgres) {
@@ -276,21 +279,36 @@ fn settle(
     }
 }
 
+/// One job attempt, as [`settle`] needs it.
+#[derive(Clone, Copy)]
+struct Attempted<'a> {
+    queue: &'static str,
+    job_id: &'a str,
+    attempt: usize,
+    policy: &'a RetryPolicy,
+    outages: &'a outage::Outages,
+}
+
 /// Runs one attempt unless PostgreSQL is down (then the job is given back at once), bounded by
 /// `limit` (`None`: unbounded): an attempt past it is cancelled — its transaction never
-/// commits — and counts as PostgreSQL's outage if a quick probe gets no answer either.
+/// commits — and counts as PostgreSQL's outage if a quick probe gets no answer either. An
+/// attempt that did not run to its end is settled here (the `Err`); one that did returns its
+/// own result.
 async fn guarded<T, E>(
-    outages: &outage::Outages,
+    at: &Attempted<'_>,
     pool: &PgPool,
-    job_id: &str,
     limit: Option<Duration>,
     attempt: impl Future<Output = Result<T, E>>,
-) -> Result<Result<T, E>, (crate::fault::Fault, NotRun)> {
+) -> Result<Result<T, E>, BoxDynError> {
     use crate::fault::{Dependency, Fault};
     // A deferral left by an earlier attempt that was never acknowledged is stale.
-    outages.deferrals.take(job_id);
-    if outages.paused() {
-        return Err((Fault::Outage(Dependency::Postgres), NotRun::Paused));
+    at.outages.deferrals.take(at.job_id);
+    if at.outages.paused() {
+        return Err(settle(
+            at,
+            Fault::Outage(Dependency::Postgres),
+            NotRun::Paused,
+        ));
     }
     let Some(limit) = limit else {
         return Ok(attempt.await);
@@ -303,11 +321,11 @@ async fn guarded<T, E>(
                 sqlx::query("SELECT 1").execute(pool),
             )
             .await;
-            if matches!(probe, Ok(Ok(_))) {
-                Err((Fault::Retry, NotRun::TimedOut(limit)))
+            Err(if matches!(probe, Ok(Ok(_))) {
+                settle(at, Fault::Retry, NotRun::TimedOut(limit))
             } else {
-                Err((Fault::Outage(Dependency::Postgres), NotRun::Hung(limit)))
-            }
+                settle(at, Fault::Outage(Dependency::Postgres), NotRun::Hung(limit))
+            })
         }
     }
 }
@@ -397,31 +415,15 @@ async fn run_inbound(
         min_confidence: state.min_confidence,
         worker: worker.name(),
     };
-    let policy = &state.retry.inbound_message;
-    let run = guarded(
-        &state.outages,
-        &state.pool,
-        &job_id,
-        Some(state.inbound_limit),
-        process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref()),
-    )
-    .await;
-    let result = match run {
-        Ok(result) => result,
-        Err((fault, error)) => {
-            let (queue, attempt) = (InboundMessage::QUEUE, attempt.current());
-            return Err(settle(
-                queue,
-                &job_id,
-                attempt,
-                policy,
-                &state.outages,
-                fault,
-                error,
-            ));
-        }
+    let at = Attempted {
+        queue: InboundMessage::QUEUE,
+        job_id: &job_id,
+        attempt: attempt.current(),
+        policy: &state.retry.inbound_message,
+        outages: &state.outages,
     };
-    match result {
+    let run = process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref());
+    match guarded(&at, &state.pool, Some(state.inbound_limit), run).await? {
         Ok(outcome) => {
             match outcome {
                 InboundOutcome::Stored {
@@ -449,15 +451,7 @@ async fn run_inbound(
             }
             Ok(())
         }
-        Err(error) => Err(settle(
-            InboundMessage::QUEUE,
-            &job_id,
-            attempt.current(),
-            policy,
-            &state.outages,
-            error.fault(),
-            error,
-        )),
+        Err(error) => Err(settle(&at, error.fault(), error)),
     }
 }
 
@@ -477,39 +471,23 @@ async fn handle_sync(
         request.id = meta.get("request_id").unwrap_or("-"),
     );
     let attempt_run = async move {
-        let policy = &state.retry.sync_catalog;
-        let run = guarded(
-            &state.outages,
-            &state.pool,
-            &job_id,
-            Some(state.sync_limit),
-            crate::catalog::sync(
-                &state.pool,
-                &state.keyring,
-                &state.events,
-                &state.store,
-                &job_id,
-                worker.name(),
-                &job,
-            ),
-        )
-        .await;
-        let result = match run {
-            Ok(result) => result,
-            Err((fault, error)) => {
-                let (queue, attempt) = (SyncCatalog::QUEUE, attempt.current());
-                return Err(settle(
-                    queue,
-                    &job_id,
-                    attempt,
-                    policy,
-                    &state.outages,
-                    fault,
-                    error,
-                ));
-            }
+        let at = Attempted {
+            queue: SyncCatalog::QUEUE,
+            job_id: &job_id,
+            attempt: attempt.current(),
+            policy: &state.retry.sync_catalog,
+            outages: &state.outages,
         };
-        match result {
+        let run = crate::catalog::sync(
+            &state.pool,
+            &state.keyring,
+            &state.events,
+            &state.store,
+            &job_id,
+            worker.name(),
+            &job,
+        );
+        match guarded(&at, &state.pool, Some(state.sync_limit), run).await? {
             Ok(SyncOutcome::Applied {
                 pages,
                 fetched,
@@ -528,15 +506,7 @@ async fn handle_sync(
                 tracing::info!(tenant.id = %job.tenant_id, "catalog sync already applied");
                 Ok(())
             }
-            Err(error) => Err(settle(
-                SyncCatalog::QUEUE,
-                &job_id,
-                attempt.current(),
-                policy,
-                &state.outages,
-                error.fault(),
-                error,
-            )),
+            Err(error) => Err(settle(&at, error.fault(), error)),
         }
     };
     observed(SyncCatalog::QUEUE, span, attempt_run).await
@@ -566,32 +536,16 @@ async fn handle_rotate(
             batch_size: state.key_rotation_batch_size,
             stall_limit: crate::rotation::STALL_LIMIT,
         };
-        let policy = &state.retry.rotate_keys;
-        // Unbounded: a rotation may rightly run for hours (each batch is its own transaction).
-        let run = guarded(
-            &state.outages,
-            &state.pool,
-            &job_id,
-            None,
-            crate::rotation::run(&state.pool, &ctx, job.rotation_id),
-        )
-        .await;
-        let result = match run {
-            Ok(result) => result,
-            Err((fault, error)) => {
-                let (queue, attempt) = (RotateKeys::QUEUE, attempt.current());
-                return Err(settle(
-                    queue,
-                    &job_id,
-                    attempt,
-                    policy,
-                    &state.outages,
-                    fault,
-                    error,
-                ));
-            }
+        let at = Attempted {
+            queue: RotateKeys::QUEUE,
+            job_id: &job_id,
+            attempt: attempt.current(),
+            policy: &state.retry.rotate_keys,
+            outages: &state.outages,
         };
-        match result {
+        // Unbounded: a rotation may rightly run for hours (each batch is its own transaction).
+        let run = crate::rotation::run(&state.pool, &ctx, job.rotation_id);
+        match guarded(&at, &state.pool, None, run).await? {
             Ok(crate::rotation::RunOutcome::Finished {
                 status,
                 total,
@@ -612,7 +566,7 @@ async fn handle_rotate(
             Err(error) => {
                 let fault = error.fault();
                 let last = fault == crate::fault::Fault::Permanent
-                    || (fault.counts() && attempt.current() >= policy.max_attempts as usize);
+                    || (fault.counts() && at.attempt >= at.policy.max_attempts as usize);
                 if last {
                     // The rotation will not run again: say so on its row.
                     let marked = crate::rotation::mark_failed(
@@ -625,15 +579,7 @@ async fn handle_rotate(
                         tracing::error!(error = %db, "cannot mark the key rotation failed");
                     }
                 }
-                Err(settle(
-                    RotateKeys::QUEUE,
-                    &job_id,
-                    attempt.current(),
-                    policy,
-                    &state.outages,
-                    fault,
-                    error,
-                ))
+                Err(settle(&at, fault, error))
             }
         }
     };

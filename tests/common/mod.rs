@@ -583,3 +583,26 @@ pub async fn answering(status: u16) -> SocketAddr {
     });
     addr
 }
+
+/// Runs the built binary to completion with exactly `vars` as its environment and `stdin` as
+/// its input (secrets go in there, never in argv).
+pub fn run_cli(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gatehouse");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("gatehouse runs")
+}
