@@ -722,33 +722,18 @@ async fn store_allowed_networks_and_debug_open_chosen_store_urls_at_creation() {
 
 /// Runs `gatehouse tenants create --store-url URL` with `vars`; exit code and stderr.
 fn cli_create(vars: &std::collections::HashMap<String, String>, store_url: &str) -> (i32, String) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args([
-            "tenants",
-            "create",
-            "--name",
-            "Shop",
-            "--twilio-account-sid",
-            ACCOUNT_SID,
-            "--store-url",
-            store_url,
-        ])
-        .env_clear()
-        .envs(vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("twilio_auth_token={TOKEN}\nstore_api_key={STORE_KEY}\n").as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
+    let args = [
+        "tenants",
+        "create",
+        "--name",
+        "Shop",
+        "--twilio-account-sid",
+        ACCOUNT_SID,
+        "--store-url",
+        store_url,
+    ];
+    let stdin = format!("twilio_auth_token={TOKEN}\nstore_api_key={STORE_KEY}\n");
+    let out = run_cli(&args, vars, &stdin);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
