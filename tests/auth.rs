@@ -10,9 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
 use gatehouse::access::{PlatformRole, TenantRole};
-use gatehouse::accounts::{self, NewUser};
 use gatehouse::http::AppState;
-use gatehouse::security::password::Hasher;
 use hmac::{Hmac, KeyInit, Mac};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, RequestBuilder, StatusCode};
@@ -21,7 +19,6 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use uuid::Uuid;
 
-const PASSWORD: &str = "correct horse battery staple";
 const JWT_SECRET: &str = "jwt-ZYXWVUTSRQPONMLKJIHGFEDCBA-9876543210-zyxwv";
 
 fn client() -> reqwest::Client {
@@ -29,49 +26,6 @@ fn client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client")
-}
-
-/// A request as it arrives through the (trusted, loopback) TLS-terminating proxy.
-fn api(http: &reqwest::Client, server: &TestServer, method: Method, path: &str) -> RequestBuilder {
-    http.request(method, server.url(path))
-        .header("x-forwarded-proto", "https")
-}
-
-async fn create_user(env: &TestEnv, email: &str, role: Option<PlatformRole>) -> Uuid {
-    accounts::create_user(
-        &env.pool,
-        &Hasher::owasp(),
-        NewUser {
-            email: email.into(),
-            password: SecretString::from(PASSWORD),
-            first_name: "Test".into(),
-            last_name: "User".into(),
-            platform_role: role,
-        },
-    )
-    .await
-    .expect("user created")
-}
-
-async fn login(http: &reqwest::Client, server: &TestServer, email: &str) -> String {
-    let r = api(http, server, Method::POST, "/v1/auth/login")
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login");
-    assert_eq!(r.status(), 200, "login of {email}");
-    let body: Value = r.json().await.expect("json");
-    body["access_token"].as_str().expect("token").to_owned()
-}
-
-async fn add_member(env: &TestEnv, tenant: Uuid, user: Uuid, role: TenantRole) {
-    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
-        .bind(tenant)
-        .bind(user)
-        .bind(role.as_str())
-        .execute(&env.pool)
-        .await
-        .expect("membership");
 }
 
 async fn status(request: RequestBuilder) -> u16 {

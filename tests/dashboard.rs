@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use gatehouse::access::PlatformRole;
-use gatehouse::accounts::{self, NewUser};
-use gatehouse::security::password::Hasher;
 use gatehouse::tenants::NewTenant;
 use gatehouse_jobs::SyncCatalog;
 use gatehouse_jobs::SyncMode;
@@ -21,27 +19,10 @@ use reqwest::header::{HeaderMap, SET_COOKIE};
 use secrecy::SecretString;
 use uuid::Uuid;
 
-const PASSWORD: &str = "correct horse battery staple";
 const OFFICER: &str = "officer@example.com";
 /// A platform admin: reads the dashboard like an officer, and alone may retry dead jobs.
 const ADMIN: &str = "admin@example.com";
 const HOSTILE: &str = "<script>alert(\"x\")</script><img src=x onerror=alert(1)>";
-
-async fn create_user(env: &TestEnv, email: &str, role: Option<PlatformRole>) -> Uuid {
-    accounts::create_user(
-        &env.pool,
-        &Hasher::owasp(),
-        NewUser {
-            email: email.into(),
-            password: SecretString::from(PASSWORD),
-            first_name: "Test".into(),
-            last_name: "User".into(),
-            platform_role: role,
-        },
-    )
-    .await
-    .expect("user created")
-}
 
 /// A cookie-keeping client, as a browser behind the (trusted, loopback) TLS proxy.
 struct Agent<'a> {

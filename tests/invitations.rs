@@ -12,59 +12,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::run_cli as run;
 use common::*;
 use gatehouse::access::{PlatformRole, TenantRole};
-use gatehouse::accounts::{self, NewUser};
-use gatehouse::security::password::Hasher;
 use gatehouse::security::twilio::{Algorithm, sign_form};
-use reqwest::{Method, RequestBuilder};
-use secrecy::SecretString;
+use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-
-const PASSWORD: &str = "correct horse battery staple";
-
-/// A request as it arrives through the (trusted, loopback) TLS-terminating proxy.
-fn api(http: &reqwest::Client, server: &TestServer, method: Method, path: &str) -> RequestBuilder {
-    http.request(method, server.url(path))
-        .header("x-forwarded-proto", "https")
-}
-
-async fn create_user(env: &TestEnv, email: &str, role: Option<PlatformRole>) -> Uuid {
-    accounts::create_user(
-        &env.pool,
-        &Hasher::owasp(),
-        NewUser {
-            email: email.into(),
-            password: SecretString::from(PASSWORD),
-            first_name: "Test".into(),
-            last_name: "User".into(),
-            platform_role: role,
-        },
-    )
-    .await
-    .expect("user created")
-}
-
-async fn login(http: &reqwest::Client, server: &TestServer, email: &str) -> String {
-    let r = api(http, server, Method::POST, "/v1/auth/login")
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login");
-    assert_eq!(r.status(), 200, "login of {email}");
-    let body: Value = r.json().await.expect("json");
-    body["access_token"].as_str().expect("token").to_owned()
-}
-
-async fn add_member(env: &TestEnv, tenant: Uuid, user: Uuid, role: TenantRole) {
-    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
-        .bind(tenant)
-        .bind(user)
-        .bind(role.as_str())
-        .execute(&env.pool)
-        .await
-        .expect("membership");
-}
 
 async fn role_of(env: &TestEnv, tenant: Uuid, user: Uuid) -> Option<String> {
     sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")

@@ -22,10 +22,9 @@ use gatehouse_jobs::InboundMessage;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
-const PASSWORD: &str = "correct horse battery staple";
 const JWT_A: &str = "jwt-ZYXWVUTSRQPONMLKJIHGFEDCBA-9876543210-zyxwv";
 const JWT_B: &str = "jwt-b-abcdefghijklmnopqrstuvwxyz-0123456789-QRS";
 const SECRET_A: &str = "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz";
@@ -57,19 +56,6 @@ fn http() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client")
-}
-
-async fn login(http: &reqwest::Client, server: &TestServer, email: &str) -> String {
-    let r = http
-        .post(server.url("/v1/auth/login"))
-        .header("x-forwarded-proto", "https")
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login");
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.expect("json");
-    body["access_token"].as_str().expect("token").to_owned()
 }
 
 async fn me(http: &reqwest::Client, server: &TestServer, token: &str) -> StatusCode {

@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use common::*;
 use gatehouse::access::{PlatformRole, ScopeCache};
-use gatehouse::accounts::{self, NewUser, TenantBinding};
+use gatehouse::accounts::{self, TenantBinding};
 use gatehouse::security::password::Hasher;
 use reqwest::StatusCode;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-const PASSWORD: &str = "correct horse battery staple";
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
 fn client() -> reqwest::Client {
@@ -120,22 +119,6 @@ async fn login(server: &TestServer, email: &str, password: &str) -> reqwest::Res
         .send()
         .await
         .expect("login")
-}
-
-async fn create_user(env: &TestEnv, email: &str, role: Option<PlatformRole>) -> Uuid {
-    accounts::create_user(
-        &env.pool,
-        &Hasher::owasp(),
-        NewUser {
-            email: email.into(),
-            password: SecretString::from(PASSWORD),
-            first_name: "Test".into(),
-            last_name: "User".into(),
-            platform_role: role,
-        },
-    )
-    .await
-    .expect("user created")
 }
 
 async fn queued(env: &TestEnv, queue: &str) -> i64 {

@@ -606,3 +606,66 @@ pub fn run_cli(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> st
         .expect("write stdin");
     child.wait_with_output().expect("gatehouse runs")
 }
+
+/// The password of the users the helpers below create.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A request as it arrives through the (trusted, loopback) TLS-terminating proxy.
+pub fn api(
+    http: &reqwest::Client,
+    server: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    http.request(method, server.url(path))
+        .header("x-forwarded-proto", "https")
+}
+
+/// A user with [`PASSWORD`] and an optional platform role.
+pub async fn create_user(
+    env: &TestEnv,
+    email: &str,
+    role: Option<gatehouse::access::PlatformRole>,
+) -> Uuid {
+    gatehouse::accounts::create_user(
+        &env.pool,
+        &gatehouse::security::password::Hasher::owasp(),
+        gatehouse::accounts::NewUser {
+            email: email.into(),
+            password: SecretString::from(PASSWORD),
+            first_name: "Test".into(),
+            last_name: "User".into(),
+            platform_role: role,
+        },
+    )
+    .await
+    .expect("user created")
+}
+
+/// Logs `email` in with [`PASSWORD`] (asserting 200); its access token.
+pub async fn login(http: &reqwest::Client, server: &TestServer, email: &str) -> String {
+    let r = api(http, server, reqwest::Method::POST, "/v1/auth/login")
+        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200, "login of {email}");
+    let body: serde_json::Value = r.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_owned()
+}
+
+/// Makes `user` a member of `tenant` with `role` (straight in the database).
+pub async fn add_member(
+    env: &TestEnv,
+    tenant: Uuid,
+    user: Uuid,
+    role: gatehouse::access::TenantRole,
+) {
+    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
+        .bind(tenant)
+        .bind(user)
+        .bind(role.as_str())
+        .execute(&env.pool)
+        .await
+        .expect("membership");
+}
