@@ -377,12 +377,20 @@ async fn attempts_histogram(
 }
 
 /// Asserts that every finished job of `queue` ran on its first counted attempt: no outage
-/// used one.
+/// used one. A redelivery may still be on its way when the effects are already committed (a
+/// job whose worker missed its heartbeats under load is rescued and run again; if the store's
+/// circuit is open then, that run is deferred with its count unchanged, `attempts` 0): the
+/// histogram is read until the queue has settled.
 async fn assert_no_attempt_used(env: &TestEnv, queue: &str, jobs: usize) {
-    let histogram = attempts_histogram(env, queue).await;
+    let expected = std::collections::BTreeMap::from([("1".to_owned(), jobs)]);
+    let mut histogram = attempts_histogram(env, queue).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while histogram != expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        histogram = attempts_histogram(env, queue).await;
+    }
     assert_eq!(
-        histogram,
-        std::collections::BTreeMap::from([("1".to_owned(), jobs)]),
+        histogram, expected,
         "every job finished on attempt 1 (attempts: jobs)"
     );
 }

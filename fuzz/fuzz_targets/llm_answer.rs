@@ -7,6 +7,23 @@
 #[path = "../../src/classify.rs"]
 #[allow(dead_code)]
 mod classify;
+// classify.rs names `crate::fault` and `crate::circuit` (a classifier error's fault class, a
+// remote classifier's circuit breaker); the pipeline uses neither, so they are stand-ins here.
+#[allow(dead_code)]
+mod fault {
+    pub enum Dependency {
+        Llm,
+    }
+    pub enum Fault {
+        Outage(Dependency),
+        Retry,
+        Permanent,
+    }
+}
+#[allow(dead_code)]
+mod circuit {
+    pub struct Circuit;
+}
 #[path = "../../src/llm/validate.rs"]
 #[allow(dead_code)]
 mod validate;
