@@ -2,6 +2,11 @@
 //! validated), staging it page by page, then applying it in one transaction under the tenant's
 //! row lock.
 //!
+//! One concern per file: `store.rs` is the store API client, `product.rs` the validation of
+//! one untrusted product, `staging.rs` the staging of pages and the one applying transaction;
+//! this file runs an attempt (`sync`: the deadline, the page loop, the outcome) and says how
+//! each failure is classified (`CatalogError`).
+//!
 //! # The store API gatehouse speaks
 //!
 //! `GET {store_url}/products?page={n}` for n = 1, 2, …, with `Authorization: Bearer

@@ -9,6 +9,10 @@
 //! Validation pins HS256 (any other `alg`, `none` included, is refused before the signature
 //! is looked at), requires `exp`, `iat`, `iss`, `aud`, `sub` and `jti`, checks `nbf` when
 //! present, and allows [`LEEWAY_SECONDS`] of clock skew.
+//!
+//! Keys come in as plain values ([`JwtKeys::new`], [`JwtKeys::with_previous`]): this module
+//! imports no configuration; `JwtKeys::from_config` is written on the configuration's side
+//! (`config/keys.rs`).
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -145,17 +149,6 @@ impl JwtKeys {
     /// The `kid` that issued tokens carry (that of `JWT_SECRET_KEY`).
     pub fn kid(&self) -> &str {
         &self.kid
-    }
-
-    /// From the configuration's `JWT_*` variables.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self::new(
-            &config.jwt_secret_key,
-            &config.jwt_issuer,
-            &config.jwt_audience,
-            config.jwt_ttl_seconds,
-        )
-        .with_previous(config.jwt_secret_key_previous.as_ref())
     }
 
     /// Issues a token for `subject`.

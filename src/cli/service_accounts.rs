@@ -1,7 +1,7 @@
-//! Who may act, and shutting them out: `service-accounts create | list | revoke` and
-//! `users deactivate | activate | set-platform-role`. Each change takes effect on the next
-//! request of every token and session of the principal (see `crate::principals`), records a
-//! security event and prints one confirmation line. Secrets are printed once, at creation.
+//! `gatehouse service-accounts create | list | revoke`: the producers' accounts. `create`
+//! prints the client secret once; `revoke` takes effect on the account's next request (see
+//! `crate::principals`) and records a security event. One confirmation line each; `list` is
+//! tab-separated and never shows a secret.
 
 use clap::{ArgGroup, Subcommand};
 use serde_json::json;
@@ -9,12 +9,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use super::{Failure, account_failure, connect_db};
-use crate::access::{PlatformRole, ScopeCache};
+use super::process::{connect_db, tools};
+use super::{Failure, account_failure, principal_failure};
 use crate::accounts::TenantBinding;
 use crate::config::Config;
 use crate::events::{EventType, SecurityLog};
-use crate::principals::{self, PrincipalError};
+use crate::principals;
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceAccountsCommand {
@@ -45,71 +45,13 @@ pub enum ServiceAccountsCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum UsersIncidentCommand {
-    /// Deactivate a user: its tokens and dashboard sessions are refused from the next
-    /// request on, and its logins fail as a wrong password does.
-    Deactivate {
-        #[arg(long)]
-        email: String,
-    },
-    /// Reactivate a deactivated user.
-    Activate {
-        #[arg(long)]
-        email: String,
-    },
-    /// Grant, change or remove (`none`) a user's platform role, effective from the next request.
-    SetPlatformRole {
-        #[arg(long)]
-        email: String,
-        /// platform_admin, security_officer, service, or none.
-        #[arg(long)]
-        role: String,
-    },
-}
-
-fn principal_failure(error: PrincipalError) -> anyhow::Error {
-    match error {
-        PrincipalError::UnknownUser(_) | PrincipalError::UnknownServiceAccount(_) => {
-            Failure::Invalid(error.to_string()).into()
-        }
-        PrincipalError::Database(_) | PrincipalError::Cache(_) => {
-            Failure::Service(error.to_string()).into()
-        }
-    }
-}
-
-struct Tools {
-    pool: sqlx::PgPool,
-    redis: redis::aio::ConnectionManager,
-    cache: ScopeCache,
-    events: SecurityLog,
-}
-
-async fn tools(config: &Config) -> anyhow::Result<Tools> {
-    let pool = connect_db(config).await?;
-    let redis = crate::queue::connect(&config.redis_url)
-        .await
-        .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
-    let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());
-    Ok(Tools {
-        pool,
-        redis,
-        cache: ScopeCache::new(config.queue_namespace.clone()),
-        events,
-    })
-}
-
 fn time(t: Option<OffsetDateTime>) -> String {
     t.and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_else(|| "never".to_owned())
 }
 
 /// Runs a `service-accounts` subcommand.
-pub async fn service_accounts(
-    config: &Config,
-    command: ServiceAccountsCommand,
-) -> anyhow::Result<()> {
+pub(super) async fn run(config: &Config, command: ServiceAccountsCommand) -> anyhow::Result<()> {
     match command {
         ServiceAccountsCommand::Create {
             name,
@@ -220,85 +162,4 @@ pub async fn service_accounts(
             Ok(())
         }
     }
-}
-
-/// Runs a `users deactivate | activate | set-platform-role` subcommand.
-pub async fn users(config: &Config, command: UsersIncidentCommand) -> anyhow::Result<()> {
-    match command {
-        UsersIncidentCommand::Deactivate { email } | UsersIncidentCommand::Activate { email }
-            if email.trim().is_empty() =>
-        {
-            Err(Failure::Invalid("--email must not be empty".into()).into())
-        }
-        UsersIncidentCommand::Deactivate { email } => set_active(config, &email, false).await,
-        UsersIncidentCommand::Activate { email } => set_active(config, &email, true).await,
-        UsersIncidentCommand::SetPlatformRole { email, role } => {
-            // Validate before connecting, so a typo exits 1, not 2.
-            let role = match role.as_str() {
-                "none" => None,
-                other => Some(PlatformRole::parse(other).ok_or_else(|| {
-                    Failure::Invalid(
-                        "--role must be platform_admin, security_officer, service or none".into(),
-                    )
-                })?),
-            };
-            let mut t = tools(config).await?;
-            let change =
-                principals::set_platform_role(&t.pool, &mut t.redis, &t.cache, &email, role)
-                    .await
-                    .map_err(principal_failure)?;
-            let email = crate::accounts::normalize_email(&email);
-            let new = role.map(PlatformRole::as_str);
-            t.events
-                .record(principals::event(
-                    EventType::PlatformRoleChanged,
-                    change.id,
-                    Some(email.clone()),
-                    json!({"from": change.previous, "to": new}),
-                ))
-                .await;
-            println!(
-                "platform role of {email} ({}): {} -> {}, effective from the next request",
-                change.id,
-                change.previous.as_deref().unwrap_or("none"),
-                new.unwrap_or("none"),
-            );
-            Ok(())
-        }
-    }
-}
-
-async fn set_active(config: &Config, email: &str, active: bool) -> anyhow::Result<()> {
-    let mut t = tools(config).await?;
-    let done = principals::set_user_active(&t.pool, &mut t.redis, &t.cache, email, active)
-        .await
-        .map_err(principal_failure)?;
-    let email = crate::accounts::normalize_email(email);
-    let kind = if active {
-        EventType::UserActivated
-    } else {
-        EventType::UserDeactivated
-    };
-    t.events
-        .record(principals::event(
-            kind,
-            done.id,
-            Some(email.clone()),
-            json!({"changed": done.changed}),
-        ))
-        .await;
-    let note = if done.changed {
-        ""
-    } else {
-        " (it already was)"
-    };
-    if active {
-        println!("activated user {email} ({}){note}", done.id);
-    } else {
-        println!(
-            "deactivated user {email} ({}){note}: its tokens and dashboard sessions are refused from the next request",
-            done.id
-        );
-    }
-    Ok(())
 }
