@@ -563,7 +563,7 @@ async fn serve(
     }
     let pool = crate::db::connect_lazy(&config.database_url, 20)
         .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
-    let redis = crate::queue::connect_lazy(&config.redis_url)
+    let redis = crate::redis_conn::connect_lazy(&config.redis_url)
         .map_err(|e| Failure::Invalid(format!("REDIS_URL: {e}")))?;
     let addr = std::net::SocketAddr::new(ip, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -589,7 +589,7 @@ async fn work(
         (config.worker_concurrency as u32 + 2).min(50),
     )
     .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
-    let redis = crate::queue::connect(&config.redis_url)
+    let redis = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
     let state =

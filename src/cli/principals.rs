@@ -88,7 +88,7 @@ struct Tools {
 
 async fn tools(config: &Config) -> anyhow::Result<Tools> {
     let pool = connect_db(config).await?;
-    let redis = crate::queue::connect(&config.redis_url)
+    let redis = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
     let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());
