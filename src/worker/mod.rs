@@ -43,7 +43,6 @@ use sqlx::PgPool;
 use crate::catalog::{StoreClient, StoreLimits};
 use crate::classify::Classifier;
 use crate::config::{Config, RetryPolicies, RetryPolicy};
-use crate::queue::keys::QueueKeys;
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::Keyring;
 use backend::{LiveWorkers, QueueBackend, QueueSettings};
@@ -225,7 +224,7 @@ fn queue_settings(
     outages: &outage::Outages,
 ) -> QueueSettings {
     QueueSettings {
-        keys: QueueKeys::new(queues.namespace(), queue),
+        keys: queues.keys(queue),
         batch_size: options.concurrency.max(1),
         heartbeat: options.heartbeat,
         orphan_timeout: options.orphan_timeout(),
@@ -235,9 +234,9 @@ fn queue_settings(
 }
 
 /// The process's Redis connection for the workers, the maintenance round and the outbox
-/// relay: renewable (`crate::redis_conn::Renewing`), because a reconnect answered with garbage (or a
-/// server error) leaves a `ConnectionManager` failing for good. A failed probe that is not I/O
-/// replaces it; users take a clone per round or per worker start.
+/// relay: renewable (`crate::redis_conn::Renewing`), because a reconnect answered with garbage
+/// (or a server error) leaves a `ConnectionManager` failing for good. A failed probe that is
+/// not I/O replaces it; users take a clone per round or per worker start.
 type SharedRedis = crate::redis_conn::Renewing;
 
 /// How long the health port's open connections may take to finish at shutdown.
