@@ -140,6 +140,10 @@ pub fn redis(error: &redis::RedisError) -> Fault {
     }
 }
 
+/// The log target of outage transitions: where they were logged before [`Reachability`] moved
+/// here, and what operators filter on (`RUST_LOG=warn,gatehouse::worker::outage=info`).
+pub const REACHABILITY_LOG_TARGET: &str = "gatehouse::worker::outage";
+
 /// Whether this process reaches a dependency: not until something first has, then down from
 /// the first failure that is an outage ([`Self::outage`]) until the next success
 /// ([`Self::reached`]). Each transition is logged once (an ERROR line when the outage starts,
@@ -210,6 +214,7 @@ impl Reachability {
         if let Some(since) = was_down {
             let seconds = (OffsetDateTime::now_utc() - since).as_seconds_f64();
             tracing::info!(
+                target: REACHABILITY_LOG_TARGET,
                 dependency = name,
                 outage.seconds = (seconds * 10.0).round() / 10.0,
                 "{name} is reachable again; workers resume"
@@ -239,6 +244,7 @@ impl Reachability {
         ::metrics::gauge!("gatehouse_dependency_down_since_seconds", "dependency" => name)
             .set(since.unix_timestamp() as f64);
         tracing::error!(
+            target: REACHABILITY_LOG_TARGET,
             dependency = name,
             since = %rfc3339(since),
             %error,
