@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatehouse::access::ScopeCache;
-use gatehouse::payloads::PayloadValidators;
+use gatehouse::queue::payloads::PayloadValidators;
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::keyring::{EncryptionKey, Keyring, aad};
 use gatehouse::security::twilio::{
@@ -263,7 +263,7 @@ async fn scope_fixture() -> anyhow::Result<ScopeFixture> {
         .bind(user)
         .execute(&pool)
         .await?;
-    let redis = gatehouse::queue::connect(&SecretString::from(redis_url())).await?;
+    let redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url())).await?;
     Ok(ScopeFixture {
         db_name,
         pool,

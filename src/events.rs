@@ -446,7 +446,7 @@ struct Recorder {
     /// The recorder's own small pool.
     pool: PgPool,
     /// Where budgets and alert windows are counted; `None` counts in process, without alerts.
-    redis: Option<crate::queue::Renewing>,
+    redis: Option<crate::redis_conn::Renewing>,
     namespace: String,
     budget: Budget,
     local: Arc<Mutex<Local>>,
@@ -506,7 +506,7 @@ impl SecurityLog {
     /// [`own_pool`]) and counts budgets and alert windows in Redis under `namespace`.
     pub fn new(
         pool: PgPool,
-        redis: impl Into<crate::queue::Renewing>,
+        redis: impl Into<crate::redis_conn::Renewing>,
         namespace: impl Into<String>,
     ) -> Self {
         let redis = redis.into();

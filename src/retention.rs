@@ -141,11 +141,7 @@ async fn purge(
 ///
 /// A PostgreSQL outage is noted on `postgres` (logged once, for the whole process) instead of
 /// a warning per round, and no round runs while it lasts.
-pub async fn run(
-    pool: PgPool,
-    retention: Retention,
-    postgres: crate::worker::outage::Reachability,
-) {
+pub async fn run(pool: PgPool, retention: Retention, postgres: crate::fault::Reachability) {
     let mut ticker = tokio::time::interval(retention.every.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -658,7 +658,7 @@ async fn with_redis_down_scopes_come_from_the_database_and_logins_fail_closed() 
     up.stop().await;
 
     // The same app with a Redis that refuses connections.
-    let dead = gatehouse::queue::connect_lazy(&SecretString::from("redis://127.0.0.1:1"))
+    let dead = gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1"))
         .expect("lazy connection");
     let state = Arc::new(AppState::new(env.config.clone(), env.pool.clone(), dead));
     let down = TestServer::start(state).await;

@@ -37,7 +37,7 @@ fn denied(ip: IpAddr, at: OffsetDateTime) -> SecurityEvent {
 
 /// A labelled or unlabelled series' value in the process's Prometheus text.
 fn sample(series: &str) -> f64 {
-    let text = gatehouse::monitoring::render(&gatehouse::monitoring::install());
+    let text = gatehouse::metrics::render(&gatehouse::metrics::install());
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
@@ -116,7 +116,7 @@ async fn events_without_an_ip_have_no_budget() {
 async fn with_redis_down_the_budget_is_counted_in_process_and_events_are_still_stored() {
     let env = TestEnv::new().await;
     let dead =
-        gatehouse::queue::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
+        gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
             .expect("lazy client");
     let log = SecurityLog::new(env.pool.clone(), dead, env.namespace.clone());
     let ip: IpAddr = "198.51.100.20".parse().expect("ip");

@@ -808,7 +808,7 @@ async fn a_store_name_resolving_to_loopback_is_refused_at_connect_time_and_its_j
             .await,
         "dead-lettered"
     );
-    let letters = gatehouse::worker::dead::list(&mut redis, &env.namespace, &["sync_catalog"], 10)
+    let letters = gatehouse::queue::dead::list(&mut redis, &env.namespace, &["sync_catalog"], 10)
         .await
         .expect("dead letters");
     let letter = letters

@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use gatehouse::metrics::scrape::Scrape;
 use gatehouse::worker::health::{Outages, serve as serve_worker_health};
-use gatehouse::worker::scrape::Scrape;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -267,7 +267,7 @@ async fn the_worker_health_port_closes_slow_and_idle_connections_too() {
         Outages::default(),
         env.pool.clone(),
         Scrape {
-            handle: gatehouse::monitoring::install(),
+            handle: gatehouse::metrics::install(),
             redis: env.redis.clone().into(),
             namespace: env.namespace.clone(),
             token: None,

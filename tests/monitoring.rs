@@ -14,10 +14,10 @@ use common::*;
 use gatehouse::access::PlatformRole;
 use gatehouse::accounts::{self, NewUser};
 use gatehouse::events::{EventType, SecurityEvent};
+use gatehouse::metrics::scrape::Scrape;
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::password::Hasher;
 use gatehouse::worker::health::{Outages, serve as serve_worker_health};
-use gatehouse::worker::scrape::Scrape;
 use secrecy::SecretString;
 use uuid::Uuid;
 
@@ -259,7 +259,7 @@ async fn worker_health(
         Outages::default(),
         env.pool.clone(),
         Scrape {
-            handle: gatehouse::monitoring::install(),
+            handle: gatehouse::metrics::install(),
             redis: env.redis.clone().into(),
             namespace: env.namespace.clone(),
             token,

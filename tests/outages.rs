@@ -420,8 +420,9 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     let tenant = env.create_tenant().await;
     // Its log lines are kept: the outage is logged when it starts and when it ends.
     let mut worker = LoggedWorker::spawn(&env, &[]);
-    let ingress = gatehouse::queue::connect_lazy(&secrecy::SecretString::from(redis_via_proxy))
-        .expect("redis url");
+    let ingress =
+        gatehouse::redis_conn::connect_lazy(&secrecy::SecretString::from(redis_via_proxy))
+            .expect("redis url");
     let server = TestServer::start(std::sync::Arc::new(gatehouse::http::AppState::new(
         env.config.clone(),
         env.pool.clone(),
@@ -606,7 +607,7 @@ async fn a_redis_busy_running_a_script_pauses_the_worker_until_the_script_is_kil
     let tenant = env.create_tenant().await;
     let server = PrivateRedis::start();
     let client = redis::Client::open(server.url()).expect("url");
-    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(server.url()))
+    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(server.url()))
         .await
         .expect("private redis");
     let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
@@ -1211,7 +1212,7 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
     ];
     let mut server = PrivateRedis::start_with(port, &args);
     let url = server.url();
-    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
         .await
         .expect("private redis");
     // Ballast, so the reload takes a while and clients hear LOADING meanwhile.
@@ -1296,7 +1297,7 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
     let (rows, distinct) = messages_of(&env, &sids).await;
     assert!(all, "every job ran: {rows} of {JOBS}");
     assert_eq!((rows, distinct), (JOBS as i64, JOBS as i64), "once each");
-    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
         .await
         .expect("private redis");
     let dead: i64 = redis::cmd("ZCARD")
@@ -1331,8 +1332,9 @@ async fn the_ingress_takes_webhooks_again_after_every_redis_fault_shape() {
     })
     .await;
     let tenant = env.create_tenant().await;
-    let redis = gatehouse::queue::connect_lazy(&secrecy::SecretString::from(proxy.redis_url()))
-        .expect("redis url");
+    let redis =
+        gatehouse::redis_conn::connect_lazy(&secrecy::SecretString::from(proxy.redis_url()))
+            .expect("redis url");
     let state = std::sync::Arc::new(gatehouse::http::AppState::new(
         env.config.clone(),
         env.pool.clone(),

@@ -411,7 +411,7 @@ async fn jobs_survive_a_redis_restart_and_killed_connections_under_a_running_wor
     let dir = tempfile::tempdir().expect("tempdir");
     let server = PrivateRedis::start(free_port(), dir.path());
     let url = server.url();
-    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
         .await
         .expect("private redis");
     let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();

@@ -667,9 +667,9 @@ async fn an_approval_made_while_redis_is_unreachable_is_enqueued_once_when_redis
 
     // The relay's Redis is down: nothing is enqueued, the entry stays pending with why.
     let mut down =
-        gatehouse::queue::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
+        gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
             .expect("lazy connection");
-    let outcome = gatehouse::outbox::relay(&env.pool, &mut down, &queues)
+    let outcome = gatehouse::queue::outbox::relay(&env.pool, &mut down, &queues)
         .await
         .expect("relay reads PostgreSQL");
     assert_eq!((outcome.sent, outcome.failed), (0, 1));
@@ -686,7 +686,7 @@ async fn an_approval_made_while_redis_is_unreachable_is_enqueued_once_when_redis
 
     // Redis is back: the entry is pushed with its own job id and marked sent.
     let mut up = env.redis.clone();
-    let outcome = gatehouse::outbox::relay(&env.pool, &mut up, &queues)
+    let outcome = gatehouse::queue::outbox::relay(&env.pool, &mut up, &queues)
         .await
         .expect("relay");
     assert_eq!((outcome.sent, outcome.failed), (1, 0));
@@ -696,7 +696,7 @@ async fn an_approval_made_while_redis_is_unreachable_is_enqueued_once_when_redis
         .execute(&env.pool)
         .await
         .expect("forget the mark");
-    let outcome = gatehouse::outbox::relay(&env.pool, &mut up, &queues)
+    let outcome = gatehouse::queue::outbox::relay(&env.pool, &mut up, &queues)
         .await
         .expect("relay");
     assert_eq!(outcome.sent, 1);

@@ -127,7 +127,7 @@ async fn a_second_window_of_failed_logins_raises_a_second_alert() {
 async fn two_ingress_processes_sharing_redis_agree_on_one_window() {
     let env = TestEnv::new().await;
     // Two processes' states: their own pools and Redis connections, one namespace.
-    let other_redis = gatehouse::queue::connect(&SecretString::from(redis_url()))
+    let other_redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url()))
         .await
         .expect("redis");
     let a = env.app_state();
@@ -252,10 +252,10 @@ async fn every_critical_kind_alerts_once_per_window_and_subject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_events_are_still_recorded_without_alerts() {
     let env = TestEnv::new().await;
-    let metrics = gatehouse::monitoring::install();
+    let metrics = gatehouse::metrics::install();
     // Nothing listens on port 1: every alert-window count fails.
     let dead =
-        gatehouse::queue::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
+        gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
             .expect("lazy client");
     let log = SecurityLog::new(env.pool.clone(), dead, env.namespace.clone());
     let ip: IpAddr = "203.0.113.50".parse().expect("ip");
@@ -278,7 +278,7 @@ async fn with_redis_down_events_are_still_recorded_without_alerts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_insert_never_fails_the_caller() {
     let env = TestEnv::new().await;
-    let metrics = gatehouse::monitoring::install();
+    let metrics = gatehouse::metrics::install();
     // A pool whose database does not exist: every insert fails.
     let broken = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(2))
@@ -321,7 +321,7 @@ async fn events_spawned_just_before_shutdown_are_all_recorded_once_drained() {
 
 /// An unlabelled counter's value in the process's Prometheus text.
 fn counter(handle: &metrics_exporter_prometheus::PrometheusHandle, name: &str) -> f64 {
-    gatehouse::monitoring::render(handle)
+    gatehouse::metrics::render(handle)
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

@@ -358,7 +358,7 @@ async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
         "the worker process is still running"
     );
 
-    let mut conn = gatehouse::queue::connect(&secrecy::SecretString::from(url))
+    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url))
         .await
         .expect("private redis");
     env.queues()
@@ -434,10 +434,9 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         .await
         .expect("hget");
     assert!(payload.is_some());
-    let stats =
-        gatehouse::worker::stats::queue_stats(&mut redis, &env.namespace, "inbound_message")
-            .await
-            .expect("queue stats");
+    let stats = gatehouse::queue::stats::queue_stats(&mut redis, &env.namespace, "inbound_message")
+        .await
+        .expect("queue stats");
     assert_eq!(
         (
             stats.pending,

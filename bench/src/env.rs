@@ -70,7 +70,7 @@ impl BenchEnv {
                 .max_connections(20)
                 .connect_lazy(&db_url)?,
             namespace: namespace.clone(),
-            redis: gatehouse::queue::connect(&SecretString::from(redis_url()))
+            redis: gatehouse::redis_conn::connect(&SecretString::from(redis_url()))
                 .await
                 .context("Redis must be running (REDIS_URL)")?,
             vars: base_vars(&db_url, &namespace),

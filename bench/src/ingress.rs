@@ -96,7 +96,7 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
         gatehouse::config::Config::from_env()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
     );
-    let redis = gatehouse::queue::connect(&config.redis_url).await?;
+    let redis = gatehouse::redis_conn::connect(&config.redis_url).await?;
     match kind {
         ServerKind::Gatehouse => {
             let pool = gatehouse::db::connect_lazy(&config.database_url, 20)?;

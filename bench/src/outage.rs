@@ -847,7 +847,7 @@ pub async fn redis_drill(
     let mut server = PrivateRedis::new(flood::free_port()?, &data);
     server.start().await?;
     let url = server.url();
-    let mut conn = gatehouse::queue::connect(&SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect(&SecretString::from(url.clone()))
         .await
         .context("the private Redis does not answer")?;
     crate::progress(&format!(
@@ -968,7 +968,7 @@ pub async fn redis_drill(
     let serve_ready_after_restart = readyz.await.ok().flatten();
     let serve_ready_after =
         answers_200(&probe, &format!("{base}/readyz"), Duration::from_secs(10)).await;
-    let mut conn = gatehouse::queue::connect(&SecretString::from(url.clone())).await?;
+    let mut conn = gatehouse::redis_conn::connect(&SecretString::from(url.clone())).await?;
     let finished = finished(
         env,
         &mut conn,

@@ -1,13 +1,9 @@
 -- gatehouse enqueue: one job straight onto the active list (never the scheduled set, whose
 -- promotion in apalis-redis 1.0 unpacks every due id at once and fails past ~8k), with an
 -- optional dedupe key claimed atomically in the same script.
--- Key layout matches apalis-redis 1.0 (`{queue}:data`, `{queue}:active`, `{queue}:meta:{id}`).
 --
--- KEYS[1]: {queue}:data    (hash job id -> payload JSON)
--- KEYS[2]: {queue}:active  (list of job ids)
--- KEYS[3]: {queue}:signal  (list, wakes waiting workers)
--- KEYS[4]: {queue}:meta    (prefix of per-job metadata hashes)
--- KEYS[5]: dedupe key, or "" for none
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] data, [2] active, [3] signal, [4] meta, [5] dedupe key, or "" for none
 -- ARGV[1]: job id
 -- ARGV[2]: payload JSON
 -- ARGV[3]: max attempts

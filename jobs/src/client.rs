@@ -21,6 +21,8 @@ use redis::{Script, aio::ConnectionLike};
 use uuid::Uuid;
 
 use crate::Job;
+use crate::keys::{QueueKeys, dedupe_key};
+use crate::spec::default_max_attempts;
 
 static ENQUEUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/enqueue.lua")));
@@ -77,12 +79,17 @@ impl Queues {
 
     /// The apalis queue name (Redis key prefix) of a queue: `{namespace}:{queue}`.
     pub fn queue_key(&self, queue: &str) -> String {
-        format!("{}:{queue}", self.namespace)
+        self.keys(queue).prefix
+    }
+
+    /// Every Redis key of a queue (the layout is [`crate::keys`]).
+    pub fn keys(&self, queue: &str) -> QueueKeys {
+        QueueKeys::new(&self.namespace, queue)
     }
 
     /// A namespaced dedupe key: `{namespace}:dedupe:{purpose}`.
     pub fn dedupe_key(&self, purpose: &str) -> String {
-        format!("{}:dedupe:{purpose}", self.namespace)
+        dedupe_key(&self.namespace, purpose)
     }
 
     /// Enqueue a typed job.
@@ -93,8 +100,7 @@ impl Queues {
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
         let payload = serde_json::to_string(job)?;
-        self.enqueue_raw(conn, J::QUEUE, J::MAX_ATTEMPTS, &payload, options)
-            .await
+        self.enqueue_raw(conn, J::QUEUE, &payload, options).await
     }
 
     /// Enqueue many jobs of one type, pipelined (`BATCH` script calls per round trip); each
@@ -107,7 +113,8 @@ impl Queues {
         jobs: &[J],
     ) -> Result<Vec<String>, EnqueueError> {
         const BATCH: usize = 1000;
-        let queue_key = self.queue_key(J::QUEUE);
+        let keys = self.keys(J::QUEUE);
+        let max_attempts = default_max_attempts(J::QUEUE);
         // EVALSHA needs the script cached; SCRIPT LOAD is idempotent.
         let _: String = redis::cmd("SCRIPT")
             .arg("LOAD")
@@ -123,14 +130,14 @@ impl Queues {
                 pipe.cmd("EVALSHA")
                     .arg(&hash)
                     .arg(5)
-                    .arg(format!("{queue_key}:data"))
-                    .arg(format!("{queue_key}:active"))
-                    .arg(format!("{queue_key}:signal"))
-                    .arg(format!("{queue_key}:meta"))
+                    .arg(keys.data())
+                    .arg(keys.active())
+                    .arg(keys.signal())
+                    .arg(keys.meta())
                     .arg("")
                     .arg(&job_id)
                     .arg(serde_json::to_string(job)?)
-                    .arg(J::MAX_ATTEMPTS)
+                    .arg(max_attempts)
                     .arg(1)
                     .ignore();
                 ids.push(job_id);
@@ -140,28 +147,28 @@ impl Queues {
         Ok(ids)
     }
 
-    /// Enqueue a payload that was already validated against the queue's schema.
+    /// Enqueue a payload that was already validated against the queue's schema. The attempt
+    /// budget recorded with the job is the queue's default ([`crate::spec`]).
     pub async fn enqueue_raw<C: ConnectionLike>(
         &self,
         conn: &mut C,
         queue: &str,
-        max_attempts: u32,
         payload_json: &str,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
-        let queue_key = self.queue_key(queue);
+        let keys = self.keys(queue);
         let job_id = options.job_id.unwrap_or_else(|| Uuid::now_v7().to_string());
         let (dedupe_key, ttl) = options.dedupe.unwrap_or_default();
         let mut invocation = ENQUEUE.prepare_invoke();
         invocation
-            .key(format!("{queue_key}:data"))
-            .key(format!("{queue_key}:active"))
-            .key(format!("{queue_key}:signal"))
-            .key(format!("{queue_key}:meta"))
+            .key(keys.data())
+            .key(keys.active())
+            .key(keys.signal())
+            .key(keys.meta())
             .key(dedupe_key)
             .arg(&job_id)
             .arg(payload_json)
-            .arg(max_attempts)
+            .arg(default_max_attempts(queue))
             .arg(ttl.max(1));
         if let Some(request_id) = options.request_id {
             invocation.arg("request_id").arg(request_id);

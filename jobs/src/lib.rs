@@ -1,5 +1,6 @@
-//! The wire contract of gatehouse jobs: payload types, queue names, JSON Schemas and the
-//! enqueue client that producer services link against.
+//! The wire contract of gatehouse jobs: payload types, queue names, JSON Schemas, the
+//! per-queue table (`spec`), the Redis key layout (`keys`) and the enqueue client that
+//! producer services link against.
 //!
 //! Payloads carry ids and the facts a job needs, never derived state. Fields are only ever
 //! added as optional; a breaking change is a new job name. Queue names are constants here,
@@ -23,15 +24,13 @@ use uuid::Uuid;
 
 #[cfg(feature = "redis")]
 pub mod client;
+pub mod keys;
+pub mod spec;
 
 /// A job type: its payload, its queue and its schema.
 pub trait Job: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static {
-    /// The queue's stable name.
+    /// The queue's stable name; the queue's other facts are its row in [`spec::QUEUE_SPECS`].
     const QUEUE: &'static str;
-    /// The default attempt budget (first run included), recorded with the job when it is
-    /// enqueued. The workers' per-queue setting (`JOB_MAX_ATTEMPTS_{QUEUE}`, default 4) is what
-    /// decides when a failing job is dead-lettered.
-    const MAX_ATTEMPTS: u32 = 4;
 }
 
 /// An inbound SMS/WhatsApp message that Twilio delivered to a tenant's webhook.
@@ -101,28 +100,25 @@ impl Job for RotateKeys {
     const QUEUE: &'static str = "rotate_keys";
 }
 
-/// Every queue gatehouse runs, in a stable order.
-pub const QUEUES: [&str; 3] = [InboundMessage::QUEUE, SyncCatalog::QUEUE, RotateKeys::QUEUE];
+/// Every queue gatehouse runs, in a stable order (the names of [`spec::QUEUE_SPECS`]).
+pub const QUEUES: [&str; spec::QUEUE_SPECS.len()] = {
+    let mut names = [""; spec::QUEUE_SPECS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = spec::QUEUE_SPECS[i].name;
+        i += 1;
+    }
+    names
+};
 
 /// The JSON Schema (Draft 2020-12) of a queue's payload, as committed under `jobs/schemas/`.
 pub fn schema_for_queue(queue: &str) -> Option<serde_json::Value> {
-    let schema = match queue {
-        InboundMessage::QUEUE => schemars::schema_for!(InboundMessage),
-        SyncCatalog::QUEUE => schemars::schema_for!(SyncCatalog),
-        RotateKeys::QUEUE => schemars::schema_for!(RotateKeys),
-        _ => return None,
-    };
-    Some(schema.to_value())
+    spec::spec(queue).map(|s| (s.schema)())
 }
 
 /// The committed schema file's text for a queue (what `jobs/schemas/{queue}.json` holds).
 pub fn committed_schema(queue: &str) -> Option<&'static str> {
-    match queue {
-        InboundMessage::QUEUE => Some(include_str!("../schemas/inbound_message.json")),
-        SyncCatalog::QUEUE => Some(include_str!("../schemas/sync_catalog.json")),
-        RotateKeys::QUEUE => Some(include_str!("../schemas/rotate_keys.json")),
-        _ => None,
-    }
+    spec::spec(queue).map(|s| s.committed_schema)
 }
 
 #[cfg(test)]

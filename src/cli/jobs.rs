@@ -7,7 +7,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::Failure;
 use crate::config::Config;
-use crate::worker::dead;
+use crate::queue::dead;
 
 /// Most dead jobs listed per queue.
 const LIST_LIMIT: usize = 1000;
@@ -78,7 +78,7 @@ pub async fn run(config: &Config, command: JobsCommand) -> anyhow::Result<()> {
             (queues(None)?, Some(id.clone()))
         }
     };
-    let mut conn = crate::queue::connect(&config.redis_url)
+    let mut conn = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(unreachable)?;
     let namespace = config.queue_namespace.as_str();

@@ -66,7 +66,7 @@ pub async fn run(config: &Config, command: LimitsCommand) -> anyhow::Result<()> 
     let unreachable = |error: &dyn std::fmt::Display| {
         Failure::Service(format!("Redis cannot be reached: {error}"))
     };
-    let mut conn = crate::queue::connect(&config.redis_url)
+    let mut conn = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| unreachable(&e))?;
     let keys = ratelimit::reset(&mut conn, &config.queue_namespace, &target)

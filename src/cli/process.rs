@@ -134,7 +134,7 @@ async fn serve(
     }
     let pool = crate::db::connect_lazy(&config.database_url, 20)
         .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
-    let redis = crate::queue::connect_lazy(&config.redis_url)
+    let redis = crate::redis_conn::connect_lazy(&config.redis_url)
         .map_err(|e| Failure::Invalid(format!("REDIS_URL: {e}")))?;
     let addr = std::net::SocketAddr::new(ip, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -160,7 +160,7 @@ async fn work(
         (config.worker_concurrency as u32 + 2).min(50),
     )
     .map_err(|e| Failure::Invalid(format!("DATABASE_URL: {e}")))?;
-    let redis = crate::queue::connect(&config.redis_url)
+    let redis = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
     let state =
@@ -222,7 +222,7 @@ pub(super) struct Tools {
 /// Connects an incident command: PostgreSQL, Redis (unreachable: exit 2), its security log.
 pub(super) async fn tools(config: &Config) -> anyhow::Result<Tools> {
     let pool = connect_db(config).await?;
-    let redis = crate::queue::connect(&config.redis_url)
+    let redis = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
     let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());

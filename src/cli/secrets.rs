@@ -78,7 +78,7 @@ pub async fn rotate(config: &Config, args: RotateSecretArgs) -> anyhow::Result<(
             })?;
     // Every ingress drops its cached keys of this tenant; without Redis they refresh within
     // TENANT_KEY_CACHE_SECONDS.
-    let listening = match crate::queue::connect(&config.redis_url).await {
+    let listening = match crate::redis_conn::connect(&config.redis_url).await {
         Ok(mut redis) => tenant_secrets::notify(&mut redis, &config.queue_namespace, args.tenant)
             .await
             .ok(),
@@ -86,7 +86,7 @@ pub async fn rotate(config: &Config, args: RotateSecretArgs) -> anyhow::Result<(
     };
     let events = crate::events::SecurityLog::new(
         pool.clone(),
-        crate::queue::Renewing::lazy(&config.redis_url)?,
+        crate::redis_conn::Renewing::lazy(&config.redis_url)?,
         config.queue_namespace.clone(),
     );
     let mut event = SecurityEvent::new(EventType::TenantSecretRotated);

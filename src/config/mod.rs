@@ -17,6 +17,7 @@ pub use rate::{Rate, RateError};
 use std::fmt;
 use std::time::Duration;
 
+use gatehouse_jobs::spec::{QUEUE_SPECS, QueueSpec};
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
@@ -203,7 +204,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
 }
 
-/// The retry policies of every queue.
+/// The retry policies of every queue, one per row of the queue table
+/// (`gatehouse_jobs::spec::QUEUE_SPECS`, which holds their defaults and variable names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicies {
     pub inbound_message: RetryPolicy,
@@ -239,12 +241,11 @@ impl RetryPolicies {
 
     /// The policy of a queue by its name (`inbound_message`, …); `None` for an unknown queue.
     pub fn for_queue(&self, queue: &str) -> Option<RetryPolicy> {
-        match queue {
-            "inbound_message" => Some(self.inbound_message),
-            "sync_catalog" => Some(self.sync_catalog),
-            "rotate_keys" => Some(self.rotate_keys),
-            _ => None,
-        }
+        let policies = [self.inbound_message, self.sync_catalog, self.rotate_keys];
+        QUEUE_SPECS
+            .iter()
+            .position(|spec| spec.name == queue)
+            .and_then(|i| policies.get(i).copied())
     }
 }
 
@@ -517,37 +518,13 @@ impl Config {
             }
         });
         let tenant_key_cache_seconds = r.integer("TENANT_KEY_CACHE_SECONDS", 300u64, 1, 3600);
+        // One policy per row of the queue table, in its order.
+        let [inbound_message, sync_catalog, rotate_keys] =
+            QUEUE_SPECS.map(|spec| read_retry_policy(&mut r, &spec));
         let retry = RetryPolicies {
-            inbound_message: read_retry_policy(
-                &mut r,
-                [
-                    "JOB_RETRY_BASE_MS_INBOUND_MESSAGE",
-                    "JOB_RETRY_CAP_MS_INBOUND_MESSAGE",
-                    "JOB_MAX_ATTEMPTS_INBOUND_MESSAGE",
-                ],
-                5_000,
-                600_000,
-            ),
-            sync_catalog: read_retry_policy(
-                &mut r,
-                [
-                    "JOB_RETRY_BASE_MS_SYNC_CATALOG",
-                    "JOB_RETRY_CAP_MS_SYNC_CATALOG",
-                    "JOB_MAX_ATTEMPTS_SYNC_CATALOG",
-                ],
-                60_000,
-                3_600_000,
-            ),
-            rotate_keys: read_retry_policy(
-                &mut r,
-                [
-                    "JOB_RETRY_BASE_MS_ROTATE_KEYS",
-                    "JOB_RETRY_CAP_MS_ROTATE_KEYS",
-                    "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
-                ],
-                30_000,
-                1_800_000,
-            ),
+            inbound_message,
+            sync_catalog,
+            rotate_keys,
         };
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
@@ -668,17 +645,14 @@ impl Config {
 // Retry policies
 // ---------------------------------------------------------------------------
 
-/// One queue's retry policy from its three variables; a cap below the base is a problem
-/// named by the cap's variable.
-fn read_retry_policy<F: Fn(&str) -> Lookup>(
-    r: &mut Reader<F>,
-    [base_var, cap_var, attempts_var]: [&'static str; 3],
-    base_ms: u64,
-    cap_ms: u64,
-) -> RetryPolicy {
-    let base = r.integer(base_var, base_ms, 1, 86_400_000);
-    let cap = r.integer(cap_var, cap_ms, 1, 604_800_000);
-    let max_attempts = r.integer(attempts_var, 4u32, 1, 100);
+/// One queue's retry policy from its three variables (its row of the queue table gives their
+/// names and defaults); a cap below the base is a problem named by the cap's variable.
+fn read_retry_policy<F: Fn(&str) -> Lookup>(r: &mut Reader<F>, spec: &QueueSpec) -> RetryPolicy {
+    let (vars, defaults) = (spec.variables, spec.retry);
+    let (base_var, cap_var) = (vars.base_ms, vars.cap_ms);
+    let base = r.integer(base_var, defaults.base_ms, 1, 86_400_000);
+    let cap = r.integer(cap_var, defaults.cap_ms, 1, 604_800_000);
+    let max_attempts = r.integer(vars.max_attempts, defaults.max_attempts, 1, 100);
     if cap < base {
         r.problem(cap_var, format!("must not be below {base_var}"));
     }
@@ -886,6 +860,23 @@ mod tests {
             ..policy
         };
         assert_eq!(one.longest_schedule(), Duration::ZERO);
+    }
+
+    #[test]
+    fn each_queue_reads_its_own_row_of_the_queue_table() {
+        let cfg = load(&with(&[])).expect("valid");
+        for spec in QUEUE_SPECS {
+            assert_eq!(
+                cfg.retry.for_queue(spec.name),
+                Some(RetryPolicy {
+                    base: Duration::from_millis(spec.retry.base_ms),
+                    cap: Duration::from_millis(spec.retry.cap_ms),
+                    max_attempts: spec.retry.max_attempts,
+                }),
+                "{}",
+                spec.name
+            );
+        }
     }
 
     #[test]

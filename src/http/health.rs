@@ -38,7 +38,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     };
     let mut redis = state.redis.clone();
     let rd = async {
-        tokio::time::timeout(timeout, crate::queue::ping(&mut redis))
+        tokio::time::timeout(timeout, crate::redis_conn::ping(&mut redis))
             .await
             .unwrap_or(false)
     };

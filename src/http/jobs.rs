@@ -18,7 +18,7 @@ use super::AppState;
 use super::authz::{Caller, json_body, with_rate_headers};
 use super::error::ApiError;
 use crate::access::Scope;
-use crate::payloads::{PayloadError, PayloadValidators, SchemaError};
+use crate::queue::payloads::{PayloadError, PayloadValidators, SchemaError};
 
 /// How long an `Idempotency-Key` is remembered.
 pub const IDEMPOTENCY_TTL_SECONDS: u64 = 24 * 3600;
@@ -124,7 +124,6 @@ pub async fn enqueue(
         .enqueue_raw(
             &mut redis,
             queue,
-            max_attempts(queue),
             &raw,
             Enqueue {
                 job_id: None,
@@ -144,14 +143,4 @@ pub async fn enqueue(
     )
         .into_response();
     Ok(with_rate_headers(response, &decision))
-}
-
-fn max_attempts(queue: &str) -> u32 {
-    match queue {
-        q if q == gatehouse_jobs::InboundMessage::QUEUE => {
-            gatehouse_jobs::InboundMessage::MAX_ATTEMPTS
-        }
-        q if q == gatehouse_jobs::SyncCatalog::QUEUE => gatehouse_jobs::SyncCatalog::MAX_ATTEMPTS,
-        _ => RotateKeys::MAX_ATTEMPTS,
-    }
 }

@@ -50,8 +50,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
-    /// Renewed from `REDIS_URL` when stuck (`crate::queue::Renewing`).
-    pub redis: crate::queue::Renewing,
+    /// Renewed from `REDIS_URL` when stuck (`crate::redis_conn::Renewing`).
+    pub redis: crate::redis_conn::Renewing,
     pub queues: Queues,
     pub key_cache: Arc<KeyCache>,
     /// `PUBLIC_BASE_URL` without a trailing slash.
@@ -63,14 +63,14 @@ pub struct AppState {
     /// Records security events (row, log line, metrics) and evaluates the alert rules.
     pub events: SecurityLog,
     /// What `GET /metrics` renders.
-    pub scrape: crate::worker::scrape::Scrape,
+    pub scrape: crate::metrics::scrape::Scrape,
 }
 
 impl AppState {
     /// `redis` must be a connection to `config.redis_url`: it is renewed from there when
     /// stuck.
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
-        let redis = crate::queue::Renewing::from_manager(redis, &config.redis_url);
+        let redis = crate::redis_conn::Renewing::from_manager(redis, &config.redis_url);
         let queues = Queues::new(config.queue_namespace.clone());
         let key_cache = KeyCache::new(Duration::from_secs(config.tenant_key_cache_seconds));
         let public_base = config
@@ -81,8 +81,8 @@ impl AppState {
         let scopes = ScopeCache::new(config.queue_namespace.clone());
         let hasher = Hasher::owasp_with_queue(config.password_hash_queue);
         let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());
-        let scrape = crate::worker::scrape::Scrape {
-            handle: crate::monitoring::install(),
+        let scrape = crate::metrics::scrape::Scrape {
+            handle: crate::metrics::install(),
             redis: redis.clone(),
             namespace: config.queue_namespace.clone(),
             token: config.metrics_token.clone(),

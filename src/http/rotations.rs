@@ -152,7 +152,7 @@ pub async fn approve(
     // The job is committed in the outbox; push it now so the rotation starts at once. If
     // Redis is away the workers' relay pushes it when it is back.
     let mut redis = state.redis.clone();
-    if let Err(error) = crate::outbox::relay(&state.pool, &mut redis, &state.queues).await {
+    if let Err(error) = crate::queue::outbox::relay(&state.pool, &mut redis, &state.queues).await {
         tracing::warn!(%error, "outbox relay after approval failed; the workers' relay will push it");
     }
     let body = json!({"id": approved.rotation.id, "status": approved.rotation.status});

@@ -1,15 +1,13 @@
-//! gatehouse's Redis backend for apalis: its own Lua scripts behind apalis-core's
-//! `Persistence` trait, so apalis stays the worker framework while the queue's semantics are
-//! gatehouse's (ARCHITECTURE.md, "The queue").
-//!
-//! Key layout under `{namespace}:{queue}` (compatible with what `gatehouse-jobs` enqueues):
-//! `:active` list of ready ids, `:data` hash of payloads, `:meta:{id}` hashes, `:scheduled`
-//! zset of retries by due time, `:done` and `:dead` zsets by time, `:workers` zset of
-//! heartbeats, `:inflight:{worker}` sets of fetched jobs.
+//! The apalis adapter: gatehouse's queue layer (`crate::queue::consume`) behind apalis-core's
+//! `Backend` and `Persistence` traits, so apalis stays the worker framework while the queue's
+//! semantics are gatehouse's (ARCHITECTURE.md, "The queue"). What is apalis's here: turning
+//! apalis's task events into acknowledgements (where a finished attempt goes, by its status and
+//! the queue's retry policy), decoding fetched tasks, and the worker's lifecycle (register,
+//! release, deregister). The key layout is `crate::queue::keys`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::marker::PhantomData;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -22,38 +20,13 @@ use apalis_core::task::Task;
 use apalis_core::task::status::Status;
 use apalis_core::worker::context::WorkerContext;
 use futures::FutureExt;
-use redis::Script;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 
 use crate::config::RetryPolicy;
-use crate::worker::retry::backoff_delay;
-
-/// Due retries promoted per fetch: far below Lua's ~8,000 `unpack` limit, and enough that a
-/// burst of 20,000 due retries drains in a few dozen fetches.
-pub const PROMOTE_CHUNK: usize = 1000;
-/// Dead workers recovered per heartbeat call.
-const RECOVER_CHUNK: usize = 100;
-/// Longest error text kept with a job (the cause, never a payload).
-pub const MAX_ERROR_CHARS: usize = 500;
-
-macro_rules! script {
-    ($name:ident, $file:literal) => {
-        static $name: LazyLock<Script> =
-            LazyLock::new(|| Script::new(include_str!(concat!("lua/", $file))));
-    };
-}
-script!(FETCH, "fetch.lua");
-script!(ACK, "ack.lua");
-script!(HEARTBEAT, "heartbeat.lua");
-script!(REGISTER, "register.lua");
-script!(RELEASE, "release.lua");
-script!(DEREGISTER, "deregister.lua");
-script!(VACUUM, "vacuum.lua");
-pub(crate) static DEAD_RETRY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/dead_retry.lua")));
-pub(crate) static DEAD_PURGE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/dead_purge.lua")));
+use crate::queue::consume::{self, Ack, MAX_ERROR_CHARS, Outcome};
+use crate::queue::keys::QueueKeys;
+use crate::queue::retry::backoff_delay;
 
 /// Why a queue operation failed. Any of these ends the apalis worker, which gatehouse's
 /// supervisor restarts under a new name.
@@ -63,48 +36,6 @@ pub enum BackendError {
     Redis(#[from] redis::RedisError),
     #[error("enqueue through gatehouse-jobs, not the apalis sink")]
     Unsupported,
-}
-
-/// The Redis key names of one queue.
-#[derive(Debug, Clone)]
-pub struct QueueKeys {
-    /// `{namespace}:{queue}`.
-    pub prefix: String,
-}
-
-impl QueueKeys {
-    pub fn new(namespace: &str, queue: &str) -> Self {
-        Self {
-            prefix: format!("{namespace}:{queue}"),
-        }
-    }
-    pub fn active(&self) -> String {
-        format!("{}:active", self.prefix)
-    }
-    pub fn data(&self) -> String {
-        format!("{}:data", self.prefix)
-    }
-    pub fn meta(&self) -> String {
-        format!("{}:meta", self.prefix)
-    }
-    pub fn scheduled(&self) -> String {
-        format!("{}:scheduled", self.prefix)
-    }
-    pub fn done(&self) -> String {
-        format!("{}:done", self.prefix)
-    }
-    pub fn dead(&self) -> String {
-        format!("{}:dead", self.prefix)
-    }
-    pub fn workers(&self) -> String {
-        format!("{}:workers", self.prefix)
-    }
-    pub fn inflight(&self) -> String {
-        format!("{}:inflight", self.prefix)
-    }
-    pub fn inflight_of(&self, worker: &str) -> String {
-        format!("{}:inflight:{worker}", self.prefix)
-    }
 }
 
 /// The worker names of this process that are alive, per queue key prefix: the process-wide
@@ -151,46 +82,6 @@ pub struct QueueSettings {
     pub outages: super::outage::Outages,
 }
 
-/// One heartbeat round for a queue: keeps `names` alive (and `strict`, which must still be
-/// registered), then recovers the jobs of dead workers. Returns (jobs recovered, dead workers).
-pub async fn heartbeat(
-    conn: &mut ConnectionManager,
-    keys: &QueueKeys,
-    orphan_timeout: Duration,
-    strict: Option<&str>,
-    names: &[String],
-) -> Result<(u64, u64), redis::RedisError> {
-    let mut invocation = HEARTBEAT.prepare_invoke();
-    invocation
-        .key(keys.workers())
-        .key(keys.active())
-        .key(keys.inflight())
-        .arg(orphan_timeout.as_millis() as u64)
-        .arg(RECOVER_CHUNK)
-        .arg(strict.unwrap_or(""));
-    for name in names {
-        invocation.arg(name);
-    }
-    invocation.invoke_async(conn).await
-}
-
-/// Removes up to `limit` finished jobs older than `retention`; returns how many.
-pub async fn vacuum(
-    conn: &mut ConnectionManager,
-    keys: &QueueKeys,
-    retention: Duration,
-    limit: usize,
-) -> Result<u64, redis::RedisError> {
-    VACUUM
-        .key(keys.done())
-        .key(keys.data())
-        .key(keys.meta())
-        .arg(retention.as_millis() as u64)
-        .arg(limit)
-        .invoke_async(conn)
-        .await
-}
-
 /// The `Persistence` half: what apalis-core's `Persisted` driver calls.
 #[derive(Debug, Clone)]
 pub struct QueuePersistence {
@@ -200,12 +91,12 @@ pub struct QueuePersistence {
 }
 
 /// Where a finished attempt goes.
-fn outcome(status: &Status, attempt: usize, policy: &RetryPolicy) -> &'static str {
+fn outcome(status: &Status, attempt: usize, policy: &RetryPolicy) -> Outcome {
     match status {
-        Status::Done => "done",
-        Status::Killed => "dead",
-        _ if attempt >= policy.max_attempts as usize => "dead",
-        _ => "retry",
+        Status::Done => Outcome::Done,
+        Status::Killed => Outcome::Dead,
+        _ if attempt >= policy.max_attempts as usize => Outcome::Dead,
+        _ => Outcome::Retry,
     }
 }
 
@@ -223,18 +114,14 @@ impl Persistence for QueuePersistence {
 
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), BackendError> {
         let keys = &self.settings.keys;
-        let _: i64 = REGISTER
-            .key(keys.workers())
-            .arg(worker.name())
-            .invoke_async(&mut self.conn)
-            .await?;
+        consume::register(&mut self.conn, keys, worker.name()).await?;
         self.live.add(&keys.prefix, worker.name());
         tracing::debug!(worker.name = worker.name(), queue = %keys.prefix, "worker registered");
         Ok(())
     }
 
     async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), BackendError> {
-        let (recovered, dead) = heartbeat(
+        let (recovered, dead) = consume::heartbeat(
             &mut self.conn,
             &self.settings.keys,
             self.settings.orphan_timeout,
@@ -262,19 +149,13 @@ impl Persistence for QueuePersistence {
         if self.settings.outages.paused() {
             return Ok(Vec::new());
         }
-        let keys = &self.settings.keys;
-        let result: Vec<redis::Value> = FETCH
-            .key(keys.workers())
-            .key(keys.active())
-            .key(keys.inflight_of(worker.name()))
-            .key(keys.data())
-            .key(keys.meta())
-            .key(keys.scheduled())
-            .arg(self.settings.batch_size)
-            .arg(worker.name())
-            .arg(PROMOTE_CHUNK)
-            .invoke_async(&mut self.conn)
-            .await?;
+        let result = consume::fetch(
+            &mut self.conn,
+            &self.settings.keys,
+            worker.name(),
+            self.settings.batch_size,
+        )
+        .await?;
         let tasks = apalis_redis::queries::deserialize_with_meta(result)?;
         Ok(tasks
             .into_iter()
@@ -290,17 +171,11 @@ impl Persistence for QueuePersistence {
         if tasks.is_empty() {
             return Ok(0);
         }
-        let keys = &self.settings.keys;
-        let mut invocation = RELEASE.prepare_invoke();
-        invocation
-            .key(keys.inflight_of(worker.name()))
-            .key(keys.active());
-        for task in &tasks {
-            if let Some(id) = task.ctx().task_id() {
-                invocation.arg(id.to_string());
-            }
-        }
-        Ok(invocation.invoke_async(&mut self.conn).await?)
+        let ids: Vec<String> = tasks
+            .iter()
+            .filter_map(|task| task.ctx().task_id().map(ToString::to_string))
+            .collect();
+        Ok(consume::release(&mut self.conn, &self.settings.keys, worker.name(), &ids).await?)
     }
 
     async fn handle_events(
@@ -321,43 +196,47 @@ impl Persistence for QueuePersistence {
         let keys = &self.settings.keys;
         let policy = self.settings.retry;
         let deferrals = &self.settings.outages.deferrals;
-        let mut invocation = ACK.prepare_invoke();
-        invocation
-            .key(keys.inflight_of(worker.name()))
-            .key(keys.done())
-            .key(keys.dead())
-            .key(keys.scheduled())
-            .key(keys.meta())
-            .arg(self.settings.outages.max_wait.as_millis() as u64);
-        for result in &results {
-            let id = result.task_id.to_string();
-            let attempt = result.attempt.max(1);
-            // What the attempt is if it counts: the outcome itself, or (for a deferral) what
-            // it becomes once the job has waited out outages for longer than the maximum.
-            let counted = outcome(&result.status, attempt, &policy);
-            let counted_delay = if counted == "retry" {
-                backoff_delay(&policy, attempt as u32, rand::random::<f64>())
-            } else {
-                Duration::ZERO
-            };
-            let deferred = match deferrals.take(&id) {
-                Some(delay) if result.status != Status::Done => Some(delay),
-                _ => None,
-            };
-            let (outcome, delay) = match deferred {
-                Some(delay) => ("defer", delay),
-                None => (counted, counted_delay),
-            };
-            invocation
-                .arg(id)
-                .arg(outcome)
-                .arg(attempt)
-                .arg(delay.as_millis() as u64)
-                .arg(error_text(result))
-                .arg(counted)
-                .arg(counted_delay.as_millis() as u64);
-        }
-        let (acked, expired): (usize, usize) = invocation.invoke_async(&mut self.conn).await?;
+        let acks: Vec<Ack> = results
+            .iter()
+            .map(|result| {
+                let id = result.task_id.to_string();
+                let attempt = result.attempt.max(1);
+                // What the attempt is if it counts: the outcome itself, or (for a deferral)
+                // what it becomes once the job has waited out outages for longer than the
+                // maximum.
+                let counted = outcome(&result.status, attempt, &policy);
+                let counted_delay = if counted == Outcome::Retry {
+                    backoff_delay(&policy, attempt as u32, rand::random::<f64>())
+                } else {
+                    Duration::ZERO
+                };
+                let deferred = match deferrals.take(&id) {
+                    Some(delay) if result.status != Status::Done => Some(delay),
+                    _ => None,
+                };
+                let (outcome, delay) = match deferred {
+                    Some(delay) => (Outcome::Defer, delay),
+                    None => (counted, counted_delay),
+                };
+                Ack {
+                    id,
+                    outcome,
+                    attempt,
+                    delay,
+                    error: error_text(result),
+                    counted,
+                    counted_delay,
+                }
+            })
+            .collect();
+        let consume::Acked { acked, expired } = consume::ack(
+            &mut self.conn,
+            keys,
+            worker.name(),
+            self.settings.outages.max_wait,
+            &acks,
+        )
+        .await?;
         if expired > 0 {
             tracing::warn!(
                 queue = %keys.prefix,
@@ -447,12 +326,7 @@ impl<Args> Backend for QueueBackend<Args> {
             self.cleanup = Some(
                 async move {
                     live.remove(&keys.prefix, &name);
-                    let _: i64 = DEREGISTER
-                        .key(keys.workers())
-                        .key(keys.inflight_of(&name))
-                        .arg(&name)
-                        .invoke_async(&mut conn)
-                        .await?;
+                    consume::deregister(&mut conn, &keys, &name).await?;
                     Ok(())
                 }
                 .boxed()
@@ -525,13 +399,13 @@ mod tests {
     #[test]
     fn failures_retry_until_the_last_attempt_then_die() {
         let p = policy();
-        assert_eq!(outcome(&Status::Done, 1, &p), "done");
-        assert_eq!(outcome(&Status::Failed, 1, &p), "retry");
-        assert_eq!(outcome(&Status::Failed, 3, &p), "retry");
-        assert_eq!(outcome(&Status::Failed, 4, &p), "dead");
-        assert_eq!(outcome(&Status::Pending, 2, &p), "retry");
+        assert_eq!(outcome(&Status::Done, 1, &p).as_str(), "done");
+        assert_eq!(outcome(&Status::Failed, 1, &p).as_str(), "retry");
+        assert_eq!(outcome(&Status::Failed, 3, &p).as_str(), "retry");
+        assert_eq!(outcome(&Status::Failed, 4, &p).as_str(), "dead");
+        assert_eq!(outcome(&Status::Pending, 2, &p).as_str(), "retry");
         assert_eq!(
-            outcome(&Status::Killed, 1, &p),
+            outcome(&Status::Killed, 1, &p).as_str(),
             "dead",
             "permanent errors never retry"
         );

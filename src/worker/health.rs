@@ -16,7 +16,7 @@ use axum::routing::get;
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::scrape::Scrape;
+use crate::metrics::scrape::Scrape;
 
 pub use super::outage::{Outages, Reachability};
 

@@ -16,122 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use time::OffsetDateTime;
 
 use crate::circuit::{Circuit, Circuits};
-use crate::fault::{Dependency, Fault};
+use crate::fault::{Dependency, Fault, rfc3339};
 
-/// Whether this process reaches a dependency: not until something first has, then down from
-/// the first failure that is an outage ([`Self::outage`]) until the next success
-/// ([`Self::reached`]). Each transition is logged once (an ERROR line when the outage starts,
-/// an INFO line with its length when it ends) and sets the `gatehouse_dependency_up{dependency}`
-/// gauge and `gatehouse_dependency_down_since_seconds{dependency}` (the outage's start as a Unix
-/// time, 0 while up); failures in between log nothing.
-#[derive(Debug, Clone)]
-pub struct Reachability {
-    dependency: Dependency,
-    reach: Arc<Mutex<Reach>>,
-}
-
-#[derive(Debug, Default)]
-struct Reach {
-    reached: bool,
-    down_since: Option<OffsetDateTime>,
-}
-
-impl Reachability {
-    pub fn new(dependency: Dependency) -> Self {
-        Self {
-            dependency,
-            reach: Arc::default(),
-        }
-    }
-
-    pub fn dependency(&self) -> Dependency {
-        self.dependency
-    }
-
-    /// A round's result: `true` as [`Self::reached`], `false` as an outage.
-    pub fn set(&self, ok: bool) {
-        if ok {
-            self.reached();
-        } else {
-            self.outage(&"the maintenance round (heartbeat, vacuum) failed");
-        }
-    }
-
-    /// Whether the dependency was reached and is not down now.
-    pub fn get(&self) -> bool {
-        self.reach
-            .lock()
-            .map(|r| r.reached && r.down_since.is_none())
-            .unwrap_or(false)
-    }
-
-    /// Whether an outage is on (false before the first contact).
-    pub fn is_down(&self) -> bool {
-        self.down_since().is_some()
-    }
-
-    /// Since when the dependency has been down, if it is.
-    pub fn down_since(&self) -> Option<OffsetDateTime> {
-        self.reach.lock().ok().and_then(|r| r.down_since)
-    }
-
-    /// Something just reached the dependency: ends an outage (logged once).
-    pub fn reached(&self) {
-        let Ok(mut reach) = self.reach.lock() else {
-            return;
-        };
-        let was_down = reach.down_since.take();
-        let first = !reach.reached;
-        reach.reached = true;
-        drop(reach);
-        let name = self.dependency.as_str();
-        if let Some(since) = was_down {
-            let seconds = (OffsetDateTime::now_utc() - since).as_seconds_f64();
-            tracing::info!(
-                dependency = name,
-                outage.seconds = (seconds * 10.0).round() / 10.0,
-                "{name} is reachable again; workers resume"
-            );
-        }
-        if first || was_down.is_some() {
-            ::metrics::gauge!("gatehouse_dependency_up", "dependency" => name).set(1.0);
-            ::metrics::gauge!("gatehouse_dependency_down_since_seconds", "dependency" => name)
-                .set(0.0);
-        }
-    }
-
-    /// The dependency is unreachable or answers that it cannot serve: starts an outage
-    /// (logged once, with this first error).
-    pub fn outage(&self, error: &dyn std::fmt::Display) {
-        let Ok(mut reach) = self.reach.lock() else {
-            return;
-        };
-        if reach.down_since.is_some() {
-            return;
-        }
-        let since = OffsetDateTime::now_utc();
-        reach.down_since = Some(since);
-        drop(reach);
-        let name = self.dependency.as_str();
-        ::metrics::gauge!("gatehouse_dependency_up", "dependency" => name).set(0.0);
-        ::metrics::gauge!("gatehouse_dependency_down_since_seconds", "dependency" => name)
-            .set(since.unix_timestamp() as f64);
-        tracing::error!(
-            dependency = name,
-            since = %rfc3339(since),
-            %error,
-            "{name} is unreachable; workers stop fetching and probe it with backoff until it answers"
-        );
-    }
-}
-
-pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
+/// Lives in `crate::fault` (the retention round, in the core, notes PostgreSQL outages on it).
+pub use crate::fault::Reachability;
 
 /// Job ids whose current attempt failed for an outage or a transient fault, with the delay
 /// before they run again: a handler records one just before returning its error, the

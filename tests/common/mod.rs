@@ -137,7 +137,7 @@ impl TestEnv {
         let mut vars = base_vars(&db_url, &namespace);
         edit(&mut vars);
         let config = Arc::new(config_from(&vars));
-        let redis = gatehouse::queue::connect(&SecretString::from(redis_url()))
+        let redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url()))
             .await
             .expect("Redis must be running (REDIS_URL)");
         Self {

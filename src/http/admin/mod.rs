@@ -453,7 +453,7 @@ async fn retry_dead(
         return error_page(ApiError::invalid_request("job_id is required"));
     };
     let mut redis = state.redis.clone();
-    match crate::worker::dead::retry(
+    match crate::queue::dead::retry(
         &mut redis,
         &state.config.queue_namespace,
         &gatehouse_jobs::QUEUES,

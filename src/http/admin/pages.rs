@@ -404,11 +404,11 @@ pub async fn queues(
     let namespace = &state.config.queue_namespace;
     let stats = loaded(
         "cannot read queue statistics",
-        crate::worker::stats::all_queue_stats(&mut redis, namespace, &gatehouse_jobs::QUEUES).await,
+        crate::queue::stats::all_queue_stats(&mut redis, namespace, &gatehouse_jobs::QUEUES).await,
     )?;
     let dead = loaded(
         "cannot list dead jobs",
-        crate::worker::dead::list(&mut redis, namespace, &gatehouse_jobs::QUEUES, 50).await,
+        crate::queue::dead::list(&mut redis, namespace, &gatehouse_jobs::QUEUES, 50).await,
     )?;
     let notice = match query.notice.as_deref() {
         Some("retried") => Some("The job is back on its queue."),

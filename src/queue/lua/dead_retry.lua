@@ -1,9 +1,7 @@
 -- gatehouse dead-letter retry: a dead job goes back to the active list with a fresh attempt
 -- budget. Returns 1, or 0 when the job is not dead (unknown, already retried or purged).
--- KEYS[1]: {queue}:dead
--- KEYS[2]: {queue}:active
--- KEYS[3]: {queue}:meta (prefix)
--- KEYS[4]: {queue}:data
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] dead, [2] active, [3] meta, [4] data
 -- ARGV[1]: job id
 local id = ARGV[1]
 if not redis.call("zscore", KEYS[1], id) then

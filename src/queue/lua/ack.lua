@@ -2,11 +2,8 @@
 -- (linear retries up to a hard-coded 25, sets that never expire, and an error that ends the
 -- worker when a job is no longer held).
 --
--- KEYS[1]: {queue}:inflight:{worker}
--- KEYS[2]: {queue}:done       (zset job id -> finished ms; the vacuum's index)
--- KEYS[3]: {queue}:dead       (zset job id -> dead-lettered ms)
--- KEYS[4]: {queue}:scheduled  (zset job id -> due ms)
--- KEYS[5]: {queue}:meta       (prefix)
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] inflight_of(worker), [2] done, [3] dead, [4] scheduled, [5] meta
 -- ARGV[1]: OUTAGE_MAX_WAIT_SECONDS in ms
 -- then groups of 7: job id, outcome ("done" | "retry" | "dead" | "defer"), attempt, delay ms,
 -- error, and what the attempt is if it counts ("retry" | "dead") with its delay ms.

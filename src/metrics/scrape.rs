@@ -2,22 +2,23 @@
 //! `WORKER_HEALTH_PORT`): the process's recorder (counters, histograms), then gauges read at
 //! scrape time — every queue's depth and dead letters from Redis (one script per queue) — and
 //! the LLM rejection counters. With `METRICS_TOKEN` set, a scrape must present it as a bearer
-//! token (compared in constant time).
+//! token (compared in constant time). Built on the `http` crate's types (which axum
+//! re-exports), so each edge serves [`Scrape::respond`] as it is without this module knowing
+//! axum.
 
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use ::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use crate::monitoring::{render, write_family};
-use crate::worker::stats::{QueueStats, all_queue_stats};
+use super::{render, write_family};
+use crate::queue::stats::{QueueStats, all_queue_stats};
 
 /// What a scrape reads.
 #[derive(Clone)]
 pub struct Scrape {
     pub handle: PrometheusHandle,
-    pub redis: crate::queue::Renewing,
+    pub redis: crate::redis_conn::Renewing,
     pub namespace: String,
     /// `METRICS_TOKEN`: required as a bearer token when set.
     pub token: Option<SecretString>,
@@ -41,23 +42,33 @@ impl Scrape {
     }
 
     /// The `/metrics` response: 401 without the token (when one is configured), else the text.
-    pub async fn respond(&self, headers: &HeaderMap) -> Response {
-        if !self.authorized(headers) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer realm=\"metrics\"")],
-                "a valid bearer token is required\n",
-            )
-                .into_response();
-        }
-        (
-            [(
+    /// Any body built from a `String` (axum's `Body`, for one).
+    pub async fn respond<B: From<String>>(&self, headers: &HeaderMap) -> Response<B> {
+        let (status, header_name, value, body) = if self.authorized(headers) {
+            (
+                StatusCode::OK,
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            self.text().await,
-        )
-            .into_response()
+                self.text().await,
+            )
+        } else {
+            (
+                StatusCode::UNAUTHORIZED,
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"metrics\"",
+                "a valid bearer token is required\n".to_owned(),
+            )
+        };
+        let mut response = Response::new(B::from(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        // What axum gives a text body; the scrape's own content type replaces it.
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(header_name, HeaderValue::from_static(value));
+        response
     }
 
     /// The whole Prometheus text. Redis unreachable → `gatehouse_queue_stats_up 0` and no

@@ -1,8 +1,7 @@
 -- gatehouse vacuum: removes finished jobs older than the retention, oldest first, bounded
 -- per call (apalis-redis 1.0 never removes anything and its vacuum scripts walk every job).
--- KEYS[1]: {queue}:done
--- KEYS[2]: {queue}:data
--- KEYS[3]: {queue}:meta (prefix)
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] done, [2] data, [3] meta
 -- ARGV[1]: retention ms
 -- ARGV[2]: most jobs to remove in this call
 -- Returns the number removed.

@@ -8,13 +8,12 @@
 //! next pass pushes it. Nothing is locked while Redis is called (no slow I/O inside a
 //! transaction); the idempotent push is what makes concurrent relays safe.
 //!
-//! Who runs it: every worker process, once a second (`worker::run`), because a job is only
+//! Who runs it: every worker process, once a second (`worker::maintenance`), because a job is only
 //! useful where workers run and they are the processes that must notice Redis coming back;
 //! the ingress also makes one attempt right after the approval commits, so a rotation
 //! normally starts without waiting for the next pass.
 
 use gatehouse_jobs::client::{Enqueue, Queues};
-use gatehouse_jobs::{InboundMessage, Job, RotateKeys, SyncCatalog};
 use redis::aio::ConnectionLike;
 use sqlx::PgPool;
 
@@ -28,15 +27,6 @@ pub struct RelayOutcome {
     pub sent: u64,
     /// Rows left pending because Redis refused or could not be reached.
     pub failed: u64,
-}
-
-fn max_attempts(queue: &str) -> u32 {
-    match queue {
-        InboundMessage::QUEUE => InboundMessage::MAX_ATTEMPTS,
-        SyncCatalog::QUEUE => SyncCatalog::MAX_ATTEMPTS,
-        RotateKeys::QUEUE => RotateKeys::MAX_ATTEMPTS,
-        _ => 4,
-    }
 }
 
 /// Pushes up to [`RELAY_BATCH`] pending rows, oldest first. Database errors are returned;
@@ -60,7 +50,6 @@ pub async fn relay<C: ConnectionLike>(
             .enqueue_raw(
                 redis,
                 &queue,
-                max_attempts(&queue),
                 &payload.to_string(),
                 Enqueue {
                     job_id: Some(job_id.clone()),

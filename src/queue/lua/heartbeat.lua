@@ -2,9 +2,8 @@
 -- Keeps this process's workers alive, then hands the jobs of workers silent for longer than
 -- the timeout back to the active list (at its head: they were taken first). Bounded per call.
 --
--- KEYS[1]: {queue}:workers   (zset worker name -> last heartbeat ms)
--- KEYS[2]: {queue}:active
--- KEYS[3]: {queue}:inflight  (prefix of per-worker inflight sets)
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] workers, [2] active, [3] inflight
 -- ARGV[1]: timeout ms (a worker silent this long is dead)
 -- ARGV[2]: most dead workers to recover in this call
 -- ARGV[3]: "strict" name: must be registered (error otherwise), or "" for none

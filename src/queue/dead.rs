@@ -4,7 +4,8 @@
 
 use redis::aio::ConnectionLike;
 
-use crate::worker::backend::{DEAD_PURGE, DEAD_RETRY, QueueKeys};
+use super::keys::QueueKeys;
+use super::scripts::{DEAD_PURGE, DEAD_RETRY};
 
 /// Dead jobs deleted per purge script call.
 const PURGE_CHUNK: usize = 1000;
@@ -24,7 +25,7 @@ pub struct DeadJob {
 fn printable(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .take(crate::worker::backend::MAX_ERROR_CHARS)
+        .take(super::consume::MAX_ERROR_CHARS)
         .collect()
 }
 
@@ -47,7 +48,7 @@ pub async fn list<C: ConnectionLike>(
             .await?;
         for (id, score) in entries {
             let (attempts, last_error): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                .arg(format!("{}:{id}", keys.meta()))
+                .arg(keys.meta_of(&id))
                 .arg("attempts")
                 .arg("last_error")
                 .query_async(conn)

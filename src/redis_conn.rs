@@ -1,4 +1,5 @@
-//! Redis connections for the queues, the dedupe keys, the rate limits and the security log.
+//! Redis connections (a primitive: it imports only `fault`) for the queues, the dedupe keys,
+//! the rate limits and the security log.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

@@ -1,6 +1,8 @@
 //! Retry delays: exponential backoff with full jitter (AWS architecture blog, "Exponential
 //! Backoff And Jitter"): retry `n` waits a uniform random time in `0..=min(cap, base·2^(n-1))`.
-//! The delay is a score in Redis's `scheduled` set, never a sleep in a worker slot.
+//! The delay is a score in Redis's `scheduled` set, never a sleep in a worker slot. Each
+//! queue's policy is read from its variables (`config`); the defaults are its row in
+//! [`super::table`].
 
 use std::time::Duration;
 

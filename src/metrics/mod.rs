@@ -1,7 +1,10 @@
 //! The process's Prometheus recorder (the `metrics` facade and its Prometheus exporter):
 //! installed once per process, its metric names described and their known label sets started
 //! at zero (so `rate()` and absent-series alerts work from the first scrape), and rendered as
-//! Prometheus text. Gauges read at scrape time (queues) are added by `worker::scrape`.
+//! Prometheus text. Gauges read at scrape time (queues) are added by [`scrape`], the
+//! `/metrics` text both edges serve.
+
+pub mod scrape;
 
 use std::sync::OnceLock;
 
@@ -89,7 +92,7 @@ pub const HISTOGRAMS: [(&str, &str); 2] = [
 ];
 
 /// Every gauge the recorder holds (queue gauges are written at scrape time by
-/// `worker::scrape`), with its help text. Set where the state changes, never zeroed here: a
+/// `metrics::scrape`), with its help text. Set where the state changes, never zeroed here: a
 /// process that does not track a dependency exports no sample for it.
 pub const GAUGES: [(&str, &str); 1] = [(
     "gatehouse_dependency_up",

@@ -1,7 +1,7 @@
 -- gatehouse release: jobs this worker fetched but did not start (it is stopping) go back to
 -- the head of the active list.
--- KEYS[1]: {queue}:inflight:{worker}
--- KEYS[2]: {queue}:active
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] inflight_of(worker), [2] active
 -- ARGV: job ids
 local released = 0
 for i = #ARGV, 1, -1 do

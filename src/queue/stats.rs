@@ -2,14 +2,10 @@
 //! read in one Redis script so the numbers are one consistent snapshot. Used by `/metrics`
 //! and the operator dashboard; reads only ids and counts, never a payload.
 
-use std::sync::LazyLock;
-
-use redis::Script;
 use redis::aio::ConnectionLike;
 
-use crate::worker::backend::QueueKeys;
-
-static STATS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/stats.lua")));
+use super::keys::QueueKeys;
+use super::scripts::STATS;
 
 /// One queue's counts at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -1,11 +1,7 @@
 -- gatehouse stats: one consistent snapshot of a queue's counts, for /metrics and /admin.
 --
--- KEYS[1]: {queue}:active     (list of job ids waiting)
--- KEYS[2]: {queue}:scheduled  (zset of retries waiting for their time)
--- KEYS[3]: {queue}:workers    (zset worker name -> last heartbeat ms)
--- KEYS[4]: {queue}:inflight   (prefix of per-worker inflight sets)
--- KEYS[5]: {queue}:dead       (zset)
--- KEYS[6]: {queue}:done       (zset)
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] active, [2] scheduled, [3] workers, [4] inflight, [5] dead, [6] done
 -- Returns {pending, scheduled, in_flight, dead, done, workers}.
 local workers = redis.call("zrange", KEYS[3], 0, -1)
 local in_flight = 0

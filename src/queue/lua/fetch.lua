@@ -3,12 +3,8 @@
 -- which promotes every due id with one unpack() and fails past ~8,000.
 -- Times are Redis server milliseconds, so hosts with skewed clocks agree.
 --
--- KEYS[1]: {queue}:workers    (zset worker name -> last heartbeat ms)
--- KEYS[2]: {queue}:active     (list of job ids)
--- KEYS[3]: {queue}:inflight:{worker}
--- KEYS[4]: {queue}:data       (hash job id -> payload)
--- KEYS[5]: {queue}:meta       (prefix of per-job metadata hashes)
--- KEYS[6]: {queue}:scheduled  (zset job id -> due ms)
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] workers, [2] active, [3] inflight_of(worker), [4] data, [5] meta, [6] scheduled
 -- ARGV[1]: batch size
 -- ARGV[2]: worker name
 -- ARGV[3]: most due jobs to promote in this call

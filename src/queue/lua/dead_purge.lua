@@ -1,7 +1,6 @@
 -- gatehouse dead-letter purge: deletes up to ARGV[1] dead jobs (payload, metadata, entry).
--- KEYS[1]: {queue}:dead
--- KEYS[2]: {queue}:data
--- KEYS[3]: {queue}:meta (prefix)
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+--   [1] dead, [2] data, [3] meta
 -- Returns the number removed.
 local ids = redis.call("zrange", KEYS[1], 0, tonumber(ARGV[1]) - 1)
 for _, id in ipairs(ids) do

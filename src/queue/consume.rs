@@ -1,0 +1,215 @@
+//! The consuming side of a queue as plain async functions over a Redis connection: register,
+//! fetch, acknowledge, release, heartbeat (with orphan rescue), deregister and vacuum. The
+//! worker edge's apalis adapter (`worker::backend`) calls these from apalis's `Persistence`
+//! hooks; the maintenance loop calls [`heartbeat`] and [`vacuum`] on its own schedule.
+//!
+//! Keys are [`QueueKeys`]; the scripts are [`super::scripts`]. Delivery is at-least-once: a
+//! job is acknowledged after its handler returns, so a crash in between runs it again.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+
+use super::keys::QueueKeys;
+use super::scripts::{ACK, DEREGISTER, FETCH, HEARTBEAT, REGISTER, RELEASE, VACUUM};
+
+/// Due retries promoted per fetch: far below Lua's ~8,000 `unpack` limit, and enough that a
+/// burst of 20,000 due retries drains in a few dozen fetches.
+pub const PROMOTE_CHUNK: usize = 1000;
+/// Dead workers recovered per heartbeat call.
+const RECOVER_CHUNK: usize = 100;
+/// Longest error text kept with a job (the cause, never a payload).
+pub const MAX_ERROR_CHARS: usize = 500;
+
+/// Where a finished attempt goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished: into `:done` (until the vacuum).
+    Done,
+    /// Failed, retried after a delay: into `:scheduled`, the attempt counted.
+    Retry,
+    /// Failed for good: into `:dead`.
+    Dead,
+    /// Failed for an outage or a transient fault: rescheduled without counting the attempt.
+    Defer,
+}
+
+impl Outcome {
+    /// The word `ack.lua` reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Retry => "retry",
+            Self::Dead => "dead",
+            Self::Defer => "defer",
+        }
+    }
+}
+
+/// One job's acknowledgement.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub id: String,
+    pub outcome: Outcome,
+    /// The attempt that ended (1-based).
+    pub attempt: usize,
+    /// Before it runs again (retry, defer).
+    pub delay: Duration,
+    /// The error, bounded to [`MAX_ERROR_CHARS`] by the caller; empty on success.
+    pub error: String,
+    /// What the attempt is if it counts (a deferral whose job waited out outages for longer
+    /// than the maximum counts): the outcome itself, or for a deferral `Retry`/`Dead`.
+    pub counted: Outcome,
+    /// The delay of `counted`.
+    pub counted_delay: Duration,
+}
+
+/// What one acknowledgement call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    /// Jobs acknowledged (those the worker still held).
+    pub acked: usize,
+    /// Deferrals that counted because their wait ran out.
+    pub expired: usize,
+}
+
+/// Registers `worker` in the queue's workers set.
+pub async fn register<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    worker: &str,
+) -> Result<(), redis::RedisError> {
+    let _: i64 = REGISTER
+        .key(keys.workers())
+        .arg(worker)
+        .invoke_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Promotes up to [`PROMOTE_CHUNK`] due retries, then moves up to `batch` jobs from the
+/// active list into `worker`'s inflight set. Returns the raw reply (ids, payloads and
+/// metadata in apalis-redis's layout).
+pub async fn fetch<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    worker: &str,
+    batch: usize,
+) -> Result<Vec<redis::Value>, redis::RedisError> {
+    FETCH
+        .key(keys.workers())
+        .key(keys.active())
+        .key(keys.inflight_of(worker))
+        .key(keys.data())
+        .key(keys.meta())
+        .key(keys.scheduled())
+        .arg(batch)
+        .arg(worker)
+        .arg(PROMOTE_CHUNK)
+        .invoke_async(conn)
+        .await
+}
+
+/// Records how each job of `acks` ended; a job `worker` no longer holds is skipped.
+/// `max_wait`: `OUTAGE_MAX_WAIT_SECONDS`.
+pub async fn ack<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    worker: &str,
+    max_wait: Duration,
+    acks: &[Ack],
+) -> Result<Acked, redis::RedisError> {
+    let mut invocation = ACK.prepare_invoke();
+    invocation
+        .key(keys.inflight_of(worker))
+        .key(keys.done())
+        .key(keys.dead())
+        .key(keys.scheduled())
+        .key(keys.meta())
+        .arg(max_wait.as_millis() as u64);
+    for ack in acks {
+        invocation
+            .arg(&ack.id)
+            .arg(ack.outcome.as_str())
+            .arg(ack.attempt)
+            .arg(ack.delay.as_millis() as u64)
+            .arg(&ack.error)
+            .arg(ack.counted.as_str())
+            .arg(ack.counted_delay.as_millis() as u64);
+    }
+    let (acked, expired): (usize, usize) = invocation.invoke_async(conn).await?;
+    Ok(Acked { acked, expired })
+}
+
+/// Gives jobs `worker` fetched but did not start back to the head of the active list;
+/// returns how many.
+pub async fn release<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    worker: &str,
+    ids: &[String],
+) -> Result<u64, redis::RedisError> {
+    let mut invocation = RELEASE.prepare_invoke();
+    invocation.key(keys.inflight_of(worker)).key(keys.active());
+    for id in ids {
+        invocation.arg(id);
+    }
+    invocation.invoke_async(conn).await
+}
+
+/// One heartbeat round for a queue: keeps `names` alive (and `strict`, which must still be
+/// registered), then rescues the jobs of dead workers (orphans). Returns (jobs recovered, dead
+/// workers).
+pub async fn heartbeat<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    orphan_timeout: Duration,
+    strict: Option<&str>,
+    names: &[String],
+) -> Result<(u64, u64), redis::RedisError> {
+    let mut invocation = HEARTBEAT.prepare_invoke();
+    invocation
+        .key(keys.workers())
+        .key(keys.active())
+        .key(keys.inflight())
+        .arg(orphan_timeout.as_millis() as u64)
+        .arg(RECOVER_CHUNK)
+        .arg(strict.unwrap_or(""));
+    for name in names {
+        invocation.arg(name);
+    }
+    invocation.invoke_async(conn).await
+}
+
+/// Removes `worker` from the workers set on a clean stop, if it holds no job (otherwise orphan
+/// rescue hands its jobs on after the timeout).
+pub async fn deregister<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    worker: &str,
+) -> Result<(), redis::RedisError> {
+    let _: i64 = DEREGISTER
+        .key(keys.workers())
+        .key(keys.inflight_of(worker))
+        .arg(worker)
+        .invoke_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Removes up to `limit` finished jobs older than `retention`; returns how many.
+pub async fn vacuum<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    retention: Duration,
+    limit: usize,
+) -> Result<u64, redis::RedisError> {
+    VACUUM
+        .key(keys.done())
+        .key(keys.data())
+        .key(keys.meta())
+        .arg(retention.as_millis() as u64)
+        .arg(limit)
+        .invoke_async(conn)
+        .await
+}

@@ -1,0 +1,67 @@
+//! Every Lua script of the consuming side, loaded once (`LazyLock<Script>`), in one place.
+//! The scripts live in `src/queue/lua/`; their `KEYS` are the methods of
+//! [`QueueKeys`](super::keys::QueueKeys). The enqueue script belongs to the contract crate
+//! (`jobs/lua/enqueue.lua`, run by `gatehouse_jobs::client`).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+macro_rules! script {
+    ($(#[$doc:meta])* $name:ident, $file:literal) => {
+        $(#[$doc])*
+        pub(crate) static $name: LazyLock<Script> =
+            LazyLock::new(|| Script::new(include_str!(concat!("lua/", $file))));
+    };
+}
+
+script!(
+    /// Promotes a bounded chunk of due retries, then fetches a batch into a worker's inflight set.
+    FETCH,
+    "fetch.lua"
+);
+script!(
+    /// Records how each job of a batch ended (done, retry, dead, deferred).
+    ACK,
+    "ack.lua"
+);
+script!(
+    /// Keeps workers alive, then recovers the jobs of workers that stopped heartbeating.
+    HEARTBEAT,
+    "heartbeat.lua"
+);
+script!(
+    /// Registers a worker name.
+    REGISTER,
+    "register.lua"
+);
+script!(
+    /// Gives fetched but unstarted jobs back to the head of the active list.
+    RELEASE,
+    "release.lua"
+);
+script!(
+    /// Removes a worker name on a clean stop (when it holds nothing).
+    DEREGISTER,
+    "deregister.lua"
+);
+script!(
+    /// Removes finished jobs past their retention.
+    VACUUM,
+    "vacuum.lua"
+);
+script!(
+    /// Puts a dead job back on its queue.
+    DEAD_RETRY,
+    "dead_retry.lua"
+);
+script!(
+    /// Deletes dead jobs for good.
+    DEAD_PURGE,
+    "dead_purge.lua"
+);
+script!(
+    /// One consistent snapshot of a queue's counts.
+    STATS,
+    "stats.lua"
+);
