@@ -1,6 +1,6 @@
 //! What the ingress tells Prometheus: `GET /metrics` (see `worker::scrape`), and [`Measure`],
-//! which the edge layer (`http::edge`) uses to count every request by method, matched route
-//! template (never the raw path) and status, with its latency.
+//! which the outer layer (`http::outer_layer`) uses to count every request by method, matched
+//! route template (never the raw path) and status, with its latency.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, PoisonError, RwLock};

@@ -4,14 +4,14 @@ pub mod admin;
 pub mod auth;
 pub mod authz;
 pub mod client_ip;
-pub mod edge;
 pub mod error;
 pub mod health;
 pub mod invitations;
 pub mod jobs;
 pub mod key_cache;
-pub mod observe;
+pub mod metrics;
 pub mod openapi;
+pub mod outer_layer;
 pub mod rotations;
 pub mod security_events;
 pub mod tenants;
@@ -127,7 +127,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
-        .routes(routes!(observe::metrics))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(openapi::openapi_json))
         .routes(routes!(webhook::twilio_message))
         .routes(routes!(auth::register))
@@ -167,7 +167,7 @@ pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(edge::EdgeLayer::new(state.clone()))
+        .layer(outer_layer::OuterLayer::new(state.clone()))
         .with_state(state)
 }
 
