@@ -16,6 +16,7 @@ use super::AppState;
 
 /// Prometheus text: counters, histograms, queue gauges read from Redis now.
 #[utoipa::path(
+    operation_id = "metrics",
     get,
     path = "/metrics",
     tag = "health",

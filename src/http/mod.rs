@@ -9,6 +9,7 @@ pub mod health;
 pub mod invitations;
 pub mod jobs;
 pub mod key_cache;
+pub mod key_notices;
 pub mod metrics;
 pub mod openapi;
 pub mod outer_layer;
@@ -185,7 +186,7 @@ pub async fn serve(
     let events = state.events.clone();
     let limits = crate::server::Limits::from_config(&state.config);
     // Tenant-key change notices (`tenants rotate-secret`) drop this ingress's cached keys.
-    let notices = tokio::spawn(crate::tenant_secrets::listen(
+    let notices = tokio::spawn(key_notices::listen(
         state.config.redis_url.clone(),
         state.config.queue_namespace.clone(),
         state.key_cache.clone(),

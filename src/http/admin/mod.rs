@@ -274,7 +274,7 @@ fn login_page(state: &AppState, status: StatusCode, error: Option<&str>) -> Resp
 }
 
 /// The dashboard's login form.
-#[utoipa::path(get, path = "/admin/login", tag = "admin",
+#[utoipa::path(operation_id = "admin_login_form", get, path = "/admin/login", tag = "admin",
     responses((status = 200, description = "The login form", content_type = "text/html")))]
 async fn login_form(State(state): State<Arc<AppState>>) -> Response {
     login_page(&state, StatusCode::OK, None)
@@ -284,7 +284,7 @@ async fn login_form(State(state): State<Arc<AppState>>) -> Response {
 const LOGIN_FAILED: &str = "The email or password is not valid.";
 
 /// Signs in (form fields `email`, `password`, `csrf`); sets the `__Host-` session cookie.
-#[utoipa::path(post, path = "/admin/login", tag = "admin",
+#[utoipa::path(operation_id = "admin_log_in", post, path = "/admin/login", tag = "admin",
     request_body(content_type = "application/x-www-form-urlencoded", description = "email, password, csrf"),
     responses(
         (status = 303, description = "Signed in: to /admin"),
@@ -370,7 +370,7 @@ async fn login(
 }
 
 /// Signs out: deletes the session server-side.
-#[utoipa::path(post, path = "/admin/logout", tag = "admin",
+#[utoipa::path(operation_id = "admin_log_out", post, path = "/admin/logout", tag = "admin",
     request_body(content_type = "application/x-www-form-urlencoded", description = "csrf"),
     responses(
         (status = 303, description = "Signed out: to the login page"),
@@ -413,7 +413,7 @@ async fn logout(
 }
 
 /// Puts a dead job back on its queue (form fields `job_id`, `csrf`); needs `platform:admin`.
-#[utoipa::path(post, path = "/admin/queues/retry", tag = "admin",
+#[utoipa::path(operation_id = "admin_retry_dead", post, path = "/admin/queues/retry", tag = "admin",
     request_body(content_type = "application/x-www-form-urlencoded", description = "job_id, csrf"),
     responses(
         (status = 303, description = "Back to the queues page with a notice"),
@@ -471,7 +471,7 @@ async fn retry_dead(
 }
 
 /// The dashboard's stylesheet.
-#[utoipa::path(get, path = "/admin/static/admin.css", tag = "admin",
+#[utoipa::path(operation_id = "admin_stylesheet", get, path = "/admin/static/admin.css", tag = "admin",
     responses((status = 200, description = "CSS", content_type = "text/css")))]
 async fn stylesheet() -> Response {
     (
