@@ -351,8 +351,8 @@ fn source_files(root: &Path) -> Vec<(PathBuf, String)> {
             if path.is_dir() {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "rs") {
-                let source =
-                    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let source = fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 let relative = path.strip_prefix(root).expect("under src").to_path_buf();
                 out.push((relative, source));
             }
@@ -449,10 +449,7 @@ fn the_table_is_read_from_its_section_only() {
 
 #[test]
 fn an_import_from_a_higher_floor_fails() {
-    let problems = check(&[(
-        "security/jwt.rs",
-        "use crate::config::Config;\nuse crate::tenants::x;",
-    )]);
+    let problems = check(&[("security/jwt.rs", "use crate::config::Config;\nuse crate::tenants::x;")]);
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("imports `tenants`"), "{problems:?}");
     assert!(check(&[("tenants.rs", "use crate::security::jwt;")]).is_empty());
