@@ -194,6 +194,10 @@ async fn the_openapi_document_lists_every_route_the_router_serves_and_nothing_el
         schemas["RegisterRequest"]["properties"]["password"]["minLength"],
         12
     );
+    assert_eq!(
+        schemas["CreateTenant"]["dependentRequired"]["webhook_shared_key"],
+        serde_json::json!(["webhook_shared_key_id"])
+    );
     let login = &doc["paths"]["/v1/auth/login"]["post"];
     assert!(login["requestBody"].is_object());
     assert!(login["responses"]["401"].is_object());

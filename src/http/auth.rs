@@ -22,9 +22,11 @@ use crate::security::jwt::SubjectKind;
 
 #[derive(Deserialize, ToSchema)]
 pub struct RegisterRequest {
+    /// An address like `name@example.com` (stored trimmed and lower-cased). The pattern states
+    /// a plain form every server-side check accepts.
     #[schema(
         max_length = 254,
-        pattern = r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$",
+        pattern = r"^[A-Za-z0-9_%+-]{1,64}@([A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,63}$",
         example = "ada@example.com"
     )]
     email: String,

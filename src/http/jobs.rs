@@ -36,10 +36,10 @@ static VALIDATORS: LazyLock<Result<PayloadValidators, SchemaError>> =
 /// An `Idempotency-Key` header makes retries safe.
 #[utoipa::path(operation_id = "enqueue_job", post, path = "/v1/jobs/{queue}", tag = "jobs", security(("bearer" = [])),
     params(
-        ("queue" = String, Path, description = "A queue of `gatehouse-jobs` (e.g. `inbound_message`, `sync_catalog`)"),
+        ("queue" = String, Path, pattern = "^(inbound_message|sync_catalog)$", description = "A queue producers may enqueue to (another name is 404; `rotate_keys` is 403: key rotation starts only through its four-eyes approval)"),
         ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible characters; repeats within 24 h return the first job"),
     ),
-    request_body(content = Object, description = "The job payload (see `jobs/schemas/`)"),
+    request_body(content = Object, description = "The job payload: it follows the queue's committed JSON Schema (`jobs/schemas/{queue}.json`), and its `tenant_id` names an existing tenant the caller may produce for; otherwise 400 `invalid_payload` naming the field"),
     responses(
         (status = 202, description = "Enqueued", body = JobAccepted),
         super::error::BodyErrors,

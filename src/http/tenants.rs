@@ -41,23 +41,23 @@ pub struct CreateTenant {
     /// inside `STORE_ALLOWED_NETWORKS`.
     #[schema(
         max_length = 2048,
-        pattern = r"^https://([a-z0-9-]{1,63}\.)+(?!localhost(/|$))[a-z]{2,63}(/[A-Za-z0-9._~-]*)*$"
+        pattern = r"^https://([a-z0-9-]{1,63}\.){1,8}([a-z]{2,8}|[a-z]{10,63})(/[A-Za-z0-9._~-]*)*$"
     )]
     store_url: Option<String>,
     #[schema(value_type = Option<String>, format = Password)]
     store_api_key: Option<SecretString>,
     /// 1 to 128 visible ASCII characters; given with `webhook_shared_key` or not at all.
-    #[schema(pattern = "^[!-~]{1,128}$")]
+    #[schema(value_type = String, required = false, pattern = "^[!-~]{1,128}$")]
     webhook_shared_key_id: Option<String>,
     /// At least 16 characters; given with `webhook_shared_key_id` or not at all.
-    #[schema(value_type = Option<String>, format = Password, min_length = 16)]
+    #[schema(value_type = String, required = false, format = Password, min_length = 16)]
     webhook_shared_key: Option<SecretString>,
     /// Whom an owner invitation is issued for (a record only: holding the address grants
     /// nothing). The 201 body then carries `invite_token`, shown once; the signed-in user who
     /// presents it to `POST /v1/invitations/accept` becomes the tenant's owner.
     #[schema(
         max_length = 254,
-        pattern = r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
+        pattern = r"^[A-Za-z0-9_%+-]{1,64}@([A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,63}$"
     )]
     owner_email: Option<String>,
 }
@@ -167,6 +167,7 @@ pub struct SetRole {
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or `invalid_signature`)", body = super::error::ErrorBody),
         (status = 404, description = "No such resource", body = super::error::ErrorBody),
+        (status = 409, description = "The change would leave the tenant without an owner (`conflict`)", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
