@@ -1,7 +1,7 @@
 //! gatehouse: the secure job backbone of a multi-tenant messaging and commerce platform.
 //!
 //! Floors, top to bottom: `cli` (and `main.rs`); the edges `http` (axum) and `worker`
-//! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `conversations`,
+//! (apalis); the core (`accounts`, `access`, `ratelimit`, `tenants`, `tenant_secrets`, `conversations`,
 //! `classify`, `llm`, `queue`, `rotation`, `outbox`, `retention`, `invitations`, `reindex`); the bottom
 //! (`security`, `config`, `events`, `db`, and `server`, the HTTP/1.1 server loop both edges
 //! run). No module imports a floor above its own.
