@@ -381,6 +381,36 @@ ensure_cargo_deny() {
   say "cargo-deny: $("$CARGO_DENY" --version) ($CARGO_DENY)"
 }
 
+# The API checkers scripts/api-check runs (PyPI), pinned: schemathesis generates requests
+# from /openapi.json and checks every answer against it (v4 CLI); openapi-spec-validator
+# checks the document itself against the OpenAPI 3.1 specification.
+SCHEMATHESIS_VERSION=4.32.5
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+
+# ensure_api_tools — sets API_TOOLS to a virtualenv holding schemathesis
+# $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION, installed
+# from PyPI into $CARGO_TARGET_DIR/tools/api-venv the first time (needs export_defaults first;
+# seconds with a warm pip cache).
+ensure_api_tools() {
+  API_TOOLS="$CARGO_TARGET_DIR/tools/api-venv"
+  local st="$API_TOOLS/bin/schemathesis" osv="$API_TOOLS/bin/openapi-spec-validator"
+  if [[ -x $st && -x $osv ]] &&
+    [[ $("$API_TOOLS/bin/pip" show schemathesis 2>/dev/null | sed -n 's/^Version: //p') == "$SCHEMATHESIS_VERSION" ]] &&
+    [[ $("$API_TOOLS/bin/pip" show openapi-spec-validator 2>/dev/null | sed -n 's/^Version: //p') == "$OPENAPI_SPEC_VALIDATOR_VERSION" ]]; then
+    :
+  else
+    say "installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION (PyPI, into $API_TOOLS)"
+    if ! python3 -m venv "$API_TOOLS" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$API_TOOLS" >/dev/null
+    fi
+    "$API_TOOLS/bin/pip" install --quiet --disable-pip-version-check \
+      "schemathesis==$SCHEMATHESIS_VERSION" \
+      "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
+  fi
+  say "API checkers: schemathesis $SCHEMATHESIS_VERSION, openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION ($API_TOOLS)"
+}
+
 # dependency_audit — `cargo deny check` (advisories, bans, licenses, sources; rules in
 # deny.toml) with no network: the advisories come from the offline copy $ADVISORY_DB, made
 # into the git checkout cargo-deny expects under $CARGO_TARGET_DIR/advisory-dbs.

@@ -8,16 +8,15 @@
 //! it alive longer. The store key has no overlap (gatehouse is the one that sends it).
 //!
 //! Every ingress keeps tenants' opened keys in memory (`http::key_cache`). After the commit, the
-//! tenant id is published on `{ns}:tenant-keys`; each ingress listens ([`listen`]) and drops
+//! tenant id is published on `{ns}:tenant-keys` ([`notify`]); each ingress listens
+//! (`http::key_notices`, reading them with [`decode_notice`]) and drops
 //! that tenant's entry, so the next webhook reads the new keys (within milliseconds). If the
 //! notice cannot be sent or an ingress was not listening at that moment, its entry is
 //! refreshed within `TENANT_KEY_CACHE_SECONDS` anyway, and an ingress that reconnects marks
 //! every entry for a refresh.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -269,50 +268,7 @@ pub async fn notify(
         .await
 }
 
-/// Listens on the tenant-key channel until aborted: a notice drops that tenant's cached keys;
-/// after a (re)connection every entry is marked for a refresh (a notice may have been missed
-/// meanwhile). Reconnects with backoff; never gives up.
-pub async fn listen(
-    url: SecretString,
-    namespace: String,
-    cache: Arc<crate::http::key_cache::KeyCache>,
-) {
-    let channel = channel(&namespace);
-    let mut wait = Duration::from_millis(200);
-    let mut connected_before = false;
-    loop {
-        let subscribed = async {
-            let client = redis::Client::open(url.expose_secret())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        }
-        .await;
-        match subscribed {
-            Ok(mut pubsub) => {
-                wait = Duration::from_millis(200);
-                if connected_before {
-                    cache.mark_all_stale().await;
-                }
-                connected_before = true;
-                let mut messages = pubsub.on_message();
-                while let Some(message) = messages.next().await {
-                    let tenant = message
-                        .get_payload::<String>()
-                        .ok()
-                        .and_then(|p| Uuid::parse_str(&p).ok());
-                    if let Some(tenant) = tenant {
-                        cache.invalidate(tenant).await;
-                        tracing::info!(tenant.id = %tenant, "tenant keys changed; cached keys dropped");
-                    }
-                }
-                tracing::debug!("tenant-key notices: subscription ended; reconnecting");
-            }
-            Err(error) => {
-                tracing::debug!(%error, "tenant-key notices: cannot subscribe; retrying");
-            }
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+/// The tenant a notice on [`channel`] names (`None` for a payload that is not one).
+pub fn decode_notice(payload: &str) -> Option<Uuid> {
+    Uuid::parse_str(payload).ok()
 }

@@ -167,6 +167,37 @@ async fn the_openapi_document_lists_every_route_the_router_serves_and_nothing_el
     ] {
         assert!(event.get(field).is_some(), "StoredEvent.{field}");
     }
+    // Operation ids are unique (client generators name methods after them) and every
+    // operation has one.
+    let mut ids = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in METHODS {
+            let Some(op) = item.get(method) else { continue };
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            assert!(ids.insert(id.to_owned()), "operationId {id} is used twice");
+        }
+    }
+    // The constraints the handlers enforce are stated (a schema-valid body is never refused).
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["SetRole"]["properties"]["role"]["enum"],
+        serde_json::json!(["owner", "admin", "agent"])
+    );
+    assert!(
+        schemas["CreateTenant"]["properties"]["twilio_account_sid"]["pattern"].is_string(),
+        "{}",
+        schemas["CreateTenant"]
+    );
+    assert_eq!(
+        schemas["RegisterRequest"]["properties"]["password"]["minLength"],
+        12
+    );
+    assert_eq!(
+        schemas["CreateTenant"]["dependentRequired"]["webhook_shared_key"],
+        serde_json::json!(["webhook_shared_key_id"])
+    );
     let login = &doc["paths"]["/v1/auth/login"]["post"];
     assert!(login["requestBody"].is_object());
     assert!(login["responses"]["401"].is_object());

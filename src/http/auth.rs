@@ -5,43 +5,105 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 use super::AppState;
-use super::authz::{Caller, Ctx, Limit, json_body, limit, record, with_rate_headers};
+use super::authz::{Caller, Ctx, Limit, RateHeaders, json_body, limit, record};
 use super::error::ApiError;
-use crate::accounts::{self, AccountError, Login, NewUser};
+use crate::accounts::{self, Login, NewUser};
 use crate::events::EventType;
 use crate::ratelimit::{self, Decision, Mode, email_subject, ip_subject, normalize_email};
 use crate::security::jwt::SubjectKind;
-use crate::security::password::PasswordError;
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 pub struct RegisterRequest {
+    /// An address like `name@example.com` (stored trimmed and lower-cased). The pattern states
+    /// a plain form every server-side check accepts.
+    #[schema(
+        max_length = 254,
+        pattern = r"^[A-Za-z0-9_%+-]{1,64}@([A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,63}$",
+        example = "ada@example.com"
+    )]
     email: String,
-    #[schema(value_type = String, format = Password)]
+    /// 12 characters at least, 1024 bytes at most (256 characters always fit).
+    #[schema(value_type = String, format = Password, min_length = 12, max_length = 256)]
     password: SecretString,
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     first_name: String,
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     last_name: String,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 pub struct LoginRequest {
+    /// Any value: a wrong one is 401 `invalid_credentials`, like a wrong password.
     email: String,
     #[schema(value_type = String, format = Password)]
     password: SecretString,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, ToSchema)]
 pub struct TokenRequest {
     client_id: String,
     #[schema(value_type = String, format = Password)]
     client_secret: SecretString,
 }
+
+/// An access token.
+#[derive(Serialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `Bearer`.
+    #[schema(pattern = "^Bearer$")]
+    pub token_type: &'static str,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+}
+
+/// A created user.
+#[derive(Serialize, ToSchema)]
+pub struct Registered {
+    pub id: Uuid,
+    /// Normalized (trimmed, lower-cased).
+    #[schema(format = "email")]
+    pub email: String,
+}
+
+/// A membership of the caller.
+#[derive(Serialize, ToSchema)]
+pub struct Membership {
+    pub tenant_id: Uuid,
+    #[schema(schema_with = super::openapi::tenant_role)]
+    pub role: &'static str,
+    pub scopes: Vec<&'static str>,
+}
+
+/// The caller.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    pub id: Uuid,
+    #[schema(schema_with = super::openapi::subject_kind)]
+    pub kind: &'static str,
+    pub email: Option<String>,
+    pub memberships: Vec<Membership>,
+    pub platform_scopes: Vec<&'static str>,
+}
+
+/// A token answer: never cached.
+pub type TokenAnswer = ([(header::HeaderName, HeaderValue); 1], Json<TokenResponse>);
 
 /// `gh_` and 16 URL-safe characters: the shape of the client ids gatehouse issues (a secret
 /// is 43 characters and has no prefix).
@@ -51,27 +113,6 @@ fn looks_like_client_id(id: &str) -> bool {
         && id[3..]
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
-}
-
-fn account_error(error: AccountError) -> ApiError {
-    match error {
-        AccountError::Invalid(message) => ApiError::invalid_request(message),
-        AccountError::EmailTaken => {
-            ApiError::conflict("email_taken", "an account with this email already exists")
-        }
-        AccountError::Database(error) => {
-            tracing::error!(%error, "accounts: database failure");
-            ApiError::unavailable()
-        }
-        AccountError::Password(PasswordError::Busy) => {
-            tracing::warn!("password hashing queue full; answering 503");
-            ApiError::overloaded(1)
-        }
-        AccountError::Password(error) => {
-            tracing::error!(%error, "accounts: password hashing failure");
-            ApiError::internal()
-        }
-    }
 }
 
 /// Every register, login and token attempt counts against the client IP's limit (IPv6 by
@@ -104,31 +145,29 @@ async fn refund_failed_login(state: &AppState, subject: &str) {
 
 fn token_response(
     state: &AppState,
-    subject: uuid::Uuid,
+    subject: Uuid,
     kind: SubjectKind,
-) -> Result<Response, ApiError> {
+) -> Result<TokenAnswer, ApiError> {
     let issued = state.jwt.issue(subject, kind).map_err(|error| {
         tracing::error!(%error, "cannot sign a token");
         ApiError::internal()
     })?;
-    let body = json!({
-        "access_token": issued.token,
-        "token_type": "Bearer",
-        "expires_in": issued.expires_in,
-    });
-    let mut response = (StatusCode::OK, Json(body)).into_response();
-    response.headers_mut().insert(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("no-store"),
-    );
-    Ok(response)
+    let body = TokenResponse {
+        access_token: issued.token,
+        token_type: "Bearer",
+        expires_in: issued.expires_in,
+    };
+    Ok((
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    ))
 }
 
 /// Registers a user.
-#[utoipa::path(post, path = "/v1/auth/register", tag = "auth",
+#[utoipa::path(operation_id = "register_user", post, path = "/v1/auth/register", tag = "auth",
     request_body = RegisterRequest,
     responses(
-        (status = 201, description = "Registered", body = super::openapi::Registered),
+        (status = 201, description = "Registered", body = Registered),
         super::error::BodyErrors,
         (status = 409, description = "Conflict", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
@@ -139,7 +178,7 @@ pub async fn register(
     ctx: Ctx,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<(StatusCode, RateHeaders, Json<Registered>), ApiError> {
     let decision = ip_limit(&state, &ctx).await?;
     let req: RegisterRequest = json_body(&state, &headers, body).await?;
     let new = NewUser {
@@ -150,19 +189,20 @@ pub async fn register(
         platform_role: None,
     };
     let email = normalize_email(&new.email);
-    let id = accounts::create_user(&state.pool, &state.hasher, new)
-        .await
-        .map_err(account_error)?;
+    let id = accounts::create_user(&state.pool, &state.hasher, new).await?;
     tracing::info!(user.id = %id, "user registered");
-    let response = (StatusCode::CREATED, Json(json!({"id": id, "email": email}))).into_response();
-    Ok(with_rate_headers(response, &decision))
+    Ok((
+        StatusCode::CREATED,
+        RateHeaders(decision),
+        Json(Registered { id, email }),
+    ))
 }
 
 /// Logs a user in: an access token.
-#[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
+#[utoipa::path(operation_id = "log_in", post, path = "/v1/auth/login", tag = "auth",
     request_body = LoginRequest,
     responses(
-        (status = 200, description = "Logged in", body = super::openapi::TokenResponse),
+        (status = 200, description = "Logged in", body = TokenResponse),
         super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
@@ -173,7 +213,7 @@ pub async fn login(
     ctx: Ctx,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<TokenAnswer, ApiError> {
     ip_limit(&state, &ctx).await?;
     let req: LoginRequest = json_body(&state, &headers, body).await?;
     let user_id = check_password(&state, &ctx, &req.email, &req.password, None).await?;
@@ -195,7 +235,7 @@ pub(crate) async fn check_password(
     email: &str,
     password: &SecretString,
     surface: Option<&'static str>,
-) -> Result<uuid::Uuid, ApiError> {
+) -> Result<Uuid, ApiError> {
     let email = normalize_email(email);
     if email.is_empty() || email.len() > 320 {
         return Err(ApiError::invalid_credentials());
@@ -237,16 +277,16 @@ pub(crate) async fn check_password(
         Err(error) => {
             // Nothing was checked (hashing queue full, database down): not a failure.
             refund_failed_login(state, &subject).await;
-            Err(account_error(error))
+            Err(error.into())
         }
     }
 }
 
 /// A service account's token (client credentials).
-#[utoipa::path(post, path = "/v1/auth/token", tag = "auth",
+#[utoipa::path(operation_id = "issue_service_token", post, path = "/v1/auth/token", tag = "auth",
     request_body = TokenRequest,
     responses(
-        (status = 200, description = "Issued", body = super::openapi::TokenResponse),
+        (status = 200, description = "Issued", body = TokenResponse),
         super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 429, description = "Rate limited (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
@@ -257,7 +297,7 @@ pub async fn token(
     ctx: Ctx,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<TokenAnswer, ApiError> {
     // Limited per IP only: a client secret is 256 random bits, and a limit on the client id
     // would let anyone who has seen one lock its producer out.
     ip_limit(&state, &ctx).await?;
@@ -268,8 +308,7 @@ pub async fn token(
         &req.client_id,
         &req.client_secret,
     )
-    .await
-    .map_err(account_error)?
+    .await?
     {
         Some(id) => {
             tracing::info!(service_account.id = %id, "service token issued");
@@ -288,31 +327,32 @@ pub async fn token(
 }
 
 /// The caller, its memberships and scopes.
-#[utoipa::path(get, path = "/v1/me", tag = "auth", security(("bearer" = [])),
+#[utoipa::path(operation_id = "get_me", get, path = "/v1/me", tag = "auth", security(("bearer" = [])),
     responses(
-        (status = 200, description = "The caller", body = super::openapi::Me),
+        (status = 200, description = "The caller", body = Me),
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 429, description = "Too many refused requests from this address (`rate_limited`, with `Retry-After`)", body = super::error::ErrorBody),
         (status = 503, description = "A dependency is unavailable (`unavailable`)", body = super::error::ErrorBody),
     ))]
-pub async fn me(caller: Caller) -> Json<serde_json::Value> {
+pub async fn me(caller: Caller) -> Json<Me> {
     let p = &caller.principal;
-    let memberships: Vec<_> = p
+    let memberships = p
         .memberships
         .iter()
-        .map(|m| {
-            json!({
-                "tenant_id": m.tenant_id,
-                "role": m.role.as_str(),
-                "scopes": m.role.scopes().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            })
+        .map(|m| Membership {
+            tenant_id: m.tenant_id,
+            role: m.role.as_str(),
+            scopes: m.role.scopes().iter().map(|s| s.as_str()).collect(),
         })
         .collect();
-    Json(json!({
-        "id": p.id,
-        "kind": p.kind,
-        "email": p.email,
-        "memberships": memberships,
-        "platform_scopes": p.platform_scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-    }))
+    Json(Me {
+        id: p.id,
+        kind: match p.kind {
+            SubjectKind::User => "user",
+            SubjectKind::Service => "service",
+        },
+        email: p.email.clone(),
+        memberships,
+        platform_scopes: p.platform_scopes.iter().map(|s| s.as_str()).collect(),
+    })
 }

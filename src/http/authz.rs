@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
-use axum::response::Response;
+use axum::response::{IntoResponseParts, ResponseParts};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -289,12 +289,18 @@ pub fn rate_headers(decision: &Decision) -> Vec<(HeaderName, HeaderValue)> {
     out
 }
 
-/// Adds a decision's `RateLimit-*` headers to a response.
-pub fn with_rate_headers(mut response: Response, decision: &Decision) -> Response {
-    for (name, value) in rate_headers(decision) {
-        response.headers_mut().insert(name, value);
+/// A decision's `RateLimit-*` headers, as part of a response (`(status, RateHeaders(d), Json(body))`).
+pub struct RateHeaders(pub Decision);
+
+impl IntoResponseParts for RateHeaders {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(self, mut parts: ResponseParts) -> Result<ResponseParts, Self::Error> {
+        for (name, value) in rate_headers(&self.0) {
+            parts.headers_mut().insert(name, value);
+        }
+        Ok(parts)
     }
-    response
 }
 
 /// Checks one limit. Over the limit → 429 with `Retry-After` and `RateLimit-*` and a

@@ -2,10 +2,23 @@
 //!
 //! 4xx bodies say what was wrong; 5xx bodies are generic and the cause is logged once where
 //! the error is made.
+//!
+//! The core's errors become `ApiError` here and only here (`From` impls below, so a handler
+//! writes `?`): each one's status, code and message, and the log line of a 5xx. A refusal that
+//! also records a security event (a denied scope, a refused invitation, a self-approval)
+//! records it in its handler, then converts like any other error.
 
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use crate::access::AccessError;
+use crate::accounts::AccountError;
+use crate::invitations::InvitationError;
+use crate::queue::payloads::PayloadError;
+use crate::rotation::RotationError;
+use crate::security::password::PasswordError;
+use crate::tenants::TenantError;
+use gatehouse_jobs::client::EnqueueError;
 
 /// The error body every endpoint answers with (for the API description).
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -171,7 +184,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after
             && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
@@ -182,5 +200,136 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(name, value);
         }
         response
+    }
+}
+
+/// A database failure: logged, and 503 (clients may retry).
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        tracing::error!(%error, "database failure");
+        ApiError::unavailable()
+    }
+}
+
+/// Redis would not take a job: logged, and 503.
+impl From<EnqueueError> for ApiError {
+    fn from(error: EnqueueError) -> Self {
+        tracing::error!(%error, "cannot enqueue");
+        ApiError::unavailable()
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::Invalid(message) => ApiError::invalid_request(message),
+            AccountError::EmailTaken => {
+                ApiError::conflict("email_taken", "an account with this email already exists")
+            }
+            AccountError::Database(error) => {
+                tracing::error!(%error, "accounts: database failure");
+                ApiError::unavailable()
+            }
+            AccountError::Password(PasswordError::Busy) => {
+                tracing::warn!("password hashing queue full; answering 503");
+                ApiError::overloaded(1)
+            }
+            AccountError::Password(error) => {
+                tracing::error!(%error, "accounts: password hashing failure");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// `Forbidden` (the owner rules) is 403; its handler records the denial first.
+impl From<AccessError> for ApiError {
+    fn from(error: AccessError) -> Self {
+        match error {
+            AccessError::NotFound => ApiError::not_found(),
+            AccessError::Forbidden => ApiError::forbidden(),
+            AccessError::Conflict(message) => ApiError::conflict("conflict", message),
+            AccessError::Database(error) => {
+                tracing::error!(%error, "cannot change membership");
+                ApiError::unavailable()
+            }
+            AccessError::Cache(error) => {
+                tracing::error!(%error, "scope cache unreachable; membership left unchanged");
+                ApiError::unavailable()
+            }
+        }
+    }
+}
+
+/// Anything but a database failure is the request's fault: 400 naming what was wrong.
+impl From<TenantError> for ApiError {
+    fn from(error: TenantError) -> Self {
+        match error {
+            TenantError::Database(error) => {
+                tracing::error!(%error, "tenants: database failure");
+                ApiError::unavailable()
+            }
+            other => ApiError::invalid_request(other.to_string()),
+        }
+    }
+}
+
+/// Unknown, used and expired tokens get one 404 (the handler records why first).
+impl From<InvitationError> for ApiError {
+    fn from(error: InvitationError) -> Self {
+        match error {
+            InvitationError::Refused { .. } => ApiError::not_found(),
+            InvitationError::Database(error) => {
+                tracing::error!(%error, "cannot accept an invitation");
+                ApiError::unavailable()
+            }
+            InvitationError::Cache(error) => {
+                tracing::error!(%error, "scope cache unreachable; invitation left unused");
+                ApiError::unavailable()
+            }
+        }
+    }
+}
+
+/// The four-eyes refusals are 403 (their handler records the event first), a rotation in
+/// the wrong state 409.
+impl From<RotationError> for ApiError {
+    fn from(error: RotationError) -> Self {
+        match error {
+            RotationError::SelfApproval => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "four_eyes_violation",
+                "a rotation must be approved by a different user than the one who requested it",
+            ),
+            RotationError::ApproverNotAuthorized => ApiError::forbidden(),
+            RotationError::NotFound => ApiError::not_found(),
+            e @ (RotationError::NotPending(_)
+            | RotationError::Expired
+            | RotationError::InitiatorNotAuthorized) => {
+                ApiError::conflict("conflict", e.to_string())
+            }
+            RotationError::Database(error) => {
+                tracing::error!(%error, "key rotation: database failure");
+                ApiError::unavailable()
+            }
+            other => {
+                tracing::error!(error = %other, "unexpected key rotation failure");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// A payload its queue's schema refuses: 400 `invalid_payload` naming the field (`/` for the
+/// payload as a whole).
+impl From<PayloadError> for ApiError {
+    fn from(error: PayloadError) -> Self {
+        match error {
+            PayloadError::Invalid { field, message } => {
+                let field = if field.is_empty() { "/" } else { &field };
+                ApiError::invalid_payload(format!("{field}: {message}"))
+            }
+            PayloadError::UnknownQueue(_) => ApiError::not_found(),
+        }
     }
 }

@@ -6,37 +6,65 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 
+/// `/healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(pattern = "^ok$")]
+    pub status: &'static str,
+}
+
+/// `/readyz`: each dependency `ok` or `unavailable`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    #[schema(schema_with = dependency_state)]
+    pub postgres: &'static str,
+    #[schema(schema_with = dependency_state)]
+    pub redis: &'static str,
+}
+
+fn dependency_state() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["ok", "unavailable"]))
+        .build()
+}
+
+fn state(up: bool) -> &'static str {
+    if up { "ok" } else { "unavailable" }
+}
+
 /// The process answers.
-#[utoipa::path(get, path = "/healthz", tag = "health",
-    responses((status = 200, description = "Alive", body = super::openapi::Health)))]
-pub async fn healthz() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(operation_id = "healthz", get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// PostgreSQL and Redis answer.
-#[utoipa::path(get, path = "/readyz", tag = "health",
+#[utoipa::path(operation_id = "readyz", get, path = "/readyz", tag = "health",
     responses(
-        (status = 200, description = "Ready", body = super::openapi::Readiness),
-        (status = 503, description = "A dependency does not answer", body = super::openapi::Readiness),
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "A dependency does not answer", body = Readiness),
     ))]
-pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Readiness>) {
     let timeout = Duration::from_secs(2);
     let pg = async {
         matches!(
             tokio::time::timeout(
                 timeout,
-                sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool)
+                sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&app.pool)
             )
             .await,
             Ok(Ok(1))
         )
     };
-    let mut redis = state.redis.clone();
+    let mut redis = app.redis.clone();
     let rd = async {
         tokio::time::timeout(timeout, crate::redis_conn::ping(&mut redis))
             .await
@@ -51,9 +79,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     };
     (
         status,
-        Json(json!({
-            "postgres": if pg { "ok" } else { "unavailable" },
-            "redis": if rd { "ok" } else { "unavailable" },
-        })),
+        Json(Readiness {
+            postgres: state(pg),
+            redis: state(rd),
+        }),
     )
 }

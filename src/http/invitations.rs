@@ -7,14 +7,13 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
-use super::authz::{Caller, json_body, record, with_rate_headers};
+use super::authz::{Caller, RateHeaders, json_body, record};
 use super::error::ApiError;
 use crate::events::EventType;
 use crate::invitations::{self, InvitationError};
@@ -33,12 +32,13 @@ pub struct AcceptInvitation {
 pub struct InvitationAccepted {
     pub tenant_id: Uuid,
     /// Always `owner`.
-    pub role: String,
+    #[schema(schema_with = super::openapi::tenant_role)]
+    pub role: &'static str,
 }
 
 /// Accepts an owner invitation: the caller (a user) becomes the tenant's `owner`, from its
 /// next request on. Unknown, used and expired tokens get the same 404.
-#[utoipa::path(post, path = "/v1/invitations/accept", tag = "tenants", security(("bearer" = [])),
+#[utoipa::path(operation_id = "accept_invitation", post, path = "/v1/invitations/accept", tag = "tenants", security(("bearer" = [])),
     request_body = AcceptInvitation,
     responses(
         (status = 200, description = "The caller is the tenant's owner", body = InvitationAccepted),
@@ -54,7 +54,7 @@ pub async fn accept(
     caller: Caller,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<(RateHeaders, Json<InvitationAccepted>), ApiError> {
     let decision = caller.limit_writes(&state).await?;
     if caller.principal.kind != SubjectKind::User {
         let mut event = caller.ctx.event(EventType::PermissionDenied);
@@ -73,33 +73,25 @@ pub async fn accept(
         caller.id(),
     )
     .await
-    .map_err(|e| match e {
-        InvitationError::Refused {
+    .inspect_err(|e| {
+        if let InvitationError::Refused {
             refusal,
             invitation_id,
             tenant_id,
-        } => {
+        } = e
+        {
             // Someone presented a token that grants nothing: who, and why (for operators;
             // the caller gets one answer whatever the reason).
             let mut event = caller.ctx.event(EventType::PermissionDenied);
             event.user_id = Some(caller.id());
             event.email = caller.principal.email.clone();
-            event.tenant_id = tenant_id;
+            event.tenant_id = *tenant_id;
             event.details = json!({
                 "action": "accept_invitation",
                 "reason": refusal.as_str(),
                 "invitation_id": invitation_id,
             });
             record(&state, event);
-            ApiError::not_found()
-        }
-        InvitationError::Database(error) => {
-            tracing::error!(%error, "cannot accept an invitation");
-            ApiError::unavailable()
-        }
-        InvitationError::Cache(error) => {
-            tracing::error!(%error, "scope cache unreachable; invitation left unused");
-            ApiError::unavailable()
         }
     })?;
     let mut event = caller.ctx.event(EventType::InvitationAccepted);
@@ -117,10 +109,9 @@ pub async fn accept(
         invitation.id = %accepted.invitation_id,
         "owner invitation accepted"
     );
-    let response = Json(InvitationAccepted {
+    let body = InvitationAccepted {
         tenant_id: accepted.tenant_id,
-        role: accepted.role.as_str().to_owned(),
-    })
-    .into_response();
-    Ok(with_rate_headers(response, &decision))
+        role: accepted.role.as_str(),
+    };
+    Ok((RateHeaders(decision), Json(body)))
 }

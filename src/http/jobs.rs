@@ -7,18 +7,24 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{Job, RotateKeys};
+use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::AppState;
-use super::authz::{Caller, json_body, with_rate_headers};
+use super::authz::{Caller, RateHeaders, json_body};
 use super::error::ApiError;
 use crate::access::Scope;
-use crate::queue::payloads::{PayloadError, PayloadValidators, SchemaError};
+use crate::queue::payloads::{PayloadValidators, SchemaError};
+
+/// An accepted job.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct JobAccepted {
+    pub job_id: String,
+}
 
 /// How long an `Idempotency-Key` is remembered.
 pub const IDEMPOTENCY_TTL_SECONDS: u64 = 24 * 3600;
@@ -28,14 +34,14 @@ static VALIDATORS: LazyLock<Result<PayloadValidators, SchemaError>> =
 
 /// Enqueues a job whose payload follows the queue's committed JSON Schema (`jobs:enqueue`).
 /// An `Idempotency-Key` header makes retries safe.
-#[utoipa::path(post, path = "/v1/jobs/{queue}", tag = "jobs", security(("bearer" = [])),
+#[utoipa::path(operation_id = "enqueue_job", post, path = "/v1/jobs/{queue}", tag = "jobs", security(("bearer" = [])),
     params(
-        ("queue" = String, Path, description = "A queue of `gatehouse-jobs` (e.g. `inbound_message`, `sync_catalog`)"),
+        ("queue" = String, Path, pattern = "^(inbound_message|sync_catalog)$", description = "A queue producers may enqueue to (another name is 404; `rotate_keys` is 403: key rotation starts only through its four-eyes approval)"),
         ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible characters; repeats within 24 h return the first job"),
     ),
-    request_body(content = Object, description = "The job payload (see `jobs/schemas/`)"),
+    request_body(content = Object, description = "The job payload: it follows the queue's committed JSON Schema (`jobs/schemas/{queue}.json`), and its `tenant_id` names an existing tenant the caller may produce for; otherwise 400 `invalid_payload` naming the field"),
     responses(
-        (status = 202, description = "Enqueued", body = super::openapi::JobAccepted),
+        (status = 202, description = "Enqueued", body = JobAccepted),
         super::error::BodyErrors,
         (status = 401, description = "No valid bearer token / wrong credentials", body = super::error::ErrorBody),
         (status = 403, description = "Forbidden (missing scope, or a tenant the caller is not bound to)", body = super::error::ErrorBody),
@@ -49,7 +55,7 @@ pub async fn enqueue(
     Path(queue): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<(StatusCode, RateHeaders, Json<JobAccepted>), ApiError> {
     caller.require(&state, Scope::JobsEnqueue)?;
     let Some(queue) = gatehouse_jobs::QUEUES.into_iter().find(|q| *q == queue) else {
         return Err(ApiError::not_found());
@@ -64,17 +70,7 @@ pub async fn enqueue(
         tracing::error!(%error, "payload schemas do not compile");
         ApiError::internal()
     })?;
-    validators.validate(queue, &payload).map_err(|e| match e {
-        PayloadError::Invalid { field, message } => {
-            let field = if field.is_empty() {
-                "/".to_owned()
-            } else {
-                field
-            };
-            ApiError::invalid_payload(format!("{field}: {message}"))
-        }
-        PayloadError::UnknownQueue(_) => ApiError::not_found(),
-    })?;
+    validators.validate(queue, &payload)?;
     // The caller acts for the payload's tenant: one it is bound to (a bound producer gets 403
     // for any other, existing or not, so it learns nothing about them), and one that exists.
     let tenant_id = payload
@@ -89,11 +85,7 @@ pub async fn enqueue(
     let known: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
         .bind(tenant_id)
         .fetch_optional(&state.pool)
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "cannot check the payload's tenant");
-            ApiError::unavailable()
-        })?;
+        .await?;
     if !caller.principal.may_produce_for(tenant_id) {
         // Events name existing tenants only, never an id a client made up.
         return Err(caller.deny_tenant(&state, Scope::JobsEnqueue, known));
@@ -131,16 +123,10 @@ pub async fn enqueue(
                 request_id: Some(caller.ctx.request_id.clone()),
             },
         )
-        .await
-        .map_err(|error| {
-            tracing::error!(job.queue = queue, %error, "cannot enqueue");
-            ApiError::unavailable()
-        })?;
+        .await?;
     tracing::info!(job.queue = queue, job.id = %enqueued.job_id, job.created = enqueued.created, by = %caller.id(), "job enqueued by a producer");
-    let response = (
-        StatusCode::ACCEPTED,
-        Json(json!({"job_id": enqueued.job_id})),
-    )
-        .into_response();
-    Ok(with_rate_headers(response, &decision))
+    let body = JobAccepted {
+        job_id: enqueued.job_id,
+    };
+    Ok((StatusCode::ACCEPTED, RateHeaders(decision), Json(body)))
 }

@@ -4,14 +4,15 @@ pub mod admin;
 pub mod auth;
 pub mod authz;
 pub mod client_ip;
-pub mod edge;
 pub mod error;
 pub mod health;
 pub mod invitations;
 pub mod jobs;
 pub mod key_cache;
-pub mod observe;
+pub mod key_notices;
+pub mod metrics;
 pub mod openapi;
+pub mod outer_layer;
 pub mod rotations;
 pub mod security_events;
 pub mod tenants;
@@ -127,7 +128,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
-        .routes(routes!(observe::metrics))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(openapi::openapi_json))
         .routes(routes!(webhook::twilio_message))
         .routes(routes!(auth::register))
@@ -167,7 +168,7 @@ pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(edge::EdgeLayer::new(state.clone()))
+        .layer(outer_layer::OuterLayer::new(state.clone()))
         .with_state(state)
 }
 
@@ -185,7 +186,7 @@ pub async fn serve(
     let events = state.events.clone();
     let limits = crate::server::Limits::from_config(&state.config);
     // Tenant-key change notices (`tenants rotate-secret`) drop this ingress's cached keys.
-    let notices = tokio::spawn(crate::tenant_secrets::listen(
+    let notices = tokio::spawn(key_notices::listen(
         state.config.redis_url.clone(),
         state.config.queue_namespace.clone(),
         state.key_cache.clone(),

@@ -1,15 +1,17 @@
 //! The API description: an OpenAPI 3.1 document generated from the handlers' `#[utoipa::path]`
 //! annotations (routes and docs are registered together through `utoipa_axum::routes!`, see
-//! `http::routes`), the bearer scheme, the shared response bodies, and `GET /openapi.json`.
+//! `http::routes`), the bearer scheme, the schemas of string enums the handlers parse, and
+//! `GET /openapi.json`. Each request and response body is the type its handler reads or
+//! returns, declared beside that handler.
 
 use std::sync::LazyLock;
 
 use axum::Json;
-use serde::Serialize;
 use utoipa::openapi::OpenApi as Document;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{Object, ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
-use uuid::Uuid;
+use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -54,11 +56,41 @@ impl Modify for BearerScheme {
     }
 }
 
+/// Fields a handler accepts only together, stated as JSON Schema's `dependentRequired` (which
+/// the derive cannot write): `POST /v1/tenants`'s webhook shared key and its id. Applied to
+/// the finished document, since the handlers' schemas join it after `ApiDoc`'s modifiers.
+struct PairedFields;
+
+impl Modify for PairedFields {
+    fn modify(&self, openapi: &mut Document) {
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(tenant))) = components.schemas.get_mut("CreateTenant") {
+            tenant
+                .extensions
+                .get_or_insert_with(Default::default)
+                .insert(
+                    "dependentRequired".to_owned(),
+                    serde_json::json!({
+                        "webhook_shared_key_id": ["webhook_shared_key"],
+                        "webhook_shared_key": ["webhook_shared_key_id"],
+                    }),
+                );
+        }
+    }
+}
+
 /// The whole document, built once from the router's registrations.
-pub static DOCUMENT: LazyLock<Document> = LazyLock::new(|| super::routes().split_for_parts().1);
+pub static DOCUMENT: LazyLock<Document> = LazyLock::new(|| {
+    let mut document = super::routes().split_for_parts().1;
+    PairedFields.modify(&mut document);
+    document
+});
 
 /// This document.
 #[utoipa::path(
+    operation_id = "openapi_json",
     get,
     path = "/openapi.json",
     tag = "health",
@@ -68,118 +100,86 @@ pub async fn openapi_json() -> Json<&'static Document> {
     Json(&DOCUMENT)
 }
 
-/// An access token.
-#[derive(Serialize, ToSchema)]
-pub struct TokenResponse {
-    pub access_token: String,
-    /// Always `Bearer`.
-    pub token_type: String,
-    /// Seconds until it expires.
-    pub expires_in: u64,
+/// A string schema holding one of `values` (for fields a handler parses into an enum).
+fn one_of(values: &[&str], description: &str) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .description(Some(description))
+        .build()
 }
 
-/// A created user.
-#[derive(Serialize, ToSchema)]
-pub struct Registered {
-    pub id: Uuid,
-    /// Normalized (trimmed, lower-cased).
-    pub email: String,
+/// A member's role (`access::TenantRole`).
+pub fn tenant_role() -> Object {
+    one_of(&TENANT_ROLES, "A member's role in its tenant")
 }
 
-/// A key-rotation request as `POST /v1/admin/key-rotations` answers it.
-#[derive(Serialize, ToSchema)]
-pub struct RotationRequested {
-    pub id: Uuid,
-    /// `pending_approval`.
-    pub status: String,
-    pub initiated_by: Uuid,
-    /// The key everything will be re-encrypted under (16 lower-case hex characters).
-    pub target_key_id: String,
-    /// When the request lapses unapproved (RFC 3339).
-    pub expires_at: String,
+/// The names `access::TenantRole::parse` reads (a test checks they are all of them).
+pub const TENANT_ROLES: [&str; 3] = ["owner", "admin", "agent"];
+
+/// What a token speaks for (`security::jwt::SubjectKind`).
+pub fn subject_kind() -> Object {
+    one_of(&["user", "service"], "`user` or `service`")
 }
 
-/// An approved rotation: its job is queued.
-#[derive(Serialize, ToSchema)]
-pub struct RotationQueued {
-    pub id: Uuid,
-    /// `queued`.
-    pub status: String,
+/// How much of a catalog a sync reads (`gatehouse_jobs::SyncMode`).
+pub fn sync_mode() -> Object {
+    one_of(
+        &["incremental", "full"],
+        "`incremental` (the default: upsert what the store returns) or `full` (also delete products the store no longer has)",
+    )
 }
 
-/// A key rotation with its progress.
-#[derive(Serialize, ToSchema)]
-pub struct RotationView {
-    pub id: Uuid,
-    /// `pending_approval`, `queued`, `running`, `completed`, `failed` or `expired`.
-    pub status: String,
-    pub initiated_by: Uuid,
-    pub approved_by: Option<Uuid>,
-    /// RFC 3339.
-    pub approved_at: Option<String>,
-    /// The key everything is re-encrypted under (16 lower-case hex characters).
-    pub target_key_id: String,
-    pub created_at: String,
-    pub expires_at: String,
-    pub started_at: Option<String>,
-    pub completed_at: Option<String>,
-    /// Sealed values to re-encrypt, fixed when the job starts.
-    pub total: i64,
-    pub done: i64,
-    /// Values no known key opens: counted, reported, left untouched.
-    pub failed: i64,
-    pub last_error: Option<String>,
+/// A key rotation's state (`rotation::Rotation::status`).
+pub fn rotation_status() -> Object {
+    one_of(
+        &[
+            "pending_approval",
+            "queued",
+            "running",
+            "completed",
+            "failed",
+            "expired",
+        ],
+        "The rotation's state",
+    )
 }
 
-/// A created resource.
-#[derive(Serialize, ToSchema)]
-pub struct Created {
-    pub id: Uuid,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// An accepted job.
-#[derive(Serialize, ToSchema)]
-pub struct JobAccepted {
-    pub job_id: String,
-}
+    #[test]
+    fn the_documented_roles_are_the_ones_the_handlers_read() {
+        for role in TENANT_ROLES {
+            let parsed = crate::access::TenantRole::parse(role).expect("a role");
+            assert_eq!(parsed.as_str(), role);
+        }
+        for role in [
+            crate::access::TenantRole::Owner,
+            crate::access::TenantRole::Admin,
+            crate::access::TenantRole::Agent,
+        ] {
+            assert!(TENANT_ROLES.contains(&role.as_str()), "{}", role.as_str());
+        }
+    }
 
-/// A membership of the caller.
-#[derive(Serialize, ToSchema)]
-pub struct Membership {
-    pub tenant_id: Uuid,
-    pub role: String,
-    pub scopes: Vec<String>,
-}
-
-/// The caller.
-#[derive(Serialize, ToSchema)]
-pub struct Me {
-    pub id: Uuid,
-    /// `user` or `service`.
-    pub kind: String,
-    pub email: Option<String>,
-    pub memberships: Vec<Membership>,
-    pub platform_scopes: Vec<String>,
-}
-
-/// A membership after `PUT`.
-#[derive(Serialize, ToSchema)]
-pub struct MemberSet {
-    pub tenant_id: Uuid,
-    pub user_id: Uuid,
-    pub role: String,
-}
-
-/// `/healthz`.
-#[derive(Serialize, ToSchema)]
-pub struct Health {
-    /// `ok`.
-    pub status: String,
-}
-
-/// `/readyz`: each dependency `ok` or `unavailable`.
-#[derive(Serialize, ToSchema)]
-pub struct Readiness {
-    pub postgres: String,
-    pub redis: String,
+    #[test]
+    fn every_operation_has_its_own_id() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (path, item) in &DOCUMENT.paths.paths {
+            for (method, operation) in [
+                ("get", &item.get),
+                ("put", &item.put),
+                ("post", &item.post),
+                ("delete", &item.delete),
+                ("patch", &item.patch),
+            ] {
+                let Some(operation) = operation else { continue };
+                let id = operation.operation_id.clone().expect("an operation id");
+                assert!(seen.insert(id.clone()), "{method} {path}: {id} twice");
+            }
+        }
+        assert!(seen.len() >= 25, "{seen:?}");
+    }
 }

@@ -95,6 +95,7 @@ fn parse_filter(query: Option<&str>) -> Result<EventFilter, ApiError> {
 
 /// Security events, newest first.
 #[utoipa::path(
+    operation_id = "list_security_events",
     get,
     path = "/v1/admin/security-events",
     tag = "security",

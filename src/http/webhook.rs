@@ -233,7 +233,7 @@ fn twiml() -> Response {
 /// A Twilio inbound message: content type → size → parameter count (at most
 /// [`twilio::MAX_FORM_PARAMS`], else 400) → signature (`X-Twilio-Signature` over the raw body)
 /// → dedupe → enqueue. Answers empty TwiML.
-#[utoipa::path(post, path = "/v1/webhooks/twilio/{tenant_id}/messages", tag = "webhooks",
+#[utoipa::path(operation_id = "receive_twilio_message", post, path = "/v1/webhooks/twilio/{tenant_id}/messages", tag = "webhooks",
     params(
         ("tenant_id" = Uuid, Path),
         ("X-Twilio-Signature" = String, Header, description = "Twilio's request signature"),

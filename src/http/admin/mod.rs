@@ -273,8 +273,49 @@ fn login_page(state: &AppState, status: StatusCode, error: Option<&str>) -> Resp
     response
 }
 
+/// The sign-in form's fields (for the document; the handler reads them with [`field`]).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct LoginForm {
+    email: String,
+    #[schema(format = Password)]
+    password: String,
+    /// The token of the login page's form.
+    csrf: String,
+}
+
+/// A form carrying only its CSRF token.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct CsrfForm {
+    csrf: String,
+}
+
+/// The queues page's retry form.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct RetryForm {
+    job_id: String,
+    csrf: String,
+}
+
+/// What a dashboard form may be answered about its body, besides its own answers.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum FormErrors {
+    /// The body could not be read
+    #[response(status = 400, content_type = "text/html")]
+    Malformed(String),
+    /// Body too large
+    #[response(status = 413, content_type = "text/html")]
+    TooLarge(String),
+    /// Not `application/x-www-form-urlencoded`
+    #[response(status = 415, content_type = "text/html")]
+    WrongType(String),
+}
+
 /// The dashboard's login form.
-#[utoipa::path(get, path = "/admin/login", tag = "admin",
+#[utoipa::path(operation_id = "admin_login_form", get, path = "/admin/login", tag = "admin",
     responses((status = 200, description = "The login form", content_type = "text/html")))]
 async fn login_form(State(state): State<Arc<AppState>>) -> Response {
     login_page(&state, StatusCode::OK, None)
@@ -284,9 +325,10 @@ async fn login_form(State(state): State<Arc<AppState>>) -> Response {
 const LOGIN_FAILED: &str = "The email or password is not valid.";
 
 /// Signs in (form fields `email`, `password`, `csrf`); sets the `__Host-` session cookie.
-#[utoipa::path(post, path = "/admin/login", tag = "admin",
-    request_body(content_type = "application/x-www-form-urlencoded", description = "email, password, csrf"),
+#[utoipa::path(operation_id = "admin_log_in", post, path = "/admin/login", tag = "admin",
+    request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
     responses(
+        FormErrors,
         (status = 303, description = "Signed in: to /admin"),
         (status = 401, description = "Wrong email or password (one answer for both)", content_type = "text/html"),
         (status = 403, description = "Missing or wrong CSRF token, or cross-site", content_type = "text/html"),
@@ -370,9 +412,10 @@ async fn login(
 }
 
 /// Signs out: deletes the session server-side.
-#[utoipa::path(post, path = "/admin/logout", tag = "admin",
-    request_body(content_type = "application/x-www-form-urlencoded", description = "csrf"),
+#[utoipa::path(operation_id = "admin_log_out", post, path = "/admin/logout", tag = "admin",
+    request_body(content = CsrfForm, content_type = "application/x-www-form-urlencoded"),
     responses(
+        FormErrors,
         (status = 303, description = "Signed out: to the login page"),
         (status = 403, description = "Missing or wrong CSRF token, or cross-site", content_type = "text/html"),
     ))]
@@ -413,9 +456,10 @@ async fn logout(
 }
 
 /// Puts a dead job back on its queue (form fields `job_id`, `csrf`); needs `platform:admin`.
-#[utoipa::path(post, path = "/admin/queues/retry", tag = "admin",
-    request_body(content_type = "application/x-www-form-urlencoded", description = "job_id, csrf"),
+#[utoipa::path(operation_id = "admin_retry_dead", post, path = "/admin/queues/retry", tag = "admin",
+    request_body(content = RetryForm, content_type = "application/x-www-form-urlencoded"),
     responses(
+        FormErrors,
         (status = 303, description = "Back to the queues page with a notice"),
         (status = 403, description = "No `platform:admin` (`security:read` only reads), a missing or wrong CSRF token, or cross-site", content_type = "text/html"),
     ))]
@@ -471,7 +515,7 @@ async fn retry_dead(
 }
 
 /// The dashboard's stylesheet.
-#[utoipa::path(get, path = "/admin/static/admin.css", tag = "admin",
+#[utoipa::path(operation_id = "admin_stylesheet", get, path = "/admin/static/admin.css", tag = "admin",
     responses((status = 200, description = "CSS", content_type = "text/css")))]
 async fn stylesheet() -> Response {
     (

@@ -141,6 +141,7 @@ enum PageAnswers {
 
 /// `/admin`: events per hour and kind over 48 hours, totals, the newest events.
 #[utoipa::path(
+    operation_id = "admin_overview",
     get,
     path = "/admin",
     tag = "admin",
@@ -202,6 +203,7 @@ pub async fn overview(
 
 /// `/admin/auth`: failed logins by hour of day × day, and the top source addresses.
 #[utoipa::path(
+    operation_id = "admin_failed_auth",
     get,
     path = "/admin/auth",
     tag = "admin",
@@ -247,6 +249,7 @@ pub async fn failed_auth(
 
 /// `/admin/rate-limits`: refusals per hour, per limit, and the most limited addresses.
 #[utoipa::path(
+    operation_id = "admin_rate_limits",
     get,
     path = "/admin/rate-limits",
     tag = "admin",
@@ -321,6 +324,7 @@ pub async fn rate_limits(
 
 /// `/admin/webhooks`: signature verification per tenant.
 #[utoipa::path(
+    operation_id = "admin_webhooks",
     get,
     path = "/admin/webhooks",
     tag = "admin",
@@ -389,6 +393,7 @@ pub struct QueuesQuery {
 /// `/admin/queues`: depth, in flight, retries and dead letters per queue, with a retry
 /// button (a CSRF-guarded form) per dead job.
 #[utoipa::path(
+    operation_id = "admin_queues",
     get,
     path = "/admin/queues",
     tag = "admin",
@@ -492,6 +497,7 @@ pub async fn queues(
 
 /// `/admin/rotations`: key rotations and their progress.
 #[utoipa::path(
+    operation_id = "admin_rotations",
     get,
     path = "/admin/rotations",
     tag = "admin",

@@ -18,26 +18,26 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::AppState;
-use super::observe::Measure;
+use super::metrics::Measure;
 use super::transport::{self, Arrival};
 
-/// Adds [`Edge`] to every route.
+/// Adds [`Outer`] to every route.
 #[derive(Clone)]
-pub struct EdgeLayer {
+pub struct OuterLayer {
     state: Arc<AppState>,
 }
 
-impl EdgeLayer {
+impl OuterLayer {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
 }
 
-impl<S> Layer<S> for EdgeLayer {
-    type Service = Edge<S>;
+impl<S> Layer<S> for OuterLayer {
+    type Service = Outer<S>;
 
-    fn layer(&self, inner: S) -> Edge<S> {
-        Edge {
+    fn layer(&self, inner: S) -> Outer<S> {
+        Outer {
             inner,
             state: self.state.clone(),
         }
@@ -46,18 +46,18 @@ impl<S> Layer<S> for EdgeLayer {
 
 /// See the module documentation.
 #[derive(Clone)]
-pub struct Edge<S> {
+pub struct Outer<S> {
     inner: S,
     state: Arc<AppState>,
 }
 
-impl<S> Service<Request> for Edge<S>
+impl<S> Service<Request> for Outer<S>
 where
     S: Service<Request, Response = Response>,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = EdgeFuture<S::Future>;
+    type Future = OuterFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -80,7 +80,7 @@ where
                 future: self.inner.call(request),
             },
         };
-        EdgeFuture {
+        OuterFuture {
             inner,
             done: Some((measure, arrival)),
         }
@@ -97,14 +97,14 @@ pin_project_lite::pin_project! {
 
 pin_project_lite::pin_project! {
     /// The route's answer (or the edge's own), finished with headers and metrics.
-    pub struct EdgeFuture<F> {
+    pub struct OuterFuture<F> {
         #[pin]
         inner: Inner<F>,
         done: Option<(Measure, Arrival)>,
     }
 }
 
-impl<F, E> Future for EdgeFuture<F>
+impl<F, E> Future for OuterFuture<F>
 where
     F: Future<Output = Result<Response, E>>,
 {
@@ -115,7 +115,7 @@ where
         let mut response = match this.inner.project() {
             InnerProj::Answered { response } => match response.take() {
                 Some(response) => response,
-                None => panic!("EdgeFuture polled after completion"),
+                None => panic!("OuterFuture polled after completion"),
             },
             InnerProj::Route { future } => match future.poll(cx) {
                 Poll::Pending => return Poll::Pending,

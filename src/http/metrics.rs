@@ -1,6 +1,6 @@
-//! What the ingress tells Prometheus: `GET /metrics` (see `worker::scrape`), and [`Measure`],
-//! which the edge layer (`http::edge`) uses to count every request by method, matched route
-//! template (never the raw path) and status, with its latency.
+//! What the ingress tells Prometheus: `GET /metrics` (see `metrics::scrape`), and [`Measure`],
+//! which the outer layer (`http::outer_layer`) uses to count every request by method, matched
+//! route template (never the raw path) and status, with its latency.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, PoisonError, RwLock};
@@ -16,6 +16,7 @@ use super::AppState;
 
 /// Prometheus text: counters, histograms, queue gauges read from Redis now.
 #[utoipa::path(
+    operation_id = "metrics",
     get,
     path = "/metrics",
     tag = "health",
