@@ -118,7 +118,7 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
         ServerKind::Bare => {
             let state = Arc::new(Bare {
                 redis,
-                queues: Queues::new(config.queue_namespace.clone()),
+                queues: Queues::new(config.redis_namespace.clone()),
             });
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok" }))

@@ -81,7 +81,7 @@ pub async fn run(config: &Config, command: JobsCommand) -> anyhow::Result<()> {
     let mut conn = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(unreachable)?;
-    let namespace = config.queue_namespace.as_str();
+    let namespace = config.redis_namespace.as_str();
     match command {
         JobsCommand::Dead { .. } => {
             let jobs = dead::list(&mut conn, namespace, &selected, LIST_LIMIT)

@@ -69,7 +69,7 @@ pub async fn run(config: &Config, command: LimitsCommand) -> anyhow::Result<()> 
     let mut conn = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| unreachable(&e))?;
-    let keys = ratelimit::reset(&mut conn, &config.queue_namespace, &target)
+    let keys = ratelimit::reset(&mut conn, &config.redis_namespace, &target)
         .await
         .map_err(|e| unreachable(&e))?;
     for key in &keys {

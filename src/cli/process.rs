@@ -169,7 +169,7 @@ async fn work(
     if let Some(ip) = health_ip {
         options.health_ip = ip;
     }
-    let queues = gatehouse_jobs::client::Queues::new(config.queue_namespace.clone());
+    let queues = gatehouse_jobs::client::Queues::new(config.redis_namespace.clone());
     crate::worker::run(state, redis, queues, options, shutdown).await?;
     tracing::info!("workers stopped");
     Ok(())
@@ -225,11 +225,11 @@ pub(super) async fn tools(config: &Config) -> anyhow::Result<Tools> {
     let redis = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
-    let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());
+    let events = SecurityLog::new(pool.clone(), redis.clone(), config.redis_namespace.clone());
     Ok(Tools {
         pool,
         redis,
-        cache: ScopeCache::new(config.queue_namespace.clone()),
+        cache: ScopeCache::new(config.redis_namespace.clone()),
         events,
     })
 }

@@ -79,7 +79,7 @@ pub async fn rotate(config: &Config, args: RotateSecretArgs) -> anyhow::Result<(
     // Every ingress drops its cached keys of this tenant; without Redis they refresh within
     // TENANT_KEY_CACHE_SECONDS.
     let listening = match crate::redis_conn::connect(&config.redis_url).await {
-        Ok(mut redis) => tenant_secrets::notify(&mut redis, &config.queue_namespace, args.tenant)
+        Ok(mut redis) => tenant_secrets::notify(&mut redis, &config.redis_namespace, args.tenant)
             .await
             .ok(),
         Err(_) => None,
@@ -87,7 +87,7 @@ pub async fn rotate(config: &Config, args: RotateSecretArgs) -> anyhow::Result<(
     let events = crate::events::SecurityLog::new(
         pool.clone(),
         crate::redis_conn::Renewing::lazy(&config.redis_url)?,
-        config.queue_namespace.clone(),
+        config.redis_namespace.clone(),
     );
     let mut event = SecurityEvent::new(EventType::TenantSecretRotated);
     event.tenant_id = Some(args.tenant);

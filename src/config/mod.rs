@@ -315,9 +315,11 @@ pub struct Config {
     /// `WORKER_MISSED_HEARTBEATS`, default 3, 1..=100: after this many missed
     /// heartbeats a worker counts as dead and its jobs are taken over.
     pub worker_missed_heartbeats: usize,
-    /// `QUEUE_NAMESPACE`, default `gatehouse`, `[a-z0-9_-]{1,64}`: prefix of
-    /// every Redis key of the queues, so several deployments can share a Redis.
-    pub queue_namespace: String,
+    /// `QUEUE_NAMESPACE` (the variable's name kept for compatibility), default `gatehouse`,
+    /// `[a-z0-9_-]{1,64}`: prefix of every gatehouse Redis key — queues, dedupe keys, rate
+    /// limits, dashboard sessions, alert windows, scope cache, tenant-key notices — so several
+    /// deployments can share a Redis.
+    pub redis_namespace: String,
     /// `TENANT_KEY_CACHE_SECONDS`, default 300, 1..=3600: how long the ingress
     /// keeps a tenant's webhook verification keys in memory, so signed
     /// webhooks keep flowing through a short PostgreSQL outage.
@@ -506,7 +508,7 @@ impl Config {
         let worker_grace_seconds = r.integer("WORKER_GRACE_SECONDS", 30u64, 0, 3600);
         let worker_heartbeat_seconds = r.integer("WORKER_HEARTBEAT_SECONDS", 5u64, 1, 300);
         let worker_missed_heartbeats = r.integer("WORKER_MISSED_HEARTBEATS", 3usize, 1, 100);
-        let queue_namespace = r.parse("QUEUE_NAMESPACE", "gatehouse".to_owned(), |s| {
+        let redis_namespace = r.parse("QUEUE_NAMESPACE", "gatehouse".to_owned(), |s| {
             let ok = (1..=64).contains(&s.len())
                 && s.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
@@ -615,7 +617,7 @@ impl Config {
                     worker_grace_seconds,
                     worker_heartbeat_seconds,
                     worker_missed_heartbeats,
-                    queue_namespace,
+                    redis_namespace,
                     tenant_key_cache_seconds,
                     retry,
                     job_retention_seconds,
@@ -753,7 +755,7 @@ mod tests {
         assert_eq!(cfg.worker_grace_seconds, 30);
         assert_eq!(cfg.worker_heartbeat_seconds, 5);
         assert_eq!(cfg.worker_missed_heartbeats, 3);
-        assert_eq!(cfg.queue_namespace, "gatehouse");
+        assert_eq!(cfg.redis_namespace, "gatehouse");
         assert_eq!(cfg.tenant_key_cache_seconds, 300);
         assert_eq!(
             cfg.retry.sync_catalog,
@@ -996,7 +998,7 @@ mod tests {
         assert_eq!(cfg.worker_grace(), Duration::from_secs(60));
         assert_eq!(cfg.worker_heartbeat(), Duration::from_secs(2));
         assert_eq!(cfg.worker_missed_heartbeats, 5);
-        assert_eq!(cfg.queue_namespace, "gh-prod_1");
+        assert_eq!(cfg.redis_namespace, "gh-prod_1");
         assert_eq!(cfg.tenant_key_cache_ttl(), Duration::from_secs(120));
         assert_eq!(cfg.jwt_ttl_seconds, 3600);
     }

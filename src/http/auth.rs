@@ -133,7 +133,7 @@ pub(crate) async fn ip_limit(state: &AppState, ctx: &Ctx) -> Result<Decision, Ap
 /// never checked). A failure leaves the reservation counted: logged, never fatal.
 async fn refund_failed_login(state: &AppState, subject: &str) {
     let key = ratelimit::key(
-        &state.config.queue_namespace,
+        &state.config.redis_namespace,
         Limit::FailedLogin.name(),
         subject,
     );

@@ -314,7 +314,7 @@ pub async fn limit(
     mode: Mode,
     email: Option<&str>,
 ) -> Result<Decision, ApiError> {
-    let key = ratelimit::key(&state.config.queue_namespace, which.name(), subject);
+    let key = ratelimit::key(&state.config.redis_namespace, which.name(), subject);
     let rate = which.rate(state);
     let mut redis = state.redis.clone();
     let decision = ratelimit::check(&mut redis, &key, rate, mode)

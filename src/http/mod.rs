@@ -72,20 +72,20 @@ impl AppState {
     /// stuck.
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
         let redis = crate::redis_conn::Renewing::from_manager(redis, &config.redis_url);
-        let queues = Queues::new(config.queue_namespace.clone());
+        let queues = Queues::new(config.redis_namespace.clone());
         let key_cache = KeyCache::new(Duration::from_secs(config.tenant_key_cache_seconds));
         let public_base = config
             .public_base_url
             .as_ref()
             .map(|u| u.as_str().trim_end_matches('/').to_owned());
         let jwt = JwtKeys::from_config(&config);
-        let scopes = ScopeCache::new(config.queue_namespace.clone());
+        let scopes = ScopeCache::new(config.redis_namespace.clone());
         let hasher = Hasher::owasp_with_queue(config.password_hash_queue);
-        let events = SecurityLog::new(pool.clone(), redis.clone(), config.queue_namespace.clone());
+        let events = SecurityLog::new(pool.clone(), redis.clone(), config.redis_namespace.clone());
         let scrape = crate::metrics::scrape::Scrape {
             handle: crate::metrics::install(),
             redis: redis.clone(),
-            namespace: config.queue_namespace.clone(),
+            namespace: config.redis_namespace.clone(),
             token: config.metrics_token.clone(),
         };
         Self {
@@ -188,7 +188,7 @@ pub async fn serve(
     // Tenant-key change notices (`tenants rotate-secret`) drop this ingress's cached keys.
     let notices = tokio::spawn(key_notices::listen(
         state.config.redis_url.clone(),
-        state.config.queue_namespace.clone(),
+        state.config.redis_namespace.clone(),
         state.key_cache.clone(),
     ));
     let app = router(state);

@@ -104,7 +104,7 @@ impl WorkerState {
         let events = crate::events::SecurityLog::new(
             pool.clone(),
             crate::redis_conn::Renewing::lazy(&config.redis_url)?,
-            config.queue_namespace.clone(),
+            config.redis_namespace.clone(),
         );
         let classifier = crate::llm::classifier(config.llm.as_ref())?;
         let store = StoreClient::new(

@@ -153,7 +153,7 @@ impl FromRequestParts<Arc<AppState>> for Officer {
         let Some(id) = session::token_cookie(&parts.headers, session::COOKIE) else {
             return Err(see_other("/admin/login"));
         };
-        let namespace = &state.config.queue_namespace;
+        let namespace = &state.config.redis_namespace;
         let mut redis = state.redis.clone();
         let live = session::load(&mut redis, namespace, &id)
             .await
@@ -388,7 +388,7 @@ async fn login(
         deny(&state, &ctx, &principal, "security:read");
         return login_page(&state, StatusCode::UNAUTHORIZED, Some(LOGIN_FAILED));
     }
-    let namespace = &state.config.queue_namespace;
+    let namespace = &state.config.redis_namespace;
     // A session id the browser already had is never reused (no fixation).
     if let Some(old) = session::token_cookie(&headers, session::COOKIE) {
         let _ = session::destroy(&mut redis, namespace, &old).await;
@@ -444,7 +444,7 @@ async fn logout(
         return csrf_refused(&state, &ctx, None).await;
     }
     let mut redis = state.redis.clone();
-    if let Err(e) = session::destroy(&mut redis, &state.config.queue_namespace, &id).await {
+    if let Err(e) = session::destroy(&mut redis, &state.config.redis_namespace, &id).await {
         return unavailable("cannot delete the session", &e);
     }
     tracing::info!("admin: signed out");
@@ -499,7 +499,7 @@ async fn retry_dead(
     let mut redis = state.redis.clone();
     match crate::queue::dead::retry(
         &mut redis,
-        &state.config.queue_namespace,
+        &state.config.redis_namespace,
         &gatehouse_jobs::QUEUES,
         job_id,
     )

@@ -406,7 +406,7 @@ pub async fn queues(
     Query(query): Query<QueuesQuery>,
 ) -> Result<Response, Unavailable> {
     let mut redis = state.redis.clone();
-    let namespace = &state.config.queue_namespace;
+    let namespace = &state.config.redis_namespace;
     let stats = loaded(
         "cannot read queue statistics",
         crate::queue::stats::all_queue_stats(&mut redis, namespace, &gatehouse_jobs::QUEUES).await,
