@@ -35,12 +35,7 @@ use crate::env::{self, BenchEnv, TWILIO_TOKEN};
 use crate::flood;
 use crate::load::Prepared;
 
-/// The fault proxy of the test suite (`tests/common/fault_proxy.rs`), compiled here as is.
-#[allow(dead_code)]
-#[path = "../../tests/common/fault_proxy.rs"]
-mod fault_proxy;
-
-use fault_proxy::{FaultProxy, Mode};
+use gatehouse_testenv::fault_proxy::{FaultProxy, Mode};
 
 /// What the workers log: warnings, and each outage's start and end.
 const WORKER_LOG: &str = "warn,gatehouse::worker::outage=info";
@@ -553,11 +548,11 @@ pub async fn postgres_drill(
     plan: &OutagePlan,
     dir: &Path,
 ) -> anyhow::Result<PostgresDrill> {
-    let tenant = env.create_tenant().await?;
+    let tenant = env.try_create_tenant().await?;
     let proxy = FaultProxy::start(address_of(&env.db_url)?).await;
     let worker_db = through(&env.db_url, proxy.addr)?;
-    let port = flood::free_port()?.to_string();
-    let health_port = flood::free_port()?.to_string();
+    let port = gatehouse_testenv::try_free_port()?.to_string();
+    let health_port = gatehouse_testenv::try_free_port()?.to_string();
     let mut serve = Logged::spawn(env, dir, "a-serve", &["serve"], &[("PORT", &port)])?;
     let mut work = Logged::spawn(
         env,
@@ -841,10 +836,10 @@ pub async fn redis_drill(
     plan: &OutagePlan,
     dir: &Path,
 ) -> anyhow::Result<RedisDrill> {
-    let tenant = env.create_tenant().await?;
+    let tenant = env.try_create_tenant().await?;
     let data = dir.join("redis");
     std::fs::create_dir_all(&data)?;
-    let mut server = PrivateRedis::new(flood::free_port()?, &data);
+    let mut server = PrivateRedis::new(gatehouse_testenv::try_free_port()?, &data);
     server.start().await?;
     let url = server.url();
     let mut conn = gatehouse::queue::connect(&SecretString::from(url.clone()))
@@ -886,7 +881,7 @@ pub async fn redis_drill(
         .map(|i| crate::worker::message(tenant, i as u64))
         .collect();
     let sids: Vec<String> = jobs.iter().map(|j| j.message_sid.clone()).collect();
-    let port = flood::free_port()?.to_string();
+    let port = gatehouse_testenv::try_free_port()?.to_string();
     let mut serve = Logged::spawn(
         env,
         dir,
@@ -907,7 +902,7 @@ pub async fn redis_drill(
     ));
     let mut workers = Vec::new();
     for i in 1..=2 {
-        let health_port = flood::free_port()?.to_string();
+        let health_port = gatehouse_testenv::try_free_port()?.to_string();
         let worker = Logged::spawn(
             env,
             dir,

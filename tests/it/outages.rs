@@ -1,14 +1,13 @@
 //! Dependency outages (SPEC "Dependency outages"): a real `gatehouse work` process whose Redis
-//! is behind the fault proxy (`tests/common/fault_proxy.rs`), through every fault shape, with a
+//! is behind the fault proxy (`testenv/src/fault_proxy.rs`), through every fault shape, with a
 //! backlog; and the fault proxy's own modes against a loopback echo server.
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::{FaultProxy, Mode, echo_server};
-use common::*;
+use crate::common::*;
 use gatehouse_jobs::InboundMessage;
+use gatehouse_testenv::fault_proxy::{FaultProxy, Mode, echo_server};
+use gatehouse_testenv::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
@@ -173,13 +172,6 @@ fn low_confidence_message(tenant: Uuid) -> InboundMessage {
         body: "qwzx vbnm".into(),
         received_at: "2026-11-28T10:00:00Z".into(),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// The worker's `/healthz`: status and body (None while it does not answer).

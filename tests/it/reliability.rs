@@ -7,14 +7,13 @@
 //! are already in `processed_jobs` (a redelivery), which the real handler acknowledges after
 //! one indexed lookup.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::{FaultProxy, Mode};
-use common::*;
+use crate::common::*;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{InboundMessage, SyncCatalog, SyncMode};
+use gatehouse_testenv::fault_proxy::{FaultProxy, Mode};
+use gatehouse_testenv::*;
 use uuid::Uuid;
 
 fn sync_job() -> SyncCatalog {
@@ -394,13 +393,6 @@ impl Drop for PrivateRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

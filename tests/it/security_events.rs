@@ -2,19 +2,17 @@
 //! windows (counted in Redis, shared by a fleet), recording with Redis down, and the
 //! `GET /v1/admin/security-events` API (scope, filters, paging).
 
-mod common;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use gatehouse::access::PlatformRole;
 use gatehouse::accounts::{self, NewUser};
 use gatehouse::events::{Budget, EventType, SecurityEvent, SecurityLog};
 use gatehouse::http::AppState;
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::password::Hasher;
+use gatehouse_testenv::*;
 use secrecy::SecretString;
 use serde_json::Value;
 use time::OffsetDateTime;
