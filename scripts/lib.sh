@@ -282,7 +282,7 @@ ensure_redis() {
 
 # ------------------------------------------------------------------ Chromium
 
-# The dashboard test (tests/dashboard.rs) drives a real headless Chromium through
+# The dashboard test (tests/it/dashboard.rs) drives a real headless Chromium through
 # chromedriver. Paths can be overridden with CHROMIUM and CHROMEDRIVER.
 CHROMIUM_BIN="${CHROMIUM:-/usr/bin/chromium}"
 CHROMEDRIVER_BIN="${CHROMEDRIVER:-/usr/bin/chromedriver}"

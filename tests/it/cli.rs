@@ -120,7 +120,7 @@ async fn tenants_create_reads_its_secrets_from_stdin_and_seals_them() {
 
     // Missing token, unknown name, an owner email that is no address: exit 1 and nothing
     // written. (An owner email issues an invitation, whoever holds the address: see
-    // tests/invitations.rs.)
+    // tests/it/invitations.rs.)
     let bad = run(
         &[
             "tenants",

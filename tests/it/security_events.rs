@@ -366,7 +366,7 @@ async fn get(
 async fn security_events_read_back_newest_first_filtered_and_paged_with_a_cursor() {
     let env = TestEnv::new().await;
     // 25 events of one address within a minute: a budget wide enough to store them all (the
-    // budget itself is tested in tests/bounded_costs.rs).
+    // budget itself is tested in tests/it/bounded_costs.rs).
     let log = log(&env).with_budget(Budget {
         per_window: 100,
         window: Duration::from_secs(60),
