@@ -3,11 +3,12 @@
 //! Redis namespace ([`TestEnv`]: created, migrated, removed afterwards even on panic), the
 //! configuration variables, the in-process ingress and workers ([`TestServer`],
 //! [`TestWorker`]), the `gatehouse` processes and their plumbing ([`process`]: the binary, free
-//! ports, HTTP clients, waiting for health, SIGTERM) and the [`fault_proxy`]. A missing
-//! PostgreSQL or Redis is an error (a failed test), never a skip.
+//! ports, HTTP clients, waiting for health, SIGTERM), a private [`RedisServer`] and the
+//! [`fault_proxy`]. A missing PostgreSQL or Redis is an error (a failed test), never a skip.
 
 pub mod fault_proxy;
 pub mod process;
+mod redis_server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ pub use process::{
     client, client_builder, eventually, eventually_every, free_port, gatehouse_bin, kill, run_cli,
     terminate, terminate_within, try_free_port, wait_healthy,
 };
+pub use redis_server::RedisServer;
 
 /// Why an environment could not be set up (every message names the variable to fix and never
 /// a value: the URLs may hold passwords).
@@ -48,6 +50,12 @@ pub enum Error {
         "{name} not found next to {dir} (build it in the same profile: cargo build -p gatehouse, with --release for a release build)"
     )]
     BinaryNotFound { name: String, dir: String },
+    #[error("redis-server could not be started (scripts/test and scripts/bench install it): {0}")]
+    RedisServerSpawn(#[source] std::io::Error),
+    #[error("redis-server did not listen on port {0} within 10 s")]
+    RedisServerNotListening(u16),
+    #[error("redis-server did not exit within {0:?}")]
+    RedisServerStillRunning(std::time::Duration),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
