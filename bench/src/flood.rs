@@ -852,15 +852,8 @@ impl PhaseResult {
     }
 }
 
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(socket.local_addr()?.port())
-}
-
 pub(crate) fn client(pool: usize, timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
+    Ok(gatehouse_testenv::client_builder()
         .pool_max_idle_per_host(pool)
         .timeout(timeout)
         .build()?)
@@ -918,7 +911,7 @@ pub async fn run_phase(
     floor: Duration,
 ) -> anyhow::Result<PhaseResult> {
     env.clear_namespace().await?;
-    let port = free_port()?.to_string();
+    let port = gatehouse_testenv::try_free_port()?.to_string();
     let common: Vec<(&str, &str)> = vec![
         ("TRUSTED_PROXIES", "127.0.0.0/8"),
         ("SENTRY_DSN", sentry.dsn.as_str()),

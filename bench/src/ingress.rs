@@ -135,11 +135,6 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(socket.local_addr()?.port())
-}
-
 /// A server process and its base URL.
 pub struct Server {
     child: std::process::Child,
@@ -148,7 +143,7 @@ pub struct Server {
 
 impl Server {
     pub async fn start(env: &BenchEnv, kind: ServerKind) -> anyhow::Result<Self> {
-        let port = free_port()?;
+        let port = gatehouse_testenv::try_free_port()?;
         let kind_name = match kind {
             ServerKind::Gatehouse => "gatehouse",
             ServerKind::Bare => "bare",

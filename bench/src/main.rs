@@ -475,7 +475,7 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
             let sentry = flood::FakeSentry::start().await?;
             // A tenant of its own, sealed under the run's key: figure 6 re-seals every earlier
             // tenant's token under a key these processes do not have.
-            let tenant = env.create_tenant().await?;
+            let tenant = env.try_create_tenant().await?;
             progress("floods: creating the users and producers of the legitimate mix");
             let fixture = flood::prepare(env, tenant, &plan.flood).await?;
             let mut runs = Vec::new();

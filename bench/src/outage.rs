@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,12 +35,8 @@ use crate::env::{self, BenchEnv, TWILIO_TOKEN};
 use crate::flood;
 use crate::load::Prepared;
 
-/// The fault proxy of the test suite (`tests/common/fault_proxy.rs`), compiled here as is.
-#[allow(dead_code)]
-#[path = "../../tests/common/fault_proxy.rs"]
-mod fault_proxy;
-
-use fault_proxy::{FaultProxy, Mode};
+use gatehouse_testenv::RedisServer;
+use gatehouse_testenv::fault_proxy::{FaultProxy, Mode};
 
 /// What the workers log: warnings, and each outage's start and end.
 const WORKER_LOG: &str = "warn,gatehouse::worker::outage=info";
@@ -553,11 +549,11 @@ pub async fn postgres_drill(
     plan: &OutagePlan,
     dir: &Path,
 ) -> anyhow::Result<PostgresDrill> {
-    let tenant = env.create_tenant().await?;
+    let tenant = env.try_create_tenant().await?;
     let proxy = FaultProxy::start(address_of(&env.db_url)?).await;
     let worker_db = through(&env.db_url, proxy.addr)?;
-    let port = flood::free_port()?.to_string();
-    let health_port = flood::free_port()?.to_string();
+    let port = gatehouse_testenv::try_free_port()?.to_string();
+    let health_port = gatehouse_testenv::try_free_port()?.to_string();
     let mut serve = Logged::spawn(env, dir, "a-serve", &["serve"], &[("PORT", &port)])?;
     let mut work = Logged::spawn(
         env,
@@ -678,20 +674,10 @@ pub async fn postgres_drill(
 
 /// A private `redis-server` on a loopback port, its data (AOF) in a directory of the drill;
 /// killed on drop.
-struct PrivateRedis {
-    port: u16,
-    args: Vec<String>,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    fn new(port: u16, dir: &Path) -> Self {
-        let dir = dir.to_string_lossy().into_owned();
-        let args = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
+fn private_redis(port: u16, dir: &Path) -> RedisServer {
+    RedisServer::new(
+        port,
+        &[
             "--save",
             "",
             "--appendonly",
@@ -699,73 +685,13 @@ impl PrivateRedis {
             "--appendfsync",
             "everysec",
             "--dir",
-            &dir,
+            &dir.to_string_lossy(),
             "--logfile",
             "redis.log",
             "--enable-debug-command",
             "yes",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-        Self {
-            port,
-            args,
-            child: None,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) and waits until its port accepts connections.
-    async fn start(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("redis-server must be installed (scripts/bench installs it on Debian)")?;
-        self.child = Some(child);
-        let port = self.port;
-        let up = env::wait_until(Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
-        anyhow::ensure!(up, "redis-server did not listen on port {port} within 10 s");
-        Ok(())
-    }
-
-    /// Waits (at most 60 s) for the server to exit after `SHUTDOWN`.
-    async fn exited(&mut self) -> anyhow::Result<()> {
-        let Some(child) = self.child.as_mut() else {
-            return Ok(());
-        };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                anyhow::ensure!(status.success(), "redis-server exited with {status}");
-                self.child = None;
-                return Ok(());
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(60),
-                "redis-server did not exit within 60 s of SHUTDOWN"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            env::kill(child);
-        }
-    }
+        ],
+    )
 }
 
 /// Seconds from `since` until `url` answers 200 (polled every 50 ms, for at most 120 s).
@@ -841,10 +767,10 @@ pub async fn redis_drill(
     plan: &OutagePlan,
     dir: &Path,
 ) -> anyhow::Result<RedisDrill> {
-    let tenant = env.create_tenant().await?;
+    let tenant = env.try_create_tenant().await?;
     let data = dir.join("redis");
     std::fs::create_dir_all(&data)?;
-    let mut server = PrivateRedis::new(flood::free_port()?, &data);
+    let mut server = private_redis(gatehouse_testenv::try_free_port()?, &data);
     server.start().await?;
     let url = server.url();
     let mut conn = gatehouse::redis_conn::connect(&SecretString::from(url.clone()))
@@ -886,7 +812,7 @@ pub async fn redis_drill(
         .map(|i| crate::worker::message(tenant, i as u64))
         .collect();
     let sids: Vec<String> = jobs.iter().map(|j| j.message_sid.clone()).collect();
-    let port = flood::free_port()?.to_string();
+    let port = gatehouse_testenv::try_free_port()?.to_string();
     let mut serve = Logged::spawn(
         env,
         dir,
@@ -907,7 +833,7 @@ pub async fn redis_drill(
     ));
     let mut workers = Vec::new();
     for i in 1..=2 {
-        let health_port = flood::free_port()?.to_string();
+        let health_port = gatehouse_testenv::try_free_port()?.to_string();
         let worker = Logged::spawn(
             env,
             dir,
@@ -943,7 +869,8 @@ pub async fn redis_drill(
     let shutdown_started = Instant::now();
     let _: Result<(), _> = redis::cmd("SHUTDOWN").query_async(&mut conn).await;
     drop(conn);
-    server.exited().await?;
+    let status = server.exited(Duration::from_secs(60)).await?;
+    anyhow::ensure!(status.success(), "redis-server exited with {status}");
     let shutdown_seconds = shutdown_started.elapsed().as_secs_f64();
     let restarted = Instant::now();
     let restarted_at = unix_now();

@@ -91,7 +91,7 @@ pub async fn prepare(env: &BenchEnv) -> anyhow::Result<Uuid> {
     sqlx::query("INSERT INTO bench_counter (id, n) VALUES (1, 0) ON CONFLICT DO NOTHING")
         .execute(&env.pool)
         .await?;
-    env.create_tenant().await
+    Ok(env.try_create_tenant().await?)
 }
 
 /// A realistic inbound message: 200 distinct customers, so conversations see repeat traffic.

@@ -64,18 +64,16 @@ fn a_smoke_run_produces_every_figure_and_leaves_no_database_or_keys_behind() {
     let namespace = word_after("ghbench-");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let admin_url = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let admin = sqlx::PgPool::connect(&admin_url).await.expect("PostgreSQL");
+        let admin = sqlx::PgPool::connect(&gatehouse_testenv::admin_url())
+            .await
+            .expect("PostgreSQL");
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
             .bind(&db)
             .fetch_one(&admin)
             .await
             .expect("query pg_database");
         assert_eq!(left, 0, "database {db} was not dropped");
-        let redis_url =
-            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-        let client = redis::Client::open(redis_url).expect("Redis URL");
+        let client = redis::Client::open(gatehouse_testenv::redis_url()).expect("Redis URL");
         let mut conn = client
             .get_multiplexed_async_connection()
             .await

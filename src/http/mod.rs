@@ -122,7 +122,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Every route with its documentation. A route is added here, and only here, with
-/// `routes!(handler)` on a handler annotated `#[utoipa::path(...)]`; `tests/openapi.rs` fails
+/// `routes!(handler)` on a handler annotated `#[utoipa::path(...)]`; `tests/it/openapi.rs` fails
 /// for a route the document does not list.
 pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())

@@ -2,21 +2,13 @@
 //! the payload follows the committed schema, the tenant must exist, `Idempotency-Key` holds,
 //! and the job runs to a committed row.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gatehouse::security::password::Hasher;
+use gatehouse_testenv::*;
 use reqwest::Method;
 use serde_json::{Value, json};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
 
 async fn service_token(env: &TestEnv, server: &TestServer, scopes: &[&str]) -> String {
     let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();

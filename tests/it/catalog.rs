@@ -3,10 +3,8 @@
 //! lock that serializes one tenant's syncs while other tenants' run in parallel; where a store
 //! may be (creation over HTTP and the CLI, connect-time refusal of names resolving to loopback);
 //! and the budgets (fifty pages staged one by one, a failure on page 30, the whole-attempt
-//! deadline, staging leftovers). The fake store is on loopback, which `tests/common` opens with
+//! deadline, staging leftovers). The fake store is on loopback, which `gatehouse-testenv` opens with
 //! `STORE_ALLOWED_NETWORKS=127.0.0.0/8`; the refusal tests remove it.
-
-mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,11 +13,11 @@ use std::time::Duration;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::*;
 use gatehouse::catalog::{CatalogError, StoreClient, StoreError, StoreLimits, SyncOutcome};
 use gatehouse::tenants::NewTenant;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{SyncCatalog, SyncMode};
+use gatehouse_testenv::*;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use uuid::Uuid;

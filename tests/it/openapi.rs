@@ -5,11 +5,9 @@
 //! path, which methods have a handler): whatever way a route is added (`routes!`, `.route`,
 //! `.merge`, `.nest`), an undocumented one fails here.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::*;
+use gatehouse_testenv::*;
 use serde_json::Value;
 
 const METHODS: [&str; 7] = ["get", "head", "delete", "options", "patch", "post", "put"];

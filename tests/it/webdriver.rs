@@ -3,13 +3,13 @@
 //! dashboard test: navigate, find, type, click, rects, text, cookies, screenshots.
 //!
 //! A missing Chromium is a failure with instructions, never a skip.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use gatehouse_testenv::free_port;
 use serde_json::{Value, json};
 
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -40,18 +40,11 @@ pub struct Browser {
 #[derive(Debug, Clone)]
 pub struct Element(String);
 
-/// An element's position and size, CSS pixels.
+/// An element's size, CSS pixels (what the dashboard test checks of its rect).
 #[derive(Debug, Clone, Copy)]
 pub struct Rect {
-    pub x: f64,
-    pub y: f64,
     pub width: f64,
     pub height: f64,
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
 }
 
 impl Browser {
@@ -245,8 +238,6 @@ impl Browser {
             .await;
         let at = |k: &str| v[k].as_f64().unwrap_or(0.0);
         Rect {
-            x: at("x"),
-            y: at("y"),
             width: at("width"),
             height: at("height"),
         }

@@ -3,14 +3,13 @@
 //! processes whose key caches would otherwise keep the old keys for an hour), with and without
 //! an overlap for the previous value.
 
-mod common;
-
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::run_cli as gatehouse;
-use common::*;
+use crate::common::*;
 use gatehouse::security::twilio::{Algorithm, sign_form};
+use gatehouse_testenv::run_cli as gatehouse;
+use gatehouse_testenv::*;
 use uuid::Uuid;
 
 const NEW_TOKEN: &str = "fedcba09876543210fedcba098765432";
@@ -85,13 +84,6 @@ async fn webhook(port: u16, tenant: Uuid, signer: Signer<'_>) -> u16 {
         .await
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// Two `serve` processes of `env`, healthy; their ports.

@@ -1,8 +1,14 @@
-//! Test harness: every test gets its own PostgreSQL database and its own Redis namespace,
-//! both removed afterwards. A missing service fails the test; nothing is skipped.
-#![allow(dead_code)]
+//! gatehouse-testenv: the environment gatehouse runs in under the integration tests
+//! (`tests/it`) and the system benchmark (`bench/`). It owns the per-run PostgreSQL database and
+//! Redis namespace ([`TestEnv`]: created, migrated, removed afterwards even on panic), the
+//! configuration variables, the in-process ingress and workers ([`TestServer`],
+//! [`TestWorker`]), the `gatehouse` processes and their plumbing ([`process`]: the binary, free
+//! ports, HTTP clients, waiting for health, SIGTERM), a private [`RedisServer`] and the
+//! [`fault_proxy`]. A missing PostgreSQL or Redis is an error (a failed test), never a skip.
 
 pub mod fault_proxy;
+pub mod process;
+mod redis_server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use gatehouse::config::Config;
 use gatehouse::http::AppState;
-use gatehouse::security::twilio::{Algorithm, sign_form};
 use gatehouse::tenants::NewTenant;
 use gatehouse::worker::{WorkerOptions, WorkerState};
 use gatehouse_jobs::client::Queues;
@@ -20,6 +25,40 @@ use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
+
+pub use process::{
+    client, client_builder, eventually, eventually_every, free_port, gatehouse_bin, kill, run_cli,
+    terminate, terminate_within, try_free_port, wait_healthy,
+};
+pub use redis_server::RedisServer;
+
+/// Why an environment could not be set up (every message names the variable to fix and never
+/// a value: the URLs may hold passwords).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("PostgreSQL must be running (TEST_DATABASE_URL): {0}")]
+    Postgres(#[source] sqlx::Error),
+    #[error("TEST_DATABASE_URL is not a URL: {0}")]
+    Url(#[from] url::ParseError),
+    #[error("the migrations do not apply: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("Redis must be running (REDIS_URL): {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the configuration is invalid: {0}")]
+    Config(#[from] gatehouse::config::ConfigError),
+    #[error(
+        "{name} not found next to {dir} (build it in the same profile: cargo build -p gatehouse, with --release for a release build)"
+    )]
+    BinaryNotFound { name: String, dir: String },
+    #[error("redis-server could not be started (scripts/test and scripts/bench install it): {0}")]
+    RedisServerSpawn(#[source] std::io::Error),
+    #[error("redis-server did not listen on port {0} within 10 s")]
+    RedisServerNotListening(u16),
+    #[error("redis-server did not exit within {0:?}")]
+    RedisServerStillRunning(std::time::Duration),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
 
 pub const PUBLIC_BASE: &str = "https://gh.example.com";
 pub const TOKEN: &str = "12345abcdef67890fedcba0987654321";
@@ -34,10 +73,10 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn with_database(url: &str, db: &str) -> String {
-    let mut parsed = url::Url::parse(url).expect("TEST_DATABASE_URL is a URL");
+fn with_database(url: &str, db: &str) -> Result<String, Error> {
+    let mut parsed = url::Url::parse(url)?;
     parsed.set_path(&format!("/{db}"));
-    parsed.to_string()
+    Ok(parsed.to_string())
 }
 
 /// Logs to the test's captured output; installs the process-wide TLS provider once.
@@ -52,7 +91,7 @@ pub fn init() {
         .try_init();
 }
 
-/// A fixed, valid key set (tests only).
+/// A fixed, valid key set and the tests' short timings (test and bench values only).
 pub fn base_vars(db_url: &str, namespace: &str) -> HashMap<String, String> {
     let mut vars = HashMap::new();
     for (k, v) in [
@@ -95,7 +134,7 @@ pub fn config_from(vars: &HashMap<String, String>) -> Config {
     Config::from_vars(|k| vars.get(k).cloned()).expect("test configuration is valid")
 }
 
-/// One test's database and Redis namespace.
+/// One test's (or bench run's) database and Redis namespace, and the configuration over them.
 pub struct TestEnv {
     pub db_name: String,
     pub db_url: String,
@@ -104,7 +143,7 @@ pub struct TestEnv {
     pub redis: ConnectionManager,
     pub vars: HashMap<String, String>,
     pub config: Arc<Config>,
-    cleaned: bool,
+    scratch: Scratch,
 }
 
 impl TestEnv {
@@ -112,35 +151,51 @@ impl TestEnv {
         Self::with_vars(|_| {}).await
     }
 
+    /// A test's environment: [`base_vars`] edited by `edit`; logs go to the test's output.
     pub async fn with_vars(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         init();
+        Self::create("test", 30, edit)
+            .await
+            .expect("the test environment is set up")
+    }
+
+    /// A database `gh_{kind}_…` (migrated, with a pool of `max_connections`) and a namespace
+    /// `gh{kind}-…`, both removed by [`TestEnv::cleanup`] or on drop; the variables are
+    /// [`base_vars`] edited by `edit`.
+    pub async fn create(
+        kind: &str,
+        max_connections: u32,
+        edit: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Result<Self, Error> {
         let id = Uuid::new_v4().simple().to_string();
-        let db_name = format!("gh_test_{id}");
+        let db_name = format!("gh_{kind}_{id}");
+        let namespace = format!("gh{kind}-{}", &id[..12]);
         let admin = PgPool::connect(&admin_url())
             .await
-            .expect("PostgreSQL must be running (TEST_DATABASE_URL)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .map_err(Error::Postgres)?;
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&admin)
-            .await
-            .expect("create test database");
+            .await;
         admin.close().await;
-        let db_url = with_database(&admin_url(), &db_name);
+        created.map_err(Error::Postgres)?;
+        // From here on, whatever fails removes what was made.
+        let scratch = Scratch {
+            db_name: db_name.clone(),
+            namespace: namespace.clone(),
+            removed: false,
+        };
+        let db_url = with_database(&admin_url(), &db_name)?;
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(30)
+            .max_connections(max_connections)
             .connect(&db_url)
             .await
-            .expect("connect test database");
-        gatehouse::db::migrate(&pool)
-            .await
-            .expect("migrations apply");
-        let namespace = format!("ghtest-{}", &id[..12]);
+            .map_err(Error::Postgres)?;
+        gatehouse::db::migrate(&pool).await?;
         let mut vars = base_vars(&db_url, &namespace);
         edit(&mut vars);
-        let config = Arc::new(config_from(&vars));
-        let redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url()))
-            .await
-            .expect("Redis must be running (REDIS_URL)");
-        Self {
+        let config = Arc::new(Config::from_vars(|k| vars.get(k).cloned())?);
+        let redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url())).await?;
+        Ok(Self {
             db_name,
             db_url,
             pool,
@@ -148,8 +203,8 @@ impl TestEnv {
             redis,
             vars,
             config,
-            cleaned: false,
-        }
+            scratch,
+        })
     }
 
     /// The security-event recorder a process of this test would use (its own small pool to
@@ -166,7 +221,13 @@ impl TestEnv {
         Queues::new(self.namespace.clone())
     }
 
+    /// A tenant with [`ACCOUNT_SID`] and [`TOKEN`] (sealed like any other).
     pub async fn create_tenant(&self) -> Uuid {
+        self.try_create_tenant().await.expect("tenant created")
+    }
+
+    /// [`TestEnv::create_tenant`], its error returned.
+    pub async fn try_create_tenant(&self) -> Result<Uuid, gatehouse::tenants::TenantError> {
         gatehouse::tenants::create(
             &self.pool,
             &self.config.keyring,
@@ -181,7 +242,6 @@ impl TestEnv {
             },
         )
         .await
-        .expect("tenant created")
     }
 
     /// The ingress state over this env's configuration, database and Redis.
@@ -270,7 +330,7 @@ impl TestEnv {
 
     /// Starts the built binary with this test's environment.
     pub fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Child {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        std::process::Command::new(gatehouse_bin())
             .args(args)
             .env_clear()
             .envs(self.vars.iter())
@@ -286,7 +346,7 @@ impl TestEnv {
     /// Starts the built binary with piped stdin and stdout (for commands that read secrets
     /// from stdin and print results).
     pub fn spawn_piped(&self, args: &[&str]) -> std::process::Child {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        std::process::Command::new(gatehouse_bin())
             .args(args)
             .env_clear()
             .envs(self.vars.iter())
@@ -339,64 +399,119 @@ impl TestEnv {
         }
     }
 
-    /// Drops the database and the namespace's keys. (A test that panics before calling it
-    /// is cleaned up by `Drop`.)
+    /// Deletes every key of the namespace (a bench run does, between its figures).
+    pub async fn clear_namespace(&self) -> Result<(), Error> {
+        clear_namespace(&self.namespace).await
+    }
+
+    /// Drops the database and the namespace's keys. (An environment dropped without it, as
+    /// when its test panics, is removed by `Drop`.)
     pub async fn cleanup(mut self) {
         self.pool.close().await;
-        remove_namespace_and_database(&self.namespace, &self.db_name).await;
-        self.cleaned = true;
+        self.scratch.remove().await;
     }
 }
 
-impl Drop for TestEnv {
+/// What [`TestEnv::create`] made, removed once: by [`TestEnv::cleanup`], else on drop.
+struct Scratch {
+    db_name: String,
+    namespace: String,
+    removed: bool,
+}
+
+impl Scratch {
+    async fn remove(&mut self) {
+        if let Err(error) = clear_namespace(&self.namespace).await {
+            eprintln!(
+                "warning: could not remove Redis namespace {}: {error}",
+                self.namespace
+            );
+        }
+        if let Ok(admin) = PgPool::connect(&admin_url()).await {
+            if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            )))
+            .execute(&admin)
+            .await
+            {
+                eprintln!("warning: could not drop database {}: {error}", self.db_name);
+            }
+            admin.close().await;
+        }
+        self.removed = true;
+    }
+}
+
+impl Drop for Scratch {
     fn drop(&mut self) {
-        if self.cleaned {
+        if self.removed {
             return;
         }
-        let namespace = self.namespace.clone();
-        let db_name = self.db_name.clone();
-        // The test's runtime may be unwinding: clean up on a thread with its own runtime.
+        let mut scratch = Scratch {
+            db_name: std::mem::take(&mut self.db_name),
+            namespace: std::mem::take(&mut self.namespace),
+            removed: false,
+        };
+        self.removed = true;
+        // The owner's runtime may be unwinding: remove on a thread with its own runtime.
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                rt.block_on(remove_namespace_and_database(&namespace, &db_name));
+                rt.block_on(scratch.remove());
             }
         })
         .join();
     }
 }
 
-async fn remove_namespace_and_database(namespace: &str, db_name: &str) {
-    if let Ok(client) = redis::Client::open(redis_url())
-        && let Ok(mut redis) = client.get_multiplexed_async_connection().await
-    {
-        let keys: Vec<String> = redis::cmd("KEYS")
+/// Deletes every key of `namespace` and its entries in apalis-redis's global queue list.
+async fn clear_namespace(namespace: &str) -> Result<(), Error> {
+    let client = redis::Client::open(redis_url())?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
             .arg(format!("{namespace}:*"))
+            .arg("COUNT")
+            .arg(5000)
             .query_async(&mut redis)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
-        }
-        // apalis-redis registers every queue in one global sorted set.
-        for queue in gatehouse_jobs::QUEUES {
-            let _: Result<(), _> = redis::cmd("ZREM")
-                .arg("core:apalis:queues:list")
-                .arg(format!("{namespace}:{queue}:workers"))
+            .await?;
+        for chunk in keys.chunks(1000) {
+            let _: () = redis::cmd("UNLINK")
+                .arg(chunk)
                 .query_async(&mut redis)
-                .await;
+                .await?;
         }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
     }
-    if let Ok(admin) = PgPool::connect(&admin_url()).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-        )))
-        .execute(&admin)
-        .await;
-        admin.close().await;
+    // apalis-redis registers every queue's worker set in one global sorted set.
+    let registered: Vec<String> = redis::cmd("ZRANGE")
+        .arg("core:apalis:queues:list")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    let ours: Vec<&String> = registered
+        .iter()
+        .filter(|k| k.starts_with(&format!("{namespace}:")))
+        .collect();
+    if !ours.is_empty() {
+        let _: () = redis::cmd("ZREM")
+            .arg("core:apalis:queues:list")
+            .arg(ours)
+            .query_async(&mut redis)
+            .await?;
     }
+    Ok(())
 }
 
 pub struct TestServer {
@@ -449,223 +564,4 @@ impl TestWorker {
             .expect("worker stops within its grace period")
             .expect("worker task did not panic")
     }
-}
-
-/// Sends SIGTERM and waits (at most 15 s) for the process to exit.
-pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..300 {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("process did not exit within 15 s of SIGTERM");
-}
-
-/// A fresh Twilio-style message SID.
-pub fn message_sid() -> String {
-    format!("SM{}", Uuid::new_v4().simple())
-}
-
-/// The form parameters Twilio sends for an inbound SMS.
-pub fn sms_params(sid: &str, from: &str, body: &str) -> Vec<(String, String)> {
-    vec![
-        ("MessageSid".into(), sid.into()),
-        ("SmsSid".into(), sid.into()),
-        ("AccountSid".into(), ACCOUNT_SID.into()),
-        ("From".into(), from.into()),
-        ("To".into(), "+14155550199".into()),
-        ("Body".into(), body.into()),
-        ("NumMedia".into(), "0".into()),
-    ]
-}
-
-pub fn webhook_path(tenant: Uuid) -> String {
-    format!("/v1/webhooks/twilio/{tenant}/messages")
-}
-
-/// A signed form request as Twilio would send it (behind a TLS-terminating proxy on loopback).
-pub fn signed_form(
-    client: &reqwest::Client,
-    server: &TestServer,
-    tenant: Uuid,
-    params: &[(String, String)],
-) -> reqwest::RequestBuilder {
-    signed_form_with(client, server, tenant, params, TOKEN)
-}
-
-/// Like `signed_form`, signed with `token`.
-pub fn signed_form_with(
-    client: &reqwest::Client,
-    server: &TestServer,
-    tenant: Uuid,
-    params: &[(String, String)],
-    token: &str,
-) -> reqwest::RequestBuilder {
-    let path = webhook_path(tenant);
-    let refs: Vec<(&str, &str)> = params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let signature = sign_form(
-        &format!("{PUBLIC_BASE}{path}"),
-        &refs,
-        token.as_bytes(),
-        Algorithm::HmacSha1,
-    );
-    let body: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params.iter())
-        .finish();
-    client
-        .post(server.url(&path))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-forwarded-proto", "https")
-        .header("x-twilio-signature", signature)
-        .body(body)
-}
-
-/// A loopback server that plays Sentry: it keeps the body of every envelope it is sent.
-pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
-    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let store = seen.clone();
-    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let store = store.clone();
-        async move {
-            if let Ok(mut all) = store.lock() {
-                all.push(String::from_utf8_lossy(&body).into_owned());
-            }
-            "{}"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, seen)
-}
-
-/// Waits until `check` holds or `within` passes (polling every 50 ms); returns whether it held.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if check().await {
-            return true;
-        }
-        if start.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A loopback HTTP server that answers every request with `status` and an empty body (a
-/// reachable endpoint failing on its own: its answers count as the job's attempts).
-pub async fn answering(status: u16) -> SocketAddr {
-    let status = axum::http::StatusCode::from_u16(status).expect("a status code");
-    let app = axum::Router::new().fallback(move || async move { status });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
-}
-
-/// Runs the built binary to completion with exactly `vars` as its environment and `stdin` as
-/// its input (secrets go in there, never in argv).
-pub fn run_cli(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(args)
-        .env_clear()
-        .envs(vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("gatehouse runs")
-}
-
-/// The password of the users the helpers below create.
-pub const PASSWORD: &str = "correct horse battery staple";
-
-/// A request as it arrives through the (trusted, loopback) TLS-terminating proxy.
-pub fn api(
-    http: &reqwest::Client,
-    server: &TestServer,
-    method: reqwest::Method,
-    path: &str,
-) -> reqwest::RequestBuilder {
-    http.request(method, server.url(path))
-        .header("x-forwarded-proto", "https")
-}
-
-/// A user with [`PASSWORD`] and an optional platform role.
-pub async fn create_user(
-    env: &TestEnv,
-    email: &str,
-    role: Option<gatehouse::access::PlatformRole>,
-) -> Uuid {
-    gatehouse::accounts::create_user(
-        &env.pool,
-        &gatehouse::security::password::Hasher::owasp(),
-        gatehouse::accounts::NewUser {
-            email: email.into(),
-            password: SecretString::from(PASSWORD),
-            first_name: "Test".into(),
-            last_name: "User".into(),
-            platform_role: role,
-        },
-    )
-    .await
-    .expect("user created")
-}
-
-/// Logs `email` in with [`PASSWORD`] (asserting 200); its access token.
-pub async fn login(http: &reqwest::Client, server: &TestServer, email: &str) -> String {
-    let r = api(http, server, reqwest::Method::POST, "/v1/auth/login")
-        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login");
-    assert_eq!(r.status(), 200, "login of {email}");
-    let body: serde_json::Value = r.json().await.expect("json");
-    body["access_token"].as_str().expect("token").to_owned()
-}
-
-/// Makes `user` a member of `tenant` with `role` (straight in the database).
-pub async fn add_member(
-    env: &TestEnv,
-    tenant: Uuid,
-    user: Uuid,
-    role: gatehouse::access::TenantRole,
-) {
-    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
-        .bind(tenant)
-        .bind(user)
-        .bind(role.as_str())
-        .execute(&env.pool)
-        .await
-        .expect("membership");
 }

@@ -2,19 +2,17 @@
 //! windows (counted in Redis, shared by a fleet), recording with Redis down, and the
 //! `GET /v1/admin/security-events` API (scope, filters, paging).
 
-mod common;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use gatehouse::access::PlatformRole;
 use gatehouse::accounts::{self, NewUser};
 use gatehouse::events::{Budget, EventType, SecurityEvent, SecurityLog};
 use gatehouse::http::AppState;
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::password::Hasher;
+use gatehouse_testenv::*;
 use secrecy::SecretString;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -368,7 +366,7 @@ async fn get(
 async fn security_events_read_back_newest_first_filtered_and_paged_with_a_cursor() {
     let env = TestEnv::new().await;
     // 25 events of one address within a minute: a budget wide enough to store them all (the
-    // budget itself is tested in tests/bounded_costs.rs).
+    // budget itself is tested in tests/it/bounded_costs.rs).
     let log = log(&env).with_budget(Budget {
         per_window: 100,
         window: Duration::from_secs(60),

@@ -3,12 +3,10 @@
 //! against real PostgreSQL and Redis: a "restart" is a new configuration and state over the
 //! same database.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use gatehouse::accounts::{self, NewUser};
 use gatehouse::classify::classify_with_rules;
 use gatehouse::config::Config;
@@ -19,6 +17,7 @@ use gatehouse::security::jwt::key_id;
 use gatehouse::security::keyring::aad;
 use gatehouse::security::password::Hasher;
 use gatehouse_jobs::InboundMessage;
+use gatehouse_testenv::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
@@ -49,13 +48,6 @@ async fn server_with(env: &TestEnv, vars: &HashMap<String, String>) -> TestServe
         env.redis.clone(),
     )))
     .await
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
 }
 
 async fn me(http: &reqwest::Client, server: &TestServer, token: &str) -> StatusCode {
@@ -115,7 +107,7 @@ async fn tokens_of_the_previous_jwt_key_stay_valid_until_they_expire_and_new_one
     )
     .await
     .expect("user");
-    let http = http();
+    let http = client();
     let kid_a = key_id(&SecretString::from(JWT_A));
     let kid_b = key_id(&SecretString::from(JWT_B));
 

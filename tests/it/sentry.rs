@@ -3,28 +3,19 @@
 //! event per rule, subject and window, however many forgeries), non-critical ones do not, and
 //! no password, token, signature or message body reaches Sentry or the JSON log.
 
-mod common;
-
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use gatehouse_testenv::*;
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "Corr3ct-H0rse-Battery-Staple";
 const WRONG_PASSWORD: &str = "Wr0ng-Passw0rd-Do-Not-Log";
 const FORGED_SIGNATURE: &str = "Rm9yZ2VkU2lnbmF0dXJlRm9yZ2Vk=";
 const BODY_TEXT: &str = "my-card-is-4111-1111-1111-1111";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// `gatehouse serve` as production runs it (JSON logs), its stderr captured.
 fn spawn_serve(env: &TestEnv, port: u16, dsn: &str) -> Child {
@@ -40,19 +31,6 @@ fn spawn_serve(env: &TestEnv, port: u16, dsn: &str) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn gatehouse serve")
-}
-
-async fn wait_healthy(url: &str) {
-    let http = reqwest::Client::new();
-    for _ in 0..300 {
-        if let Ok(r) = http.get(url).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never answered");
 }
 
 /// Waits until some envelope contains `needle`.
@@ -80,7 +58,7 @@ async fn critical_events_reach_sentry_and_the_json_log_without_secrets_and_faile
     let dsn = format!("http://0123456789abcdef@{sentry}/42");
     let mut serve = spawn_serve(&env, port, &dsn);
     let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&format!("{base}/healthz")).await;
+    wait_healthy(&format!("{base}/healthz"), Duration::from_secs(15)).await;
     let http = reqwest::Client::new();
 
     // A user, a wrong password (failed_login: not critical), then a right one (a token).
@@ -244,7 +222,7 @@ async fn a_flood_of_forged_webhooks_sends_sentry_one_event_per_rule_subject_and_
     let dsn = format!("http://0123456789abcdef@{sentry}/42");
     let mut serve = spawn_serve(&env, port, &dsn);
     let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&format!("{base}/healthz")).await;
+    wait_healthy(&format!("{base}/healthz"), Duration::from_secs(15)).await;
     let http = reqwest::Client::new();
     // The alert window is the hour: keep the flood inside one.
     let into_hour = time::OffsetDateTime::now_utc().unix_timestamp() % 3600;

@@ -1,15 +1,14 @@
 //! The binary as an operator runs it: exit codes, config errors, secrets on stdin, and
 //! `serve` + `work` processes carrying a signed message to a committed row.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
-use common::run_cli as run;
-use common::*;
+use gatehouse_testenv::run_cli as run;
+use gatehouse_testenv::*;
 use hmac::{KeyInit, Mac};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
@@ -121,7 +120,7 @@ async fn tenants_create_reads_its_secrets_from_stdin_and_seals_them() {
 
     // Missing token, unknown name, an owner email that is no address: exit 1 and nothing
     // written. (An owner email issues an invitation, whoever holds the address: see
-    // tests/invitations.rs.)
+    // tests/it/invitations.rs.)
     let bad = run(
         &[
             "tenants",
@@ -155,14 +154,6 @@ async fn tenants_create_reads_its_secrets_from_stdin_and_seals_them() {
     env.cleanup().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Twilio's classic signature, computed here from the definition, independently of
 /// gatehouse's verifier.
 fn independent_signature(url: &str, params: &[(&str, &str)], token: &str) -> String {
@@ -178,19 +169,6 @@ fn independent_signature(url: &str, params: &[(&str, &str)], token: &str) -> Str
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
-async fn wait_healthy(url: &str) {
-    let http = reqwest::Client::new();
-    for _ in 0..200 {
-        if let Ok(r) = http.get(url).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never answered");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_and_work_processes_carry_a_signed_message_to_a_row_and_stop_cleanly() {
     let env = TestEnv::new().await;
@@ -199,7 +177,11 @@ async fn serve_and_work_processes_carry_a_signed_message_to_a_row_and_stop_clean
     let port_text = port.to_string();
     let mut serve = env.spawn(&["serve"], &[("PORT", &port_text)]);
     let mut work = env.spawn(&["work"], &[]);
-    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
+    wait_healthy(
+        &format!("http://127.0.0.1:{port}/healthz"),
+        Duration::from_secs(10),
+    )
+    .await;
 
     let sid = message_sid();
     let path = webhook_path(tenant);
@@ -268,7 +250,11 @@ async fn dev_reads_dotenv_migrates_and_serves() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn dev");
-    wait_healthy(&format!("http://127.0.0.1:{port}/readyz")).await;
+    wait_healthy(
+        &format!("http://127.0.0.1:{port}/readyz"),
+        Duration::from_secs(10),
+    )
+    .await;
     let dev_pool = sqlx::PgPool::connect(url.as_str()).await.expect("dev db");
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'processed_jobs'",
@@ -295,7 +281,11 @@ async fn a_forged_webhook_reaches_sentry_without_secrets_or_the_message() {
     let port = free_port().to_string();
     let dsn = format!("http://0123456789abcdef@{sentry}/42");
     let mut serve = env.spawn(&["serve"], &[("PORT", &port), ("SENTRY_DSN", &dsn)]);
-    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
+    wait_healthy(
+        &format!("http://127.0.0.1:{port}/healthz"),
+        Duration::from_secs(10),
+    )
+    .await;
     let body = "MessageSid=SM0123456789abcdef0123456789abcdef&From=%2B14155550100&Body=my+card+is+4111-1111-1111-1111-zq";
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}{}", webhook_path(tenant)))
@@ -395,8 +385,16 @@ async fn dev_listens_on_loopback_unless_told_otherwise_and_logs_where() {
             let _ = lines_tx.send(line);
         }
     });
-    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
-    wait_healthy(&format!("http://127.0.0.1:{health_port}/healthz")).await;
+    wait_healthy(
+        &format!("http://127.0.0.1:{port}/healthz"),
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_healthy(
+        &format!("http://127.0.0.1:{health_port}/healthz"),
+        Duration::from_secs(10),
+    )
+    .await;
     // 127.0.0.1 as /proc/net/tcp spells it; no wildcard (0.0.0.0 or ::) listener.
     assert_eq!(listening_addresses(port), ["0100007F"]);
     assert_eq!(listening_addresses(health_port), ["0100007F"]);

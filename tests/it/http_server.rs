@@ -2,13 +2,12 @@
 //! port: slow and idle connections are closed after `HTTP_HEADER_TIMEOUT_SECONDS`, at most
 //! `HTTP_MAX_CONNECTIONS` are served at once, shutdown drains, and handlers still see the peer.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gatehouse::metrics::scrape::Scrape;
 use gatehouse::worker::health::{Outages, serve as serve_worker_health};
+use gatehouse_testenv::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,15 +2,14 @@
 //! and Redis. Tokens are forged and hashes checked with libraries outside gatehouse
 //! (`jsonwebtoken`, `rust-argon2`), the way a user's own tooling would.
 
-mod common;
-
 use std::sync::Arc;
 
+use crate::common::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use gatehouse::access::{PlatformRole, TenantRole};
 use gatehouse::http::AppState;
+use gatehouse_testenv::*;
 use hmac::{Hmac, KeyInit, Mac};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, RequestBuilder, StatusCode};
@@ -20,13 +19,6 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 const JWT_SECRET: &str = "jwt-ZYXWVUTSRQPONMLKJIHGFEDCBA-9876543210-zyxwv";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
 
 async fn status(request: RequestBuilder) -> u16 {
     request.send().await.expect("request").status().as_u16()

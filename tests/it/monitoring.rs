@@ -5,12 +5,10 @@
 //! The Prometheus recorder is per process (each test runs in its own process under nextest), so
 //! assertions are "at least" where another test in the same process could add to a counter.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gatehouse::access::PlatformRole;
 use gatehouse::accounts::{self, NewUser};
 use gatehouse::events::{EventType, SecurityEvent};
@@ -18,6 +16,7 @@ use gatehouse::metrics::scrape::Scrape;
 use gatehouse::security::jwt::{JwtKeys, SubjectKind};
 use gatehouse::security::password::Hasher;
 use gatehouse::worker::health::{Outages, serve as serve_worker_health};
+use gatehouse_testenv::*;
 use secrecy::SecretString;
 use uuid::Uuid;
 

@@ -1,16 +1,15 @@
 //! The webhook path end to end: HTTP → Redis → worker → committed rows, against real
 //! PostgreSQL and Redis.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gatehouse::http::AppState;
 use gatehouse::http::key_cache::KeyCache;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{InboundMessage, Job};
+use gatehouse_testenv::*;
 
 /// The headers SPEC's transport security puts on every response (`DEBUG=false`).
 const SECURITY_HEADERS: [&str; 5] = [
@@ -20,13 +19,6 @@ const SECURITY_HEADERS: [&str; 5] = [
     "referrer-policy",
     "content-security-policy",
 ];
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_signed_message_travels_from_http_through_redis_to_a_committed_row() {

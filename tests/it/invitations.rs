@@ -3,16 +3,15 @@
 //! changes whose owner rules are checked inside their transaction. Also the operator's side:
 //! `tenants create --owner-email` and `tenants webhook-url` through the real binary.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::run_cli as run;
-use common::*;
 use gatehouse::access::{PlatformRole, TenantRole};
 use gatehouse::security::twilio::{Algorithm, sign_form};
+use gatehouse_testenv::run_cli as run;
+use gatehouse_testenv::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

@@ -1,14 +1,13 @@
 //! Dependency outages (SPEC "Dependency outages"): a real `gatehouse work` process whose Redis
-//! is behind the fault proxy (`tests/common/fault_proxy.rs`), through every fault shape, with a
+//! is behind the fault proxy (`testenv/src/fault_proxy.rs`), through every fault shape, with a
 //! backlog; and the fault proxy's own modes against a loopback echo server.
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::{FaultProxy, Mode, echo_server};
-use common::*;
+use crate::common::*;
 use gatehouse_jobs::InboundMessage;
+use gatehouse_testenv::fault_proxy::{FaultProxy, Mode, echo_server};
+use gatehouse_testenv::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
@@ -173,13 +172,6 @@ fn low_confidence_message(tenant: Uuid) -> InboundMessage {
         body: "qwzx vbnm".into(),
         received_at: "2026-11-28T10:00:00Z".into(),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// The worker's `/healthz`: status and body (None while it does not answer).
@@ -555,49 +547,18 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     env.cleanup().await;
 }
 
-/// A private redis-server (no persistence), so a test may make it busy without disturbing the
-/// other tests.
-struct PrivateRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start() -> Self {
-        Self::start_with(free_port(), &["--save", "", "--appendonly", "no"])
-    }
-
-    /// A redis-server on `port` with these extra arguments.
-    fn start_with(port: u16, args: &[&str]) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(args)
-            // Other clients hear BUSY 100 ms into a long script (the default is 5 s).
-            .args(["--busy-reply-threshold", "100"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test installs it)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server started"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { port, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A private redis-server on `port` with these arguments, started, so a test may make it busy
+/// or restart it without disturbing the other tests. Other clients hear BUSY 100 ms into a long
+/// script (the default is 5 s).
+async fn private_redis(port: u16, args: &[&str]) -> RedisServer {
+    let mut args = args.to_vec();
+    args.extend(["--busy-reply-threshold", "100"]);
+    let mut server = RedisServer::new(port, &args);
+    server
+        .start()
+        .await
+        .expect("the private redis-server starts");
+    server
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -605,7 +566,7 @@ async fn a_redis_busy_running_a_script_pauses_the_worker_until_the_script_is_kil
     const JOBS: usize = 200;
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
-    let server = PrivateRedis::start();
+    let server = private_redis(free_port(), &["--save", "", "--appendonly", "no"]).await;
     let client = redis::Client::open(server.url()).expect("url");
     let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(server.url()))
         .await
@@ -1210,7 +1171,7 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
         "--enable-debug-command",
         "yes",
     ];
-    let mut server = PrivateRedis::start_with(port, &args);
+    let mut server = private_redis(port, &args).await;
     let url = server.url();
     let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
         .await
@@ -1265,9 +1226,12 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
     );
     // A clean restart in the middle of the drain: SHUTDOWN, then the same directory.
     let _: Result<(), _> = redis::cmd("SHUTDOWN").query_async(&mut conn).await;
-    let _ = server.child.wait();
+    server
+        .exited(Duration::from_secs(60))
+        .await
+        .expect("redis-server exits after SHUTDOWN");
     let restarted_at = Instant::now();
-    server = PrivateRedis::start_with(port, &args);
+    server.start().await.expect("redis-server starts again");
     let mut probe = redis::Client::open(url.clone())
         .expect("url")
         .get_multiplexed_async_connection()

@@ -2,18 +2,17 @@
 //! sessions and their cookie, scopes per request, CSRF on every form, headers, escaping —
 //! and the whole thing in a real headless Chromium (`a_real_chromium_…`).
 
-mod common;
-mod webdriver;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::webdriver;
 use gatehouse::access::PlatformRole;
 use gatehouse::tenants::NewTenant;
 use gatehouse_jobs::SyncCatalog;
 use gatehouse_jobs::SyncMode;
 use gatehouse_jobs::client::Enqueue;
+use gatehouse_testenv::*;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, SET_COOKIE};
 use secrecy::SecretString;
@@ -60,10 +59,7 @@ impl Page {
 impl<'a> Agent<'a> {
     fn new(server: &'a TestServer) -> Self {
         Self {
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("client"),
+            http: client(),
             server,
             cookies: HashMap::new(),
             set_cookies: Vec::new(),

@@ -1,15 +1,14 @@
 //! Workers: atomic counters under concurrency, two worker processes sharing one queue,
 //! graceful shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gatehouse::classify::classify_with_rules;
 use gatehouse::conversations::{InboundContext, InboundOutcome, store_inbound};
 use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
+use gatehouse_testenv::*;
 
 fn message(tenant: uuid::Uuid, from: &str, body: &str) -> InboundMessage {
     InboundMessage {

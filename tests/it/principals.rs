@@ -4,29 +4,21 @@
 //! its very next request (on every ingress process), plus the commands as an operator runs
 //! them.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gatehouse::access::{PlatformRole, ScopeCache};
 use gatehouse::accounts::{self, TenantBinding};
 use gatehouse::security::password::Hasher;
+use gatehouse_testenv::*;
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
 
 fn message(tenant: Uuid) -> Value {
     json!({

@@ -7,14 +7,13 @@
 //! are already in `processed_jobs` (a redelivery), which the real handler acknowledges after
 //! one indexed lookup.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::{FaultProxy, Mode};
-use common::*;
+use crate::common::*;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{InboundMessage, SyncCatalog, SyncMode};
+use gatehouse_testenv::fault_proxy::{FaultProxy, Mode};
+use gatehouse_testenv::*;
 use uuid::Uuid;
 
 fn sync_job() -> SyncCatalog {
@@ -335,81 +334,31 @@ async fn a_job_running_longer_than_the_orphan_timeout_is_not_run_twice() {
     env.cleanup().await;
 }
 
-/// A private Redis server (optionally with an append-only file), so a test may restart it or
-/// kill its connections without disturbing the other tests.
-struct PrivateRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16, dir: &std::path::Path) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test installs it)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server started"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            port,
-            dir: dir.to_owned(),
-            child,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server the way an orchestrator does (SIGTERM: it flushes and exits).
-    fn stop(mut self) -> (u16, std::path::PathBuf) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        (self.port, self.dir.clone())
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_survive_a_redis_restart_and_killed_connections_under_a_running_worker() {
     const JOBS: i64 = 1500;
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = PrivateRedis::start(free_port(), dir.path());
+    // A private Redis (its append-only file synced on every write), so the test may restart it
+    // and kill its connections without disturbing the other tests.
+    let mut server = RedisServer::new(
+        free_port(),
+        &[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            dir.path().to_str().expect("a UTF-8 temporary directory"),
+        ],
+    );
+    server
+        .start()
+        .await
+        .expect("the private redis-server starts");
     let url = server.url();
     let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
         .await
@@ -438,9 +387,12 @@ async fn jobs_survive_a_redis_restart_and_killed_connections_under_a_running_wor
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Redis itself restarts (keeping its append-only file) for two seconds.
-    let (port, path) = server.stop();
+    server.terminate();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let server = PrivateRedis::start(port, &path);
+    server
+        .start()
+        .await
+        .expect("the private redis-server starts again");
     assert!(
         worker.try_wait().expect("status").is_none(),
         "the worker process is still running"

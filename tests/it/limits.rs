@@ -5,29 +5,21 @@
 //! `gatehouse limits reset` lifting a lockout. Clients are chosen with `X-Forwarded-For`
 //! through the trusted loopback proxy.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gatehouse::accounts::{self, NewUser};
 use gatehouse::http::AppState;
 use gatehouse::security::password::{Cost, Hasher, PoolStats};
+use gatehouse_testenv::*;
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const PASSWORD: &str = "correct horse battery staple";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
 
 /// A request from client `ip`, as the trusted loopback TLS proxy forwards it.
 fn from(

@@ -3,14 +3,12 @@
 //! `rotate_keys` job (in-process, and as real `gatehouse work` processes killed with -9),
 //! `gatehouse keys status`, and failing closed on ciphertexts moved between cells.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gatehouse::http::AppState;
 use gatehouse::rotation::{self, RotationError, RunContext, RunOutcome};
 use gatehouse::security::blind_index::BlindIndex;
@@ -19,6 +17,7 @@ use gatehouse::security::keyring::{EncryptionKey, Keyring, aad};
 use gatehouse::tenants::NewTenant;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_jobs::{Job, RotateKeys};
+use gatehouse_testenv::*;
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -65,13 +64,6 @@ async fn rotated_env(new_key: &str, extra: &[(&str, &str)]) -> TestEnv {
         }
     })
     .await
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
 }
 
 /// A user created straight in SQL (no password needed: tokens are issued directly).

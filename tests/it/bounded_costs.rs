@@ -3,18 +3,17 @@
 //! recording queue and its own pool, alert subjects for unknown tenants, the key cache's
 //! separate bounded set of unknown tenants, and the retention rounds.
 
-mod common;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gatehouse::events::{EventType, SecurityEvent, SecurityLog};
 use gatehouse::http::AppState;
 use gatehouse::http::key_cache::{KeyCache, KeyCacheError, MAX_UNKNOWN};
 use gatehouse::retention::{self, Retention};
 use gatehouse::worker::WorkerOptions;
+use gatehouse_testenv::*;
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;

@@ -1,23 +1,22 @@
 //! The LLM classifier against a real HTTP server on loopback that plays the LLM: good, hostile,
 //! huge, slow and failing answers, end to end through Redis and the worker into PostgreSQL.
 
-mod common;
-
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::*;
 use futures::StreamExt as _;
 use gatehouse::classify::{Classifier, ClassifyError};
 use gatehouse::config::LlmConfig;
 use gatehouse::llm::{LlmClassifier, rejection_counts};
 use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
+use gatehouse_testenv::*;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
@@ -593,7 +592,7 @@ async fn classify_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_maps_each_kind_of_llm_response_to_an_answer_a_rejection_or_an_error() {
-    common::init();
+    gatehouse_testenv::init();
     enum Want {
         Intent(&'static str),
         Rejected(&'static str),
@@ -729,7 +728,7 @@ async fn the_client_maps_each_kind_of_llm_response_to_an_answer_a_rejection_or_a
 
 #[tokio::test]
 async fn an_unreachable_llm_is_a_retryable_error_that_names_no_secret() {
-    common::init();
+    gatehouse_testenv::init();
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1,0 +1,160 @@
+//! The plumbing around `gatehouse` processes and loopback servers: where the built binary is,
+//! running a CLI command to its end, stopping a process (SIGTERM, then at most SIGKILL), free
+//! loopback ports, the HTTP client the tests and the bench use, and waiting for a condition or
+//! a healthy `/healthz`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+/// The `gatehouse` binary of this build: nextest names it (`NEXTEST_BIN_EXE_gatehouse`, also
+/// when it runs an archive elsewhere); otherwise it is the one next to the running executable
+/// (the test binaries sit in `deps/`, one level below it).
+pub fn gatehouse_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NEXTEST_BIN_EXE_gatehouse") {
+        return PathBuf::from(path);
+    }
+    match sibling_binary("gatehouse") {
+        Ok(path) => path,
+        Err(error) => panic!("{error}"),
+    }
+}
+
+/// A binary built next to the running one (same target directory and profile), or in the
+/// directory above it.
+pub fn sibling_binary(name: &str) -> Result<PathBuf, Error> {
+    let me = std::env::current_exe()?;
+    let dir = me.parent().map(PathBuf::from).unwrap_or_default();
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::BinaryNotFound {
+        name: name.to_owned(),
+        dir: dir.display().to_string(),
+    })
+}
+
+/// Runs the built binary to completion with exactly `vars` as its environment and `stdin` as
+/// its input (secrets go in there, never in argv).
+pub fn run_cli(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(gatehouse_bin())
+        .args(args)
+        .env_clear()
+        .envs(vars.iter())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gatehouse");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("gatehouse runs")
+}
+
+/// Sends SIGTERM and waits at most `within` for the process to exit; `None` if it did not
+/// (it is left running).
+pub fn terminate_within(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends SIGTERM and waits (at most 15 s) for the process to exit; kills it and panics if it
+/// does not.
+pub fn terminate(child: &mut Child) -> ExitStatus {
+    match terminate_within(child, Duration::from_secs(15)) {
+        Some(status) => status,
+        None => {
+            kill(child);
+            panic!("process did not exit within 15 s of SIGTERM");
+        }
+    }
+}
+
+/// Kills (SIGKILL) and reaps a process: used where its in-flight work does not matter.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A loopback port free at the time of asking.
+pub fn try_free_port() -> std::io::Result<u16> {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// [`try_free_port`], for tests.
+pub fn free_port() -> u16 {
+    try_free_port().expect("a free loopback port")
+}
+
+/// The HTTP client settings of the tests and the bench: no proxy, redirects are not followed
+/// (a redirect is an answer under test).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+}
+
+/// A client from [`client_builder`].
+pub fn client() -> reqwest::Client {
+    client_builder().build().expect("client")
+}
+
+/// Waits (at most `within`) until `url` answers 200; panics if it never does.
+pub async fn wait_healthy(url: &str, within: Duration) {
+    let http = client();
+    let healthy = eventually(within, || async {
+        matches!(http.get(url).send().await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    assert!(healthy, "{url} never answered");
+}
+
+/// Waits until `check` holds or `within` passes (polling every 50 ms); returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_every(within, Duration::from_millis(50), check).await
+}
+
+/// [`eventually`], polling every `every`.
+pub async fn eventually_every<F, Fut>(within: Duration, every: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,174 @@
+//! The tests' own scenario helpers over the shared environment (`gatehouse-testenv`): Twilio
+//! messages and their signatures, users and logins over the API, and loopback fakes of Sentry
+//! and of an endpoint that fails on its own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gatehouse::security::twilio::{Algorithm, sign_form};
+use gatehouse_testenv::{ACCOUNT_SID, PUBLIC_BASE, TOKEN, TestEnv, TestServer};
+use secrecy::SecretString;
+use uuid::Uuid;
+
+/// A fresh Twilio-style message SID.
+pub fn message_sid() -> String {
+    format!("SM{}", Uuid::new_v4().simple())
+}
+
+/// The form parameters Twilio sends for an inbound SMS.
+pub fn sms_params(sid: &str, from: &str, body: &str) -> Vec<(String, String)> {
+    vec![
+        ("MessageSid".into(), sid.into()),
+        ("SmsSid".into(), sid.into()),
+        ("AccountSid".into(), ACCOUNT_SID.into()),
+        ("From".into(), from.into()),
+        ("To".into(), "+14155550199".into()),
+        ("Body".into(), body.into()),
+        ("NumMedia".into(), "0".into()),
+    ]
+}
+
+pub fn webhook_path(tenant: Uuid) -> String {
+    format!("/v1/webhooks/twilio/{tenant}/messages")
+}
+
+/// A signed form request as Twilio would send it (behind a TLS-terminating proxy on loopback).
+pub fn signed_form(
+    client: &reqwest::Client,
+    server: &TestServer,
+    tenant: Uuid,
+    params: &[(String, String)],
+) -> reqwest::RequestBuilder {
+    signed_form_with(client, server, tenant, params, TOKEN)
+}
+
+/// Like `signed_form`, signed with `token`.
+pub fn signed_form_with(
+    client: &reqwest::Client,
+    server: &TestServer,
+    tenant: Uuid,
+    params: &[(String, String)],
+    token: &str,
+) -> reqwest::RequestBuilder {
+    let path = webhook_path(tenant);
+    let refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let signature = sign_form(
+        &format!("{PUBLIC_BASE}{path}"),
+        &refs,
+        token.as_bytes(),
+        Algorithm::HmacSha1,
+    );
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
+    client
+        .post(server.url(&path))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", signature)
+        .body(body)
+}
+
+/// A loopback server that plays Sentry: it keeps the body of every envelope it is sent.
+pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let store = seen.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let store = store.clone();
+        async move {
+            if let Ok(mut all) = store.lock() {
+                all.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            "{}"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+/// A loopback HTTP server that answers every request with `status` and an empty body (a
+/// reachable endpoint failing on its own: its answers count as the job's attempts).
+pub async fn answering(status: u16) -> SocketAddr {
+    let status = axum::http::StatusCode::from_u16(status).expect("a status code");
+    let app = axum::Router::new().fallback(move || async move { status });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// The password of the users the helpers below create.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A request as it arrives through the (trusted, loopback) TLS-terminating proxy.
+pub fn api(
+    http: &reqwest::Client,
+    server: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    http.request(method, server.url(path))
+        .header("x-forwarded-proto", "https")
+}
+
+/// A user with [`PASSWORD`] and an optional platform role.
+pub async fn create_user(
+    env: &TestEnv,
+    email: &str,
+    role: Option<gatehouse::access::PlatformRole>,
+) -> Uuid {
+    gatehouse::accounts::create_user(
+        &env.pool,
+        &gatehouse::security::password::Hasher::owasp(),
+        gatehouse::accounts::NewUser {
+            email: email.into(),
+            password: SecretString::from(PASSWORD),
+            first_name: "Test".into(),
+            last_name: "User".into(),
+            platform_role: role,
+        },
+    )
+    .await
+    .expect("user created")
+}
+
+/// Logs `email` in with [`PASSWORD`] (asserting 200); its access token.
+pub async fn login(http: &reqwest::Client, server: &TestServer, email: &str) -> String {
+    let r = api(http, server, reqwest::Method::POST, "/v1/auth/login")
+        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200, "login of {email}");
+    let body: serde_json::Value = r.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_owned()
+}
+
+/// Makes `user` a member of `tenant` with `role` (straight in the database).
+pub async fn add_member(
+    env: &TestEnv,
+    tenant: Uuid,
+    user: Uuid,
+    role: gatehouse::access::TenantRole,
+) {
+    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
+        .bind(tenant)
+        .bind(user)
+        .bind(role.as_str())
+        .execute(&env.pool)
+        .await
+        .expect("membership");
+}
