@@ -55,7 +55,19 @@ async fn the_fault_proxy_forwards_in_pass_and_one_byte_at_a_time_in_trickle() {
         proxy.trickled() >= 10,
         "both directions went a byte at a time"
     );
+    // A chunk in the middle of trickling goes at full speed once the fault ends: 4,000 bytes
+    // a byte at a time would take 80 s each way.
+    let long = vec![b'x'; 4000];
+    slow.write_all(&long).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.set(Mode::Pass);
+    let resumed = Instant::now();
+    assert_eq!(read_n(&mut slow, long.len()).await.0, long);
+    assert!(
+        resumed.elapsed() < Duration::from_secs(40),
+        "the rest of a trickled chunk went at once after the fault ended ({:?})",
+        resumed.elapsed()
+    );
     let mut fresh = TcpStream::connect(proxy.addr).await.expect("connect");
     fresh.write_all(b"again").await.expect("write");
     assert_eq!(read_n(&mut fresh, 5).await.0, b"again");
