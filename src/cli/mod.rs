@@ -1,6 +1,6 @@
 //! The command line: `gatehouse serve | work | migrate | dev | keys | tenants | users |
 //! service-accounts | jobs | limits`. Here: the grammar's top level, the dispatch to each
-//! command group's file (`keys.rs`, `tenants.rs` with `secrets.rs` for `tenants
+//! command group's file (`keys.rs`, `tenants/` with `rotate_secret.rs` for `tenants
 //! rotate-secret`, `users.rs`, `service_accounts.rs`, `jobs.rs`, `limits.rs`), and how a
 //! failure becomes an exit code. The processes (`serve`, `work`, `dev`, `migrate`, config
 //! loading, the runtime) are wired in `process.rs`, logging and Sentry in `telemetry.rs`.
@@ -12,7 +12,6 @@ mod jobs;
 mod keys;
 mod limits;
 mod process;
-mod secrets;
 mod service_accounts;
 mod stdin;
 mod telemetry;

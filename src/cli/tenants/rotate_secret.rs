@@ -10,8 +10,8 @@ use clap::Args;
 use secrecy::ExposeSecret;
 use uuid::Uuid;
 
-use super::process::connect_db;
-use super::{Failure, stdin};
+use crate::cli::process::connect_db;
+use crate::cli::{Failure, stdin};
 use crate::config::Config;
 use crate::events::{EventType, SecurityEvent};
 use crate::tenant_secrets::{self, NewValue, RotateError, Secret};

@@ -1,6 +1,8 @@
 //! `gatehouse tenants create | rotate-secret | webhook-url`: `create`'s output (the id, then
 //! the owner invitation's token) and `webhook-url` here; `rotate-secret`'s arguments and body
-//! in `secrets.rs`.
+//! in `rotate_secret.rs`.
+
+mod rotate_secret;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -9,7 +11,7 @@ use clap::Subcommand;
 use secrecy::SecretString;
 
 use super::process::{connect_db, load_config, runtime};
-use super::{Failure, secrets, stdin};
+use super::{Failure, stdin};
 use crate::config::Config;
 use crate::tenants::{NewTenant, TenantError};
 
@@ -32,7 +34,7 @@ pub enum TenantsCommand {
     },
     /// Replace one tenant secret; the new value is read from stdin (`twilio_auth_token=…`,
     /// `store_api_key=…`, or `webhook_shared_key_id=…` + `webhook_shared_key=…`).
-    RotateSecret(secrets::RotateSecretArgs),
+    RotateSecret(rotate_secret::RotateSecretArgs),
     /// Print the URL to paste into Twilio's console for this tenant (from PUBLIC_BASE_URL).
     WebhookUrl {
         #[arg(long)]
@@ -45,7 +47,7 @@ pub(super) fn run(command: TenantsCommand) -> anyhow::Result<()> {
     match command {
         TenantsCommand::RotateSecret(args) => {
             let config = load_config(false)?;
-            runtime()?.block_on(secrets::rotate(&config, args))
+            runtime()?.block_on(rotate_secret::rotate(&config, args))
         }
         TenantsCommand::Create {
             name,
