@@ -4,8 +4,7 @@
 //! its very next request (on every ingress process), plus the commands as an operator runs
 //! them.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use crate::common::*;
@@ -17,8 +16,6 @@ use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
 fn message(tenant: Uuid) -> Value {
     json!({
@@ -434,18 +431,7 @@ async fn last_used_is_set_when_a_token_is_issued() {
 // ---- the commands, as an operator runs them ----
 
 fn run(env: &TestEnv, args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .envs(env.vars.iter())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    let _ = child.stdin.take().expect("stdin").write_all(b"");
-    child.wait_with_output().expect("gatehouse runs")
+    run_cli(args, &env.vars, "")
 }
 
 fn text(bytes: &[u8]) -> String {
