@@ -118,7 +118,8 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
         ServerKind::Bare => {
             let state = Arc::new(Bare {
                 redis,
-                queues: Queues::new(config.redis_namespace.clone()),
+                queues: Queues::new(config.redis_namespace.clone())
+                    .sealing_with(config.keyring.current().clone()),
             });
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok" }))

@@ -5,10 +5,18 @@
 //! dedupe key, when given, is claimed in the same script so a job is enqueued at most once
 //! per key while the key lives.
 //!
+//! A queue whose payload identifies a customer (`inbound_message`) seals those fields before
+//! they leave the process (`crate::sealed`): give the client gatehouse's `ENCRYPTION_KEY` with
+//! [`Queues::sealing_with`]. Without it, enqueuing such a job fails
+//! ([`EnqueueError::Seal`]); nothing is ever sent in plaintext.
+//!
 //! ```no_run
-//! # async fn run(mut conn: impl redis::aio::ConnectionLike) -> Result<(), gatehouse_jobs::client::EnqueueError> {
-//! use gatehouse_jobs::{SyncCatalog, SyncMode, client::{Enqueue, Queues}};
-//! let queues = Queues::new("gatehouse");
+//! # async fn run(mut conn: impl redis::aio::ConnectionLike) -> Result<(), Box<dyn std::error::Error>> {
+//! use gatehouse_jobs::envelope::EncryptionKey;
+//! use gatehouse_jobs::{InboundMessage, SyncCatalog, SyncMode, client::{Enqueue, Queues}};
+//! // The same base64 key as gatehouse's ENCRYPTION_KEY (read it from your secret store).
+//! let key = EncryptionKey::from_base64(&std::env::var("ENCRYPTION_KEY")?)?;
+//! let queues = Queues::new("gatehouse").sealing_with(key);
 //! let job = SyncCatalog { tenant_id: uuid::Uuid::nil(), requested_by: uuid::Uuid::nil(), mode: SyncMode::Full };
 //! let outcome = queues.enqueue(&mut conn, &job, Enqueue::default()).await?;
 //! println!("job {} (new: {})", outcome.job_id, outcome.created);
@@ -21,7 +29,9 @@ use redis::{Script, aio::ConnectionLike};
 use uuid::Uuid;
 
 use crate::Job;
+use crate::envelope::EncryptionKey;
 use crate::keys::{QueueKeys, dedupe_key};
+use crate::sealed::{AtRest, SealError, at_rest, seal_value};
 use crate::spec::default_max_attempts;
 
 static ENQUEUE: LazyLock<Script> =
@@ -33,9 +43,19 @@ pub enum EnqueueError {
     /// Redis refused or could not be reached; retrying may help.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    /// The payload could not be serialized.
+    /// The payload could not be serialized (the error names no value: serde_json's
+    /// serialization errors describe types).
     #[error("payload: {0}")]
     Payload(#[from] serde_json::Error),
+    /// The payload's customer data could not be sealed (no key given, or not an object).
+    #[error("{0}")]
+    Seal(#[from] SealError),
+    /// A payload handed over as already sealed ([`Queues::enqueue_at_rest`]) is not.
+    #[error("the payload for queue {queue} is not sealed; refusing to put it in Redis")]
+    NotSealed {
+        /// The queue.
+        queue: String,
+    },
 }
 
 /// Options for one enqueue.
@@ -58,18 +78,29 @@ pub struct Enqueued {
     pub created: bool,
 }
 
-/// The Redis key names of gatehouse's queues under one namespace.
+/// The Redis key names of gatehouse's queues under one namespace, and the key that seals
+/// customer data on the way in. `Debug` shows the key's id only.
 #[derive(Debug, Clone)]
 pub struct Queues {
     namespace: String,
+    key: Option<EncryptionKey>,
 }
 
 impl Queues {
-    /// Queues under `namespace` (production: `gatehouse`; tests use their own).
+    /// Queues under `namespace` (production: `gatehouse`; tests use their own), without a
+    /// sealing key: enough for queues that seal nothing, and for reading the key layout.
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
+            key: None,
         }
+    }
+
+    /// Seals customer data with `key` (gatehouse's current `ENCRYPTION_KEY`) before it is sent.
+    #[must_use]
+    pub fn sealing_with(mut self, key: EncryptionKey) -> Self {
+        self.key = Some(key);
+        self
     }
 
     /// The namespace.
@@ -92,15 +123,25 @@ impl Queues {
         dedupe_key(&self.namespace, purpose)
     }
 
-    /// Enqueue a typed job.
+    /// Enqueue a typed job, its customer data sealed.
     pub async fn enqueue<C: ConnectionLike, J: Job>(
         &self,
         conn: &mut C,
         job: &J,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
-        let payload = serde_json::to_string(job)?;
-        self.enqueue_raw(conn, J::QUEUE, &payload, options).await
+        self.enqueue_json(conn, J::QUEUE, serde_json::to_value(job)?, options)
+            .await
+    }
+
+    /// The payload as it will rest in Redis: sealed for job `job_id` when `queue` seals.
+    fn at_rest(
+        &self,
+        queue: &str,
+        job_id: &str,
+        payload: serde_json::Value,
+    ) -> Result<String, EnqueueError> {
+        Ok(seal_value(queue, job_id, payload, self.key.as_ref())?.to_string())
     }
 
     /// Enqueue many jobs of one type, pipelined (`BATCH` script calls per round trip); each
@@ -127,6 +168,7 @@ impl Queues {
             let mut pipe = redis::pipe();
             for job in chunk {
                 let job_id = Uuid::now_v7().to_string();
+                let payload = self.at_rest(J::QUEUE, &job_id, serde_json::to_value(job)?)?;
                 pipe.cmd("EVALSHA")
                     .arg(&hash)
                     .arg(5)
@@ -136,7 +178,7 @@ impl Queues {
                     .arg(keys.meta())
                     .arg("")
                     .arg(&job_id)
-                    .arg(serde_json::to_string(job)?)
+                    .arg(payload)
                     .arg(max_attempts)
                     .arg(1)
                     .ignore();
@@ -147,17 +189,56 @@ impl Queues {
         Ok(ids)
     }
 
-    /// Enqueue a payload that was already validated against the queue's schema. The attempt
-    /// budget recorded with the job is the queue's default ([`crate::spec`]).
-    pub async fn enqueue_raw<C: ConnectionLike>(
+    /// Enqueue a payload that was already validated against the queue's schema
+    /// (`jobs/schemas/{queue}.json`), its customer data sealed here. The attempt budget
+    /// recorded with the job is the queue's default ([`crate::spec`]).
+    pub async fn enqueue_json<C: ConnectionLike>(
         &self,
         conn: &mut C,
         queue: &str,
+        payload: serde_json::Value,
+        mut options: Enqueue,
+    ) -> Result<Enqueued, EnqueueError> {
+        // The job id is the AAD's: fixed before anything is sealed.
+        let job_id = options
+            .job_id
+            .take()
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let payload = self.at_rest(queue, &job_id, payload)?;
+        self.push(conn, queue, &job_id, &payload, options).await
+    }
+
+    /// Enqueue a payload already in its at-rest form (`jobs/schemas/at-rest/{queue}.json`,
+    /// sealed for `job_id`), as it is: the outbox relay's path, so a job committed with a
+    /// database write is never re-sealed. A queue that seals refuses a payload that is not.
+    pub async fn enqueue_at_rest<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        queue: &str,
+        job_id: &str,
+        payload_json: &str,
+        options: Enqueue,
+    ) -> Result<Enqueued, EnqueueError> {
+        if matches!(
+            at_rest(queue, payload_json),
+            AtRest::Plaintext | AtRest::Malformed
+        ) {
+            return Err(EnqueueError::NotSealed {
+                queue: queue.to_owned(),
+            });
+        }
+        self.push(conn, queue, job_id, payload_json, options).await
+    }
+
+    async fn push<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        queue: &str,
+        job_id: &str,
         payload_json: &str,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
         let keys = self.keys(queue);
-        let job_id = options.job_id.unwrap_or_else(|| Uuid::now_v7().to_string());
         let (dedupe_key, ttl) = options.dedupe.unwrap_or_default();
         let mut invocation = ENQUEUE.prepare_invoke();
         invocation
@@ -166,7 +247,7 @@ impl Queues {
             .key(keys.signal())
             .key(keys.meta())
             .key(dedupe_key)
-            .arg(&job_id)
+            .arg(job_id)
             .arg(payload_json)
             .arg(default_max_attempts(queue))
             .arg(ttl.max(1));

@@ -1,6 +1,6 @@
 //! The wire contract of gatehouse jobs: payload types, queue names, JSON Schemas, the
-//! per-queue table (`spec`), the Redis key layout (`keys`) and the enqueue client that
-//! producer services link against.
+//! per-queue table (`spec`), the Redis key layout (`keys`), the envelope that seals customer
+//! data (`envelope`, `sealed`) and the enqueue client that producer services link against.
 //!
 //! Payloads carry ids and the facts a job needs, never derived state. Fields are only ever
 //! added as optional; a breaking change is a new job name. Queue names are constants here,
@@ -24,7 +24,9 @@ use uuid::Uuid;
 
 #[cfg(feature = "redis")]
 pub mod client;
+pub mod envelope;
 pub mod keys;
+pub mod sealed;
 pub mod spec;
 
 /// A job type: its payload, its queue and its schema.
@@ -33,7 +35,8 @@ pub trait Job: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static
     const QUEUE: &'static str;
 }
 
-/// An inbound SMS/WhatsApp message that Twilio delivered to a tenant's webhook.
+/// An inbound SMS/WhatsApp message that Twilio delivered to a tenant's webhook. `from`, `to`
+/// and `body` identify a customer: they are sealed in Redis (the `sealed` module).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct InboundMessage {
@@ -42,13 +45,16 @@ pub struct InboundMessage {
     /// Twilio's message SID (two letters and 32 hex digits); unique per tenant.
     #[schemars(regex(pattern = r"^[A-Z]{2}[0-9a-fA-F]{32}$"))]
     pub message_sid: String,
-    /// The customer's address (`+14155550100` or `whatsapp:+14155550100`).
+    /// The customer's address (`+14155550100` or `whatsapp:+14155550100`); sealed in Redis.
+    #[schemars(extend("x-gatehouse-sealed" = true))]
     #[schemars(length(min = 1, max = 64))]
     pub from: String,
-    /// The tenant's address the message was sent to (empty if Twilio did not say).
+    /// The tenant's address the message was sent to (empty if Twilio did not say); sealed in Redis.
+    #[schemars(extend("x-gatehouse-sealed" = true))]
     #[schemars(length(max = 64))]
     pub to: String,
-    /// The message text (Twilio allows 1600 characters).
+    /// The message text (Twilio allows 1600 characters); sealed in Redis.
+    #[schemars(extend("x-gatehouse-sealed" = true))]
     #[schemars(length(max = 1600))]
     pub body: String,
     /// When the ingress received it, RFC 3339.
@@ -121,27 +127,44 @@ pub fn committed_schema(queue: &str) -> Option<&'static str> {
     spec::spec(queue).map(|s| s.committed_schema)
 }
 
+/// The JSON Schema of a queue's payload as it rests in Redis (its customer data sealed), as
+/// committed under `jobs/schemas/at-rest/`.
+pub fn at_rest_schema_for_queue(queue: &str) -> Option<serde_json::Value> {
+    spec::spec(queue).map(spec::at_rest_schema)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pretty(queue: &str) -> String {
-        let value = schema_for_queue(queue).expect("known queue");
+    fn pretty(value: serde_json::Value) -> String {
         serde_json::to_string_pretty(&value).expect("schema serializes") + "\n"
     }
 
     #[test]
     fn committed_schemas_match_the_payload_types() {
         let mut stale = Vec::new();
-        for queue in QUEUES {
-            let want = pretty(queue);
-            let have = committed_schema(queue).expect("committed");
-            if want != have {
-                if std::env::var_os("UPDATE_SCHEMAS").is_some() {
-                    let path = format!("{}/schemas/{queue}.json", env!("CARGO_MANIFEST_DIR"));
-                    std::fs::write(&path, &want).expect("write schema");
+        for spec in spec::QUEUE_SPECS {
+            let queue = spec.name;
+            for (want, have, path) in [
+                (
+                    pretty((spec.schema)()),
+                    spec.committed_schema,
+                    format!("schemas/{queue}.json"),
+                ),
+                (
+                    pretty(spec::at_rest_schema(&spec)),
+                    spec.committed_at_rest_schema,
+                    format!("schemas/at-rest/{queue}.json"),
+                ),
+            ] {
+                if want != have {
+                    if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+                        let path = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+                        std::fs::write(&path, &want).expect("write schema");
+                    }
+                    stale.push(path);
                 }
-                stale.push(queue);
             }
         }
         assert!(
@@ -159,6 +182,38 @@ mod tests {
                 serde_json::json!(false),
                 "{queue}"
             );
+        }
+    }
+
+    #[test]
+    fn the_at_rest_schema_carries_sealed_fields_only_inside_the_envelope() {
+        let schema = at_rest_schema_for_queue("inbound_message").expect("known queue");
+        let properties = schema["properties"].as_object().expect("properties");
+        for field in ["from", "to", "body"] {
+            assert!(!properties.contains_key(field), "{field} is sealed");
+            assert_eq!(
+                schema["properties"]["sealed"]["x-gatehouse-sealed"]["plaintext"]["properties"]
+                    [field]["type"],
+                "string"
+            );
+            let plain = schema_for_queue("inbound_message").expect("known queue");
+            assert_eq!(
+                plain["properties"][field]["x-gatehouse-sealed"],
+                serde_json::json!(true)
+            );
+        }
+        assert!(
+            schema["required"]
+                .as_array()
+                .expect("required")
+                .contains(&serde_json::json!("sealed"))
+        );
+        assert_eq!(
+            schema["properties"]["sealed"]["x-gatehouse-sealed"]["aad"],
+            "job.inbound_message:{job_id}"
+        );
+        for queue in ["sync_catalog", "rotate_keys"] {
+            assert_eq!(at_rest_schema_for_queue(queue), schema_for_queue(queue));
         }
     }
 

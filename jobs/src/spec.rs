@@ -42,6 +42,11 @@ pub struct QueueSpec {
     pub schema: fn() -> serde_json::Value,
     /// The committed schema file's text (`jobs/schemas/{queue}.json`).
     pub committed_schema: &'static str,
+    /// The payload fields that identify a customer, sealed in Redis ([`crate::sealed`]).
+    pub sealed: &'static [&'static str],
+    /// The committed schema of the payload as it rests in Redis
+    /// (`jobs/schemas/at-rest/{queue}.json`, [`at_rest_schema`]).
+    pub committed_at_rest_schema: &'static str,
     /// The default retry policy.
     pub retry: RetryDefaults,
     /// The variables that override it.
@@ -59,6 +64,8 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
         about: "classify and store an inbound SMS/WhatsApp message a tenant's webhook received",
         schema: schema_of::<InboundMessage>,
         committed_schema: include_str!("../schemas/inbound_message.json"),
+        sealed: &["from", "to", "body"],
+        committed_at_rest_schema: include_str!("../schemas/at-rest/inbound_message.json"),
         retry: RetryDefaults {
             base_ms: 5_000,
             cap_ms: 600_000,
@@ -75,6 +82,8 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
         about: "synchronize a tenant's product catalog from its online store",
         schema: schema_of::<SyncCatalog>,
         committed_schema: include_str!("../schemas/sync_catalog.json"),
+        sealed: &[],
+        committed_at_rest_schema: include_str!("../schemas/at-rest/sync_catalog.json"),
         retry: RetryDefaults {
             base_ms: 60_000,
             cap_ms: 3_600_000,
@@ -91,6 +100,8 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
         about: "re-encrypt every sealed value under the current key, for an approved rotation",
         schema: schema_of::<RotateKeys>,
         committed_schema: include_str!("../schemas/rotate_keys.json"),
+        sealed: &[],
+        committed_at_rest_schema: include_str!("../schemas/at-rest/rotate_keys.json"),
         retry: RetryDefaults {
             base_ms: 30_000,
             cap_ms: 1_800_000,
@@ -103,6 +114,78 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
         },
     },
 ];
+
+/// The schema of a queue's payload as it rests in Redis: the producer's schema with the sealed
+/// fields replaced by the one `sealed` property that carries them (identical for a queue that
+/// seals nothing). `x-gatehouse-sealed` on that property names the AAD and describes the
+/// sealed plaintext.
+pub fn at_rest_schema(spec: &QueueSpec) -> serde_json::Value {
+    use serde_json::{Map, Value, json};
+    let mut schema = (spec.schema)();
+    if spec.sealed.is_empty() {
+        return schema;
+    }
+    let mut inner = Map::new();
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        for field in spec.sealed {
+            if let Some(mut property) = properties.remove(*field) {
+                if let Value::Object(p) = &mut property {
+                    p.remove("x-gatehouse-sealed");
+                }
+                inner.insert((*field).to_owned(), property);
+            }
+        }
+    }
+    let mut inner_required = Vec::new();
+    if let Some(Value::Array(required)) = schema.get_mut("required") {
+        required.retain(|name| {
+            let sealed = name.as_str().is_some_and(|n| spec.sealed.contains(&n));
+            if sealed {
+                inner_required.push(name.clone());
+            }
+            !sealed
+        });
+        required.push(json!(crate::sealed::SEALED));
+    }
+    let fields = spec
+        .sealed
+        .iter()
+        .map(|f| format!("`{f}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let aad = format!("job.{}:{{job_id}}", spec.name);
+    let sealed = json!({
+        "description": format!(
+            "The customer data of the job ({fields}), sealed: standard base64 of an envelope \
+             (0x01 ‖ key id, 8 bytes ‖ nonce, 12 bytes ‖ AES-256-GCM ciphertext ‖ tag, 16 bytes; \
+             SPEC \"Encryption at rest\") whose plaintext is the JSON object that \
+             `x-gatehouse-sealed.plaintext` describes, with the AAD `{aad}`. Only the job's \
+             handler opens it."
+        ),
+        "type": "string",
+        "contentEncoding": "base64",
+        "pattern": "^[A-Za-z0-9+/]*={0,2}$",
+        // The base64 of the smallest envelope of `{}`: 39 bytes.
+        "minLength": 52,
+        "x-gatehouse-sealed": {
+            "aad": aad,
+            "fields": spec.sealed,
+            "plaintext": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": inner,
+                "required": inner_required,
+            },
+        },
+    });
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        properties.insert(crate::sealed::SEALED.to_owned(), sealed);
+    }
+    if let Some(Value::String(title)) = schema.get_mut("title") {
+        title.push_str(" (at rest in Redis)");
+    }
+    schema
+}
 
 /// The attempt budget recorded with a job of a queue the table does not know.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;

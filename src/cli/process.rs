@@ -169,7 +169,8 @@ async fn work(
     if let Some(ip) = health_ip {
         options.health_ip = ip;
     }
-    let queues = gatehouse_jobs::client::Queues::new(config.redis_namespace.clone());
+    let queues = gatehouse_jobs::client::Queues::new(config.redis_namespace.clone())
+        .sealing_with(config.keyring.current().clone());
     crate::worker::run(state, redis, queues, options, shutdown).await?;
     tracing::info!("workers stopped");
     Ok(())

@@ -109,14 +109,14 @@ pub async fn enqueue(
             Some((state.queues.dedupe_key(&purpose), IDEMPOTENCY_TTL_SECONDS))
         }
     };
-    let raw = payload.to_string();
     let mut redis = state.redis.clone();
+    // The customer data is sealed on the way in (SPEC "Customer data in Redis").
     let enqueued = state
         .queues
-        .enqueue_raw(
+        .enqueue_json(
             &mut redis,
             queue,
-            &raw,
+            payload,
             Enqueue {
                 job_id: None,
                 dedupe,

@@ -72,7 +72,8 @@ impl AppState {
     /// stuck.
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
         let redis = crate::redis_conn::Renewing::from_manager(redis, &config.redis_url);
-        let queues = Queues::new(config.redis_namespace.clone());
+        let queues = Queues::new(config.redis_namespace.clone())
+            .sealing_with(config.keyring.current().clone());
         let key_cache = KeyCache::new(Duration::from_secs(config.tenant_key_cache_seconds));
         let public_base = config
             .public_base_url

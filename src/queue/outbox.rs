@@ -46,16 +46,15 @@ pub async fn relay<C: ConnectionLike>(
     .await?;
     let mut outcome = RelayOutcome::default();
     for (id, queue, job_id, payload) in rows {
+        // The row holds the payload as it rests in Redis (sealed with its job id when its
+        // queue seals): pushed as it is, never sealed again.
         let pushed = queues
-            .enqueue_raw(
+            .enqueue_at_rest(
                 redis,
                 &queue,
+                &job_id,
                 &payload.to_string(),
-                Enqueue {
-                    job_id: Some(job_id.clone()),
-                    dedupe: None,
-                    request_id: None,
-                },
+                Enqueue::default(),
             )
             .await;
         match pushed {

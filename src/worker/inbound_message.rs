@@ -1,19 +1,24 @@
-//! The `inbound_message` queue's handler: an inbound SMS/WhatsApp message is classified and
-//! stored (`crate::conversations::process_inbound`), bounded by the LLM's timeout plus the
-//! database allowance.
+//! The `inbound_message` queue's handler: the payload's sealed customer data is opened (the one
+//! place it is: SPEC "Customer data in Redis"), then the message is classified and stored
+//! (`crate::conversations::process_inbound`), bounded by the LLM's timeout plus the database
+//! allowance. A payload no configured key opens is dead at once, with an `encryption_error`
+//! event naming the queue, the job and the check that failed.
 
 use std::sync::Arc;
 
 use apalis::prelude::{Attempt, BoxDynError, Data, MetadataStore, TaskId, WorkerContext};
+use gatehouse_jobs::sealed::{OpenError, Sealed};
 use gatehouse_jobs::{InboundMessage, Job};
 
 use super::WorkerState;
 use super::attempt::{Attempted, guarded, observed, settle};
 use crate::conversations::{InboundContext, InboundOutcome, process_inbound};
+use crate::events::{EventType, SecurityEvent};
+use crate::fault::Fault;
 
 /// Handles one `inbound_message` job: classify and store the message (`crate::conversations`).
 pub async fn handle(
-    job: InboundMessage,
+    job: Sealed<InboundMessage>,
     id: TaskId,
     attempt: Attempt,
     worker: WorkerContext,
@@ -37,7 +42,7 @@ pub async fn handle(
 }
 
 async fn run(
-    job: InboundMessage,
+    job: Sealed<InboundMessage>,
     job_id: String,
     attempt: Attempt,
     worker: WorkerContext,
@@ -55,6 +60,16 @@ async fn run(
         attempt: attempt.current(),
         policy: &state.retry.inbound_message,
         outages: &state.outages,
+    };
+    let job = match job.open(&job_id, &state.keyring) {
+        Ok(job) => job,
+        Err(error) => {
+            if !matches!(error, OpenError::Payload { .. }) {
+                unopenable(&state, &job_id, &error).await;
+            }
+            // Never retried: no later attempt opens it either.
+            return Err(settle(&at, Fault::Permanent, error));
+        }
     };
     let run = process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref());
     match guarded(&at, &state.pool, Some(state.inbound_limit), run).await? {
@@ -87,4 +102,19 @@ async fn run(
         }
         Err(error) => Err(settle(&at, error.fault(), error)),
     }
+}
+
+/// Reports a payload that no configured key opens (or that is not sealed at all): an
+/// `encryption_error` event naming the queue, the job and the check that failed — the cell of a
+/// sealed column, for a job — never its content.
+async fn unopenable(state: &WorkerState, job_id: &str, error: &OpenError) {
+    let mut event = SecurityEvent::new(EventType::EncryptionError);
+    event.details = serde_json::json!({
+        "operation": InboundMessage::QUEUE,
+        "queue": InboundMessage::QUEUE,
+        "job_id": job_id,
+        "reason": error.reason(),
+        "error": error.to_string(),
+    });
+    state.events.record(event).await;
 }

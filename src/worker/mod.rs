@@ -327,7 +327,9 @@ pub async fn run(
     // One registration per queue: a restart retires the previous instance's name and builds
     // the worker again under a new one.
     macro_rules! queue_worker {
-        ($job:ty, $settings:ident, $handler:expr) => {{
+        // `$args`: what the handler takes (the payload as it rests in Redis: `Sealed<$job>`
+        // for a queue that seals customer data, which only the handler opens).
+        ($job:ty, $args:ty, $settings:ident, $handler:expr) => {{
             let (redis, state, live, base, supervisor, health) = (
                 shared.clone(),
                 state.clone(),
@@ -352,7 +354,7 @@ pub async fn run(
                     .unwrap_or(Backoff::CAP);
                 let (probe, health) = (redis.clone(), health.clone());
                 let storage =
-                    QueueBackend::<$job>::new(redis.get(), $settings.clone(), live.clone())
+                    QueueBackend::<$args>::new(redis.get(), $settings.clone(), live.clone())
                         .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL))
                         .before_start(move |_| probe_redis(delay, probe.clone(), health.clone()));
                 WorkerBuilder::new(format!("{base}-{queue}-r{restarts}"))
@@ -367,11 +369,22 @@ pub async fn run(
     let monitor = Monitor::new()
         .register(queue_worker!(
             InboundMessage,
+            gatehouse_jobs::sealed::Sealed<InboundMessage>,
             inbound,
             inbound_message::handle
         ))
-        .register(queue_worker!(SyncCatalog, sync, sync_catalog::handle))
-        .register(queue_worker!(RotateKeys, rotate, rotate_keys::handle))
+        .register(queue_worker!(
+            SyncCatalog,
+            SyncCatalog,
+            sync,
+            sync_catalog::handle
+        ))
+        .register(queue_worker!(
+            RotateKeys,
+            RotateKeys,
+            rotate,
+            rotate_keys::handle
+        ))
         .should_restart({
             let (health, shared) = (redis_health.clone(), shared.clone());
             move |ctx, error| {

@@ -218,7 +218,7 @@ impl TestEnv {
     }
 
     pub fn queues(&self) -> Queues {
-        Queues::new(self.namespace.clone())
+        Queues::new(self.namespace.clone()).sealing_with(self.config.keyring.current().clone())
     }
 
     /// A tenant with [`ACCOUNT_SID`] and [`TOKEN`] (sealed like any other).

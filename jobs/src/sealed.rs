@@ -1,0 +1,538 @@
+//! Sealed payloads: customer data never rests in Redis in plaintext (SPEC "Customer data in
+//! Redis").
+//!
+//! A queue's row in [`crate::spec::QUEUE_SPECS`] names the payload fields that identify a
+//! customer (`sealed`; for `inbound_message`: `from`, `to` and `body`). In Redis those fields
+//! are absent and one property, [`SEALED`], carries them: standard base64 of an envelope
+//! ([`crate::envelope`]) whose plaintext is the JSON object of those fields, with the AAD
+//! `"job.{queue}:{job_id}"`. One envelope per job: a sealed value moved to another job fails
+//! to open, and the fields cannot be swapped with each other. The committed schemas say the
+//! same: `jobs/schemas/{queue}.json` (what a producer writes) marks each sealed field with
+//! `"x-gatehouse-sealed": true`, and `jobs/schemas/at-rest/{queue}.json` is the payload as it
+//! rests in Redis.
+//!
+//! Whoever enqueues seals ([`seal_fields`]: the enqueue client does it for every job given the
+//! key); only the job's handler opens ([`Sealed::open`]). Everything in between — retries, the
+//! scheduled set, orphan rescue, the dead set, `jobs retry`, the outbox — moves the bytes as
+//! they are, so nothing is re-sealed on a retry. A key rotation re-seals under the new key
+//! ([`reseal`]). No error here carries a value: they name a field or a check, never content.
+//!
+//! ```
+//! use gatehouse_jobs::envelope::{EncryptionKey, Keyring};
+//! use gatehouse_jobs::{InboundMessage, sealed::{Sealed, seal_fields}};
+//! let key = EncryptionKey::generate();
+//! let job = InboundMessage {
+//!     tenant_id: uuid::Uuid::nil(),
+//!     message_sid: format!("SM{}", "0".repeat(32)),
+//!     from: "+14155550100".into(),
+//!     to: "+14155550199".into(),
+//!     body: "hello".into(),
+//!     received_at: "2026-12-05T10:00:00Z".into(),
+//! };
+//! let serde_json::Value::Object(mut payload) = serde_json::to_value(&job).unwrap() else { unreachable!() };
+//! seal_fields("inbound_message", "job-1", &mut payload, &key).unwrap();
+//! assert!(payload.get("from").is_none() && payload.contains_key("sealed"));
+//!
+//! // Only the keyring opens it, and only for the job it was sealed for.
+//! let keyring = Keyring::new(key, vec![]);
+//! let rest: Sealed<InboundMessage> = serde_json::from_value(payload.clone().into()).unwrap();
+//! assert_eq!(rest.open("job-1", &keyring).unwrap(), job);
+//! let moved: Sealed<InboundMessage> = serde_json::from_value(payload.into()).unwrap();
+//! assert!(moved.open("job-2", &keyring).is_err());
+//! ```
+
+use std::marker::PhantomData;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::Job;
+use crate::envelope::{EncryptionKey, EnvelopeError, KeyId, Keyring, envelope_key_id, job_aad};
+use crate::spec;
+
+/// The property that carries a payload's sealed fields in Redis.
+pub const SEALED: &str = "sealed";
+
+/// The sealed fields of `queue` (empty for a queue that seals nothing or is unknown).
+pub fn sealed_fields(queue: &str) -> &'static [&'static str] {
+    spec::spec(queue).map_or(&[], |s| s.sealed)
+}
+
+/// Why a payload could not be sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// A payload is a JSON object.
+    #[error("the payload is not a JSON object")]
+    NotAnObject,
+    /// Sealing twice would hide the first seal's fields from the handler.
+    #[error("the payload already has a `sealed` property")]
+    AlreadySealed,
+    /// The queue seals customer data and no key was given.
+    #[error(
+        "queue {queue} seals customer data: give the enqueue client the encryption key \
+         (`Queues::sealing_with`)"
+    )]
+    NoKey {
+        /// The queue.
+        queue: String,
+    },
+}
+
+/// Why a payload could not be opened. Never carries a value.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A payload is a JSON object.
+    #[error("the payload is not a JSON object")]
+    NotAnObject,
+    /// The payload has no `sealed` property (a producer that did not seal), or has a sealed
+    /// field in plaintext beside it.
+    #[error("the payload is not sealed: {0}")]
+    NotSealed(&'static str),
+    /// `sealed` is not a string of standard base64.
+    #[error("`sealed` is not a string of standard base64")]
+    NotBase64,
+    /// No configured key opens the envelope (unknown key, wrong job, tampered).
+    #[error("{0}")]
+    Envelope(#[from] EnvelopeError),
+    /// The envelope opened but does not hold an object of this queue's sealed fields.
+    #[error("the sealed content is not an object of this queue's sealed fields")]
+    Content,
+    /// The opened payload does not fit the queue's payload type (the serde error's category
+    /// only: its message could quote a value).
+    #[error("the opened payload does not fit the {queue} payload type ({category})")]
+    Payload {
+        /// The queue.
+        queue: &'static str,
+        /// `data`, `syntax`, `eof` or `io`.
+        category: &'static str,
+    },
+}
+
+impl OpenError {
+    /// A short, stable name for the failure, for events and metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotAnObject => "not_an_object",
+            Self::NotSealed(_) => "not_sealed",
+            Self::NotBase64 => "not_base64",
+            Self::Envelope(EnvelopeError::TooShort) => "too_short",
+            Self::Envelope(EnvelopeError::UnsupportedVersion(_)) => "unsupported_version",
+            Self::Envelope(EnvelopeError::UnknownKey(_)) => "unknown_key",
+            Self::Envelope(EnvelopeError::Decrypt) => "decrypt",
+            Self::Content => "content",
+            Self::Payload { .. } => "payload",
+        }
+    }
+}
+
+/// Seals `payload`'s customer data in place for job `job_id` of `queue`: its sealed fields are
+/// removed and [`SEALED`] carries them (always present for a queue that seals, even when the
+/// payload had none of them). A queue that seals nothing is left as it is.
+pub fn seal_fields(
+    queue: &str,
+    job_id: &str,
+    payload: &mut Map<String, Value>,
+    key: &EncryptionKey,
+) -> Result<(), SealError> {
+    let fields = sealed_fields(queue);
+    if fields.is_empty() {
+        return Ok(());
+    }
+    if payload.contains_key(SEALED) {
+        return Err(SealError::AlreadySealed);
+    }
+    let mut inner = Map::new();
+    for field in fields {
+        if let Some(value) = payload.remove(*field) {
+            inner.insert((*field).to_owned(), value);
+        }
+    }
+    // A map of JSON values always serializes.
+    let plaintext = secrecy::zeroize::Zeroizing::new(
+        serde_json::to_vec(&inner).unwrap_or_else(|_| b"{}".to_vec()),
+    );
+    let envelope = key.seal(&plaintext, &job_aad(queue, job_id));
+    payload.insert(SEALED.to_owned(), Value::String(STANDARD.encode(envelope)));
+    Ok(())
+}
+
+/// [`seal_fields`] for a whole payload: a JSON object, sealed with `key` when its queue seals
+/// (`None` is an error then, never a plaintext payload).
+pub fn seal_value(
+    queue: &str,
+    job_id: &str,
+    payload: Value,
+    key: Option<&EncryptionKey>,
+) -> Result<Value, SealError> {
+    if sealed_fields(queue).is_empty() {
+        return Ok(payload);
+    }
+    let Value::Object(mut map) = payload else {
+        return Err(SealError::NotAnObject);
+    };
+    let key = key.ok_or_else(|| SealError::NoKey {
+        queue: queue.to_owned(),
+    })?;
+    seal_fields(queue, job_id, &mut map, key)?;
+    Ok(Value::Object(map))
+}
+
+/// The envelope of a payload's `sealed` property, decoded.
+fn envelope_of(queue: &str, payload: &Map<String, Value>) -> Result<Vec<u8>, OpenError> {
+    let Some(sealed) = payload.get(SEALED) else {
+        let plain = sealed_fields(queue)
+            .iter()
+            .find(|f| payload.contains_key(**f))
+            .copied();
+        return Err(OpenError::NotSealed(plain.map_or(
+            "no `sealed` property",
+            |_| "its customer data is in plaintext",
+        )));
+    };
+    let text = sealed.as_str().ok_or(OpenError::NotBase64)?;
+    STANDARD.decode(text).map_err(|_| OpenError::NotBase64)
+}
+
+/// Opens `payload`'s customer data in place for job `job_id` of `queue` (the inverse of
+/// [`seal_fields`]). A queue that seals nothing is left as it is.
+pub fn open_fields(
+    queue: &str,
+    job_id: &str,
+    payload: &mut Map<String, Value>,
+    keyring: &Keyring,
+) -> Result<(), OpenError> {
+    let fields = sealed_fields(queue);
+    if fields.is_empty() {
+        return Ok(());
+    }
+    // A sealed field in the open is plaintext at rest (or, beside `sealed`, an override).
+    if fields.iter().any(|f| payload.contains_key(*f)) {
+        return Err(OpenError::NotSealed("its customer data is in plaintext"));
+    }
+    let envelope = envelope_of(queue, payload)?;
+    let plaintext = keyring.open(&envelope, &job_aad(queue, job_id))?;
+    let Ok(Value::Object(inner)) = serde_json::from_slice::<Value>(&plaintext) else {
+        return Err(OpenError::Content);
+    };
+    if inner.keys().any(|k| !fields.contains(&k.as_str())) {
+        return Err(OpenError::Content);
+    }
+    payload.remove(SEALED);
+    payload.extend(inner);
+    Ok(())
+}
+
+/// What a payload at rest holds, read without opening anything (`keys status`, the rotation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AtRest {
+    /// Its queue seals nothing.
+    Unsealed,
+    /// Sealed under this key.
+    Sealed(KeyId),
+    /// Its queue seals, and it is not sealed (a producer that did not seal).
+    Plaintext,
+    /// Not a JSON object, or `sealed` is not a well-formed envelope.
+    Malformed,
+}
+
+/// What the payload `json` of `queue` holds at rest.
+pub fn at_rest(queue: &str, json: &str) -> AtRest {
+    if sealed_fields(queue).is_empty() {
+        return AtRest::Unsealed;
+    }
+    let Ok(Value::Object(payload)) = serde_json::from_str::<Value>(json) else {
+        return AtRest::Malformed;
+    };
+    match envelope_of(queue, &payload) {
+        Ok(envelope) => envelope_key_id(&envelope).map_or(AtRest::Malformed, AtRest::Sealed),
+        Err(OpenError::NotSealed(_)) => AtRest::Plaintext,
+        Err(_) => AtRest::Malformed,
+    }
+}
+
+/// What [`reseal`] did with a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resealed {
+    /// Already under the current key (or its queue seals nothing): nothing to do.
+    Current,
+    /// The payload re-sealed under the current key (a plaintext one sealed).
+    New(String),
+}
+
+/// Re-seals the payload `json` of job `job_id` under the keyring's current key: opened with
+/// whichever key sealed it, sealed again with a fresh nonce. A plaintext payload (from a
+/// producer that did not seal) is sealed. The payload's other fields are kept as they are.
+pub fn reseal(
+    queue: &str,
+    job_id: &str,
+    json: &str,
+    keyring: &Keyring,
+) -> Result<Resealed, OpenError> {
+    match at_rest(queue, json) {
+        AtRest::Unsealed => return Ok(Resealed::Current),
+        AtRest::Sealed(id) if id == keyring.current_id() => return Ok(Resealed::Current),
+        _ => {}
+    }
+    let Ok(Value::Object(mut payload)) = serde_json::from_str::<Value>(json) else {
+        return Err(OpenError::NotAnObject);
+    };
+    if payload.contains_key(SEALED) {
+        open_fields(queue, job_id, &mut payload, keyring)?;
+    }
+    if let Err(SealError::AlreadySealed | SealError::NotAnObject | SealError::NoKey { .. }) =
+        seal_fields(queue, job_id, &mut payload, keyring.current())
+    {
+        return Err(OpenError::Content);
+    }
+    Ok(Resealed::New(Value::Object(payload).to_string()))
+}
+
+/// A job's payload as it rests in Redis: a JSON object whose customer data is sealed. The
+/// handler's argument; [`Sealed::open`] is the only way to the payload.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Sealed<J> {
+    payload: Map<String, Value>,
+    #[serde(skip)]
+    job: PhantomData<fn() -> J>,
+}
+
+impl<J> std::fmt::Debug for Sealed<J> {
+    /// The field names only: a payload's values stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealed")
+            .field("fields", &self.payload.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl<J: Job> Sealed<J> {
+    /// Opens the payload of job `job_id` with `keyring` and decodes it.
+    pub fn open(mut self, job_id: &str, keyring: &Keyring) -> Result<J, OpenError> {
+        open_fields(J::QUEUE, job_id, &mut self.payload, keyring)?;
+        serde_json::from_value(Value::Object(self.payload)).map_err(|e| OpenError::Payload {
+            queue: J::QUEUE,
+            category: match e.classify() {
+                serde_json::error::Category::Io => "io",
+                serde_json::error::Category::Syntax => "syntax",
+                serde_json::error::Category::Data => "data",
+                serde_json::error::Category::Eof => "eof",
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::{InboundMessage, SyncCatalog, SyncMode};
+
+    const MARKER_FROM: &str = "+15005550199";
+    const MARKER_BODY: &str = "marker body 7c1e";
+
+    fn job() -> InboundMessage {
+        InboundMessage {
+            tenant_id: uuid::Uuid::nil(),
+            message_sid: format!("SM{}", "a".repeat(32)),
+            from: MARKER_FROM.into(),
+            to: "+14155550100".into(),
+            body: MARKER_BODY.into(),
+            received_at: "2026-12-05T10:00:00Z".into(),
+        }
+    }
+
+    fn sealed(job_id: &str, key: &EncryptionKey) -> String {
+        let Value::Object(mut map) = serde_json::to_value(job()).unwrap() else {
+            panic!("an object")
+        };
+        seal_fields("inbound_message", job_id, &mut map, key).unwrap();
+        Value::Object(map).to_string()
+    }
+
+    fn open(json: &str, job_id: &str, ring: &Keyring) -> Result<InboundMessage, OpenError> {
+        serde_json::from_str::<Sealed<InboundMessage>>(json)
+            .unwrap()
+            .open(job_id, ring)
+    }
+
+    #[test]
+    fn a_sealed_payload_holds_no_customer_data_and_opens_for_its_job() {
+        let key = EncryptionKey::generate();
+        let json = sealed("j1", &key);
+        assert!(
+            !json.contains(MARKER_FROM) && !json.contains(MARKER_BODY),
+            "{json}"
+        );
+        assert!(!json.contains("\"from\"") && !json.contains("\"body\""));
+        let ring = Keyring::new(key.clone(), vec![]);
+        assert_eq!(open(&json, "j1", &ring).unwrap(), job());
+        assert_eq!(at_rest("inbound_message", &json), AtRest::Sealed(key.id()));
+    }
+
+    #[test]
+    fn a_sealed_payload_moved_to_another_job_or_queue_fails_to_open() {
+        let key = EncryptionKey::generate();
+        let ring = Keyring::new(key.clone(), vec![]);
+        let json = sealed("j1", &key);
+        let err = open(&json, "j2", &ring).unwrap_err();
+        assert_eq!(err.reason(), "decrypt");
+        // The same bytes under another queue's AAD fail too.
+        let Value::Object(mut map) = serde_json::from_str::<Value>(&json).unwrap() else {
+            panic!()
+        };
+        let envelope = STANDARD.decode(map[SEALED].as_str().unwrap()).unwrap();
+        assert!(
+            ring.open(&envelope, &job_aad("sync_catalog", "j1"))
+                .is_err()
+        );
+        assert!(
+            ring.open(&envelope, &job_aad("inbound_message", "j1"))
+                .is_ok()
+        );
+        map.insert("from".into(), Value::String("x".into()));
+        let err = open(&Value::Object(map).to_string(), "j1", &ring).unwrap_err();
+        assert_eq!(err.reason(), "not_sealed");
+    }
+
+    #[test]
+    fn an_unknown_key_a_plaintext_payload_and_garbage_are_refused_without_values() {
+        let ring = Keyring::new(EncryptionKey::generate(), vec![]);
+        let other = sealed("j1", &EncryptionKey::generate());
+        let err = open(&other, "j1", &ring).unwrap_err();
+        assert_eq!(err.reason(), "unknown_key");
+        let plain = serde_json::to_string(&job()).unwrap();
+        assert_eq!(at_rest("inbound_message", &plain), AtRest::Plaintext);
+        for (json, reason) in [
+            (plain.as_str(), "not_sealed"),
+            (r#"{"sealed": 7}"#, "not_base64"),
+            (r#"{"sealed": "!!"}"#, "not_base64"),
+            (r#"{"sealed": "AQID"}"#, "too_short"),
+        ] {
+            let err = open(json, "j1", &ring).unwrap_err();
+            assert_eq!(err.reason(), reason, "{json}");
+            let text = err.to_string();
+            assert!(
+                !text.contains(MARKER_FROM) && !text.contains(MARKER_BODY),
+                "{text}"
+            );
+        }
+        assert_eq!(at_rest("inbound_message", "[1]"), AtRest::Malformed);
+        assert_eq!(
+            at_rest("inbound_message", r#"{"sealed":"AQID"}"#),
+            AtRest::Malformed
+        );
+    }
+
+    #[test]
+    fn sealed_content_cannot_override_unsealed_fields() {
+        let key = EncryptionKey::generate();
+        let ring = Keyring::new(key.clone(), vec![]);
+        let inner = serde_json::json!({"tenant_id": uuid::Uuid::max(), "from": "x"});
+        let envelope = key.seal(
+            inner.to_string().as_bytes(),
+            &job_aad("inbound_message", "j1"),
+        );
+        let Value::Object(mut map) = serde_json::to_value(job()).unwrap() else {
+            panic!()
+        };
+        for f in ["from", "to", "body"] {
+            map.remove(f);
+        }
+        map.insert(SEALED.into(), STANDARD.encode(envelope).into());
+        let err = open(&Value::Object(map).to_string(), "j1", &ring).unwrap_err();
+        assert_eq!(err.reason(), "content");
+    }
+
+    #[test]
+    fn a_payload_that_opens_but_does_not_fit_names_no_value() {
+        let key = EncryptionKey::generate();
+        let ring = Keyring::new(key.clone(), vec![]);
+        let mut bad = serde_json::to_value(job()).unwrap();
+        bad["body"] = serde_json::json!({"secret": MARKER_BODY});
+        let Value::Object(mut map) = bad else {
+            panic!()
+        };
+        seal_fields("inbound_message", "j1", &mut map, &key).unwrap();
+        let err = open(&Value::Object(map).to_string(), "j1", &ring).unwrap_err();
+        assert_eq!(err.reason(), "payload");
+        assert!(!err.to_string().contains(MARKER_BODY));
+    }
+
+    #[test]
+    fn queues_that_seal_nothing_are_left_as_they_are() {
+        let key = EncryptionKey::generate();
+        let sync = SyncCatalog {
+            tenant_id: uuid::Uuid::nil(),
+            requested_by: uuid::Uuid::nil(),
+            mode: SyncMode::Full,
+        };
+        let value = serde_json::to_value(&sync).unwrap();
+        assert_eq!(
+            seal_value("sync_catalog", "j", value.clone(), None).unwrap(),
+            value
+        );
+        assert_eq!(
+            at_rest("sync_catalog", &value.to_string()),
+            AtRest::Unsealed
+        );
+        let ring = Keyring::new(key, vec![]);
+        let opened: SyncCatalog = serde_json::from_value::<Sealed<SyncCatalog>>(value)
+            .unwrap()
+            .open("j", &ring)
+            .unwrap();
+        assert_eq!(opened, sync);
+    }
+
+    #[test]
+    fn a_queue_that_seals_refuses_to_go_without_a_key() {
+        let value = serde_json::to_value(job()).unwrap();
+        let err = seal_value("inbound_message", "j", value, None).unwrap_err();
+        assert!(matches!(err, SealError::NoKey { .. }));
+        assert!(!err.to_string().contains(MARKER_FROM));
+    }
+
+    #[test]
+    fn reseal_moves_a_payload_to_the_current_key_and_seals_plaintext() {
+        let old = EncryptionKey::generate();
+        let new = EncryptionKey::generate();
+        let ring = Keyring::new(new.clone(), vec![old.clone()]);
+        let json = sealed("j1", &old);
+        let Resealed::New(again) = reseal("inbound_message", "j1", &json, &ring).unwrap() else {
+            panic!("an old key's payload is re-sealed")
+        };
+        assert_eq!(at_rest("inbound_message", &again), AtRest::Sealed(new.id()));
+        assert_eq!(open(&again, "j1", &ring).unwrap(), job());
+        assert_eq!(
+            reseal("inbound_message", "j1", &again, &ring).unwrap(),
+            Resealed::Current
+        );
+        let plain = serde_json::to_string(&job()).unwrap();
+        let Resealed::New(sealed_now) = reseal("inbound_message", "j1", &plain, &ring).unwrap()
+        else {
+            panic!("plaintext is sealed")
+        };
+        assert!(!sealed_now.contains(MARKER_FROM));
+        assert_eq!(open(&sealed_now, "j1", &ring).unwrap(), job());
+        let unknown = sealed("j1", &EncryptionKey::generate());
+        assert_eq!(
+            reseal("inbound_message", "j1", &unknown, &ring)
+                .unwrap_err()
+                .reason(),
+            "unknown_key"
+        );
+    }
+
+    #[test]
+    fn debug_shows_field_names_only() {
+        let json = serde_json::to_string(&job()).unwrap();
+        let rest: Sealed<InboundMessage> = serde_json::from_str(&json).unwrap();
+        let text = format!("{rest:?}");
+        assert!(
+            text.contains("from") && !text.contains(MARKER_FROM),
+            "{text}"
+        );
+    }
+}
