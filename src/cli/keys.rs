@@ -9,8 +9,10 @@ use clap::Subcommand;
 use super::Failure;
 use super::process::{connect_db, load_config, runtime};
 use crate::config::Config;
+use crate::queue::at_rest::JobState;
 use crate::reindex::{self, Options, Progress};
 use crate::security::keyring::EncryptionKey;
+use gatehouse_jobs::sealed::AtRest;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -29,8 +31,9 @@ pub enum KeysCommand {
         #[arg(long)]
         limit: Option<u64>,
     },
-    /// Per sealed column, how many values each key id protects; exits 1 when any value's
-    /// key is unknown to this configuration.
+    /// Per sealed column, and per queue and job state for the sealed job payloads in Redis,
+    /// how many values each key id protects; exits 1 when any value's key is unknown to this
+    /// configuration or a payload in Redis is not sealed.
     Status,
 }
 
@@ -108,21 +111,36 @@ async fn reindex(config: &Config, options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `gatehouse keys status`: one line per configured key and per (column, key id), then the
-/// number of values no configured key opens. Plain, space-separated, for scripts:
+/// `gatehouse keys status`: one line per configured key and per (column, key id), then per
+/// (queue, job state, key id) for the sealed job payloads Redis holds (states `queued`,
+/// `scheduled`, `in_flight`, `dead`, `retained`, and `unlisted` when there are any), then the
+/// number of payloads at rest in plaintext and of values no configured key opens. Plain,
+/// space-separated, for scripts:
 ///
 /// ```text
 /// key 3f2a…c4 current
 /// key 91be…07 old
 /// tenants.twilio_auth_token 3f2a…c4 current 12
 /// tenants.twilio_auth_token 91be…07 old 0
+/// job.inbound_message.queued 3f2a…c4 current 40
+/// job.inbound_message.queued 91be…07 old 0
+/// job.inbound_message.dead 91be…07 old 2
+/// plaintext 0
 /// unknown 0
 /// ```
+///
+/// An old key may be retired when every line naming it, columns and payloads, reads 0.
 async fn status(config: &Config) -> anyhow::Result<()> {
     let pool = connect_db(config).await?;
     let usage = crate::rotation::key_usage(&pool)
         .await
         .map_err(|e| Failure::Service(format!("database: {e}")))?;
+    let mut redis = crate::redis_conn::connect(&config.redis_url)
+        .await
+        .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
+    let payloads = crate::queue::at_rest::census(&mut redis, &config.redis_namespace)
+        .await
+        .map_err(|e| Failure::Service(format!("redis: {e}")))?;
     let keyring = &config.keyring;
     let current = keyring.current_id().to_hex();
     let role = |id: &str| -> &'static str {
@@ -162,10 +180,60 @@ async fn status(config: &Config) -> anyhow::Result<()> {
             unknown += u.count;
         }
     }
+    let mut plaintext = 0u64;
+    for queue in gatehouse_jobs::QUEUES {
+        if gatehouse_jobs::sealed::sealed_fields(queue).is_empty() {
+            continue;
+        }
+        for state in JobState::ALL {
+            let here: Vec<_> = payloads
+                .iter()
+                .filter(|c| c.queue == queue && c.state == state)
+                .collect();
+            if state == JobState::Unlisted && here.is_empty() {
+                continue;
+            }
+            let name = format!("job.{queue}.{}", state.as_str());
+            for id in &configured {
+                let n: u64 = here
+                    .iter()
+                    .filter(|c| matches!(c.at_rest, AtRest::Sealed(k) if k.to_hex() == *id))
+                    .map(|c| c.count)
+                    .sum();
+                println!("{name} {id} {} {n}", role(id));
+            }
+            for c in &here {
+                match c.at_rest {
+                    AtRest::Sealed(k) if keyring.knows(k) => {}
+                    AtRest::Sealed(k) => {
+                        println!("{name} {k} unknown {}", c.count);
+                        unknown += c.count as i64;
+                    }
+                    AtRest::Malformed => {
+                        println!("{name} malformed unknown {}", c.count);
+                        unknown += c.count as i64;
+                    }
+                    AtRest::Plaintext => {
+                        println!("{name} plaintext none {}", c.count);
+                        plaintext += c.count;
+                    }
+                    AtRest::Unsealed => {}
+                }
+            }
+        }
+    }
+    println!("plaintext {plaintext}");
     println!("unknown {unknown}");
     if unknown > 0 {
         return Err(Failure::Invalid(format!(
             "{unknown} sealed value(s) are under a key this configuration does not have"
+        ))
+        .into());
+    }
+    if plaintext > 0 {
+        return Err(Failure::Invalid(format!(
+            "{plaintext} job payload(s) in Redis hold customer data in plaintext (enqueued by a \
+             producer that does not seal); a key rotation seals them"
         ))
         .into());
     }

@@ -9,7 +9,8 @@
 //!   vacuum, as plain async functions; [`retry`]: the backoff schedule.
 //! - The operator API the edges and the CLI call: [`dead`] (dead letters), [`stats`] (counts).
 //! - [`outbox`]: jobs committed with a database write, relayed to Redis; [`payloads`]: payloads
-//!   checked against the committed schemas before they are enqueued.
+//!   checked against the committed schemas before they are enqueued; [`at_rest`]: the sealed
+//!   payloads Redis holds, counted per key (`keys status`) and re-sealed by a key rotation.
 //!
 //! Delivery is at-least-once: a job is acknowledged after its handler returns, so a crash
 //! between its effects and the acknowledgement runs it again (handlers are idempotent). A job
@@ -17,6 +18,7 @@
 //! an attempt that failed for an outage is deferred without counting (ARCHITECTURE.md, "The
 //! queue").
 
+pub mod at_rest;
 pub mod consume;
 pub mod dead;
 pub mod keys;

@@ -65,3 +65,8 @@ script!(
     STATS,
     "stats.lua"
 );
+script!(
+    /// A key rotation's compare-and-set of re-sealed payloads.
+    RESEAL,
+    "reseal.lua"
+);

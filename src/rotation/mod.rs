@@ -1,6 +1,7 @@
 //! Key rotation: four-eyes requests and approvals (`four_eyes.rs`), the re-encryption that
-//! the `rotate_keys` job runs and its progress (`reencrypt.rs`), and the per-column key census
-//! of `gatehouse keys status` (`census.rs`). Here: what they share — the sealed columns the
+//! the `rotate_keys` job runs and its progress (`reencrypt.rs`: the sealed columns, then the
+//! sealed job payloads in Redis), and the per-column key census of `gatehouse keys status`
+//! (`census.rs`; the payloads' census is `crate::queue::at_rest`). Here: what they share — the sealed columns the
 //! rotation walks, a rotation as stored, and why a rotation operation failed.
 
 mod census;
@@ -66,6 +67,9 @@ pub const SEALED_COLUMNS: [SealedColumn; 7] = [
 pub enum RotationError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Reading or re-sealing the job payloads in Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
     #[error("no such key rotation")]
     NotFound,
     #[error("a rotation cannot be approved by the user who requested it")]
@@ -101,6 +105,7 @@ impl RotationError {
         use crate::fault::Fault;
         match self {
             Self::Database(error) => crate::fault::postgres(error),
+            Self::Redis(error) => crate::fault::redis(error),
             Self::WrongKey { .. } | Self::Stalled { .. } => Fault::Retry,
             Self::NotFound
             | Self::SelfApproval

@@ -22,6 +22,18 @@
 //! batch in flight) waits for that batch rather than declaring the rotation complete; if
 //! that worker dies its locks go with its connection and the survivor takes the rows.
 //!
+//! Then the job payloads Redis holds (SPEC "Customer data in Redis"): every payload not under
+//! the current key — queued, scheduled, dead or retained — is opened and sealed again
+//! (`crate::queue::at_rest::reseal_pass`) with a compare-and-set per job, so one that a worker
+//! holds, or that moved meanwhile, is left alone; passes repeat until Redis holds nothing under
+//! an old key, waiting for held jobs (a job holds its payload for one attempt) up to the stall
+//! limit, past which the job is retried and the next run carries on. The rotation is complete
+//! only then. A payload no configured key opens is recorded once in
+//! `key_rotation_job_failures`, counted in `failed` and reported as an `encryption_error`
+//! event naming its queue and job id. The payloads' counts join `done` after their
+//! compare-and-set (not in one transaction with Redis: a run killed between the two undercounts
+//! `done`, never re-seals twice).
+//!
 //! Re-sealing does not change a value, so the ingress's webhook key cache (which holds opened
 //! keys) stays correct and `tenants.keys_version` is not bumped; a web request that reads a
 //! row meanwhile sees the old envelope (its key is still configured as old) or the new one.
@@ -35,6 +47,7 @@ use uuid::Uuid;
 
 use super::{RotationError, SEALED_COLUMNS, SealedColumn, get};
 use crate::events::{EventType, SecurityEvent, SecurityLog};
+use crate::queue::at_rest;
 use crate::security::keyring::{Keyring, aad};
 
 /// How a run of the `rotate_keys` job ended.
@@ -60,6 +73,9 @@ pub struct RunContext<'a> {
     pub job_id: &'a str,
     pub worker: &'a str,
     pub batch_size: usize,
+    /// Where the job payloads to re-seal are (`REDIS_URL`, `QUEUE_NAMESPACE`).
+    pub redis: &'a redis::aio::ConnectionManager,
+    pub namespace: &'a str,
     /// How long the run waits, without re-sealing anything, for values other transactions
     /// hold locked before it gives up with [`RotationError::Stalled`] (retryable: the job is
     /// retried later and resumes, and its worker slot is free meanwhile).
@@ -298,7 +314,14 @@ pub async fn run(
     }
     let current = current_id.0;
     if rotation.status == "queued" {
-        let total = remaining(pool, &current, rotation_id).await?;
+        let mut redis = ctx.redis.clone();
+        let in_redis = at_rest::census(&mut redis, ctx.namespace)
+            .await?
+            .iter()
+            .filter(|c| c.needs_reseal(current_id))
+            .map(|c| c.count as i64)
+            .sum::<i64>();
+        let total = remaining(pool, &current, rotation_id).await? + in_redis;
         let started = sqlx::query(
             "UPDATE key_rotations SET status = 'running', started_at = now(), total = $2
              WHERE id = $1 AND status = 'queued'",
@@ -360,7 +383,89 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    reseal_redis(pool, ctx, rotation_id).await?;
     finish(pool, ctx, rotation_id).await
+}
+
+/// Re-seals the job payloads Redis holds until none is left under an old key (see the module
+/// documentation), recording the ones no key opens.
+async fn reseal_redis(
+    pool: &PgPool,
+    ctx: &RunContext<'_>,
+    rotation_id: Uuid,
+) -> Result<(), RotationError> {
+    let mut redis = ctx.redis.clone();
+    let mut last_progress = std::time::Instant::now();
+    loop {
+        let recorded: std::collections::HashSet<(String, String)> = sqlx::query_as(
+            "SELECT queue, job_id FROM key_rotation_job_failures WHERE rotation_id = $1",
+        )
+        .bind(rotation_id)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
+        let skip =
+            |queue: &str, job_id: &str| recorded.contains(&(queue.to_owned(), job_id.to_owned()));
+        let pass = at_rest::reseal_pass(
+            &mut redis,
+            ctx.namespace,
+            ctx.keyring,
+            ctx.batch_size,
+            &skip,
+        )
+        .await?;
+        let mut newly_failed = Vec::new();
+        for failure in &pass.unreadable {
+            let inserted = sqlx::query(
+                "INSERT INTO key_rotation_job_failures (rotation_id, queue, job_id, reason)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(rotation_id)
+            .bind(failure.queue)
+            .bind(&failure.job_id)
+            .bind(&failure.error)
+            .execute(pool)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                newly_failed.push(failure);
+            }
+        }
+        if pass.resealed > 0 || !newly_failed.is_empty() {
+            sqlx::query(
+                "UPDATE key_rotations SET done = done + $2, failed = failed + $3 WHERE id = $1",
+            )
+            .bind(rotation_id)
+            .bind(pass.resealed as i64)
+            .bind(newly_failed.len() as i64)
+            .execute(pool)
+            .await?;
+        }
+        for failure in newly_failed {
+            let mut event = SecurityEvent::new(EventType::EncryptionError);
+            event.details = json!({
+                "operation": "rotate_keys",
+                "rotation_id": rotation_id,
+                "queue": failure.queue,
+                "job_id": failure.job_id,
+                "reason": failure.error,
+            });
+            ctx.events.record(event).await;
+        }
+        if pass.left == 0 {
+            return Ok(());
+        }
+        if pass.resealed > 0 {
+            last_progress = std::time::Instant::now();
+        } else if last_progress.elapsed() >= ctx.stall_limit {
+            // Held by workers the whole time: the job is retried and its next run re-seals them.
+            return Err(RotationError::Stalled {
+                seconds: ctx.stall_limit.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn finish(

@@ -70,6 +70,9 @@ pub struct WorkerState {
     pub events: crate::events::SecurityLog,
     /// Sealed values re-encrypted per transaction (`KEY_ROTATION_BATCH_SIZE`).
     pub key_rotation_batch_size: usize,
+    /// Redis and the queue namespace, for the job payloads a key rotation re-seals.
+    pub redis: crate::redis_conn::Renewing,
+    pub namespace: String,
     /// Dependencies' outages and circuits, and the deferral register (`outage`).
     pub outages: outage::Outages,
     /// The longest an `inbound_message` attempt may run (the LLM's timeout plus
@@ -101,9 +104,10 @@ impl WorkerState {
         // The store client is rustls without a built-in provider: ring is the process's one
         // TLS stack (installing it twice is a no-op).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let redis = crate::redis_conn::Renewing::lazy(&config.redis_url)?;
         let events = crate::events::SecurityLog::new(
             pool.clone(),
-            crate::redis_conn::Renewing::lazy(&config.redis_url)?,
+            redis.clone(),
             config.redis_namespace.clone(),
         );
         let classifier = crate::llm::classifier(config.llm.as_ref())?;
@@ -130,6 +134,8 @@ impl WorkerState {
             store,
             events,
             key_rotation_batch_size: config.key_rotation_batch_size,
+            redis,
+            namespace: config.redis_namespace.clone(),
             outages,
             inbound_limit: config.llm.as_ref().map_or(Duration::ZERO, |l| l.timeout)
                 + ATTEMPT_DB_ALLOWANCE,

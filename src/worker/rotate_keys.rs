@@ -1,5 +1,5 @@
-//! The `rotate_keys` queue's handler: an approved key rotation re-encrypts every sealed value
-//! (`crate::rotation::run`), unbounded in time (each batch is its own transaction); a rotation
+//! The `rotate_keys` queue's handler: an approved key rotation re-encrypts every sealed value,
+//! in PostgreSQL and in the job payloads Redis holds (`crate::rotation::run`), unbounded in time (each batch is its own transaction); a rotation
 //! that will not run again is marked failed on its row.
 
 use std::sync::Arc;
@@ -27,12 +27,15 @@ pub async fn handle(
     );
     let attempt_run = async move {
         let started = std::time::Instant::now();
+        let redis = state.redis.get();
         let ctx = crate::rotation::RunContext {
             keyring: &state.keyring,
             events: &state.events,
             job_id: &job_id,
             worker: worker.name(),
             batch_size: state.key_rotation_batch_size,
+            redis: &redis,
+            namespace: &state.namespace,
             stall_limit: crate::rotation::STALL_LIMIT,
         };
         let at = Attempted {

@@ -936,6 +936,7 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
         let pool = env.pool.clone();
         let keyring = keyring.clone();
         let events = env.events();
+        let (redis, namespace) = (env.redis.clone(), env.namespace.clone());
         async move {
             let ctx = RunContext {
                 keyring: &keyring,
@@ -943,6 +944,8 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
                 job_id: job,
                 worker: job,
                 batch_size: 25,
+                redis: &redis,
+                namespace: &namespace,
                 stall_limit: rotation::STALL_LIMIT,
             };
             rotation::run(&pool, &ctx, rotation_id).await
@@ -991,6 +994,8 @@ async fn a_run_blocked_by_a_row_lock_gives_up_after_its_stall_limit_and_a_retry_
         job_id: "job-stalled",
         worker: "job-stalled",
         batch_size: 25,
+        redis: &env.redis,
+        namespace: &env.namespace,
         stall_limit: Duration::from_secs(1),
     };
     // Another transaction holds one sealed row and does not let go.
@@ -1082,6 +1087,8 @@ async fn an_unreadable_value_a_crashed_run_left_unreported_is_reported_once_by_t
         job_id: "job-next",
         worker: "job-next",
         batch_size: 25,
+        redis: &env.redis,
+        namespace: &env.namespace,
         stall_limit: rotation::STALL_LIMIT,
     };
     let outcome = rotation::run(&env.pool, &ctx, rotation_id)
@@ -1291,5 +1298,324 @@ async fn a_ciphertext_copied_into_another_tenants_row_fails_closed_with_an_encry
             .await
             .expect("events text");
     assert!(!all.contains(secret) && !all.contains(TOKEN));
+    env.cleanup().await;
+}
+
+/// An inbound message for `tenant` (its number and text are what Redis must never show).
+fn inbound(tenant: Uuid, i: usize) -> gatehouse_jobs::InboundMessage {
+    gatehouse_jobs::InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: format!("+1500555{i:04}"),
+        to: "+14155550199".into(),
+        body: format!("order {i} please"),
+        received_at: "2026-12-05T10:00:00Z".into(),
+    }
+}
+
+/// Enqueues `n` inbound messages sealed by `producer`; returns their job ids.
+async fn enqueue_inbound(
+    env: &TestEnv,
+    producer: &gatehouse_jobs::client::Queues,
+    tenant: Uuid,
+    n: usize,
+) -> Vec<String> {
+    let mut redis = env.redis.clone();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let enqueued = producer
+            .enqueue(&mut redis, &inbound(tenant, i), Enqueue::default())
+            .await
+            .expect("enqueue");
+        ids.push(enqueued.job_id);
+    }
+    ids
+}
+
+/// Takes `n` jobs off the queue as worker `name` would (registered, in its inflight set).
+async fn take(env: &TestEnv, name: &str, n: usize) -> Vec<String> {
+    use gatehouse::queue::consume;
+    let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "inbound_message");
+    let mut redis = env.redis.clone();
+    consume::register(&mut redis, &keys, name)
+        .await
+        .expect("register");
+    consume::fetch(&mut redis, &keys, name, n)
+        .await
+        .expect("fetch");
+    redis::cmd("SMEMBERS")
+        .arg(keys.inflight_of(name))
+        .query_async(&mut redis)
+        .await
+        .expect("inflight")
+}
+
+/// Worker `name` acknowledges `ids` with `outcome` (`Dead` or `Done`).
+async fn settle_taken(
+    env: &TestEnv,
+    name: &str,
+    ids: &[String],
+    outcome: gatehouse::queue::consume::Outcome,
+) {
+    use gatehouse::queue::consume::{self, Ack};
+    let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "inbound_message");
+    let acks: Vec<Ack> = ids
+        .iter()
+        .map(|id| Ack {
+            id: id.clone(),
+            outcome,
+            attempt: 1,
+            delay: Duration::ZERO,
+            error: "failed for the test".into(),
+            counted: outcome,
+            counted_delay: Duration::ZERO,
+        })
+        .collect();
+    let acked = consume::ack(
+        &mut env.redis.clone(),
+        &keys,
+        name,
+        Duration::from_secs(60),
+        &acks,
+    )
+    .await
+    .expect("ack");
+    assert_eq!(acked.acked, ids.len());
+}
+
+/// Every inbound payload Redis holds, by job id.
+async fn payloads(env: &TestEnv) -> HashMap<String, String> {
+    let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "inbound_message");
+    redis::cmd("HGETALL")
+        .arg(keys.data())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("payloads")
+}
+
+fn run_context<'a>(
+    env: &'a TestEnv,
+    keyring: &'a Keyring,
+    events: &'a gatehouse::events::SecurityLog,
+    job: &'a str,
+    stall_limit: Duration,
+) -> RunContext<'a> {
+    RunContext {
+        keyring,
+        events,
+        job_id: job,
+        worker: job,
+        batch_size: 4,
+        redis: &env.redis,
+        namespace: &env.namespace,
+        stall_limit,
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_reseals_the_job_payloads_redis_holds_and_waits_for_a_held_one() {
+    use gatehouse::queue::consume::Outcome;
+    use gatehouse_jobs::sealed::{AtRest, Sealed, at_rest};
+    let new_key = generate_key();
+    let env = rotated_env(&new_key, &[]).await;
+    let old = old_keyring();
+    let (old_id, new_id) = (
+        old.current_id().to_hex(),
+        env.config.keyring.current_id().to_hex(),
+    );
+    let tenant = sealed_tenant(&env, &old).await;
+    // What producers still on the old key enqueued: two jobs a worker killed, one a worker
+    // holds right now, five waiting, and one from a producer that did not seal at all.
+    let producer =
+        gatehouse_jobs::client::Queues::new(env.namespace.clone()).sealing_with(old_key());
+    enqueue_inbound(&env, &producer, tenant, 2).await;
+    let dead = take(&env, "killer", 2).await;
+    settle_taken(&env, "killer", &dead, Outcome::Dead).await;
+    enqueue_inbound(&env, &producer, tenant, 1).await;
+    let held = take(&env, "holder", 1).await;
+    let queued = enqueue_inbound(&env, &producer, tenant, 5).await;
+    let plain_id = Uuid::now_v7().to_string();
+    let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "inbound_message");
+    let plain = serde_json::to_string(&inbound(tenant, 99)).expect("json");
+    let () = redis::pipe()
+        .hset(keys.data(), &plain_id, &plain)
+        .ignore()
+        .hset_multiple(
+            keys.meta_of(&plain_id),
+            &[("status", "Pending"), ("attempts", "0")],
+        )
+        .ignore()
+        .rpush(keys.active(), &plain_id)
+        .ignore()
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("plaintext job");
+    let both = [
+        ("ENCRYPTION_KEY", new_key.as_str()),
+        ("ENCRYPTION_OLD_KEYS", OLD_KEY),
+    ];
+    let (code, out) = keys_status(&env, &both);
+    assert_eq!(
+        code, 1,
+        "a plaintext payload in Redis fails the check: {out}"
+    );
+    for (state, n) in [
+        ("queued", 5),
+        ("in_flight", 1),
+        ("dead", 2),
+        ("scheduled", 0),
+        ("retained", 0),
+    ] {
+        let line = format!("job.inbound_message.{state}");
+        assert_eq!(
+            status_count(&out, &line, &old_id),
+            Some(("old".into(), n)),
+            "{state}: {out}"
+        );
+        assert_eq!(
+            status_count(&out, &line, &new_id),
+            Some(("current".into(), 0)),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        status_count(&out, "job.inbound_message.queued", "plaintext"),
+        Some(("none".into(), 1)),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == "plaintext 1"), "{out}");
+
+    // The rotation re-seals everything but the held job, and waits for it.
+    let (rotation_id, _) = approved_rotation(&env).await;
+    let keyring = env.config.keyring.clone();
+    let events = env.events();
+    let ctx = run_context(&env, &keyring, &events, "job-1", Duration::from_millis(800));
+    let error = rotation::run(&env.pool, &ctx, rotation_id)
+        .await
+        .expect_err("a held payload keeps the rotation from completing");
+    assert!(matches!(error, RotationError::Stalled { .. }), "{error}");
+    let (status, total, done, failed) = rotation_row(&env, rotation_id).await;
+    assert_eq!((status.as_str(), failed), ("running", 0));
+    assert_eq!(
+        total,
+        3 + 9,
+        "the tenant's three secrets and the nine payloads"
+    );
+    assert_eq!(done, 3 + 8);
+    let now = payloads(&env).await;
+    let new_key_id = env.config.keyring.current_id();
+    for id in queued.iter().chain(&dead).chain([&plain_id]) {
+        assert_eq!(
+            at_rest("inbound_message", &now[id]),
+            AtRest::Sealed(new_key_id),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        at_rest("inbound_message", &now[&held[0]]),
+        AtRest::Sealed(old.current_id()),
+        "the held job's payload is left alone"
+    );
+
+    // The holder finishes (its payload is retained); the next run re-seals it and completes.
+    settle_taken(&env, "holder", &held, Outcome::Done).await;
+    let ctx = run_context(&env, &keyring, &events, "job-2", rotation::STALL_LIMIT);
+    let outcome = rotation::run(&env.pool, &ctx, rotation_id)
+        .await
+        .expect("the rotation completes");
+    assert_eq!(
+        outcome,
+        RunOutcome::Finished {
+            status: "completed".into(),
+            total: 12,
+            done: 12,
+            failed: 0
+        }
+    );
+
+    // The old key protects nothing anywhere: it may be retired, and every payload opens for
+    // its own job with the new key alone.
+    let (code, out) = keys_status(&env, &both);
+    assert_eq!(code, 0, "{out}");
+    for state in ["queued", "in_flight", "dead", "scheduled", "retained"] {
+        let line = format!("job.inbound_message.{state}");
+        assert_eq!(
+            status_count(&out, &line, &old_id),
+            Some(("old".into(), 0)),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        status_count(&out, "job.inbound_message.queued", &new_id),
+        Some(("current".into(), 6))
+    );
+    assert_eq!(
+        status_count(&out, "job.inbound_message.retained", &new_id),
+        Some(("current".into(), 1))
+    );
+    let (code, out) = keys_status(&env, &[("ENCRYPTION_KEY", new_key.as_str())]);
+    assert_eq!(code, 0, "{out}");
+    let retired = Keyring::new(EncryptionKey::from_base64(&new_key).expect("key"), vec![]);
+    for (id, payload) in payloads(&env).await {
+        let sealed: Sealed<gatehouse_jobs::InboundMessage> =
+            serde_json::from_str(&payload).expect("payload");
+        let job = sealed.open(&id, &retired).expect("opens with the new key");
+        assert_eq!(job.tenant_id, tenant);
+        assert!(
+            !payload.contains("+1500555") && !payload.contains("please"),
+            "{payload}"
+        );
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_payload_no_key_opens_is_counted_failed_reported_once_and_left_untouched() {
+    let new_key = generate_key();
+    let env = rotated_env(&new_key, &[]).await;
+    let old = old_keyring();
+    let tenant = sealed_tenant(&env, &old).await;
+    let stranger = EncryptionKey::generate();
+    let foreign =
+        gatehouse_jobs::client::Queues::new(env.namespace.clone()).sealing_with(stranger.clone());
+    let ids = enqueue_inbound(&env, &foreign, tenant, 1).await;
+    let before = payloads(&env).await;
+    let (code, out) = keys_status(
+        &env,
+        &[
+            ("ENCRYPTION_KEY", new_key.as_str()),
+            ("ENCRYPTION_OLD_KEYS", OLD_KEY),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        status_count(&out, "job.inbound_message.queued", &stranger.id().to_hex()),
+        Some(("unknown".into(), 1)),
+        "{out}"
+    );
+
+    let (rotation_id, _) = approved_rotation(&env).await;
+    let keyring = env.config.keyring.clone();
+    let events = env.events();
+    for job in ["job-1", "job-2"] {
+        let ctx = run_context(&env, &keyring, &events, job, rotation::STALL_LIMIT);
+        rotation::run(&env.pool, &ctx, rotation_id)
+            .await
+            .expect("the run ends");
+    }
+    let (status, _, done, failed) = rotation_row(&env, rotation_id).await;
+    assert_eq!((status.as_str(), done, failed), ("failed", 3, 1));
+    assert_eq!(payloads(&env).await, before, "left as it was");
+    let reported = wait_for_events(&env, "encryption_error", 1).await;
+    let for_job: Vec<_> = reported
+        .iter()
+        .filter(|e| e["details"]["job_id"] == ids[0].as_str())
+        .collect();
+    assert_eq!(for_job.len(), 1, "reported once: {reported:?}");
+    assert_eq!(for_job[0]["details"]["queue"], "inbound_message");
+    assert_eq!(
+        for_job[0]["details"]["rotation_id"],
+        rotation_id.to_string()
+    );
     env.cleanup().await;
 }
