@@ -4,9 +4,11 @@
 //! A queue's row in [`crate::spec::QUEUE_SPECS`] names the payload fields that identify a
 //! customer (`sealed`; for `inbound_message`: `from`, `to` and `body`). In Redis those fields
 //! are absent and one property, [`SEALED`], carries them: standard base64 of an envelope
-//! ([`crate::envelope`]) whose plaintext is the JSON object of those fields, with the AAD
-//! `"job.{queue}:{job_id}"`. One envelope per job: a sealed value moved to another job fails
-//! to open, and the fields cannot be swapped with each other. The committed schemas say the
+//! ([`crate::envelope`]) whose plaintext is the whole payload as the producer wrote it, with
+//! the AAD `"job.{queue}:{job_id}"`. One envelope per job: a sealed value moved to another job
+//! fails to open, the fields cannot be swapped with each other, and the fields left in the open
+//! (`tenant_id`, …) are authenticated too — opening checks that they still equal the sealed
+//! copies, so a payload moved to another tenant, or edited in Redis, is refused. The committed schemas say the
 //! same: `jobs/schemas/{queue}.json` (what a producer writes) marks each sealed field with
 //! `"x-gatehouse-sealed": true`, and `jobs/schemas/at-rest/{queue}.json` is the payload as it
 //! rests in Redis.
@@ -96,8 +98,10 @@ pub enum OpenError {
     /// No configured key opens the envelope (unknown key, wrong job, tampered).
     #[error("{0}")]
     Envelope(#[from] EnvelopeError),
-    /// The envelope opened but does not hold an object of this queue's sealed fields.
-    #[error("the sealed content is not an object of this queue's sealed fields")]
+    /// The envelope opened, but its content is not the payload it travels in: a field left in
+    /// the open differs from its sealed copy (the payload was edited, or moved to another
+    /// tenant), or the content is not a JSON object.
+    #[error("the sealed content does not match the payload it travels in")]
     Content,
     /// The opened payload does not fit the queue's payload type (the serde error's category
     /// only: its message could quote a value).
@@ -143,16 +147,13 @@ pub fn seal_fields(
     if payload.contains_key(SEALED) {
         return Err(SealError::AlreadySealed);
     }
-    let mut inner = Map::new();
-    for field in fields {
-        if let Some(value) = payload.remove(*field) {
-            inner.insert((*field).to_owned(), value);
-        }
-    }
     // A map of JSON values always serializes.
     let plaintext = secrecy::zeroize::Zeroizing::new(
-        serde_json::to_vec(&inner).unwrap_or_else(|_| b"{}".to_vec()),
+        serde_json::to_vec(&*payload).unwrap_or_else(|_| b"{}".to_vec()),
     );
+    for field in fields {
+        payload.remove(*field);
+    }
     let envelope = key.seal(&plaintext, &job_aad(queue, job_id));
     payload.insert(SEALED.to_owned(), Value::String(STANDARD.encode(envelope)));
     Ok(())
@@ -216,11 +217,15 @@ pub fn open_fields(
     let Ok(Value::Object(inner)) = serde_json::from_slice::<Value>(&plaintext) else {
         return Err(OpenError::Content);
     };
-    if inner.keys().any(|k| !fields.contains(&k.as_str())) {
+    payload.remove(SEALED);
+    // The fields in the open must be exactly the sealed copies of the unsealed ones.
+    let unsealed = inner.iter().filter(|(k, _)| !fields.contains(&k.as_str()));
+    if unsealed.clone().count() != payload.len()
+        || unsealed.into_iter().any(|(k, v)| payload.get(k) != Some(v))
+    {
         return Err(OpenError::Content);
     }
-    payload.remove(SEALED);
-    payload.extend(inner);
+    *payload = inner;
     Ok(())
 }
 
@@ -427,23 +432,29 @@ mod tests {
     }
 
     #[test]
-    fn sealed_content_cannot_override_unsealed_fields() {
+    fn the_fields_left_in_the_open_are_authenticated_too() {
         let key = EncryptionKey::generate();
         let ring = Keyring::new(key.clone(), vec![]);
-        let inner = serde_json::json!({"tenant_id": uuid::Uuid::max(), "from": "x"});
-        let envelope = key.seal(
-            inner.to_string().as_bytes(),
-            &job_aad("inbound_message", "j1"),
-        );
-        let Value::Object(mut map) = serde_json::to_value(job()).unwrap() else {
-            panic!()
-        };
-        for f in ["from", "to", "body"] {
-            map.remove(f);
+        let json = sealed("j1", &key);
+        let edits: [(&str, Option<Value>); 4] = [
+            // Moved to another tenant.
+            ("tenant_id", Some(uuid::Uuid::max().to_string().into())),
+            ("message_sid", Some(format!("SM{}", "b".repeat(32)).into())),
+            ("received_at", None),
+            ("extra", Some(true.into())),
+        ];
+        for (field, value) in edits {
+            let Value::Object(mut map) = serde_json::from_str::<Value>(&json).unwrap() else {
+                panic!()
+            };
+            match value {
+                Some(v) => map.insert(field.into(), v),
+                None => map.remove(field),
+            };
+            let err = open(&Value::Object(map).to_string(), "j1", &ring).unwrap_err();
+            assert_eq!(err.reason(), "content", "{field}");
         }
-        map.insert(SEALED.into(), STANDARD.encode(envelope).into());
-        let err = open(&Value::Object(map).to_string(), "j1", &ring).unwrap_err();
-        assert_eq!(err.reason(), "content");
+        assert_eq!(open(&json, "j1", &ring).unwrap(), job());
     }
 
     #[test]

@@ -117,34 +117,38 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
 
 /// The schema of a queue's payload as it rests in Redis: the producer's schema with the sealed
 /// fields replaced by the one `sealed` property that carries them (identical for a queue that
-/// seals nothing). `x-gatehouse-sealed` on that property names the AAD and describes the
-/// sealed plaintext.
+/// seals nothing). `x-gatehouse-sealed` on that property names the AAD, the sealed fields and
+/// the schema of the sealed plaintext (the whole payload).
 pub fn at_rest_schema(spec: &QueueSpec) -> serde_json::Value {
     use serde_json::{Map, Value, json};
     let mut schema = (spec.schema)();
     if spec.sealed.is_empty() {
         return schema;
     }
-    let mut inner = Map::new();
-    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
-        for field in spec.sealed {
-            if let Some(mut property) = properties.remove(*field) {
-                if let Value::Object(p) = &mut property {
-                    p.remove("x-gatehouse-sealed");
+    // The sealed plaintext is the whole payload as the producer wrote it.
+    let plaintext = {
+        let mut plain = schema.clone();
+        if let Value::Object(map) = &mut plain {
+            for meta in ["$schema", "title", "description"] {
+                map.remove(meta);
+            }
+            if let Some(Value::Object(properties)) = map.get_mut("properties") {
+                for property in properties.values_mut() {
+                    if let Value::Object(p) = property {
+                        p.remove("x-gatehouse-sealed");
+                    }
                 }
-                inner.insert((*field).to_owned(), property);
             }
         }
+        plain
+    };
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        for field in spec.sealed {
+            properties.remove(*field);
+        }
     }
-    let mut inner_required = Vec::new();
     if let Some(Value::Array(required)) = schema.get_mut("required") {
-        required.retain(|name| {
-            let sealed = name.as_str().is_some_and(|n| spec.sealed.contains(&n));
-            if sealed {
-                inner_required.push(name.clone());
-            }
-            !sealed
-        });
+        required.retain(|name| !name.as_str().is_some_and(|n| spec.sealed.contains(&n)));
         required.push(json!(crate::sealed::SEALED));
     }
     let fields = spec
@@ -158,9 +162,9 @@ pub fn at_rest_schema(spec: &QueueSpec) -> serde_json::Value {
         "description": format!(
             "The customer data of the job ({fields}), sealed: standard base64 of an envelope \
              (0x01 ‖ key id, 8 bytes ‖ nonce, 12 bytes ‖ AES-256-GCM ciphertext ‖ tag, 16 bytes; \
-             SPEC \"Encryption at rest\") whose plaintext is the JSON object that \
-             `x-gatehouse-sealed.plaintext` describes, with the AAD `{aad}`. Only the job's \
-             handler opens it."
+             SPEC \"Encryption at rest\") whose plaintext is the whole payload as the producer \
+             wrote it (`x-gatehouse-sealed.plaintext`), with the AAD `{aad}`. The fields left \
+             in the open must equal their sealed copies. Only the job's handler opens it."
         ),
         "type": "string",
         "contentEncoding": "base64",
@@ -170,12 +174,7 @@ pub fn at_rest_schema(spec: &QueueSpec) -> serde_json::Value {
         "x-gatehouse-sealed": {
             "aad": aad,
             "fields": spec.sealed,
-            "plaintext": {
-                "type": "object",
-                "additionalProperties": false,
-                "properties": inner,
-                "required": inner_required,
-            },
+            "plaintext": plaintext,
         },
     });
     if let Some(Value::Object(properties)) = schema.get_mut("properties") {
