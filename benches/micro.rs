@@ -127,6 +127,46 @@ fn envelope(c: &mut Criterion) {
     group.finish();
 }
 
+/// Sealing and opening an `inbound_message` payload (SPEC "Customer data in Redis"): what the
+/// ingress adds per webhook and a worker per job, serde included, against serializing and
+/// parsing the same payload in plaintext.
+fn job_payload(c: &mut Criterion) {
+    use gatehouse_jobs::InboundMessage;
+    use gatehouse_jobs::sealed::{Sealed, seal_value};
+    let keyring = Keyring::new(EncryptionKey::generate(), vec![]);
+    let job = InboundMessage {
+        tenant_id: Uuid::nil(),
+        message_sid: format!("SM{}", "0".repeat(32)),
+        from: "+14155550100".into(),
+        to: "+14155550199".into(),
+        body: "Hi! Where is my order #12345? It was supposed to arrive yesterday.".into(),
+        received_at: "2026-12-05T10:00:00Z".into(),
+    };
+    let job_id = Uuid::now_v7().to_string();
+    let seal = |job: &InboundMessage| {
+        let value = serde_json::to_value(job).unwrap_or_default();
+        seal_value("inbound_message", &job_id, value, Some(keyring.current()))
+            .map(|v| v.to_string())
+    };
+    let sealed = seal(&job).unwrap_or_default();
+    let plain = serde_json::to_string(&job).unwrap_or_default();
+    let mut group = c.benchmark_group("job_payload");
+    group.bench_function("plain_serialize", |b| {
+        b.iter(|| serde_json::to_string(black_box(&job)))
+    });
+    group.bench_function("seal_and_serialize", |b| b.iter(|| seal(black_box(&job))));
+    group.bench_function("plain_parse", |b| {
+        b.iter(|| serde_json::from_str::<InboundMessage>(black_box(&plain)))
+    });
+    group.bench_function("parse_and_open", |b| {
+        b.iter(|| {
+            serde_json::from_str::<Sealed<InboundMessage>>(black_box(&sealed))
+                .map(|s| s.open(&job_id, &keyring))
+        })
+    });
+    group.finish();
+}
+
 fn schema(c: &mut Criterion) {
     let validators = PayloadValidators::new().expect("committed schemas compile");
     let valid = serde_json::json!({
@@ -350,6 +390,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = twilio, envelope, schema, llm_answer, jwt, scopes
+    targets = twilio, envelope, job_payload, schema, llm_answer, jwt, scopes
 }
 criterion_main!(micro);
