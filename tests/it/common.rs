@@ -50,6 +50,18 @@ pub fn signed_form_with(
     params: &[(String, String)],
     token: &str,
 ) -> reqwest::RequestBuilder {
+    signed_form_at(client, &server.url(""), tenant, params, token)
+}
+
+/// Like `signed_form_with`, to the ingress at `base` (`http://127.0.0.1:{port}`: a `gatehouse
+/// serve` process).
+pub fn signed_form_at(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: Uuid,
+    params: &[(String, String)],
+    token: &str,
+) -> reqwest::RequestBuilder {
     let path = webhook_path(tenant);
     let refs: Vec<(&str, &str)> = params
         .iter()
@@ -65,7 +77,7 @@ pub fn signed_form_with(
         .extend_pairs(params.iter())
         .finish();
     client
-        .post(server.url(&path))
+        .post(format!("{base}{path}"))
         .header("content-type", "application/x-www-form-urlencoded")
         .header("x-forwarded-proto", "https")
         .header("x-twilio-signature", signature)
@@ -171,4 +183,29 @@ pub async fn add_member(
         .execute(&env.pool)
         .await
         .expect("membership");
+}
+
+/// A service account with `scopes` (straight in the database) and its access token from the
+/// ingress at `base` (`server.url("")`, or a `gatehouse serve` process's address).
+pub async fn service_token(env: &TestEnv, base: &str, scopes: &[&str]) -> String {
+    use secrecy::ExposeSecret;
+    let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
+    let creds = gatehouse::accounts::create_service_account(
+        &env.pool,
+        &gatehouse::security::password::Hasher::owasp(),
+        "producer",
+        &scopes,
+    )
+    .await
+    .expect("service account");
+    let r = gatehouse_testenv::client()
+        .post(format!("{base}/v1/auth/token"))
+        .header("x-forwarded-proto", "https")
+        .json(&serde_json::json!({"client_id": creds.client_id, "client_secret": creds.client_secret.expose_secret()}))
+        .send()
+        .await
+        .expect("token");
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_owned()
 }

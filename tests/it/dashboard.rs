@@ -23,18 +23,19 @@ const OFFICER: &str = "officer@example.com";
 const ADMIN: &str = "admin@example.com";
 const HOSTILE: &str = "<script>alert(\"x\")</script><img src=x onerror=alert(1)>";
 
-/// A cookie-keeping client, as a browser behind the (trusted, loopback) TLS proxy.
-struct Agent<'a> {
+/// A cookie-keeping client, as a browser behind the (trusted, loopback) TLS proxy, of the
+/// ingress at `base` (an in-process server or a `gatehouse serve` process).
+pub(crate) struct Agent {
     http: reqwest::Client,
-    server: &'a TestServer,
+    base: String,
     cookies: HashMap<String, String>,
     set_cookies: Vec<String>,
 }
 
-struct Page {
-    status: StatusCode,
+pub(crate) struct Page {
+    pub(crate) status: StatusCode,
     headers: HeaderMap,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Page {
@@ -56,18 +57,23 @@ impl Page {
     }
 }
 
-impl<'a> Agent<'a> {
-    fn new(server: &'a TestServer) -> Self {
+impl Agent {
+    fn new(server: &TestServer) -> Self {
+        Self::at(&server.url(""))
+    }
+
+    /// An agent of the ingress at `base` (`http://127.0.0.1:{port}`).
+    pub(crate) fn at(base: &str) -> Self {
         Self {
             http: client(),
-            server,
+            base: base.to_owned(),
             cookies: HashMap::new(),
             set_cookies: Vec::new(),
         }
     }
 
     /// An agent signed in as the security officer `OFFICER` (the sign-in must answer 303).
-    async fn officer(server: &'a TestServer) -> Self {
+    async fn officer(server: &TestServer) -> Self {
         let mut agent = Self::new(server);
         let done = agent.login(OFFICER, PASSWORD).await;
         assert_eq!(done.status, 303, "{}", done.body);
@@ -109,8 +115,8 @@ impl<'a> Agent<'a> {
         }
     }
 
-    async fn get(&mut self, path: &str) -> Page {
-        let request = self.http.get(self.server.url(path));
+    pub(crate) async fn get(&mut self, path: &str) -> Page {
+        let request = self.http.get(format!("{}{path}", self.base));
         self.send(request).await
     }
 
@@ -129,7 +135,7 @@ impl<'a> Agent<'a> {
             .finish();
         let mut request = self
             .http
-            .post(self.server.url(path))
+            .post(format!("{}{path}", self.base))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(body);
         for (k, v) in headers {
@@ -139,7 +145,7 @@ impl<'a> Agent<'a> {
     }
 
     /// Opens the login form and signs in.
-    async fn login(&mut self, email: &str, password: &str) -> Page {
+    pub(crate) async fn login(&mut self, email: &str, password: &str) -> Page {
         let form = self.get("/admin/login").await;
         assert_eq!(form.status, 200);
         let csrf = form.csrf();
@@ -151,7 +157,7 @@ impl<'a> Agent<'a> {
     }
 }
 
-const PAGES: [&str; 6] = [
+pub(crate) const PAGES: [&str; 6] = [
     "/admin",
     "/admin/auth",
     "/admin/rate-limits",

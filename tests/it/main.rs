@@ -25,6 +25,7 @@ mod principals;
 mod producers;
 mod reliability;
 mod rotation;
+mod sealed_payloads;
 mod security_events;
 mod sentry;
 mod tenant_secrets;

@@ -5,33 +5,9 @@
 use std::time::Duration;
 
 use crate::common::*;
-use gatehouse::security::password::Hasher;
 use gatehouse_testenv::*;
 use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn service_token(env: &TestEnv, server: &TestServer, scopes: &[&str]) -> String {
-    let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
-    let creds = gatehouse::accounts::create_service_account(
-        &env.pool,
-        &Hasher::owasp(),
-        "producer",
-        &scopes,
-    )
-    .await
-    .expect("service account");
-    use secrecy::ExposeSecret;
-    let r = client()
-        .post(server.url("/v1/auth/token"))
-        .header("x-forwarded-proto", "https")
-        .json(&json!({"client_id": creds.client_id, "client_secret": creds.client_secret.expose_secret()}))
-        .send()
-        .await
-        .expect("token");
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.expect("json");
-    body["access_token"].as_str().expect("token").to_owned()
-}
 
 fn post(server: &TestServer, path: &str, token: &str) -> reqwest::RequestBuilder {
     client()
@@ -57,7 +33,7 @@ async fn a_producer_enqueues_a_message_that_a_worker_commits() {
     let tenant = env.create_tenant().await;
     let server = env.start_server().await;
     let worker = env.start_worker();
-    let token = service_token(&env, &server, &["jobs:enqueue"]).await;
+    let token = service_token(&env, &server.url(""), &["jobs:enqueue"]).await;
     let r = post(&server, "/v1/jobs/inbound_message", &token)
         .json(&message(tenant))
         .send()
@@ -85,7 +61,7 @@ async fn invalid_payloads_are_refused_naming_the_field_and_nothing_is_enqueued()
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let server = env.start_server().await;
-    let token = service_token(&env, &server, &["jobs:enqueue"]).await;
+    let token = service_token(&env, &server.url(""), &["jobs:enqueue"]).await;
     let mut extra = message(tenant);
     extra["admin"] = json!(true);
     let mut bad_sid = message(tenant);
@@ -136,7 +112,7 @@ async fn the_same_idempotency_key_returns_the_first_job_and_enqueues_nothing_mor
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let server = env.start_server().await;
-    let token = service_token(&env, &server, &["jobs:enqueue"]).await;
+    let token = service_token(&env, &server.url(""), &["jobs:enqueue"]).await;
     let payload =
         json!({"tenant_id": tenant, "requested_by": uuid::Uuid::new_v4(), "mode": "full"});
     let mut ids = Vec::new();
@@ -170,14 +146,14 @@ async fn enqueueing_needs_the_scope_and_rotation_never_starts_from_a_producer() 
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let server = env.start_server().await;
-    let reader = service_token(&env, &server, &["security:read"]).await;
+    let reader = service_token(&env, &server.url(""), &["security:read"]).await;
     let r = post(&server, "/v1/jobs/inbound_message", &reader)
         .json(&message(tenant))
         .send()
         .await
         .expect("enqueue");
     assert_eq!(r.status(), 403);
-    let producer = service_token(&env, &server, &["jobs:enqueue", "platform:admin"]).await;
+    let producer = service_token(&env, &server.url(""), &["jobs:enqueue", "platform:admin"]).await;
     let r = post(&server, "/v1/jobs/rotate_keys", &producer)
         .json(&json!({"rotation_id": uuid::Uuid::new_v4()}))
         .send()
