@@ -295,11 +295,13 @@ pub fn reseal(
 }
 
 /// A job's payload as it rests in Redis: a JSON object whose customer data is sealed. The
-/// handler's argument; [`Sealed::open`] is the only way to the payload.
+/// handler's argument; [`Sealed::open`] is the only way to the payload. Any JSON value
+/// decodes into it, so a payload that is not an object reaches the handler and is refused
+/// there, reported like one no key opens.
 #[derive(Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Sealed<J> {
-    payload: Map<String, Value>,
+    payload: Value,
     #[serde(skip)]
     job: PhantomData<fn() -> J>,
 }
@@ -307,17 +309,22 @@ pub struct Sealed<J> {
 impl<J> std::fmt::Debug for Sealed<J> {
     /// The field names only: a payload's values stay out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealed")
-            .field("fields", &self.payload.keys().collect::<Vec<_>>())
-            .finish()
+        let fields: Vec<&String> = match &self.payload {
+            Value::Object(map) => map.keys().collect(),
+            _ => Vec::new(),
+        };
+        f.debug_struct("Sealed").field("fields", &fields).finish()
     }
 }
 
 impl<J: Job> Sealed<J> {
     /// Opens the payload of job `job_id` with `keyring` and decodes it.
-    pub fn open(mut self, job_id: &str, keyring: &Keyring) -> Result<J, OpenError> {
-        open_fields(J::QUEUE, job_id, &mut self.payload, keyring)?;
-        serde_json::from_value(Value::Object(self.payload)).map_err(|e| OpenError::Payload {
+    pub fn open(self, job_id: &str, keyring: &Keyring) -> Result<J, OpenError> {
+        let Value::Object(mut payload) = self.payload else {
+            return Err(OpenError::NotAnObject);
+        };
+        open_fields(J::QUEUE, job_id, &mut payload, keyring)?;
+        serde_json::from_value(Value::Object(payload)).map_err(|e| OpenError::Payload {
             queue: J::QUEUE,
             category: match e.classify() {
                 serde_json::error::Category::Io => "io",

@@ -120,7 +120,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
 /// seals nothing). `x-gatehouse-sealed` on that property names the AAD, the sealed fields and
 /// the schema of the sealed plaintext (the whole payload).
 pub fn at_rest_schema(spec: &QueueSpec) -> serde_json::Value {
-    use serde_json::{Map, Value, json};
+    use serde_json::{Value, json};
     let mut schema = (spec.schema)();
     if spec.sealed.is_empty() {
         return schema;

@@ -80,6 +80,15 @@ pub struct QueueSettings {
     /// The process's outage state: fetching pauses while PostgreSQL is down, and deferred
     /// attempts are acknowledged without counting (`super::outage`).
     pub outages: super::outage::Outages,
+    /// Whether a payload decodes into the handler's argument ([`decodes`] of its type). One
+    /// that does not is dead at fetch: handed to apalis it would end the worker, and the job,
+    /// rescued from the dead worker, would end the next one.
+    pub decodes: fn(&[u8]) -> bool,
+}
+
+/// Whether `payload` decodes as an `Args` (what apalis's JSON codec would do with it).
+pub fn decodes<Args: serde::de::DeserializeOwned>(payload: &[u8]) -> bool {
+    serde_json::from_slice::<Args>(payload).is_ok()
 }
 
 /// The `Persistence` half: what apalis-core's `Persisted` driver calls.
@@ -88,6 +97,52 @@ pub struct QueuePersistence {
     conn: ConnectionManager,
     settings: QueueSettings,
     live: LiveWorkers,
+}
+
+impl QueuePersistence {
+    /// Dead-letters fetched jobs whose payload does not decode, at once and without running
+    /// them (the error names the queue, never the payload).
+    async fn kill_undecodable(
+        &mut self,
+        worker: &WorkerContext,
+        tasks: &[Task<Vec<u8>>],
+    ) -> Result<(), BackendError> {
+        let keys = &self.settings.keys;
+        let acks: Vec<Ack> = tasks
+            .iter()
+            .filter_map(|task| {
+                let id = task.ctx().task_id()?.to_string();
+                tracing::error!(queue = %keys.prefix, job.id = %id, "job payload does not decode; dead-lettered without running");
+                Some(Ack {
+                    id,
+                    outcome: Outcome::Dead,
+                    attempt: task.attempt() + 1,
+                    delay: Duration::ZERO,
+                    error: "the payload does not decode as a job of this queue".into(),
+                    counted: Outcome::Dead,
+                    counted_delay: Duration::ZERO,
+                })
+            })
+            .collect();
+        ::metrics::counter!("gatehouse_jobs_total", "queue" => queue_name(keys), "outcome" => "dead")
+            .increment(acks.len() as u64);
+        consume::ack(
+            &mut self.conn,
+            keys,
+            worker.name(),
+            self.settings.outages.max_wait,
+            &acks,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The queue's name (the key prefix past the namespace), for metrics labels.
+fn queue_name(keys: &QueueKeys) -> String {
+    keys.prefix
+        .rsplit_once(':')
+        .map_or_else(|| keys.prefix.clone(), |(_, q)| q.to_owned())
 }
 
 /// Where a finished attempt goes.
@@ -157,10 +212,14 @@ impl Persistence for QueuePersistence {
         )
         .await?;
         let tasks = apalis_redis::queries::deserialize_with_meta(result)?;
-        Ok(tasks
+        let (good, bad): (Vec<_>, Vec<_>) = tasks
             .into_iter()
             .map(apalis_redis::queries::CompactTask::into_full_compact)
-            .collect())
+            .partition(|task| (self.settings.decodes)(&task.args));
+        if !bad.is_empty() {
+            self.kill_undecodable(worker, &bad).await?;
+        }
+        Ok(good)
     }
 
     async fn reenqueue_abandoned(
@@ -382,6 +441,24 @@ mod tests {
             cap: Duration::from_secs(10),
             max_attempts: 4,
         }
+    }
+
+    #[test]
+    fn undecodable_payloads_are_told_apart_and_labelled_by_queue() {
+        assert!(decodes::<gatehouse_jobs::SyncCatalog>(
+            br#"{"tenant_id":"7b0c5c5e-3f0a-4c5e-9a64-2f1f6f0b9d11","requested_by":"7b0c5c5e-3f0a-4c5e-9a64-2f1f6f0b9d12","mode":"full"}"#
+        ));
+        assert!(!decodes::<gatehouse_jobs::SyncCatalog>(
+            br#"{"tenant_id":7}"#
+        ));
+        type Inbound = gatehouse_jobs::sealed::Sealed<gatehouse_jobs::InboundMessage>;
+        assert!(
+            decodes::<Inbound>(b"[1, 2]"),
+            "the handler refuses it, with an event"
+        );
+        assert!(!decodes::<Inbound>(b"{not json"));
+        let keys = QueueKeys::new("ns:with:colons", "inbound_message");
+        assert_eq!(queue_name(&keys), "inbound_message");
     }
 
     #[test]

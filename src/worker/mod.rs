@@ -222,7 +222,7 @@ pub fn unique_worker_name() -> String {
     format!("{host}-{}-{suffix:08x}", std::process::id())
 }
 
-fn queue_settings(
+fn queue_settings<Args: serde::de::DeserializeOwned>(
     queues: &Queues,
     queue: &str,
     options: &WorkerOptions,
@@ -236,6 +236,7 @@ fn queue_settings(
         orphan_timeout: options.orphan_timeout(),
         retry,
         outages: outages.clone(),
+        decodes: backend::decodes::<Args>,
     }
 }
 
@@ -295,21 +296,21 @@ pub async fn run(
     tracing::info!(worker.name = %base, concurrency = options.concurrency, "starting workers");
     let concurrency = options.concurrency.max(1);
     let live = LiveWorkers::default();
-    let inbound = queue_settings(
+    let inbound = queue_settings::<gatehouse_jobs::sealed::Sealed<InboundMessage>>(
         &queues,
         InboundMessage::QUEUE,
         &options,
         state.retry.inbound_message,
         &state.outages,
     );
-    let sync = queue_settings(
+    let sync = queue_settings::<SyncCatalog>(
         &queues,
         SyncCatalog::QUEUE,
         &options,
         state.retry.sync_catalog,
         &state.outages,
     );
-    let rotate = queue_settings(
+    let rotate = queue_settings::<RotateKeys>(
         &queues,
         RotateKeys::QUEUE,
         &options,

@@ -769,3 +769,128 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
     assert_redis_clean(&env, &markers, "after retries and dead letters").await;
     env.cleanup().await;
 }
+
+/// Writes a job with `payload` straight into a queue, as anyone with write access to Redis
+/// could (no producer would: the client refuses what it cannot seal).
+async fn plant(env: &TestEnv, queue: &str, payload: &str) -> String {
+    let keys = env.queues().keys(queue);
+    let id = Uuid::now_v7().to_string();
+    let () = redis::pipe()
+        .hset(keys.data(), &id, payload)
+        .ignore()
+        .hset_multiple(
+            keys.meta_of(&id),
+            &[
+                ("status", "Pending"),
+                ("attempts", "0"),
+                ("max_attempts", "4"),
+            ],
+        )
+        .ignore()
+        .rpush(keys.active(), &id)
+        .ignore()
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("planted");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payloads_that_do_not_decode_or_open_are_dead_at_once_and_the_worker_keeps_going() {
+    let markers = Markers::new();
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let queues = env.queues();
+    let redis = env.redis.clone();
+    let enqueue = |body: &'static str| {
+        let (queues, mut redis, job) =
+            (queues.clone(), redis.clone(), markers.message(tenant, body));
+        async move {
+            queues
+                .enqueue(&mut redis, &job, Enqueue::default())
+                .await
+                .expect("enqueue")
+                .job_id
+        }
+    };
+    let first = enqueue("before the garbage").await;
+    let not_json = plant(&env, QUEUE, "{not json").await;
+    let not_an_object = plant(&env, QUEUE, "[1, 2]").await;
+    let plaintext = plant(
+        &env,
+        QUEUE,
+        &serde_json::to_string(&markers.message(tenant, "unsealed")).expect("json"),
+    )
+    .await;
+    let wrong_shape = plant(&env, "sync_catalog", r#"{"tenant_id": 7}"#).await;
+    let last = enqueue("after the garbage").await;
+
+    let worker = env.start_worker();
+    assert!(
+        wait_in(&env, "done", &[first.as_str(), last.as_str()]).await,
+        "the jobs around the garbage run"
+    );
+    assert!(
+        wait_in(
+            &env,
+            "dead",
+            &[
+                not_json.as_str(),
+                not_an_object.as_str(),
+                plaintext.as_str()
+            ]
+        )
+        .await,
+        "each undecodable or unopenable inbound payload is dead"
+    );
+    let sync_dead = format!("{}:dead", queues.queue_key("sync_catalog"));
+    let wrong_shape_dead = eventually(Duration::from_secs(20), || async {
+        members(&env, sync_dead.clone())
+            .await
+            .contains(&wrong_shape)
+    })
+    .await;
+    assert!(
+        wrong_shape_dead,
+        "a sync_catalog payload of the wrong shape is dead"
+    );
+    for job in [&not_json, &not_an_object, &plaintext] {
+        let m = meta(&env, job).await;
+        assert_eq!(
+            m.get("attempts").map(String::as_str),
+            Some("1"),
+            "{job}: {m:?}"
+        );
+        assert_eq!(m.get("status").map(String::as_str), Some("Killed"), "{m:?}");
+    }
+    // What opens as JSON reaches the handler, which reports it; the plaintext one is refused,
+    // never processed (an unsealed payload could come from anyone with write access to Redis).
+    assert!(env.wait_for_events("encryption_error", 2).await >= 2);
+    for (job, reason) in [
+        (&not_an_object, "not_an_object"),
+        (&plaintext, "not_sealed"),
+    ] {
+        let reasons: Vec<String> = sqlx::query_scalar(
+            "SELECT details->>'reason' FROM security_events
+             WHERE type = 'encryption_error' AND details->>'job_id' = $1",
+        )
+        .bind(job)
+        .fetch_all(&env.pool)
+        .await
+        .expect("events");
+        assert_eq!(reasons, [reason], "{job}");
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM messages").await,
+        2,
+        "only the two sealed jobs stored a message"
+    );
+    // The same worker is still taking jobs.
+    let later = enqueue("long after").await;
+    assert!(
+        wait_in(&env, "done", &[later.as_str()]).await,
+        "still working"
+    );
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
