@@ -637,6 +637,11 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
         .find(|id| *id != failing && *id != orphan)
         .expect("the webhook's job");
 
+    let as_sealed: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(env.queues().keys(QUEUE).data())
+        .query_async(&mut redis)
+        .await
+        .expect("the payloads as enqueued");
     let mut work = spawn_logged(
         &env,
         logs.path(),
@@ -669,6 +674,17 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
             .is_some_and(|e| e.contains("500")),
         "{failing_meta:?}"
     );
+    // Retried to its last attempt, then dead: still the very bytes its producer sealed (a
+    // retry never re-seals), and so is every other payload.
+    let now: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(env.queues().keys(QUEUE).data())
+        .query_async(&mut redis)
+        .await
+        .expect("the payloads now");
+    assert_eq!(
+        now, as_sealed,
+        "no payload changed on its way through the queue"
+    );
     assert!(
         llm_calls.load(std::sync::atomic::Ordering::SeqCst) > 2,
         "the messages went to the LLM"
@@ -696,6 +712,39 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
             &String::from_utf8_lossy(&out.stderr),
         );
     }
+
+    // `jobs retry` puts the dead job back as it is; it runs (and dies) again with the same bytes.
+    let out = run_cli(&["jobs", "retry", &orphan], &env.vars, "");
+    assert!(out.status.success(), "jobs retry: {out:?}");
+    markers.assert_absent(
+        "`gatehouse jobs retry`",
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            meta(&env, &orphan)
+                .await
+                .get("attempts")
+                .map(String::as_str)
+                == Some("1")
+                && members(&env, env.queues().keys(QUEUE).dead())
+                    .await
+                    .contains(&orphan)
+        })
+        .await,
+        "the retried job ran and is dead again"
+    );
+    let again: Option<String> = redis::cmd("HGET")
+        .arg(env.queues().keys(QUEUE).data())
+        .arg(&orphan)
+        .query_async(&mut redis)
+        .await
+        .expect("the retried payload");
+    assert_eq!(
+        again.as_ref(),
+        as_sealed.get(&orphan),
+        "a retry moves the sealed bytes as they are"
+    );
 
     // The dashboard, every page.
     let mut agent = Agent::at(&base);
