@@ -399,6 +399,34 @@ impl TestEnv {
         }
     }
 
+    /// Every key of this test's namespace matching `{namespace}:{suffix}` (a `SCAN` pattern),
+    /// sorted, each once.
+    pub async fn keys_matching(&self, suffix: &str) -> Vec<String> {
+        let mut redis = self.redis.clone();
+        let pattern = format!("{}:{suffix}", self.namespace);
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await
+                .expect("SCAN the test's namespace");
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     /// Deletes every key of the namespace (a bench run does, between its figures).
     pub async fn clear_namespace(&self) -> Result<(), Error> {
         clear_namespace(&self.namespace).await

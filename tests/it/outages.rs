@@ -346,25 +346,7 @@ async fn attempts_histogram(
     queue: &str,
 ) -> std::collections::BTreeMap<String, usize> {
     let mut redis = env.redis.clone();
-    let pattern = format!("{}:{queue}:meta:*", env.namespace);
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await
-            .expect("scan");
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let keys = env.keys_matching(&format!("{queue}:meta:*")).await;
     let mut histogram = std::collections::BTreeMap::new();
     for key in keys {
         let attempts: Option<String> = redis::cmd("HGET")

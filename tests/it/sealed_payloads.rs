@@ -90,26 +90,7 @@ fn strings_of(value: &redis::Value, out: &mut Vec<String>) {
 /// does not read fails the test (nothing is skipped unread).
 async fn namespace_contents(env: &TestEnv) -> Vec<(String, Vec<String>)> {
     let mut redis = env.redis.clone();
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}:*", env.namespace))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await
-            .expect("scan");
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort();
-    keys.dedup();
+    let keys = env.keys_matching("*").await;
     let mut contents = Vec::new();
     for key in keys {
         let kind: String = redis::cmd("TYPE")
@@ -336,26 +317,14 @@ async fn no_customer_value_rests_in_redis_queued_done_or_dead_whichever_producer
     post_webhook(&base, tenant, &markers.body).await;
     let token = service_token(&env, &base, &["jobs:enqueue"]).await;
     let produced = post_job(&base, &token, tenant, &markers.body).await;
-    let mut redis = env.redis.clone();
     let queues = env.queues();
-    let client_job = queues
-        .enqueue(
-            &mut redis,
-            &markers.message(tenant, &markers.body),
-            Enqueue::default(),
-        )
-        .await
-        .expect("enqueue")
-        .job_id;
-    let orphan = queues
-        .enqueue(
-            &mut redis,
-            &markers.message(Uuid::new_v4(), &markers.body),
-            Enqueue::default(),
-        )
-        .await
-        .expect("enqueue")
-        .job_id;
+    let client_job = enqueue(&queues, &env, &markers.message(tenant, &markers.body)).await;
+    let orphan = enqueue(
+        &queues,
+        &env,
+        &markers.message(Uuid::new_v4(), &markers.body),
+    )
+    .await;
 
     // (a) Queued.
     let payloads = sealed_payloads(&env).await;
@@ -409,35 +378,15 @@ async fn a_sealed_payload_moved_to_another_job_or_sealed_under_an_unknown_key_is
     let tenant = env.create_tenant().await;
     let mut redis = env.redis.clone();
     let queues = env.queues();
-    let a = queues
-        .enqueue(
-            &mut redis,
-            &markers.message(tenant, &markers.body),
-            Enqueue::default(),
-        )
-        .await
-        .expect("enqueue A")
-        .job_id;
-    let b = queues
-        .enqueue(
-            &mut redis,
-            &markers.message(tenant, "job B's own body"),
-            Enqueue::default(),
-        )
-        .await
-        .expect("enqueue B")
-        .job_id;
+    let a = enqueue(&queues, &env, &markers.message(tenant, &markers.body)).await;
+    let b = enqueue(&queues, &env, &markers.message(tenant, "job B's own body")).await;
     // Sealed under a key that is neither the worker's current nor an old one.
-    let stranger = Queues::new(env.namespace.clone())
-        .sealing_with(EncryptionKey::generate())
-        .enqueue(
-            &mut redis,
-            &markers.message(tenant, &markers.body),
-            Enqueue::default(),
-        )
-        .await
-        .expect("enqueue under another key")
-        .job_id;
+    let stranger = enqueue(
+        &Queues::new(env.namespace.clone()).sealing_with(EncryptionKey::generate()),
+        &env,
+        &markers.message(tenant, &markers.body),
+    )
+    .await;
     // A's sealed payload, moved into B's field.
     let data = queues.keys(QUEUE).data();
     let a_payload: String = redis::cmd("HGET")
@@ -621,16 +570,12 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
     )
     .await;
     let mut redis = env.redis.clone();
-    let orphan = env
-        .queues()
-        .enqueue(
-            &mut redis,
-            &markers.message(Uuid::new_v4(), &markers.body),
-            Enqueue::default(),
-        )
-        .await
-        .expect("enqueue")
-        .job_id;
+    let orphan = enqueue(
+        &env.queues(),
+        &env,
+        &markers.message(Uuid::new_v4(), &markers.body),
+    )
+    .await;
     let ok = sealed_payloads(&env)
         .await
         .into_keys()
@@ -817,6 +762,15 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
     sealed_payloads(&env).await;
     assert_redis_clean(&env, &markers, "after retries and dead letters").await;
     env.cleanup().await;
+}
+
+/// Enqueues `job` through the client `queues` (which seals it); its job id.
+async fn enqueue(queues: &Queues, env: &TestEnv, job: &InboundMessage) -> String {
+    queues
+        .enqueue(&mut env.redis.clone(), job, Enqueue::default())
+        .await
+        .expect("enqueue")
+        .job_id
 }
 
 /// Writes a job with `payload` straight into a queue, as anyone with write access to Redis
