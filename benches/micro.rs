@@ -132,7 +132,7 @@ fn envelope(c: &mut Criterion) {
 /// parsing the same payload in plaintext.
 fn job_payload(c: &mut Criterion) {
     use gatehouse_jobs::InboundMessage;
-    use gatehouse_jobs::sealed::{Sealed, seal_value};
+    use gatehouse_jobs::sealed::{Sealed, seal_job};
     let keyring = Keyring::new(EncryptionKey::generate(), vec![]);
     let job = InboundMessage {
         tenant_id: Uuid::nil(),
@@ -143,11 +143,8 @@ fn job_payload(c: &mut Criterion) {
         received_at: "2026-12-05T10:00:00Z".into(),
     };
     let job_id = Uuid::now_v7().to_string();
-    let seal = |job: &InboundMessage| {
-        let value = serde_json::to_value(job).unwrap_or_default();
-        seal_value("inbound_message", &job_id, value, Some(keyring.current()))
-            .map(|v| v.to_string())
-    };
+    // The ingress's path (the typed job); POST /v1/jobs seals a parsed `Value` instead.
+    let seal = |job: &InboundMessage| seal_job(job, &job_id, Some(keyring.current()));
     let sealed = seal(&job).unwrap_or_default();
     let plain = serde_json::to_string(&job).unwrap_or_default();
     let mut group = c.benchmark_group("job_payload");

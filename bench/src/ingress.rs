@@ -29,9 +29,14 @@ use crate::load::{self, LoadResult, Prepared};
 pub enum ServerKind {
     /// gatehouse's own router (`gatehouse::http::serve`), as `gatehouse serve` runs it.
     Gatehouse,
-    /// An axum handler that parses the form and enqueues the same payload, nothing else.
+    /// An axum handler that parses the form and enqueues the same payload, nothing else — in
+    /// plaintext (to a queue of the same layout that seals nothing), as a bare enqueue did before
+    /// customer data was sealed, so the ratio carries the cost of sealing.
     Bare,
 }
+
+/// Where the bare handler enqueues: not one of gatehouse's queues, so nothing is sealed.
+pub const BARE_QUEUE: &str = "bench_bare_plain";
 
 const TWIML_EMPTY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
 
@@ -65,9 +70,10 @@ async fn bare_webhook(
         }
     }
     let mut redis = state.redis.clone();
+    let payload = serde_json::to_value(&job).unwrap_or_default();
     match state
         .queues
-        .enqueue(&mut redis, &job, Enqueue::default())
+        .enqueue_json(&mut redis, BARE_QUEUE, payload, Enqueue::default())
         .await
     {
         Ok(_) => (
@@ -118,8 +124,7 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
         ServerKind::Bare => {
             let state = Arc::new(Bare {
                 redis,
-                queues: Queues::new(config.redis_namespace.clone())
-                    .sealing_with(config.keyring.current().clone()),
+                queues: Queues::new(config.redis_namespace.clone()),
             });
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok" }))
@@ -288,7 +293,13 @@ pub async fn webhook_run(
     // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
     let mut redis = env.redis.clone();
     let queued: u64 = redis::cmd("LLEN")
-        .arg(format!("{}:active", env.queue_key(InboundMessage::QUEUE)))
+        .arg(format!(
+            "{}:active",
+            env.queue_key(match kind {
+                ServerKind::Gatehouse => InboundMessage::QUEUE,
+                ServerKind::Bare => BARE_QUEUE,
+            })
+        ))
         .query_async(&mut redis)
         .await?;
     env.clear_namespace().await?;

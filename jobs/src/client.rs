@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::Job;
 use crate::envelope::EncryptionKey;
 use crate::keys::{QueueKeys, dedupe_key};
-use crate::sealed::{AtRest, SealError, at_rest, seal_value};
+use crate::sealed::{AtRest, SealError, at_rest, seal_job, seal_value};
 use crate::spec::default_max_attempts;
 
 static ENQUEUE: LazyLock<Script> =
@@ -130,8 +130,14 @@ impl Queues {
         job: &J,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
-        self.enqueue_json(conn, J::QUEUE, serde_json::to_value(job)?, options)
-            .await
+        let mut options = options;
+        // The job id is the AAD's: fixed before anything is sealed.
+        let job_id = options
+            .job_id
+            .take()
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let payload = seal_job(job, &job_id, self.key.as_ref())?;
+        self.push(conn, J::QUEUE, &job_id, &payload, options).await
     }
 
     /// The payload as it will rest in Redis: sealed for job `job_id` when `queue` seals.
@@ -168,7 +174,7 @@ impl Queues {
             let mut pipe = redis::pipe();
             for job in chunk {
                 let job_id = Uuid::now_v7().to_string();
-                let payload = self.at_rest(J::QUEUE, &job_id, serde_json::to_value(job)?)?;
+                let payload = seal_job(job, &job_id, self.key.as_ref())?;
                 pipe.cmd("EVALSHA")
                     .arg(&hash)
                     .arg(5)

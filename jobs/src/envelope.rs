@@ -125,11 +125,14 @@ pub enum EnvelopeError {
 }
 
 /// A 32-byte AES-256 key. The raw bytes are zeroized on drop and never
-/// appear in `Debug` output (only the key id does).
+/// appear in `Debug` output (only the key id does). The cipher (its expanded key schedule) is
+/// built once and kept, wiped on drop too (aes-gcm's `zeroize`): every seal and open of a job
+/// payload or a column would otherwise expand the key again.
 #[derive(Clone)]
 pub struct EncryptionKey {
     raw: Zeroizing<[u8; KEY_LEN]>,
     id: KeyId,
+    cipher: Aes256Gcm,
 }
 
 impl EncryptionKey {
@@ -187,7 +190,9 @@ impl EncryptionKey {
 
     fn from_raw(raw: Zeroizing<[u8; KEY_LEN]>) -> Self {
         let id = KeyId::of(&raw);
-        Self { raw, id }
+        let key: &Key<Aes256Gcm> = (&*raw).into();
+        let cipher = Aes256Gcm::new(key);
+        Self { raw, id, cipher }
     }
 
     /// The key as standard base64 (what `ENCRYPTION_KEY` expects).
@@ -230,9 +235,8 @@ impl EncryptionKey {
         out
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        let key: &Key<Aes256Gcm> = (&*self.raw).into();
-        Aes256Gcm::new(key)
+    fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
     }
 }
 

@@ -43,11 +43,13 @@
 //! assert!(moved.open("job-2", &keyring).is_err());
 //! ```
 
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::Job;
@@ -71,6 +73,10 @@ pub enum SealError {
     /// Sealing twice would hide the first seal's fields from the handler.
     #[error("the payload already has a `sealed` property")]
     AlreadySealed,
+    /// The payload does not serialize (serde_json's serialization errors name types, not
+    /// values).
+    #[error("payload: {0}")]
+    Json(#[from] serde_json::Error),
     /// The queue seals customer data and no key was given.
     #[error(
         "queue {queue} seals customer data: give the enqueue client the encryption key \
@@ -294,14 +300,47 @@ pub fn reseal(
     Ok(Resealed::New(Value::Object(payload).to_string()))
 }
 
+/// A payload's top-level fields, borrowed from its text (no `Value` tree is built).
+type Fields<'a> = BTreeMap<&'a str, &'a RawValue>;
+
+/// Seals a typed job for job `job_id` and returns the payload as it will rest in Redis (the
+/// enqueue client's path). The same result as [`seal_value`] over the job's JSON, without
+/// building a `Value`: the job is serialized once, that text is the sealed plaintext, and the
+/// fields left in the open are copied from it as they are.
+pub fn seal_job<J: Job>(
+    job: &J,
+    job_id: &str,
+    key: Option<&EncryptionKey>,
+) -> Result<String, SealError> {
+    let fields = sealed_fields(J::QUEUE);
+    if fields.is_empty() {
+        return Ok(serde_json::to_string(job)?);
+    }
+    let key = key.ok_or_else(|| SealError::NoKey {
+        queue: J::QUEUE.to_owned(),
+    })?;
+    let plaintext = secrecy::zeroize::Zeroizing::new(serde_json::to_vec(job)?);
+    let mut open: Fields<'_> =
+        serde_json::from_slice(&plaintext).map_err(|_| SealError::NotAnObject)?;
+    if open.contains_key(SEALED) {
+        return Err(SealError::AlreadySealed);
+    }
+    open.retain(|name, _| !fields.contains(name));
+    let envelope = key.seal(&plaintext, &job_aad(J::QUEUE, job_id));
+    // Base64 needs no JSON escaping: quoting it makes a JSON string.
+    let sealed = RawValue::from_string(format!("\"{}\"", STANDARD.encode(envelope)))?;
+    open.insert(SEALED, &sealed);
+    Ok(serde_json::to_string(&open)?)
+}
+
 /// A job's payload as it rests in Redis: a JSON object whose customer data is sealed. The
 /// handler's argument; [`Sealed::open`] is the only way to the payload. Any JSON value
-/// decodes into it, so a payload that is not an object reaches the handler and is refused
-/// there, reported like one no key opens.
+/// decodes into it (its text is kept as it is), so a payload that is not an object reaches the
+/// handler and is refused there, reported like one no key opens.
 #[derive(Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Sealed<J> {
-    payload: Value,
+    payload: Box<RawValue>,
     #[serde(skip)]
     job: PhantomData<fn() -> J>,
 }
@@ -309,30 +348,73 @@ pub struct Sealed<J> {
 impl<J> std::fmt::Debug for Sealed<J> {
     /// The field names only: a payload's values stay out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let fields: Vec<&String> = match &self.payload {
-            Value::Object(map) => map.keys().collect(),
-            _ => Vec::new(),
-        };
+        let fields: Vec<&str> = serde_json::from_str::<Fields<'_>>(self.payload.get())
+            .map(|fields| fields.into_keys().collect())
+            .unwrap_or_default();
         f.debug_struct("Sealed").field("fields", &fields).finish()
     }
 }
 
+/// Whether two JSON texts hold the same value: the same text, or (another producer's
+/// formatting, escapes) the same parsed value.
+fn same_json(a: &RawValue, b: &RawValue) -> bool {
+    a.get() == b.get()
+        || matches!(
+            (serde_json::from_str::<Value>(a.get()), serde_json::from_str::<Value>(b.get())),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
 impl<J: Job> Sealed<J> {
-    /// Opens the payload of job `job_id` with `keyring` and decodes it.
+    /// Opens the payload of job `job_id` with `keyring` and decodes it: the sealed plaintext is
+    /// the whole payload, decoded as it is, once the fields left in the open are found equal to
+    /// their sealed copies.
     pub fn open(self, job_id: &str, keyring: &Keyring) -> Result<J, OpenError> {
-        let Value::Object(mut payload) = self.payload else {
-            return Err(OpenError::NotAnObject);
-        };
-        open_fields(J::QUEUE, job_id, &mut payload, keyring)?;
-        serde_json::from_value(Value::Object(payload)).map_err(|e| OpenError::Payload {
-            queue: J::QUEUE,
-            category: match e.classify() {
-                serde_json::error::Category::Io => "io",
-                serde_json::error::Category::Syntax => "syntax",
-                serde_json::error::Category::Data => "data",
-                serde_json::error::Category::Eof => "eof",
-            },
-        })
+        let fields = sealed_fields(J::QUEUE);
+        if fields.is_empty() {
+            return serde_json::from_str(self.payload.get()).map_err(payload_error::<J>);
+        }
+        let outer: Fields<'_> =
+            serde_json::from_str(self.payload.get()).map_err(|_| OpenError::NotAnObject)?;
+        if fields.iter().any(|f| outer.contains_key(f)) {
+            return Err(OpenError::NotSealed("its customer data is in plaintext"));
+        }
+        let sealed = outer
+            .get(SEALED)
+            .ok_or(OpenError::NotSealed("no `sealed` property"))?;
+        let sealed: String =
+            serde_json::from_str(sealed.get()).map_err(|_| OpenError::NotBase64)?;
+        let envelope = STANDARD.decode(sealed).map_err(|_| OpenError::NotBase64)?;
+        let plaintext = keyring.open(&envelope, &job_aad(J::QUEUE, job_id))?;
+        let inner: Fields<'_> =
+            serde_json::from_slice(&plaintext).map_err(|_| OpenError::Content)?;
+        let mut in_the_open = 0;
+        for (name, value) in &inner {
+            if fields.contains(name) {
+                continue;
+            }
+            match outer.get(name) {
+                Some(outer_value) if same_json(outer_value, value) => in_the_open += 1,
+                _ => return Err(OpenError::Content),
+            }
+        }
+        if in_the_open + 1 != outer.len() {
+            return Err(OpenError::Content);
+        }
+        serde_json::from_slice(&plaintext).map_err(payload_error::<J>)
+    }
+}
+
+/// A decoding error reduced to its category: serde_json's message could quote a value.
+fn payload_error<J: Job>(error: serde_json::Error) -> OpenError {
+    OpenError::Payload {
+        queue: J::QUEUE,
+        category: match error.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "eof",
+        },
     }
 }
 
@@ -541,6 +623,42 @@ mod tests {
                 .reason(),
             "unknown_key"
         );
+    }
+
+    #[test]
+    fn the_typed_and_the_json_paths_seal_alike_and_other_formatting_still_opens() {
+        let key = EncryptionKey::generate();
+        let ring = Keyring::new(key.clone(), vec![]);
+        let typed = seal_job(&job(), "j1", Some(&key)).unwrap();
+        let from_json = sealed("j1", &key);
+        let fields = |json: &str| -> Vec<String> {
+            let Value::Object(map) = serde_json::from_str::<Value>(json).unwrap() else {
+                panic!()
+            };
+            map.keys().cloned().collect()
+        };
+        assert_eq!(fields(&typed), fields(&from_json));
+        assert!(!typed.contains(MARKER_FROM) && !typed.contains(MARKER_BODY));
+        assert_eq!(open(&typed, "j1", &ring).unwrap(), job());
+        assert_eq!(at_rest("inbound_message", &typed), AtRest::Sealed(key.id()));
+        // Another producer's JSON: escaped characters and slashes, spaces, another order.
+        let Value::Object(map) = serde_json::from_str::<Value>(&typed).unwrap() else {
+            panic!()
+        };
+        let sid = map["message_sid"]
+            .as_str()
+            .unwrap()
+            .replacen('S', "\\u0053", 1);
+        let other = format!(
+            r#"{{ "sealed" : "{}", "received_at":"2026-12-05T10:00:00Z", "message_sid": "{sid}", "tenant_id":"{}" }}"#,
+            map["sealed"].as_str().unwrap().replace('/', "\\/"),
+            uuid::Uuid::nil()
+        );
+        assert_eq!(open(&other, "j1", &ring).unwrap(), job());
+        assert!(matches!(
+            seal_job(&job(), "j1", None),
+            Err(SealError::NoKey { .. })
+        ));
     }
 
     #[test]
