@@ -1,9 +1,14 @@
 //! Who may do what: roles, their scopes, and the principal behind a token, resolved per
 //! request through a versioned Redis cache.
 //!
-//! Cache keys (under the queue namespace): `{ns}:scopes:{id}:version` holds the subject's
-//! version `n` (no expiry; missing = 0) and `{ns}:scopes:{id}:v{n}` the principal loaded
-//! from PostgreSQL (expires after [`CACHE_TTL_SECONDS`]). A role change bumps the version
+//! Cache key (under the queue namespace): one hash per subject, `{ns}:scopes:{id}`, so every
+//! operation touches one key and the cache runs unchanged on a Redis Cluster. Its field
+//! `version` holds the subject's version `n` (missing = 0), `entry` the principal loaded from
+//! PostgreSQL and `entry_version` the version it was loaded under; an entry counts only while
+//! `entry_version` equals `version`. A fill stores its entry only if the version is still the
+//! one read before loading (a compare-and-set script) and gives the hash
+//! [`CACHE_TTL_SECONDS`] to live; when it expires the version goes with the entry, which is
+//! safe: any fill in flight then compares against a version that moved. A role change bumps the version
 //! once before its transaction commits (so that a change cannot commit while Redis cannot
 //! be told) and once after (so that an entry filled from the old rows in between is never
 //! read again): a request that starts after the change has returned reads a version whose
@@ -318,12 +323,18 @@ pub struct ScopeCache {
     namespace: String,
 }
 
-static READ: LazyLock<Script> = LazyLock::new(|| {
+/// Stores a loaded principal if the subject's version is still the one read before loading.
+/// KEYS[1]: the subject's hash. ARGV: the version read, the entry (JSON), the TTL in seconds.
+static FILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"
-local v = redis.call('GET', KEYS[1]) or '0'
-local entry = redis.call('GET', ARGV[1] .. v)
-return {v, entry or false}
+        r"#!lua
+local v = redis.call('HGET', KEYS[1], 'version') or '0'
+if v ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'entry', ARGV[2], 'entry_version', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 ",
     )
 });
@@ -344,12 +355,9 @@ impl ScopeCache {
         }
     }
 
-    fn version_key(&self, id: Uuid) -> String {
-        format!("{}:scopes:{id}:version", self.namespace)
-    }
-
-    fn entry_prefix(&self, id: Uuid) -> String {
-        format!("{}:scopes:{id}:v", self.namespace)
+    /// The subject's cache hash.
+    fn key(&self, id: Uuid) -> String {
+        format!("{}:scopes:{id}", self.namespace)
     }
 
     /// The principal `id`, from the cache when its current version is there, else from
@@ -361,11 +369,26 @@ impl ScopeCache {
         id: Uuid,
         kind: SubjectKind,
     ) -> Result<(Option<Principal>, Source), sqlx::Error> {
-        let cached: Result<(String, Option<String>), redis::RedisError> = READ
-            .key(self.version_key(id))
-            .arg(self.entry_prefix(id))
-            .invoke_async(redis)
-            .await;
+        let key = self.key(id);
+        // (version, the entry if it was loaded under that version)
+        let cached: Result<(String, Option<String>), redis::RedisError> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("version")
+            .arg("entry")
+            .arg("entry_version")
+            .query_async(redis)
+            .await
+            .map(
+                |(version, entry, entry_version): (
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                )| {
+                    let version = version.unwrap_or_else(|| "0".to_owned());
+                    let entry = entry.filter(|_| entry_version.as_deref() == Some(&*version));
+                    (version, entry)
+                },
+            );
         let version = match cached {
             Ok((version, Some(entry))) => {
                 if let Ok(principal) = serde_json::from_str::<Principal>(&entry)
@@ -390,13 +413,12 @@ impl ScopeCache {
         if let Some(p) = &principal
             && let Ok(json) = serde_json::to_string(p)
         {
-            let key = format!("{}{version}", self.entry_prefix(id));
-            let stored: Result<(), redis::RedisError> = redis::cmd("SET")
-                .arg(&key)
+            let stored: Result<i64, redis::RedisError> = FILL
+                .key(&key)
+                .arg(&version)
                 .arg(json)
-                .arg("EX")
                 .arg(CACHE_TTL_SECONDS)
-                .query_async(redis)
+                .invoke_async(redis)
                 .await;
             if let Err(error) = stored {
                 tracing::warn!(%error, "cannot fill the scope cache");
@@ -411,8 +433,10 @@ impl ScopeCache {
         redis: &mut C,
         id: Uuid,
     ) -> Result<i64, redis::RedisError> {
-        redis::cmd("INCR")
-            .arg(self.version_key(id))
+        redis::cmd("HINCRBY")
+            .arg(self.key(id))
+            .arg("version")
+            .arg(1)
             .query_async(redis)
             .await
     }

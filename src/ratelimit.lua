@@ -1,3 +1,4 @@
+#!lua
 -- GCRA rate limit (see ratelimit.rs).
 -- KEYS[1]: the limit's key
 -- ARGV[1]: period in microseconds, ARGV[2]: emission interval in microseconds,

@@ -1,3 +1,4 @@
+#!lua
 -- Gives back one attempt of a GCRA limit (see ratelimit.rs): the counterpart of a "hit"
 -- whose attempt turned out not to count (a reserved login that succeeded).
 -- KEYS[1]: the limit's key

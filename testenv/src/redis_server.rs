@@ -92,6 +92,80 @@ impl RedisServer {
     }
 }
 
+/// A one-node Redis Cluster on a loopback port: a `redis-server --cluster-enabled yes` that
+/// holds all 16,384 slots. Cluster rules apply — a command or script whose keys are in two
+/// slots fails with `CROSSSLOT`, and a script that starts with `#!lua` may touch only the keys
+/// it declares — while one plain connection reaches every key (no `MOVED`). Removed (process
+/// and files) on drop.
+pub struct OneNodeCluster {
+    server: RedisServer,
+    dir: std::path::PathBuf,
+}
+
+impl OneNodeCluster {
+    /// Starts the node on `port` and waits (at most 10 s) until the cluster reports `ok`.
+    pub async fn start(port: u16) -> Result<Self, Error> {
+        let dir = std::env::temp_dir().join(format!("gh-cluster-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let dir_arg = dir.to_string_lossy().into_owned();
+        let mut server = RedisServer::new(
+            port,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--dir",
+                &dir_arg,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        );
+        server.start().await?;
+        let client = redis::Client::open(server.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query_async(&mut conn)
+            .await?;
+        let ready =
+            crate::eventually_every(Duration::from_secs(10), Duration::from_millis(20), || {
+                let mut conn = conn.clone();
+                async move {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                    info.contains("cluster_state:ok")
+                }
+            })
+            .await;
+        if !ready {
+            return Err(Error::RedisServerNotListening(port));
+        }
+        Ok(Self { server, dir })
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+}
+
+impl Drop for OneNodeCluster {
+    fn drop(&mut self) {
+        if let Some(child) = self.server.child.as_mut() {
+            crate::kill(child);
+        }
+        self.server.child = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {

@@ -23,6 +23,7 @@ mod openapi;
 mod outages;
 mod principals;
 mod producers;
+mod redis_cluster;
 mod reliability;
 mod rotation;
 mod sealed_payloads;
