@@ -290,37 +290,98 @@ const REDIS_BACKOFF_MS: i64 = 1000;
 /// At most one "Redis unavailable" warning per this many seconds.
 const WARN_EVERY_SECONDS: i64 = 10;
 
-/// One round trip per event: the pair's budget (INCR a per-window counter with EXPIRE; past
-/// the budget INCR the pair's suppressed counter, within it GETDEL that counter into the
-/// stored event), then the alert rule's window counter.
-/// KEYS: budget window, suppressed counter, alert window.
-/// ARGV: per-window budget (0: no budget), budget TTL, suppressed TTL, alert TTL (0: no rule).
+/// The pair's budget: INCR a per-window counter with EXPIRE; past the budget INCR the pair's
+/// suppressed counter, within it GETDEL that counter into the stored event. Both keys carry the
+/// pair's hash tag (`{events:{kind}:{ip}}`), so the script runs on a Redis Cluster; the alert
+/// rule's window counter (another subject, another slot) is an `INCR` beside it in the same
+/// pipeline — still one round trip per event.
+/// KEYS: budget window, suppressed counter. ARGV: per-window budget, budget TTL, suppressed TTL.
 /// Returns {stored (0/1), suppressed carried into this event, first suppression of the
-/// window (0/1), alert window count}.
-static COUNT: LazyLock<Script> = LazyLock::new(|| {
+/// window (0/1)}.
+static BUDGET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        "local stored, carried, first = 1, 0, 0
+        "#!lua
+         local stored, carried, first = 1, 0, 0
          local limit = tonumber(ARGV[1])
-         if limit > 0 then
-           local n = redis.call('INCR', KEYS[1])
-           if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-           if n > limit then
-             stored = 0
-             redis.call('INCR', KEYS[2])
-             redis.call('EXPIRE', KEYS[2], ARGV[3])
-             if n == limit + 1 then first = 1 end
-           else
-             carried = tonumber(redis.call('GETDEL', KEYS[2]) or 0)
-           end
+         local n = redis.call('INCR', KEYS[1])
+         if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+         if n > limit then
+           stored = 0
+           redis.call('INCR', KEYS[2])
+           redis.call('EXPIRE', KEYS[2], ARGV[3])
+           if n == limit + 1 then first = 1 end
+         else
+           carried = tonumber(redis.call('GETDEL', KEYS[2]) or 0)
          end
-         local alert = 0
-         if tonumber(ARGV[4]) > 0 then
-           alert = redis.call('INCR', KEYS[3])
-           if alert == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
-         end
-         return {stored, carried, first, alert}",
+         return {stored, carried, first}",
     )
 });
+
+/// One pipeline: the pair's [`BUDGET`] (when it has one) and the alert window's `INCR` and
+/// `EXPIRE … NX` (when a rule watches the event). Returns (stored, carried, first suppressed)
+/// and the alert window's count.
+async fn count_in_redis(
+    redis: &mut crate::redis_conn::Renewing,
+    budget: Option<(&str, &str, u64, u64)>,
+    alert: Option<(&str, u64)>,
+) -> Result<((u8, u64, u8), u64), redis::RedisError> {
+    let mut pipe = redis::pipe();
+    if let Some((budget_key, suppressed_key, limit, ttl)) = budget {
+        pipe.cmd("EVALSHA")
+            .arg(BUDGET.get_hash())
+            .arg(2)
+            .arg(budget_key)
+            .arg(suppressed_key)
+            .arg(limit)
+            .arg(ttl)
+            .arg(SUPPRESSED_TTL_SECONDS);
+    }
+    if let Some((alert_key, ttl)) = alert {
+        pipe.cmd("INCR").arg(alert_key);
+        pipe.cmd("EXPIRE")
+            .arg(alert_key)
+            .arg(ttl)
+            .arg("NX")
+            .ignore();
+    }
+    let mut answers: Vec<redis::Value> = match pipe.query_async(redis).await {
+        // The script is not in this server's cache (a restart, a failover). The pipeline's
+        // other commands ran regardless (a pipeline is not a transaction): run the budget
+        // again on its own, which loads the script, and read the alert count the INCR left.
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            let mut answers = Vec::new();
+            if let Some((budget_key, suppressed_key, limit, ttl)) = budget {
+                let value: redis::Value = BUDGET
+                    .key(budget_key)
+                    .key(suppressed_key)
+                    .arg(limit)
+                    .arg(ttl)
+                    .arg(SUPPRESSED_TTL_SECONDS)
+                    .invoke_async(redis)
+                    .await?;
+                answers.push(value);
+            }
+            if let Some((alert_key, _)) = alert {
+                let value: redis::Value =
+                    redis::cmd("GET").arg(alert_key).query_async(redis).await?;
+                answers.push(value);
+            }
+            answers
+        }
+        other => other?,
+    };
+    let alert_count = match alert {
+        Some(_) => redis::from_redis_value(answers.pop().unwrap_or(redis::Value::Nil))?,
+        None => 0,
+    };
+    let budgeted = match budget {
+        Some(_) => redis::from_redis_value(answers.pop().unwrap_or(redis::Value::Nil))?,
+        None => (1, 0, 0),
+    };
+    Ok((budgeted, alert_count))
+}
 
 /// What counting an event decided.
 #[derive(Debug, Clone, Copy)]
@@ -764,44 +825,37 @@ impl Recorder {
         }
         if let Some(mut redis) = redis {
             let ns = &self.namespace;
-            let (budget_key, suppressed_key) = match pair {
-                Some(ip) => (
-                    format!("{ns}:events:budget:{kind}:{ip}:{budget_window}"),
-                    format!("{ns}:events:suppressed:{kind}:{ip}"),
-                ),
-                None => (
-                    format!("{ns}:events:budget:none"),
-                    format!("{ns}:events:suppressed:none"),
-                ),
-            };
-            let (alert_key, alert_ttl) = match rule {
-                Some((rule, subject)) => {
-                    let window = rule.window.as_secs().max(1);
-                    let index = window_index(event.occurred_at, rule.window);
-                    (
-                        format!("{ns}:alerts:{}:{subject}:{index}", rule.name),
-                        window * 2,
-                    )
-                }
-                None => (format!("{ns}:alerts:none"), 0),
-            };
-            let limit = if pair.is_some() {
-                self.budget.per_window.max(1)
+            // One hash tag per pair: its two keys in one slot.
+            let pair_keys = pair.map(|ip| {
+                (
+                    format!("{ns}:{{events:{kind}:{ip}}}:budget:{budget_window}"),
+                    format!("{ns}:{{events:{kind}:{ip}}}:suppressed"),
+                )
+            });
+            let alert = rule.map(|(rule, subject)| {
+                let window = rule.window.as_secs().max(1);
+                let index = window_index(event.occurred_at, rule.window);
+                (
+                    format!("{ns}:alerts:{}:{subject}:{index}", rule.name),
+                    window * 2,
+                )
+            });
+            let budget_ttl = self.budget.window.as_secs().max(1) * 2;
+            let limit = self.budget.per_window.max(1);
+            let answer = if pair_keys.is_none() && alert.is_none() {
+                Ok(((1, 0, 0), 0))
             } else {
-                0
+                count_in_redis(
+                    &mut redis,
+                    pair_keys
+                        .as_ref()
+                        .map(|(b, s)| (b.as_str(), s.as_str(), limit, budget_ttl)),
+                    alert.as_ref().map(|(key, ttl)| (key.as_str(), *ttl)),
+                )
+                .await
             };
-            let answer: Result<(u8, u64, u8, u64), _> = COUNT
-                .key(&budget_key)
-                .key(&suppressed_key)
-                .key(&alert_key)
-                .arg(limit)
-                .arg(self.budget.window.as_secs().max(1) * 2)
-                .arg(SUPPRESSED_TTL_SECONDS)
-                .arg(alert_ttl)
-                .invoke_async(&mut redis)
-                .await;
             match answer {
-                Ok((stored, carried, first, alert)) => {
+                Ok(((stored, carried, first), alert)) => {
                     return Verdict {
                         stored: stored == 1,
                         carried,

@@ -723,7 +723,8 @@ async fn key_census(env: &BenchEnv) -> anyhow::Result<BTreeMap<String, i64>> {
         for key in keys {
             let rest = key.strip_prefix(&prefix).unwrap_or(&key);
             let mut parts = rest.split(':');
-            let first = parts.next().unwrap_or_default();
+            // A hash tag (`{events:…}`, the security-event budgets) names its kind too.
+            let first = parts.next().unwrap_or_default().trim_start_matches('{');
             let kind = if gatehouse_jobs::QUEUES.contains(&first) {
                 "queue".to_owned()
             } else if first == "rl" {

@@ -1,5 +1,6 @@
 //! Redis Cluster readiness (issue 18, first slice): the Redis users outside the queue — rate
-//! limits and the scope cache — run on a one-node Redis Cluster, where a command or script
+//! limits, the scope cache, security-event budgets and alert windows — run on a one-node Redis
+//! Cluster, where a command or script
 //! whose keys span two slots fails (`CROSSSLOT`) and a `#!lua` script may touch only the keys
 //! it declares. On a single Redis both would pass unnoticed; here they would fail the request
 //! (rate limits fail closed) or silently fall back to PostgreSQL (the scope cache), so the test
@@ -15,7 +16,7 @@ use gatehouse_testenv::*;
 use reqwest::Method;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limits_and_the_scope_cache_run_on_a_one_node_cluster() {
+async fn rate_limits_the_scope_cache_and_security_event_counters_run_on_a_one_node_cluster() {
     let cluster = OneNodeCluster::start(free_port())
         .await
         .expect("a one-node Redis Cluster (redis-server --cluster-enabled yes)");
@@ -99,6 +100,70 @@ async fn rate_limits_and_the_scope_cache_run_on_a_one_node_cluster() {
     }
     assert!(statuses.contains(&429), "{statuses:?}");
     assert!(!statuses.contains(&503), "{statuses:?}");
+
+    // Security events: the pair's budget (one hash tag) and the alert window (another slot)
+    // in one pipeline. An invalid webhook signature always alerts.
+    let events =
+        gatehouse::events::SecurityLog::new(env.pool.clone(), redis.clone(), env.namespace.clone());
+    let forged = || {
+        let mut event = gatehouse::events::SecurityEvent::new(
+            gatehouse::events::EventType::InvalidWebhookSignature,
+        );
+        event.ip = "203.0.113.9".parse().ok();
+        event
+    };
+    events.record(forged()).await;
+    assert!(
+        env.wait_for_events("suspicious_activity", 1).await >= 1,
+        "the alert fired"
+    );
+    let budget_keys = |pattern: String| {
+        let mut redis = redis.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut redis)
+                .await
+                .expect("keys");
+            keys
+        }
+    };
+    let budget = budget_keys(format!(
+        "{}:{{events:invalid_webhook_signature:203.0.113.9}}:budget:*",
+        env.namespace
+    ))
+    .await;
+    assert_eq!(
+        budget.len(),
+        1,
+        "the pair's budget counted on the cluster: {budget:?}"
+    );
+    let alerts = budget_keys(format!("{}:alerts:*", env.namespace)).await;
+    assert!(
+        !alerts.is_empty(),
+        "the alert window counted on the cluster"
+    );
+    // A server that lost its script cache (a restart, a failover): the next event still counts.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis.clone())
+        .await
+        .expect("script flush");
+    events.record(forged()).await;
+    let counted = gatehouse_testenv::eventually(std::time::Duration::from_secs(10), || {
+        let (mut redis, key) = (redis.clone(), budget[0].clone());
+        async move {
+            let n: Option<u64> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut redis)
+                .await
+                .unwrap_or(None);
+            n == Some(2)
+        }
+    })
+    .await;
+    assert!(counted, "the second event was counted after SCRIPT FLUSH");
+
     server.stop().await;
     env.cleanup().await;
 }
