@@ -147,7 +147,7 @@ impl Queues {
         job_id: &str,
         payload: serde_json::Value,
     ) -> Result<String, EnqueueError> {
-        Ok(seal_value(queue, job_id, payload, self.key.as_ref())?.to_string())
+        Ok(seal_value(queue, job_id, &payload, self.key.as_ref())?)
     }
 
     /// Enqueue many jobs of one type, pipelined (`BATCH` script calls per round trip); each
