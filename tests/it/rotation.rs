@@ -1619,3 +1619,17 @@ async fn a_payload_no_key_opens_is_counted_failed_reported_once_and_left_untouch
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn keys_status_exits_2_when_redis_cannot_be_reached() {
+    let env = TestEnv::new().await;
+    // Nothing listens there: connection refused, so the job payloads cannot be counted.
+    let unreachable = format!("redis://127.0.0.1:{}", free_port());
+    let (code, out) = keys_status(&env, &[("REDIS_URL", unreachable.as_str())]);
+    assert_eq!(code, 2, "a service that cannot be reached: {out}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("unknown ")),
+        "no partial census is printed as if complete: {out}"
+    );
+    env.cleanup().await;
+}
