@@ -250,7 +250,7 @@ fn redis_url() -> String {
 struct ScopeFixture {
     db_name: String,
     pool: sqlx::PgPool,
-    redis: redis::aio::ConnectionManager,
+    redis: gatehouse::redis_conn::RedisConn,
     namespace: String,
     user: Uuid,
 }
@@ -300,7 +300,7 @@ async fn scope_fixture() -> anyhow::Result<ScopeFixture> {
         .bind(user)
         .execute(&pool)
         .await?;
-    let redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url())).await?;
+    let redis = gatehouse::redis_conn::connect_url(&SecretString::from(redis_url())).await?;
     Ok(ScopeFixture {
         db_name,
         pool,

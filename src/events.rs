@@ -325,6 +325,9 @@ async fn count_in_redis(
     budget: Option<(&str, &str, u64, u64)>,
     alert: Option<(&str, u64)>,
 ) -> Result<((u8, u64, u8), u64), redis::RedisError> {
+    if redis.get().is_cluster() {
+        return count_on_cluster(redis, budget, alert).await;
+    }
     let mut pipe = redis::pipe();
     if let Some((budget_key, suppressed_key, limit, ttl)) = budget {
         pipe.cmd("EVALSHA")
@@ -381,6 +384,52 @@ async fn count_in_redis(
         None => (1, 0, 0),
     };
     Ok((budgeted, alert_count))
+}
+
+/// [`count_in_redis`] on a Redis Cluster, whose client refuses a pipeline across slots: the
+/// budget script and the alert window's pipeline (one key) go out side by side, still one
+/// round trip of latency.
+async fn count_on_cluster(
+    redis: &mut crate::redis_conn::Renewing,
+    budget: Option<(&str, &str, u64, u64)>,
+    alert: Option<(&str, u64)>,
+) -> Result<((u8, u64, u8), u64), redis::RedisError> {
+    let (mut for_budget, mut for_alert) = (redis.clone(), redis.clone());
+    let budgeted = async move {
+        match budget {
+            Some((budget_key, suppressed_key, limit, ttl)) => {
+                BUDGET
+                    .key(budget_key)
+                    .key(suppressed_key)
+                    .arg(limit)
+                    .arg(ttl)
+                    .arg(SUPPRESSED_TTL_SECONDS)
+                    .invoke_async(&mut for_budget)
+                    .await
+            }
+            None => Ok((1, 0, 0)),
+        }
+    };
+    let counted = async move {
+        match alert {
+            Some((alert_key, ttl)) => {
+                let (count,): (u64,) = redis::pipe()
+                    .cmd("INCR")
+                    .arg(alert_key)
+                    .cmd("EXPIRE")
+                    .arg(alert_key)
+                    .arg(ttl)
+                    .arg("NX")
+                    .ignore()
+                    .query_async(&mut for_alert)
+                    .await?;
+                Ok::<u64, redis::RedisError>(count)
+            }
+            None => Ok(0),
+        }
+    };
+    let (budgeted, counted) = tokio::join!(budgeted, counted);
+    Ok((budgeted?, counted?))
 }
 
 /// What counting an event decided.

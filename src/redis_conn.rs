@@ -1,33 +1,208 @@
 //! Redis connections (a primitive: it imports only `fault`) for the queues, the dedupe keys,
-//! the rate limits and the security log.
+//! the rate limits and the security log: one Redis (a reconnecting `ConnectionManager`) or a
+//! Redis Cluster (the `redis` crate's cluster client: it follows `MOVED`/`ASK` redirections,
+//! retries `TRYAGAIN` and `CLUSTERDOWN`, refreshes its slot map after a failover, and
+//! [`redis::Script`] reloads a script a promoted replica does not have on `NOSCRIPT`).
+//! [`RedisTarget`] says which, from `REDIS_URL` and `REDIS_CLUSTER`; [`RedisConn`] is either,
+//! behind one `ConnectionLike`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use secrecy::{ExposeSecret, SecretString};
 
+/// Where Redis is: one server, or the seed nodes of a Redis Cluster (any reachable one
+/// tells the client the rest of the cluster). `Debug` shows neither URLs nor passwords.
+#[derive(Clone)]
+pub struct RedisTarget {
+    nodes: Vec<SecretString>,
+    cluster: bool,
+}
+
+impl RedisTarget {
+    /// One Redis at `url`.
+    pub fn single(url: SecretString) -> Self {
+        Self {
+            nodes: vec![url],
+            cluster: false,
+        }
+    }
+
+    /// A Redis Cluster reached through `seeds` (at least one).
+    pub fn cluster(seeds: Vec<SecretString>) -> Self {
+        Self {
+            nodes: seeds,
+            cluster: true,
+        }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The URLs: the one server's, or the cluster's seed nodes.
+    pub fn nodes(&self) -> &[SecretString] {
+        &self.nodes
+    }
+}
+
+impl From<SecretString> for RedisTarget {
+    fn from(url: SecretString) -> Self {
+        Self::single(url)
+    }
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("nodes", &self.nodes.len())
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+/// A connection to one Redis or to a Redis Cluster; clones share it.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One Redis, reconnecting by itself after I/O errors.
+    Single(ConnectionManager),
+    /// A Redis Cluster: one connection per node, commands routed by their keys' slot.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether this is a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single(_) => f.write_str("RedisConn::Single"),
+            Self::Cluster(_) => f.write_str("RedisConn::Cluster"),
+        }
+    }
+}
+
+impl From<ConnectionManager> for RedisConn {
+    fn from(conn: ConnectionManager) -> Self {
+        Self::Single(conn)
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Connect 2 s, answer 5 s (a hang is an outage, not a stuck process).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(2))
 }
 
+fn cluster_client(seeds: &[SecretString]) -> Result<redis::cluster::ClusterClient, RedisError> {
+    ClusterClientBuilder::new(seeds.iter().map(|url| url.expose_secret().to_owned()))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        // A failover takes the cluster a few seconds (node timeout + election): redirections
+        // and CLUSTERDOWN answers are retried within that, then the error is the caller's
+        // (an outage: the ingress answers 503, a worker backs off).
+        .retries(6)
+        .min_retry_wait(100)
+        .max_retry_wait(2000)
+        .build()
+}
+
+fn cluster_config() -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT)
+}
+
 /// A reconnecting connection that is opened on first use, so a process can start (and say
 /// so on `/readyz`) while Redis is down.
-pub fn connect_lazy(url: &SecretString) -> Result<ConnectionManager, redis::RedisError> {
+pub fn connect_lazy(target: &RedisTarget) -> Result<RedisConn, RedisError> {
+    if target.cluster {
+        let client = cluster_client(&target.nodes)?;
+        return Ok(RedisConn::Cluster(
+            client.get_pending_async_connection_with_config(cluster_config()),
+        ));
+    }
+    let url = target.nodes.first().ok_or_else(no_url)?;
     let client = redis::Client::open(url.expose_secret())?;
-    ConnectionManager::new_lazy_with_config(client, manager_config())
+    Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
+        client,
+        manager_config(),
+    )?))
 }
 
 /// A reconnecting connection, opened now.
-pub async fn connect(url: &SecretString) -> Result<ConnectionManager, redis::RedisError> {
+pub async fn connect(target: &RedisTarget) -> Result<RedisConn, RedisError> {
+    if target.cluster {
+        let client = cluster_client(&target.nodes)?;
+        return Ok(RedisConn::Cluster(
+            client
+                .get_async_connection_with_config(cluster_config())
+                .await?,
+        ));
+    }
+    let url = target.nodes.first().ok_or_else(no_url)?;
     let client = redis::Client::open(url.expose_secret())?;
-    ConnectionManager::new_with_config(client, manager_config()).await
+    Ok(RedisConn::Single(
+        ConnectionManager::new_with_config(client, manager_config()).await?,
+    ))
+}
+
+/// [`connect`] to the one Redis at `url`.
+pub async fn connect_url(url: &SecretString) -> Result<RedisConn, RedisError> {
+    connect(&RedisTarget::single(url.clone())).await
+}
+
+/// [`connect_lazy`] to the one Redis at `url`.
+pub fn connect_lazy_url(url: &SecretString) -> Result<RedisConn, RedisError> {
+    connect_lazy(&RedisTarget::single(url.clone()))
+}
+
+fn no_url() -> RedisError {
+    RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
 }
 
 /// Whether Redis answers a PING.
@@ -43,13 +218,13 @@ pub async fn ping(conn: &mut impl ConnectionLike) -> bool {
 /// or a server error (`LOADING` during a restart, a middlebox answering nonsense) leaves it
 /// failing with that error for good — an ingress holding one would refuse every webhook until
 /// restarted. A command failing with an outage error that is not I/O (`crate::fault::redis`)
-/// opens a new manager from `REDIS_URL` (at most once per [`Renewing::MIN_RENEW_INTERVAL`]);
+/// opens a new connection from `REDIS_URL` (at most once per [`Renewing::MIN_RENEW_INTERVAL`]);
 /// the next command uses it. Clones share the connection.
 #[derive(Clone)]
 pub struct Renewing {
-    current: Arc<RwLock<ConnectionManager>>,
-    /// Where renewals connect; `None`: never renewed (a manager handed in without its URL).
-    url: Option<Arc<SecretString>>,
+    current: Arc<RwLock<RedisConn>>,
+    /// Where renewals connect; `None`: never renewed (a connection handed in without its URL).
+    url: Option<Arc<RedisTarget>>,
     renewed_at: Arc<Mutex<Option<Instant>>>,
     /// How many times the connection was renewed.
     generation: Arc<AtomicU64>,
@@ -61,12 +236,12 @@ impl Renewing {
     pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 
     /// A renewing connection opened on first use (see [`connect_lazy`]).
-    pub fn lazy(url: &SecretString) -> Result<Self, RedisError> {
+    pub fn lazy(url: &RedisTarget) -> Result<Self, RedisError> {
         Ok(Self::from_manager(connect_lazy(url)?, url))
     }
 
-    /// Wraps an open manager; renewals open new ones from `url`.
-    pub fn from_manager(conn: ConnectionManager, url: &SecretString) -> Self {
+    /// Wraps an open connection; renewals open new ones from `url`.
+    pub fn from_manager(conn: RedisConn, url: &RedisTarget) -> Self {
         Self {
             current: Arc::new(RwLock::new(conn)),
             url: Some(Arc::new(url.clone())),
@@ -75,8 +250,8 @@ impl Renewing {
         }
     }
 
-    /// The current manager (a clone: cheap, shares the connection).
-    pub fn get(&self) -> ConnectionManager {
+    /// The current connection (a clone: cheap, shares the connection).
+    pub fn get(&self) -> RedisConn {
         match self.current.read() {
             Ok(conn) => conn.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -112,7 +287,7 @@ impl Renewing {
         }
     }
 
-    fn renew_from(&self, url: &SecretString) {
+    fn renew_from(&self, url: &RedisTarget) {
         match connect_lazy(url) {
             Ok(conn) => {
                 if let Ok(mut current) = self.current.write() {
@@ -131,9 +306,9 @@ impl Renewing {
     }
 }
 
-/// A manager without its URL: used as is, never renewed.
-impl From<ConnectionManager> for Renewing {
-    fn from(conn: ConnectionManager) -> Self {
+/// A connection without its URL: used as is, never renewed.
+impl From<RedisConn> for Renewing {
+    fn from(conn: RedisConn) -> Self {
         Self {
             current: Arc::new(RwLock::new(conn)),
             url: None,
@@ -179,5 +354,42 @@ impl ConnectionLike for Renewing {
 
     fn get_db(&self) -> i64 {
         self.get().get_db()
+    }
+}
+
+/// Connections of their own, handed out in turn, for commands that block the connection they
+/// are sent on: `WAIT` holds a connection until the replicas answer (up to its timeout), so an
+/// enqueue that waits for replicas must not share the connection everything else uses — with a
+/// replica gone, every rate limit and session read behind it would wait too.
+#[derive(Clone)]
+pub struct Spread {
+    conns: Arc<[Renewing]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Spread {
+    /// `size` (at least 1) connections to `target`, each opened on first use.
+    pub fn lazy(target: &RedisTarget, size: usize) -> Result<Self, RedisError> {
+        let conns = (0..size.max(1))
+            .map(|_| Renewing::lazy(target))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            conns: conns.into(),
+            next: Arc::default(),
+        })
+    }
+
+    /// The next connection.
+    pub fn get(&self) -> Renewing {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+}
+
+impl std::fmt::Debug for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spread")
+            .field("connections", &self.conns.len())
+            .finish()
     }
 }

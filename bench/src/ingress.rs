@@ -15,10 +15,10 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use gatehouse::redis_conn::RedisConn;
 use gatehouse::security::twilio::{Algorithm, sign_form};
 use gatehouse_jobs::client::{Enqueue, Queues};
 use gatehouse_jobs::{InboundMessage, Job as _};
-use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
 use crate::env::{self, ACCOUNT_SID, BenchEnv, LOGIN_EMAIL, LOGIN_PASSWORD, PUBLIC_BASE};
@@ -41,7 +41,7 @@ pub const BARE_QUEUE: &str = "bench_bare_plain";
 const TWIML_EMPTY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
 
 struct Bare {
-    redis: ConnectionManager,
+    redis: RedisConn,
     queues: Queues,
 }
 

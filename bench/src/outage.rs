@@ -400,7 +400,7 @@ async fn drain(
 /// (recovered from a worker that stopped heartbeating, say). Seconds from `since` to then.
 async fn finished(
     env: &BenchEnv,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut gatehouse::redis_conn::RedisConn,
     n: usize,
     since: Instant,
     limit: Duration,
@@ -419,34 +419,27 @@ async fn finished(
     }
 }
 
-/// How many finished jobs of `inbound_message` took how many attempts (their meta hashes).
+/// How many finished jobs of `inbound_message` took how many attempts (their metadata).
 async fn attempts_histogram(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut gatehouse::redis_conn::RedisConn,
     namespace: &str,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
-    let pattern = format!("{namespace}:{}:meta:*", InboundMessage::QUEUE);
+    let meta = gatehouse_jobs::keys::QueueKeys::new(namespace, InboundMessage::QUEUE).meta();
     let mut histogram = BTreeMap::new();
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(&meta)
             .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
             .arg("COUNT")
             .arg(5000)
             .query_async(redis)
             .await?;
-        if !keys.is_empty() {
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.cmd("HGET").arg(key).arg("attempts");
-            }
-            let attempts: Vec<Option<String>> = pipe.query_async(redis).await?;
-            for a in attempts {
-                *histogram
-                    .entry(a.unwrap_or_else(|| "-".into()))
-                    .or_insert(0) += 1;
-            }
+        for value in flat.iter().skip(1).step_by(2) {
+            let meta = gatehouse_jobs::keys::JobMeta::parse(Some(value));
+            *histogram
+                .entry(meta.get("attempts").unwrap_or("-").to_owned())
+                .or_insert(0) += 1;
         }
         if next == 0 {
             break;
@@ -460,11 +453,11 @@ async fn attempts_histogram(
 /// `REDIS_URL`).
 async fn dead(
     env: &BenchEnv,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut gatehouse::redis_conn::RedisConn,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<Dead> {
     let zcard: i64 = redis::cmd("ZCARD")
-        .arg(format!("{}:{}:dead", env.namespace, InboundMessage::QUEUE))
+        .arg(env.queues().keys(InboundMessage::QUEUE).dead())
         .query_async(redis)
         .await?;
     let output = env.gatehouse_output(&["jobs", "dead"], extra).await?;
@@ -773,7 +766,7 @@ pub async fn redis_drill(
     let mut server = private_redis(gatehouse_testenv::try_free_port()?, &data);
     server.start().await?;
     let url = server.url();
-    let mut conn = gatehouse::redis_conn::connect(&SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect_url(&SecretString::from(url.clone()))
         .await
         .context("the private Redis does not answer")?;
     crate::progress(&format!(
@@ -895,7 +888,7 @@ pub async fn redis_drill(
     let serve_ready_after_restart = readyz.await.ok().flatten();
     let serve_ready_after =
         answers_200(&probe, &format!("{base}/readyz"), Duration::from_secs(10)).await;
-    let mut conn = gatehouse::redis_conn::connect(&SecretString::from(url.clone())).await?;
+    let mut conn = gatehouse::redis_conn::connect_url(&SecretString::from(url.clone())).await?;
     let finished = finished(
         env,
         &mut conn,

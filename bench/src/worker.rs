@@ -107,6 +107,40 @@ pub fn message(tenant: Uuid, i: u64) -> InboundMessage {
     }
 }
 
+/// Puts `n` jobs in apalis-redis 1.0's layout onto the bare workers' queue: the payload the
+/// ingress would enqueue (sealed), the metadata hash apalis-redis's fetch reads, the id on the
+/// active list; pipelined 1,000 at a time.
+pub async fn enqueue_backlog_bare(env: &BenchEnv, tenant: Uuid, n: u64) -> anyhow::Result<()> {
+    let key = bare_queue_key(env);
+    let seal = env.config.keyring.current().clone();
+    let mut redis = env.redis.clone();
+    let mut i = 0;
+    while i < n {
+        let mut pipe = redis::pipe();
+        for j in i..(i + 1000).min(n) {
+            let id = Uuid::now_v7().to_string();
+            let payload = gatehouse_jobs::sealed::seal_job(&message(tenant, j), &id, Some(&seal))?;
+            pipe.hset(format!("{key}:data"), &id, payload)
+                .ignore()
+                .hset_multiple(
+                    format!("{key}:meta:{id}"),
+                    &[
+                        ("attempts", "0"),
+                        ("max_attempts", "4"),
+                        ("status", "Pending"),
+                        ("idempotency_key", ""),
+                    ],
+                )
+                .ignore()
+                .rpush(format!("{key}:active"), &id)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut redis).await?;
+        i = (i + 1000).min(n);
+    }
+    Ok(())
+}
+
 /// Puts `n` jobs straight onto the queue's active list (the way the ingress does), 64 in
 /// flight at a time on one multiplexed connection.
 pub async fn enqueue_backlog(env: &BenchEnv, tenant: Uuid, n: u64) -> anyhow::Result<()> {
@@ -129,19 +163,26 @@ pub async fn enqueue_backlog(env: &BenchEnv, tenant: Uuid, n: u64) -> anyhow::Re
     Ok(())
 }
 
-/// Jobs in the queue's `done` index: a set in apalis-redis 1.0, a sorted set in gatehouse's
-/// own backend (issue 5), whichever this queue has.
+/// The bare apalis-redis workers' queue: apalis-redis 1.0's own key layout (a hash per job's
+/// metadata, which gatehouse's cluster-safe layout no longer has), filled by
+/// [`enqueue_backlog_bare`].
+pub fn bare_queue_key(env: &BenchEnv) -> String {
+    format!("{}:bench_bare_inbound", env.namespace)
+}
+
+/// Jobs in the `done` index of gatehouse's queue and of the bare workers' (only one of them
+/// runs at a time): a set in apalis-redis 1.0, a sorted set in gatehouse's own backend
+/// (issue 5).
 pub async fn done_count(env: &BenchEnv) -> anyhow::Result<u64> {
-    done_count_on(
-        &mut env.redis.clone(),
-        &env.queue_key(InboundMessage::QUEUE),
-    )
-    .await
+    let mut redis = env.redis.clone();
+    let ours = done_count_on(&mut redis, &env.queue_key(InboundMessage::QUEUE)).await?;
+    let bare = done_count_on(&mut redis, &bare_queue_key(env)).await?;
+    Ok(ours + bare)
 }
 
 /// [`done_count`] of the queue `queue_key` on the Redis behind `redis`.
 pub async fn done_count_on(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut gatehouse::redis_conn::RedisConn,
     queue_key: &str,
 ) -> anyhow::Result<u64> {
     let key = format!("{queue_key}:done");
@@ -251,9 +292,18 @@ where
     (task, tx)
 }
 
+/// apalis-redis's own connection type, to the bench's Redis.
+fn bare_connection() -> anyhow::Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(gatehouse_testenv::redis_url())?;
+    Ok(redis::aio::ConnectionManager::new_lazy_with_config(
+        client,
+        redis::aio::ConnectionManagerConfig::new(),
+    )?)
+}
+
 fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
     let concurrency = crate::WORKER_CONCURRENCY;
-    let config = apalis_redis::Config::default().queue(env.queue_key(InboundMessage::QUEUE));
+    let config = apalis_redis::Config::default().queue(bare_queue_key(env));
     let name = format!("bench-{}", Uuid::new_v4().simple());
     let ticker = gatehouse::worker::poll::Ticker::new(gatehouse::worker::POLL_INTERVAL);
     match consumer {
@@ -264,7 +314,7 @@ fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
             Ok(Running::Processes(children))
         }
         Consumer::BareNoop => {
-            let storage = RedisStorage::<Sealed<InboundMessage>>::new(env.redis.clone())
+            let storage = RedisStorage::<Sealed<InboundMessage>>::new(bare_connection()?)
                 .with_config(config)
                 .poll_with_strategy(ticker);
             let worker = WorkerBuilder::new(name)
@@ -284,7 +334,7 @@ fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(concurrency as u32 + 2)
                 .connect_lazy(&env.db_url)?;
-            let storage = RedisStorage::<Sealed<InboundMessage>>::new(env.redis.clone())
+            let storage = RedisStorage::<Sealed<InboundMessage>>::new(bare_connection()?)
                 .with_config(config)
                 .poll_with_strategy(ticker);
             let worker = WorkerBuilder::new(name)
@@ -313,7 +363,12 @@ pub async fn measure(
     window: Window,
 ) -> anyhow::Result<Throughput> {
     reset(env).await?;
-    enqueue_backlog(env, tenant, backlog).await?;
+    match consumer {
+        Consumer::Gatehouse(_) => enqueue_backlog(env, tenant, backlog).await?,
+        Consumer::BareNoop | Consumer::BareUpdate => {
+            enqueue_backlog_bare(env, tenant, backlog).await?;
+        }
+    }
     let before = pg_counters(env).await?;
     let running = start(env, consumer)?;
     let result = sample(env, window).await;

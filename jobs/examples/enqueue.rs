@@ -40,8 +40,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         mode: SyncMode::Full,
     };
     let options = Enqueue {
-        // Namespaced by purpose; within its TTL the same key returns the first job's id.
-        dedupe: Some((queues.dedupe_key(&format!("catalog-sync:{tenant_id}")), 600)),
+        // A purpose: within its TTL (seconds) the same purpose returns the first job's id.
+        dedupe: Some((format!("catalog-sync:{tenant_id}"), 600)),
         request_id: Some("example-producer".into()),
         ..Enqueue::default()
     };

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::Job;
 use crate::envelope::EncryptionKey;
-use crate::keys::{QueueKeys, dedupe_key};
+use crate::keys::{Layout, QueueKeys};
 use crate::sealed::{AtRest, SealError, at_rest, seal_job, seal_value};
 use crate::spec::default_max_attempts;
 
@@ -56,6 +56,26 @@ pub enum EnqueueError {
         /// The queue.
         queue: String,
     },
+    /// The job is in Redis, but fewer replicas than asked confirmed it within the bound
+    /// ([`Queues::acknowledged_by`]): a failover now could lose it, so the caller must not
+    /// report it accepted. Retrying the same enqueue (same dedupe purpose or job id) adds
+    /// nothing and waits again.
+    #[error("the job reached {acked} of {wanted} Redis replicas in time")]
+    NotReplicated {
+        /// Replicas that confirmed.
+        acked: u64,
+        /// Replicas asked for.
+        wanted: u64,
+    },
+}
+
+/// How many replicas must confirm an enqueue, and for how long to wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaAcks {
+    /// Replicas (`REDIS_MIN_REPLICA_ACKS`).
+    pub replicas: u64,
+    /// The longest wait (`WAIT`'s timeout).
+    pub timeout: std::time::Duration,
 }
 
 /// Options for one enqueue.
@@ -63,7 +83,10 @@ pub enum EnqueueError {
 pub struct Enqueue {
     /// Job id to use; a fresh UUIDv7 when `None`.
     pub job_id: Option<String>,
-    /// A dedupe key (already namespaced by the caller's purpose) and how long it lives.
+    /// A dedupe purpose (e.g. `inbound_message:{tenant}:{message_sid}`) and how long, in
+    /// seconds, it is remembered: while it lives, a second job with the same purpose is not
+    /// enqueued and [`Enqueued::job_id`] names the first. The key is the queue shard's
+    /// ([`QueueKeys::dedupe`]), so one purpose must always be used with the same queue.
     pub dedupe: Option<(String, u64)>,
     /// Request id carried into the job's metadata for tracing.
     pub request_id: Option<String>,
@@ -82,8 +105,9 @@ pub struct Enqueued {
 /// customer data on the way in. `Debug` shows the key's id only.
 #[derive(Debug, Clone)]
 pub struct Queues {
-    namespace: String,
+    layout: Layout,
     key: Option<EncryptionKey>,
+    acks: Option<ReplicaAcks>,
 }
 
 impl Queues {
@@ -91,9 +115,41 @@ impl Queues {
     /// sealing key: enough for queues that seal nothing, and for reading the key layout.
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
-            namespace: namespace.into(),
+            layout: Layout::new(namespace),
             key: None,
+            acks: None,
         }
+    }
+
+    /// Queues laid out as `layout` says (shard counts: gatehouse's `QUEUE_SHARDS_{QUEUE}`,
+    /// which a producer must set the same as gatehouse's workers).
+    pub fn with_layout(layout: Layout) -> Self {
+        Self {
+            layout,
+            key: None,
+            acks: None,
+        }
+    }
+
+    /// An enqueue succeeds only once `acks.replicas` replicas confirmed it (Redis `WAIT`, sent
+    /// in the same round trip, on the same connection, to the primary that took the job),
+    /// otherwise [`EnqueueError::NotReplicated`]. WAIT blocks the connection it is sent on
+    /// until the replicas answer (up to the timeout): give these enqueues their own
+    /// connections, not the one everything else shares. No effect on [`Queues::enqueue_batch`].
+    #[must_use]
+    pub fn acknowledged_by(mut self, acks: ReplicaAcks) -> Self {
+        self.acks = Some(acks).filter(|acks| acks.replicas > 0);
+        self
+    }
+
+    /// The replica acknowledgement asked of each enqueue, if any.
+    pub fn replica_acks(&self) -> Option<ReplicaAcks> {
+        self.acks
+    }
+
+    /// The layout: the namespace and each queue's shards.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// Seals customer data with `key` (gatehouse's current `ENCRYPTION_KEY`) before it is sent.
@@ -105,22 +161,23 @@ impl Queues {
 
     /// The namespace.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        self.layout.namespace()
     }
 
-    /// The apalis queue name (Redis key prefix) of a queue: `{namespace}:{queue}`.
+    /// The Redis key prefix (hash tag) of a queue's shard 0: `{namespace}:{queue:0}`.
     pub fn queue_key(&self, queue: &str) -> String {
         self.keys(queue).prefix
     }
 
-    /// Every Redis key of a queue (the layout is [`crate::keys`]).
-    pub fn keys(&self, queue: &str) -> QueueKeys {
-        QueueKeys::new(&self.namespace, queue)
+    /// The keys of the shard a job of `tenant` goes to in `queue`.
+    pub fn for_tenant_keys(&self, queue: &str, tenant: Uuid) -> QueueKeys {
+        self.layout.for_tenant(queue, Some(&tenant))
     }
 
-    /// A namespaced dedupe key: `{namespace}:dedupe:{purpose}`.
-    pub fn dedupe_key(&self, purpose: &str) -> String {
-        dedupe_key(&self.namespace, purpose)
+    /// Every Redis key of a queue's shard 0 (the layout is [`crate::keys`]); the only shard
+    /// of an unsharded queue.
+    pub fn keys(&self, queue: &str) -> QueueKeys {
+        self.layout.shard(queue, 0)
     }
 
     /// Enqueue a typed job, its customer data sealed.
@@ -137,7 +194,8 @@ impl Queues {
             .take()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
         let payload = seal_job(job, &job_id, self.key.as_ref())?;
-        self.push(conn, J::QUEUE, &job_id, &payload, options).await
+        let keys = self.layout.for_tenant(J::QUEUE, job.tenant().as_ref());
+        self.push(conn, &keys, &job_id, &payload, options).await
     }
 
     /// The payload as it will rest in Redis: sealed for job `job_id` when `queue` seals.
@@ -150,7 +208,8 @@ impl Queues {
         Ok(seal_value(queue, job_id, &payload, self.key.as_ref())?)
     }
 
-    /// Enqueue many jobs of one type, pipelined (`BATCH` script calls per round trip); each
+    /// Enqueue many jobs of one type, pipelined (up to `BATCH` script calls per round trip, one
+    /// pipeline per shard); each
     /// job is still its own atomic script call, straight onto the active list. Returns the new
     /// jobs' ids in order. For backfills and bulk producers; use [`Queues::enqueue`] for
     /// dedupe keys and request ids.
@@ -160,7 +219,6 @@ impl Queues {
         jobs: &[J],
     ) -> Result<Vec<String>, EnqueueError> {
         const BATCH: usize = 1000;
-        let keys = self.keys(J::QUEUE);
         let max_attempts = default_max_attempts(J::QUEUE);
         // EVALSHA needs the script cached; SCRIPT LOAD is idempotent.
         let _: String = redis::cmd("SCRIPT")
@@ -171,18 +229,23 @@ impl Queues {
         let hash = ENQUEUE.get_hash().to_owned();
         let mut ids = Vec::with_capacity(jobs.len());
         for chunk in jobs.chunks(BATCH) {
-            let mut pipe = redis::pipe();
+            // One pipeline per shard: a Redis Cluster client sends a pipeline to one slot.
+            let mut pipes: std::collections::BTreeMap<u16, redis::Pipeline> =
+                std::collections::BTreeMap::new();
             for job in chunk {
                 let job_id = Uuid::now_v7().to_string();
                 let payload = seal_job(job, &job_id, self.key.as_ref())?;
-                pipe.cmd("EVALSHA")
+                let keys = self.layout.for_tenant(J::QUEUE, job.tenant().as_ref());
+                pipes
+                    .entry(keys.shard)
+                    .or_insert_with(redis::pipe)
+                    .cmd("EVALSHA")
                     .arg(&hash)
-                    .arg(5)
+                    .arg(4)
                     .arg(keys.data())
                     .arg(keys.active())
                     .arg(keys.signal())
                     .arg(keys.meta())
-                    .arg("")
                     .arg(&job_id)
                     .arg(payload)
                     .arg(max_attempts)
@@ -190,7 +253,9 @@ impl Queues {
                     .ignore();
                 ids.push(job_id);
             }
-            let () = pipe.query_async(conn).await?;
+            for pipe in pipes.values() {
+                let () = pipe.query_async(conn).await?;
+            }
         }
         Ok(ids)
     }
@@ -210,8 +275,9 @@ impl Queues {
             .job_id
             .take()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let keys = self.layout.for_tenant(queue, tenant_of(&payload).as_ref());
         let payload = self.at_rest(queue, &job_id, payload)?;
-        self.push(conn, queue, &job_id, &payload, options).await
+        self.push(conn, &keys, &job_id, &payload, options).await
     }
 
     /// Enqueue a payload already in its at-rest form (`jobs/schemas/at-rest/{queue}.json`,
@@ -233,37 +299,109 @@ impl Queues {
                 queue: queue.to_owned(),
             });
         }
-        self.push(conn, queue, job_id, payload_json, options).await
+        // The tenant stays in the open in the at-rest form (it is not customer data).
+        let tenant = serde_json::from_str::<serde_json::Value>(payload_json)
+            .ok()
+            .and_then(|payload| tenant_of(&payload));
+        let keys = self.layout.for_tenant(queue, tenant.as_ref());
+        self.push(conn, &keys, job_id, payload_json, options).await
     }
 
     async fn push<C: ConnectionLike>(
         &self,
         conn: &mut C,
-        queue: &str,
+        keys: &QueueKeys,
         job_id: &str,
         payload_json: &str,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
-        let keys = self.keys(queue);
-        let (dedupe_key, ttl) = options.dedupe.unwrap_or_default();
-        let mut invocation = ENQUEUE.prepare_invoke();
-        invocation
-            .key(keys.data())
-            .key(keys.active())
-            .key(keys.signal())
-            .key(keys.meta())
-            .key(dedupe_key)
-            .arg(job_id)
-            .arg(payload_json)
-            .arg(default_max_attempts(queue))
-            .arg(ttl.max(1));
+        let queue = keys.queue.as_str();
+        let mut names = vec![keys.data(), keys.active(), keys.signal(), keys.meta()];
+        let ttl = match &options.dedupe {
+            Some((purpose, ttl)) => {
+                names.push(keys.dedupe(purpose));
+                *ttl
+            }
+            None => 0,
+        };
+        let mut args = vec![
+            job_id.to_owned(),
+            payload_json.to_owned(),
+            default_max_attempts(queue).to_string(),
+            ttl.max(1).to_string(),
+        ];
         if let Some(request_id) = options.request_id {
-            invocation.arg("request_id").arg(request_id);
+            args.push("request_id".to_owned());
+            args.push(request_id);
         }
-        let (created, job_id): (i64, String) = invocation.invoke_async(conn).await?;
+        let (created, job_id): (i64, String) = match self.acks {
+            None => {
+                let mut invocation = ENQUEUE.prepare_invoke();
+                for name in &names {
+                    invocation.key(name);
+                }
+                for arg in &args {
+                    invocation.arg(arg);
+                }
+                invocation.invoke_async(conn).await?
+            }
+            Some(acks) => {
+                let (outcome, acked) = enqueue_and_wait(conn, &names, &args, acks).await?;
+                if acked < acks.replicas {
+                    return Err(EnqueueError::NotReplicated {
+                        acked,
+                        wanted: acks.replicas,
+                    });
+                }
+                outcome
+            }
+        };
         Ok(Enqueued {
             job_id,
             created: created == 1,
         })
     }
+}
+
+/// The enqueue script and `WAIT` in one pipeline: one round trip, both on the connection (and,
+/// on a Redis Cluster, the primary: the pipeline goes to its first key's slot) that wrote the
+/// job. A server without the script loads it and the pipeline runs again (the script is
+/// idempotent: a job id or dedupe purpose already there adds nothing).
+async fn enqueue_and_wait<C: ConnectionLike>(
+    conn: &mut C,
+    names: &[String],
+    args: &[String],
+    acks: ReplicaAcks,
+) -> Result<((i64, String), u64), EnqueueError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVALSHA")
+        .arg(ENQUEUE.get_hash())
+        .arg(names.len())
+        .arg(names)
+        .arg(args)
+        .cmd("WAIT")
+        .arg(acks.replicas)
+        .arg(acks.timeout.as_millis().max(1) as u64);
+    match pipe.query_async(conn).await {
+        Ok(answer) => Ok(answer),
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(include_str!("../lua/enqueue.lua"))
+                .query_async(conn)
+                .await?;
+            Ok(pipe.query_async(conn).await?)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A payload's `tenant_id`, which picks its shard.
+fn tenant_of(payload: &serde_json::Value) -> Option<Uuid> {
+    payload
+        .get("tenant_id")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|id| id.parse().ok())
 }

@@ -1,36 +1,53 @@
-//! The one definition of gatehouse's Redis key layout: every key of a queue, for the enqueue
-//! client here and the consuming backend (`gatehouse::queue`), so the two cannot drift. The Lua
-//! scripts (`jobs/lua/`, `src/queue/lua/`) take these keys as `KEYS[n]` and name them by the
-//! methods below instead of re-listing the layout.
+//! The one definition of gatehouse's Redis key layout: every key of a queue shard, for the
+//! enqueue client here and the consuming backend (`gatehouse::queue`), so the two cannot drift.
+//! The Lua scripts (`jobs/lua/`, `src/queue/lua/`) take these keys as `KEYS[n]` and name them by
+//! the methods below; no script builds a key name.
 //!
-//! Under `{namespace}:{queue}` (the prefix, compatible with apalis-redis 1.0's layout):
+//! Every key of one shard carries one Redis Cluster hash tag, `{queue:shard}`, so a shard lives
+//! in one hash slot (a script may touch all of its keys on a cluster) while the shards of a
+//! queue spread over the cluster's nodes. The namespace stays the keys' first characters, so
+//! `SCAN MATCH {namespace}:*` and an ACL key pattern `~{namespace}:*` still cover every key.
+//! Under the prefix `{namespace}:{queue:shard}`:
 //!
 //! | key | type | holds |
 //! |---|---|---|
 //! | `:active` | list | ids ready to be fetched |
 //! | `:signal` | list | a token that wakes waiting workers |
 //! | `:data` | hash | job id → payload JSON |
-//! | `:meta:{id}` | hash | one job's metadata (`attempts`, `max_attempts`, `status`, `last_error`, …) |
+//! | `:meta` | hash | job id → its metadata, a JSON object of strings (`attempts`, `max_attempts`, `status`, `last_error`, …) |
 //! | `:scheduled` | zset | retries and deferrals by due time (ms) |
 //! | `:done` | zset | finished ids by time (the vacuum's index) |
 //! | `:dead` | zset | dead letters by time |
 //! | `:workers` | zset | worker name → last heartbeat (ms) |
-//! | `:inflight:{worker}` | set | the ids a worker fetched and has not acknowledged |
+//! | `:inflight` | hash | job id → the worker that fetched it and has not acknowledged it |
+//! | `:dedupe:{purpose}` | string | the job id that claimed a dedupe purpose, until it expires |
 //!
-//! Dedupe keys live beside the queues: `{namespace}:dedupe:{purpose}`.
+//! Before issue 18 the layout was `{namespace}:{queue}:…` with a hash per job's metadata and a
+//! set per worker; [`LegacyKeys`] names it, so a newer worker can move what an older release
+//! left behind (`gatehouse::queue::legacy`).
 
-/// The Redis key names of one queue.
+/// The Redis key names of one shard of a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueKeys {
-    /// `{namespace}:{queue}`.
+    /// `{namespace}:{queue:shard}`: what every key of the shard starts with (its hash tag).
     pub prefix: String,
+    /// The queue's name.
+    pub queue: String,
+    /// The shard's number (0 for an unsharded queue).
+    pub shard: u16,
 }
 
 impl QueueKeys {
-    /// The keys of `queue` under `namespace`.
+    /// The keys of shard 0 of `queue` under `namespace`: the only shard of an unsharded queue.
     pub fn new(namespace: &str, queue: &str) -> Self {
+        Self::shard(namespace, queue, 0)
+    }
+    /// The keys of shard `shard` of `queue` under `namespace`.
+    pub fn shard(namespace: &str, queue: &str, shard: u16) -> Self {
         Self {
-            prefix: format!("{namespace}:{queue}"),
+            prefix: format!("{namespace}:{{{queue}:{shard}}}"),
+            queue: queue.to_owned(),
+            shard,
         }
     }
     /// `:active`: ids ready to be fetched.
@@ -45,13 +62,9 @@ impl QueueKeys {
     pub fn data(&self) -> String {
         format!("{}:data", self.prefix)
     }
-    /// `:meta`: the prefix of the per-job metadata hashes (`:meta:{id}`).
+    /// `:meta`: job id → its metadata (a JSON object of strings).
     pub fn meta(&self) -> String {
         format!("{}:meta", self.prefix)
-    }
-    /// `:meta:{id}`: one job's metadata.
-    pub fn meta_of(&self, id: &str) -> String {
-        format!("{}:meta:{id}", self.prefix)
     }
     /// `:scheduled`: retries and deferrals by due time.
     pub fn scheduled(&self) -> String {
@@ -69,19 +82,174 @@ impl QueueKeys {
     pub fn workers(&self) -> String {
         format!("{}:workers", self.prefix)
     }
-    /// `:inflight`: the prefix of the per-worker inflight sets.
+    /// `:inflight`: job id → the worker holding it.
     pub fn inflight(&self) -> String {
         format!("{}:inflight", self.prefix)
     }
-    /// `:inflight:{worker}`: what `worker` holds.
+    /// `:dedupe:{purpose}`: a dedupe key in the shard's slot, so the enqueue script claims it
+    /// atomically with the job. A purpose must always land on the same shard (one tenant's
+    /// purposes do: a job's shard comes from its tenant).
+    pub fn dedupe(&self, purpose: &str) -> String {
+        format!("{}:dedupe:{purpose}", self.prefix)
+    }
+}
+
+/// Most shards a queue may have (`QUEUE_SHARDS_{QUEUE}` is 1 to this).
+pub const MAX_SHARDS: u16 = 64;
+
+/// The shard of a job of `tenant` in a queue of `shards` shards: FNV-1a (64-bit) over the
+/// tenant UUID's 16 bytes, modulo `shards`. Stable across releases, processes and hosts, so
+/// every producer puts one tenant's jobs on the same shard. No tenant: shard 0.
+pub fn shard_of(tenant: Option<&uuid::Uuid>, shards: u16) -> u16 {
+    let Some(tenant) = tenant else {
+        return 0;
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in tenant.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(shards.max(1))) as u16
+}
+
+/// Where every queue's shards are: the namespace and each queue's shard count (1 unless
+/// `QUEUE_SHARDS_{QUEUE}` says more). Producers and workers build it from the same
+/// configuration, so they agree on which shard a job is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    namespace: String,
+    shards: std::collections::BTreeMap<String, u16>,
+}
+
+impl Layout {
+    /// Every queue of `namespace` with one shard.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            shards: std::collections::BTreeMap::new(),
+        }
+    }
+    /// `queue` split into `shards` shards (clamped to 1..=[`MAX_SHARDS`]).
+    #[must_use]
+    pub fn with_shards(mut self, queue: &str, shards: u16) -> Self {
+        self.shards
+            .insert(queue.to_owned(), shards.clamp(1, MAX_SHARDS));
+        self
+    }
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    /// How many shards `queue` has.
+    pub fn shards(&self, queue: &str) -> u16 {
+        self.shards.get(queue).copied().unwrap_or(1)
+    }
+    /// The keys of shard `shard` of `queue`.
+    pub fn shard(&self, queue: &str, shard: u16) -> QueueKeys {
+        QueueKeys::shard(&self.namespace, queue, shard)
+    }
+    /// The keys of every shard of `queue`, shard 0 first.
+    pub fn all(&self, queue: &str) -> Vec<QueueKeys> {
+        (0..self.shards(queue))
+            .map(|shard| self.shard(queue, shard))
+            .collect()
+    }
+    /// The keys of the shard a job of `tenant` goes to.
+    pub fn for_tenant(&self, queue: &str, tenant: Option<&uuid::Uuid>) -> QueueKeys {
+        self.shard(queue, shard_of(tenant, self.shards(queue)))
+    }
+}
+
+/// One job's metadata as `:meta` holds it: a JSON object of strings (`attempts`,
+/// `max_attempts`, `status`, `last_error`, `retry_at`, `done_at`, `dead_at`, `waiting_since`,
+/// `request_id`, …). Read leniently: a missing or unreadable value is an empty map, a
+/// non-string value its JSON text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobMeta(pub std::collections::BTreeMap<String, String>);
+
+impl JobMeta {
+    /// Reads a `:meta` value (`None`: the job has none).
+    pub fn parse(raw: Option<&str>) -> Self {
+        let Some(Ok(serde_json::Value::Object(fields))) = raw.map(serde_json::from_str) else {
+            return Self::default();
+        };
+        Self(
+            fields
+                .into_iter()
+                .map(|(field, value)| {
+                    let text = match value {
+                        serde_json::Value::String(text) => text,
+                        other => other.to_string(),
+                    };
+                    (field, text)
+                })
+                .collect(),
+        )
+    }
+    /// One field.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.0.get(field).map(String::as_str)
+    }
+}
+
+/// The layout of releases before issue 18: `{namespace}:{queue}:…`, no hash tag, a hash per
+/// job's metadata (`:meta:{id}`) and a set per worker (`:inflight:{worker}`). Only ever on a
+/// single Redis; read only to move what it holds into shard 0 of the current layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyKeys {
+    /// `{namespace}:{queue}`.
+    pub prefix: String,
+}
+
+impl LegacyKeys {
+    /// The old keys of `queue` under `namespace`.
+    pub fn new(namespace: &str, queue: &str) -> Self {
+        Self {
+            prefix: format!("{namespace}:{queue}"),
+        }
+    }
+    /// A key of the old layout: `{prefix}:{suffix}` (`active`, `data`, `scheduled`, `dead`,
+    /// `done`, `workers`).
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.prefix)
+    }
+    /// One job's old metadata hash.
+    pub fn meta_of(&self, id: &str) -> String {
+        format!("{}:meta:{id}", self.prefix)
+    }
+    /// One worker's old inflight set.
     pub fn inflight_of(&self, worker: &str) -> String {
         format!("{}:inflight:{worker}", self.prefix)
     }
 }
 
-/// A namespaced dedupe key: `{namespace}:dedupe:{purpose}`.
-pub fn dedupe_key(namespace: &str, purpose: &str) -> String {
-    format!("{namespace}:dedupe:{purpose}")
+/// The Redis Cluster hash slot of a key (CRC16/XMODEM of its hash tag, or of the whole key
+/// when it has none, modulo 16384), as the cluster computes it.
+pub fn hash_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        rest.iter()
+            .position(|&b| b == b'}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(bytes)) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
 }
 
 #[cfg(test)]
@@ -89,12 +257,79 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_key_sits_under_the_queue_prefix() {
+    fn every_key_of_a_shard_sits_in_one_slot_and_shards_differ() {
         let keys = QueueKeys::new("ns", "sync_catalog");
-        assert_eq!(keys.active(), "ns:sync_catalog:active");
-        assert_eq!(keys.data(), "ns:sync_catalog:data");
-        assert_eq!(keys.meta_of("j1"), format!("{}:j1", keys.meta()));
-        assert_eq!(keys.inflight_of("w"), format!("{}:w", keys.inflight()));
-        assert_eq!(dedupe_key("ns", "p"), "ns:dedupe:p");
+        assert_eq!(keys.active(), "ns:{sync_catalog:0}:active");
+        let all = [
+            keys.active(),
+            keys.signal(),
+            keys.data(),
+            keys.meta(),
+            keys.scheduled(),
+            keys.done(),
+            keys.dead(),
+            keys.workers(),
+            keys.inflight(),
+            keys.dedupe("p:1"),
+        ];
+        for key in &all {
+            assert!(key.starts_with(&keys.prefix), "{key}");
+            assert_eq!(hash_slot(key), hash_slot(&keys.prefix), "{key}");
+        }
+        let slots: std::collections::HashSet<u16> = (0..8)
+            .map(|s| hash_slot(&QueueKeys::shard("ns", "sync_catalog", s).active()))
+            .collect();
+        assert!(slots.len() > 1, "shards spread over slots");
+    }
+
+    #[test]
+    fn hash_slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.0.
+        assert_eq!(hash_slot("foo"), 12182);
+        assert_eq!(hash_slot("{user1000}.following"), hash_slot("user1000"));
+        assert_eq!(hash_slot("123456789"), 12739);
+        // An empty tag is no tag: the whole key is hashed.
+        assert_eq!(hash_slot("{}foo"), crc16(b"{}foo") % 16384);
+    }
+
+    #[test]
+    fn a_tenant_always_lands_on_the_same_shard_and_tenants_spread() {
+        let layout = Layout::new("ns").with_shards("q", 4);
+        let tenant = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let first = layout.for_tenant("q", Some(&tenant));
+        assert_eq!(layout.for_tenant("q", Some(&tenant)), first);
+        // Pinned: producers in other processes and releases compute the same.
+        assert_eq!(shard_of(Some(&tenant), 4), first.shard);
+        assert_eq!(shard_of(Some(&tenant), 1), 0);
+        assert_eq!(layout.for_tenant("q", None).shard, 0);
+        assert_eq!(layout.for_tenant("other", Some(&tenant)).shard, 0);
+        let mut counts = [0u32; 4];
+        for i in 0..4000u128 {
+            counts[shard_of(Some(&uuid::Uuid::from_u128(i * 7919 + 13)), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        assert_eq!(layout.all("q").len(), 4);
+        assert_eq!(Layout::new("ns").with_shards("q", 0).shards("q"), 1);
+        assert_eq!(
+            Layout::new("ns").with_shards("q", 999).shards("q"),
+            MAX_SHARDS
+        );
+    }
+
+    #[test]
+    fn metadata_reads_leniently() {
+        let meta = JobMeta::parse(Some(r#"{"attempts":"2","status":"Killed","n":3}"#));
+        assert_eq!(meta.get("attempts"), Some("2"));
+        assert_eq!(meta.get("n"), Some("3"));
+        assert_eq!(JobMeta::parse(Some("not json")), JobMeta::default());
+        assert_eq!(JobMeta::parse(None).get("status"), None);
+    }
+
+    #[test]
+    fn the_legacy_layout_is_the_pre_cluster_one() {
+        let old = LegacyKeys::new("ns", "q");
+        assert_eq!(old.key("active"), "ns:q:active");
+        assert_eq!(old.meta_of("j"), "ns:q:meta:j");
+        assert_eq!(old.inflight_of("w"), "ns:q:inflight:w");
     }
 }

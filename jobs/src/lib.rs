@@ -33,6 +33,11 @@ pub mod spec;
 pub trait Job: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static {
     /// The queue's stable name; the queue's other facts are its row in [`spec::QUEUE_SPECS`].
     const QUEUE: &'static str;
+    /// The tenant the job belongs to, which picks its queue shard (`keys::shard_of`): one
+    /// tenant's jobs stay on one shard, in order. `None` (jobs of no tenant): shard 0.
+    fn tenant(&self) -> Option<Uuid> {
+        None
+    }
 }
 
 /// An inbound SMS/WhatsApp message that Twilio delivered to a tenant's webhook. `from`, `to`
@@ -66,6 +71,9 @@ pub struct InboundMessage {
 
 impl Job for InboundMessage {
     const QUEUE: &'static str = "inbound_message";
+    fn tenant(&self) -> Option<Uuid> {
+        Some(self.tenant_id)
+    }
 }
 
 /// How much of a catalog to synchronize.
@@ -92,6 +100,9 @@ pub struct SyncCatalog {
 
 impl Job for SyncCatalog {
     const QUEUE: &'static str = "sync_catalog";
+    fn tenant(&self) -> Option<Uuid> {
+        Some(self.tenant_id)
+    }
 }
 
 /// Re-encrypt every sealed value under the current key, for an approved rotation.

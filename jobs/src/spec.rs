@@ -51,6 +51,8 @@ pub struct QueueSpec {
     pub retry: RetryDefaults,
     /// The variables that override it.
     pub variables: RetryVariables,
+    /// `QUEUE_SHARDS_{QUEUE}`: how many shards the queue is split into (default 1).
+    pub shards_variable: &'static str,
 }
 
 fn schema_of<J: JsonSchema>() -> serde_json::Value {
@@ -76,6 +78,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
             cap_ms: "JOB_RETRY_CAP_MS_INBOUND_MESSAGE",
             max_attempts: "JOB_MAX_ATTEMPTS_INBOUND_MESSAGE",
         },
+        shards_variable: "QUEUE_SHARDS_INBOUND_MESSAGE",
     },
     QueueSpec {
         name: SyncCatalog::QUEUE,
@@ -94,6 +97,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
             cap_ms: "JOB_RETRY_CAP_MS_SYNC_CATALOG",
             max_attempts: "JOB_MAX_ATTEMPTS_SYNC_CATALOG",
         },
+        shards_variable: "QUEUE_SHARDS_SYNC_CATALOG",
     },
     QueueSpec {
         name: RotateKeys::QUEUE,
@@ -112,6 +116,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
             cap_ms: "JOB_RETRY_CAP_MS_ROTATE_KEYS",
             max_attempts: "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
         },
+        shards_variable: "QUEUE_SHARDS_ROTATE_KEYS",
     },
 ];
 
@@ -214,6 +219,7 @@ mod tests {
                 spec.variables.max_attempts,
                 format!("JOB_MAX_ATTEMPTS_{upper}")
             );
+            assert_eq!(spec.shards_variable, format!("QUEUE_SHARDS_{upper}"));
             assert!(spec.retry.base_ms <= spec.retry.cap_ms, "{}", spec.name);
         }
     }

@@ -81,10 +81,10 @@ pub async fn run(config: &Config, command: JobsCommand) -> anyhow::Result<()> {
     let mut conn = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(unreachable)?;
-    let namespace = config.redis_namespace.as_str();
+    let layout = config.layout();
     match command {
         JobsCommand::Dead { .. } => {
-            let jobs = dead::list(&mut conn, namespace, &selected, LIST_LIMIT)
+            let jobs = dead::list(&mut conn, layout, &selected, LIST_LIMIT)
                 .await
                 .map_err(unreachable)?;
             println!("id\tqueue\tattempts\tdead_at\tlast_error");
@@ -103,7 +103,7 @@ pub async fn run(config: &Config, command: JobsCommand) -> anyhow::Result<()> {
         }
         JobsCommand::Retry { .. } => {
             let id = id.unwrap_or_default();
-            match dead::retry(&mut conn, namespace, &selected, &id)
+            match dead::retry(&mut conn, layout, &selected, &id)
                 .await
                 .map_err(unreachable)?
             {
@@ -115,7 +115,7 @@ pub async fn run(config: &Config, command: JobsCommand) -> anyhow::Result<()> {
             }
         }
         JobsCommand::Purge { .. } => {
-            let n = dead::purge(&mut conn, namespace, &selected)
+            let n = dead::purge(&mut conn, layout, &selected)
                 .await
                 .map_err(unreachable)?;
             println!("purged {n} dead job(s)");

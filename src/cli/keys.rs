@@ -138,7 +138,7 @@ async fn status(config: &Config) -> anyhow::Result<()> {
     let mut redis = crate::redis_conn::connect(&config.redis_url)
         .await
         .map_err(|e| Failure::Service(format!("Redis cannot be reached: {e}")))?;
-    let payloads = crate::queue::at_rest::census(&mut redis, &config.redis_namespace)
+    let payloads = crate::queue::at_rest::census(&mut redis, config.layout())
         .await
         .map_err(|e| Failure::Service(format!("redis: {e}")))?;
     let keyring = &config.keyring;

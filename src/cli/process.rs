@@ -169,8 +169,7 @@ async fn work(
     if let Some(ip) = health_ip {
         options.health_ip = ip;
     }
-    let queues = gatehouse_jobs::client::Queues::new(config.redis_namespace.clone())
-        .sealing_with(config.keyring.current().clone());
+    let queues = config.queues();
     crate::worker::run(state, redis, queues, options, shutdown).await?;
     tracing::info!("workers stopped");
     Ok(())
@@ -215,7 +214,7 @@ async fn dev(config: Arc<Config>, listen: std::net::IpAddr) -> anyhow::Result<()
 /// What an incident command (`users deactivate`, `service-accounts revoke`, …) works with.
 pub(super) struct Tools {
     pub(super) pool: sqlx::PgPool,
-    pub(super) redis: redis::aio::ConnectionManager,
+    pub(super) redis: crate::redis_conn::RedisConn,
     pub(super) cache: ScopeCache,
     pub(super) events: SecurityLog,
 }

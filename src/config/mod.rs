@@ -22,16 +22,31 @@ use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
+use crate::redis_conn::RedisTarget;
 use crate::security::blind_index::BlindIndex;
 use crate::security::keyring::Keyring;
 use keys::{read_jwt_secret_key, read_keyring, read_previous_keys, read_secret_key};
 use reader::{Lookup, Reader, env_lookup};
 use urls::{check_url_scheme, is_sentry_dsn, parse_llm_url, parse_network, parse_public_base};
 
+/// `true`/`false`, case-insensitive.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    if s.eq_ignore_ascii_case("true") {
+        Ok(true)
+    } else if s.eq_ignore_ascii_case("false") {
+        Ok(false)
+    } else {
+        Err("must be true or false".to_owned())
+    }
+}
+
 /// Every environment variable gatehouse reads, in documentation order.
 pub const VARIABLES: &[&str] = &[
     "DATABASE_URL",
     "REDIS_URL",
+    "REDIS_CLUSTER",
+    "REDIS_MIN_REPLICA_ACKS",
+    "REDIS_REPLICA_ACK_TIMEOUT_MS",
     "DEBUG",
     "SECRET_KEY",
     "SECRET_KEY_PREVIOUS",
@@ -70,6 +85,9 @@ pub const VARIABLES: &[&str] = &[
     "JOB_RETRY_BASE_MS_ROTATE_KEYS",
     "JOB_RETRY_CAP_MS_ROTATE_KEYS",
     "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
+    "QUEUE_SHARDS_INBOUND_MESSAGE",
+    "QUEUE_SHARDS_SYNC_CATALOG",
+    "QUEUE_SHARDS_ROTATE_KEYS",
     "JOB_RETENTION_SECONDS",
     "STORE_TIMEOUT_MS",
     "WORKER_HEALTH_PORT",
@@ -255,8 +273,15 @@ impl RetryPolicies {
 pub struct Config {
     /// `DATABASE_URL` (required): a `postgres://` or `postgresql://` URL.
     pub database_url: SecretString,
-    /// `REDIS_URL`, default `redis://127.0.0.1:6379`: a `redis://` or `rediss://` URL.
-    pub redis_url: SecretString,
+    /// `REDIS_URL`, default `redis://127.0.0.1:6379`: a `redis://` or `rediss://` URL; with
+    /// `REDIS_CLUSTER=true` (default `false`), one or more comma-separated seed nodes of a
+    /// Redis Cluster.
+    pub redis_url: RedisTarget,
+    /// `REDIS_MIN_REPLICA_ACKS`, default 0, 0..=16, and `REDIS_REPLICA_ACK_TIMEOUT_MS`, default
+    /// 1000, 10..=10000: with n > 0 an enqueue is acknowledged (webhook 200, `POST /v1/jobs`
+    /// 202, an outbox row marked sent) only once n replicas confirmed it within the timeout
+    /// (Redis `WAIT`), else 503 — so a primary's death cannot lose an acknowledged job.
+    pub replica_acks: Option<gatehouse_jobs::client::ReplicaAcks>,
     /// `DEBUG`, `true`/`false` (case-insensitive), default `false`. Only turns
     /// off the HTTPS redirect and HSTS (and allows an `http` `PUBLIC_BASE_URL`).
     pub debug: bool,
@@ -329,6 +354,9 @@ pub struct Config {
     /// sync_catalog base 60 s, cap 1 h; rotate_keys base 30 s, cap 30 min; 4 attempts
     /// (3 retries) each.
     pub retry: RetryPolicies,
+    /// `QUEUE_NAMESPACE` and `QUEUE_SHARDS_{QUEUE}` (default 1, 1..=64: each queue's shard
+    /// count; a job's shard comes from its tenant): where every queue's shards are.
+    pub layout: gatehouse_jobs::keys::Layout,
     /// `JOB_RETENTION_SECONDS`, default 3600, 1..=2592000: how long a finished job's
     /// payload and metadata stay in Redis before the vacuum removes them.
     pub job_retention_seconds: u64,
@@ -385,6 +413,22 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where every queue's shards are in Redis: `QUEUE_NAMESPACE` and `QUEUE_SHARDS_*`.
+    pub fn layout(&self) -> &gatehouse_jobs::keys::Layout {
+        &self.layout
+    }
+
+    /// The enqueue client this process's producers use: [`Config::layout`], sealing with the
+    /// current `ENCRYPTION_KEY`, waiting for `REDIS_MIN_REPLICA_ACKS` replicas.
+    pub fn queues(&self) -> gatehouse_jobs::client::Queues {
+        let queues = gatehouse_jobs::client::Queues::with_layout(self.layout.clone())
+            .sealing_with(self.keyring.current().clone());
+        match self.replica_acks {
+            Some(acks) => queues.acknowledged_by(acks),
+            None => queues,
+        }
+    }
+
     /// Reads and validates the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(env_lookup)
@@ -433,26 +477,51 @@ impl Config {
             );
         }
 
+        let redis_cluster = r.parse("REDIS_CLUSTER", false, parse_bool);
         let redis_url = r
             .optional_secret("REDIS_URL")
             .unwrap_or_else(|| SecretString::from(DEFAULT_REDIS_URL));
-        check_url_scheme(
-            &mut r,
-            "REDIS_URL",
-            redis_url.expose_secret(),
-            &["redis", "rediss"],
-            "must be a redis:// or rediss:// URL with a host",
-        );
-
-        let debug = r.parse("DEBUG", false, |s| {
-            if s.eq_ignore_ascii_case("true") {
-                Ok(true)
-            } else if s.eq_ignore_ascii_case("false") {
-                Ok(false)
-            } else {
-                Err("must be true or false".to_owned())
+        let redis_url = if redis_cluster {
+            let seeds: Vec<SecretString> = redis_url
+                .expose_secret()
+                .split(',')
+                .map(|seed| SecretString::from(seed.trim().to_owned()))
+                .collect();
+            for seed in &seeds {
+                check_url_scheme(
+                    &mut r,
+                    "REDIS_URL",
+                    seed.expose_secret(),
+                    &["redis", "rediss"],
+                    "must be one or more comma-separated redis:// or rediss:// URLs with a host \
+                     (the cluster's seed nodes)",
+                );
             }
+            RedisTarget::cluster(seeds)
+        } else {
+            let rule = if redis_url.expose_secret().contains(',') {
+                "must be one redis:// or rediss:// URL; a list of seed nodes needs REDIS_CLUSTER=true"
+            } else {
+                "must be a redis:// or rediss:// URL with a host"
+            };
+            check_url_scheme(
+                &mut r,
+                "REDIS_URL",
+                redis_url.expose_secret(),
+                &["redis", "rediss"],
+                rule,
+            );
+            RedisTarget::single(redis_url)
+        };
+
+        let min_replica_acks = r.integer("REDIS_MIN_REPLICA_ACKS", 0u64, 0, 16);
+        let replica_ack_timeout = r.integer("REDIS_REPLICA_ACK_TIMEOUT_MS", 1000u64, 10, 10_000);
+        let replica_acks = (min_replica_acks > 0).then(|| gatehouse_jobs::client::ReplicaAcks {
+            replicas: min_replica_acks,
+            timeout: Duration::from_millis(replica_ack_timeout),
         });
+
+        let debug = r.parse("DEBUG", false, parse_bool);
 
         let secret_key = read_secret_key(&mut r);
         let jwt_secret_key = read_jwt_secret_key(&mut r, secret_key.as_ref());
@@ -528,6 +597,14 @@ impl Config {
             sync_catalog,
             rotate_keys,
         };
+        let layout = QUEUE_SPECS.iter().fold(
+            gatehouse_jobs::keys::Layout::new(redis_namespace.clone()),
+            |layout, spec| {
+                let max = gatehouse_jobs::keys::MAX_SHARDS;
+                let shards = r.integer(spec.shards_variable, 1u16, 1, max);
+                layout.with_shards(spec.name, shards)
+            },
+        );
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
         let key_rotation_batch_size = r.integer("KEY_ROTATION_BATCH_SIZE", 500usize, 1, 10_000);
@@ -593,6 +670,8 @@ impl Config {
                 Ok(Self {
                     database_url,
                     redis_url,
+                    replica_acks,
+                    layout,
                     debug,
                     secret_key,
                     jwt_secret_key,
@@ -730,7 +809,10 @@ mod tests {
     fn a_minimal_set_parses_with_the_documented_defaults() {
         let cfg = load(&minimal()).unwrap();
         assert_eq!(cfg.database_url.expose_secret(), DATABASE_URL);
-        assert_eq!(cfg.redis_url.expose_secret(), "redis://127.0.0.1:6379");
+        assert_eq!(
+            cfg.redis_url.nodes()[0].expose_secret(),
+            "redis://127.0.0.1:6379"
+        );
         assert!(!cfg.debug);
         assert_eq!(cfg.jwt_issuer, "gatehouse");
         assert_eq!(cfg.jwt_audience, "gatehouse-api");
@@ -1298,6 +1380,63 @@ mod tests {
     fn a_public_base_url_is_stored_without_trailing_slash_or_default_port() {
         let cfg = load(&with(&[("PUBLIC_BASE_URL", "https://GH.example.com:443/")])).unwrap();
         assert_eq!(cfg.public_base(), Some("https://gh.example.com"));
+    }
+
+    #[test]
+    fn redis_cluster_takes_seed_nodes_and_a_list_needs_it() {
+        let cfg = load(&minimal()).unwrap();
+        assert!(!cfg.redis_url.is_cluster());
+        let seeds = "redis://10.0.0.1:7000, redis://10.0.0.2:7000";
+        let cfg = load(&with(&[("REDIS_CLUSTER", "true"), ("REDIS_URL", seeds)])).unwrap();
+        assert!(cfg.redis_url.is_cluster());
+        assert_eq!(cfg.redis_url.nodes().len(), 2);
+        assert_eq!(
+            cfg.redis_url.nodes()[1].expose_secret(),
+            "redis://10.0.0.2:7000"
+        );
+        let problem = fails_on(&[("REDIS_URL", seeds)], "REDIS_URL");
+        assert!(
+            problem.rule.contains("REDIS_CLUSTER=true"),
+            "{}",
+            problem.rule
+        );
+        fails_on(
+            &[
+                ("REDIS_CLUSTER", "true"),
+                ("REDIS_URL", "redis://a:1,http://b:2"),
+            ],
+            "REDIS_URL",
+        );
+        fails_on(&[("REDIS_CLUSTER", "yes")], "REDIS_CLUSTER");
+        // The target's Debug names no URL (they may hold passwords).
+        let cfg = load(&with(&[
+            ("REDIS_CLUSTER", "true"),
+            ("REDIS_URL", "redis://:hunter2-pass@a:1"),
+        ]))
+        .unwrap();
+        assert!(!format!("{:?}", cfg.redis_url).contains("hunter2"));
+    }
+
+    #[test]
+    fn replica_acknowledgements_are_off_by_default_and_bounded() {
+        assert!(load(&minimal()).unwrap().replica_acks.is_none());
+        let cfg = load(&with(&[
+            ("REDIS_MIN_REPLICA_ACKS", "2"),
+            ("REDIS_REPLICA_ACK_TIMEOUT_MS", "250"),
+        ]))
+        .unwrap();
+        let acks = cfg.replica_acks.expect("asked for");
+        assert_eq!(acks.replicas, 2);
+        assert_eq!(acks.timeout, Duration::from_millis(250));
+        assert_eq!(cfg.queues().replica_acks(), Some(acks));
+        fails_on(
+            &[("REDIS_MIN_REPLICA_ACKS", "-1")],
+            "REDIS_MIN_REPLICA_ACKS",
+        );
+        fails_on(
+            &[("REDIS_REPLICA_ACK_TIMEOUT_MS", "0")],
+            "REDIS_REPLICA_ACK_TIMEOUT_MS",
+        );
     }
 
     #[test]

@@ -106,10 +106,10 @@ pub async fn enqueue(
             // Scoped to the caller and queue; hashed so the key's text never sits in Redis.
             let digest = hex::encode(Sha256::digest(key.as_bytes()));
             let purpose = format!("idempotency:{}:{queue}:{digest}", caller.id());
-            Some((state.queues.dedupe_key(&purpose), IDEMPOTENCY_TTL_SECONDS))
+            Some((purpose, IDEMPOTENCY_TTL_SECONDS))
         }
     };
-    let mut redis = state.redis.clone();
+    let mut redis = state.enqueue_redis();
     // The customer data is sealed on the way in (SPEC "Customer data in Redis").
     let enqueued = state
         .queues

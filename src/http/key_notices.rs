@@ -7,19 +7,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 
 use super::key_cache::KeyCache;
+use crate::redis_conn::RedisTarget;
 use crate::tenant_secrets;
 
 /// Listens on the tenant-key channel until aborted: a notice drops that tenant's cached keys;
 /// after a (re)connection every entry is marked for a refresh (a notice may have been missed
-/// meanwhile). Reconnects with backoff; never gives up.
-pub async fn listen(url: SecretString, namespace: String, cache: Arc<KeyCache>) {
+/// meanwhile). Reconnects with backoff; never gives up. On a Redis Cluster a notice published
+/// on any node reaches every node's subscribers, so it subscribes on one seed node, the next
+/// one when that one cannot be reached.
+pub async fn listen(target: RedisTarget, namespace: String, cache: Arc<KeyCache>) {
     let channel = tenant_secrets::channel(&namespace);
     let mut wait = Duration::from_millis(200);
     let mut connected_before = false;
+    let mut attempt = 0usize;
     loop {
+        let nodes = target.nodes();
+        let Some(url) = nodes.get(attempt % nodes.len().max(1)) else {
+            return;
+        };
+        attempt = attempt.wrapping_add(1);
         let subscribed = async {
             let client = redis::Client::open(url.expose_secret())?;
             let mut pubsub = client.get_async_pubsub().await?;

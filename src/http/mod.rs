@@ -23,11 +23,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::redis_conn::RedisConn;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
 use gatehouse_jobs::client::Queues;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -53,6 +53,9 @@ pub struct AppState {
     pub pool: PgPool,
     /// Renewed from `REDIS_URL` when stuck (`crate::redis_conn::Renewing`).
     pub redis: crate::redis_conn::Renewing,
+    /// With `REDIS_MIN_REPLICA_ACKS`, the connections enqueues wait for replicas on
+    /// ([`AppState::enqueue_redis`]).
+    pub acked: Option<crate::redis_conn::Spread>,
     pub queues: Queues,
     pub key_cache: Arc<KeyCache>,
     /// `PUBLIC_BASE_URL` without a trailing slash.
@@ -70,10 +73,9 @@ pub struct AppState {
 impl AppState {
     /// `redis` must be a connection to `config.redis_url`: it is renewed from there when
     /// stuck.
-    pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
+    pub fn new(config: Arc<Config>, pool: PgPool, redis: RedisConn) -> Self {
         let redis = crate::redis_conn::Renewing::from_manager(redis, &config.redis_url);
-        let queues = Queues::new(config.redis_namespace.clone())
-            .sealing_with(config.keyring.current().clone());
+        let queues = config.queues();
         let key_cache = KeyCache::new(Duration::from_secs(config.tenant_key_cache_seconds));
         let public_base = config
             .public_base_url
@@ -86,13 +88,21 @@ impl AppState {
         let scrape = crate::metrics::scrape::Scrape {
             handle: crate::metrics::install(),
             redis: redis.clone(),
-            namespace: config.redis_namespace.clone(),
+            layout: config.layout().clone(),
             token: config.metrics_token.clone(),
         };
+        // A failure here is a URL the configuration already accepted; without the pool the
+        // enqueues still wait for replicas, on the shared connection.
+        let acked = config.replica_acks.and_then(|_| {
+            crate::redis_conn::Spread::lazy(&config.redis_url, ACKED_CONNECTIONS)
+                .inspect_err(|error| tracing::warn!(%error, "cannot open the enqueue connections"))
+                .ok()
+        });
         Self {
             config,
             pool,
             redis,
+            acked,
             queues,
             key_cache,
             public_base,
@@ -101,6 +111,21 @@ impl AppState {
             scopes,
             events,
             scrape,
+        }
+    }
+}
+
+/// Connections enqueues wait for replicas on (`REDIS_MIN_REPLICA_ACKS`), taken in turn: a
+/// `WAIT` delays only the enqueues behind it on its own connection.
+const ACKED_CONNECTIONS: usize = 16;
+
+impl AppState {
+    /// The connection an enqueue goes over: one of its own when it waits for replicas (`WAIT`
+    /// blocks its connection), the shared one otherwise.
+    pub fn enqueue_redis(&self) -> crate::redis_conn::Renewing {
+        match &self.acked {
+            Some(spread) => spread.get(),
+            None => self.redis.clone(),
         }
     }
 }

@@ -421,10 +421,8 @@ pub async fn twilio_message(
         body: fields.body,
         received_at,
     };
-    let dedupe = state
-        .queues
-        .dedupe_key(&format!("inbound_message:{tenant_id}:{}", job.message_sid));
-    let mut redis = state.redis.clone();
+    let dedupe = format!("inbound_message:{tenant_id}:{}", job.message_sid);
+    let mut redis = state.enqueue_redis();
     let enqueued = state
         .queues
         .enqueue(

@@ -19,7 +19,7 @@ use crate::queue::stats::{QueueStats, all_queue_stats};
 pub struct Scrape {
     pub handle: PrometheusHandle,
     pub redis: crate::redis_conn::Renewing,
-    pub namespace: String,
+    pub layout: gatehouse_jobs::keys::Layout,
     /// `METRICS_TOKEN`: required as a bearer token when set.
     pub token: Option<SecretString>,
 }
@@ -78,7 +78,7 @@ impl Scrape {
         let mut redis = self.redis.clone();
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            all_queue_stats(&mut redis, &self.namespace, &gatehouse_jobs::QUEUES),
+            all_queue_stats(&mut redis, &self.layout, &gatehouse_jobs::QUEUES),
         )
         .await;
         match stats {

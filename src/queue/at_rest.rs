@@ -17,7 +17,7 @@ use gatehouse_jobs::sealed::{AtRest, Resealed, at_rest, reseal};
 use gatehouse_jobs::spec::QUEUE_SPECS;
 use redis::aio::ConnectionLike;
 
-use super::keys::QueueKeys;
+use super::keys::{JobMeta, Layout, QueueKeys};
 use super::scripts::RESEAL;
 
 /// Payloads read per `HSCAN` round trip.
@@ -115,82 +115,40 @@ async fn hscan<C: ConnectionLike>(
     Ok((next, pairs))
 }
 
-/// The ids every registered worker of the queue holds right now.
+/// The ids a registered worker of the queue shard holds right now.
 async fn held<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
 ) -> Result<HashSet<String>, redis::RedisError> {
-    let workers: Vec<String> = redis::cmd("ZRANGE")
+    let workers: HashSet<String> = redis::cmd("ZRANGE")
         .arg(keys.workers())
         .arg(0)
         .arg(-1)
         .query_async(conn)
         .await?;
-    let mut ids = HashSet::new();
-    for worker in workers {
-        let members: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(keys.inflight_of(&worker))
-            .query_async(conn)
-            .await?;
-        ids.extend(members);
-    }
-    Ok(ids)
+    let inflight: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(keys.inflight())
+        .query_async(conn)
+        .await?;
+    Ok(inflight
+        .into_iter()
+        .filter(|(_, worker)| workers.contains(worker))
+        .map(|(id, _)| id)
+        .collect())
 }
 
-/// Per sealing queue, job state and key id, how many payloads Redis holds (only non-zero
-/// counts are listed). A snapshot walked in steps, not one atomic read: jobs moving meanwhile
-/// may be counted in either state.
+/// Per sealing queue, job state and key id, how many payloads Redis holds in all of the
+/// queue's shards (only non-zero counts are listed). A snapshot walked in steps, not one
+/// atomic read: jobs moving meanwhile may be counted in either state.
 pub async fn census<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
 ) -> Result<Vec<PayloadCount>, redis::RedisError> {
     let mut out = Vec::new();
     for queue in sealing_queues() {
-        let keys = QueueKeys::new(namespace, queue);
-        let held = held(conn, &keys).await?;
         let mut counts: BTreeMap<(JobState, AtRest), u64> = BTreeMap::new();
-        let mut cursor = 0;
-        loop {
-            let (next, pairs) = hscan(conn, &keys.data(), cursor).await?;
-            if !pairs.is_empty() {
-                let mut pipe = redis::pipe();
-                for (id, _) in &pairs {
-                    pipe.hget(keys.meta_of(id), "status")
-                        .zscore(keys.scheduled(), id);
-                }
-                let answers: Vec<(Option<String>, Option<f64>)> = {
-                    let flat: Vec<redis::Value> = pipe.query_async(conn).await?;
-                    flat.chunks(2)
-                        .map(|pair| {
-                            let status = pair
-                                .first()
-                                .and_then(|v| redis::from_redis_value_ref(v).ok());
-                            let score = pair
-                                .get(1)
-                                .and_then(|v| redis::from_redis_value_ref(v).ok());
-                            (status, score)
-                        })
-                        .collect()
-                };
-                for ((id, payload), (status, scheduled)) in pairs.iter().zip(answers) {
-                    let state = if held.contains(id) {
-                        JobState::InFlight
-                    } else {
-                        match status.as_deref() {
-                            Some("Done") => JobState::Retained,
-                            Some("Killed") => JobState::Dead,
-                            Some(_) if scheduled.is_some() => JobState::Scheduled,
-                            Some(_) => JobState::Queued,
-                            None => JobState::Unlisted,
-                        }
-                    };
-                    *counts.entry((state, at_rest(queue, payload))).or_default() += 1;
-                }
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+        for keys in layout.all(queue) {
+            count_shard(conn, &keys, queue, &mut counts).await?;
         }
         out.extend(
             counts
@@ -204,6 +162,57 @@ pub async fn census<C: ConnectionLike>(
         );
     }
     Ok(out)
+}
+
+/// Adds one queue shard's payloads to `counts`.
+async fn count_shard<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &QueueKeys,
+    queue: &'static str,
+    counts: &mut BTreeMap<(JobState, AtRest), u64>,
+) -> Result<(), redis::RedisError> {
+    let held = held(conn, keys).await?;
+    let mut cursor = 0;
+    loop {
+        let (next, pairs) = hscan(conn, &keys.data(), cursor).await?;
+        if !pairs.is_empty() {
+            let mut pipe = redis::pipe();
+            for (id, _) in &pairs {
+                pipe.hget(keys.meta(), id).zscore(keys.scheduled(), id);
+            }
+            let flat: Vec<redis::Value> = pipe.query_async(conn).await?;
+            for ((id, payload), pair) in pairs.iter().zip(flat.chunks(2)) {
+                let meta: Option<String> = pair
+                    .first()
+                    .and_then(|v| redis::from_redis_value_ref(v).ok());
+                let scheduled: Option<f64> = pair
+                    .get(1)
+                    .and_then(|v| redis::from_redis_value_ref(v).ok());
+                let status = meta.map(|meta| {
+                    JobMeta::parse(Some(&meta))
+                        .get("status")
+                        .unwrap_or("")
+                        .to_owned()
+                });
+                let state = if held.contains(id) {
+                    JobState::InFlight
+                } else {
+                    match status.as_deref() {
+                        Some("Done") => JobState::Retained,
+                        Some("Killed") => JobState::Dead,
+                        Some(_) if scheduled.is_some() => JobState::Scheduled,
+                        Some(_) => JobState::Queued,
+                        None => JobState::Unlisted,
+                    }
+                };
+                *counts.entry((state, at_rest(queue, payload))).or_default() += 1;
+            }
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 /// A payload a rotation could not re-seal: no configured key opens it. Names the job and the
@@ -234,14 +243,15 @@ pub struct ResealPass {
 /// names (unreadable payloads already recorded).
 pub async fn reseal_pass<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
     keyring: &Keyring,
     batch: usize,
     skip: &(dyn Fn(&str, &str) -> bool + Sync),
 ) -> Result<ResealPass, redis::RedisError> {
     let mut pass = ResealPass::default();
-    for queue in sealing_queues() {
-        let keys = QueueKeys::new(namespace, queue);
+    let shards =
+        sealing_queues().flat_map(|queue| layout.all(queue).into_iter().map(move |k| (queue, k)));
+    for (queue, keys) in shards {
         let mut pending: Vec<(String, String, String)> = Vec::new();
         let mut cursor = 0;
         loop {

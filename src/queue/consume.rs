@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
-use super::keys::QueueKeys;
+use super::keys::{Layout, MAX_SHARDS, QueueKeys};
 use super::scripts::{ACK, DEREGISTER, FETCH, HEARTBEAT, REGISTER, RELEASE, VACUUM};
 
 /// Due retries promoted per fetch: far below Lua's ~8,000 `unpack` limit, and enough that a
@@ -73,7 +73,43 @@ pub struct Acked {
     pub expired: usize,
 }
 
-/// Registers `worker` in the queue's workers set.
+/// The shards a worker of `queue` reads: the layout's, then any shard past them that still
+/// holds jobs (queued, scheduled or dead) — left by a larger `QUEUE_SHARDS_{QUEUE}` before it
+/// was lowered, so they drain instead of waiting forever. Probed once, at start (one
+/// `EXISTS` per possible shard); a probe that fails leaves the layout's shards.
+pub async fn shards_to_read<C: ConnectionLike>(
+    conn: &mut C,
+    layout: &Layout,
+    queue: &str,
+) -> Vec<QueueKeys> {
+    let mut shards = layout.all(queue);
+    for shard in layout.shards(queue)..MAX_SHARDS {
+        let keys = layout.shard(queue, shard);
+        let present: Result<u64, _> = redis::cmd("EXISTS")
+            .arg(keys.data())
+            .query_async(conn)
+            .await;
+        match present {
+            Ok(0) => {}
+            Ok(_) => {
+                tracing::warn!(
+                    queue,
+                    shard,
+                    shards = layout.shards(queue),
+                    "a shard past QUEUE_SHARDS_* still holds jobs; reading it until it drains"
+                );
+                shards.push(keys);
+            }
+            Err(error) => {
+                tracing::debug!(queue, %error, "cannot probe for shards to drain");
+                break;
+            }
+        }
+    }
+    shards
+}
+
+/// Registers `worker` in the queue shard's workers set.
 pub async fn register<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
@@ -88,7 +124,7 @@ pub async fn register<C: ConnectionLike>(
 }
 
 /// Promotes up to [`PROMOTE_CHUNK`] due retries, then moves up to `batch` jobs from the
-/// active list into `worker`'s inflight set. Returns the raw reply (ids, payloads and
+/// active list into the inflight hash under `worker`'s name. Returns the raw reply (ids, payloads and
 /// metadata in apalis-redis's layout).
 pub async fn fetch<C: ConnectionLike>(
     conn: &mut C,
@@ -99,7 +135,7 @@ pub async fn fetch<C: ConnectionLike>(
     FETCH
         .key(keys.workers())
         .key(keys.active())
-        .key(keys.inflight_of(worker))
+        .key(keys.inflight())
         .key(keys.data())
         .key(keys.meta())
         .key(keys.scheduled())
@@ -121,12 +157,13 @@ pub async fn ack<C: ConnectionLike>(
 ) -> Result<Acked, redis::RedisError> {
     let mut invocation = ACK.prepare_invoke();
     invocation
-        .key(keys.inflight_of(worker))
+        .key(keys.inflight())
         .key(keys.done())
         .key(keys.dead())
         .key(keys.scheduled())
         .key(keys.meta())
-        .arg(max_wait.as_millis() as u64);
+        .arg(max_wait.as_millis() as u64)
+        .arg(worker);
     for ack in acks {
         invocation
             .arg(&ack.id)
@@ -150,7 +187,10 @@ pub async fn release<C: ConnectionLike>(
     ids: &[String],
 ) -> Result<u64, redis::RedisError> {
     let mut invocation = RELEASE.prepare_invoke();
-    invocation.key(keys.inflight_of(worker)).key(keys.active());
+    invocation
+        .key(keys.inflight())
+        .key(keys.active())
+        .arg(worker);
     for id in ids {
         invocation.arg(id);
     }
@@ -190,7 +230,7 @@ pub async fn deregister<C: ConnectionLike>(
 ) -> Result<(), redis::RedisError> {
     let _: i64 = DEREGISTER
         .key(keys.workers())
-        .key(keys.inflight_of(worker))
+        .key(keys.inflight())
         .arg(worker)
         .invoke_async(conn)
         .await?;

@@ -4,7 +4,7 @@
 
 use redis::aio::ConnectionLike;
 
-use super::keys::QueueKeys;
+use super::keys::{JobMeta, Layout};
 use super::scripts::{DEAD_PURGE, DEAD_RETRY};
 
 /// Dead jobs deleted per purge script call.
@@ -29,16 +29,16 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// The newest `limit` dead jobs of each of `queues`, newest first overall.
+/// The newest `limit` dead jobs of each shard of `queues`, newest first overall.
 pub async fn list<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
     queues: &[&str],
     limit: usize,
 ) -> Result<Vec<DeadJob>, redis::RedisError> {
     let mut jobs = Vec::new();
-    for queue in queues {
-        let keys = QueueKeys::new(namespace, queue);
+    for keys in queues.iter().flat_map(|queue| layout.all(queue)) {
+        let queue = &keys.queue;
         let entries: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
             .arg(keys.dead())
             .arg(0)
@@ -46,18 +46,26 @@ pub async fn list<C: ConnectionLike>(
             .arg("WITHSCORES")
             .query_async(conn)
             .await?;
-        for (id, score) in entries {
-            let (attempts, last_error): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                .arg(keys.meta_of(&id))
-                .arg("attempts")
-                .arg("last_error")
-                .query_async(conn)
-                .await?;
+        let metas: Vec<Option<String>> = if entries.is_empty() {
+            Vec::new()
+        } else {
+            let mut hmget = redis::cmd("HMGET");
+            hmget.arg(keys.meta());
+            for (id, _) in &entries {
+                hmget.arg(id);
+            }
+            hmget.query_async(conn).await?
+        };
+        for ((id, score), meta) in entries.into_iter().zip(metas) {
+            let meta = JobMeta::parse(meta.as_deref());
             jobs.push(DeadJob {
                 id,
-                queue: (*queue).to_owned(),
-                attempts: attempts.and_then(|a| a.parse().ok()).unwrap_or(0),
-                last_error: printable(last_error.as_deref().unwrap_or("")),
+                queue: queue.clone(),
+                attempts: meta
+                    .get("attempts")
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0),
+                last_error: printable(meta.get("last_error").unwrap_or("")),
                 dead_at_ms: score.max(0.0) as u64,
             });
         }
@@ -71,12 +79,11 @@ pub async fn list<C: ConnectionLike>(
 /// such a dead job.
 pub async fn retry<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
     queues: &[&str],
     id: &str,
 ) -> Result<Option<String>, redis::RedisError> {
-    for queue in queues {
-        let keys = QueueKeys::new(namespace, queue);
+    for keys in queues.iter().flat_map(|queue| layout.all(queue)) {
         let moved: i64 = DEAD_RETRY
             .key(keys.dead())
             .key(keys.active())
@@ -86,7 +93,7 @@ pub async fn retry<C: ConnectionLike>(
             .invoke_async(conn)
             .await?;
         if moved == 1 {
-            return Ok(Some((*queue).to_owned()));
+            return Ok(Some(keys.queue));
         }
     }
     Ok(None)
@@ -95,12 +102,11 @@ pub async fn retry<C: ConnectionLike>(
 /// Deletes every dead job of `queues` (payload, metadata and entry); returns how many.
 pub async fn purge<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
     queues: &[&str],
 ) -> Result<u64, redis::RedisError> {
     let mut total = 0;
-    for queue in queues {
-        let keys = QueueKeys::new(namespace, queue);
+    for keys in queues.iter().flat_map(|queue| layout.all(queue)) {
         loop {
             let removed: u64 = DEAD_PURGE
                 .key(keys.dead())

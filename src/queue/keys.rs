@@ -2,4 +2,6 @@
 //! (`gatehouse_jobs::keys`, shared with the enqueue client so the two cannot drift); this
 //! module re-exports it for the queue layer and its users.
 
-pub use gatehouse_jobs::keys::{QueueKeys, dedupe_key};
+pub use gatehouse_jobs::keys::{
+    JobMeta, Layout, LegacyKeys, MAX_SHARDS, QueueKeys, hash_slot, shard_of,
+};

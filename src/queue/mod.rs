@@ -8,6 +8,7 @@
 //! - [`consume`]: fetch, ack, release, heartbeat (with orphan rescue), register, deregister and
 //!   vacuum, as plain async functions; [`retry`]: the backoff schedule.
 //! - The operator API the edges and the CLI call: [`dead`] (dead letters), [`stats`] (counts).
+//! - [`legacy`]: moves what a release before the cluster-safe key layout left in Redis.
 //! - [`outbox`]: jobs committed with a database write, relayed to Redis; [`payloads`]: payloads
 //!   checked against the committed schemas before they are enqueued; [`at_rest`]: the sealed
 //!   payloads Redis holds, counted per key (`keys status`) and re-sealed by a key rotation.
@@ -22,6 +23,7 @@ pub mod at_rest;
 pub mod consume;
 pub mod dead;
 pub mod keys;
+pub mod legacy;
 pub mod outbox;
 pub mod payloads;
 pub mod retry;

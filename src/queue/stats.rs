@@ -4,7 +4,7 @@
 
 use redis::aio::ConnectionLike;
 
-use super::keys::QueueKeys;
+use super::keys::Layout;
 use super::scripts::STATS;
 
 /// One queue's counts at one moment.
@@ -25,43 +25,48 @@ pub struct QueueStats {
     pub workers: u64,
 }
 
-/// The counts of `queue` under `namespace`.
+/// The counts of `queue`, summed over its shards (each shard read in one script, so its
+/// numbers are one snapshot). `workers`: the most registered on one shard (every worker
+/// process registers on each shard).
 pub async fn queue_stats<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
     queue: &str,
 ) -> Result<QueueStats, redis::RedisError> {
-    let keys = QueueKeys::new(namespace, queue);
-    let counts: Vec<u64> = STATS
-        .key(keys.active())
-        .key(keys.scheduled())
-        .key(keys.workers())
-        .key(keys.inflight())
-        .key(keys.dead())
-        .key(keys.done())
-        .invoke_async(conn)
-        .await?;
-    let at = |i: usize| counts.get(i).copied().unwrap_or(0);
-    Ok(QueueStats {
+    let mut total = QueueStats {
         queue: queue.to_owned(),
-        pending: at(0),
-        retrying: at(1),
-        in_flight: at(2),
-        dead: at(3),
-        done: at(4),
-        workers: at(5),
-    })
+        ..QueueStats::default()
+    };
+    for keys in layout.all(queue) {
+        let counts: Vec<u64> = STATS
+            .key(keys.active())
+            .key(keys.scheduled())
+            .key(keys.workers())
+            .key(keys.inflight())
+            .key(keys.dead())
+            .key(keys.done())
+            .invoke_async(conn)
+            .await?;
+        let at = |i: usize| counts.get(i).copied().unwrap_or(0);
+        total.pending += at(0);
+        total.retrying += at(1);
+        total.in_flight += at(2);
+        total.dead += at(3);
+        total.done += at(4);
+        total.workers = total.workers.max(at(5));
+    }
+    Ok(total)
 }
 
 /// The counts of every queue in `queues`, in that order.
 pub async fn all_queue_stats<C: ConnectionLike>(
     conn: &mut C,
-    namespace: &str,
+    layout: &Layout,
     queues: &[&str],
 ) -> Result<Vec<QueueStats>, redis::RedisError> {
     let mut out = Vec::with_capacity(queues.len());
     for queue in queues {
-        out.push(queue_stats(conn, namespace, queue).await?);
+        out.push(queue_stats(conn, layout, queue).await?);
     }
     Ok(out)
 }

@@ -74,8 +74,8 @@ pub struct RunContext<'a> {
     pub worker: &'a str,
     pub batch_size: usize,
     /// Where the job payloads to re-seal are (`REDIS_URL`, `QUEUE_NAMESPACE`).
-    pub redis: &'a redis::aio::ConnectionManager,
-    pub namespace: &'a str,
+    pub redis: &'a crate::redis_conn::RedisConn,
+    pub layout: &'a gatehouse_jobs::keys::Layout,
     /// How long the run waits, without re-sealing anything, for values other transactions
     /// hold locked before it gives up with [`RotationError::Stalled`] (retryable: the job is
     /// retried later and resumes, and its worker slot is free meanwhile).
@@ -315,7 +315,7 @@ pub async fn run(
     let current = current_id.0;
     if rotation.status == "queued" {
         let mut redis = ctx.redis.clone();
-        let in_redis = at_rest::census(&mut redis, ctx.namespace)
+        let in_redis = at_rest::census(&mut redis, ctx.layout)
             .await?
             .iter()
             .filter(|c| c.needs_reseal(current_id))
@@ -407,14 +407,8 @@ async fn reseal_redis(
         .collect();
         let skip =
             |queue: &str, job_id: &str| recorded.contains(&(queue.to_owned(), job_id.to_owned()));
-        let pass = at_rest::reseal_pass(
-            &mut redis,
-            ctx.namespace,
-            ctx.keyring,
-            ctx.batch_size,
-            &skip,
-        )
-        .await?;
+        let pass = at_rest::reseal_pass(&mut redis, ctx.layout, ctx.keyring, ctx.batch_size, &skip)
+            .await?;
         let mut newly_failed = Vec::new();
         for failure in &pass.unreadable {
             let inserted = sqlx::query(

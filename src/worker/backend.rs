@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::redis_conn::RedisConn;
 use apalis_codec::json::JsonCodec;
 use apalis_core::backend::finalize::Durable;
 use apalis_core::backend::future::BoxSyncFuture;
@@ -20,7 +21,6 @@ use apalis_core::task::Task;
 use apalis_core::task::status::Status;
 use apalis_core::worker::context::WorkerContext;
 use futures::FutureExt;
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 
 use crate::config::RetryPolicy;
@@ -71,7 +71,10 @@ impl LiveWorkers {
 /// How one queue's backend behaves.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
-    pub keys: QueueKeys,
+    /// The queue's name.
+    pub queue: &'static str,
+    /// Every shard the worker takes jobs from (at least one: shard 0 first), fetched in turn.
+    pub shards: Vec<QueueKeys>,
     pub batch_size: usize,
     pub heartbeat: Duration,
     /// A worker silent this long is dead and its jobs are handed on.
@@ -94,24 +97,45 @@ pub fn decodes<Args: serde::de::DeserializeOwned>(payload: &[u8]) -> bool {
 /// The `Persistence` half: what apalis-core's `Persisted` driver calls.
 #[derive(Debug, Clone)]
 pub struct QueuePersistence {
-    conn: ConnectionManager,
+    conn: RedisConn,
     settings: QueueSettings,
     live: LiveWorkers,
+    /// Which shard each job this worker fetched and has not acknowledged came from.
+    held: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    /// The shard the next fetch tries first: fetches go round the shards, so a busy shard
+    /// never starves the others.
+    next_shard: usize,
 }
 
 impl QueuePersistence {
+    fn shard(&self, index: usize) -> &QueueKeys {
+        &self.settings.shards[index % self.settings.shards.len()]
+    }
+
+    /// Takes the shard a held job came from (shard 0 if unknown: its acknowledgement finds
+    /// nothing there and is dropped, like any stale one).
+    fn release_held(&self, id: &str) -> usize {
+        self.held
+            .lock()
+            .ok()
+            .and_then(|mut held| held.remove(id))
+            .unwrap_or(0)
+    }
+
     /// Dead-letters fetched jobs whose payload does not decode, at once and without running
     /// them (the error names the queue, never the payload).
     async fn kill_undecodable(
         &mut self,
         worker: &WorkerContext,
+        shard: usize,
         tasks: &[Task<Vec<u8>>],
     ) -> Result<(), BackendError> {
-        let keys = &self.settings.keys;
+        let keys = self.shard(shard).clone();
         let acks: Vec<Ack> = tasks
             .iter()
             .filter_map(|task| {
                 let id = task.ctx().task_id()?.to_string();
+                self.release_held(&id);
                 tracing::error!(queue = %keys.prefix, job.id = %id, "job payload does not decode; dead-lettered without running");
                 Some(Ack {
                     id,
@@ -124,11 +148,11 @@ impl QueuePersistence {
                 })
             })
             .collect();
-        ::metrics::counter!("gatehouse_jobs_total", "queue" => queue_name(keys), "outcome" => "dead")
+        ::metrics::counter!("gatehouse_jobs_total", "queue" => queue_name(&keys), "outcome" => "dead")
             .increment(acks.len() as u64);
         consume::ack(
             &mut self.conn,
-            keys,
+            &keys,
             worker.name(),
             self.settings.outages.max_wait,
             &acks,
@@ -138,11 +162,9 @@ impl QueuePersistence {
     }
 }
 
-/// The queue's name (the key prefix past the namespace), for metrics labels.
+/// The queue's name, for metrics labels.
 fn queue_name(keys: &QueueKeys) -> String {
-    keys.prefix
-        .rsplit_once(':')
-        .map_or_else(|| keys.prefix.clone(), |(_, q)| q.to_owned())
+    keys.queue.clone()
 }
 
 /// Where a finished attempt goes.
@@ -168,29 +190,37 @@ impl Persistence for QueuePersistence {
     type Error = BackendError;
 
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), BackendError> {
-        let keys = &self.settings.keys;
-        consume::register(&mut self.conn, keys, worker.name()).await?;
-        self.live.add(&keys.prefix, worker.name());
-        tracing::debug!(worker.name = worker.name(), queue = %keys.prefix, "worker registered");
+        for keys in &self.settings.shards {
+            consume::register(&mut self.conn, keys, worker.name()).await?;
+            self.live.add(&keys.prefix, worker.name());
+        }
+        tracing::debug!(
+            worker.name = worker.name(),
+            queue = self.settings.queue,
+            shards = self.settings.shards.len(),
+            "worker registered"
+        );
         Ok(())
     }
 
     async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), BackendError> {
-        let (recovered, dead) = consume::heartbeat(
-            &mut self.conn,
-            &self.settings.keys,
-            self.settings.orphan_timeout,
-            Some(worker.name()),
-            &[],
-        )
-        .await?;
-        if recovered > 0 || dead > 0 {
-            tracing::warn!(
-                queue = %self.settings.keys.prefix,
-                jobs = recovered,
-                workers = dead,
-                "recovered the jobs of workers that stopped heartbeating"
-            );
+        for keys in &self.settings.shards {
+            let (recovered, dead) = consume::heartbeat(
+                &mut self.conn,
+                keys,
+                self.settings.orphan_timeout,
+                Some(worker.name()),
+                &[],
+            )
+            .await?;
+            if recovered > 0 || dead > 0 {
+                tracing::warn!(
+                    queue = %keys.prefix,
+                    jobs = recovered,
+                    workers = dead,
+                    "recovered the jobs of workers that stopped heartbeating"
+                );
+            }
         }
         Ok(())
     }
@@ -204,22 +234,39 @@ impl Persistence for QueuePersistence {
         if self.settings.outages.paused() {
             return Ok(Vec::new());
         }
-        let result = consume::fetch(
-            &mut self.conn,
-            &self.settings.keys,
-            worker.name(),
-            self.settings.batch_size,
-        )
-        .await?;
-        let tasks = apalis_redis::queries::deserialize_with_meta(result)?;
-        let (good, bad): (Vec<_>, Vec<_>) = tasks
-            .into_iter()
-            .map(apalis_redis::queries::CompactTask::into_full_compact)
-            .partition(|task| (self.settings.decodes)(&task.args));
-        if !bad.is_empty() {
-            self.kill_undecodable(worker, &bad).await?;
+        // One shard per fetch, in turn: the first that has jobs answers, and the next fetch
+        // starts at the shard after it.
+        let count = self.settings.shards.len();
+        for step in 0..count {
+            let shard = (self.next_shard + step) % count;
+            let keys = self.shard(shard).clone();
+            let result = consume::fetch(
+                &mut self.conn,
+                &keys,
+                worker.name(),
+                self.settings.batch_size,
+            )
+            .await?;
+            let tasks = apalis_redis::queries::deserialize_with_meta(result)?;
+            if tasks.is_empty() {
+                continue;
+            }
+            self.next_shard = (shard + 1) % count;
+            if let Ok(mut held) = self.held.lock() {
+                for task in &tasks {
+                    held.insert(task.task_id.to_string(), shard);
+                }
+            }
+            let (good, bad): (Vec<_>, Vec<_>) = tasks
+                .into_iter()
+                .map(apalis_redis::queries::CompactTask::into_full_compact)
+                .partition(|task| (self.settings.decodes)(&task.args));
+            if !bad.is_empty() {
+                self.kill_undecodable(worker, shard, &bad).await?;
+            }
+            return Ok(good);
         }
-        Ok(good)
+        Ok(Vec::new())
     }
 
     async fn reenqueue_abandoned(
@@ -230,11 +277,19 @@ impl Persistence for QueuePersistence {
         if tasks.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<String> = tasks
+        let mut by_shard: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for id in tasks
             .iter()
             .filter_map(|task| task.ctx().task_id().map(ToString::to_string))
-            .collect();
-        Ok(consume::release(&mut self.conn, &self.settings.keys, worker.name(), &ids).await?)
+        {
+            by_shard.entry(self.release_held(&id)).or_default().push(id);
+        }
+        let mut released = 0;
+        for (shard, ids) in by_shard {
+            let keys = self.shard(shard).clone();
+            released += consume::release(&mut self.conn, &keys, worker.name(), &ids).await?;
+        }
+        Ok(released)
     }
 
     async fn handle_events(
@@ -252,7 +307,6 @@ impl Persistence for QueuePersistence {
         if results.is_empty() {
             return Ok(());
         }
-        let keys = &self.settings.keys;
         let policy = self.settings.retry;
         let deferrals = &self.settings.outages.deferrals;
         let acks: Vec<Ack> = results
@@ -288,17 +342,31 @@ impl Persistence for QueuePersistence {
                 }
             })
             .collect();
-        let consume::Acked { acked, expired } = consume::ack(
-            &mut self.conn,
-            keys,
-            worker.name(),
-            self.settings.outages.max_wait,
-            &acks,
-        )
-        .await?;
+        let mut by_shard: BTreeMap<usize, Vec<Ack>> = BTreeMap::new();
+        for ack in acks {
+            by_shard
+                .entry(self.release_held(&ack.id))
+                .or_default()
+                .push(ack);
+        }
+        let (mut acked, mut expired) = (0, 0);
+        for (shard, acks) in by_shard {
+            let keys = self.shard(shard).clone();
+            let done = consume::ack(
+                &mut self.conn,
+                &keys,
+                worker.name(),
+                self.settings.outages.max_wait,
+                &acks,
+            )
+            .await?;
+            acked += done.acked;
+            expired += done.expired;
+        }
+        let queue = self.settings.queue;
         if expired > 0 {
             tracing::warn!(
-                queue = %keys.prefix,
+                queue,
                 jobs = expired,
                 max_wait_s = self.settings.outages.max_wait.as_secs(),
                 "jobs waited out outages for longer than OUTAGE_MAX_WAIT_SECONDS; their failed attempts count again"
@@ -306,7 +374,7 @@ impl Persistence for QueuePersistence {
         }
         if acked < results.len() {
             tracing::warn!(
-                queue = %keys.prefix,
+                queue,
                 stale = results.len() - acked,
                 "results of jobs this worker no longer held were dropped (taken over after a missed heartbeat)"
             );
@@ -330,18 +398,20 @@ pub struct QueueBackend<Args> {
 impl<Args> std::fmt::Debug for QueueBackend<Args> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueBackend")
-            .field("queue", &self.persist.settings.keys.prefix)
+            .field("queue", &self.persist.settings.queue)
             .finish_non_exhaustive()
     }
 }
 
 impl<Args> QueueBackend<Args> {
-    pub fn new(conn: ConnectionManager, settings: QueueSettings, live: LiveWorkers) -> Self {
+    pub fn new(conn: RedisConn, settings: QueueSettings, live: LiveWorkers) -> Self {
         Self {
             persist: Persisted::new(QueuePersistence {
                 conn,
                 settings,
                 live,
+                held: Arc::default(),
+                next_shard: 0,
             }),
             codec: JsonCodec::default(),
             cleanup: None,
@@ -379,13 +449,15 @@ impl<Args> Backend for QueueBackend<Args> {
         if self.cleanup.is_none() {
             ready!(self.persist.poll_close(cx, worker))?;
             let name = worker.name().to_owned();
-            let keys = self.persist.settings.keys.clone();
+            let shards = self.persist.settings.shards.clone();
             let live = self.persist.live.clone();
             let mut conn = self.persist.conn.clone();
             self.cleanup = Some(
                 async move {
-                    live.remove(&keys.prefix, &name);
-                    consume::deregister(&mut conn, &keys, &name).await?;
+                    for keys in &shards {
+                        live.remove(&keys.prefix, &name);
+                        consume::deregister(&mut conn, keys, &name).await?;
+                    }
                     Ok(())
                 }
                 .boxed()

@@ -1,6 +1,7 @@
 //! The worker process's maintenance, beside the apalis workers and independent of how busy
 //! they are: every heartbeat interval, [`maintain`] keeps this process's workers alive in
-//! Redis, rescues the jobs of dead workers (orphans) and vacuums finished jobs; once a second
+//! Redis, rescues the jobs of dead workers (orphans), vacuums finished jobs and moves what a
+//! release before the cluster-safe key layout left in Redis (`crate::queue::legacy`); once a second
 //! [`relay_outbox`] pushes committed outbox entries; about once a minute the retention round
 //! (`crate::retention`) deletes expired PostgreSQL rows; and the PostgreSQL probe
 //! (`outage::watch_postgres`) ends an outage. [`Maintenance`] starts them and stops them
@@ -15,8 +16,9 @@ use tokio::task::JoinHandle;
 use super::backend::LiveWorkers;
 use super::supervise::redis_outage;
 use super::{SharedRedis, WorkerOptions, WorkerState, outage};
-use crate::queue::consume;
 use crate::queue::keys::QueueKeys;
+use crate::queue::table::QUEUE_SPECS;
+use crate::queue::{consume, legacy};
 
 /// The process's maintenance tasks, aborted together at shutdown.
 pub(super) struct Maintenance(Vec<JoinHandle<()>>);
@@ -32,10 +34,18 @@ impl Maintenance {
         live: &LiveWorkers,
         options: &WorkerOptions,
     ) -> Self {
+        // An outbox push that waits for replicas (`WAIT` blocks its connection) gets a
+        // connection of its own, so fetches and acknowledgements never queue behind it.
+        let relay_redis = match (&options.redis_url, queues.replica_acks()) {
+            (Some(target), Some(_)) => {
+                crate::redis_conn::Renewing::lazy(target).unwrap_or_else(|_| redis.clone())
+            }
+            _ => redis.clone(),
+        };
         Self(vec![
             tokio::spawn(relay_outbox(
                 state.pool.clone(),
-                redis.clone(),
+                relay_redis,
                 queues.clone(),
                 state.outages.postgres.clone(),
             )),
@@ -50,6 +60,7 @@ impl Maintenance {
             )),
             tokio::spawn(maintain(
                 redis.clone(),
+                queues.namespace().to_owned(),
                 keys,
                 live.clone(),
                 options.clone(),
@@ -97,6 +108,7 @@ async fn relay_outbox(
 /// finished ones, every heartbeat interval, independently of how busy the workers are.
 async fn maintain(
     redis: SharedRedis,
+    namespace: String,
     queues: Vec<QueueKeys>,
     live: LiveWorkers,
     options: WorkerOptions,
@@ -104,6 +116,7 @@ async fn maintain(
 ) {
     const VACUUM_CHUNK: usize = 1000;
     const VACUUM_CHUNKS_PER_ROUND: usize = 20;
+    const LEGACY_PER_ROUND: usize = 5000;
     let mut ticker = tokio::time::interval(options.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -144,6 +157,33 @@ async fn maintain(
                         break;
                     }
                 }
+            }
+        }
+        // What an older release left in its key layout moves into the current one (only
+        // ever on a single Redis: no release before it ran on a cluster).
+        let specs: &[_] = if redis.is_cluster() {
+            &[]
+        } else {
+            &QUEUE_SPECS
+        };
+        for spec in specs {
+            match legacy::relay(
+                &mut redis,
+                &namespace,
+                spec.name,
+                options.orphan_timeout(),
+                LEGACY_PER_ROUND,
+            )
+            .await
+            {
+                Ok(relayed) if relayed.moved > 0 || relayed.recovered > 0 => tracing::info!(
+                    queue = spec.name,
+                    moved = relayed.moved,
+                    recovered = relayed.recovered,
+                    "moved jobs from the pre-cluster key layout"
+                ),
+                Ok(_) => {}
+                Err(error) => failed(error, "legacy relay", spec.name),
             }
         }
         // Logged once per outage, by the health state.

@@ -35,9 +35,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::redis_conn::RedisConn;
 use apalis::prelude::*;
 use gatehouse_jobs::{InboundMessage, Job, RotateKeys, SyncCatalog, client::Queues};
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use crate::catalog::{StoreClient, StoreLimits};
@@ -70,9 +70,9 @@ pub struct WorkerState {
     pub events: crate::events::SecurityLog,
     /// Sealed values re-encrypted per transaction (`KEY_ROTATION_BATCH_SIZE`).
     pub key_rotation_batch_size: usize,
-    /// Redis and the queue namespace, for the job payloads a key rotation re-seals.
+    /// Redis and the queue layout, for the job payloads a key rotation re-seals.
     pub redis: crate::redis_conn::Renewing,
-    pub namespace: String,
+    pub layout: gatehouse_jobs::keys::Layout,
     /// Dependencies' outages and circuits, and the deferral register (`outage`).
     pub outages: outage::Outages,
     /// The longest an `inbound_message` attempt may run (the LLM's timeout plus
@@ -135,7 +135,7 @@ impl WorkerState {
             events,
             key_rotation_batch_size: config.key_rotation_batch_size,
             redis,
-            namespace: config.redis_namespace.clone(),
+            layout: config.layout().clone(),
             outages,
             inbound_limit: config.llm.as_ref().map_or(Duration::ZERO, |l| l.timeout)
                 + ATTEMPT_DB_ALLOWANCE,
@@ -174,7 +174,7 @@ pub struct WorkerOptions {
     /// whose (re)connect ended in an answer that is not I/O (garbage, a server error) stays
     /// failed for good in the redis crate, so the workers open a new one from this URL.
     /// `None`: never renewed.
-    pub redis_url: Option<secrecy::SecretString>,
+    pub redis_url: Option<crate::redis_conn::RedisTarget>,
 }
 
 impl WorkerOptions {
@@ -223,14 +223,15 @@ pub fn unique_worker_name() -> String {
 }
 
 fn queue_settings<Args: serde::de::DeserializeOwned>(
-    queues: &Queues,
-    queue: &str,
+    shards: Vec<crate::queue::keys::QueueKeys>,
+    queue: &'static str,
     options: &WorkerOptions,
     retry: RetryPolicy,
     outages: &outage::Outages,
 ) -> QueueSettings {
     QueueSettings {
-        keys: queues.keys(queue),
+        queue,
+        shards,
         batch_size: options.concurrency.max(1),
         heartbeat: options.heartbeat,
         orphan_timeout: options.orphan_timeout(),
@@ -253,7 +254,7 @@ const HEALTH_DRAIN: Duration = Duration::from_secs(5);
 /// up to the grace period for in-flight ones.
 pub async fn run(
     state: Arc<WorkerState>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     queues: Queues,
     options: WorkerOptions,
     shutdown: impl Future<Output = ()>,
@@ -286,7 +287,7 @@ pub async fn run(
                 crate::metrics::scrape::Scrape {
                     handle: metrics,
                     redis: shared.clone(),
-                    namespace: queues.namespace().to_owned(),
+                    layout: queues.layout().clone(),
                     token: options.metrics_token.clone(),
                 },
                 stop_health.clone().cancelled_owned(),
@@ -296,22 +297,26 @@ pub async fn run(
     tracing::info!(worker.name = %base, concurrency = options.concurrency, "starting workers");
     let concurrency = options.concurrency.max(1);
     let live = LiveWorkers::default();
+    let mut probe = shared.clone();
+    let mut shards_of = async |queue| {
+        crate::queue::consume::shards_to_read(&mut probe, queues.layout(), queue).await
+    };
     let inbound = queue_settings::<gatehouse_jobs::sealed::Sealed<InboundMessage>>(
-        &queues,
+        shards_of(InboundMessage::QUEUE).await,
         InboundMessage::QUEUE,
         &options,
         state.retry.inbound_message,
         &state.outages,
     );
     let sync = queue_settings::<SyncCatalog>(
-        &queues,
+        shards_of(SyncCatalog::QUEUE).await,
         SyncCatalog::QUEUE,
         &options,
         state.retry.sync_catalog,
         &state.outages,
     );
     let rotate = queue_settings::<RotateKeys>(
-        &queues,
+        shards_of(RotateKeys::QUEUE).await,
         RotateKeys::QUEUE,
         &options,
         state.retry.rotate_keys,
@@ -321,7 +326,10 @@ pub async fn run(
         &state,
         &shared,
         &queues,
-        vec![inbound.keys.clone(), sync.keys.clone(), rotate.keys.clone()],
+        [&inbound, &sync, &rotate]
+            .iter()
+            .flat_map(|settings| settings.shards.iter().cloned())
+            .collect(),
         &live,
         &options,
     );
@@ -329,7 +337,9 @@ pub async fn run(
     // A restarted worker's previous name stops heartbeating, so whatever it held is recovered
     // after the orphan timeout.
     let retire = |live: &LiveWorkers, settings: &QueueSettings, name: String| {
-        live.remove(&settings.keys.prefix, &name);
+        for keys in &settings.shards {
+            live.remove(&keys.prefix, &name);
+        }
     };
     // One registration per queue: a restart retires the previous instance's name and builds
     // the worker again under a new one.

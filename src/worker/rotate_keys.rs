@@ -35,7 +35,7 @@ pub async fn handle(
             worker: worker.name(),
             batch_size: state.key_rotation_batch_size,
             redis: &redis,
-            namespace: &state.namespace,
+            layout: &state.layout,
             stall_limit: crate::rotation::STALL_LIMIT,
         };
         let at = Attempted {

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use gatehouse::config::Config;
 use gatehouse::http::AppState;
+use gatehouse::redis_conn::{RedisConn, RedisTarget};
 use gatehouse::tenants::NewTenant;
 use gatehouse::worker::{WorkerOptions, WorkerState};
 use gatehouse_jobs::client::Queues;
-use redis::aio::ConnectionManager;
 use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -30,7 +30,7 @@ pub use process::{
     client, client_builder, eventually, eventually_every, free_port, gatehouse_bin, kill, run_cli,
     terminate, terminate_within, try_free_port, wait_healthy,
 };
-pub use redis_server::{OneNodeCluster, RedisServer};
+pub use redis_server::{LocalCluster, OneNodeCluster, RedisServer};
 
 /// Why an environment could not be set up (every message names the variable to fix and never
 /// a value: the URLs may hold passwords).
@@ -140,7 +140,7 @@ pub struct TestEnv {
     pub db_url: String,
     pub pool: PgPool,
     pub namespace: String,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub vars: HashMap<String, String>,
     pub config: Arc<Config>,
     scratch: Scratch,
@@ -165,6 +165,51 @@ impl TestEnv {
     pub async fn create(
         kind: &str,
         max_connections: u32,
+        edit: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Result<Self, Error> {
+        let target = RedisTarget::single(SecretString::from(redis_url()));
+        Self::create_on(kind, max_connections, target, edit).await
+    }
+
+    /// A test's environment on the Redis at `url` (a Redis Cluster node, say): `REDIS_URL`
+    /// names it and [`TestEnv::redis`] talks to it.
+    pub async fn on_redis(url: &str, edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        init();
+        let url = url.to_owned();
+        let target = RedisTarget::single(SecretString::from(url.clone()));
+        Self::create_on("test", 30, target, move |vars| {
+            vars.insert("REDIS_URL".into(), url);
+            edit(vars);
+        })
+        .await
+        .expect("the test environment is set up")
+    }
+
+    /// A test's environment on the Redis Cluster whose nodes `seeds` lists (comma-separated):
+    /// `REDIS_CLUSTER=true`, and [`TestEnv::redis`] is a cluster connection.
+    pub async fn on_cluster(seeds: &str, edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        init();
+        let seeds = seeds.to_owned();
+        let target = RedisTarget::cluster(
+            seeds
+                .split(',')
+                .map(|s| SecretString::from(s.to_owned()))
+                .collect(),
+        );
+        Self::create_on("test", 30, target, move |vars| {
+            vars.insert("REDIS_URL".into(), seeds);
+            vars.insert("REDIS_CLUSTER".into(), "true".into());
+            edit(vars);
+        })
+        .await
+        .expect("the test environment is set up")
+    }
+
+    /// [`TestEnv::create`] with [`TestEnv::redis`] connected to `redis`.
+    pub async fn create_on(
+        kind: &str,
+        max_connections: u32,
+        redis: RedisTarget,
         edit: impl FnOnce(&mut HashMap<String, String>),
     ) -> Result<Self, Error> {
         let id = Uuid::new_v4().simple().to_string();
@@ -194,7 +239,7 @@ impl TestEnv {
         let mut vars = base_vars(&db_url, &namespace);
         edit(&mut vars);
         let config = Arc::new(Config::from_vars(|k| vars.get(k).cloned())?);
-        let redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url())).await?;
+        let redis = gatehouse::redis_conn::connect(&redis).await?;
         Ok(Self {
             db_name,
             db_url,
@@ -218,7 +263,7 @@ impl TestEnv {
     }
 
     pub fn queues(&self) -> Queues {
-        Queues::new(self.namespace.clone()).sealing_with(self.config.keyring.current().clone())
+        self.config.queues()
     }
 
     /// A tenant with [`ACCOUNT_SID`] and [`TOKEN`] (sealed like any other).
@@ -298,11 +343,39 @@ impl TestEnv {
         }
     }
 
+    /// One job's metadata (its `:meta` entry; empty when it has none).
+    pub async fn job_meta(&self, queue: &str, job_id: &str) -> gatehouse_jobs::keys::JobMeta {
+        let mut redis = self.redis.clone();
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.queues().keys(queue).meta())
+            .arg(job_id)
+            .query_async(&mut redis)
+            .await
+            .expect("hget meta");
+        gatehouse_jobs::keys::JobMeta::parse(raw.as_deref())
+    }
+
+    /// Sets one field of a job's metadata, as a hand edit (or an attacker with Redis access)
+    /// would.
+    pub async fn set_job_meta(&self, queue: &str, job_id: &str, field: &str, value: &str) {
+        let mut meta = self.job_meta(queue, job_id).await;
+        meta.0.insert(field.to_owned(), value.to_owned());
+        let json = serde_json::to_string(&meta.0).expect("meta json");
+        let mut redis = self.redis.clone();
+        let () = redis::cmd("HSET")
+            .arg(self.queues().keys(queue).meta())
+            .arg(job_id)
+            .arg(json)
+            .query_async(&mut redis)
+            .await
+            .expect("hset meta");
+    }
+
     /// Jobs waiting on a queue's active list.
     pub async fn queued(&self, queue: &str) -> i64 {
         let mut redis = self.redis.clone();
         redis::cmd("LLEN")
-            .arg(format!("{}:{queue}:active", self.namespace))
+            .arg(format!("{}:{{{queue}:0}}:active", self.namespace))
             .query_async(&mut redis)
             .await
             .expect("llen")
@@ -311,7 +384,7 @@ impl TestEnv {
     /// Waits (at most `within`) for a job to land in a queue's dead set.
     pub async fn wait_for_dead(&self, queue: &str, job_id: &str, within: Duration) -> bool {
         let mut redis = self.redis.clone();
-        let key = format!("{}:{queue}:dead", self.namespace);
+        let key = format!("{}:{{{queue}:0}}:dead", self.namespace);
         let start = Instant::now();
         loop {
             let score: Option<f64> = redis::cmd("ZSCORE")

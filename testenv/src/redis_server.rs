@@ -166,6 +166,202 @@ impl Drop for OneNodeCluster {
     }
 }
 
+/// A Redis Cluster of `redis-server --cluster-enabled yes` processes on loopback ports, made
+/// with `redis-cli --cluster create` (3 primaries at least, each with `replicas` replicas), as
+/// the README's "Running on Redis Cluster" sets one up. Removed (processes and files) on drop.
+pub struct LocalCluster {
+    nodes: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+/// Ports for cluster nodes: each free, and its cluster bus port (port + 10,000) free too.
+fn cluster_ports(n: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let port = crate::free_port();
+        if port >= 55_000 || ports.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+impl LocalCluster {
+    /// Starts `primaries × (1 + replicas)` nodes, creates the cluster and waits (at most 30 s)
+    /// until every node reports it `ok` and every replica is in sync with its primary.
+    pub async fn start(primaries: usize, replicas: usize) -> Result<Self, Error> {
+        let count = primaries * (1 + replicas);
+        let ports = cluster_ports(count);
+        let dir = std::env::temp_dir().join(format!(
+            "gh-cluster-{}-{}",
+            ports.first().copied().unwrap_or(0),
+            std::process::id()
+        ));
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir)?;
+            let dir_arg = node_dir.to_string_lossy().into_owned();
+            let mut server = RedisServer::new(
+                *port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    // A primary that stops answering is failed over after 2 s.
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--dir",
+                    &dir_arg,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            );
+            server.start().await?;
+            nodes.push(server);
+        }
+        let cluster = Self { nodes, dir };
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(Error::RedisServerSpawn)?;
+        if !created.success() {
+            return Err(Error::RedisServerNotListening(ports[0]));
+        }
+        let ready =
+            crate::eventually_every(Duration::from_secs(30), Duration::from_millis(100), || {
+                cluster.healthy()
+            })
+            .await;
+        if !ready {
+            return Err(Error::RedisServerNotListening(ports[0]));
+        }
+        Ok(cluster)
+    }
+
+    /// Whether every running node reports the cluster `ok` and every running replica's link to
+    /// its primary is up.
+    pub async fn healthy(&self) -> bool {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let Ok(client) = redis::Client::open(node.url()) else {
+                return false;
+            };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                return false;
+            };
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+            let replication: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if replication.contains("role:slave") && !replication.contains("master_link_status:up")
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `REDIS_URL` for `REDIS_CLUSTER=true`: every node, comma-separated.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node that serves `slot` as primary now.
+    pub async fn primary_of(&self, slot: u16) -> Option<usize> {
+        for node in &self.nodes {
+            if node.child.is_none() {
+                continue;
+            }
+            let client = redis::Client::open(node.url()).ok()?;
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let Ok(slots) = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<redis::Value>>(&mut conn)
+                .await
+            else {
+                continue;
+            };
+            for range in slots {
+                let redis::Value::Array(parts) = range else {
+                    continue;
+                };
+                let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
+                    (parts.first(), parts.get(1))
+                else {
+                    continue;
+                };
+                if !(*from..=*to).contains(&i64::from(slot)) {
+                    continue;
+                }
+                let Some(redis::Value::Array(primary)) = parts.get(2) else {
+                    continue;
+                };
+                let Some(redis::Value::Int(port)) = primary.get(1) else {
+                    continue;
+                };
+                return self.nodes.iter().position(|n| i64::from(n.port()) == *port);
+            }
+            return None;
+        }
+        None
+    }
+
+    /// `kill -9` of node `index`: no goodbye to the cluster, which fails it over.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(node) = self.nodes.get_mut(index)
+            && let Some(child) = node.child.as_mut()
+        {
+            crate::kill(child);
+            node.child = None;
+        }
+    }
+
+    /// The URL of node `index`.
+    pub fn url(&self, index: usize) -> Option<String> {
+        self.nodes.get(index).map(RedisServer::url)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(child) = node.child.as_mut() {
+                crate::kill(child);
+            }
+            node.child = None;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {

@@ -494,7 +494,7 @@ async fn every_protected_endpoint_checks_its_scope_and_logs_permission_denied() 
     assert_eq!(env.queued("sync_catalog").await, 1);
     let mut redis = env.redis.clone();
     let payload: Option<String> = redis::cmd("HGET")
-        .arg(format!("{}:sync_catalog:data", env.namespace))
+        .arg(format!("{}:{{sync_catalog:0}}:data", env.namespace))
         .arg(&job_id)
         .query_async(&mut redis)
         .await
@@ -650,7 +650,7 @@ async fn with_redis_down_scopes_come_from_the_database_and_logins_fail_closed() 
     up.stop().await;
 
     // The same app with a Redis that refuses connections.
-    let dead = gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1"))
+    let dead = gatehouse::redis_conn::connect_lazy_url(&SecretString::from("redis://127.0.0.1:1"))
         .expect("lazy connection");
     let state = Arc::new(AppState::new(env.config.clone(), env.pool.clone(), dead));
     let down = TestServer::start(state).await;

@@ -114,9 +114,10 @@ async fn events_without_an_ip_have_no_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_the_budget_is_counted_in_process_and_events_are_still_stored() {
     let env = TestEnv::new().await;
-    let dead =
-        gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
-            .expect("lazy client");
+    let dead = gatehouse::redis_conn::connect_lazy_url(&SecretString::from(
+        "redis://127.0.0.1:1".to_owned(),
+    ))
+    .expect("lazy client");
     let log = SecurityLog::new(env.pool.clone(), dead, env.namespace.clone());
     let ip: IpAddr = "198.51.100.20".parse().expect("ip");
     let minute = next_minute();

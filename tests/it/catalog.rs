@@ -524,16 +524,12 @@ async fn sync_jobs_run_through_the_worker_and_a_store_that_keeps_failing_is_dead
         env.wait_for_dead("sync_catalog", &unknown.job_id, Duration::from_secs(10))
             .await
     );
-    let attempts: String = redis::cmd("HGET")
-        .arg(format!(
-            "{}:sync_catalog:meta:{}",
-            env.namespace, unknown.job_id
-        ))
-        .arg("attempts")
-        .query_async(&mut redis)
-        .await
-        .expect("attempts");
-    assert_eq!(attempts, "1", "no retry for a permanent error");
+    let meta = env.job_meta("sync_catalog", &unknown.job_id).await;
+    assert_eq!(
+        meta.get("attempts"),
+        Some("1"),
+        "no retry for a permanent error"
+    );
     assert_eq!(store.hits(), hits);
     worker.stop().await.expect("worker stops cleanly");
     env.cleanup().await;
@@ -806,9 +802,10 @@ async fn a_store_name_resolving_to_loopback_is_refused_at_connect_time_and_its_j
             .await,
         "dead-lettered"
     );
-    let letters = gatehouse::queue::dead::list(&mut redis, &env.namespace, &["sync_catalog"], 10)
-        .await
-        .expect("dead letters");
+    let letters =
+        gatehouse::queue::dead::list(&mut redis, env.config.layout(), &["sync_catalog"], 10)
+            .await
+            .expect("dead letters");
     let letter = letters
         .iter()
         .find(|j| j.id == dead.job_id)

@@ -234,7 +234,7 @@ async fn dead_job(env: &TestEnv) -> String {
 async fn is_dead(env: &TestEnv, job_id: &str) -> bool {
     let mut redis = env.redis.clone();
     let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(format!("{}:sync_catalog:dead", env.namespace))
+        .arg(format!("{}:{{sync_catalog:0}}:dead", env.namespace))
         .arg(job_id)
         .query_async(&mut redis)
         .await
@@ -838,14 +838,8 @@ async fn hostile_tenant_names_emails_and_error_texts_render_inert() {
     .await
     .expect("rotation");
     let job_id = dead_job(&env).await;
-    let mut redis = env.redis.clone();
-    let _: () = redis::cmd("HSET")
-        .arg(format!("{}:sync_catalog:meta:{job_id}", env.namespace))
-        .arg("last_error")
-        .arg(HOSTILE)
-        .query_async(&mut redis)
-        .await
-        .expect("hset");
+    env.set_job_meta("sync_catalog", &job_id, "last_error", HOSTILE)
+        .await;
 
     let server = env.start_server().await;
     let mut agent = Agent::officer(&server).await;

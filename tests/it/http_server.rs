@@ -268,7 +268,7 @@ async fn the_worker_health_port_closes_slow_and_idle_connections_too() {
         Scrape {
             handle: gatehouse::metrics::install(),
             redis: env.redis.clone().into(),
-            namespace: env.namespace.clone(),
+            layout: env.config.layout().clone(),
             token: None,
         },
         async move {

@@ -491,7 +491,7 @@ async fn an_llm_that_refuses_the_credentials_dead_letters_the_job_at_once_with_i
         "no retry can help until an operator fixes LLM_*"
     );
     let payload: Option<String> = redis::cmd("HGET")
-        .arg(format!("{}:inbound_message:data", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:data", env.namespace))
         .arg(&job.job_id)
         .query_async(&mut redis)
         .await

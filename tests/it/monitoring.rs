@@ -260,7 +260,7 @@ async fn worker_health(
         Scrape {
             handle: gatehouse::metrics::install(),
             redis: env.redis.clone().into(),
-            namespace: env.namespace.clone(),
+            layout: env.config.layout().clone(),
             token,
         },
         std::future::pending(),

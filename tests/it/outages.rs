@@ -346,17 +346,16 @@ async fn attempts_histogram(
     queue: &str,
 ) -> std::collections::BTreeMap<String, usize> {
     let mut redis = env.redis.clone();
-    let keys = env.keys_matching(&format!("{queue}:meta:*")).await;
+    let metas: Vec<String> = redis::cmd("HVALS")
+        .arg(env.queues().keys(queue).meta())
+        .query_async(&mut redis)
+        .await
+        .expect("hvals");
     let mut histogram = std::collections::BTreeMap::new();
-    for key in keys {
-        let attempts: Option<String> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("attempts")
-            .query_async(&mut redis)
-            .await
-            .expect("hget");
+    for meta in metas {
+        let meta = gatehouse_jobs::keys::JobMeta::parse(Some(&meta));
         *histogram
-            .entry(attempts.unwrap_or_else(|| "-".into()))
+            .entry(meta.get("attempts").unwrap_or("-").to_owned())
             .or_insert(0) += 1;
     }
     histogram
@@ -384,7 +383,7 @@ async fn assert_no_attempt_used(env: &TestEnv, queue: &str, jobs: usize) {
 async fn dead_letters(env: &TestEnv) -> i64 {
     let mut redis = env.redis.clone();
     redis::cmd("ZCARD")
-        .arg(format!("{}:inbound_message:dead", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:dead", env.namespace))
         .query_async(&mut redis)
         .await
         .expect("zcard")
@@ -407,7 +406,7 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     // Its log lines are kept: the outage is logged when it starts and when it ends.
     let mut worker = LoggedWorker::spawn(&env, &[]);
     let ingress =
-        gatehouse::redis_conn::connect_lazy(&secrecy::SecretString::from(redis_via_proxy))
+        gatehouse::redis_conn::connect_lazy_url(&secrecy::SecretString::from(redis_via_proxy))
             .expect("redis url");
     let server = TestServer::start(std::sync::Arc::new(gatehouse::http::AppState::new(
         env.config.clone(),
@@ -562,7 +561,7 @@ async fn a_redis_busy_running_a_script_pauses_the_worker_until_the_script_is_kil
     let tenant = env.create_tenant().await;
     let server = private_redis(free_port(), &["--save", "", "--appendonly", "no"]).await;
     let client = redis::Client::open(server.url()).expect("url");
-    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(server.url()))
+    let mut conn = gatehouse::redis_conn::connect_url(&secrecy::SecretString::from(server.url()))
         .await
         .expect("private redis");
     let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
@@ -641,7 +640,7 @@ async fn a_redis_busy_running_a_script_pauses_the_worker_until_the_script_is_kil
     assert!(all, "every job ran: {rows} of {JOBS}");
     assert_eq!((rows, distinct), (JOBS as i64, JOBS as i64));
     let dead: i64 = redis::cmd("ZCARD")
-        .arg(format!("{}:inbound_message:dead", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:dead", env.namespace))
         .query_async(&mut admin)
         .await
         .expect("zcard");
@@ -1070,7 +1069,7 @@ async fn every_fault_shape_in_front_of_a_store_pauses_its_syncs_only_and_kills_n
         );
     }
     let dead: i64 = redis::cmd("ZCARD")
-        .arg(format!("{}:sync_catalog:dead", env.namespace))
+        .arg(format!("{}:{{sync_catalog:0}}:dead", env.namespace))
         .query_async(&mut redis)
         .await
         .expect("zcard");
@@ -1105,21 +1104,14 @@ async fn a_job_that_waits_out_an_outage_longer_than_the_maximum_counts_its_attem
         )
         .await
         .expect("enqueue");
-    let meta = format!("{}:inbound_message:meta:{}", env.namespace, job.job_id);
     // Deferred first: its attempts stay at 0 while it waits.
     assert!(
         eventually(Duration::from_secs(10), || {
-            let mut redis = redis.clone();
-            let meta = meta.clone();
+            let job_id = job.job_id.clone();
+            let env = &env;
             async move {
-                let (attempts, waiting): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                    .arg(&meta)
-                    .arg("attempts")
-                    .arg("waiting_since")
-                    .query_async(&mut redis)
-                    .await
-                    .expect("hmget");
-                attempts.as_deref() == Some("0") && waiting.is_some()
+                let meta = env.job_meta("inbound_message", &job_id).await;
+                meta.get("attempts") == Some("0") && meta.get("waiting_since").is_some()
             }
         })
         .await,
@@ -1130,14 +1122,13 @@ async fn a_job_that_waits_out_an_outage_longer_than_the_maximum_counts_its_attem
             .await,
         "past the maximum wait, its attempts count and it reaches the dead letters"
     );
-    let (attempts, error): (String, String) = redis::cmd("HMGET")
-        .arg(&meta)
-        .arg("attempts")
-        .arg("last_error")
-        .query_async(&mut redis)
-        .await
-        .expect("hmget");
-    assert_eq!(attempts, "4", "its four attempts, counted after the wait");
+    let meta = env.job_meta("inbound_message", &job.job_id).await;
+    let (attempts, error) = (meta.get("attempts"), meta.get("last_error").unwrap_or(""));
+    assert_eq!(
+        attempts,
+        Some("4"),
+        "its four attempts, counted after the wait"
+    );
     assert!(error.contains("OUTAGE_MAX_WAIT_SECONDS"), "{error}");
     worker.stop().await.expect("worker stops");
     env.cleanup().await;
@@ -1167,7 +1158,7 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
     ];
     let mut server = private_redis(port, &args).await;
     let url = server.url();
-    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect_url(&secrecy::SecretString::from(url.clone()))
         .await
         .expect("private redis");
     // Ballast, so the reload takes a while and clients hear LOADING meanwhile.
@@ -1255,11 +1246,11 @@ async fn a_redis_restart_that_reloads_its_aof_pauses_the_worker_and_loses_nothin
     let (rows, distinct) = messages_of(&env, &sids).await;
     assert!(all, "every job ran: {rows} of {JOBS}");
     assert_eq!((rows, distinct), (JOBS as i64, JOBS as i64), "once each");
-    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect_url(&secrecy::SecretString::from(url.clone()))
         .await
         .expect("private redis");
     let dead: i64 = redis::cmd("ZCARD")
-        .arg(format!("{}:inbound_message:dead", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:dead", env.namespace))
         .query_async(&mut conn)
         .await
         .expect("zcard");
@@ -1291,7 +1282,7 @@ async fn the_ingress_takes_webhooks_again_after_every_redis_fault_shape() {
     .await;
     let tenant = env.create_tenant().await;
     let redis =
-        gatehouse::redis_conn::connect_lazy(&secrecy::SecretString::from(proxy.redis_url()))
+        gatehouse::redis_conn::connect_lazy_url(&secrecy::SecretString::from(proxy.redis_url()))
             .expect("redis url");
     let state = std::sync::Arc::new(gatehouse::http::AppState::new(
         env.config.clone(),

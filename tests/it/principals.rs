@@ -118,7 +118,7 @@ async fn queued(env: &TestEnv, queue: &str) -> i64 {
 async fn queued_payloads(env: &TestEnv, queue: &str) -> Vec<Value> {
     let mut redis = env.redis.clone();
     let values: Vec<String> = redis::cmd("HVALS")
-        .arg(format!("{}:{queue}:data", env.namespace))
+        .arg(format!("{}:{{{queue}:0}}:data", env.namespace))
         .query_async(&mut redis)
         .await
         .expect("hvals");

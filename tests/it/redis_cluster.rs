@@ -1,4 +1,6 @@
-//! Redis Cluster readiness (issue 18, first slice): the Redis users outside the queue — rate
+//! Redis Cluster readiness (issue 18). The queue layer runs on a one-node cluster (no script
+//! crosses a slot), and jobs an older release left in the pre-cluster key layout move into the
+//! new one. The Redis users outside the queue — rate
 //! limits, the scope cache, security-event budgets and alert windows — run on a one-node Redis
 //! Cluster, where a command or script
 //! whose keys span two slots fails (`CROSSSLOT`) and a `#!lua` script may touch only the keys
@@ -7,6 +9,7 @@
 //! checks the cache was really used.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::common::*;
 use gatehouse::access::{ScopeCache, Source};
@@ -28,7 +31,7 @@ async fn rate_limits_the_scope_cache_and_security_event_counters_run_on_a_one_no
         vars.insert("RATE_LIMIT_AUTH_IP".into(), "5/minute".into());
     })
     .await;
-    let redis = gatehouse::redis_conn::connect(&secrecy::SecretString::from(cluster.url()))
+    let redis = gatehouse::redis_conn::connect_url(&secrecy::SecretString::from(cluster.url()))
         .await
         .expect("connect to the cluster node");
     let state = Arc::new(AppState::new(
@@ -63,7 +66,7 @@ async fn rate_limits_the_scope_cache_and_security_event_counters_run_on_a_one_no
         "the first request filled the cache on the cluster: {fields:?}"
     );
     let cache = ScopeCache::new(env.namespace.clone());
-    let resolve = |redis: redis::aio::ConnectionManager| {
+    let resolve = |redis: gatehouse::redis_conn::RedisConn| {
         let (cache, pool) = (cache.clone(), env.pool.clone());
         async move {
             let mut redis = redis;
@@ -166,4 +169,606 @@ async fn rate_limits_the_scope_cache_and_security_event_counters_run_on_a_one_no
 
     server.stop().await;
     env.cleanup().await;
+}
+
+/// `gatehouse {args}` against `env`'s variables (its Redis is the cluster node).
+fn cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(args)
+        .env_clear()
+        .envs(env.vars.iter())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gatehouse");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The queue layer on a one-node cluster: every script starts with `#!lua`, so Redis refuses a
+/// key it did not declare or one in another slot — what a single Redis lets pass. A signed
+/// webhook, a producer job with an `Idempotency-Key` (the dedupe key, claimed in the enqueue
+/// script), a job that fails to the dead letters, `jobs dead`, `jobs retry`, `jobs purge`,
+/// queue statistics and `keys status` all run there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_runs_on_a_one_node_cluster_where_no_script_may_cross_a_slot() {
+    let cluster = OneNodeCluster::start(free_port())
+        .await
+        .expect("a one-node Redis Cluster (redis-server --cluster-enabled yes)");
+    let env = TestEnv::on_redis(&cluster.url(), |_| {}).await;
+    queue_round_trip(&env).await;
+    env.cleanup().await;
+}
+
+/// The same on a three-primary cluster through the cluster client (`REDIS_CLUSTER=true`, the
+/// seed nodes in `REDIS_URL`): commands and scripts are routed to the node of their keys' slot,
+/// and the security log's budget and alert counters (two slots) are counted apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_runs_on_a_three_primary_cluster_through_the_cluster_client() {
+    let cluster = LocalCluster::start(3, 0)
+        .await
+        .expect("a three-primary Redis Cluster (redis-cli --cluster create)");
+    let env = TestEnv::on_cluster(&cluster.seeds(), |_| {}).await;
+    queue_round_trip(&env).await;
+    // A forged webhook signature's security event counts on the cluster.
+    let server = env.start_server().await;
+    let tenant = env.create_tenant().await;
+    let params = sms_params(&message_sid(), "+14155550100", "hi");
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
+    let r = client()
+        .post(server.url(&webhook_path(tenant)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .header("x-twilio-signature", "bCKNFa1ALlAtW1bWNwG18+MUxZY=")
+        .body(body)
+        .send()
+        .await
+        .expect("webhook");
+    assert_eq!(r.status(), 403);
+    assert!(env.wait_for_events("invalid_webhook_signature", 1).await >= 1);
+    server.stop().await;
+    env.cleanup().await;
+}
+
+/// Signed webhooks, producer jobs with an idempotency key, dead letters through the CLI,
+/// statistics and `keys status`, all on `env`'s Redis.
+async fn queue_round_trip(env: &TestEnv) {
+    use gatehouse_jobs::client::Enqueue;
+    use gatehouse_jobs::{SyncCatalog, SyncMode};
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let worker = env.start_worker();
+
+    let sid = message_sid();
+    let r = signed_form(
+        &client(),
+        &server,
+        tenant,
+        &sms_params(&sid, "+14155550100", "Where is my order?"),
+    )
+    .send()
+    .await
+    .expect("webhook");
+    assert_eq!(r.status(), 200);
+    let token = service_token(env, &server.url(""), &["jobs:enqueue"]).await;
+    let job = serde_json::json!({
+        "tenant_id": tenant,
+        "message_sid": message_sid(),
+        "from": "+14155550101",
+        "to": "+14155550199",
+        "body": "Do you have it in blue?",
+        "received_at": "2026-11-28T10:00:00Z",
+    });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = client()
+            .post(server.url("/v1/jobs/inbound_message"))
+            .header("x-forwarded-proto", "https")
+            .header("idempotency-key", "cluster-1")
+            .bearer_auth(&token)
+            .json(&job)
+            .send()
+            .await
+            .expect("enqueue");
+        assert_eq!(r.status(), 202);
+        let body: serde_json::Value = r.json().await.expect("json");
+        ids.push(body["job_id"].as_str().expect("job id").to_owned());
+    }
+    assert_eq!(ids[0], ids[1], "the idempotency key held on the cluster");
+    assert_eq!(
+        env.wait_for_count("SELECT count(*) FROM messages", 2, Duration::from_secs(20))
+            .await,
+        2,
+        "both messages committed by a worker fetching and acknowledging on the cluster"
+    );
+
+    // A job that fails for good: dead-lettered, listed, retried, dead again, purged.
+    let mut redis = env.redis.clone();
+    let doomed = env
+        .queues()
+        .enqueue(
+            &mut redis,
+            &SyncCatalog {
+                tenant_id: uuid::Uuid::new_v4(),
+                requested_by: uuid::Uuid::new_v4(),
+                mode: SyncMode::Full,
+            },
+            Enqueue::default(),
+        )
+        .await
+        .expect("enqueue");
+    assert!(
+        env.wait_for_dead("sync_catalog", &doomed.job_id, Duration::from_secs(20))
+            .await
+    );
+    let (code, out) = cli(env, &["jobs", "dead"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&doomed.job_id), "{out}");
+    let (code, _) = cli(env, &["jobs", "retry", &doomed.job_id]);
+    assert_eq!(code, 0);
+    assert!(
+        env.wait_for_dead("sync_catalog", &doomed.job_id, Duration::from_secs(20))
+            .await,
+        "retried, failed again"
+    );
+    let stats = gatehouse::queue::stats::all_queue_stats(
+        &mut redis,
+        env.config.layout(),
+        &["inbound_message", "sync_catalog"],
+    )
+    .await
+    .expect("stats on the cluster");
+    assert_eq!(stats[1].dead, 1, "{stats:?}");
+    assert!(stats[0].done >= 2, "{stats:?}");
+    let (code, out) = cli(env, &["keys", "status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("job.inbound_message.retained"), "{out}");
+    let (code, _) = cli(env, &["jobs", "purge", "--queue", "sync_catalog"]);
+    assert_eq!(code, 0);
+    assert!(
+        !env.wait_for_dead("sync_catalog", &doomed.job_id, Duration::from_millis(100))
+            .await
+    );
+
+    // Every queue key carries its shard's hash tag: one slot per queue shard.
+    let keys = env.queues().keys("inbound_message");
+    for key in [keys.active(), keys.data(), keys.meta(), keys.done()] {
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("keyslot");
+        assert_eq!(slot, gatehouse_jobs::keys::hash_slot(&keys.prefix), "{key}");
+    }
+    worker.stop().await.expect("worker stops");
+    server.stop().await;
+}
+
+/// An upgrade from the pre-cluster key layout (`{ns}:{queue}:…`, a hash per job's metadata, a
+/// set per worker) loses nothing: the maintenance round moves queued, due, scheduled and dead
+/// jobs into the new layout, hands back the jobs of an old worker that stopped heartbeating,
+/// and leaves alone a job a live old worker holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_left_in_the_pre_cluster_layout_are_moved_and_run() {
+    use gatehouse_jobs::InboundMessage;
+    use gatehouse_jobs::keys::LegacyKeys;
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let old = LegacyKeys::new(&env.namespace, "inbound_message");
+    let key = env.config.keyring.current().clone();
+    let mut redis = env.redis.clone();
+    let plant = |role: &'static str| {
+        let id = uuid::Uuid::now_v7().to_string();
+        let job = InboundMessage {
+            tenant_id: tenant,
+            message_sid: message_sid(),
+            from: "+14155550100".into(),
+            to: "+14155550199".into(),
+            body: format!("Where is my order? ({role})"),
+            received_at: "2026-11-28T10:00:00Z".into(),
+        };
+        let payload = gatehouse_jobs::sealed::seal_job(&job, &id, Some(&key)).expect("seal");
+        let mut pipe = redis::pipe();
+        pipe.hset(old.key("data"), &id, payload).ignore();
+        let status = if role == "dead" { "Killed" } else { "Pending" };
+        let attempts = if role == "dead" { "4" } else { "0" };
+        pipe.hset_multiple(
+            old.meta_of(&id),
+            &[
+                ("attempts", attempts),
+                ("max_attempts", "4"),
+                ("status", status),
+                ("idempotency_key", ""),
+            ],
+        )
+        .ignore();
+        match role {
+            "queued" => pipe.rpush(old.key("active"), &id).ignore(),
+            "scheduled" => pipe.zadd(old.key("scheduled"), &id, 1000).ignore(),
+            "dead" => pipe.zadd(old.key("dead"), &id, 1000).ignore(),
+            "orphan" => pipe
+                .zadd(old.key("workers"), "old-gone", 1000)
+                .ignore()
+                .sadd(old.inflight_of("old-gone"), &id)
+                .ignore(),
+            _ => pipe
+                .zadd(old.key("workers"), "old-alive", 4_000_000_000_000u64)
+                .ignore()
+                .sadd(old.inflight_of("old-alive"), &id)
+                .ignore(),
+        };
+        (id, pipe)
+    };
+    let mut ids = std::collections::HashMap::new();
+    for role in ["queued", "queued", "scheduled", "dead", "orphan", "held"] {
+        let (id, pipe) = plant(role);
+        let () = pipe.query_async(&mut redis).await.expect("plant");
+        ids.entry(role).or_insert_with(Vec::new).push(id);
+    }
+
+    let worker = env.start_worker_with(Duration::from_millis(200));
+    assert_eq!(
+        env.wait_for_count("SELECT count(*) FROM messages", 4, Duration::from_secs(30))
+            .await,
+        4,
+        "the queued, the scheduled and the orphaned jobs ran"
+    );
+    let dead = &ids["dead"][0];
+    assert!(
+        env.wait_for_dead("inbound_message", dead, Duration::from_secs(5))
+            .await,
+        "the dead job is a dead letter of the new layout"
+    );
+    assert_eq!(
+        env.job_meta("inbound_message", dead).await.get("attempts"),
+        Some("4")
+    );
+    let held = &ids["held"][0];
+    let left: Vec<String> = redis::cmd("HKEYS")
+        .arg(old.key("data"))
+        .query_async(&mut redis)
+        .await
+        .expect("hkeys");
+    assert_eq!(left, vec![held.clone()], "only the held job is left");
+    let still: bool = redis::cmd("SISMEMBER")
+        .arg(old.inflight_of("old-alive"))
+        .arg(held)
+        .query_async(&mut redis)
+        .await
+        .expect("sismember");
+    assert!(still, "a live old worker keeps its job");
+    for suffix in ["active", "scheduled", "dead"] {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(old.key(suffix))
+            .query_async(&mut redis)
+            .await
+            .expect("exists");
+        assert!(!exists, "old {suffix} is empty");
+    }
+    let meta_left: bool = redis::cmd("EXISTS")
+        .arg(old.meta_of(&ids["queued"][0]))
+        .query_async(&mut redis)
+        .await
+        .expect("exists");
+    assert!(!meta_left, "moved metadata is removed");
+
+    // The moved dead letter is retried like any other and runs.
+    let retried =
+        gatehouse::queue::dead::retry(&mut redis, env.config.layout(), &["inbound_message"], dead)
+            .await
+            .expect("retry");
+    assert_eq!(retried.as_deref(), Some("inbound_message"));
+    assert_eq!(
+        env.wait_for_count("SELECT count(*) FROM messages", 5, Duration::from_secs(20))
+            .await,
+        5
+    );
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+/// `QUEUE_SHARDS_INBOUND_MESSAGE=3` on a three-primary cluster: one tenant's jobs stay on one
+/// shard, the shards sit on different nodes, and one worker serves them all; the dead-letter
+/// CLI and the statistics cover every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sharded_queue_spreads_tenants_over_the_nodes_and_every_shard_is_served() {
+    use gatehouse_jobs::client::Enqueue;
+    use gatehouse_jobs::keys::{hash_slot, shard_of};
+    use gatehouse_jobs::{InboundMessage, SyncCatalog, SyncMode};
+    let cluster = LocalCluster::start(3, 0)
+        .await
+        .expect("a three-primary Redis Cluster (redis-cli --cluster create)");
+    let env = TestEnv::on_cluster(&cluster.seeds(), |vars| {
+        vars.insert("QUEUE_SHARDS_INBOUND_MESSAGE".into(), "3".into());
+        vars.insert("QUEUE_SHARDS_SYNC_CATALOG".into(), "3".into());
+        vars.insert("JOB_MAX_ATTEMPTS_SYNC_CATALOG".into(), "1".into());
+    })
+    .await;
+    let layout = env.config.layout().clone();
+    let nodes: std::collections::HashSet<usize> = {
+        let mut nodes = std::collections::HashSet::new();
+        for keys in layout.all("inbound_message") {
+            nodes.insert(
+                cluster
+                    .primary_of(hash_slot(&keys.prefix))
+                    .await
+                    .expect("a primary"),
+            );
+        }
+        nodes
+    };
+    assert_eq!(nodes.len(), 3, "the three shards are on three nodes");
+
+    // Tenants until every shard has some.
+    let mut tenants = Vec::new();
+    let mut covered = [false; 3];
+    while covered.iter().any(|c| !c) || tenants.len() < 6 {
+        let tenant = env.create_tenant().await;
+        covered[shard_of(Some(&tenant), 3) as usize] = true;
+        tenants.push(tenant);
+        assert!(tenants.len() < 60, "tenants spread over three shards");
+    }
+    let mut redis = env.redis.clone();
+    let queues = env.queues();
+    for tenant in &tenants {
+        for i in 0..3 {
+            let job = InboundMessage {
+                tenant_id: *tenant,
+                message_sid: message_sid(),
+                from: format!("+1415555010{i}"),
+                to: "+14155550199".into(),
+                body: "Where is my order?".into(),
+                received_at: "2026-11-28T10:00:00Z".into(),
+            };
+            queues
+                .enqueue(&mut redis, &job, Enqueue::default())
+                .await
+                .expect("enqueue");
+        }
+    }
+    for (shard, keys) in layout.all("inbound_message").iter().enumerate() {
+        let queued: u64 = redis::cmd("LLEN")
+            .arg(keys.active())
+            .query_async(&mut redis)
+            .await
+            .expect("llen");
+        let expected = tenants
+            .iter()
+            .filter(|t| shard_of(Some(t), 3) as usize == shard)
+            .count()
+            * 3;
+        assert_eq!(
+            queued as usize, expected,
+            "shard {shard}: its tenants' jobs"
+        );
+    }
+    let doomed: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let job = SyncCatalog {
+                tenant_id: uuid::Uuid::new_v4(),
+                requested_by: uuid::Uuid::new_v4(),
+                mode: SyncMode::Full,
+            };
+            ids.push(
+                queues
+                    .enqueue(&mut redis, &job, Enqueue::default())
+                    .await
+                    .expect("enqueue")
+                    .job_id,
+            );
+        }
+        ids
+    };
+
+    let worker = env.start_worker();
+    let want = (tenants.len() * 3) as i64;
+    assert_eq!(
+        env.wait_for_count(
+            "SELECT count(*) FROM messages",
+            want,
+            Duration::from_secs(30)
+        )
+        .await,
+        want,
+        "one worker served every shard"
+    );
+    let all_dead = gatehouse_testenv::eventually(Duration::from_secs(20), || {
+        let (mut redis, layout) = (env.redis.clone(), layout.clone());
+        async move {
+            gatehouse::queue::stats::queue_stats(&mut redis, &layout, "sync_catalog")
+                .await
+                .is_ok_and(|stats| stats.dead == 6)
+        }
+    })
+    .await;
+    assert!(all_dead, "the doomed jobs of every shard are dead letters");
+    let (code, out) = cli(&env, &["jobs", "dead", "--queue", "sync_catalog"]);
+    assert_eq!(code, 0);
+    for id in &doomed {
+        assert!(out.contains(id.as_str()), "{id} listed: {out}");
+    }
+    let (code, out) = cli(&env, &["jobs", "purge", "--queue", "sync_catalog"]);
+    assert_eq!(code, 0, "{out}");
+    let stats = gatehouse::queue::stats::queue_stats(&mut redis, &layout, "sync_catalog")
+        .await
+        .expect("stats");
+    assert_eq!(stats.dead, 0, "purged from every shard");
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+/// Lowering `QUEUE_SHARDS_*` strands no job: a worker configured with fewer shards finds the
+/// ones past them that still hold jobs and drains them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_on_shards_past_a_lowered_shard_count_are_drained() {
+    use gatehouse_jobs::client::{Enqueue, Queues};
+    use gatehouse_jobs::keys::{Layout, shard_of};
+    let env = TestEnv::new().await;
+    let wide =
+        Queues::with_layout(Layout::new(env.namespace.clone()).with_shards("inbound_message", 4))
+            .sealing_with(env.config.keyring.current().clone());
+    let mut redis = env.redis.clone();
+    let mut beyond = 0;
+    for _ in 0..12 {
+        let tenant = env.create_tenant().await;
+        if shard_of(Some(&tenant), 4) > 0 {
+            beyond += 1;
+        }
+        let job = gatehouse_jobs::InboundMessage {
+            tenant_id: tenant,
+            message_sid: message_sid(),
+            from: "+14155550100".into(),
+            to: "+14155550199".into(),
+            body: "Where is my order?".into(),
+            received_at: "2026-11-28T10:00:00Z".into(),
+        };
+        wide.enqueue(&mut redis, &job, Enqueue::default())
+            .await
+            .expect("enqueue");
+    }
+    assert!(beyond > 0, "some jobs sit past shard 0");
+    let worker = env.start_worker();
+    assert_eq!(
+        env.wait_for_count("SELECT count(*) FROM messages", 12, Duration::from_secs(30))
+            .await,
+        12
+    );
+    worker.stop().await.expect("worker stops");
+    env.cleanup().await;
+}
+
+/// `REDIS_MIN_REPLICA_ACKS=1`: a webhook is answered 200 only once a replica holds its job
+/// (`WAIT`); with the replica gone it is answered 503 within the bound (Twilio retries), and
+/// the retry, once the replica is back, is answered 200 and adds no second job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_enqueue_is_acknowledged_only_once_a_replica_has_it() {
+    // A full resynchronisation writes an RDB file in the server's directory: a scratch one.
+    let dir = std::env::temp_dir().join(format!("gh-replica-{}", uuid::Uuid::new_v4().simple()));
+    let (primary_dir, replica_dir) = (dir.join("primary"), dir.join("replica"));
+    std::fs::create_dir_all(&primary_dir).expect("primary dir");
+    std::fs::create_dir_all(&replica_dir).expect("replica dir");
+    let (primary_dir, replica_dir) = (
+        primary_dir.to_string_lossy().into_owned(),
+        replica_dir.to_string_lossy().into_owned(),
+    );
+    let mut primary = RedisServer::new(
+        free_port(),
+        &["--save", "", "--appendonly", "no", "--dir", &primary_dir],
+    );
+    primary.start().await.expect("primary");
+    let primary_port = primary.port().to_string();
+    let mut replica = RedisServer::new(
+        free_port(),
+        &[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &replica_dir,
+            "--replicaof",
+            "127.0.0.1",
+            &primary_port,
+        ],
+    );
+    let in_sync = |url: String| async move {
+        gatehouse_testenv::eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                info.contains("master_link_status:up")
+            }
+        })
+        .await
+    };
+    replica.start().await.expect("replica");
+    assert!(
+        in_sync(replica.url()).await,
+        "the replica follows the primary"
+    );
+    let env = TestEnv::on_redis(&primary.url(), |vars| {
+        vars.insert("REDIS_MIN_REPLICA_ACKS".into(), "1".into());
+        vars.insert("REDIS_REPLICA_ACK_TIMEOUT_MS".into(), "300".into());
+    })
+    .await;
+    let tenant = env.create_tenant().await;
+    let server = env.start_server().await;
+    let send = |sid: String| {
+        let server = &server;
+        async move {
+            signed_form(
+                &client(),
+                server,
+                tenant,
+                &sms_params(&sid, "+14155550100", "Where is my order?"),
+            )
+            .send()
+            .await
+            .expect("webhook")
+        }
+    };
+    let queued_on = |url: String| {
+        let active = env
+            .queues()
+            .for_tenant_keys("inbound_message", tenant)
+            .active();
+        async move {
+            let client = redis::Client::open(url).expect("url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            let n: u64 = redis::cmd("LLEN")
+                .arg(active)
+                .query_async(&mut conn)
+                .await
+                .expect("llen");
+            n
+        }
+    };
+
+    let r = send(message_sid()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        queued_on(replica.url()).await,
+        1,
+        "answered 200 once the replica holds the job"
+    );
+
+    replica.terminate();
+    let sid = message_sid();
+    let started = std::time::Instant::now();
+    let r = send(sid.clone()).await;
+    assert_eq!(r.status(), 503, "no replica confirmed it: not acknowledged");
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered within the bound"
+    );
+
+    replica.start().await.expect("replica again");
+    assert!(in_sync(replica.url()).await, "the replica caught up");
+    let r = send(sid).await;
+    assert_eq!(r.status(), 200, "Twilio's retry is acknowledged");
+    assert_eq!(queued_on(primary.url()).await, 2, "and adds no second job");
+    assert_eq!(queued_on(replica.url()).await, 2, "both are on the replica");
+    server.stop().await;
+    env.cleanup().await;
+    drop((primary, replica));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -87,8 +87,8 @@ async fn a_hundred_thousand_jobs_enqueued_without_workers_are_drained_then_vacuu
     let mut b = env.spawn(&["work"], &[]);
     let drained = eventually(Duration::from_secs(240), || async {
         env.queued("sync_catalog").await == 0
-            && zcard(&env, "sync_catalog:dead").await == 0
-            && hlen(&env, "sync_catalog:data").await == 0
+            && zcard(&env, "{sync_catalog:0}:dead").await == 0
+            && hlen(&env, "{sync_catalog:0}:data").await == 0
     })
     .await;
     let drained_in = started.elapsed();
@@ -103,16 +103,12 @@ async fn a_hundred_thousand_jobs_enqueued_without_workers_are_drained_then_vacuu
     assert!(terminate(&mut a).success());
     assert!(terminate(&mut b).success());
     let mut redis = env.redis.clone();
-    let meta_keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:sync_catalog:meta:*", env.namespace))
+    let metas: u64 = redis::cmd("HLEN")
+        .arg(env.queues().keys("sync_catalog").meta())
         .query_async(&mut redis)
         .await
-        .expect("keys");
-    assert!(
-        meta_keys.is_empty(),
-        "{} metadata hashes left",
-        meta_keys.len()
-    );
+        .expect("hlen");
+    assert_eq!(metas, 0, "{metas} metadata entries left");
     env.cleanup().await;
 }
 
@@ -127,8 +123,8 @@ async fn twenty_thousand_retries_falling_due_at_once_are_promoted_in_chunks() {
     .await;
     let ids = enqueue_redeliveries(&env, JOBS).await;
     let mut redis = env.redis.clone();
-    let active = format!("{}:sync_catalog:active", env.namespace);
-    let scheduled = format!("{}:sync_catalog:scheduled", env.namespace);
+    let active = format!("{}:{{sync_catalog:0}}:active", env.namespace);
+    let scheduled = format!("{}:{{sync_catalog:0}}:scheduled", env.namespace);
     for chunk in ids.chunks(1000) {
         let mut pipe = redis::pipe();
         for id in chunk {
@@ -141,16 +137,16 @@ async fn twenty_thousand_retries_falling_due_at_once_are_promoted_in_chunks() {
         .query_async(&mut redis)
         .await
         .expect("del");
-    assert_eq!(zcard(&env, "sync_catalog:scheduled").await, JOBS as i64);
+    assert_eq!(zcard(&env, "{sync_catalog:0}:scheduled").await, JOBS as i64);
 
     let worker = env.start_worker();
     let drained = eventually(Duration::from_secs(120), || async {
-        zcard(&env, "sync_catalog:done").await == JOBS as i64
+        zcard(&env, "{sync_catalog:0}:done").await == JOBS as i64
     })
     .await;
     assert!(drained, "every due retry was promoted and ran");
-    assert_eq!(zcard(&env, "sync_catalog:scheduled").await, 0);
-    assert_eq!(zcard(&env, "sync_catalog:dead").await, 0);
+    assert_eq!(zcard(&env, "{sync_catalog:0}:scheduled").await, 0);
+    assert_eq!(zcard(&env, "{sync_catalog:0}:dead").await, 0);
     worker.stop().await.expect("the worker never died");
     env.cleanup().await;
 }
@@ -360,7 +356,7 @@ async fn jobs_survive_a_redis_restart_and_killed_connections_under_a_running_wor
         .await
         .expect("the private redis-server starts");
     let url = server.url();
-    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url.clone()))
+    let mut conn = gatehouse::redis_conn::connect_url(&secrecy::SecretString::from(url.clone()))
         .await
         .expect("private redis");
     let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
@@ -485,13 +481,8 @@ async fn dead_letters_are_listed_without_secrets_retried_and_purged() {
     assert_eq!(code, 0);
     assert!(out.contains("sync_catalog"));
     assert_eq!(env.queued("sync_catalog").await, 1);
-    let attempts: String = redis::cmd("HGET")
-        .arg(format!("{}:sync_catalog:meta:{}", env.namespace, ids[0]))
-        .arg("attempts")
-        .query_async(&mut redis)
-        .await
-        .expect("meta");
-    assert_eq!(attempts, "0");
+    let meta = env.job_meta("sync_catalog", &ids[0]).await;
+    assert_eq!(meta.get("attempts"), Some("0"));
     let (code, _, _) = gatehouse(&env, &["jobs", "retry", &ids[0]], &[]);
     assert_eq!(code, 1, "no longer dead");
     let (code, _, _) = gatehouse(&env, &["jobs", "retry", "no-such-job"], &[]);
@@ -500,9 +491,9 @@ async fn dead_letters_are_listed_without_secrets_retried_and_purged() {
     let (code, out, _) = gatehouse(&env, &["jobs", "purge", "--queue", "sync_catalog"], &[]);
     assert_eq!(code, 0);
     assert_eq!(out.trim(), "purged 2 dead job(s)");
-    assert_eq!(zcard(&env, "sync_catalog:dead").await, 0);
+    assert_eq!(zcard(&env, "{sync_catalog:0}:dead").await, 0);
     assert_eq!(
-        hlen(&env, "sync_catalog:data").await,
+        hlen(&env, "{sync_catalog:0}:data").await,
         1,
         "only the retried job's payload is left"
     );
@@ -649,37 +640,36 @@ async fn jobs_wait_out_a_postgres_outage_without_using_attempts_and_none_is_lost
     if n != JOBS {
         let mut r = env.redis.clone();
         let active: i64 = redis::cmd("LLEN")
-            .arg(format!("{}:inbound_message:active", env.namespace))
+            .arg(format!("{}:{{inbound_message:0}}:active", env.namespace))
             .query_async(&mut r)
             .await
             .unwrap_or(-1);
         panic!(
             "every job ran once the database was back: {n} of {JOBS}; active {active}, scheduled {}, dead {}, done {}",
-            zcard(&env, "inbound_message:scheduled").await,
-            zcard(&env, "inbound_message:dead").await,
-            zcard(&env, "inbound_message:done").await,
+            zcard(&env, "{inbound_message:0}:scheduled").await,
+            zcard(&env, "{inbound_message:0}:dead").await,
+            zcard(&env, "{inbound_message:0}:done").await,
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(streak(&env).await, JOBS, "nothing applied twice or half");
-    assert_eq!(zcard(&env, "inbound_message:dead").await, 0);
+    assert_eq!(zcard(&env, "{inbound_message:0}:dead").await, 0);
     // The outage is not the jobs' fault: none used an attempt for it.
     let mut retried = 0;
     let ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("{}:inbound_message:done", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:done", env.namespace))
         .arg(0)
         .arg(-1)
         .query_async(&mut redis)
         .await
         .expect("done ids");
     for id in ids {
-        let attempts: Option<u32> = redis::cmd("HGET")
-            .arg(format!("{}:inbound_message:meta:{id}", env.namespace))
-            .arg("attempts")
-            .query_async(&mut redis)
-            .await
-            .expect("attempts");
-        if attempts.unwrap_or(0) > 1 {
+        let meta = env.job_meta("inbound_message", &id).await;
+        let attempts: u32 = meta
+            .get("attempts")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        if attempts > 1 {
             retried += 1;
         }
     }
@@ -732,32 +722,30 @@ async fn a_retry_waits_in_redis_not_in_a_worker_slot() {
         )
         .await
         .expect("enqueue");
-    let meta_key = format!("{}:sync_catalog:meta:{}", env.namespace, failing.job_id);
     let scheduled = eventually(Duration::from_secs(10), || {
-        let mut redis = env.redis.clone();
-        let meta_key = meta_key.clone();
+        let job_id = failing.job_id.clone();
+        let env = &env;
         async move {
-            let retry_at: Option<u64> = redis::cmd("HGET")
-                .arg(&meta_key)
-                .arg("retry_at")
-                .query_async(&mut redis)
+            env.job_meta("sync_catalog", &job_id)
                 .await
-                .expect("hget");
-            retry_at.is_some()
+                .get("retry_at")
+                .is_some()
         }
     })
     .await;
     assert!(scheduled, "the failed attempt was rescheduled");
-    let (retry_at, attempts): (u64, u32) = redis::cmd("HMGET")
-        .arg(&meta_key)
-        .arg("retry_at")
-        .arg("attempts")
-        .query_async(&mut redis)
-        .await
-        .expect("meta");
+    let meta = env.job_meta("sync_catalog", &failing.job_id).await;
+    let retry_at: u64 = meta
+        .get("retry_at")
+        .and_then(|v| v.parse().ok())
+        .expect("retry_at");
+    let attempts: u32 = meta
+        .get("attempts")
+        .and_then(|v| v.parse().ok())
+        .expect("attempts");
     assert_eq!(attempts, 1);
     let due: Option<f64> = redis::cmd("ZSCORE")
-        .arg(format!("{}:sync_catalog:scheduled", env.namespace))
+        .arg(format!("{}:{{sync_catalog:0}}:scheduled", env.namespace))
         .arg(&failing.job_id)
         .query_async(&mut redis)
         .await
@@ -779,7 +767,7 @@ async fn a_retry_waits_in_redis_not_in_a_worker_slot() {
     let done = eventually(Duration::from_secs(3), || async {
         let mut redis = env.redis.clone();
         let score: Option<f64> = redis::cmd("ZSCORE")
-            .arg(format!("{}:sync_catalog:done", env.namespace))
+            .arg(format!("{}:{{sync_catalog:0}}:done", env.namespace))
             .arg(&next[0])
             .query_async(&mut redis)
             .await

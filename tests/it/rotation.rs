@@ -658,9 +658,10 @@ async fn an_approval_made_while_redis_is_unreachable_is_enqueued_once_when_redis
     let queues = env.queues();
 
     // The relay's Redis is down: nothing is enqueued, the entry stays pending with why.
-    let mut down =
-        gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
-            .expect("lazy connection");
+    let mut down = gatehouse::redis_conn::connect_lazy_url(&SecretString::from(
+        "redis://127.0.0.1:1".to_owned(),
+    ))
+    .expect("lazy connection");
     let outcome = gatehouse::queue::outbox::relay(&env.pool, &mut down, &queues)
         .await
         .expect("relay reads PostgreSQL");
@@ -694,7 +695,7 @@ async fn an_approval_made_while_redis_is_unreachable_is_enqueued_once_when_redis
     assert_eq!(outcome.sent, 1);
     assert_eq!(env.queued(RotateKeys::QUEUE).await, 1);
     let queued: Vec<String> = redis::cmd("LRANGE")
-        .arg(format!("{}:rotate_keys:active", env.namespace))
+        .arg(format!("{}:{{rotate_keys:0}}:active", env.namespace))
         .arg(0)
         .arg(-1)
         .query_async(&mut up)
@@ -936,7 +937,7 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
         let pool = env.pool.clone();
         let keyring = keyring.clone();
         let events = env.events();
-        let (redis, namespace) = (env.redis.clone(), env.namespace.clone());
+        let (redis, layout) = (env.redis.clone(), env.config.layout().clone());
         async move {
             let ctx = RunContext {
                 keyring: &keyring,
@@ -945,7 +946,7 @@ async fn two_runs_of_one_rotation_at_once_share_the_batches_and_count_each_value
                 worker: job,
                 batch_size: 25,
                 redis: &redis,
-                namespace: &namespace,
+                layout: &layout,
                 stall_limit: rotation::STALL_LIMIT,
             };
             rotation::run(&pool, &ctx, rotation_id).await
@@ -995,7 +996,7 @@ async fn a_run_blocked_by_a_row_lock_gives_up_after_its_stall_limit_and_a_retry_
         worker: "job-stalled",
         batch_size: 25,
         redis: &env.redis,
-        namespace: &env.namespace,
+        layout: env.config.layout(),
         stall_limit: Duration::from_secs(1),
     };
     // Another transaction holds one sealed row and does not let go.
@@ -1088,7 +1089,7 @@ async fn an_unreadable_value_a_crashed_run_left_unreported_is_reported_once_by_t
         worker: "job-next",
         batch_size: 25,
         redis: &env.redis,
-        namespace: &env.namespace,
+        layout: env.config.layout(),
         stall_limit: rotation::STALL_LIMIT,
     };
     let outcome = rotation::run(&env.pool, &ctx, rotation_id)
@@ -1332,7 +1333,8 @@ async fn enqueue_inbound(
     ids
 }
 
-/// Takes `n` jobs off the queue as worker `name` would (registered, in its inflight set).
+/// Takes `n` jobs off the queue as worker `name` would (registered, holding them in the
+/// inflight hash).
 async fn take(env: &TestEnv, name: &str, n: usize) -> Vec<String> {
     use gatehouse::queue::consume;
     let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "inbound_message");
@@ -1343,11 +1345,15 @@ async fn take(env: &TestEnv, name: &str, n: usize) -> Vec<String> {
     consume::fetch(&mut redis, &keys, name, n)
         .await
         .expect("fetch");
-    redis::cmd("SMEMBERS")
-        .arg(keys.inflight_of(name))
+    let held: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(keys.inflight())
         .query_async(&mut redis)
         .await
-        .expect("inflight")
+        .expect("inflight");
+    held.into_iter()
+        .filter(|(_, holder)| holder == name)
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// Worker `name` acknowledges `ids` with `outcome` (`Dead` or `Done`).
@@ -1407,7 +1413,7 @@ fn run_context<'a>(
         worker: job,
         batch_size: 4,
         redis: &env.redis,
-        namespace: &env.namespace,
+        layout: env.config.layout(),
         stall_limit,
     }
 }
@@ -1440,9 +1446,10 @@ async fn a_rotation_reseals_the_job_payloads_redis_holds_and_waits_for_a_held_on
     let () = redis::pipe()
         .hset(keys.data(), &plain_id, &plain)
         .ignore()
-        .hset_multiple(
-            keys.meta_of(&plain_id),
-            &[("status", "Pending"), ("attempts", "0")],
+        .hset(
+            keys.meta(),
+            &plain_id,
+            r#"{"status":"Pending","attempts":"0","max_attempts":"4"}"#,
         )
         .ignore()
         .rpush(keys.active(), &plain_id)

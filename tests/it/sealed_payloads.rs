@@ -186,19 +186,14 @@ async fn members(env: &TestEnv, key: String) -> Vec<String> {
         .expect("zrange")
 }
 
-/// One job's metadata hash.
-async fn meta(env: &TestEnv, job_id: &str) -> std::collections::HashMap<String, String> {
-    let mut redis = env.redis.clone();
-    redis::cmd("HGETALL")
-        .arg(env.queues().keys(QUEUE).meta_of(job_id))
-        .query_async(&mut redis)
-        .await
-        .expect("hgetall meta")
+/// One job's metadata.
+async fn meta(env: &TestEnv, job_id: &str) -> std::collections::BTreeMap<String, String> {
+    env.job_meta(QUEUE, job_id).await.0
 }
 
 /// Waits until the queue's `set` (`done`, `dead`) holds every one of `ids`.
 async fn wait_in(env: &TestEnv, set: &str, ids: &[&str]) -> bool {
-    let key = format!("{}:{set}", env.queues().queue_key(QUEUE));
+    let key = format!("{}:{set}", env.queues().keys(QUEUE).prefix);
     eventually(Duration::from_secs(20), || async {
         let now = members(env, key.clone()).await;
         ids.iter().all(|id| now.iter().any(|m| m == id))
@@ -781,13 +776,10 @@ async fn plant(env: &TestEnv, queue: &str, payload: &str) -> String {
     let () = redis::pipe()
         .hset(keys.data(), &id, payload)
         .ignore()
-        .hset_multiple(
-            keys.meta_of(&id),
-            &[
-                ("status", "Pending"),
-                ("attempts", "0"),
-                ("max_attempts", "4"),
-            ],
+        .hset(
+            keys.meta(),
+            &id,
+            r#"{"status":"Pending","attempts":"0","max_attempts":"4"}"#,
         )
         .ignore()
         .rpush(keys.active(), &id)
@@ -846,7 +838,7 @@ async fn payloads_that_do_not_decode_or_open_are_dead_at_once_and_the_worker_kee
         .await,
         "each undecodable or unopenable inbound payload is dead"
     );
-    let sync_dead = format!("{}:dead", queues.queue_key("sync_catalog"));
+    let sync_dead = queues.keys("sync_catalog").dead();
     let wrong_shape_dead = eventually(Duration::from_secs(20), || async {
         members(&env, sync_dead.clone())
             .await

@@ -125,7 +125,7 @@ async fn a_second_window_of_failed_logins_raises_a_second_alert() {
 async fn two_ingress_processes_sharing_redis_agree_on_one_window() {
     let env = TestEnv::new().await;
     // Two processes' states: their own pools and Redis connections, one namespace.
-    let other_redis = gatehouse::redis_conn::connect(&SecretString::from(redis_url()))
+    let other_redis = gatehouse::redis_conn::connect_url(&SecretString::from(redis_url()))
         .await
         .expect("redis");
     let a = env.app_state();
@@ -252,9 +252,10 @@ async fn with_redis_down_events_are_still_recorded_without_alerts() {
     let env = TestEnv::new().await;
     let metrics = gatehouse::metrics::install();
     // Nothing listens on port 1: every alert-window count fails.
-    let dead =
-        gatehouse::redis_conn::connect_lazy(&SecretString::from("redis://127.0.0.1:1".to_owned()))
-            .expect("lazy client");
+    let dead = gatehouse::redis_conn::connect_lazy_url(&SecretString::from(
+        "redis://127.0.0.1:1".to_owned(),
+    ))
+    .expect("lazy client");
     let log = SecurityLog::new(env.pool.clone(), dead, env.namespace.clone());
     let ip: IpAddr = "203.0.113.50".parse().expect("ip");
     let start = next_window_start();

@@ -70,10 +70,10 @@ async fn a_signed_message_travels_from_http_through_redis_to_a_committed_row() {
     assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM conversations").await, 1);
 
-    // The job is acknowledged in Redis (done, no longer in any worker's inflight set), so
+    // The job is acknowledged in Redis (done, held by no worker in the inflight hash), so
     // orphan recovery can never run it again.
     let mut redis = env.redis.clone();
-    let done_key = format!("{}:inbound_message:done", env.namespace);
+    let done_key = format!("{}:{{inbound_message:0}}:done", env.namespace);
     let mut done = 0;
     for _ in 0..100 {
         // `done` is a sorted set by finish time (the vacuum's index).
@@ -88,19 +88,12 @@ async fn a_signed_message_travels_from_http_through_redis_to_a_committed_row() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(done, 1);
-    let inflight: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:inbound_message:inflight*", env.namespace))
+    let held: i64 = redis::cmd("HLEN")
+        .arg(env.queues().keys("inbound_message").inflight())
         .query_async(&mut redis)
         .await
-        .expect("keys");
-    for key in inflight {
-        let n: i64 = redis::cmd("SCARD")
-            .arg(&key)
-            .query_async(&mut redis)
-            .await
-            .expect("scard");
-        assert_eq!(n, 0, "{key} is empty");
-    }
+        .expect("hlen");
+    assert_eq!(held, 0, "no worker holds a job");
 
     worker.stop().await.expect("worker stops cleanly");
     server.stop().await;
@@ -167,7 +160,7 @@ async fn a_redelivered_job_changes_nothing() {
     );
     // Redelivery, as orphan recovery does it: the same job id back on the active list.
     let _: i64 = redis::cmd("RPUSH")
-        .arg(format!("{}:inbound_message:active", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:active", env.namespace))
         .arg(&first.job_id)
         .query_async(&mut redis)
         .await
@@ -779,7 +772,7 @@ async fn signatures_made_by_twilios_own_library_are_accepted_over_http() {
     );
     let mut redis = env.redis.clone();
     let queued: i64 = redis::cmd("LLEN")
-        .arg(format!("{}:inbound_message:active", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:active", env.namespace))
         .query_async(&mut redis)
         .await
         .expect("llen");

@@ -357,7 +357,7 @@ async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
         "the worker process is still running"
     );
 
-    let mut conn = gatehouse::redis_conn::connect(&secrecy::SecretString::from(url))
+    let mut conn = gatehouse::redis_conn::connect_url(&secrecy::SecretString::from(url))
         .await
         .expect("private redis");
     env.queues()
@@ -415,27 +415,20 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         .wait_for_dead("inbound_message", &job.job_id, Duration::from_secs(30))
         .await;
     assert!(dead, "after its last attempt the job is in the dead set");
-    let attempts: String = redis::cmd("HGET")
-        .arg(format!(
-            "{}:inbound_message:meta:{}",
-            env.namespace, job.job_id
-        ))
-        .arg("attempts")
-        .query_async(&mut redis)
-        .await
-        .expect("attempts recorded");
-    assert_eq!(attempts, "4", "one run and three retries");
+    let meta = env.job_meta("inbound_message", &job.job_id).await;
+    assert_eq!(meta.get("attempts"), Some("4"), "one run and three retries");
     // The payload is still there for an operator to retry.
     let payload: Option<String> = redis::cmd("HGET")
-        .arg(format!("{}:inbound_message:data", env.namespace))
+        .arg(format!("{}:{{inbound_message:0}}:data", env.namespace))
         .arg(&job.job_id)
         .query_async(&mut redis)
         .await
         .expect("hget");
     assert!(payload.is_some());
-    let stats = gatehouse::queue::stats::queue_stats(&mut redis, &env.namespace, "inbound_message")
-        .await
-        .expect("queue stats");
+    let stats =
+        gatehouse::queue::stats::queue_stats(&mut redis, env.config.layout(), "inbound_message")
+            .await
+            .expect("queue stats");
     assert_eq!(
         (
             stats.pending,

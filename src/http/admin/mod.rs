@@ -499,7 +499,7 @@ async fn retry_dead(
     let mut redis = state.redis.clone();
     match crate::queue::dead::retry(
         &mut redis,
-        &state.config.redis_namespace,
+        state.queues.layout(),
         &gatehouse_jobs::QUEUES,
         job_id,
     )

@@ -406,14 +406,14 @@ pub async fn queues(
     Query(query): Query<QueuesQuery>,
 ) -> Result<Response, Unavailable> {
     let mut redis = state.redis.clone();
-    let namespace = &state.config.redis_namespace;
+    let shards = state.queues.layout();
     let stats = loaded(
         "cannot read queue statistics",
-        crate::queue::stats::all_queue_stats(&mut redis, namespace, &gatehouse_jobs::QUEUES).await,
+        crate::queue::stats::all_queue_stats(&mut redis, shards, &gatehouse_jobs::QUEUES).await,
     )?;
     let dead = loaded(
         "cannot list dead jobs",
-        crate::queue::dead::list(&mut redis, namespace, &gatehouse_jobs::QUEUES, 50).await,
+        crate::queue::dead::list(&mut redis, shards, &gatehouse_jobs::QUEUES, 50).await,
     )?;
     let notice = match query.notice.as_deref() {
         Some("retried") => Some("The job is back on its queue."),

@@ -1,8 +1,9 @@
+#!lua
 -- gatehouse heartbeat and orphan recovery.
 -- Keeps this process's workers alive, then hands the jobs of workers silent for longer than
--- the timeout back to the active list (at its head: they were taken first). Bounded per call.
+-- the timeout back to the active list (at its head: they were taken first).
 --
--- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs):
+-- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
 --   [1] workers, [2] active, [3] inflight
 -- ARGV[1]: timeout ms (a worker silent this long is dead)
 -- ARGV[2]: most dead workers to recover in this call
@@ -22,17 +23,32 @@ for i = 4, #ARGV do
 end
 local dead = redis.call("zrangebyscore", KEYS[1], "-inf", now - tonumber(ARGV[1]),
     "LIMIT", 0, tonumber(ARGV[2]))
-local recovered = 0
-for _, worker in ipairs(dead) do
-    local inflight = KEYS[3] .. ":" .. worker
-    while true do
-        local jobs = redis.call("spop", inflight, 500)
-        if #jobs == 0 then
-            break
-        end
-        redis.call("lpush", KEYS[2], unpack(jobs))
-        recovered = recovered + #jobs
-    end
-    redis.call("zrem", KEYS[1], worker)
+if #dead == 0 then
+    return {0, 0}
 end
-return {recovered, #dead}
+local gone = {}
+for _, worker in ipairs(dead) do
+    gone[worker] = true
+end
+-- Every job held by a worker that is gone: declared dead now, or not registered at all (no
+-- script leaves such an entry; a hand edit or a torn legacy move could).
+local orphans = {}
+local cursor = "0"
+repeat
+    local page = redis.call("hscan", KEYS[3], cursor, "COUNT", 1000)
+    cursor = page[1]
+    local entries = page[2]
+    for i = 1, #entries, 2 do
+        local holder = entries[i + 1]
+        if gone[holder] or not redis.call("zscore", KEYS[1], holder) then
+            table.insert(orphans, entries[i])
+        end
+    end
+until cursor == "0"
+for i = 1, #orphans, 500 do
+    local chunk = {unpack(orphans, i, math.min(i + 499, #orphans))}
+    redis.call("hdel", KEYS[3], unpack(chunk))
+    redis.call("lpush", KEYS[2], unpack(chunk))
+end
+redis.call("zrem", KEYS[1], unpack(dead))
+return {#orphans, #dead}

@@ -1,3 +1,4 @@
+#!lua
 -- gatehouse worker registration: names are unique per process and restart, so there is no
 -- "still active" refusal to trip over (apalis-redis 1.0 refuses a name seen within the
 -- threshold and deregisters the wrong member).
