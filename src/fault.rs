@@ -117,19 +117,26 @@ pub fn sqlstate(code: &str) -> Fault {
 
 /// Classifies a Redis error by where it happened: anything on the way to a usable answer —
 /// connect, I/O (refused, reset, closed, timed out), protocol garbage — and a server that says
-/// it cannot serve now (`LOADING`, `BUSY`, `TRYAGAIN`, `READONLY`, `MASTERDOWN`,
+/// it cannot serve now (`LOADING`, `BUSY`, `TRYAGAIN`, `READONLY`, `MASTERDOWN`, a Redis
+/// Cluster's `MOVED`/`ASK` past the client's redirections or no connection to a slot's node,
 /// `CLUSTERDOWN`) is an outage; anything else (a script error, a wrong type) is a failure of
 /// its own.
 pub fn redis(error: &redis::RedisError) -> Fault {
     use redis::{ErrorKind, ServerErrorKind};
     let outage = match error.kind() {
-        ErrorKind::Io | ErrorKind::Parse => true,
+        // A Redis Cluster client with no connection to the slot's node (all of them gone, or
+        // a failover under way) is an outage too.
+        ErrorKind::Io | ErrorKind::Parse | ErrorKind::ClusterConnectionNotFound => true,
+        // MOVED/ASK reach the caller only when the client ran out of redirections to follow
+        // (slots moving during a resharding or a failover): transient.
         ErrorKind::Server(
             ServerErrorKind::BusyLoading
             | ServerErrorKind::TryAgain
             | ServerErrorKind::ReadOnly
             | ServerErrorKind::MasterDown
-            | ServerErrorKind::ClusterDown,
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask,
         ) => true,
         _ => error.code() == Some("BUSY"),
     };

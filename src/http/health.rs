@@ -66,7 +66,14 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Readi
     };
     let mut redis = app.redis.clone();
     let rd = async {
-        tokio::time::timeout(timeout, crate::redis_conn::ping(&mut redis))
+        let answers = async {
+            // On a cluster, every queue shard's node must answer, not just one node.
+            crate::redis_conn::ping(&mut redis).await
+                && (!redis.get().is_cluster()
+                    || crate::queue::consume::every_shard_answers(&mut redis, app.queues.layout())
+                        .await)
+        };
+        tokio::time::timeout(timeout, answers)
             .await
             .unwrap_or(false)
     };

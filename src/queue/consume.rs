@@ -109,6 +109,24 @@ pub async fn shards_to_read<C: ConnectionLike>(
     shards
 }
 
+/// Whether the node serving each queue shard answers (a keyed `EXISTS` per shard, routed by
+/// its slot). On a Redis Cluster a `PING` can succeed while one shard's primary is gone and not
+/// yet replaced: this is what readiness asks there.
+pub async fn every_shard_answers<C: ConnectionLike>(conn: &mut C, layout: &Layout) -> bool {
+    for spec in super::table::QUEUE_SPECS.iter() {
+        for keys in layout.all(spec.name) {
+            let answered: Result<u64, _> = redis::cmd("EXISTS")
+                .arg(keys.signal())
+                .query_async(conn)
+                .await;
+            if answered.is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Registers `worker` in the queue shard's workers set.
 pub async fn register<C: ConnectionLike>(
     conn: &mut C,

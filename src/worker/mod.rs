@@ -334,6 +334,7 @@ pub async fn run(
         &options,
     );
     let supervisor = Arc::new(std::sync::Mutex::new(Supervisor::default()));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A restarted worker's previous name stops heartbeating, so whatever it held is recovered
     // after the orphan timeout.
     let retire = |live: &LiveWorkers, settings: &QueueSettings, name: String| {
@@ -403,8 +404,14 @@ pub async fn run(
             rotate_keys::handle
         ))
         .should_restart({
-            let (health, shared) = (redis_health.clone(), shared.clone());
+            let (health, shared, stopping) =
+                (redis_health.clone(), shared.clone(), stopping.clone());
             move |ctx, error| {
+                // Once shutdown began, a worker that fails (Redis gone, say) stays stopped:
+                // restarting it would only fail again, at once, until the grace ran out.
+                if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    return false;
+                }
                 let generation = shared.generation();
                 supervisor
                     .lock()
@@ -425,6 +432,7 @@ pub async fn run(
         }
         () = shutdown => {
             tracing::info!(grace_ms = options.grace.as_millis() as u64, "shutdown requested, finishing in-flight jobs");
+            stopping.store(true, std::sync::atomic::Ordering::Release);
             let _ = context.shutdown();
             match tokio::time::timeout(options.grace, running).await {
                 Ok(Ok(())) => Ok(()),

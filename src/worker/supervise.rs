@@ -253,6 +253,12 @@ mod tests {
                 "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
             ),
             server_error("CLUSTERDOWN The cluster is down"),
+            server_error("MOVED 3999 127.0.0.1:6381"),
+            server_error("ASK 3999 127.0.0.1:6381"),
+            redis::RedisError::from((
+                redis::ErrorKind::ClusterConnectionNotFound,
+                "No connections found",
+            )),
         ] {
             let text = error.to_string();
             assert!(failure_is_outage(&failed(error)).is_some(), "{text}");
@@ -266,6 +272,7 @@ mod tests {
             server_error("ERR Error running script"),
             server_error("NOSCRIPT No matching script"),
             server_error("WRONGTYPE Operation against a key holding the wrong kind of value"),
+            server_error("CROSSSLOT Keys in request don't hash to the same slot"),
         ] {
             let text = error.to_string();
             assert!(failure_is_outage(&failed(error)).is_none(), "{text}");

@@ -344,6 +344,15 @@ impl LocalCluster {
         }
     }
 
+    /// Starts node `index` again after [`LocalCluster::kill`], with its own `nodes.conf`: it
+    /// rejoins the cluster (as a replica of whoever took over its slots).
+    pub async fn restart(&mut self, index: usize) -> Result<(), Error> {
+        match self.nodes.get_mut(index) {
+            Some(node) if node.child.is_none() => node.start().await,
+            _ => Ok(()),
+        }
+    }
+
     /// The URL of node `index`.
     pub fn url(&self, index: usize) -> Option<String> {
         self.nodes.get(index).map(RedisServer::url)

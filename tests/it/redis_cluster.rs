@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use crate::common::*;
 use gatehouse::access::{ScopeCache, Source};
 use gatehouse::http::AppState;
@@ -771,4 +773,232 @@ async fn an_enqueue_is_acknowledged_only_once_a_replica_has_it() {
     env.cleanup().await;
     drop((primary, replica));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Three primaries and three replicas, `REDIS_MIN_REPLICA_ACKS=1`, `inbound_message` in three
+/// shards; signed webhooks under load (retried like Twilio retries: the same message until it
+/// is answered 200) and a real `gatehouse work` process; `kill -9` of the primary holding shard
+/// 0 in the middle, started again a few seconds later (it rejoins as a replica). Every
+/// acknowledged message is committed exactly once, the ingress and the worker recover by
+/// themselves, and `/readyz` reports the outage while it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_killed_under_load_loses_no_acknowledged_message() {
+    use gatehouse_jobs::keys::{hash_slot, shard_of};
+    const MESSAGES: usize = 240;
+    let mut cluster = LocalCluster::start(3, 1)
+        .await
+        .expect("three primaries with a replica each (redis-cli --cluster create)");
+    let env = TestEnv::on_cluster(&cluster.seeds(), |vars| {
+        vars.insert("REDIS_MIN_REPLICA_ACKS".into(), "1".into());
+        vars.insert("REDIS_REPLICA_ACK_TIMEOUT_MS".into(), "500".into());
+        vars.insert("QUEUE_SHARDS_INBOUND_MESSAGE".into(), "3".into());
+        vars.insert("WORKER_HEARTBEAT_SECONDS".into(), "1".into());
+    })
+    .await;
+    let mut tenants = Vec::new();
+    let mut covered = [false; 3];
+    while covered.iter().any(|c| !c) {
+        let tenant = env.create_tenant().await;
+        covered[shard_of(Some(&tenant), 3) as usize] = true;
+        tenants.push(tenant);
+        assert!(tenants.len() < 60);
+    }
+    let victim_slot = hash_slot(&env.config.layout().shard("inbound_message", 0).prefix);
+    let victim = cluster
+        .primary_of(victim_slot)
+        .await
+        .expect("shard 0's primary");
+    let server = env.start_server().await;
+    let mut work = KillOnDrop(env.spawn(&["work"], &[]));
+
+    // Readiness, sampled all along.
+    let unready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (url, unready, stop) = (server.url("/readyz"), unready.clone(), stop_probe.clone());
+        tokio::spawn(async move {
+            let http = client();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = http
+                    .get(&url)
+                    .header("x-forwarded-proto", "https")
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if !ok {
+                    unready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    // The load: each message sent until it is acknowledged, as Twilio retries.
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sends = futures::stream::iter(0..MESSAGES)
+        .map(|i| {
+            let (server, tenants, acked, refused) =
+                (&server, &tenants, acked.clone(), refused.clone());
+            async move {
+                let tenant = tenants[i % tenants.len()];
+                let sid = message_sid();
+                let params = sms_params(&sid, "+14155550100", "Where is my order?");
+                for _ in 0..120 {
+                    let answered = signed_form(&client(), server, tenant, &params).send().await;
+                    match answered {
+                        Ok(r) if r.status() == 200 => {
+                            acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return Some((tenant, sid));
+                        }
+                        _ => {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>();
+    let chaos = async {
+        while acked.load(std::sync::atomic::Ordering::Relaxed) < MESSAGES / 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.kill(victim);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        cluster
+            .restart(victim)
+            .await
+            .expect("the old primary starts again");
+    };
+    let (outcomes, ()) = tokio::join!(sends, chaos);
+    let delivered: Vec<(uuid::Uuid, String)> = outcomes.into_iter().flatten().collect();
+    assert_eq!(
+        delivered.len(),
+        MESSAGES,
+        "every message was acknowledged in the end ({} refusals on the way)",
+        refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        refused.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the failover was felt: some webhooks were answered 503 and retried"
+    );
+
+    let committed = env
+        .wait_for_count(
+            "SELECT count(*) FROM messages",
+            MESSAGES as i64,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(
+        committed, MESSAGES as i64,
+        "every acknowledged message committed"
+    );
+    let sids: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT message_sid FROM messages")
+            .fetch_all(&env.pool)
+            .await
+            .expect("sids")
+            .into_iter()
+            .collect();
+    for (_, sid) in &delivered {
+        assert!(sids.contains(sid), "acknowledged {sid} is committed");
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_jobs").await,
+        MESSAGES as i64,
+        "each exactly once"
+    );
+    assert!(
+        work.0.try_wait().expect("status").is_none(),
+        "the worker rode out the failover"
+    );
+    stop_probe.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = probe.await;
+    assert!(
+        unready.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "/readyz reported the outage"
+    );
+    let ready = gatehouse_testenv::eventually(Duration::from_secs(20), || async {
+        client()
+            .get(server.url("/readyz"))
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "and is ready again");
+    assert!(gatehouse_testenv::terminate(&mut work.0).success());
+    server.stop().await;
+    env.cleanup().await;
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        gatehouse_testenv::kill(&mut self.0);
+    }
+}
+
+/// A process's CPU time so far (user + system), from `/proc/{pid}/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which may hold spaces) start past its closing ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 past the command.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// With its whole cluster gone (one primary first, then the rest), a worker waits for it: the
+/// cluster client's "no connection" errors are an outage (backoff and probe, as for a single
+/// Redis), not a failure that spends the restart budget until the process gives up; it does
+/// not spin a core; and SIGTERM stops it within the grace (a worker failing during shutdown is
+/// not restarted again and again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_cluster_is_gone_waits_without_spinning() {
+    let cluster = LocalCluster::start(3, 1)
+        .await
+        .expect("a three-primary Redis Cluster (redis-cli --cluster create)");
+    let env = TestEnv::on_cluster(&cluster.seeds(), |vars| {
+        vars.insert("WORKER_HEARTBEAT_SECONDS".into(), "1".into());
+        vars.insert("REDIS_MIN_REPLICA_ACKS".into(), "1".into());
+    })
+    .await;
+    let mut cluster = cluster;
+    let mut work = KillOnDrop(env.spawn(&["work"], &[]));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // One primary first (the client starts recovering its slot map), then the rest.
+    let first = cluster.primary_of(0).await.expect("a primary");
+    cluster.kill(first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(cluster);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = cpu_time(work.0.id());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let spent = cpu_time(work.0.id()).saturating_sub(before);
+    assert!(
+        work.0.try_wait().expect("status").is_none(),
+        "the worker waits for Redis; it does not exit"
+    );
+    assert!(
+        spent < Duration::from_millis(800),
+        "{spent:?} of CPU in 4 s with the cluster gone"
+    );
+    assert!(gatehouse_testenv::terminate(&mut work.0).success());
+    env.cleanup().await;
 }
