@@ -370,6 +370,31 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                 }
             }
             report.ingress(&gatehouse, &bare, plan.ingress.concurrency);
+            // Figure 4b: what waiting for a replica costs (a private primary and replica).
+            let replicated = ingress::Replicated::start().await?;
+            let (mut plain, mut acked) = (Vec::new(), Vec::new());
+            for run in 0..plan.runs {
+                for (wait, into) in [(false, &mut plain), (true, &mut acked)] {
+                    progress(&format!(
+                        "run {}/{}: webhook ingress on a primary with a replica, REDIS_MIN_REPLICA_ACKS={}",
+                        run + 1,
+                        plan.runs,
+                        u8::from(wait)
+                    ));
+                    let r =
+                        ingress::replica_ack_run(env, tenant, &replicated, wait, plan.ingress)
+                            .await?;
+                    eprintln!(
+                        "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                        r.rps(),
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.errors
+                    );
+                    into.push(r);
+                }
+            }
+            report.replica_acks(&acked, &plain, plan.ingress.concurrency);
             Ok(())
         }
         .await;

@@ -342,6 +342,56 @@ impl Report {
         }
     }
 
+    /// Figure 4b: the ingress waiting for one replica (`REDIS_MIN_REPLICA_ACKS=1`) against the
+    /// same ingress on the same primary not waiting.
+    pub fn replica_acks(&mut self, acked: &[LoadResult], plain: &[LoadResult], concurrency: usize) {
+        let pick =
+            |v: &[LoadResult], f: fn(&LoadResult) -> f64| -> Vec<f64> { v.iter().map(f).collect() };
+        let ratios: Vec<f64> = acked
+            .iter()
+            .zip(plain)
+            .map(|(a, p)| a.rps() / p.rps())
+            .collect();
+        let added: Vec<f64> = acked
+            .iter()
+            .zip(plain)
+            .map(|(a, p)| a.p50_ms - p.p50_ms)
+            .collect();
+        self.row(
+            format!("4b. webhook req/s waiting for 1 replica, concurrency {concurrency}"),
+            rate(median(&pick(acked, LoadResult::rps))),
+            format!(
+                "not waiting {}",
+                rate(median(&pick(plain, LoadResult::rps)))
+            ),
+            times(median(&ratios)),
+            "(cost, measured)",
+            "–".into(),
+        );
+        self.row(
+            "4b. webhook latency p50 / p99 waiting for 1 replica".into(),
+            format!(
+                "{} / {}",
+                ms(median(&pick(acked, |r| r.p50_ms))),
+                ms(median(&pick(acked, |r| r.p99_ms)))
+            ),
+            format!(
+                "{} / {}",
+                ms(median(&pick(plain, |r| r.p50_ms))),
+                ms(median(&pick(plain, |r| r.p99_ms)))
+            ),
+            format!("p50 {:+.2} ms", median(&added)),
+            "(cost, measured)",
+            "–".into(),
+        );
+        let errors: u64 = acked.iter().chain(plain).map(|r| r.errors).sum();
+        if errors > 0 {
+            self.notes.push(format!(
+                "Replica acks: {errors} non-2xx answers across all runs."
+            ));
+        }
+    }
+
     pub fn login(&mut self, quiet: &[LoginRun], flooded: &[LoginRun]) {
         for (name, f) in [
             (

@@ -92,6 +92,28 @@ impl RedisServer {
     }
 }
 
+/// A cluster node on `port` keeping its `nodes.conf` in `dir`, without persistence; a primary
+/// that stops answering is failed over after 2 s.
+fn cluster_node(port: u16, dir: &str) -> RedisServer {
+    RedisServer::new(
+        port,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--dir",
+            dir,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    )
+}
+
 /// A one-node Redis Cluster on a loopback port: a `redis-server --cluster-enabled yes` that
 /// holds all 16,384 slots. Cluster rules apply — a command or script whose keys are in two
 /// slots fails with `CROSSSLOT`, and a script that starts with `#!lua` may touch only the keys
@@ -108,21 +130,7 @@ impl OneNodeCluster {
         let dir = std::env::temp_dir().join(format!("gh-cluster-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let dir_arg = dir.to_string_lossy().into_owned();
-        let mut server = RedisServer::new(
-            port,
-            &[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--dir",
-                &dir_arg,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        );
+        let mut server = cluster_node(port, &dir_arg);
         server.start().await?;
         let client = redis::Client::open(server.url())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
@@ -205,24 +213,7 @@ impl LocalCluster {
             let node_dir = dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir)?;
             let dir_arg = node_dir.to_string_lossy().into_owned();
-            let mut server = RedisServer::new(
-                *port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    // A primary that stops answering is failed over after 2 s.
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--dir",
-                    &dir_arg,
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-            );
+            let mut server = cluster_node(*port, &dir_arg);
             server.start().await?;
             nodes.push(server);
         }
