@@ -6,6 +6,7 @@
 //! outage drill (`outage`, not part of `all`) restarts only a private `redis-server` of its own.
 //! `gatehouse work` is the release binary built next to this one.
 
+mod cluster;
 mod env;
 mod flood;
 
@@ -108,8 +109,24 @@ enum Command {
     /// against `gatehouse serve` + `gatehouse work`. Pass/fail per requirement; exits 1 if
     /// any fails.
     Outage,
+    /// Figure 9 (not part of `all`): the queue's Redis side alone (enqueue, fetch, ack, no-op
+    /// handler) on one Redis against a three-primary cluster with three shards, consumer
+    /// processes 1 → 3, and Redis CPU per job. Starts its own private servers.
+    Cluster,
     /// Every figure at a toy size, once: checks the harness works (no timing claims).
     Smoke,
+    /// Internal: one figure 9 consumer process.
+    #[command(hide = true)]
+    Consume {
+        #[arg(long)]
+        seeds: String,
+        #[arg(long)]
+        cluster: bool,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        shards: u16,
+    },
     /// Internal: one ingress server process on 127.0.0.1.
     #[command(hide = true)]
     Server {
@@ -195,6 +212,8 @@ enum Figures {
     Flood,
     /// Only by name: never part of `All`.
     Outage,
+    /// Only by name: never part of `All`.
+    Cluster,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -212,6 +231,16 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let (figures, plan) = match cli.command {
         Command::Server { kind, port } => return runtime.block_on(ingress::serve(kind, port)),
+        Command::Consume {
+            seeds,
+            cluster,
+            namespace,
+            shards,
+        } => {
+            let seeds = seeds.split(',').map(str::to_owned).collect();
+            return runtime.block_on(cluster::consume(seeds, cluster, namespace, shards));
+        }
+        Command::Cluster => (Figures::Cluster, Plan::full(cli.runs)),
         Command::All => (Figures::All, Plan::full(cli.runs)),
         Command::Worker => (Figures::Worker, Plan::full(cli.runs)),
         Command::Ingress => (Figures::Ingress, Plan::full(cli.runs)),
@@ -293,7 +322,10 @@ fn progress(what: &str) {
 async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Report> {
     let mut report = Report::new(plan.runs);
     let tenant = worker::prepare(env).await?;
-    let wants = |f: Figures| (figures == Figures::All && f != Figures::Outage) || figures == f;
+    let wants = |f: Figures| {
+        (figures == Figures::All && !matches!(f, Figures::Outage | Figures::Cluster))
+            || figures == f
+    };
 
     if wants(Figures::Worker) {
         let result: anyhow::Result<()> = async {
@@ -550,6 +582,16 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
         if let Err(error) = result {
             eprintln!("figure 8 (floods) failed: {error:#}");
             report.failed("figure 8 (floods)", &error);
+        }
+    }
+
+    if wants(Figures::Cluster) {
+        match cluster::figure9(env, 150_000, plan.runs).await {
+            Ok(runs) => report.cluster(&runs),
+            Err(error) => {
+                eprintln!("figure 9 (Redis Cluster) failed: {error:#}");
+                report.failed("figure 9 (Redis Cluster)", &error);
+            }
         }
     }
 

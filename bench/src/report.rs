@@ -392,6 +392,77 @@ impl Report {
         }
     }
 
+    /// Figure 9: per consumer process count, the cluster's jobs/s and Redis CPU per job against
+    /// one Redis's, medians of per-run ratios.
+    pub fn cluster(&mut self, runs: &[crate::cluster::Run]) {
+        let enqueue = |cluster: bool, f: fn(&crate::cluster::Run) -> f64| -> f64 {
+            median(
+                &runs
+                    .iter()
+                    .filter(|r| r.cluster == cluster)
+                    .map(f)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        self.row(
+            "9. enqueue jobs/s, one pipelining producer / Redis CPU per job".into(),
+            format!(
+                "3-primary cluster, 3 shards {} / {:.1} µs",
+                rate(enqueue(true, |r| r.enqueue_per_s)),
+                enqueue(true, |r| r.enqueue_cpu_us_per_job)
+            ),
+            format!(
+                "one Redis {} / {:.1} µs",
+                rate(enqueue(false, |r| r.enqueue_per_s)),
+                enqueue(false, |r| r.enqueue_cpu_us_per_job)
+            ),
+            times(enqueue(true, |r| r.enqueue_per_s) / enqueue(false, |r| r.enqueue_per_s)),
+            "(no target)",
+            "–".into(),
+        );
+        for processes in 1..=3 {
+            let of = |cluster: bool| -> Vec<&crate::cluster::Run> {
+                runs.iter()
+                    .filter(|r| r.cluster == cluster && r.processes == processes)
+                    .collect()
+            };
+            let (single, cluster) = (of(false), of(true));
+            if single.is_empty() || cluster.is_empty() {
+                continue;
+            }
+            let rates = |v: &[&crate::cluster::Run]| -> Vec<f64> {
+                v.iter().map(|r| r.jobs_per_s).collect()
+            };
+            let cpus = |v: &[&crate::cluster::Run]| -> Vec<f64> {
+                v.iter().map(|r| r.redis_cpu_us_per_job).collect()
+            };
+            let ratios: Vec<f64> = cluster
+                .iter()
+                .zip(&single)
+                .map(|(c, s)| c.jobs_per_s / s.jobs_per_s)
+                .collect();
+            self.row(
+                format!("9. queue Redis side jobs/s, {processes} consumer process(es)"),
+                format!(
+                    "3-primary cluster, 3 shards {}",
+                    rate(median(&rates(&cluster)))
+                ),
+                format!("one Redis {}", rate(median(&rates(&single)))),
+                times(median(&ratios)),
+                "(no target)",
+                "–".into(),
+            );
+            self.row(
+                format!("9. Redis CPU per job, {processes} consumer process(es)"),
+                format!("{:.1} µs (all nodes)", median(&cpus(&cluster))),
+                format!("{:.1} µs", median(&cpus(&single))),
+                times(median(&cpus(&cluster)) / median(&cpus(&single))),
+                "(explains 9)",
+                "–".into(),
+            );
+        }
+    }
+
     pub fn login(&mut self, quiet: &[LoginRun], flooded: &[LoginRun]) {
         for (name, f) in [
             (
