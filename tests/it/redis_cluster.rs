@@ -231,6 +231,22 @@ async fn the_queue_runs_on_a_three_primary_cluster_through_the_cluster_client() 
         .expect("webhook");
     assert_eq!(r.status(), 403);
     assert!(env.wait_for_events("invalid_webhook_signature", 1).await >= 1);
+    // A dashboard session (an atomic HSET + EXPIRE of one key) lives on the cluster too.
+    let mut redis = env.redis.clone();
+    let user = uuid::Uuid::new_v4();
+    let session = gatehouse::http::admin::session::create(&mut redis, &env.namespace, user)
+        .await
+        .expect("session created on the cluster");
+    assert!(
+        gatehouse::http::admin::session::load(&mut redis, &env.namespace, &session)
+            .await
+            .expect("session read")
+            .is_some(),
+        "and read back"
+    );
+    gatehouse::http::admin::session::destroy(&mut redis, &env.namespace, &session)
+        .await
+        .expect("session removed");
     server.stop().await;
     env.cleanup().await;
 }
