@@ -183,14 +183,14 @@ pub struct LocalCluster {
 }
 
 /// Ports for cluster nodes: each free, and its cluster bus port (port + 10,000) free too.
+/// Both are picked below the kernel's ephemeral range (32768 and up), where other tests' free
+/// ports come from, so a node's bus port is never some other test's server port.
 fn cluster_ports(n: usize) -> Vec<u16> {
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
     let mut ports = Vec::new();
     while ports.len() < n {
-        let port = crate::free_port();
-        if port >= 55_000 || ports.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let port = rand::random_range(20_000..22_700u16);
+        if !ports.contains(&port) && free(port) && free(port + 10_000) {
             ports.push(port);
         }
     }
@@ -199,8 +199,21 @@ fn cluster_ports(n: usize) -> Vec<u16> {
 
 impl LocalCluster {
     /// Starts `primaries × (1 + replicas)` nodes, creates the cluster and waits (at most 30 s)
-    /// until every node reports it `ok` and every replica is in sync with its primary.
+    /// until every node reports it `ok` and every replica is in sync with its primary. Tries
+    /// again on other ports (up to three times) if a port was taken meanwhile.
     pub async fn start(primaries: usize, replicas: usize) -> Result<Self, Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(primaries, replicas).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) if attempt >= 3 => return Err(error),
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn start_once(primaries: usize, replicas: usize) -> Result<Self, Error> {
         let count = primaries * (1 + replicas);
         let ports = cluster_ports(count);
         let dir = std::env::temp_dir().join(format!(
