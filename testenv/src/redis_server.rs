@@ -125,6 +125,20 @@ pub struct OneNodeCluster {
 }
 
 impl OneNodeCluster {
+    /// [`OneNodeCluster::start`] on a port (and bus port, + 10,000) that is free and below the
+    /// ephemeral range, trying other ports up to three times.
+    pub async fn start_anywhere() -> Result<Self, Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start(cluster_ports(1)[0]).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) if attempt >= 3 => return Err(error),
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Starts the node on `port` and waits (at most 10 s) until the cluster reports `ok`.
     pub async fn start(port: u16) -> Result<Self, Error> {
         let dir = std::env::temp_dir().join(format!("gh-cluster-{port}-{}", std::process::id()));
