@@ -324,90 +324,16 @@ pub async fn webhook_run(
     Ok(result)
 }
 
-/// A private primary with one replica on loopback, for what `REDIS_MIN_REPLICA_ACKS` costs
-/// (stopped on drop; files in a scratch directory).
-pub struct Replicated {
-    primary: gatehouse_testenv::RedisServer,
-    replica: gatehouse_testenv::RedisServer,
-    dir: std::path::PathBuf,
-}
-
-impl Replicated {
-    pub async fn start() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("ghbench-replica-{}", Uuid::new_v4().simple()));
-        let (p_dir, r_dir) = (dir.join("primary"), dir.join("replica"));
-        std::fs::create_dir_all(&p_dir)?;
-        std::fs::create_dir_all(&r_dir)?;
-        let (p_dir, r_dir) = (
-            p_dir.to_string_lossy().into_owned(),
-            r_dir.to_string_lossy().into_owned(),
-        );
-        let quiet = ["--save", "", "--appendonly", "no"];
-        let mut primary = gatehouse_testenv::RedisServer::new(
-            gatehouse_testenv::try_free_port()?,
-            &[&quiet[..], &["--dir", &p_dir]].concat(),
-        );
-        primary.start().await?;
-        let port = primary.port().to_string();
-        let mut replica = gatehouse_testenv::RedisServer::new(
-            gatehouse_testenv::try_free_port()?,
-            &[
-                &quiet[..],
-                &["--dir", &r_dir, "--replicaof", "127.0.0.1", &port],
-            ]
-            .concat(),
-        );
-        replica.start().await?;
-        let replica_url = replica.url();
-        let synced = env::wait_until(Duration::from_secs(20), || {
-            let url = replica_url.clone();
-            async move {
-                let Ok(client) = redis::Client::open(url) else {
-                    return false;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                info.contains("master_link_status:up")
-            }
-        })
-        .await;
-        anyhow::ensure!(synced, "the bench replica did not sync within 20 s");
-        Ok(Self {
-            primary,
-            replica,
-            dir,
-        })
-    }
-
-    pub fn primary_url(&self) -> String {
-        self.primary.url()
-    }
-}
-
-impl Drop for Replicated {
-    fn drop(&mut self) {
-        self.replica.terminate();
-        self.primary.terminate();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Figure 4b, one run: the gatehouse ingress on a primary with one replica, waiting for it
 /// (`REDIS_MIN_REPLICA_ACKS=1`) or not; every 2xx must stand for a job on the primary.
 pub async fn replica_ack_run(
     env: &BenchEnv,
     tenant: Uuid,
-    replicated: &Replicated,
+    replicated: &gatehouse_testenv::ReplicatedRedis,
     wait_for_replica: bool,
     plan: IngressPlan,
 ) -> anyhow::Result<LoadResult> {
-    let url = replicated.primary_url();
+    let url = replicated.primary.url();
     let client = redis::Client::open(url.as_str())?;
     let mut primary = client.get_multiplexed_async_connection().await?;
     let () = redis::cmd("FLUSHALL").query_async(&mut primary).await?;

@@ -403,7 +403,7 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
             }
             report.ingress(&gatehouse, &bare, plan.ingress.concurrency);
             // Figure 4b: what waiting for a replica costs (a private primary and replica).
-            let replicated = ingress::Replicated::start().await?;
+            let replicated = gatehouse_testenv::ReplicatedRedis::start().await?;
             let (mut plain, mut acked) = (Vec::new(), Vec::new());
             for run in 0..plan.runs {
                 for (wait, into) in [(false, &mut plain), (true, &mut acked)] {

@@ -324,15 +324,14 @@ impl Queues {
             }
             None => 0,
         };
-        let mut args = vec![
-            job_id.to_owned(),
-            payload_json.to_owned(),
+        // Borrowed: the payload is copied once, into the command.
+        let (max_attempts, ttl) = (
             default_max_attempts(queue).to_string(),
             ttl.max(1).to_string(),
-        ];
-        if let Some(request_id) = options.request_id {
-            args.push("request_id".to_owned());
-            args.push(request_id);
+        );
+        let mut args: Vec<&str> = vec![job_id, payload_json, &max_attempts, &ttl];
+        if let Some(request_id) = &options.request_id {
+            args.extend(["request_id", request_id.as_str()]);
         }
         let (created, job_id): (i64, String) = match self.acks {
             None => {
@@ -370,7 +369,7 @@ impl Queues {
 async fn enqueue_and_wait<C: ConnectionLike>(
     conn: &mut C,
     names: &[String],
-    args: &[String],
+    args: &[&str],
     acks: ReplicaAcks,
 ) -> Result<((i64, String), u64), EnqueueError> {
     let mut pipe = redis::pipe();

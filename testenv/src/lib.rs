@@ -30,7 +30,7 @@ pub use process::{
     client, client_builder, eventually, eventually_every, free_port, gatehouse_bin, kill, run_cli,
     terminate, terminate_within, try_free_port, wait_healthy,
 };
-pub use redis_server::{LocalCluster, OneNodeCluster, RedisServer};
+pub use redis_server::{LocalCluster, OneNodeCluster, RedisServer, ReplicatedRedis};
 
 /// Why an environment could not be set up (every message names the variable to fix and never
 /// a value: the URLs may hold passwords).

@@ -389,6 +389,89 @@ impl Drop for LocalCluster {
     }
 }
 
+/// A primary and one replica on loopback ports, without persistence; their directories (a full
+/// resynchronisation writes an RDB file there) are scratch ones, removed on drop.
+pub struct ReplicatedRedis {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    dir: std::path::PathBuf,
+}
+
+impl ReplicatedRedis {
+    /// Starts both and waits (at most 10 s) until the replica is in sync.
+    pub async fn start() -> Result<Self, Error> {
+        let dir = std::env::temp_dir().join(format!(
+            "gh-replica-{}-{}",
+            std::process::id(),
+            crate::free_port()
+        ));
+        let (p_dir, r_dir) = (dir.join("primary"), dir.join("replica"));
+        std::fs::create_dir_all(&p_dir)?;
+        std::fs::create_dir_all(&r_dir)?;
+        let (p_dir, r_dir) = (
+            p_dir.to_string_lossy().into_owned(),
+            r_dir.to_string_lossy().into_owned(),
+        );
+        let quiet = ["--save", "", "--appendonly", "no"];
+        let mut primary = RedisServer::new(
+            crate::free_port(),
+            &[&quiet[..], &["--dir", &p_dir]].concat(),
+        );
+        primary.start().await?;
+        let port = primary.port().to_string();
+        let mut replica = RedisServer::new(
+            crate::free_port(),
+            &[
+                &quiet[..],
+                &["--dir", &r_dir, "--replicaof", "127.0.0.1", &port],
+            ]
+            .concat(),
+        );
+        replica.start().await?;
+        let pair = Self {
+            primary,
+            replica,
+            dir,
+        };
+        if pair.replica_in_sync().await {
+            Ok(pair)
+        } else {
+            Err(Error::RedisServerNotListening(pair.replica.port()))
+        }
+    }
+
+    /// Waits (at most 10 s) until the replica's link to the primary is up.
+    pub async fn replica_in_sync(&self) -> bool {
+        let url = self.replica.url();
+        crate::eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                info.contains("master_link_status:up")
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for ReplicatedRedis {
+    fn drop(&mut self) {
+        self.replica.terminate();
+        self.primary.terminate();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {

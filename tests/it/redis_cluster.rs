@@ -665,61 +665,10 @@ async fn jobs_on_shards_past_a_lowered_shard_count_are_drained() {
 /// the retry, once the replica is back, is answered 200 and adds no second job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_enqueue_is_acknowledged_only_once_a_replica_has_it() {
-    // A full resynchronisation writes an RDB file in the server's directory: a scratch one.
-    let dir = std::env::temp_dir().join(format!("gh-replica-{}", uuid::Uuid::new_v4().simple()));
-    let (primary_dir, replica_dir) = (dir.join("primary"), dir.join("replica"));
-    std::fs::create_dir_all(&primary_dir).expect("primary dir");
-    std::fs::create_dir_all(&replica_dir).expect("replica dir");
-    let (primary_dir, replica_dir) = (
-        primary_dir.to_string_lossy().into_owned(),
-        replica_dir.to_string_lossy().into_owned(),
-    );
-    let mut primary = RedisServer::new(
-        free_port(),
-        &["--save", "", "--appendonly", "no", "--dir", &primary_dir],
-    );
-    primary.start().await.expect("primary");
-    let primary_port = primary.port().to_string();
-    let mut replica = RedisServer::new(
-        free_port(),
-        &[
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &replica_dir,
-            "--replicaof",
-            "127.0.0.1",
-            &primary_port,
-        ],
-    );
-    let in_sync = |url: String| async move {
-        gatehouse_testenv::eventually(Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                let Ok(client) = redis::Client::open(url) else {
-                    return false;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                info.contains("master_link_status:up")
-            }
-        })
+    let mut pair = ReplicatedRedis::start()
         .await
-    };
-    replica.start().await.expect("replica");
-    assert!(
-        in_sync(replica.url()).await,
-        "the replica follows the primary"
-    );
-    let env = TestEnv::on_redis(&primary.url(), |vars| {
+        .expect("a primary and a replica in sync");
+    let env = TestEnv::on_redis(&pair.primary.url(), |vars| {
         vars.insert("REDIS_MIN_REPLICA_ACKS".into(), "1".into());
         vars.insert("REDIS_REPLICA_ACK_TIMEOUT_MS".into(), "300".into());
     })
@@ -763,12 +712,12 @@ async fn an_enqueue_is_acknowledged_only_once_a_replica_has_it() {
     let r = send(message_sid()).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
-        queued_on(replica.url()).await,
+        queued_on(pair.replica.url()).await,
         1,
         "answered 200 once the replica holds the job"
     );
 
-    replica.terminate();
+    pair.replica.terminate();
     let sid = message_sid();
     let started = std::time::Instant::now();
     let r = send(sid.clone()).await;
@@ -779,16 +728,22 @@ async fn an_enqueue_is_acknowledged_only_once_a_replica_has_it() {
         "answered within the bound"
     );
 
-    replica.start().await.expect("replica again");
-    assert!(in_sync(replica.url()).await, "the replica caught up");
+    pair.replica.start().await.expect("replica again");
+    assert!(pair.replica_in_sync().await, "the replica caught up");
     let r = send(sid).await;
     assert_eq!(r.status(), 200, "Twilio's retry is acknowledged");
-    assert_eq!(queued_on(primary.url()).await, 2, "and adds no second job");
-    assert_eq!(queued_on(replica.url()).await, 2, "both are on the replica");
+    assert_eq!(
+        queued_on(pair.primary.url()).await,
+        2,
+        "and adds no second job"
+    );
+    assert_eq!(
+        queued_on(pair.replica.url()).await,
+        2,
+        "both are on the replica"
+    );
     server.stop().await;
     env.cleanup().await;
-    drop((primary, replica));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Three primaries and three replicas, `REDIS_MIN_REPLICA_ACKS=1`, `inbound_message` in three
