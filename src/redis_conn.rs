@@ -73,7 +73,102 @@ pub enum RedisConn {
     /// One Redis, reconnecting by itself after I/O errors.
     Single(ConnectionManager),
     /// A Redis Cluster: one connection per node, commands routed by their keys' slot.
-    Cluster(ClusterConnection),
+    Cluster(Cluster),
+}
+
+/// A Redis Cluster connection that is let go after an outage error and opened again on the
+/// next command.
+///
+/// Why: redis-rs 1.8's (and 2.0-rc's) cluster client spins a core while no node answers. Once
+/// a command fails and its slot map must be rebuilt, a failed rebuild starts the next one at
+/// once and wakes its own task (`ClusterConnInner::poll_flush`: `wake_by_ref` after
+/// `poll_recover` fails, with no backoff), so its background task runs flat out for as long as
+/// the cluster is gone — with no command pending, for hours. That task lives as long as any
+/// clone of its `ClusterConnection`, so holding one through an outage means a busy core; every
+/// clone here shares one slot instead, and the first outage error of a connection empties the
+/// slot, which ends the task once the commands still running on it finish. What this costs:
+/// the first command after an outage error connects to the cluster again (the seeds, then
+/// `CLUSTER SLOTS`), a few milliseconds; the callers already back off between attempts while
+/// Redis is down, so a dead cluster costs one short connection attempt per attempt, not a core.
+#[derive(Clone)]
+pub struct Cluster {
+    client: Arc<redis::cluster::ClusterClient>,
+    current: Arc<Mutex<Option<(u64, ClusterConnection)>>>,
+    opened: Arc<AtomicU64>,
+}
+
+impl Cluster {
+    fn new(client: redis::cluster::ClusterClient, conn: Option<ClusterConnection>) -> Self {
+        let opened = Arc::new(AtomicU64::new(u64::from(conn.is_some())));
+        Self {
+            client: Arc::new(client),
+            current: Arc::new(Mutex::new(conn.map(|conn| (1, conn)))),
+            opened,
+        }
+    }
+
+    /// The connection commands go to now (opened here if the last one was let go), with its
+    /// number.
+    fn connection(&self) -> (u64, ClusterConnection) {
+        let mut current = match self.current.lock() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((number, conn)) = current.as_ref() {
+            return (*number, conn.clone());
+        }
+        let number = self.opened.fetch_add(1, Ordering::AcqRel) + 1;
+        let conn = self
+            .client
+            .get_pending_async_connection_with_config(cluster_config());
+        *current = Some((number, conn.clone()));
+        (number, conn)
+    }
+
+    /// A command on connection `number` failed: lets that connection go if the error is an
+    /// outage (and no other command already did).
+    fn failed(&self, number: u64, error: &RedisError) {
+        if !matches!(crate::fault::redis(error), crate::fault::Fault::Outage(_)) {
+            return;
+        }
+        let mut current = match self.current.lock() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.as_ref().is_some_and(|(open, _)| *open == number) {
+            *current = None;
+            tracing::debug!(%error, "letting the redis cluster connection go after an outage error");
+        }
+    }
+
+    /// How many connections this has opened (1 after [`connect`]; one more after each outage
+    /// error that let one go and a command that needed a new one).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Acquire)
+    }
+
+    async fn command(&self, cmd: &Cmd) -> Result<Value, RedisError> {
+        let (number, mut conn) = self.connection();
+        let result = conn.req_packed_command(cmd).await;
+        if let Err(error) = &result {
+            self.failed(number, error);
+        }
+        result
+    }
+
+    async fn pipeline(
+        &self,
+        cmd: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<Value>, RedisError> {
+        let (number, mut conn) = self.connection();
+        let result = conn.req_packed_commands(cmd, offset, count).await;
+        if let Err(error) = &result {
+            self.failed(number, error);
+        }
+        result
+    }
 }
 
 impl RedisConn {
@@ -102,7 +197,7 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => Box::pin(conn.command(cmd)),
         }
     }
 
@@ -114,14 +209,15 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => Box::pin(conn.pipeline(cmd, offset, count)),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(conn) => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
+            // A cluster has database 0 only.
+            Self::Cluster(_) => 0,
         }
     }
 }
@@ -162,9 +258,7 @@ fn cluster_config() -> ClusterConfig {
 pub fn connect_lazy(target: &RedisTarget) -> Result<RedisConn, RedisError> {
     if target.cluster {
         let client = cluster_client(&target.nodes)?;
-        return Ok(RedisConn::Cluster(
-            client.get_pending_async_connection_with_config(cluster_config()),
-        ));
+        return Ok(RedisConn::Cluster(Cluster::new(client, None)));
     }
     let url = target.nodes.first().ok_or_else(no_url)?;
     let client = redis::Client::open(url.expose_secret())?;
@@ -178,11 +272,10 @@ pub fn connect_lazy(target: &RedisTarget) -> Result<RedisConn, RedisError> {
 pub async fn connect(target: &RedisTarget) -> Result<RedisConn, RedisError> {
     if target.cluster {
         let client = cluster_client(&target.nodes)?;
-        return Ok(RedisConn::Cluster(
-            client
-                .get_async_connection_with_config(cluster_config())
-                .await?,
-        ));
+        let conn = client
+            .get_async_connection_with_config(cluster_config())
+            .await?;
+        return Ok(RedisConn::Cluster(Cluster::new(client, Some(conn))));
     }
     let url = target.nodes.first().ok_or_else(no_url)?;
     let client = redis::Client::open(url.expose_secret())?;

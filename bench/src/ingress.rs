@@ -187,7 +187,7 @@ impl Server {
 
     /// CPU time the server process has used so far, in microseconds.
     pub fn cpu_us(&self) -> Option<u64> {
-        load::process_cpu_us(self.child.id())
+        gatehouse_testenv::process_cpu_us(self.child.id())
     }
 
     pub fn stop(&mut self) {

@@ -921,8 +921,8 @@ impl Drop for KillOnDrop {
 /// cluster client's "no connection" errors are an outage (backoff and probe, as for a single
 /// Redis), not a failure that spends the restart budget until the process gives up; and
 /// SIGTERM stops it within the grace (a worker failing during shutdown is not restarted again
-/// and again). Not checked here, and open (issue 18's closing note): redis-rs 1.8's cluster
-/// client can spin a core refreshing its slot map while the nodes are gone.
+/// and again); and while it waits it does not spin a core (see
+/// `a_cluster_connection_whose_nodes_are_gone_lets_go_instead_of_spinning`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_cluster_is_gone_waits_and_stops_on_sigterm() {
     let cluster = LocalCluster::start(3, 1)
@@ -942,11 +942,151 @@ async fn a_worker_whose_cluster_is_gone_waits_and_stops_on_sigterm() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(cluster);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = work.0.id();
+    let before = process_cpu_us(pid).expect("the worker's CPU time");
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let spent = process_cpu_us(pid).expect("the worker's CPU time") - before;
     assert!(
         work.0.try_wait().expect("status").is_none(),
         "the worker waits for Redis; it does not exit"
     );
+    // Backing off costs a connection attempt now and then; a spinning client is a whole core
+    // (4 s of CPU in these 4 s).
+    assert!(
+        spent < 800_000,
+        "the waiting worker spent {spent} µs of CPU in 4 s: something spins"
+    );
     assert!(gatehouse_testenv::terminate(&mut work.0).success());
     env.cleanup().await;
+}
+
+/// redis-rs's cluster client (1.8, and 2.0's release candidate) spins a core when it cannot
+/// rebuild its slot map: once a command has asked for a rebuild (a `MOVED`, a slot with no
+/// node), each failed rebuild starts the next at once and wakes its own task — for as long as
+/// any clone of the connection lives, with no command pending. Here the rebuild fails because
+/// the one node closes the connection on `CLUSTER SLOTS` after its first answer (with every
+/// node gone the same happens, less predictably). Measured before
+/// `redis_conn::Cluster` let a failed connection go: this process spent the whole 3 s below on
+/// CPU (2.99 s); now the failed command's connection is dropped, its task ends, and the next
+/// command opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_connection_that_cannot_rebuild_its_slot_map_lets_go_instead_of_spinning() {
+    let node = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = node.local_addr().expect("addr").port();
+    let slot_answers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = tokio::spawn(broken_cluster_node(node, port, slot_answers.clone()));
+    let target = gatehouse::redis_conn::RedisTarget::cluster(vec![secrecy::SecretString::from(
+        format!("redis://127.0.0.1:{port}"),
+    )]);
+    let mut conn = gatehouse::redis_conn::connect(&target)
+        .await
+        .expect("connect to the node");
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let answer: Result<Option<String>, _> =
+            redis::cmd("GET").arg("k").query_async(&mut conn).await;
+        let error = answer.expect_err("every GET is moved, and no slot map comes");
+        assert!(
+            matches!(
+                gatehouse::fault::redis(&error),
+                gatehouse::fault::Fault::Outage(_)
+            ),
+            "an outage, not {error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+    let pid = std::process::id();
+    let before = process_cpu_us(pid).expect("this process's CPU time");
+    let asked_before = slot_answers.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = process_cpu_us(pid).expect("this process's CPU time") - before;
+    let asked = slot_answers.load(std::sync::atomic::Ordering::Relaxed) - asked_before;
+    assert!(
+        spent < 500_000 && asked < 10,
+        "{spent} µs of CPU and {asked} CLUSTER SLOTS in 3 s with no command pending: the \
+         cluster client spins"
+    );
+    // `conn` (still held, as a worker holds its connection) opens a new connection for the
+    // next command.
+    let gatehouse::redis_conn::RedisConn::Cluster(cluster_conn) = &conn else {
+        panic!("a cluster connection");
+    };
+    assert!(
+        cluster_conn.opened() > 1,
+        "a new connection per failed attempt"
+    );
+    server.abort();
+}
+
+/// A Redis Cluster node on `listener` that answers its first `CLUSTER SLOTS` properly (it
+/// serves every slot) and closes the connection on every later one, answers every `GET` with
+/// a `MOVED` to itself, and anything else `+OK`. Counts the `CLUSTER SLOTS` it was asked.
+async fn broken_cluster_node(
+    listener: tokio::net::TcpListener,
+    port: u16,
+    slot_answers: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            return;
+        };
+        let slot_answers = slot_answers.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = socket.into_split();
+            let mut read = tokio::io::BufReader::new(read);
+            loop {
+                // One command: *N, then N bulk strings.
+                let mut line = String::new();
+                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let Some(count) = line.trim().strip_prefix('*').and_then(|n| n.parse().ok()) else {
+                    return;
+                };
+                let mut args: Vec<String> = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let mut header = String::new();
+                    if read.read_line(&mut header).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let Some(len) = header
+                        .trim()
+                        .strip_prefix('$')
+                        .and_then(|n| n.parse::<usize>().ok())
+                    else {
+                        return;
+                    };
+                    let mut bytes = vec![0; len + 2];
+                    if read.read_exact(&mut bytes).await.is_err() {
+                        return;
+                    }
+                    bytes.truncate(len);
+                    args.push(String::from_utf8_lossy(&bytes).to_uppercase());
+                }
+                let reply = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                    ["CLUSTER", "SLOTS", ..] => {
+                        let n = slot_answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if n == 0 {
+                            let id = "a".repeat(40);
+                            format!(
+                                "*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:{port}\r\n$40\r\n{id}\r\n"
+                            )
+                        } else {
+                            // Accepted, then closed: what a node on its way down does.
+                            return;
+                        }
+                    }
+                    ["PING", ..] => "+PONG\r\n".to_owned(),
+                    ["GET", ..] => format!("-MOVED 7365 127.0.0.1:{port}\r\n"),
+                    _ => "+OK\r\n".to_owned(),
+                };
+                if write.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
