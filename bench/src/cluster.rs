@@ -77,7 +77,9 @@ pub async fn consume(
             loop {
                 let k = &keys[turn % keys.len()];
                 turn += 1;
-                let reply = consume::fetch(&mut conn, k, &name, BATCH).await?;
+                let reply =
+                    consume::fetch(&mut conn, k, consume::Fairness::default(), &name, BATCH)
+                        .await?;
                 let tasks = apalis_redis::queries::deserialize_with_meta(reply)?;
                 if tasks.is_empty() {
                     idle += 1;
@@ -100,7 +102,15 @@ pub async fn consume(
                         counted_delay: Duration::ZERO,
                     })
                     .collect();
-                consume::ack(&mut conn, k, &name, Duration::from_secs(86_400), &acks).await?;
+                consume::ack(
+                    &mut conn,
+                    k,
+                    consume::Fairness::default(),
+                    &name,
+                    Duration::from_secs(86_400),
+                    &acks,
+                )
+                .await?;
             }
             #[allow(unreachable_code)]
             Ok::<(), anyhow::Error>(())

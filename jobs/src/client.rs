@@ -194,8 +194,10 @@ impl Queues {
             .take()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
         let payload = seal_job(job, &job_id, self.key.as_ref())?;
-        let keys = self.layout.for_tenant(J::QUEUE, job.tenant().as_ref());
-        self.push(conn, &keys, &job_id, &payload, options).await
+        let tenant = job.tenant();
+        let keys = self.layout.for_tenant(J::QUEUE, tenant.as_ref());
+        self.push(conn, &keys, tenant.as_ref(), &job_id, &payload, options)
+            .await
     }
 
     /// The payload as it will rest in Redis: sealed for job `job_id` when `queue` seals.
@@ -235,7 +237,8 @@ impl Queues {
             for job in chunk {
                 let job_id = Uuid::now_v7().to_string();
                 let payload = seal_job(job, &job_id, self.key.as_ref())?;
-                let keys = self.layout.for_tenant(J::QUEUE, job.tenant().as_ref());
+                let tenant = job.tenant();
+                let keys = self.layout.for_tenant(J::QUEUE, tenant.as_ref());
                 pipes
                     .entry(keys.shard)
                     .or_insert_with(redis::pipe)
@@ -250,6 +253,8 @@ impl Queues {
                     .arg(payload)
                     .arg(max_attempts)
                     .arg(1)
+                    .arg("tenant")
+                    .arg(tenant_field(tenant.as_ref()))
                     .ignore();
                 ids.push(job_id);
             }
@@ -275,9 +280,11 @@ impl Queues {
             .job_id
             .take()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let keys = self.layout.for_tenant(queue, tenant_of(&payload).as_ref());
+        let tenant = tenant_of(&payload);
+        let keys = self.layout.for_tenant(queue, tenant.as_ref());
         let payload = self.at_rest(queue, &job_id, payload)?;
-        self.push(conn, &keys, &job_id, &payload, options).await
+        self.push(conn, &keys, tenant.as_ref(), &job_id, &payload, options)
+            .await
     }
 
     /// Enqueue a payload already in its at-rest form (`jobs/schemas/at-rest/{queue}.json`,
@@ -304,13 +311,15 @@ impl Queues {
             .ok()
             .and_then(|payload| tenant_of(&payload));
         let keys = self.layout.for_tenant(queue, tenant.as_ref());
-        self.push(conn, &keys, job_id, payload_json, options).await
+        self.push(conn, &keys, tenant.as_ref(), job_id, payload_json, options)
+            .await
     }
 
     async fn push<C: ConnectionLike>(
         &self,
         conn: &mut C,
         keys: &QueueKeys,
+        tenant: Option<&Uuid>,
         job_id: &str,
         payload_json: &str,
         options: Enqueue,
@@ -329,7 +338,9 @@ impl Queues {
             default_max_attempts(queue).to_string(),
             ttl.max(1).to_string(),
         );
-        let mut args: Vec<&str> = vec![job_id, payload_json, &max_attempts, &ttl];
+        let tenant = tenant_field(tenant);
+        let mut args: Vec<&str> =
+            vec![job_id, payload_json, &max_attempts, &ttl, "tenant", &tenant];
         if let Some(request_id) = &options.request_id {
             args.extend(["request_id", request_id.as_str()]);
         }
@@ -395,6 +406,13 @@ async fn enqueue_and_wait<C: ConnectionLike>(
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// The `tenant` a job's metadata records: its tenant's id, or `-` for a job of no tenant.
+/// Workers take the tenants with waiting jobs in turn (and cap each one's jobs in flight) by
+/// it; a job from an older client without it gets its payload's `tenant_id`.
+fn tenant_field(tenant: Option<&Uuid>) -> String {
+    tenant.map_or_else(|| "-".to_owned(), ToString::to_string)
 }
 
 /// A payload's `tenant_id`, which picks its shard.

@@ -11,7 +11,15 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `:active` | list | ids ready to be fetched |
+//! | `:active` | list | arrivals, in order: ids not yet in the fair order (workers admit them) |
+//! | `:ready` | zset | ids in the fair order, by virtual start time |
+//! | `:parked` | zset | jobs of tenants at their cap, as `tenant\|start\|id` (score 0: by tenant, then start) |
+//! | `:clock` | string | the virtual start time of the job taken last |
+//! | `:vtime` | hash | tenant → the virtual start time of its last arrival |
+//! | `:backlog` | hash | tenant → its jobs in `:ready` or `:parked` |
+//! | `:running` | hash | tenant → its jobs in flight |
+//! | `:capped` | hash | tenant → its jobs in `:parked` |
+//! | `:caps` | hash | tenant → its max in flight, overriding the queue's default (`0`: none) |
 //! | `:signal` | list | a token that wakes waiting workers |
 //! | `:data` | hash | job id → payload JSON |
 //! | `:meta` | hash | job id → its metadata, a JSON object of strings (`attempts`, `max_attempts`, `status`, `last_error`, …) |
@@ -50,9 +58,41 @@ impl QueueKeys {
             shard,
         }
     }
-    /// `:active`: ids ready to be fetched.
+    /// `:active`: arrivals, in order, not yet admitted into the fair order (`:ready`).
     pub fn active(&self) -> String {
         format!("{}:active", self.prefix)
+    }
+    /// `:ready`: ids in the fair order, by virtual start time.
+    pub fn ready(&self) -> String {
+        format!("{}:ready", self.prefix)
+    }
+    /// `:parked`: ids of tenants at their cap (`tenant|start|id`).
+    pub fn parked(&self) -> String {
+        format!("{}:parked", self.prefix)
+    }
+    /// `:clock`: the virtual start time of the job taken last.
+    pub fn clock(&self) -> String {
+        format!("{}:clock", self.prefix)
+    }
+    /// `:vtime`: tenant → the virtual start time of its last arrival.
+    pub fn vtime(&self) -> String {
+        format!("{}:vtime", self.prefix)
+    }
+    /// `:backlog`: tenant → its jobs waiting in `:ready` or `:parked`.
+    pub fn backlog(&self) -> String {
+        format!("{}:backlog", self.prefix)
+    }
+    /// `:running`: tenant → its jobs in flight.
+    pub fn running(&self) -> String {
+        format!("{}:running", self.prefix)
+    }
+    /// `:capped`: tenant → its parked jobs.
+    pub fn capped(&self) -> String {
+        format!("{}:capped", self.prefix)
+    }
+    /// `:caps`: tenant → its max in flight, overriding the queue's default (`0`: none).
+    pub fn caps(&self) -> String {
+        format!("{}:caps", self.prefix)
     }
     /// `:signal`: wakes waiting workers.
     pub fn signal(&self) -> String {

@@ -53,6 +53,9 @@ pub struct QueueSpec {
     pub variables: RetryVariables,
     /// `QUEUE_SHARDS_{QUEUE}`: how many shards the queue is split into (default 1).
     pub shards_variable: &'static str,
+    /// `TENANT_MAX_IN_FLIGHT_{QUEUE}`: the most jobs of one tenant in flight at once, across
+    /// every worker (default: no cap).
+    pub max_in_flight_variable: &'static str,
 }
 
 fn schema_of<J: JsonSchema>() -> serde_json::Value {
@@ -79,6 +82,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
             max_attempts: "JOB_MAX_ATTEMPTS_INBOUND_MESSAGE",
         },
         shards_variable: "QUEUE_SHARDS_INBOUND_MESSAGE",
+        max_in_flight_variable: "TENANT_MAX_IN_FLIGHT_INBOUND_MESSAGE",
     },
     QueueSpec {
         name: SyncCatalog::QUEUE,
@@ -98,6 +102,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
             max_attempts: "JOB_MAX_ATTEMPTS_SYNC_CATALOG",
         },
         shards_variable: "QUEUE_SHARDS_SYNC_CATALOG",
+        max_in_flight_variable: "TENANT_MAX_IN_FLIGHT_SYNC_CATALOG",
     },
     QueueSpec {
         name: RotateKeys::QUEUE,
@@ -117,6 +122,7 @@ pub const QUEUE_SPECS: [QueueSpec; 3] = [
             max_attempts: "JOB_MAX_ATTEMPTS_ROTATE_KEYS",
         },
         shards_variable: "QUEUE_SHARDS_ROTATE_KEYS",
+        max_in_flight_variable: "TENANT_MAX_IN_FLIGHT_ROTATE_KEYS",
     },
 ];
 
@@ -220,6 +226,10 @@ mod tests {
                 format!("JOB_MAX_ATTEMPTS_{upper}")
             );
             assert_eq!(spec.shards_variable, format!("QUEUE_SHARDS_{upper}"));
+            assert_eq!(
+                spec.max_in_flight_variable,
+                format!("TENANT_MAX_IN_FLIGHT_{upper}")
+            );
             assert!(spec.retry.base_ms <= spec.retry.cap_ms, "{}", spec.name);
         }
     }

@@ -88,6 +88,10 @@ pub const VARIABLES: &[&str] = &[
     "QUEUE_SHARDS_INBOUND_MESSAGE",
     "QUEUE_SHARDS_SYNC_CATALOG",
     "QUEUE_SHARDS_ROTATE_KEYS",
+    "QUEUE_ORDER",
+    "TENANT_MAX_IN_FLIGHT_INBOUND_MESSAGE",
+    "TENANT_MAX_IN_FLIGHT_SYNC_CATALOG",
+    "TENANT_MAX_IN_FLIGHT_ROTATE_KEYS",
     "JOB_RETENTION_SECONDS",
     "STORE_TIMEOUT_MS",
     "WORKER_HEALTH_PORT",
@@ -357,6 +361,13 @@ pub struct Config {
     /// `QUEUE_NAMESPACE` and `QUEUE_SHARDS_{QUEUE}` (default 1, 1..=64: each queue's shard
     /// count; a job's shard comes from its tenant): where every queue's shards are.
     pub layout: gatehouse_jobs::keys::Layout,
+    /// `QUEUE_ORDER`: `fair` (default: tenants with waiting jobs take turns, one job each) or
+    /// `fifo` (one order for every tenant, as before tenant fairness).
+    pub queue_order: QueueOrder,
+    /// `TENANT_MAX_IN_FLIGHT_{QUEUE}` (1..=100 000; unset: no cap): the most jobs of one tenant
+    /// in flight at once in that queue, across every worker process; `tenants set-limits`
+    /// overrides it per tenant. Only the queues with a cap are here.
+    pub tenant_max_in_flight: std::collections::BTreeMap<&'static str, u32>,
     /// `JOB_RETENTION_SECONDS`, default 3600, 1..=2592000: how long a finished job's
     /// payload and metadata stay in Redis before the vacuum removes them.
     pub job_retention_seconds: u64,
@@ -412,7 +423,44 @@ pub struct Config {
     pub invite_ttl_seconds: u64,
 }
 
+/// `QUEUE_ORDER`: how a queue orders its tenants' jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueOrder {
+    /// Tenants with waiting jobs take turns, one job each; each tenant's jobs first in, first
+    /// out.
+    #[default]
+    Fair,
+    /// First in, first out across every tenant.
+    Fifo,
+}
+
+impl QueueOrder {
+    /// The value's spelling (`fair`, `fifo`), as the queue scripts read it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fair => "fair",
+            Self::Fifo => "fifo",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueOrder {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fair" => Ok(Self::Fair),
+            "fifo" => Ok(Self::Fifo),
+            _ => Err("must be fair or fifo".to_owned()),
+        }
+    }
+}
+
 impl Config {
+    /// `TENANT_MAX_IN_FLIGHT_{QUEUE}` of `queue`: its default cap per tenant (`None`: none).
+    pub fn tenant_max_in_flight(&self, queue: &str) -> Option<u32> {
+        self.tenant_max_in_flight.get(queue).copied()
+    }
+
     /// Where every queue's shards are in Redis: `QUEUE_NAMESPACE` and `QUEUE_SHARDS_*`.
     pub fn layout(&self) -> &gatehouse_jobs::keys::Layout {
         &self.layout
@@ -605,6 +653,23 @@ impl Config {
                 layout.with_shards(spec.name, shards)
             },
         );
+        let queue_order = r.parse("QUEUE_ORDER", QueueOrder::Fair, |s| s.parse());
+        let tenant_max_in_flight = QUEUE_SPECS
+            .iter()
+            .filter_map(|spec| {
+                let cap =
+                    r.optional_parse(spec.max_in_flight_variable, |s| match s.parse::<u32>() {
+                        Ok(cap)
+                            if s.bytes().all(|b| b.is_ascii_digit())
+                                && (1..=100_000).contains(&cap) =>
+                        {
+                            Ok(cap)
+                        }
+                        _ => Err("must be a whole number from 1 to 100000".to_owned()),
+                    })?;
+                Some((spec.name, cap))
+            })
+            .collect();
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
         let key_rotation_batch_size = r.integer("KEY_ROTATION_BATCH_SIZE", 500usize, 1, 10_000);
@@ -672,6 +737,8 @@ impl Config {
                     redis_url,
                     replica_acks,
                     layout,
+                    queue_order,
+                    tenant_max_in_flight,
                     debug,
                     secret_key,
                     jwt_secret_key,

@@ -5,6 +5,14 @@
 //!
 //! Keys are [`QueueKeys`]; the scripts are [`super::scripts`]. Delivery is at-least-once: a
 //! job is acknowledged after its handler returns, so a crash in between runs it again.
+//!
+//! Tenant fairness (`lua/fair.lua`): arrivals (`:active`) are admitted by the fetch into one
+//! order per shard that takes the tenants with waiting jobs in turn, one job each, and keeps
+//! each tenant's jobs first in, first out; a tenant at its cap of jobs in flight
+//! ([`Fairness::max_in_flight`], or its override in `:caps`) has its jobs parked until a slot
+//! of its frees. The slots are counted in Redis by the same scripts that hand jobs out and take
+//! them back (fetch, ack, release, orphan rescue), so the cap holds across every worker
+//! process.
 
 use std::time::Duration;
 
@@ -12,10 +20,58 @@ use redis::aio::ConnectionLike;
 
 use super::keys::{Layout, MAX_SHARDS, QueueKeys};
 use super::scripts::{ACK, DEREGISTER, FETCH, HEARTBEAT, REGISTER, RELEASE, VACUUM};
+pub use crate::config::QueueOrder;
 
-/// Due retries promoted per fetch: far below Lua's ~8,000 `unpack` limit, and enough that a
+/// Due retries admitted per fetch: far below Lua's ~8,000 `unpack` limit, and enough that a
 /// burst of 20,000 due retries drains in a few dozen fetches.
 pub const PROMOTE_CHUNK: usize = 1000;
+/// Arrivals admitted into the fair order per fetch: a burst of 50,000 is in order after 100
+/// fetches, and one call stays short (a few milliseconds of Redis time at most).
+pub const ADMIT_CHUNK: usize = 500;
+/// Parked jobs one fetch may pass over (each is parked once, then left alone until its tenant
+/// has room) before it answers with what it has.
+pub const PASS_LIMIT: usize = 200;
+
+/// How a queue hands out its tenants' jobs: `QUEUE_ORDER` and `TENANT_MAX_IN_FLIGHT_{QUEUE}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fairness {
+    pub order: QueueOrder,
+    /// The most jobs of one tenant in flight at once, across every worker process (`None`: no
+    /// cap), unless the tenant's override (`tenants set-limits`) says otherwise.
+    pub max_in_flight: Option<u32>,
+}
+
+impl Fairness {
+    /// `queue`'s, from the configuration.
+    pub fn of(config: &crate::config::Config, queue: &str) -> Self {
+        Self {
+            order: config.queue_order,
+            max_in_flight: config.tenant_max_in_flight(queue),
+        }
+    }
+}
+
+/// A fairness script's invocation with `fair.lua`'s keys and arguments in place.
+fn fair_invocation<'a>(
+    script: &'a redis::Script,
+    keys: &QueueKeys,
+    fairness: Fairness,
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(keys.meta())
+        .key(keys.ready())
+        .key(keys.parked())
+        .key(keys.clock())
+        .key(keys.vtime())
+        .key(keys.backlog())
+        .key(keys.running())
+        .key(keys.capped())
+        .key(keys.caps())
+        .arg(fairness.max_in_flight.unwrap_or(0))
+        .arg(fairness.order.as_str());
+    invocation
+}
 /// Dead workers recovered per heartbeat call.
 const RECOVER_CHUNK: usize = 100;
 /// Longest error text kept with a job (the cause, never a payload).
@@ -141,45 +197,48 @@ pub async fn register<C: ConnectionLike>(
     Ok(())
 }
 
-/// Promotes up to [`PROMOTE_CHUNK`] due retries, then moves up to `batch` jobs from the
-/// active list into the inflight hash under `worker`'s name. Returns the raw reply (ids, payloads and
-/// metadata in apalis-redis's layout).
+/// Admits up to [`PROMOTE_CHUNK`] due retries and [`ADMIT_CHUNK`] arrivals into the fair
+/// order, then moves up to `batch` jobs from it into the inflight hash under `worker`'s name
+/// (parking those of tenants at their cap). Returns the raw reply (payloads and metadata in
+/// apalis-redis's layout).
 pub async fn fetch<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
+    fairness: Fairness,
     worker: &str,
     batch: usize,
 ) -> Result<Vec<redis::Value>, redis::RedisError> {
-    FETCH
+    let mut invocation = fair_invocation(&FETCH, keys, fairness);
+    invocation
         .key(keys.workers())
         .key(keys.active())
         .key(keys.inflight())
         .key(keys.data())
-        .key(keys.meta())
         .key(keys.scheduled())
         .arg(batch)
         .arg(worker)
         .arg(PROMOTE_CHUNK)
-        .invoke_async(conn)
-        .await
+        .arg(ADMIT_CHUNK)
+        .arg(PASS_LIMIT);
+    invocation.invoke_async(conn).await
 }
 
-/// Records how each job of `acks` ended; a job `worker` no longer holds is skipped.
-/// `max_wait`: `OUTAGE_MAX_WAIT_SECONDS`.
+/// Records how each job of `acks` ended, freeing its tenant's slot; a job `worker` no longer
+/// holds is skipped. `max_wait`: `OUTAGE_MAX_WAIT_SECONDS`.
 pub async fn ack<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
+    fairness: Fairness,
     worker: &str,
     max_wait: Duration,
     acks: &[Ack],
 ) -> Result<Acked, redis::RedisError> {
-    let mut invocation = ACK.prepare_invoke();
+    let mut invocation = fair_invocation(&ACK, keys, fairness);
     invocation
         .key(keys.inflight())
         .key(keys.done())
         .key(keys.dead())
         .key(keys.scheduled())
-        .key(keys.meta())
         .arg(max_wait.as_millis() as u64)
         .arg(worker);
     for ack in acks {
@@ -196,19 +255,17 @@ pub async fn ack<C: ConnectionLike>(
     Ok(Acked { acked, expired })
 }
 
-/// Gives jobs `worker` fetched but did not start back to the head of the active list;
-/// returns how many.
+/// Gives jobs `worker` fetched but did not start back to the head of the fair order, freeing
+/// their tenants' slots; returns how many.
 pub async fn release<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
+    fairness: Fairness,
     worker: &str,
     ids: &[String],
 ) -> Result<u64, redis::RedisError> {
-    let mut invocation = RELEASE.prepare_invoke();
-    invocation
-        .key(keys.inflight())
-        .key(keys.active())
-        .arg(worker);
+    let mut invocation = fair_invocation(&RELEASE, keys, fairness);
+    invocation.key(keys.inflight()).arg(worker);
     for id in ids {
         invocation.arg(id);
     }
@@ -216,19 +273,20 @@ pub async fn release<C: ConnectionLike>(
 }
 
 /// One heartbeat round for a queue: keeps `names` alive (and `strict`, which must still be
-/// registered), then rescues the jobs of dead workers (orphans). Returns (jobs recovered, dead
-/// workers).
+/// registered), moves back the parked jobs of a few tenants that have room again (a cap raised
+/// or removed), then rescues the jobs of dead workers (orphans), freeing their tenants' slots.
+/// Returns (jobs recovered, dead workers).
 pub async fn heartbeat<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
+    fairness: Fairness,
     orphan_timeout: Duration,
     strict: Option<&str>,
     names: &[String],
 ) -> Result<(u64, u64), redis::RedisError> {
-    let mut invocation = HEARTBEAT.prepare_invoke();
+    let mut invocation = fair_invocation(&HEARTBEAT, keys, fairness);
     invocation
         .key(keys.workers())
-        .key(keys.active())
         .key(keys.inflight())
         .arg(orphan_timeout.as_millis() as u64)
         .arg(RECOVER_CHUNK)

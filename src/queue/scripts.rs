@@ -13,21 +13,33 @@ macro_rules! script {
         pub(crate) static $name: LazyLock<Script> =
             LazyLock::new(|| Script::new(include_str!(concat!("lua/", $file))));
     };
+    // A script that moves jobs between waiting and running: `fair.lua` (its shebang, the
+    // fairness keys and functions) comes first.
+    ($(#[$doc:meta])* fair $name:ident, $file:literal) => {
+        $(#[$doc])*
+        pub(crate) static $name: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/fair.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
+        });
+    };
 }
 
 script!(
-    /// Promotes a bounded chunk of due retries, then fetches a batch into a worker's inflight set.
-    FETCH,
+    /// Admits due retries and arrivals into the fair order, then takes a batch from it into a
+    /// worker's inflight hash.
+    fair FETCH,
     "fetch.lua"
 );
 script!(
     /// Records how each job of a batch ended (done, retry, dead, deferred).
-    ACK,
+    fair ACK,
     "ack.lua"
 );
 script!(
     /// Keeps workers alive, then recovers the jobs of workers that stopped heartbeating.
-    HEARTBEAT,
+    fair HEARTBEAT,
     "heartbeat.lua"
 );
 script!(
@@ -36,8 +48,8 @@ script!(
     "register.lua"
 );
 script!(
-    /// Gives fetched but unstarted jobs back to the head of the active list.
-    RELEASE,
+    /// Gives fetched but unstarted jobs back to the head of the fair order.
+    fair RELEASE,
     "release.lua"
 );
 script!(

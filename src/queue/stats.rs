@@ -23,6 +23,10 @@ pub struct QueueStats {
     pub done: u64,
     /// Registered worker instances.
     pub workers: u64,
+    /// Tenants with jobs waiting in the fair order (ready or parked), summed over shards.
+    pub tenants_waiting: u64,
+    /// Tenants with jobs parked at their cap of jobs in flight, summed over shards.
+    pub tenants_capped: u64,
 }
 
 /// The counts of `queue`, summed over its shards (each shard read in one script, so its
@@ -45,6 +49,10 @@ pub async fn queue_stats<C: ConnectionLike>(
             .key(keys.inflight())
             .key(keys.dead())
             .key(keys.done())
+            .key(keys.ready())
+            .key(keys.parked())
+            .key(keys.backlog())
+            .key(keys.capped())
             .invoke_async(conn)
             .await?;
         let at = |i: usize| counts.get(i).copied().unwrap_or(0);
@@ -54,6 +62,8 @@ pub async fn queue_stats<C: ConnectionLike>(
         total.dead += at(3);
         total.done += at(4);
         total.workers = total.workers.max(at(5));
+        total.tenants_waiting += at(6);
+        total.tenants_capped += at(7);
     }
     Ok(total)
 }

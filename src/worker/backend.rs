@@ -79,6 +79,8 @@ pub struct QueueSettings {
     pub heartbeat: Duration,
     /// A worker silent this long is dead and its jobs are handed on.
     pub orphan_timeout: Duration,
+    /// How the queue hands out its tenants' jobs (order, cap).
+    pub fairness: consume::Fairness,
     pub retry: RetryPolicy,
     /// The process's outage state: fetching pauses while PostgreSQL is down, and deferred
     /// attempts are acknowledged without counting (`super::outage`).
@@ -153,6 +155,7 @@ impl QueuePersistence {
         consume::ack(
             &mut self.conn,
             &keys,
+            self.settings.fairness,
             worker.name(),
             self.settings.outages.max_wait,
             &acks,
@@ -208,6 +211,7 @@ impl Persistence for QueuePersistence {
             let (recovered, dead) = consume::heartbeat(
                 &mut self.conn,
                 keys,
+                self.settings.fairness,
                 self.settings.orphan_timeout,
                 Some(worker.name()),
                 &[],
@@ -243,6 +247,7 @@ impl Persistence for QueuePersistence {
             let result = consume::fetch(
                 &mut self.conn,
                 &keys,
+                self.settings.fairness,
                 worker.name(),
                 self.settings.batch_size,
             )
@@ -287,7 +292,14 @@ impl Persistence for QueuePersistence {
         let mut released = 0;
         for (shard, ids) in by_shard {
             let keys = self.shard(shard).clone();
-            released += consume::release(&mut self.conn, &keys, worker.name(), &ids).await?;
+            released += consume::release(
+                &mut self.conn,
+                &keys,
+                self.settings.fairness,
+                worker.name(),
+                &ids,
+            )
+            .await?;
         }
         Ok(released)
     }
@@ -355,6 +367,7 @@ impl Persistence for QueuePersistence {
             let done = consume::ack(
                 &mut self.conn,
                 &keys,
+                self.settings.fairness,
                 worker.name(),
                 self.settings.outages.max_wait,
                 &acks,

@@ -136,7 +136,16 @@ async fn maintain(
         };
         for keys in &queues {
             let names = live.names(&keys.prefix);
-            match consume::heartbeat(&mut redis, keys, options.orphan_timeout(), None, &names).await
+            let fairness = options.fairness(&keys.queue);
+            match consume::heartbeat(
+                &mut redis,
+                keys,
+                fairness,
+                options.orphan_timeout(),
+                None,
+                &names,
+            )
+            .await
             {
                 Ok((jobs, workers)) if jobs > 0 || workers > 0 => tracing::warn!(
                     queue = %keys.prefix, jobs, workers,

@@ -175,6 +175,10 @@ pub struct WorkerOptions {
     /// failed for good in the redis crate, so the workers open a new one from this URL.
     /// `None`: never renewed.
     pub redis_url: Option<crate::redis_conn::RedisTarget>,
+    /// `QUEUE_ORDER`.
+    pub queue_order: crate::config::QueueOrder,
+    /// `TENANT_MAX_IN_FLIGHT_{QUEUE}`, by queue (only those with a cap).
+    pub tenant_max_in_flight: std::collections::BTreeMap<&'static str, u32>,
 }
 
 impl WorkerOptions {
@@ -191,6 +195,16 @@ impl WorkerOptions {
             metrics_token: config.metrics_token.clone(),
             row_retention: crate::retention::Retention::from_config(config),
             redis_url: Some(config.redis_url.clone()),
+            queue_order: config.queue_order,
+            tenant_max_in_flight: config.tenant_max_in_flight.clone(),
+        }
+    }
+
+    /// How `queue` hands out its tenants' jobs.
+    pub fn fairness(&self, queue: &str) -> crate::queue::consume::Fairness {
+        crate::queue::consume::Fairness {
+            order: self.queue_order,
+            max_in_flight: self.tenant_max_in_flight.get(queue).copied(),
         }
     }
 
@@ -235,6 +249,7 @@ fn queue_settings<Args: serde::de::DeserializeOwned>(
         batch_size: options.concurrency.max(1),
         heartbeat: options.heartbeat,
         orphan_timeout: options.orphan_timeout(),
+        fairness: options.fairness(queue),
         retry,
         outages: outages.clone(),
         decodes: backend::decodes::<Args>,

@@ -12,6 +12,7 @@ mod bounded_costs;
 mod catalog;
 mod cli;
 mod dashboard;
+mod fairness;
 mod http_server;
 mod invitations;
 mod key_rotation;

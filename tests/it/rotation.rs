@@ -1342,7 +1342,7 @@ async fn take(env: &TestEnv, name: &str, n: usize) -> Vec<String> {
     consume::register(&mut redis, &keys, name)
         .await
         .expect("register");
-    consume::fetch(&mut redis, &keys, name, n)
+    consume::fetch(&mut redis, &keys, consume::Fairness::default(), name, n)
         .await
         .expect("fetch");
     let held: Vec<(String, String)> = redis::cmd("HGETALL")
@@ -1380,6 +1380,7 @@ async fn settle_taken(
     let acked = consume::ack(
         &mut env.redis.clone(),
         &keys,
+        consume::Fairness::default(),
         name,
         Duration::from_secs(60),
         &acks,

@@ -1,14 +1,19 @@
-#!lua
--- gatehouse release: jobs this worker fetched but did not start (it is stopping) go back to
--- the head of the active list.
--- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
---   [1] inflight, [2] active
--- ARGV[1]: worker name; ARGV[2..]: job ids
+-- gatehouse release (after fair.lua): jobs this worker fetched but did not start (it is
+-- stopping) go back to the head of the fair order, each freeing its tenant's slot.
+-- KEYS after fair.lua's nine: [10] inflight
+-- ARGV after fair.lua's two: [3] worker name, [4..] job ids
+local INFLIGHT = KEYS[10]
 local released = 0
-for i = #ARGV, 2, -1 do
-    if redis.call("hget", KEYS[1], ARGV[i]) == ARGV[1] then
-        redis.call("hdel", KEYS[1], ARGV[i])
-        redis.call("lpush", KEYS[2], ARGV[i])
+for i = #ARGV, 4, -1 do
+    local id = ARGV[i]
+    if redis.call("hget", INFLIGHT, id) == ARGV[3] then
+        redis.call("hdel", INFLIGHT, id)
+        local meta = decode_meta(id)
+        if meta then
+            local tenant = tenant_of(meta)
+            free_slot(tenant)
+            requeue(tenant, id)
+        end
         released = released + 1
     end
 end

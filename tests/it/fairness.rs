@@ -1,0 +1,311 @@
+//! Tenant fairness (issue 19): tenants with waiting jobs take turns, one job each, and each
+//! tenant's jobs stay first in, first out; a tenant at its cap of jobs in flight waits
+//! without holding up anyone else, across worker processes and through orphan rescue.
+//!
+//! The order and the cap are the queue scripts' (`src/queue/lua/fair.lua`), so the first tests
+//! drive them through `queue::consume` exactly as a worker does, one fetch at a time, and check
+//! the exact order; the last runs `gatehouse work` processes against a fake LLM that counts
+//! each tenant's calls in flight.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use gatehouse::queue::consume::{self, Ack, Fairness, Outcome, QueueOrder};
+use gatehouse::queue::keys::QueueKeys;
+use gatehouse_jobs::InboundMessage;
+use gatehouse_testenv::*;
+use uuid::Uuid;
+
+use crate::common::message_sid;
+
+fn message(tenant: Uuid, body: &str) -> InboundMessage {
+    InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: "+14155550100".into(),
+        to: "+14155550199".into(),
+        body: body.into(),
+        received_at: "2026-12-06T10:00:00Z".into(),
+    }
+}
+
+/// Enqueues `n` messages of `tenant` (one pipeline); their job ids, in order.
+async fn enqueue(env: &TestEnv, tenant: Uuid, n: usize) -> Vec<String> {
+    let jobs: Vec<InboundMessage> = (0..n).map(|i| message(tenant, &format!("m{i}"))).collect();
+    env.queues()
+        .enqueue_batch(&mut env.redis.clone(), &jobs)
+        .await
+        .expect("enqueue")
+}
+
+/// One fetch of up to `batch` jobs by `worker`, as a worker makes it; the ids it took, in order.
+async fn fetch(
+    env: &TestEnv,
+    keys: &QueueKeys,
+    fairness: Fairness,
+    worker: &str,
+    batch: usize,
+) -> Vec<String> {
+    let reply = consume::fetch(&mut env.redis.clone(), keys, fairness, worker, batch)
+        .await
+        .expect("fetch");
+    // {payloads, metas}; each meta is {job_id, field, value, ...}.
+    let Some(redis::Value::Array(metas)) = reply.get(1) else {
+        panic!("a fetch reply: {reply:?}");
+    };
+    metas
+        .iter()
+        .map(|meta| match meta {
+            redis::Value::Array(fields) => match fields.first() {
+                Some(redis::Value::BulkString(id)) => String::from_utf8_lossy(id).into_owned(),
+                other => panic!("a job id: {other:?}"),
+            },
+            other => panic!("a job's metadata: {other:?}"),
+        })
+        .collect()
+}
+
+/// `worker` acknowledges `ids` as done.
+async fn finish(env: &TestEnv, keys: &QueueKeys, fairness: Fairness, worker: &str, ids: &[String]) {
+    let acks: Vec<Ack> = ids
+        .iter()
+        .map(|id| Ack {
+            id: id.clone(),
+            outcome: Outcome::Done,
+            attempt: 1,
+            delay: Duration::ZERO,
+            error: String::new(),
+            counted: Outcome::Done,
+            counted_delay: Duration::ZERO,
+        })
+        .collect();
+    let acked = consume::ack(
+        &mut env.redis.clone(),
+        keys,
+        fairness,
+        worker,
+        Duration::from_secs(60),
+        &acks,
+    )
+    .await
+    .expect("ack");
+    assert_eq!(acked.acked, ids.len(), "{worker} held them");
+}
+
+async fn register(env: &TestEnv, keys: &QueueKeys, worker: &str) {
+    consume::register(&mut env.redis.clone(), keys, worker)
+        .await
+        .expect("register");
+}
+
+async fn hash_field(env: &TestEnv, key: &str, field: &str) -> Option<i64> {
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("HGET")
+}
+
+/// Which tenant each job id is (by the order they were enqueued in).
+fn names(jobs: &[(&str, &[String])]) -> HashMap<String, String> {
+    jobs.iter()
+        .flat_map(|(name, ids)| {
+            ids.iter()
+                .enumerate()
+                .map(move |(i, id)| (id.clone(), format!("{name}{}", i + 1)))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_with_waiting_jobs_take_turns_and_each_tenants_jobs_stay_in_order() {
+    let env = TestEnv::new().await;
+    let keys = QueueKeys::new(&env.namespace, "inbound_message");
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // A noisy tenant's backlog first, then two quiet tenants' few messages.
+    let a_ids = enqueue(&env, a, 40).await;
+    let b_ids = enqueue(&env, b, 4).await;
+    let c_ids = enqueue(&env, c, 3).await;
+    let name = names(&[("A", &a_ids), ("B", &b_ids), ("C", &c_ids)]);
+    register(&env, &keys, "w").await;
+    let fair = Fairness::default();
+    let mut order = Vec::new();
+    loop {
+        let taken = fetch(&env, &keys, fair, "w", 1).await;
+        if taken.is_empty() {
+            break;
+        }
+        finish(&env, &keys, fair, "w", &taken).await;
+        order.extend(taken.iter().map(|id| name[id].clone()));
+    }
+    // One job each in turn while several tenants wait (ties broken by job id: A's are the
+    // oldest), then the rest of A's backlog in its own order.
+    let mut expected: Vec<String> = [
+        "A1", "B1", "C1", "A2", "B2", "C2", "A3", "B3", "C3", "A4", "B4",
+    ]
+    .map(String::from)
+    .to_vec();
+    expected.extend((5..=40).map(|i| format!("A{i}")));
+    assert_eq!(order, expected);
+    // Nothing is left behind: no tenant counted as waiting or running.
+    let waiting: i64 = redis::cmd("HLEN")
+        .arg(keys.backlog())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("HLEN");
+    let running: i64 = redis::cmd("HLEN")
+        .arg(keys.running())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("HLEN");
+    assert_eq!((waiting, running), (0, 0));
+
+    // A tenant arriving while another's backlog drains starts within a turn, not after it.
+    let a_ids = enqueue(&env, a, 30).await;
+    let first = fetch(&env, &keys, fair, "w", 5).await;
+    finish(&env, &keys, fair, "w", &first).await;
+    let b_ids = enqueue(&env, b, 2).await;
+    let name = names(&[("A", &a_ids), ("B", &b_ids)]);
+    let next: Vec<String> = fetch(&env, &keys, fair, "w", 4)
+        .await
+        .iter()
+        .map(|id| name[id].clone())
+        .collect();
+    assert_eq!(next, ["A6", "B1", "A7", "B2"]);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_order_fifo_keeps_one_order_for_every_tenant() {
+    let env = TestEnv::new().await;
+    let keys = QueueKeys::new(&env.namespace, "inbound_message");
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a_ids = enqueue(&env, a, 5).await;
+    let b_ids = enqueue(&env, b, 2).await;
+    let name = names(&[("A", &a_ids), ("B", &b_ids)]);
+    register(&env, &keys, "w").await;
+    let fifo = Fairness {
+        order: QueueOrder::Fifo,
+        max_in_flight: None,
+    };
+    let taken: Vec<String> = fetch(&env, &keys, fifo, "w", 10)
+        .await
+        .iter()
+        .map(|id| name[id].clone())
+        .collect();
+    assert_eq!(taken, ["A1", "A2", "A3", "A4", "A5", "B1", "B2"]);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_cap_waits_alone_and_a_dead_workers_slots_come_back_with_its_jobs() {
+    let env = TestEnv::new().await;
+    let keys = QueueKeys::new(&env.namespace, "inbound_message");
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a_ids = enqueue(&env, a, 10).await;
+    let b_ids = enqueue(&env, b, 2).await;
+    let name = names(&[("A", &a_ids), ("B", &b_ids)]);
+    let capped = Fairness {
+        order: QueueOrder::Fair,
+        max_in_flight: Some(2),
+    };
+    let named = |ids: &[String]| -> Vec<String> { ids.iter().map(|id| name[id].clone()).collect() };
+    let (a_key, b_key) = (a.to_string(), b.to_string());
+    register(&env, &keys, "w1").await;
+    register(&env, &keys, "w2").await;
+
+    // A batch of 10 takes two of A's and B's two; A's other eight are parked, once each.
+    let w1 = fetch(&env, &keys, capped, "w1", 10).await;
+    assert_eq!(named(&w1), ["A1", "B1", "A2", "B2"]);
+    assert_eq!(hash_field(&env, &keys.running(), &a_key).await, Some(2));
+    assert_eq!(hash_field(&env, &keys.capped(), &a_key).await, Some(8));
+    // Another worker finds nothing to do and passes over nothing: A's jobs wait parked.
+    assert!(fetch(&env, &keys, capped, "w2", 10).await.is_empty());
+    let ready: i64 = redis::cmd("ZCARD")
+        .arg(keys.ready())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("ZCARD");
+    assert_eq!(ready, 0);
+
+    // A slot freed is one more of A's jobs, the next in A's order, for any worker.
+    finish(&env, &keys, capped, "w1", &w1[..1]).await;
+    let w2 = fetch(&env, &keys, capped, "w2", 10).await;
+    assert_eq!(named(&w2), ["A3"]);
+    assert!(fetch(&env, &keys, capped, "w2", 10).await.is_empty());
+
+    // w1 dies holding A2 and B's two. Orphan rescue hands them back and frees their slots at
+    // once: one slot of A's comes back (w2 still holds A3), so exactly one A job runs next,
+    // and B's two.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (recovered, dead) = consume::heartbeat(
+        &mut env.redis.clone(),
+        &keys,
+        capped,
+        Duration::from_millis(10),
+        None,
+        &["w2".to_owned()],
+    )
+    .await
+    .expect("heartbeat");
+    assert_eq!((recovered, dead), (3, 1));
+    assert_eq!(hash_field(&env, &keys.running(), &a_key).await, Some(1));
+    assert_eq!(hash_field(&env, &keys.running(), &b_key).await, None);
+    let again_ids = fetch(&env, &keys, capped, "w2", 10).await;
+    let again = named(&again_ids);
+    assert_eq!(
+        again.iter().filter(|job| job.starts_with('A')).count(),
+        1,
+        "{again:?}"
+    );
+    assert_eq!(
+        again.iter().filter(|job| job.starts_with('B')).count(),
+        2,
+        "{again:?}"
+    );
+    assert_eq!(hash_field(&env, &keys.running(), &a_key).await, Some(2));
+    // w1's late acknowledgement of A2 finds nothing: its slot is not freed twice.
+    let late = consume::ack(
+        &mut env.redis.clone(),
+        &keys,
+        capped,
+        "w1",
+        Duration::from_secs(60),
+        &[Ack {
+            id: w1[2].clone(),
+            outcome: Outcome::Done,
+            attempt: 1,
+            delay: Duration::ZERO,
+            error: String::new(),
+            counted: Outcome::Done,
+            counted_delay: Duration::ZERO,
+        }],
+    )
+    .await
+    .expect("ack");
+    assert_eq!(late.acked, 0);
+    assert_eq!(hash_field(&env, &keys.running(), &a_key).await, Some(2));
+
+    // Drain: never more than two of A's in flight, and every job runs once.
+    assert!(
+        fetch(&env, &keys, capped, "w2", 10).await.is_empty(),
+        "A is at its cap"
+    );
+    let mut ran: Vec<String> = [named(&w1[..1]), named(&w2), again].concat();
+    finish(&env, &keys, capped, "w2", &[w2, again_ids].concat()).await;
+    loop {
+        let taken = fetch(&env, &keys, capped, "w2", 10).await;
+        if taken.is_empty() {
+            break;
+        }
+        assert!(taken.len() <= 2, "A's cap: {:?}", named(&taken));
+        finish(&env, &keys, capped, "w2", &taken).await;
+        ran.extend(named(&taken));
+    }
+    ran.sort();
+    let mut all: Vec<String> = name.values().cloned().collect();
+    all.sort();
+    assert_eq!(ran, all, "every job ran once");
+    env.cleanup().await;
+}
