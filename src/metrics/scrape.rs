@@ -130,7 +130,14 @@ fn queue_families(out: &mut String, stats: &[QueueStats]) {
     let mut jobs = Vec::new();
     let mut dead = Vec::new();
     let mut workers = Vec::new();
+    let mut tenants = Vec::new();
     for s in stats {
+        for (state, n) in [("waiting", s.tenants_waiting), ("capped", s.tenants_capped)] {
+            tenants.push((
+                vec![("queue", s.queue.as_str()), ("state", state)],
+                n as f64,
+            ));
+        }
         for (state, n) in [
             ("pending", s.pending),
             ("retrying", s.retrying),
@@ -165,5 +172,12 @@ fn queue_families(out: &mut String, stats: &[QueueStats]) {
         "gauge",
         "Registered worker instances per queue.",
         &workers,
+    );
+    write_family(
+        out,
+        "gatehouse_queue_tenants",
+        "gauge",
+        "Tenants per queue with jobs waiting (waiting), and with jobs held back at their cap of jobs in flight (capped); read from Redis at scrape time.",
+        &tenants,
     );
 }

@@ -7,7 +7,8 @@
 //! - [`scripts`]: every Lua script (`src/queue/lua/`), loaded once.
 //! - [`consume`]: fetch, ack, release, heartbeat (with orphan rescue), register, deregister and
 //!   vacuum, as plain async functions; [`retry`]: the backoff schedule.
-//! - The operator API the edges and the CLI call: [`dead`] (dead letters), [`stats`] (counts).
+//! - The operator API the edges and the CLI call: [`dead`] (dead letters), [`stats`] (counts),
+//!   [`limits`] (per-tenant caps on jobs in flight, kept in PostgreSQL and copied to Redis).
 //! - [`legacy`]: moves what a release before the cluster-safe key layout left in Redis.
 //! - [`outbox`]: jobs committed with a database write, relayed to Redis; [`payloads`]: payloads
 //!   checked against the committed schemas before they are enqueued; [`at_rest`]: the sealed
@@ -24,6 +25,7 @@ pub mod consume;
 pub mod dead;
 pub mod keys;
 pub mod legacy;
+pub mod limits;
 pub mod outbox;
 pub mod payloads;
 pub mod retry;

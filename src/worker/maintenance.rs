@@ -3,8 +3,9 @@
 //! Redis, rescues the jobs of dead workers (orphans), vacuums finished jobs and moves what a
 //! release before the cluster-safe key layout left in Redis (`crate::queue::legacy`); once a second
 //! [`relay_outbox`] pushes committed outbox entries; about once a minute the retention round
-//! (`crate::retention`) deletes expired PostgreSQL rows; and the PostgreSQL probe
-//! (`outage::watch_postgres`) ends an outage. [`Maintenance`] starts them and stops them
+//! (`crate::retention`) deletes expired PostgreSQL rows and [`sync_limits`] copies the
+//! per-tenant caps into Redis; and the PostgreSQL probe (`outage::watch_postgres`) ends an
+//! outage. [`Maintenance`] starts them and stops them
 //! together.
 
 use std::time::Duration;
@@ -58,6 +59,12 @@ impl Maintenance {
                 state.pool.clone(),
                 state.outages.postgres.clone(),
             )),
+            tokio::spawn(sync_limits(
+                state.pool.clone(),
+                redis.clone(),
+                queues.layout().clone(),
+                state.outages.postgres.clone(),
+            )),
             tokio::spawn(maintain(
                 redis.clone(),
                 queues.namespace().to_owned(),
@@ -100,6 +107,31 @@ async fn relay_outbox(
             } else {
                 tracing::warn!(%error, "outbox relay failed; will retry");
             }
+        }
+    }
+}
+
+/// Copies the per-tenant caps (`tenant_queue_limits`) into every queue shard's `:caps` hash at
+/// start and every minute (`crate::queue::limits::sync`): an override set while Redis was
+/// down, or lost with Redis's keys, is enforced again within a minute.
+async fn sync_limits(
+    pool: PgPool,
+    redis: SharedRedis,
+    layout: crate::queue::keys::Layout,
+    postgres: outage::Reachability,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if postgres.is_down() {
+            continue;
+        }
+        let mut conn = redis.get();
+        match crate::queue::limits::sync(&pool, &mut conn, &layout).await {
+            Ok(0) => {}
+            Ok(changed) => tracing::info!(changed, "per-tenant caps copied into redis"),
+            Err(error) => tracing::debug!(%error, "per-tenant caps not synced this round"),
         }
     }
 }

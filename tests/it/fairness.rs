@@ -309,3 +309,253 @@ async fn a_tenant_at_its_cap_waits_alone_and_a_dead_workers_slots_come_back_with
     assert_eq!(ran, all, "every job ran once");
     env.cleanup().await;
 }
+
+/// An OpenAI-compatible LLM on loopback that answers after `delay` and counts, per marker
+/// (`alpha`, `bravo`: the start of a message's text), the calls in flight now and the most
+/// ever in flight at once.
+#[derive(Clone, Default)]
+struct Concurrency {
+    now: std::sync::Arc<std::sync::Mutex<HashMap<String, Calls>>>,
+}
+
+/// In flight now, most at once, calls in all.
+type Calls = (usize, usize, usize);
+
+impl Concurrency {
+    /// (in flight now, most at once, calls) of `marker`.
+    fn of(&self, marker: &str) -> (usize, usize, usize) {
+        self.now
+            .lock()
+            .map(|m| m.get(marker).copied().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn enter(&self, marker: &str) {
+        if let Ok(mut m) = self.now.lock() {
+            let entry = m.entry(marker.to_owned()).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(entry.0);
+            entry.2 += 1;
+        }
+    }
+
+    fn leave(&self, marker: &str) {
+        if let Ok(mut m) = self.now.lock()
+            && let Some(entry) = m.get_mut(marker)
+        {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
+}
+
+async fn counting_llm(delay: Duration) -> (std::net::SocketAddr, Concurrency) {
+    let seen = Concurrency::default();
+    let counted = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |request: String| {
+            let counted = counted.clone();
+            async move {
+                let marker = ["alpha", "bravo"]
+                    .into_iter()
+                    .find(|m| request.contains(&format!("{m}-")))
+                    .unwrap_or("other");
+                counted.enter(marker);
+                // Left when the answer is sent, or when the caller (a killed worker) is gone.
+                struct Leave(Concurrency, &'static str);
+                impl Drop for Leave {
+                    fn drop(&mut self) {
+                        self.0.leave(self.1);
+                    }
+                }
+                let _leave = Leave(counted.clone(), marker);
+                tokio::time::sleep(delay).await;
+                let content =
+                    serde_json::json!({"intent": "order_status", "confidence": 0.95, "slots": {}});
+                axum::Json(serde_json::json!({
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion",
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content.to_string()},
+                        "finish_reason": "stop"
+                    }]
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
+fn cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
+    let out = run_cli(args, &env.vars, "");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Three `gatehouse work` processes, `TENANT_MAX_IN_FLIGHT_INBOUND_MESSAGE=3` and tenant B
+/// capped at 1 by `tenants set-limits`: the LLM (each job's call to it, counted by the fake
+/// itself, not by gatehouse) never has more than 3 of A's messages or 1 of B's at once, B's
+/// messages run while A's backlog drains, and a worker killed with `kill -9` while it holds
+/// A's jobs gives them back with their slots: every message is stored exactly once, and the
+/// cap holds through the rescue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn caps_hold_across_worker_processes_and_a_kill_9() {
+    let (llm, seen) = counting_llm(Duration::from_millis(250)).await;
+    let env = TestEnv::with_vars(|vars| {
+        vars.insert("LLM_URL".into(), format!("http://{llm}/v1"));
+        vars.insert("LLM_MODEL".into(), "fairness-model".into());
+        vars.insert("TENANT_MAX_IN_FLIGHT_INBOUND_MESSAGE".into(), "3".into());
+        vars.insert("WORKER_CONCURRENCY".into(), "4".into());
+        vars.insert("WORKER_HEARTBEAT_SECONDS".into(), "1".into());
+        vars.insert("WORKER_MISSED_HEARTBEATS".into(), "2".into());
+    })
+    .await;
+    let a = env.create_tenant().await;
+    let b = env.create_tenant().await;
+    let (code, out) = cli(
+        &env,
+        &[
+            "tenants",
+            "set-limits",
+            "--tenant",
+            &b.to_string(),
+            "--queue",
+            "inbound_message",
+            "--max-in-flight",
+            "1",
+        ],
+    );
+    assert_eq!(code, 0, "set-limits: {out}");
+    let (code, out) = cli(&env, &["tenants", "show", "--tenant", &b.to_string()]);
+    assert_eq!(code, 0, "show: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("inbound_message max_in_flight=1 (tenant)")),
+        "{out}"
+    );
+    let (code, out) = cli(&env, &["tenants", "show", "--tenant", &a.to_string()]);
+    assert_eq!(code, 0, "show: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("inbound_message max_in_flight=3 (default)")),
+        "{out}"
+    );
+    let (code, _) = cli(
+        &env,
+        &[
+            "tenants",
+            "set-limits",
+            "--tenant",
+            &b.to_string(),
+            "--queue",
+            "inbound_message",
+            "--max-in-flight",
+            "0",
+        ],
+    );
+    assert_eq!(code, 1, "a cap of 0 is refused");
+
+    let alpha: Vec<InboundMessage> = (0..30)
+        .map(|i| message(a, &format!("alpha-{i} where is my order?")))
+        .collect();
+    let bravo: Vec<InboundMessage> = (0..6)
+        .map(|i| message(b, &format!("bravo-{i} where is my order?")))
+        .collect();
+    let queues = env.queues();
+    queues
+        .enqueue_batch(&mut env.redis.clone(), &alpha)
+        .await
+        .expect("enqueue A");
+    queues
+        .enqueue_batch(&mut env.redis.clone(), &bravo)
+        .await
+        .expect("enqueue B");
+
+    // The first worker alone takes A's three slots (and B's one), and is killed holding them;
+    // then two more start.
+    let mut first = KillOnDrop(env.spawn(&["work"], &[]));
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            seen.of("alpha").0 == 3
+        })
+        .await,
+        "A reaches its cap: {:?}",
+        seen.of("alpha")
+    );
+    let stats = gatehouse::queue::stats::queue_stats(
+        &mut env.redis.clone(),
+        env.config.layout(),
+        "inbound_message",
+    )
+    .await
+    .expect("stats");
+    // Both have jobs waiting; at least one (B, whose second job came up) has some parked.
+    assert_eq!(stats.tenants_waiting, 2, "{stats:?}");
+    assert!(stats.tenants_capped >= 1, "{stats:?}");
+    // Killed holding A's three and B's one (their LLM calls are under way).
+    let holders: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(env.config.layout().shard("inbound_message", 0).inflight())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("HGETALL");
+    let marker = format!("-{}-", first.0.id());
+    kill(&mut first.0);
+    assert!(
+        holders.values().filter(|w| w.contains(&marker)).count() >= 3,
+        "{holders:?}"
+    );
+    // The others wait for A's and B's slots until the dead worker's jobs are rescued with them.
+    let _second = KillOnDrop(env.spawn(&["work"], &[]));
+    let _third = KillOnDrop(env.spawn(&["work"], &[]));
+
+    let stored = env
+        .wait_for_count("SELECT count(*) FROM messages", 36, Duration::from_secs(90))
+        .await;
+    assert_eq!(stored, 36, "every message is stored");
+    let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_jobs")
+        .fetch_one(&env.pool)
+        .await
+        .expect("processed_jobs");
+    assert_eq!(processed, 36, "once each");
+    let (_, a_most, _) = seen.of("alpha");
+    let (_, b_most, _) = seen.of("bravo");
+    assert_eq!(a_most, 3, "A's cap, reached and never passed");
+    assert_eq!(b_most, 1, "B's override, reached and never passed");
+    // Nothing is left counted: no slot leaked by the kill.
+    let running: i64 = redis::cmd("HLEN")
+        .arg(env.config.layout().shard("inbound_message", 0).running())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("HLEN");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let n: i64 = redis::cmd("HLEN")
+                .arg(env.config.layout().shard("inbound_message", 0).running())
+                .query_async(&mut env.redis.clone())
+                .await
+                .unwrap_or(-1);
+            n == 0
+        })
+        .await,
+        "slots all free once the work is done (was {running})"
+    );
+    env.cleanup().await;
+}

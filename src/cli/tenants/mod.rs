@@ -1,7 +1,8 @@
-//! `gatehouse tenants create | rotate-secret | webhook-url`: `create`'s output (the id, then
-//! the owner invitation's token) and `webhook-url` here; `rotate-secret`'s arguments and body
-//! in `rotate_secret.rs`.
+//! `gatehouse tenants create | rotate-secret | webhook-url | set-limits | show`: `create`'s
+//! output (the id, then the owner invitation's token) and `webhook-url` here; `rotate-secret`'s
+//! arguments and body in `rotate_secret.rs`; `set-limits` and `show` in `limits.rs`.
 
+mod limits;
 mod rotate_secret;
 
 use std::collections::HashMap;
@@ -39,6 +40,14 @@ pub enum TenantsCommand {
     WebhookUrl {
         #[arg(long)]
         tenant: String,
+    },
+    /// Cap the tenant's jobs in flight in one queue, across every worker (overrides
+    /// TENANT_MAX_IN_FLIGHT_{QUEUE}); takes effect at once.
+    SetLimits(limits::SetLimitsArgs),
+    /// Print the tenant, its caps, and its jobs in flight and waiting in each queue.
+    Show {
+        #[arg(long)]
+        tenant: uuid::Uuid,
     },
 }
 
@@ -86,6 +95,14 @@ pub(super) fn run(command: TenantsCommand) -> anyhow::Result<()> {
         TenantsCommand::WebhookUrl { tenant } => {
             let config = load_config(false)?;
             runtime()?.block_on(webhook_url(&config, &tenant))
+        }
+        TenantsCommand::SetLimits(args) => {
+            let config = load_config(false)?;
+            runtime()?.block_on(limits::set_limits(&config, args))
+        }
+        TenantsCommand::Show { tenant } => {
+            let config = load_config(false)?;
+            runtime()?.block_on(limits::show(&config, tenant))
         }
     }
 }

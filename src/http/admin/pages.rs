@@ -392,6 +392,9 @@ pub struct QueuesQuery {
 
 /// `/admin/queues`: depth, in flight, retries and dead letters per queue, with a retry
 /// button (a CSRF-guarded form) per dead job.
+/// Tenants listed per queue under "Top tenants by backlog".
+const TOP_TENANTS: usize = 10;
+
 #[utoipa::path(
     operation_id = "admin_queues",
     get,
@@ -415,6 +418,16 @@ pub async fn queues(
         "cannot list dead jobs",
         crate::queue::dead::list(&mut redis, shards, &gatehouse_jobs::QUEUES, 50).await,
     )?;
+    let mut top_tenants: Vec<(&str, Vec<(String, u64)>)> = Vec::new();
+    for queue in gatehouse_jobs::QUEUES {
+        let top = loaded(
+            "cannot read the tenants' backlogs",
+            crate::queue::limits::top_waiting(&mut redis, shards, queue, TOP_TENANTS).await,
+        )?;
+        if !top.is_empty() {
+            top_tenants.push((queue, top));
+        }
+    }
     let notice = match query.notice.as_deref() {
         Some("retried") => Some("The job is back on its queue."),
         Some("missing") => Some("No dead job with that id (already retried or purged)."),
@@ -443,13 +456,15 @@ pub async fn queues(
                 thead { tr {
                     th { "queue" } th.num { "depth" } th.num { "in flight" } th.num { "retrying" }
                     th.num { "dead" } th.num { "done (not yet vacuumed)" } th.num { "workers" }
+                    th.num { "tenants waiting" } th.num { "tenants at their cap" }
                 } }
                 tbody {
                     @for s in &stats {
                         tr {
                             td { (s.queue) } td.num { (s.pending) } td.num { (s.in_flight) }
                             td.num { (s.retrying) } td.num { (s.dead) } td.num { (s.done) }
-                            td.num { (s.workers) }
+                            td.num { (s.workers) } td.num { (s.tenants_waiting) }
+                            td.num { (s.tenants_capped) }
                         }
                     }
                 }
@@ -457,6 +472,23 @@ pub async fn queues(
             div.charts {
                 div { h3 { "Depth" } (svg::hbars(&depth, "#2563eb", "jobs waiting per queue")) }
                 div { h3 { "Dead letters" } (svg::hbars(&dead_bars, "#dc2626", "dead jobs per queue")) }
+            }
+        }
+        section {
+            h2 { "Top tenants by backlog" }
+            @if top_tenants.is_empty() {
+                p { "No tenant has jobs waiting." }
+            } @else {
+                table #top-tenants {
+                    thead { tr { th { "queue" } th { "tenant" } th.num { "jobs waiting" } } }
+                    tbody {
+                        @for (queue, top) in &top_tenants {
+                            @for (tenant, waiting) in top {
+                                tr { td { (queue) } td { code { (tenant) } } td.num { (waiting) } }
+                            }
+                        }
+                    }
+                }
             }
         }
         section {
