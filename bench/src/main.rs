@@ -8,6 +8,7 @@
 
 mod cluster;
 mod env;
+mod fairness;
 mod flood;
 
 /// The same allocator as the `gatehouse` binary, so that the ingress figure's two servers (both
@@ -113,6 +114,11 @@ enum Command {
     /// handler) on one Redis against a three-primary cluster with three shards, consumer
     /// processes 1 → 3, and Redis CPU per job. Starts its own private servers.
     Cluster,
+    /// Figure 10: tenant fairness. A noisy tenant's 20,000-job backlog, then 200 jobs of a
+    /// quiet one, through `gatehouse work` with `QUEUE_ORDER=fair` against `fifo`: the quiet
+    /// tenant's completion times and the drain's jobs/s; then a tenant cap's accuracy over
+    /// three worker processes.
+    Fairness,
     /// Every figure at a toy size, once: checks the harness works (no timing claims).
     Smoke,
     /// Internal: one figure 9 consumer process.
@@ -152,6 +158,15 @@ struct Plan {
     memory_budget: Duration,
     flood: flood::FloodPlan,
     outage: outage::OutagePlan,
+    fairness: FairnessPlan,
+}
+
+/// Figure 10's sizes.
+#[derive(Debug, Clone, Copy)]
+struct FairnessPlan {
+    noisy: u64,
+    quiet: u64,
+    cap_jobs: u64,
 }
 
 impl Plan {
@@ -174,6 +189,11 @@ impl Plan {
             memory_budget: Duration::from_secs(300),
             flood: flood::FloodPlan::full(),
             outage: outage::OutagePlan::full(),
+            fairness: FairnessPlan {
+                noisy: 20_000,
+                quiet: 200,
+                cap_jobs: 1_000,
+            },
         }
     }
 
@@ -197,6 +217,11 @@ impl Plan {
             flood: flood::FloodPlan::smoke(),
             // The drill is not part of the smoke run (nor of `all`).
             outage: outage::OutagePlan::full(),
+            fairness: FairnessPlan {
+                noisy: 400,
+                quiet: 20,
+                cap_jobs: 40,
+            },
         }
     }
 }
@@ -214,6 +239,7 @@ enum Figures {
     Outage,
     /// Only by name: never part of `All`.
     Cluster,
+    Fairness,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -241,6 +267,7 @@ fn main() -> anyhow::Result<()> {
             return runtime.block_on(cluster::consume(seeds, cluster, namespace, shards));
         }
         Command::Cluster => (Figures::Cluster, Plan::full(cli.runs)),
+        Command::Fairness => (Figures::Fairness, Plan::full(cli.runs)),
         Command::All => (Figures::All, Plan::full(cli.runs)),
         Command::Worker => (Figures::Worker, Plan::full(cli.runs)),
         Command::Ingress => (Figures::Ingress, Plan::full(cli.runs)),
@@ -582,6 +609,17 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
         if let Err(error) = result {
             eprintln!("figure 8 (floods) failed: {error:#}");
             report.failed("figure 8 (floods)", &error);
+        }
+    }
+
+    if wants(Figures::Fairness) {
+        let f = plan.fairness;
+        match fairness::figure10(env, f.noisy, f.quiet, f.cap_jobs, plan.runs).await {
+            Ok((drains, cap)) => report.fairness(&drains, &cap, f.noisy, f.quiet),
+            Err(error) => {
+                eprintln!("figure 10 (tenant fairness) failed: {error:#}");
+                report.failed("figure 10 (tenant fairness)", &error);
+            }
         }
     }
 

@@ -463,6 +463,64 @@ impl Report {
         }
     }
 
+    pub fn fairness(
+        &mut self,
+        drains: &[crate::fairness::Drain],
+        cap: &crate::fairness::CapRun,
+        noisy: u64,
+        quiet: u64,
+    ) {
+        let of = |fifo: bool, f: fn(&crate::fairness::Drain) -> f64| -> f64 {
+            median(
+                &drains
+                    .iter()
+                    .filter(|d| d.fifo == fifo)
+                    .map(f)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let p99_ratio = of(false, |d| d.quiet_p99_ms) / of(true, |d| d.quiet_p99_ms);
+        self.row(
+            format!(
+                "10. quiet tenant's {quiet} jobs behind a {} backlog: completion p50 / p99 from enqueue",
+                thousands(noisy)
+            ),
+            format!(
+                "fair {} / {}",
+                ms(of(false, |d| d.quiet_p50_ms)),
+                ms(of(false, |d| d.quiet_p99_ms))
+            ),
+            format!(
+                "fifo {} / {}",
+                ms(of(true, |d| d.quiet_p50_ms)),
+                ms(of(true, |d| d.quiet_p99_ms))
+            ),
+            times(p99_ratio),
+            "p99 ≤ 0.10×",
+            verdict(p99_ratio <= 0.10),
+        );
+        let rate_ratio = of(false, |d| d.jobs_per_s) / of(true, |d| d.jobs_per_s);
+        self.row(
+            "10. the whole drain's jobs/s, fair against fifo".into(),
+            format!("fair {}", rate(of(false, |d| d.jobs_per_s))),
+            format!("fifo {}", rate(of(true, |d| d.jobs_per_s))),
+            times(rate_ratio),
+            "≥ 0.90×",
+            verdict(rate_ratio >= 0.90),
+        );
+        self.row(
+            format!(
+                "10. a capped tenant's jobs in flight at once, {} worker processes, {} jobs",
+                cap.processes, cap.jobs
+            ),
+            format!("most seen by the LLM: {}", cap.most_in_flight),
+            format!("TENANT_MAX_IN_FLIGHT {}", cap.cap),
+            "–".into(),
+            "= the cap",
+            verdict(cap.most_in_flight == cap.cap as usize),
+        );
+    }
+
     pub fn login(&mut self, quiet: &[LoginRun], flooded: &[LoginRun]) {
         for (name, f) in [
             (

@@ -50,6 +50,9 @@ fn a_smoke_run_produces_every_figure_and_leaves_no_database_or_keys_behind() {
         "8. cost per 1,000 flood requests",
         "8. answers to the flood",
         "8. legitimate requests refused",
+        "10. quiet tenant's",
+        "10. the whole drain's jobs/s",
+        "10. a capped tenant's jobs in flight",
     ] {
         assert!(table.contains(figure), "no row for {figure:?} in:\n{table}");
     }

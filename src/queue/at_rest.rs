@@ -26,7 +26,7 @@ const SCAN_COUNT: usize = 500;
 /// Where a job with a payload in Redis stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobState {
-    /// Waiting on the active list.
+    /// Waiting to run: arrived, in the fair order, or parked at its tenant's cap.
     Queued,
     /// Waiting for its retry or deferral (the scheduled set).
     Scheduled,

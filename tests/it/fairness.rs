@@ -559,3 +559,111 @@ async fn caps_hold_across_worker_processes_and_a_kill_9() {
     );
     env.cleanup().await;
 }
+
+/// A cap raised (here: an override to `none`) releases the tenant's parked jobs at the next
+/// heartbeat, without waiting for one of its jobs to finish; and the overrides in PostgreSQL
+/// come back into Redis when Redis lost them (`limits::sync`, run by every worker at start and
+/// each minute), stale ones removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_cap_releases_parked_jobs_and_overrides_survive_a_redis_that_lost_them() {
+    use gatehouse::queue::limits::{self, Limit};
+    let env = TestEnv::new().await;
+    let keys = QueueKeys::new(&env.namespace, "inbound_message");
+    let a = env.create_tenant().await;
+    let layout = env.config.layout().clone();
+    limits::set(
+        &env.pool,
+        &mut env.redis.clone(),
+        &layout,
+        a,
+        "inbound_message",
+        Limit::MaxInFlight(1),
+    )
+    .await
+    .expect("set-limits");
+    let ids = enqueue(&env, a, 5).await;
+    register(&env, &keys, "w").await;
+    let fair = Fairness::default();
+    let first = fetch(&env, &keys, fair, "w", 10).await;
+    assert_eq!(first, ids[..1], "the override caps A at one");
+    assert_eq!(
+        hash_field(&env, &keys.capped(), &a.to_string()).await,
+        Some(4)
+    );
+
+    limits::set(
+        &env.pool,
+        &mut env.redis.clone(),
+        &layout,
+        a,
+        "inbound_message",
+        Limit::Unlimited,
+    )
+    .await
+    .expect("set-limits none");
+    consume::heartbeat(
+        &mut env.redis.clone(),
+        &keys,
+        fair,
+        Duration::from_secs(60),
+        Some("w"),
+        &[],
+    )
+    .await
+    .expect("heartbeat");
+    let rest = fetch(&env, &keys, fair, "w", 10).await;
+    assert_eq!(rest, ids[1..], "released in A's order");
+
+    // Redis loses its keys; a stale override of a tenant without a row is there instead.
+    let () = redis::cmd("DEL")
+        .arg(keys.caps())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("DEL");
+    let stale = Uuid::new_v4().to_string();
+    let () = redis::cmd("HSET")
+        .arg(keys.caps())
+        .arg(&stale)
+        .arg(7)
+        .query_async::<i64>(&mut env.redis.clone())
+        .await
+        .map(drop)
+        .expect("HSET");
+    let changed = limits::sync(&env.pool, &mut env.redis.clone(), &layout)
+        .await
+        .expect("sync");
+    assert_eq!(changed, 2, "one restored, one removed");
+    let caps: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.caps())
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("HGETALL");
+    assert_eq!(caps, HashMap::from([(a.to_string(), "0".to_owned())]));
+    // A tenant that does not exist is refused, and nothing is written.
+    let unknown = Uuid::new_v4();
+    assert!(matches!(
+        limits::set(
+            &env.pool,
+            &mut env.redis.clone(),
+            &layout,
+            unknown,
+            "inbound_message",
+            Limit::MaxInFlight(2),
+        )
+        .await,
+        Err(limits::LimitError::UnknownTenant(_))
+    ));
+    assert!(matches!(
+        limits::set(
+            &env.pool,
+            &mut env.redis.clone(),
+            &layout,
+            a,
+            "no_such_queue",
+            Limit::MaxInFlight(2),
+        )
+        .await,
+        Err(limits::LimitError::Invalid(_))
+    ));
+    env.cleanup().await;
+}
