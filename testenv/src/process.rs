@@ -62,6 +62,15 @@ pub fn run_cli(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> st
     child.wait_with_output().expect("gatehouse runs")
 }
 
+/// A child process killed when the test ends, also when it fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
 /// Sends SIGTERM and waits at most `within` for the process to exit; `None` if it did not
 /// (it is left running).
 pub fn terminate_within(child: &mut Child, within: Duration) -> Option<ExitStatus> {

@@ -209,3 +209,12 @@ pub async fn service_token(env: &TestEnv, base: &str, scopes: &[&str]) -> String
     let body: serde_json::Value = r.json().await.expect("json");
     body["access_token"].as_str().expect("token").to_owned()
 }
+
+/// Runs `gatehouse ARGS` with the test's environment and no stdin; its exit code and stdout.
+pub fn cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
+    let out = gatehouse_testenv::run_cli(args, &env.vars, "");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

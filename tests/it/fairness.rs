@@ -16,7 +16,7 @@ use gatehouse_jobs::InboundMessage;
 use gatehouse_testenv::*;
 use uuid::Uuid;
 
-use crate::common::message_sid;
+use crate::common::{cli, message_sid};
 
 fn message(tenant: Uuid, body: &str) -> InboundMessage {
     InboundMessage {
@@ -392,22 +392,6 @@ async fn counting_llm(delay: Duration) -> (std::net::SocketAddr, Concurrency) {
         let _ = axum::serve(listener, app).await;
     });
     (addr, seen)
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        kill(&mut self.0);
-    }
-}
-
-fn cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
-    let out = run_cli(args, &env.vars, "");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 /// Three `gatehouse work` processes, `TENANT_MAX_IN_FLIGHT_INBOUND_MESSAGE=3` and tenant B

@@ -173,21 +173,6 @@ async fn rate_limits_the_scope_cache_and_security_event_counters_run_on_a_one_no
     env.cleanup().await;
 }
 
-/// `gatehouse {args}` against `env`'s variables (its Redis is the cluster node).
-fn cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(args)
-        .env_clear()
-        .envs(env.vars.iter())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run gatehouse");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 /// The queue layer on a one-node cluster: every script starts with `#!lua`, so Redis refuses a
 /// key it did not declare or one in another slot — what a single Redis lets pass. A signed
 /// webhook, a producer job with an `Idempotency-Key` (the dedupe key, claimed in the enqueue
@@ -908,21 +893,12 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_message() {
     env.cleanup().await;
 }
 
-/// A child process killed when the test ends, also when it fails.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        gatehouse_testenv::kill(&mut self.0);
-    }
-}
-
 /// With its whole cluster gone (one primary first, then the rest), a worker waits for it: the
 /// cluster client's "no connection" errors are an outage (backoff and probe, as for a single
 /// Redis), not a failure that spends the restart budget until the process gives up; and
 /// SIGTERM stops it within the grace (a worker failing during shutdown is not restarted again
 /// and again); and while it waits it does not spin a core (see
-/// `a_cluster_connection_whose_nodes_are_gone_lets_go_instead_of_spinning`).
+/// `a_cluster_connection_that_cannot_rebuild_its_slot_map_lets_go_instead_of_spinning`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_cluster_is_gone_waits_and_stops_on_sigterm() {
     let cluster = LocalCluster::start(3, 1)
