@@ -1,5 +1,5 @@
 //! Figure 10: tenant fairness (issue 19). A noisy tenant's `inbound_message` backlog, then a
-//! quiet tenant's few messages, drained by a real `gatehouse work` process with
+//! quiet tenant's few messages, enqueued into a running `gatehouse work` process with
 //! `QUEUE_ORDER=fair` against `QUEUE_ORDER=fifo` (the order before fairness), alternating in one
 //! run: the quiet tenant's completion times from its enqueue (each job's `done_at`, Redis
 //! time), and the whole drain's jobs/s. Then the cap's accuracy: three `gatehouse work`
@@ -85,12 +85,31 @@ async fn drain(
     fifo: bool,
 ) -> anyhow::Result<Drain> {
     reset(env).await?;
-    enqueue(env, a, noisy, 0).await?;
-    let enqueued_at = redis_now_ms(env).await?;
-    let quiet_ids = enqueue(env, b, quiet, noisy).await?;
-    let total = noisy + quiet;
+    // A running worker (its start-up is not the quiet tenant's wait): one job through it
+    // first, then the noisy backlog, then the quiet tenant's jobs, as on a live system.
     let order = if fifo { "fifo" } else { "fair" };
     let mut worker = env.gatehouse(&["work"], &[("QUEUE_ORDER", order)])?;
+    let warm = async {
+        enqueue(env, a, 1, 0).await?;
+        let ready = crate::env::wait_until(Duration::from_secs(60), || async {
+            crate::worker::done_count(env).await.is_ok_and(|n| n >= 1)
+        })
+        .await;
+        anyhow::ensure!(ready, "the worker did not take a job within 60 s");
+        enqueue(env, a, noisy, 1).await?;
+        let enqueued_at = redis_now_ms(env).await?;
+        let quiet_ids = enqueue(env, b, quiet, noisy + 1).await?;
+        Ok((enqueued_at, quiet_ids))
+    }
+    .await;
+    let (enqueued_at, quiet_ids) = match warm {
+        Ok(warm) => warm,
+        Err(error) => {
+            kill(&mut worker);
+            return Err(error);
+        }
+    };
+    let total = 1 + noisy + quiet;
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut mark: Option<(Instant, u64)> = None;

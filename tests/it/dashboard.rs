@@ -629,9 +629,43 @@ async fn a_retry_without_or_with_a_wrong_token_is_refused_and_the_right_token_re
     let server = env.start_server().await;
     let mut agent = Agent::new(&server);
     assert_eq!(agent.login(ADMIN, PASSWORD).await.status, 303);
+    // A tenant with a backlog (admitted into the fair order by a fetch that takes nothing) is
+    // listed under the top tenants by backlog, with its count.
+    let noisy = Uuid::new_v4();
+    let jobs: Vec<SyncCatalog> = (0..3)
+        .map(|_| SyncCatalog {
+            tenant_id: noisy,
+            requested_by: Uuid::new_v4(),
+            mode: SyncMode::Full,
+        })
+        .collect();
+    env.queues()
+        .enqueue_batch(&mut env.redis.clone(), &jobs)
+        .await
+        .expect("enqueue");
+    let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "sync_catalog");
+    gatehouse::queue::consume::register(&mut env.redis.clone(), &keys, "admit")
+        .await
+        .expect("register");
+    gatehouse::queue::consume::fetch(
+        &mut env.redis.clone(),
+        &keys,
+        gatehouse::queue::consume::Fairness::default(),
+        "admit",
+        0,
+    )
+    .await
+    .expect("admit");
     let queues = agent.get("/admin/queues").await;
     assert_eq!(queues.status, 200);
     assert!(queues.body.contains(&job_id), "the dead job is listed");
+    assert!(queues.body.contains("Top tenants by backlog"));
+    assert!(
+        queues.body.contains(&format!(
+            "<td>sync_catalog</td><td><code>{noisy}</code></td><td class=\"num\">3</td>"
+        )),
+        "the noisy tenant and its backlog are listed"
+    );
     let csrf = queues.csrf();
 
     let without = agent

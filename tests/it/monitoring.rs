@@ -343,6 +343,17 @@ async fn metrics_count_security_http_and_job_traffic_by_route_template_and_read_
         Some(0.0)
     );
     assert_eq!(sample(&ingress, "gatehouse_queue_stats_up"), Some(1.0));
+    // Tenants waiting and held back at their caps: counts per queue, never a tenant label.
+    for state in ["waiting", "capped"] {
+        assert_eq!(
+            sample(
+                &ingress,
+                &format!("gatehouse_queue_tenants{{queue=\"inbound_message\",state=\"{state}\"}}")
+            ),
+            Some(0.0),
+            "{state}"
+        );
+    }
     assert!(
         sample(
             &ingress,

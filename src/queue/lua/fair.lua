@@ -30,6 +30,11 @@ local FAIR = ARGV[2] ~= "fifo"
 local UNPARK_CHUNK = 100
 
 local clock = tonumber(redis.call("get", CLOCK)) or 0
+local clock_read = clock
+-- Read once per call: most shards have no override and no parked job, and then no job needs
+-- a per-tenant lookup of either.
+local any_override = redis.call("exists", CAPS) == 1
+local any_parked = redis.call("exists", CAPPED) == 1
 
 -- A virtual time as Redis keeps it: all digits (Lua's own conversion rounds past 14).
 local function num(n)
@@ -58,9 +63,11 @@ local function tenant_of(meta)
 end
 
 local function cap_of(t)
-    local override = tonumber(redis.call("hget", CAPS, t))
-    if override then
-        return override
+    if any_override then
+        local override = tonumber(redis.call("hget", CAPS, t))
+        if override then
+            return override
+        end
     end
     return DEFAULT_CAP
 end
@@ -77,12 +84,13 @@ end
 local function park(t, start, id)
     redis.call("zadd", PARKED, 0, t .. "|" .. string.format("%017.0f", start) .. "|" .. id)
     redis.call("hincrby", CAPPED, t, 1)
+    any_parked = true
 end
 
 -- Queues job `id` of tenant `t` at virtual time `start`: ready, or parked behind the
 -- tenant's parked jobs.
 local function place(t, start, id)
-    if redis.call("hexists", CAPPED, t) == 1 then
+    if any_parked and redis.call("hexists", CAPPED, t) == 1 then
         park(t, start, id)
     else
         redis.call("zadd", READY, num(start), id)
@@ -117,7 +125,7 @@ end
 
 -- Moves as many of t's parked jobs back to ready as it has room for under its cap.
 local function unpark(t)
-    if redis.call("hexists", CAPPED, t) == 0 then
+    if not any_parked or redis.call("hexists", CAPPED, t) == 0 then
         return
     end
     local cap = cap_of(t)
@@ -149,6 +157,9 @@ local function free_slot(t)
     unpark(t)
 end
 
+-- Writes the clock back if it moved (an idle fetch writes nothing).
 local function save_clock()
-    redis.call("set", CLOCK, num(clock))
+    if clock ~= clock_read then
+        redis.call("set", CLOCK, num(clock))
+    end
 end
