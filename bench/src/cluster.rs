@@ -92,15 +92,7 @@ pub async fn consume(
                 idle = 0;
                 let acks: Vec<Ack> = tasks
                     .iter()
-                    .map(|task| Ack {
-                        id: task.task_id.to_string(),
-                        outcome: Outcome::Done,
-                        attempt: 1,
-                        delay: Duration::ZERO,
-                        error: String::new(),
-                        counted: Outcome::Done,
-                        counted_delay: Duration::ZERO,
-                    })
+                    .map(|task| Ack::settled(task.task_id.to_string(), Outcome::Done, ""))
                     .collect();
                 consume::ack(
                     &mut conn,

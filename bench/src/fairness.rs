@@ -223,17 +223,7 @@ async fn counting_llm(delay: Duration, tenants: Vec<Uuid>) -> anyhow::Result<(St
                 }
                 let _leave = Leave(counted.clone(), tenant);
                 tokio::time::sleep(delay).await;
-                let content =
-                    serde_json::json!({"intent": "order_status", "confidence": 0.95, "slots": {}});
-                axum::Json(serde_json::json!({
-                    "id": "chatcmpl-bench",
-                    "object": "chat.completion",
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content.to_string()},
-                        "finish_reason": "stop"
-                    }]
-                }))
+                axum::Json(gatehouse_testenv::confident_order_status())
             }
         }),
     );

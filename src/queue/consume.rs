@@ -120,6 +120,21 @@ pub struct Ack {
     pub counted_delay: Duration,
 }
 
+impl Ack {
+    /// An attempt (the first) that ended as `outcome`, `Done` or `Dead`, with nothing to retry.
+    pub fn settled(id: impl Into<String>, outcome: Outcome, error: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            outcome,
+            attempt: 1,
+            delay: Duration::ZERO,
+            error: error.into(),
+            counted: outcome,
+            counted_delay: Duration::ZERO,
+        }
+    }
+}
+
 /// What one acknowledgement call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acked {

@@ -27,8 +27,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use process::{
-    KillOnDrop, client, client_builder, eventually, eventually_every, free_port, gatehouse_bin,
-    kill, process_cpu_us, run_cli, terminate, terminate_within, try_free_port, wait_healthy,
+    KillOnDrop, chat_completion, client, client_builder, confident_order_status, eventually,
+    eventually_every, free_port, gatehouse_bin, kill, process_cpu_us, run_cli, terminate,
+    terminate_within, try_free_port, wait_healthy,
 };
 pub use redis_server::{LocalCluster, OneNodeCluster, RedisServer, ReplicatedRedis};
 

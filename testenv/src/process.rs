@@ -62,6 +62,27 @@ pub fn run_cli(args: &[&str], vars: &HashMap<String, String>, stdin: &str) -> st
     child.wait_with_output().expect("gatehouse runs")
 }
 
+/// An OpenAI-style chat completion whose one answer is `content` (the JSON a fake LLM on
+/// loopback sends back).
+pub fn chat_completion(content: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": content },
+            "finish_reason": "stop"
+        }]
+    })
+}
+
+/// The answer a fake LLM gives to every message in tests and benches: `order_status`, confident.
+pub fn confident_order_status() -> serde_json::Value {
+    chat_completion(
+        &serde_json::json!({"intent": "order_status", "confidence": 0.95, "slots": {}}).to_string(),
+    )
+}
+
 /// A child process killed when the test ends, also when it fails.
 pub struct KillOnDrop(pub Child);
 

@@ -69,15 +69,7 @@ async fn fetch(
 async fn finish(env: &TestEnv, keys: &QueueKeys, fairness: Fairness, worker: &str, ids: &[String]) {
     let acks: Vec<Ack> = ids
         .iter()
-        .map(|id| Ack {
-            id: id.clone(),
-            outcome: Outcome::Done,
-            attempt: 1,
-            delay: Duration::ZERO,
-            error: String::new(),
-            counted: Outcome::Done,
-            counted_delay: Duration::ZERO,
-        })
+        .map(|id| Ack::settled(id.as_str(), Outcome::Done, ""))
         .collect();
     let acked = consume::ack(
         &mut env.redis.clone(),
@@ -272,15 +264,7 @@ async fn a_tenant_at_its_cap_waits_alone_and_a_dead_workers_slots_come_back_with
         capped,
         "w1",
         Duration::from_secs(60),
-        &[Ack {
-            id: w1[2].clone(),
-            outcome: Outcome::Done,
-            attempt: 1,
-            delay: Duration::ZERO,
-            error: String::new(),
-            counted: Outcome::Done,
-            counted_delay: Duration::ZERO,
-        }],
+        &[Ack::settled(w1[2].as_str(), Outcome::Done, "")],
     )
     .await
     .expect("ack");
@@ -370,17 +354,7 @@ async fn counting_llm(delay: Duration) -> (std::net::SocketAddr, Concurrency) {
                 }
                 let _leave = Leave(counted.clone(), marker);
                 tokio::time::sleep(delay).await;
-                let content =
-                    serde_json::json!({"intent": "order_status", "confidence": 0.95, "slots": {}});
-                axum::Json(serde_json::json!({
-                    "id": "chatcmpl-test",
-                    "object": "chat.completion",
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content.to_string()},
-                        "finish_reason": "stop"
-                    }]
-                }))
+                axum::Json(confident_order_status())
             }
         }),
     );

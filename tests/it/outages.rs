@@ -803,17 +803,9 @@ async fn fake_llm() -> (
             let counter = counter.clone();
             async move {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let content = serde_json::json!({"intent": "order_status", "confidence": 0.9});
-                axum::Json(serde_json::json!({
-                    "id": "chatcmpl-outage",
-                    "object": "chat.completion",
-                    "model": LLM_MODEL,
-                    "choices": [{
-                        "index": 0,
-                        "message": { "role": "assistant", "content": content.to_string() },
-                        "finish_reason": "stop"
-                    }]
-                }))
+                axum::Json(chat_completion(
+                    &serde_json::json!({"intent": "order_status", "confidence": 0.9}).to_string(),
+                ))
             }
         }),
     );

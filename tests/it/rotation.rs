@@ -1367,15 +1367,7 @@ async fn settle_taken(
     let keys = gatehouse::queue::keys::QueueKeys::new(&env.namespace, "inbound_message");
     let acks: Vec<Ack> = ids
         .iter()
-        .map(|id| Ack {
-            id: id.clone(),
-            outcome,
-            attempt: 1,
-            delay: Duration::ZERO,
-            error: "failed for the test".into(),
-            counted: outcome,
-            counted_delay: Duration::ZERO,
-        })
+        .map(|id| Ack::settled(id.as_str(), outcome, "failed for the test"))
         .collect();
     let acked = consume::ack(
         &mut env.redis.clone(),

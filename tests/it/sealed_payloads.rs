@@ -495,17 +495,7 @@ async fn fake_llm() -> (
                     return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, request)
                         .into_response();
                 }
-                let content = json!({"intent": "order_status", "confidence": 0.95, "slots": {}});
-                axum::Json(json!({
-                    "id": "chatcmpl-test",
-                    "object": "chat.completion",
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content.to_string()},
-                        "finish_reason": "stop"
-                    }]
-                }))
-                .into_response()
+                axum::Json(confident_order_status()).into_response()
             }
         }),
     );

@@ -157,6 +157,18 @@ local function free_slot(t)
     unpark(t)
 end
 
+-- A job `id` held in `inflight` goes back (a stopping worker's release, orphan rescue): out of
+-- the inflight hash, its tenant's slot freed, at the head of the order.
+local function hand_back(inflight, id)
+    redis.call("hdel", inflight, id)
+    local meta = decode_meta(id)
+    if meta then
+        local tenant = tenant_of(meta)
+        free_slot(tenant)
+        requeue(tenant, id)
+    end
+end
+
 -- Writes the clock back if it moved (an idle fetch writes nothing).
 local function save_clock()
     if clock ~= clock_read then

@@ -51,14 +51,7 @@ repeat
 until cursor == "0"
 -- Each onto the head (at the clock: among themselves, by id).
 for i = #orphans, 1, -1 do
-    local id = orphans[i]
-    redis.call("hdel", INFLIGHT, id)
-    local meta = decode_meta(id)
-    if meta then
-        local tenant = tenant_of(meta)
-        free_slot(tenant)
-        requeue(tenant, id)
-    end
+    hand_back(INFLIGHT, orphans[i])
 end
 redis.call("zrem", WORKERS, unpack(dead))
 return {#orphans, #dead}

@@ -7,13 +7,7 @@ local released = 0
 for i = #ARGV, 4, -1 do
     local id = ARGV[i]
     if redis.call("hget", INFLIGHT, id) == ARGV[3] then
-        redis.call("hdel", INFLIGHT, id)
-        local meta = decode_meta(id)
-        if meta then
-            local tenant = tenant_of(meta)
-            free_slot(tenant)
-            requeue(tenant, id)
-        end
+        hand_back(INFLIGHT, id)
         released = released + 1
     end
 end
