@@ -84,6 +84,18 @@ pub fn signed_form_at(
         .body(body)
 }
 
+/// Serves `app` on a fresh loopback port (until the test's runtime ends); its address.
+pub async fn serve_loopback(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
 /// A loopback server that plays Sentry: it keeps the body of every envelope it is sent.
 pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
     let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -97,13 +109,7 @@ pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
             "{}"
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve_loopback(app).await;
     (addr, seen)
 }
 
@@ -112,14 +118,7 @@ pub async fn fake_sentry() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
 pub async fn answering(status: u16) -> SocketAddr {
     let status = axum::http::StatusCode::from_u16(status).expect("a status code");
     let app = axum::Router::new().fallback(move || async move { status });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+    serve_loopback(app).await
 }
 
 /// The password of the users the helpers below create.

@@ -16,7 +16,7 @@ use gatehouse_jobs::InboundMessage;
 use gatehouse_testenv::*;
 use uuid::Uuid;
 
-use crate::common::{cli, message_sid};
+use crate::common::{cli, message_sid, serve_loopback};
 
 fn message(tenant: Uuid, body: &str) -> InboundMessage {
     InboundMessage {
@@ -358,13 +358,7 @@ async fn counting_llm(delay: Duration) -> (std::net::SocketAddr, Concurrency) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve_loopback(app).await;
     (addr, seen)
 }
 

@@ -273,13 +273,7 @@ async fn a_job_running_longer_than_the_orphan_timeout_is_not_run_twice() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve_loopback(app).await;
     let tenant = gatehouse::tenants::create(
         &env.pool,
         &env.config.keyring,
@@ -525,13 +519,7 @@ async fn a_job_failing_for_good_logs_one_error_line_and_reaches_sentry() {
             axum::Json(serde_json::json!({}))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve_loopback(app).await;
     let dsn = format!("http://publickey@{addr}/42");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
         .arg("work")
