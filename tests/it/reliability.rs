@@ -24,7 +24,8 @@ fn sync_job() -> SyncCatalog {
     }
 }
 
-/// Enqueues `n` sync jobs whose effect is already recorded, so running one is a lookup.
+/// Enqueues `n` sync jobs whose effect is already recorded, so running one is a lookup. Only
+/// with no worker running: the markers are written after the jobs are enqueued.
 async fn enqueue_redeliveries(env: &TestEnv, n: usize) -> Vec<String> {
     let mut redis = env.redis.clone();
     let jobs: Vec<SyncCatalog> = (0..n).map(|_| sync_job()).collect();
@@ -752,12 +753,32 @@ async fn a_retry_waits_in_redis_not_in_a_worker_slot() {
 
     // The one slot is free: a new job runs now, long before the retry is due (minutes away:
     // a slot held until then would miss this bound, which leaves room for a loaded machine).
-    let next = enqueue_redeliveries(&env, 1).await;
+    // Marked processed before it is enqueued (the running worker may take it at once), so it
+    // finishes without a store or a tenant.
+    let next = Uuid::now_v7().to_string();
+    sqlx::query(
+        "INSERT INTO processed_jobs (job_id, queue, worker) VALUES ($1, 'sync_catalog', 'earlier')",
+    )
+    .bind(&next)
+    .execute(&env.pool)
+    .await
+    .expect("mark processed");
+    env.queues()
+        .enqueue(
+            &mut redis,
+            &sync_job(),
+            Enqueue {
+                job_id: Some(next.clone()),
+                ..Enqueue::default()
+            },
+        )
+        .await
+        .expect("enqueue");
     let done = eventually(Duration::from_secs(15), || async {
         let mut redis = env.redis.clone();
         let score: Option<f64> = redis::cmd("ZSCORE")
             .arg(format!("{}:{{sync_catalog:0}}:done", env.namespace))
-            .arg(&next[0])
+            .arg(&next)
             .query_async(&mut redis)
             .await
             .expect("zscore");
