@@ -255,6 +255,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let smoke = matches!(cli.command, Command::Smoke);
     let (figures, plan) = match cli.command {
         Command::Server { kind, port } => return runtime.block_on(ingress::serve(kind, port)),
         Command::Consume {
@@ -332,6 +333,20 @@ fn main() -> anyhow::Result<()> {
     }
     if report.drill_failed() {
         eprintln!("the drill failed: see the requirements marked FAIL above");
+        std::process::exit(1);
+    }
+    if report.any_failed() {
+        eprintln!("a figure could not be measured: see the notes above");
+        std::process::exit(1);
+    }
+    // A figure that misses its target fails the run, so a regression shows the moment someone
+    // runs the bench; the smoke run's toy sizes claim nothing, so it only checks the harness.
+    let missed = report.missed();
+    if !smoke && !missed.is_empty() {
+        eprintln!("targets missed ({}):", missed.len());
+        for figure in missed {
+            eprintln!("  {figure}");
+        }
         std::process::exit(1);
     }
     Ok(())

@@ -104,6 +104,8 @@ pub struct Report {
     checks: Vec<Check>,
     /// A drill's requirement failed, or a drill could not run: the process exits non-zero.
     drill_failed: bool,
+    /// A figure could not be measured (its error is in the notes).
+    failed_figures: bool,
     notes: Vec<String>,
 }
 
@@ -202,6 +204,7 @@ impl Report {
             rows: Vec::new(),
             checks: Vec::new(),
             drill_failed: false,
+            failed_figures: false,
             notes: Vec::new(),
         }
     }
@@ -855,6 +858,21 @@ impl Report {
         });
     }
 
+    /// The figures whose target this run missed.
+    pub fn missed(&self) -> Vec<&str> {
+        let missed = verdict(false);
+        self.rows
+            .iter()
+            .filter(|row| row.verdict == missed)
+            .map(|row| row.figure.as_str())
+            .collect()
+    }
+
+    /// Whether a figure could not be measured at all in this run.
+    pub fn any_failed(&self) -> bool {
+        self.failed_figures
+    }
+
     /// Whether a drill's requirement failed or a drill could not run.
     pub fn drill_failed(&self) -> bool {
         self.drill_failed
@@ -1062,6 +1080,7 @@ impl Report {
 
     /// A figure group that could not be measured: said in the notes, the others still run.
     pub fn failed(&mut self, what: &str, error: &anyhow::Error) {
+        self.failed_figures = true;
         self.notes.push(format!(
             "**{what} could not be measured in this run**: {error:#}."
         ));
@@ -1126,5 +1145,42 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn a_missed_target_is_listed_and_a_met_one_is_not() {
+        use crate::fairness::{CapRun, Drain};
+        let drain = |fifo: bool, p99: f64, rate: f64| Drain {
+            fifo,
+            quiet_p50_ms: p99 / 2.0,
+            quiet_p99_ms: p99,
+            jobs_per_s: rate,
+        };
+        let cap = |most: usize| CapRun {
+            cap: 4,
+            processes: 3,
+            most_in_flight: most,
+            jobs: 2000,
+        };
+        let mut met = Report::new(1);
+        met.fairness(
+            &[drain(false, 300.0, 1300.0), drain(true, 14_000.0, 1350.0)],
+            &cap(4),
+            20_000,
+            200,
+        );
+        assert!(met.missed().is_empty(), "{:?}", met.missed());
+        let mut missed = Report::new(1);
+        // B waits half as long only, the drain is 0.5x, and the cap was passed.
+        missed.fairness(
+            &[drain(false, 7_000.0, 700.0), drain(true, 14_000.0, 1400.0)],
+            &cap(5),
+            20_000,
+            200,
+        );
+        assert_eq!(missed.missed().len(), 3, "{:?}", missed.missed());
+        assert!(!missed.any_failed());
+        missed.failed("figure 10", &anyhow::anyhow!("no worker"));
+        assert!(missed.any_failed());
     }
 }
