@@ -352,6 +352,17 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One load run's figures, on stderr as the run goes.
+fn print_load(r: &load::LoadResult) {
+    eprintln!(
+        "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+        r.rps(),
+        r.p50_ms,
+        r.p99_ms,
+        r.errors
+    );
+}
+
 fn progress(what: &str) {
     eprintln!(
         "[{}] {what}",
@@ -433,13 +444,7 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                         plan.runs
                     ));
                     let r = ingress::webhook_run(env, tenant, kind, plan.ingress).await?;
-                    eprintln!(
-                        "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                        r.rps(),
-                        r.p50_ms,
-                        r.p99_ms,
-                        r.errors
-                    );
+                    print_load(&r);
                     into.push(r);
                 }
             }
@@ -458,13 +463,7 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                     let r =
                         ingress::replica_ack_run(env, tenant, &replicated, wait, plan.ingress)
                             .await?;
-                    eprintln!(
-                        "    {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                        r.rps(),
-                        r.p50_ms,
-                        r.p99_ms,
-                        r.errors
-                    );
+                    print_load(&r);
                     into.push(r);
                 }
             }

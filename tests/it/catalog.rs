@@ -96,13 +96,7 @@ impl Store {
         let app = axum::Router::new()
             .route("/shop/products", axum::routing::get(products))
             .with_state(store.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = crate::common::serve_loopback(app).await;
         (store, format!("http://{addr}/shop/"))
     }
 
