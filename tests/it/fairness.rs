@@ -619,3 +619,59 @@ async fn a_raised_cap_releases_parked_jobs_and_overrides_survive_a_redis_that_lo
     ));
     env.cleanup().await;
 }
+
+/// With Redis refusing connections, `tenants set-limits` keeps the override in PostgreSQL and
+/// says Redis did not take it (exit 2: the workers copy it in once Redis answers); `tenants show`
+/// still prints the caps, without the live counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_limits_with_redis_down_keeps_the_override_and_says_so() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut vars = env.vars.clone();
+    vars.insert(
+        "REDIS_URL".into(),
+        format!("redis://127.0.0.1:{}", free_port()),
+    );
+    let out = run_cli(
+        &[
+            "tenants",
+            "set-limits",
+            "--tenant",
+            &tenant.to_string(),
+            "--queue",
+            "sync_catalog",
+            "--max-in-flight",
+            "2",
+        ],
+        &vars,
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recorded in the database"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cap: i32 = sqlx::query_scalar(
+        "SELECT max_in_flight FROM tenant_queue_limits WHERE tenant_id = $1 AND queue = 'sync_catalog'",
+    )
+    .bind(tenant)
+    .fetch_one(&env.pool)
+    .await
+    .expect("the row");
+    assert_eq!(cap, 2);
+    let out = run_cli(
+        &["tenants", "show", "--tenant", &tenant.to_string()],
+        &vars,
+        "",
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l == "sync_catalog max_in_flight=2 (tenant)"),
+        "{stdout}"
+    );
+    env.cleanup().await;
+}
