@@ -123,7 +123,7 @@ pub async fn process_inbound(
 /// - `msg`: the message. A concurrent twin with the same `MessageSid` makes this insert fail
 ///   on the unique constraint, which rolls the whole statement back (streak included); the
 ///   caller maps that to [`InboundOutcome::DuplicateMessage`].
-const STORE_INBOUND: &str = "
+pub const STORE_INBOUND: &str = "
 WITH marker AS (
     INSERT INTO processed_jobs (job_id, queue, worker)
     SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM tenants WHERE id = $4)

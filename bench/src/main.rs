@@ -19,6 +19,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod ingress;
 mod load;
 mod outage;
+mod pgbench;
 mod report;
 mod storage;
 mod worker;
@@ -62,6 +63,13 @@ struct Cli {
     /// Override the jobs figure 7 processes (default 100000, read every quarter).
     #[arg(long, global = true)]
     memory_jobs: Option<u64>,
+    /// Override the sealed values figure 6 re-encrypts (default 50000).
+    #[arg(long, global = true)]
+    reencrypt_rows: Option<u64>,
+    /// Override figure 6's batch size, the job's `KEY_ROTATION_BATCH_SIZE` and the SQL-only
+    /// floor's (default: gatehouse's default).
+    #[arg(long, global = true)]
+    reencrypt_batch: Option<usize>,
     /// Override the forged webhooks of each figure 8 flood (default 20000).
     #[arg(long, global = true)]
     flood_forged: Option<usize>,
@@ -133,6 +141,10 @@ enum Command {
         #[arg(long)]
         shards: u16,
     },
+    /// Prints figure 1's pgbench script (`bench/pgbench/inbound_message.sql`), rendered from
+    /// the worker's own statement.
+    #[command(hide = true)]
+    PgbenchScript,
     /// Internal: one ingress server process on 127.0.0.1.
     #[command(hide = true)]
     Server {
@@ -153,6 +165,7 @@ struct Plan {
     cap: Duration,
     ingress: IngressPlan,
     reencrypt_rows: u64,
+    reencrypt_batch: usize,
     memory_total: u64,
     memory_step: u64,
     memory_budget: Duration,
@@ -183,7 +196,10 @@ impl Plan {
                 duration: Duration::from_secs(5),
                 max_requests: 150_000,
             },
-            reencrypt_rows: 10_000,
+            // Large enough that a fresh connection's first statements (catalog caches, plans:
+            // ~15 ms) and the job's start and end weigh little: 10k rows take ~0.1 s.
+            reencrypt_rows: 50_000,
+            reencrypt_batch: gatehouse::config::DEFAULT_KEY_ROTATION_BATCH_SIZE,
             memory_total: 100_000,
             memory_step: 25_000,
             memory_budget: Duration::from_secs(300),
@@ -211,6 +227,7 @@ impl Plan {
                 max_requests: 20_000,
             },
             reencrypt_rows: 200,
+            reencrypt_batch: gatehouse::config::DEFAULT_KEY_ROTATION_BATCH_SIZE,
             memory_total: 200,
             memory_step: 100,
             memory_budget: Duration::from_secs(60),
@@ -258,6 +275,10 @@ fn main() -> anyhow::Result<()> {
     let smoke = matches!(cli.command, Command::Smoke);
     let (figures, plan) = match cli.command {
         Command::Server { kind, port } => return runtime.block_on(ingress::serve(kind, port)),
+        Command::PgbenchScript => {
+            print!("{}", pgbench::render());
+            return Ok(());
+        }
         Command::Consume {
             seeds,
             cluster,
@@ -288,6 +309,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(s) = cli.ingress_seconds {
         plan.ingress.duration = Duration::from_secs(s.max(1));
+    }
+    if let Some(n) = cli.reencrypt_rows {
+        plan.reencrypt_rows = n.max(2);
+    }
+    if let Some(n) = cli.reencrypt_batch {
+        plan.reencrypt_batch = n.clamp(1, 10_000);
     }
     if let Some(n) = cli.memory_jobs {
         plan.memory_total = n.max(4);
@@ -386,6 +413,7 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                 Consumer::Gatehouse(1),
                 Consumer::BareNoop,
                 Consumer::BareUpdate,
+                Consumer::Pgbench,
             ];
             let mut samples = report::WorkerSamples::default();
             for run in 0..plan.runs {
@@ -398,6 +426,15 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                             plan.runs,
                             consumer.label()
                         ));
+                        if consumer == Consumer::Pgbench {
+                            // The SQL floor: as many transactions as the window times.
+                            let jobs = window.until - window.warmup;
+                            let f = pgbench::run(env, tenant, jobs, crate::WORKER_CONCURRENCY)
+                                .await?;
+                            eprintln!("    {:.0} transactions/s ({} transactions)", f.tps, f.transactions);
+                            samples.push(consumer, backlog == plan.large, run, f.tps);
+                            continue;
+                        }
                         let t = worker::measure(env, tenant, consumer, backlog, window).await?;
                         eprintln!(
                             "    {:.0} jobs/s ({} jobs in {:.2} s); per job: {:.2} commits, {:.2} rows written",
@@ -516,19 +553,24 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
             let mut runs = Vec::new();
             for run in 0..plan.runs {
                 progress(&format!(
-                    "run {}/{}: re-encryption (baselines, then rotate_keys) over {} rows",
+                    "run {}/{}: re-encryption (baselines, then rotate_keys) over {} rows, batches of {}",
                     run + 1,
                     plan.runs,
-                    plan.reencrypt_rows
+                    plan.reencrypt_rows,
+                    plan.reencrypt_batch
                 ));
-                let r = storage::reencrypt_run(env, plan.reencrypt_rows).await?;
+                let r =
+                    storage::reencrypt_run(env, plan.reencrypt_rows, plan.reencrypt_batch).await?;
                 eprintln!(
-                    "    plain UPDATE {:.0} rows/s, reseal {:.0} rows/s, rotate_keys {:.0} rows/s",
-                    r.plain_update_rows_per_s, r.reseal_rows_per_s, r.rotate_keys_rows_per_s
+                    "    plain UPDATE {:.0} rows/s, reseal {:.0} rows/s, SQL-only floor {:.0} rows/s, rotate_keys {:.0} rows/s",
+                    r.plain_update_rows_per_s,
+                    r.reseal_rows_per_s,
+                    r.sql_floor_rows_per_s,
+                    r.rotate_keys_rows_per_s
                 );
                 runs.push(r);
             }
-            report.reencrypt(&runs, plan.reencrypt_rows);
+            report.reencrypt(&runs, plan.reencrypt_rows, plan.reencrypt_batch);
             Ok(())
         }
         .await;

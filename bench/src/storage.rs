@@ -19,13 +19,18 @@ pub struct Reencrypt {
     /// Rust between a `SELECT … FOR UPDATE SKIP LOCKED` and the `UPDATE` (what a
     /// `rotate_keys` job has to do at least; not the job itself).
     pub reseal_rows_per_s: f64,
+    /// The SQL-only floor: the `rotate_keys` job's own statements
+    /// (`gatehouse::rotation::BatchStatements`) over the same number of sealed customer
+    /// numbers, from Rust on one connection, one transaction per batch of the job's size, with
+    /// the new envelopes computed before the clock starts.
+    pub sql_floor_rows_per_s: f64,
     /// The real thing: a four-eyes-approved rotation run by one `gatehouse work` process over
     /// the same number of sealed customer numbers (`conversations.customer_number`), timed
     /// from the rotation's `started_at` to its `completed_at` (process start-up excluded).
     pub rotate_keys_rows_per_s: f64,
 }
 
-const BATCH: i64 = 500;
+const BATCH: i64 = gatehouse::config::DEFAULT_KEY_ROTATION_BATCH_SIZE as i64;
 
 /// The key figure 6's rotation moves to (a fixed bench value, not a secret).
 const ROTATION_TARGET_KEY: &str = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=";
@@ -120,8 +125,9 @@ async fn reseal(env: &BenchEnv, keyring: &Keyring) -> anyhow::Result<u64> {
     Ok(done)
 }
 
-/// Figure 6, one run.
-pub async fn reencrypt_run(env: &BenchEnv, rows: u64) -> anyhow::Result<Reencrypt> {
+/// Figure 6, one run; `batch` is the job's `KEY_ROTATION_BATCH_SIZE` (and the SQL-only
+/// floor's).
+pub async fn reencrypt_run(env: &BenchEnv, rows: u64, batch: usize) -> anyhow::Result<Reencrypt> {
     fill(env, rows).await?;
     let start = Instant::now();
     let n = plain_update(env).await?;
@@ -136,24 +142,26 @@ pub async fn reencrypt_run(env: &BenchEnv, rows: u64) -> anyhow::Result<Reencryp
     sqlx::query("DROP TABLE bench_sealed")
         .execute(&env.pool)
         .await?;
-    let rotated = rotate_keys(env, rows).await?;
+    let officers = officers(env).await?;
+    let floor = sql_floor(env, &officers, rows, batch).await?;
+    let rotated = rotate_keys(env, &officers, rows, batch).await?;
     Ok(Reencrypt {
         plain_update_rows_per_s: plain,
         reseal_rows_per_s: resealed,
+        sql_floor_rows_per_s: floor,
         rotate_keys_rows_per_s: rotated,
     })
 }
 
-/// `rows` sealed customer numbers under the run's key, then a rotation to a fresh key
-/// requested and approved by two security officers and run by a real worker process.
-async fn rotate_keys(env: &BenchEnv, rows: u64) -> anyhow::Result<f64> {
+/// A new tenant with `rows` conversations whose customer numbers are sealed under the run's
+/// key, as the worker stores them; returns the tenant and the conversations' ids.
+async fn seed_conversations(env: &BenchEnv, rows: u64) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
     let tenant = env.try_create_tenant().await?;
     let keyring = &env.config.keyring;
-    // Conversations hold the sealed numbers; the tenant's token is one more sealed value.
     let mut ids = Vec::with_capacity(rows as usize);
     let mut values = Vec::with_capacity(rows as usize);
     let mut indexes = Vec::with_capacity(rows as usize);
-    for i in 0..rows.saturating_sub(1) {
+    for i in 0..rows {
         let id = Uuid::new_v4();
         let number = format!("+1415{i:07}");
         values.push(keyring.seal(
@@ -178,32 +186,129 @@ async fn rotate_keys(env: &BenchEnv, rows: u64) -> anyhow::Result<f64> {
     .bind(&indexes)
     .execute(&env.pool)
     .await?;
-    let mut officers = Vec::new();
-    for _ in 0..2 {
-        let id: Uuid = sqlx::query_scalar(
+    // Both measurements start from a table without the other's dead tuples.
+    sqlx::query("VACUUM ANALYZE conversations")
+        .execute(&env.pool)
+        .await?;
+    Ok((tenant, ids))
+}
+
+/// Two security officers (one requests a rotation, the other approves it).
+async fn officers(env: &BenchEnv) -> anyhow::Result<[Uuid; 2]> {
+    let mut officers = [Uuid::nil(); 2];
+    for officer in &mut officers {
+        *officer = sqlx::query_scalar(
             "INSERT INTO users (email, password_hash, first_name, last_name, platform_role)
              VALUES ($1, 'unused', 'Bench', 'Officer', 'security_officer') RETURNING id",
         )
         .bind(format!("{}@bench.example.com", Uuid::new_v4().simple()))
         .fetch_one(&env.pool)
         .await?;
-        officers.push(id);
     }
+    Ok(officers)
+}
+
+fn target_key() -> anyhow::Result<EncryptionKey> {
+    EncryptionKey::from_base64(ROTATION_TARGET_KEY).map_err(|e| anyhow::anyhow!("bench key: {e}"))
+}
+
+/// The SQL-only floor: the job's own sweep (`gatehouse::rotation::Sweep`: the same batches,
+/// statements, progress counts and final count, one connection) over `rows` sealed customer
+/// numbers, with every pending value's new envelope sealed before the clock starts — what
+/// PostgreSQL alone costs the job. The rotation row the counts go to is never approved (no
+/// job runs for it) and is deleted afterwards, with the tenant.
+async fn sql_floor(
+    env: &BenchEnv,
+    officers: &[Uuid; 2],
+    rows: u64,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let (tenant, _) = seed_conversations(env, rows).await?;
+    let target = Keyring::new(target_key()?, Vec::new());
+    let keyring = &env.config.keyring;
+    // Every value the sweep will meet (other figures' tenants too), opened and sealed again
+    // now, off the clock.
+    let mut sealed: std::collections::HashMap<(&'static str, Uuid), Vec<u8>> =
+        std::collections::HashMap::new();
+    for col in &gatehouse::rotation::SEALED_COLUMNS {
+        let values: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, {c} FROM {t} WHERE {c} IS NOT NULL AND substring({c} from 2 for 8) <> $1",
+            c = col.column,
+            t = col.table,
+        )))
+        .bind(&target.current_id().0[..])
+        .fetch_all(&env.pool)
+        .await?;
+        for (id, value) in values {
+            let cell = aad(col.table, col.column, &id.to_string());
+            let plain = keyring
+                .open(&value, &cell)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", col.name()))?;
+            sealed.insert((col.column, id), target.seal(&plain, &cell));
+        }
+    }
+    let rotation: Uuid = sqlx::query_scalar(
+        "INSERT INTO key_rotations (initiated_by, target_key_id, expires_at)
+         VALUES ($1, $2, now() + interval '1 hour') RETURNING id",
+    )
+    .bind(officers[0])
+    .bind(target.current_id().to_hex())
+    .fetch_one(&env.pool)
+    .await?;
+    let events = env.events();
+    let lookup = |col: &gatehouse::rotation::SealedColumn, id: Uuid, _: &[u8]| {
+        sealed
+            .get(&(col.column, id))
+            .cloned()
+            .ok_or_else(|| "not sealed before the clock".to_owned())
+    };
+    let sweep = gatehouse::rotation::Sweep {
+        rotation_id: rotation,
+        current: target.current_id(),
+        batch_size: batch,
+        stall_limit: Duration::from_secs(60),
+        events: &events,
+        reseal: &lookup,
+    };
+    let start = Instant::now();
+    sweep
+        .run(&env.pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("the SQL-only sweep: {e}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let (done, failed): (i64, i64) =
+        sqlx::query_as("SELECT done, failed FROM key_rotations WHERE id = $1")
+            .bind(rotation)
+            .fetch_one(&env.pool)
+            .await?;
+    anyhow::ensure!(
+        failed == 0 && done as u64 >= rows,
+        "the SQL-only floor moved {done} of {rows} values ({failed} failed)"
+    );
+    sqlx::query("DELETE FROM key_rotations WHERE id = $1")
+        .bind(rotation)
+        .execute(&env.pool)
+        .await?;
+    sqlx::query("DELETE FROM tenants WHERE id = $1")
+        .bind(tenant)
+        .execute(&env.pool)
+        .await?;
+    Ok(done as f64 / seconds)
+}
+
+/// `rows` sealed customer numbers under the run's key (the tenant's token is one more sealed
+/// value), then a rotation to a fixed key requested and approved by two security officers
+/// and run by a real worker process with `KEY_ROTATION_BATCH_SIZE=batch`.
+async fn rotate_keys(
+    env: &BenchEnv,
+    officers: &[Uuid; 2],
+    rows: u64,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let (tenant, _) = seed_conversations(env, rows.saturating_sub(1)).await?;
     // The same target key in every run: what an earlier run re-sealed (other figures'
     // tenants) is already current and simply not counted again, never "unknown".
-    let new_key = EncryptionKey::from_base64(ROTATION_TARGET_KEY)
-        .map_err(|e| anyhow::anyhow!("bench key: {e}"))?;
-    let requested = gatehouse::rotation::request(
-        &env.pool,
-        officers[0],
-        new_key.id(),
-        gatehouse::rotation::APPROVAL_TTL,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("request rotation: {e}"))?;
-    gatehouse::rotation::approve(&env.pool, requested.id, officers[1])
-        .await
-        .map_err(|e| anyhow::anyhow!("approve rotation: {e}"))?;
+    let new_key = target_key()?;
     let new_b64 = {
         use secrecy::ExposeSecret;
         new_key.to_base64().expose_secret().to_owned()
@@ -213,14 +318,41 @@ async fn rotate_keys(env: &BenchEnv, rows: u64) -> anyhow::Result<f64> {
         .get("ENCRYPTION_KEY")
         .cloned()
         .context("the bench environment has ENCRYPTION_KEY")?;
-    // The worker relays the approval's outbox entry itself, then runs the job.
+    let batch = batch.to_string();
+    // A worker that has been up a while, as a real rotation meets it: its start-up (the
+    // first connections, the maintenance tasks' first round) is not in the window.
     let mut worker = env.gatehouse(
         &["work"],
         &[
             ("ENCRYPTION_KEY", &new_b64),
             ("ENCRYPTION_OLD_KEYS", &old_b64),
+            ("KEY_ROTATION_BATCH_SIZE", &batch),
         ],
     )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The worker relays the approval's outbox entry, then runs the job.
+    let approved = async {
+        let requested = gatehouse::rotation::request(
+            &env.pool,
+            officers[0],
+            new_key.id(),
+            gatehouse::rotation::APPROVAL_TTL,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("request rotation: {e}"))?;
+        gatehouse::rotation::approve(&env.pool, requested.id, officers[1])
+            .await
+            .map_err(|e| anyhow::anyhow!("approve rotation: {e}"))?;
+        anyhow::Ok(requested)
+    }
+    .await;
+    let requested = match approved {
+        Ok(requested) => requested,
+        Err(error) => {
+            kill(&mut worker);
+            return Err(error);
+        }
+    };
     let finished = crate::env::wait_until(Duration::from_secs(600), || async {
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM key_rotations WHERE id = $1")

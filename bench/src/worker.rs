@@ -23,6 +23,9 @@ pub enum Consumer {
     BareNoop,
     /// A bare apalis-redis worker whose job is one `UPDATE … SET n = n + 1` transaction.
     BareUpdate,
+    /// No queue at all: pgbench running the job's own statement (`crate::pgbench`), the SQL
+    /// floor.
+    Pgbench,
 }
 
 impl Consumer {
@@ -32,6 +35,7 @@ impl Consumer {
             Consumer::Gatehouse(n) => format!("gatehouse work ×{n}"),
             Consumer::BareNoop => "bare apalis-redis, no-op job".into(),
             Consumer::BareUpdate => "bare apalis-redis, one-UPDATE job".into(),
+            Consumer::Pgbench => "pgbench, the job's statement".into(),
         }
     }
 }
@@ -330,6 +334,7 @@ fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
                 pool: None,
             })
         }
+        Consumer::Pgbench => anyhow::bail!("pgbench is not a queue consumer"),
         Consumer::BareUpdate => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(concurrency as u32 + 2)
@@ -368,6 +373,7 @@ pub async fn measure(
         Consumer::BareNoop | Consumer::BareUpdate => {
             enqueue_backlog_bare(env, tenant, backlog).await?;
         }
+        Consumer::Pgbench => anyhow::bail!("pgbench is measured by crate::pgbench::run"),
     }
     let before = pg_counters(env).await?;
     let running = start(env, consumer)?;

@@ -120,6 +120,8 @@ pub const KEY_VARIABLES: &[&str] = &[
     "SECRET_KEY_PREVIOUS",
 ];
 
+/// `KEY_ROTATION_BATCH_SIZE`'s default (BENCHMARKS.md figure 6 measures the choice).
+pub const DEFAULT_KEY_ROTATION_BATCH_SIZE: usize = 500;
 /// Default `REDIS_URL`.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Minimum length, in characters, of `SECRET_KEY` and `JWT_SECRET_KEY`.
@@ -371,8 +373,8 @@ pub struct Config {
     /// `JOB_RETENTION_SECONDS`, default 3600, 1..=2592000: how long a finished job's
     /// payload and metadata stay in Redis before the vacuum removes them.
     pub job_retention_seconds: u64,
-    /// `KEY_ROTATION_BATCH_SIZE`, default 500, 1..=10 000: sealed values re-encrypted per
-    /// transaction by the `rotate_keys` job.
+    /// `KEY_ROTATION_BATCH_SIZE`, default [`DEFAULT_KEY_ROTATION_BATCH_SIZE`], 1..=10 000:
+    /// sealed values re-encrypted per transaction by the `rotate_keys` job.
     pub key_rotation_batch_size: usize,
     /// `KEY_ROTATION_APPROVAL_TTL_SECONDS`, default 86 400 (24 h), 60..=604 800: how long a
     /// key-rotation request waits for its second person before approving it answers 409.
@@ -672,7 +674,12 @@ impl Config {
             .collect();
         let job_retention_seconds = r.integer("JOB_RETENTION_SECONDS", 3600u64, 1, 2_592_000);
         let store_timeout_ms = r.integer("STORE_TIMEOUT_MS", 10_000u64, 100, 120_000);
-        let key_rotation_batch_size = r.integer("KEY_ROTATION_BATCH_SIZE", 500usize, 1, 10_000);
+        let key_rotation_batch_size = r.integer(
+            "KEY_ROTATION_BATCH_SIZE",
+            DEFAULT_KEY_ROTATION_BATCH_SIZE,
+            1,
+            10_000,
+        );
         let key_rotation_approval_ttl_seconds = r.integer(
             "KEY_ROTATION_APPROVAL_TTL_SECONDS",
             86_400u64,

@@ -10,7 +10,9 @@ mod reencrypt;
 
 pub use census::{KeyUsage, key_usage};
 pub use four_eyes::{APPROVAL_TTL, Approved, approve, request};
-pub use reencrypt::{RunContext, RunOutcome, STALL_LIMIT, mark_failed, run};
+pub use reencrypt::{
+    BatchStatements, Reseal, RunContext, RunOutcome, STALL_LIMIT, Sweep, mark_failed, run,
+};
 
 use sqlx::PgPool;
 use time::OffsetDateTime;

@@ -48,7 +48,7 @@ use uuid::Uuid;
 use super::{RotationError, SEALED_COLUMNS, SealedColumn, get};
 use crate::events::{EventType, SecurityEvent, SecurityLog};
 use crate::queue::at_rest;
-use crate::security::keyring::{Keyring, aad};
+use crate::security::keyring::{KeyId, Keyring, aad};
 
 /// How a run of the `rotate_keys` job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,55 +98,107 @@ fn pending_filter(col: &SealedColumn, alias: &str) -> String {
     )
 }
 
-/// Values still to re-seal (not locked: rows in another worker's open batch count).
-async fn remaining(pool: &PgPool, current: &[u8], rotation_id: Uuid) -> Result<i64, sqlx::Error> {
-    let mut total = 0;
-    for col in &SEALED_COLUMNS {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {t} x WHERE {filter}",
-            t = col.table,
-            filter = pending_filter(col, "x"),
-        )))
-        .bind(current)
-        .bind(rotation_id)
-        .fetch_one(pool)
-        .await?;
-        total += n;
-    }
-    Ok(total)
+/// Values still to re-seal (not locked: rows in another worker's open batch count), every
+/// sealed column in one statement.
+async fn remaining<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    current: &[u8],
+    rotation_id: Uuid,
+) -> Result<i64, sqlx::Error> {
+    let counts: Vec<String> = SEALED_COLUMNS
+        .iter()
+        .map(|col| {
+            format!(
+                "(SELECT count(*) FROM {t} x WHERE {filter})",
+                t = col.table,
+                filter = pending_filter(col, "x"),
+            )
+        })
+        .collect();
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT ({})::int8",
+        counts.join(" + ")
+    )))
+    .bind(current)
+    .bind(rotation_id)
+    .fetch_one(conn)
+    .await
 }
 
-struct Batch {
+/// The statements one batch runs, shared with the benchmark's SQL-only floor (figure 6), so
+/// the floor times exactly what the job sends.
+#[derive(Debug, Clone)]
+pub struct BatchStatements {
+    /// `$1` the current key id (8 bytes), `$2` the rotation, `$3` the last id of the previous
+    /// batch, `$4` the batch size: `(id, sealed)` rows, locked, `SKIP LOCKED`.
+    pub select: String,
+    /// `$1` ids, `$2` their new envelopes, `$3` the rotation, `$4` values this batch found
+    /// unreadable: writes the new envelopes and adds the batch's counts to the rotation row,
+    /// in one statement; returns how many values it re-sealed.
+    pub update: String,
+}
+
+impl BatchStatements {
+    pub fn of(col: &SealedColumn) -> Self {
+        Self {
+            select: format!(
+                "SELECT x.id, x.{c} FROM {t} x
+                 WHERE {filter} AND x.id > $3
+                 ORDER BY x.id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                c = col.column,
+                t = col.table,
+                filter = pending_filter(col, "x"),
+            ),
+            update: format!(
+                "WITH moved AS (
+                     UPDATE {t} x SET {c} = v.val
+                     FROM unnest($1::uuid[], $2::bytea[]) AS v(id, val) WHERE x.id = v.id
+                     RETURNING 1),
+                 n AS (SELECT count(*) AS done FROM moved)
+                 UPDATE key_rotations k SET done = k.done + n.done, failed = k.failed + $4
+                 FROM n WHERE k.id = $3
+                 RETURNING n.done",
+                c = col.column,
+                t = col.table,
+            ),
+        }
+    }
+}
+
+/// What a sweep does to each value: its new envelope, or why it could not be opened (a reason
+/// that names the key id or the check that failed, never the value).
+pub type Reseal<'a> = dyn Fn(&SealedColumn, Uuid, &[u8]) -> Result<Vec<u8>, String> + Sync + 'a;
+
+/// A batch read and re-sealed, its rows locked by its open transaction, not yet written.
+struct Read<'c> {
+    tx: sqlx::Transaction<'c, sqlx::Postgres>,
     rows: usize,
     last_id: Option<Uuid>,
-    /// Values this batch recorded as unreadable (to be reported).
-    failures: usize,
+    ids: Vec<Uuid>,
+    values: Vec<Vec<u8>>,
+    failed_ids: Vec<Uuid>,
+    reasons: Vec<String>,
 }
 
-/// One batch of one column, one transaction.
-async fn batch(
-    pool: &PgPool,
-    ctx: &RunContext<'_>,
+/// The first half of a batch: a transaction of its own, the pending values after `after`
+/// locked (`SKIP LOCKED`), and their new envelopes.
+async fn read<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    sweep: &Sweep<'_>,
     col: &SealedColumn,
-    rotation_id: Uuid,
+    statements: &BatchStatements,
     after: Uuid,
-) -> Result<Batch, sqlx::Error> {
-    let current = ctx.keyring.current_id().0;
-    let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT x.id, x.{c} FROM {t} x
-         WHERE {filter} AND x.id > $3
-         ORDER BY x.id LIMIT $4 FOR UPDATE SKIP LOCKED",
-        c = col.column,
-        t = col.table,
-        filter = pending_filter(col, "x"),
-    )))
-    .bind(&current[..])
-    .bind(rotation_id)
-    .bind(after)
-    .bind(ctx.batch_size as i64)
-    .fetch_all(&mut *tx)
-    .await?;
+) -> Result<Read<'c>, sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await?;
+    let rows: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(statements.select.as_str()))
+            .bind(&sweep.current.0[..])
+            .bind(sweep.rotation_id)
+            .bind(after)
+            .bind(sweep.batch_size as i64)
+            .fetch_all(&mut *tx)
+            .await?;
     let count = rows.len();
     let last_id = rows.last().map(|(id, _)| *id);
     let mut ids = Vec::with_capacity(count);
@@ -154,34 +206,45 @@ async fn batch(
     let mut failed_ids = Vec::new();
     let mut reasons = Vec::new();
     for (id, sealed) in rows {
-        let cell = aad(col.table, col.column, &id.to_string());
-        match ctx.keyring.open(&sealed, &cell) {
-            Ok(plain) => {
+        match (sweep.reseal)(col, id, &sealed) {
+            Ok(value) => {
                 ids.push(id);
-                values.push(ctx.keyring.seal(&plain, &cell));
+                values.push(value);
             }
-            Err(error) => {
+            Err(reason) => {
                 failed_ids.push(id);
-                // Names the key id or the check that failed; never the value.
-                reasons.push(error.to_string());
+                reasons.push(reason);
             }
         }
     }
-    let done = if ids.is_empty() {
-        0
-    } else {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {t} x SET {c} = v.val
-             FROM unnest($1::uuid[], $2::bytea[]) AS v(id, val) WHERE x.id = v.id",
-            c = col.column,
-            t = col.table,
-        )))
-        .bind(&ids)
-        .bind(&values)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected() as i64
-    };
+    Ok(Read {
+        tx,
+        rows: count,
+        last_id,
+        ids,
+        values,
+        failed_ids,
+        reasons,
+    })
+}
+
+/// The second half: the new envelopes, the unreadable values and the batch's counts written
+/// in the batch's transaction, committed. Returns how many values it recorded as unreadable
+/// (to be reported).
+async fn write(
+    batch: Read<'_>,
+    sweep: &Sweep<'_>,
+    col: &SealedColumn,
+    statements: &BatchStatements,
+) -> Result<usize, sqlx::Error> {
+    let Read {
+        mut tx,
+        ids,
+        values,
+        failed_ids,
+        reasons,
+        ..
+    } = batch;
     let failures: Vec<(Uuid,)> = if failed_ids.is_empty() {
         Vec::new()
     } else {
@@ -191,7 +254,7 @@ async fn batch(
              ON CONFLICT DO NOTHING
              RETURNING row_id",
         )
-        .bind(rotation_id)
+        .bind(sweep.rotation_id)
         .bind(col.table)
         .bind(col.column)
         .bind(&failed_ids)
@@ -199,22 +262,87 @@ async fn batch(
         .fetch_all(&mut *tx)
         .await?
     };
-    if done > 0 || !failures.is_empty() {
-        sqlx::query(
-            "UPDATE key_rotations SET done = done + $2, failed = failed + $3 WHERE id = $1",
-        )
-        .bind(rotation_id)
-        .bind(done)
-        .bind(failures.len() as i64)
-        .execute(&mut *tx)
-        .await?;
+    if !ids.is_empty() || !failures.is_empty() {
+        sqlx::query(sqlx::AssertSqlSafe(statements.update.as_str()))
+            .bind(&ids)
+            .bind(&values)
+            .bind(sweep.rotation_id)
+            .bind(failures.len() as i64)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
-    Ok(Batch {
-        rows: count,
-        last_id,
-        failures: failures.len(),
-    })
+    Ok(failures.len())
+}
+
+/// The PostgreSQL part of a rotation: every sealed column in batches until nothing is left
+/// to re-seal (module documentation). [`run`] sweeps with the keyring; the benchmark's SQL-only
+/// floor (figure 6) sweeps with envelopes sealed beforehand, so it times exactly the job's
+/// statements.
+pub struct Sweep<'a> {
+    pub rotation_id: Uuid,
+    /// Values under this key are done.
+    pub current: KeyId,
+    pub batch_size: usize,
+    /// See [`RunContext::stall_limit`].
+    pub stall_limit: Duration,
+    /// Where unreadable values are reported.
+    pub events: &'a SecurityLog,
+    pub reseal: &'a Reseal<'a>,
+}
+
+impl Sweep<'_> {
+    /// Sweeps every column, a batch at a time, until the final count finds nothing left.
+    /// (Keeping two batches in flight, the next one read and re-sealed on a second connection
+    /// while this one is written, measured no faster here: PostgreSQL's own work is the floor,
+    /// BENCHMARKS.md figure 6.)
+    pub async fn run(&self, pool: &PgPool) -> Result<(), RotationError> {
+        let current = self.current.0;
+        let rotation_id = self.rotation_id;
+        // What a run that died between a batch's commit and its reports left unreported.
+        report_failures(pool, self.events, rotation_id).await?;
+        let statements: Vec<BatchStatements> =
+            SEALED_COLUMNS.iter().map(BatchStatements::of).collect();
+        // One connection for the sweep: its statements stay prepared on it, and no batch waits
+        // for the pool.
+        let mut conn = pool.acquire().await?;
+        let mut last_progress = std::time::Instant::now();
+        loop {
+            let mut progressed = false;
+            for (col, statements) in SEALED_COLUMNS.iter().zip(&statements) {
+                let mut after = Uuid::nil();
+                loop {
+                    let batch = read(&mut conn, self, col, statements, after).await?;
+                    let (rows, last_id) = (batch.rows, batch.last_id);
+                    if write(batch, self, col, statements).await? > 0 {
+                        report_failures(pool, self.events, rotation_id).await?;
+                    }
+                    match last_id {
+                        Some(last) if rows > 0 => {
+                            after = last;
+                            progressed = true;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            if remaining(&mut *conn, &current, rotation_id).await? == 0 {
+                return Ok(());
+            }
+            if progressed {
+                last_progress = std::time::Instant::now();
+            } else {
+                // Everything left is locked by another transaction (another worker's batch,
+                // or a request): wait for it to commit or release the rows, but not forever.
+                if last_progress.elapsed() >= self.stall_limit {
+                    return Err(RotationError::Stalled {
+                        seconds: self.stall_limit.as_secs(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// Ends a rotation that will not run again (its job's last attempt failed, or failed for
@@ -313,6 +441,7 @@ pub async fn run(
         });
     }
     let current = current_id.0;
+    let mut started_event = None;
     if rotation.status == "queued" {
         let mut redis = ctx.redis.clone();
         let in_redis = at_rest::census(&mut redis, ctx.layout)
@@ -343,46 +472,35 @@ pub async fn run(
                 "job_id": ctx.job_id,
                 "worker": ctx.worker,
             });
+            started_event = Some(event);
+        }
+    }
+    let keyring = ctx.keyring;
+    let reseal = move |col: &SealedColumn, id: Uuid, sealed: &[u8]| {
+        let cell = aad(col.table, col.column, &id.to_string());
+        keyring
+            .open(sealed, &cell)
+            .map(|plain| keyring.seal(&plain, &cell))
+            // Names the key id or the check that failed; never the value.
+            .map_err(|error| error.to_string())
+    };
+    let sweep = Sweep {
+        rotation_id,
+        current: current_id,
+        batch_size: ctx.batch_size,
+        stall_limit: ctx.stall_limit,
+        events: ctx.events,
+        reseal: &reseal,
+    };
+    // The started event is written (its own pool, maybe a new connection) while the first
+    // batches run; it carries its own timestamp.
+    let record_started = async {
+        if let Some(event) = started_event {
             ctx.events.record(event).await;
         }
-    }
-    // What a run that died between a batch's commit and its reports left unreported.
-    report_failures(pool, ctx.events, rotation_id).await?;
-    let mut last_progress = std::time::Instant::now();
-    loop {
-        let mut progressed = false;
-        for col in &SEALED_COLUMNS {
-            let mut after = Uuid::nil();
-            loop {
-                let batch = batch(pool, ctx, col, rotation_id, after).await?;
-                if batch.failures > 0 {
-                    report_failures(pool, ctx.events, rotation_id).await?;
-                }
-                match batch.last_id {
-                    Some(last) if batch.rows > 0 => {
-                        after = last;
-                        progressed = true;
-                    }
-                    _ => break,
-                }
-            }
-        }
-        if remaining(pool, &current, rotation_id).await? == 0 {
-            break;
-        }
-        if progressed {
-            last_progress = std::time::Instant::now();
-        } else {
-            // Everything left is locked by another transaction (another worker's batch, or
-            // a request): wait for it to commit or release the rows, but not forever.
-            if last_progress.elapsed() >= ctx.stall_limit {
-                return Err(RotationError::Stalled {
-                    seconds: ctx.stall_limit.as_secs(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    };
+    let ((), swept) = tokio::join!(record_started, sweep.run(pool));
+    swept?;
     reseal_redis(pool, ctx, rotation_id).await?;
     finish(pool, ctx, rotation_id).await
 }
