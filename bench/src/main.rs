@@ -7,6 +7,7 @@
 //! `gatehouse work` is the release binary built next to this one.
 
 mod cluster;
+mod cpu;
 mod env;
 mod fairness;
 mod flood;
@@ -431,8 +432,12 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                             let jobs = window.until - window.warmup;
                             let f = pgbench::run(env, tenant, jobs, crate::WORKER_CONCURRENCY)
                                 .await?;
-                            eprintln!("    {:.0} transactions/s ({} transactions)", f.tps, f.transactions);
+                            eprintln!(
+                                "    {:.0} transactions/s ({} transactions); CPU per transaction: PostgreSQL {:.0} µs, pgbench {:.0} µs",
+                                f.tps, f.transactions, f.cpu.postgres_us, f.cpu.consumer_us
+                            );
                             samples.push(consumer, backlog == plan.large, run, f.tps);
+                            samples.push_cpu(consumer, backlog == plan.large, f.cpu);
                             continue;
                         }
                         let t = worker::measure(env, tenant, consumer, backlog, window).await?;
@@ -440,8 +445,13 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
                             "    {:.0} jobs/s ({} jobs in {:.2} s); per job: {:.2} commits, {:.2} rows written",
                             t.jobs_per_s, t.jobs, t.seconds, t.commits_per_job, t.rows_per_job
                         );
+                        eprintln!(
+                            "    CPU per job: PostgreSQL {:.0} µs, Redis {:.0} µs, consumer {:.0} µs",
+                            t.cpu.postgres_us, t.cpu.redis_us, t.cpu.consumer_us
+                        );
                         samples.push(consumer, backlog == plan.large, run, t.jobs_per_s);
                         samples.push_pg(consumer, t.commits_per_job, t.rows_per_job);
+                        samples.push_cpu(consumer, backlog == plan.large, t.cpu);
                     }
                 }
                 let window = Window::for_backlog(plan.large, plan.window_jobs, plan.cap);

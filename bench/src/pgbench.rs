@@ -133,6 +133,8 @@ pub fn render() -> String {
 pub struct Floor {
     pub tps: f64,
     pub transactions: u64,
+    /// CPU per transaction: PostgreSQL's, and pgbench's as the consumer.
+    pub cpu: crate::cpu::CpuPer,
 }
 
 /// Runs the script `transactions` times over `clients` connections against the bench
@@ -180,6 +182,7 @@ pub async fn run(
     if let Some(password) = url.password() {
         cmd.env("PGPASSWORD", password);
     }
+    let before = crate::cpu::now(env, crate::cpu::own_us()).await?;
     let output = cmd.output().await;
     let _ = std::fs::remove_file(&script);
     let output =
@@ -210,7 +213,15 @@ pub async fn run(
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or(0);
     anyhow::ensure!(failed == 0, "pgbench: {failed} transactions failed");
-    Ok(Floor { tps, transactions })
+    // The bench process's own share (idle meanwhile) rides along in the consumer's figure.
+    let cpu = crate::cpu::now(env, crate::cpu::own_us())
+        .await?
+        .per(before, transactions);
+    Ok(Floor {
+        tps,
+        transactions,
+        cpu,
+    })
 }
 
 #[cfg(test)]

@@ -30,9 +30,30 @@ pub fn median(values: &[f64]) -> f64 {
 pub struct WorkerSamples {
     by: BTreeMap<(String, bool), BTreeMap<usize, f64>>,
     pg: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+    cpu: BTreeMap<(String, bool), Vec<crate::cpu::CpuPer>>,
 }
 
 impl WorkerSamples {
+    pub fn push_cpu(&mut self, consumer: Consumer, large: bool, cpu: crate::cpu::CpuPer) {
+        self.cpu
+            .entry((consumer.label(), large))
+            .or_default()
+            .push(cpu);
+    }
+
+    /// Medians of PostgreSQL, Redis and consumer CPU µs per job.
+    fn cpu(&self, consumer: Consumer, large: bool) -> (f64, f64, f64) {
+        let Some(v) = self.cpu.get(&(consumer.label(), large)) else {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        };
+        let m = |f: fn(&crate::cpu::CpuPer) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        (
+            m(|c| c.postgres_us),
+            m(|c| c.redis_us),
+            m(|c| c.consumer_us),
+        )
+    }
+
     pub fn push_pg(&mut self, consumer: Consumer, commits_per_job: f64, rows_per_job: f64) {
         let entry = self.pg.entry(consumer.label()).or_default();
         entry.0.push(commits_per_job);
@@ -265,6 +286,28 @@ impl Report {
                 verdict(vs_floor >= 0.7),
             );
         }
+        // Where a job's cost goes, beside the SQL floor's: CPU per job by process group over
+        // the timed window, at the small backlog. Every process shares the machine's cores,
+        // so the sum bounds the rate.
+        let cpu_text = |c: Consumer| {
+            let (pg, redis, consumer) = s.cpu(c, false);
+            format!(
+                "PostgreSQL {pg:.0} + Redis {redis:.0} + consumer {consumer:.0} = {:.0} µs",
+                pg + redis + consumer
+            )
+        };
+        self.row(
+            format!("1. CPU per job, backlog {}", thousands(small)),
+            cpu_text(gh),
+            format!(
+                "pgbench: {}; one-UPDATE: {}",
+                cpu_text(Consumer::Pgbench),
+                cpu_text(Consumer::BareUpdate)
+            ),
+            "–".into(),
+            "(explains 1)",
+            "–".into(),
+        );
         let (g_commits, g_rows) = s.pg(gh);
         let (u_commits, u_rows) = s.pg(Consumer::BareUpdate);
         self.row(

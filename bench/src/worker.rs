@@ -71,6 +71,8 @@ pub struct Throughput {
     /// committed transactions and rows written (inserted + updated + deleted).
     pub commits_per_job: f64,
     pub rows_per_job: f64,
+    /// CPU per job over the timed window, by process group.
+    pub cpu: crate::cpu::CpuPer,
 }
 
 /// This database's transaction and row counters (`pg_stat_database`).
@@ -237,6 +239,16 @@ enum Running {
 }
 
 impl Running {
+    /// The consumer's CPU so far: its processes', or this process's for an in-process worker.
+    fn cpu_us(&self) -> u64 {
+        match self {
+            Running::Processes(children) => {
+                crate::cpu::processes_us(&children.iter().map(|c| c.id()).collect::<Vec<_>>())
+            }
+            Running::Task { .. } => crate::cpu::own_us(),
+        }
+    }
+
     async fn stop(self) {
         match self {
             Running::Processes(mut children) => {
@@ -377,7 +389,7 @@ pub async fn measure(
     }
     let before = pg_counters(env).await?;
     let running = start(env, consumer)?;
-    let result = sample(env, window).await;
+    let result = sample(env, window, &running).await;
     running.stop().await;
     let processed = done_count(env).await?;
     // Backends flush their statistics when their client disconnects.
@@ -412,19 +424,26 @@ pub async fn measure(
 
 /// Polls the done set: the clock runs from the first sample at or past `warmup` to the first
 /// at or past `until` (or the cap).
-async fn sample(env: &BenchEnv, window: Window) -> anyhow::Result<Throughput> {
+async fn sample(env: &BenchEnv, window: Window, running: &Running) -> anyhow::Result<Throughput> {
     let give_up = Instant::now() + Duration::from_secs(60);
     let mut start: Option<(Instant, u64)> = None;
+    let mut cpu_at_start = crate::cpu::Cpu::default();
     loop {
         let now = Instant::now();
         let done = done_count(env).await?;
         match start {
-            None if done >= window.warmup => start = Some((now, done)),
+            None if done >= window.warmup => {
+                start = Some((now, done));
+                cpu_at_start = crate::cpu::now(env, running.cpu_us()).await?;
+            }
             None if now > give_up => anyhow::bail!("no job finished within 60 s"),
             None => {}
             Some((t0, n0)) if done >= window.until || now.duration_since(t0) >= window.cap => {
                 let seconds = now.duration_since(t0).as_secs_f64();
                 let jobs = done - n0;
+                let cpu = crate::cpu::now(env, running.cpu_us())
+                    .await?
+                    .per(cpu_at_start, jobs);
                 // A window drained between two samples is too short to time: NaN, which
                 // the report leaves out of the medians.
                 return Ok(Throughput {
@@ -437,6 +456,7 @@ async fn sample(env: &BenchEnv, window: Window) -> anyhow::Result<Throughput> {
                     seconds,
                     commits_per_job: f64::NAN,
                     rows_per_job: f64::NAN,
+                    cpu,
                 });
             }
             Some(_) => {}

@@ -1,0 +1,120 @@
+//! CPU time by process group, for figure 1's account of where a job's cost goes: PostgreSQL
+//! (every `postgres` process, including the backends that exited meanwhile, which the
+//! postmaster has reaped into its children's time), Redis (`INFO cpu`, the whole server) and
+//! the consumer (the worker processes, or this process for the in-process bare workers and
+//! the pgbench client it reaped).
+
+use crate::env::BenchEnv;
+
+/// CPU microseconds so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    pub postgres_us: u64,
+    pub redis_us: u64,
+    pub consumer_us: u64,
+}
+
+impl Cpu {
+    /// `self - earlier`, per unit of work.
+    pub fn per(self, earlier: Cpu, units: u64) -> CpuPer {
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / units.max(1) as f64;
+        CpuPer {
+            postgres_us: per(self.postgres_us, earlier.postgres_us),
+            redis_us: per(self.redis_us, earlier.redis_us),
+            consumer_us: per(self.consumer_us, earlier.consumer_us),
+        }
+    }
+}
+
+/// CPU microseconds per job (or transaction).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPer {
+    pub postgres_us: f64,
+    pub redis_us: f64,
+    pub consumer_us: f64,
+}
+
+/// utime + stime (+ the reaped children's cutime + cstime when `children`), in µs.
+fn proc_cpu_us(stat: &str, children: bool) -> Option<u64> {
+    // Fields after the parenthesised command name: utime 14, stime 15, cutime 16, cstime 17.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let own = field(11)? + field(12)?;
+    let reaped = if children { field(13)? + field(14)? } else { 0 };
+    // Clock ticks are 100 a second on Linux.
+    Some((own + reaped) * 10_000)
+}
+
+/// Every `postgres` process on this machine, with what the postmaster reaped.
+fn postgres_us() -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| stat.contains("(postgres)"))
+        .filter_map(|stat| proc_cpu_us(&stat, true))
+        .sum()
+}
+
+/// This process and the children it reaped (pgbench).
+pub fn own_us() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| proc_cpu_us(&stat, true))
+        .unwrap_or(0)
+}
+
+/// The worker processes `pids` (their own time; they are still running).
+pub fn processes_us(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| gatehouse_testenv::process::process_cpu_us(*pid))
+        .sum()
+}
+
+async fn redis_us(env: &BenchEnv) -> anyhow::Result<u64> {
+    let mut redis = env.redis.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut redis)
+        .await?;
+    let seconds: f64 = info
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("used_cpu_sys:")
+                .or_else(|| line.strip_prefix("used_cpu_user:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum();
+    Ok((seconds * 1e6) as u64)
+}
+
+/// Now, with the consumer's CPU as `consumer_us` reads it.
+pub async fn now(env: &BenchEnv, consumer_us: u64) -> anyhow::Result<Cpu> {
+    Ok(Cpu {
+        postgres_us: postgres_us(),
+        redis_us: redis_us(env).await?,
+        consumer_us,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_read_after_the_command_name() {
+        // pid (comm with ") " inside) state ppid … utime=7 stime=3 cutime=20 cstime=10
+        let stat = "42 (post gres) x) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 20 10 20 0 1 0";
+        assert_eq!(proc_cpu_us(stat, false), Some(100_000));
+        assert_eq!(proc_cpu_us(stat, true), Some(400_000));
+    }
+}
