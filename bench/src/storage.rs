@@ -154,8 +154,8 @@ pub async fn reencrypt_run(env: &BenchEnv, rows: u64, batch: usize) -> anyhow::R
 }
 
 /// A new tenant with `rows` conversations whose customer numbers are sealed under the run's
-/// key, as the worker stores them; returns the tenant and the conversations' ids.
-async fn seed_conversations(env: &BenchEnv, rows: u64) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
+/// key, as the worker stores them; returns the tenant.
+async fn seed_conversations(env: &BenchEnv, rows: u64) -> anyhow::Result<Uuid> {
     let tenant = env.try_create_tenant().await?;
     let keyring = &env.config.keyring;
     let mut ids = Vec::with_capacity(rows as usize);
@@ -190,7 +190,7 @@ async fn seed_conversations(env: &BenchEnv, rows: u64) -> anyhow::Result<(Uuid, 
     sqlx::query("VACUUM ANALYZE conversations")
         .execute(&env.pool)
         .await?;
-    Ok((tenant, ids))
+    Ok(tenant)
 }
 
 /// Two security officers (one requests a rotation, the other approves it).
@@ -223,7 +223,7 @@ async fn sql_floor(
     rows: u64,
     batch: usize,
 ) -> anyhow::Result<f64> {
-    let (tenant, _) = seed_conversations(env, rows).await?;
+    let tenant = seed_conversations(env, rows).await?;
     let target = Keyring::new(target_key()?, Vec::new());
     let keyring = &env.config.keyring;
     // Every value the sweep will meet (other figures' tenants too), opened and sealed again
@@ -311,7 +311,7 @@ async fn rotate_keys(
     rows: u64,
     batch: usize,
 ) -> anyhow::Result<f64> {
-    let (tenant, _) = seed_conversations(env, rows.saturating_sub(1)).await?;
+    let tenant = seed_conversations(env, rows.saturating_sub(1)).await?;
     // The same target key in every run: what an earlier run re-sealed (other figures'
     // tenants) is already current and simply not counted again, never "unknown".
     let new_key = target_key()?;
