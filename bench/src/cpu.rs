@@ -4,6 +4,8 @@
 //! the consumer (the worker processes, or this process for the in-process bare workers and
 //! the pgbench client it reaped).
 
+use gatehouse_testenv::process::stat_cpu_us;
+
 use crate::env::BenchEnv;
 
 /// CPU microseconds so far.
@@ -34,18 +36,6 @@ pub struct CpuPer {
     pub consumer_us: f64,
 }
 
-/// utime + stime (+ the reaped children's cutime + cstime when `children`), in µs.
-fn proc_cpu_us(stat: &str, children: bool) -> Option<u64> {
-    // Fields after the parenthesised command name: utime 14, stime 15, cutime 16, cstime 17.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    let own = field(11)? + field(12)?;
-    let reaped = if children { field(13)? + field(14)? } else { 0 };
-    // Clock ticks are 100 a second on Linux.
-    Some((own + reaped) * 10_000)
-}
-
 /// Every `postgres` process on this machine, with what the postmaster reaped.
 fn postgres_us() -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -61,7 +51,7 @@ fn postgres_us() -> u64 {
         })
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .filter(|stat| stat.contains("(postgres)"))
-        .filter_map(|stat| proc_cpu_us(&stat, true))
+        .filter_map(|stat| stat_cpu_us(&stat, true))
         .sum()
 }
 
@@ -69,7 +59,7 @@ fn postgres_us() -> u64 {
 pub fn own_us() -> u64 {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
-        .and_then(|stat| proc_cpu_us(&stat, true))
+        .and_then(|stat| stat_cpu_us(&stat, true))
         .unwrap_or(0)
 }
 
@@ -104,17 +94,4 @@ pub async fn now(env: &BenchEnv, consumer_us: u64) -> anyhow::Result<Cpu> {
         redis_us: redis_us(env).await?,
         consumer_us,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stat_fields_are_read_after_the_command_name() {
-        // pid (comm with ") " inside) state ppid … utime=7 stime=3 cutime=20 cstime=10
-        let stat = "42 (post gres) x) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 20 10 20 0 1 0";
-        assert_eq!(proc_cpu_us(stat, false), Some(100_000));
-        assert_eq!(proc_cpu_us(stat, true), Some(400_000));
-    }
 }

@@ -169,26 +169,24 @@ impl BatchStatements {
 /// that names the key id or the check that failed, never the value).
 pub type Reseal<'a> = dyn Fn(&SealedColumn, Uuid, &[u8]) -> Result<Vec<u8>, String> + Sync + 'a;
 
-/// A batch read and re-sealed, its rows locked by its open transaction, not yet written.
-struct Read<'c> {
-    tx: sqlx::Transaction<'c, sqlx::Postgres>,
+/// What one batch did.
+struct Batch {
     rows: usize,
     last_id: Option<Uuid>,
-    ids: Vec<Uuid>,
-    values: Vec<Vec<u8>>,
-    failed_ids: Vec<Uuid>,
-    reasons: Vec<String>,
+    /// Values this batch recorded as unreadable (to be reported).
+    failures: usize,
 }
 
-/// The first half of a batch: a transaction of its own, the pending values after `after`
-/// locked (`SKIP LOCKED`), and their new envelopes.
-async fn read<'c>(
-    conn: &'c mut sqlx::PgConnection,
+/// One batch of one column, one transaction on the sweep's connection: the pending values
+/// after `after` locked (`SKIP LOCKED`), their new envelopes, then the envelopes, the
+/// unreadable values and the batch's counts written and committed together.
+async fn batch(
+    conn: &mut sqlx::PgConnection,
     sweep: &Sweep<'_>,
     col: &SealedColumn,
     statements: &BatchStatements,
     after: Uuid,
-) -> Result<Read<'c>, sqlx::Error> {
+) -> Result<Batch, sqlx::Error> {
     use sqlx::Connection as _;
     let mut tx = conn.begin().await?;
     let rows: Vec<(Uuid, Vec<u8>)> =
@@ -217,34 +215,6 @@ async fn read<'c>(
             }
         }
     }
-    Ok(Read {
-        tx,
-        rows: count,
-        last_id,
-        ids,
-        values,
-        failed_ids,
-        reasons,
-    })
-}
-
-/// The second half: the new envelopes, the unreadable values and the batch's counts written
-/// in the batch's transaction, committed. Returns how many values it recorded as unreadable
-/// (to be reported).
-async fn write(
-    batch: Read<'_>,
-    sweep: &Sweep<'_>,
-    col: &SealedColumn,
-    statements: &BatchStatements,
-) -> Result<usize, sqlx::Error> {
-    let Read {
-        mut tx,
-        ids,
-        values,
-        failed_ids,
-        reasons,
-        ..
-    } = batch;
     let failures: Vec<(Uuid,)> = if failed_ids.is_empty() {
         Vec::new()
     } else {
@@ -272,7 +242,11 @@ async fn write(
             .await?;
     }
     tx.commit().await?;
-    Ok(failures.len())
+    Ok(Batch {
+        rows: count,
+        last_id,
+        failures: failures.len(),
+    })
 }
 
 /// The PostgreSQL part of a rotation: every sealed column in batches until nothing is left
@@ -312,13 +286,12 @@ impl Sweep<'_> {
             for (col, statements) in SEALED_COLUMNS.iter().zip(&statements) {
                 let mut after = Uuid::nil();
                 loop {
-                    let batch = read(&mut conn, self, col, statements, after).await?;
-                    let (rows, last_id) = (batch.rows, batch.last_id);
-                    if write(batch, self, col, statements).await? > 0 {
+                    let batch = batch(&mut conn, self, col, statements, after).await?;
+                    if batch.failures > 0 {
                         report_failures(pool, self.events, rotation_id).await?;
                     }
-                    match last_id {
-                        Some(last) if rows > 0 => {
+                    match batch.last_id {
+                        Some(last) if batch.rows > 0 => {
                             after = last;
                             progressed = true;
                         }

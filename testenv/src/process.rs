@@ -192,11 +192,33 @@ where
 /// User + system CPU time of a process so far, in microseconds (Linux `/proc`, whose clock
 /// ticks are always 1/100 s).
 pub fn process_cpu_us(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    stat_cpu_us(
+        &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+        false,
+    )
+}
+
+/// The CPU time in one `/proc/PID/stat` line, in microseconds: utime + stime, plus the
+/// children it reaped (cutime + cstime) when `reaped`.
+pub fn stat_cpu_us(stat: &str, reaped: bool) -> Option<u64> {
+    // Fields after the parenthesised command name: utime 14, stime 15, cutime 16, cstime 17.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) * 10_000)
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let own = field(11)? + field(12)?;
+    let children = if reaped { field(13)? + field(14)? } else { 0 };
+    Some((own + children) * 10_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_read_after_the_command_name() {
+        // pid (comm with ") " inside) state ppid … utime=7 stime=3 cutime=20 cstime=10
+        let stat = "42 (post gres) x) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 20 10 20 0 1 0";
+        assert_eq!(stat_cpu_us(stat, false), Some(100_000));
+        assert_eq!(stat_cpu_us(stat, true), Some(400_000));
+    }
 }
