@@ -33,6 +33,11 @@ pub enum InboundError {
     /// The classifier gave no answer (the LLM timed out, failed or is misconfigured).
     #[error(transparent)]
     Classify(#[from] ClassifyError),
+    /// The message's group ended without an answer for it (its statement ran past its time
+    /// limit): whether it committed is unknown, and the job's next attempt finds out from its
+    /// processed-job marker.
+    #[error("{0}")]
+    Unanswered(String),
 }
 
 impl InboundError {
@@ -42,6 +47,7 @@ impl InboundError {
             Self::Database(error) => crate::fault::postgres(error),
             Self::Permanent(_) => Fault::Permanent,
             Self::Classify(error) => error.fault(),
+            Self::Unanswered(_) => Fault::Retry,
         }
     }
 
@@ -90,6 +96,20 @@ pub async fn process_inbound(
     msg: &InboundMessage,
     classifier: &dyn Classifier,
 ) -> Result<InboundOutcome, InboundError> {
+    match classify_unless_applied(pool, job_id, msg, classifier).await? {
+        Some(classification) => store_inbound(pool, ctx, job_id, msg, &classification).await,
+        None => Ok(InboundOutcome::AlreadyProcessed),
+    }
+}
+
+/// The message's classification, or `None` when a remote classifier would be asked about a
+/// job whose effect is already committed (a redelivery).
+pub async fn classify_unless_applied(
+    pool: &PgPool,
+    job_id: &str,
+    msg: &InboundMessage,
+    classifier: &dyn Classifier,
+) -> Result<Option<Classification>, InboundError> {
     // A local classifier costs less than this round trip, and `store_inbound` detects a
     // redelivery by itself; only a remote one is worth guarding.
     if classifier.is_remote() {
@@ -99,11 +119,10 @@ pub async fn process_inbound(
                 .fetch_one(pool)
                 .await?;
         if processed {
-            return Ok(InboundOutcome::AlreadyProcessed);
+            return Ok(None);
         }
     }
-    let classification = classifier.classify(&msg.body).await?;
-    store_inbound(pool, ctx, job_id, msg, &classification).await
+    Ok(Some(classifier.classify(&msg.body).await?))
 }
 
 /// The whole effect of an inbound message as one statement, so one round trip and one commit:
@@ -195,6 +214,183 @@ type StoreRow = (
     Option<String>,
 );
 
+/// One classified inbound message, ready to store: every value its statement binds, sealed
+/// and indexed. Preparing it does all of a job's CPU work outside any transaction, so a group
+/// of them (`store_group`) holds its connection only for the statement.
+#[derive(Debug, Clone)]
+pub struct PreparedInbound {
+    job_id: String,
+    worker: String,
+    tenant_id: Uuid,
+    new_conversation: Uuid,
+    sealed_number: Vec<u8>,
+    number_index: Vec<u8>,
+    /// The index values a stored conversation of this customer may hold, most preferred
+    /// first (`BlindIndex::lookups`).
+    number_lookups: Vec<Vec<u8>>,
+    index_form: String,
+    message_sid: String,
+    message_id: Uuid,
+    sealed_from: Vec<u8>,
+    from_index: Vec<u8>,
+    to: String,
+    body: String,
+    intent: Intent,
+    confidence: f64,
+    slots: Value,
+    classifier: String,
+    rejected_reason: Option<String>,
+    received_at: OffsetDateTime,
+    low: bool,
+}
+
+impl PreparedInbound {
+    /// Seals and indexes a classified message for `job_id`. A malformed `received_at` is
+    /// permanent.
+    pub fn new(
+        ctx: &InboundContext<'_>,
+        job_id: &str,
+        msg: &InboundMessage,
+        classification: &Classification,
+    ) -> Result<Self, InboundError> {
+        let received_at = OffsetDateTime::parse(&msg.received_at, &Rfc3339)
+            .map_err(|_| InboundError::Permanent("received_at is not RFC 3339".into()))?;
+        let low = classification.rejected_reason.is_some()
+            || !classification.confidence.is_finite()
+            || classification.confidence < ctx.min_confidence;
+        let number = msg.from.as_bytes();
+        let new_conversation = Uuid::new_v4();
+        let message_id = Uuid::new_v4();
+        let index = ctx.blind_index;
+        Ok(Self {
+            job_id: job_id.to_owned(),
+            worker: ctx.worker.to_owned(),
+            tenant_id: msg.tenant_id,
+            new_conversation,
+            sealed_number: ctx.keyring.seal(
+                number,
+                &aad(
+                    "conversations",
+                    "customer_number",
+                    &new_conversation.to_string(),
+                ),
+            ),
+            number_index: index
+                .compute_for_tenant(CUSTOMER_NUMBER_DOMAIN, msg.tenant_id, number)
+                .to_vec(),
+            number_lookups: index.lookups(CUSTOMER_NUMBER_DOMAIN, msg.tenant_id, number),
+            index_form: index.form().to_owned(),
+            message_sid: msg.message_sid.clone(),
+            message_id,
+            sealed_from: ctx.keyring.seal(
+                number,
+                &aad("messages", "from_number", &message_id.to_string()),
+            ),
+            from_index: index
+                .compute_for_tenant(FROM_NUMBER_DOMAIN, msg.tenant_id, number)
+                .to_vec(),
+            to: msg.to.clone(),
+            body: msg.body.clone(),
+            intent: classification.intent,
+            confidence: classification.confidence,
+            slots: Value::Object(classification.slots.clone()),
+            classifier: classification.classifier.clone(),
+            rejected_reason: classification.rejected_reason.clone(),
+            received_at,
+            low,
+        })
+    }
+
+    /// The job this message belongs to.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// What two messages must not share to be stored by one statement: the job, the
+    /// tenant's `MessageSid`, and the customer's conversation (one statement can neither
+    /// upsert a row twice nor apply one customer's two messages in order).
+    pub fn group_keys(&self) -> [GroupKey; 3] {
+        [
+            GroupKey::Job(self.job_id.clone()),
+            GroupKey::MessageSid(self.tenant_id, self.message_sid.clone()),
+            GroupKey::Customer(self.tenant_id, self.number_index.clone()),
+        ]
+    }
+
+    /// What the stored row says, as the job's outcome.
+    fn outcome(&self, row: StoreRow) -> Result<InboundOutcome, InboundError> {
+        let (known_tenant, fresh_job, stored, conversation, count, state) = row;
+        if !known_tenant {
+            return Err(InboundError::Permanent(format!(
+                "unknown tenant {}",
+                self.tenant_id
+            )));
+        }
+        if !fresh_job {
+            return Ok(InboundOutcome::AlreadyProcessed);
+        }
+        match (stored, conversation, count, state) {
+            (Some(message_id), Some(conversation_id), Some(count), Some(state)) => {
+                Ok(InboundOutcome::Stored {
+                    message_id,
+                    conversation_id,
+                    low_confidence_count: count,
+                    handoff: state == "handoff",
+                    intent: self.intent,
+                    rejected_reason: self.rejected_reason.clone(),
+                })
+            }
+            _ => Ok(InboundOutcome::DuplicateMessage),
+        }
+    }
+
+    /// Stores this message alone, in one statement and so one transaction
+    /// ([`STORE_INBOUND`]).
+    pub async fn store(&self, pool: &PgPool) -> Result<InboundOutcome, InboundError> {
+        let row: Result<StoreRow, sqlx::Error> = sqlx::query_as(STORE_INBOUND)
+            .bind(&self.job_id)
+            .bind(<InboundMessage as gatehouse_jobs::Job>::QUEUE)
+            .bind(&self.worker)
+            .bind(self.tenant_id)
+            .bind(self.new_conversation)
+            .bind(&self.sealed_number)
+            .bind(&self.number_index)
+            .bind(&self.message_sid)
+            .bind(self.message_id)
+            .bind(&self.sealed_from)
+            .bind(&self.from_index)
+            .bind(&self.to)
+            .bind(&self.body)
+            .bind(self.intent.as_str())
+            .bind(self.confidence)
+            .bind(&self.slots)
+            .bind(&self.classifier)
+            .bind(&self.rejected_reason)
+            .bind(self.received_at)
+            .bind(self.low)
+            .bind(HANDOFF_AFTER)
+            .bind(&self.number_lookups)
+            .bind(&self.index_form)
+            .fetch_one(pool)
+            .await;
+        match row {
+            Ok(row) => self.outcome(row),
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some(MESSAGE_SID_UNIQUE) => {
+                Ok(InboundOutcome::DuplicateMessage)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// What may not appear twice in one group (`PreparedInbound::group_keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GroupKey {
+    Job(String),
+    MessageSid(Uuid, String),
+    Customer(Uuid, Vec<u8>),
+}
+
 /// Stores a classified inbound message atomically, in one statement (see [`STORE_INBOUND`]):
 /// the processed-job marker, the conversation (upserted by the blind index of the customer's
 /// number, which is sealed), the message (unique per tenant and MessageSid), and the atomic
@@ -206,91 +402,184 @@ pub async fn store_inbound(
     msg: &InboundMessage,
     classification: &Classification,
 ) -> Result<InboundOutcome, InboundError> {
-    let received_at = OffsetDateTime::parse(&msg.received_at, &Rfc3339)
-        .map_err(|_| InboundError::Permanent("received_at is not RFC 3339".into()))?;
-    let low = classification.rejected_reason.is_some()
-        || !classification.confidence.is_finite()
-        || classification.confidence < ctx.min_confidence;
+    PreparedInbound::new(ctx, job_id, msg, classification)?
+        .store(pool)
+        .await
+}
 
-    let new_conversation = Uuid::new_v4();
-    let sealed_number = ctx.keyring.seal(
-        msg.from.as_bytes(),
-        &aad(
-            "conversations",
-            "customer_number",
-            &new_conversation.to_string(),
-        ),
-    );
-    let number_index = ctx.blind_index.compute_for_tenant(
-        CUSTOMER_NUMBER_DOMAIN,
-        msg.tenant_id,
-        msg.from.as_bytes(),
-    );
-    let number_lookups =
-        ctx.blind_index
-            .lookups(CUSTOMER_NUMBER_DOMAIN, msg.tenant_id, msg.from.as_bytes());
-    let message_id = Uuid::new_v4();
-    let sealed_from = ctx.keyring.seal(
-        msg.from.as_bytes(),
-        &aad("messages", "from_number", &message_id.to_string()),
-    );
-    let from_index =
-        ctx.blind_index
-            .compute_for_tenant(FROM_NUMBER_DOMAIN, msg.tenant_id, msg.from.as_bytes());
+/// [`STORE_INBOUND`] for a group of messages at once: one statement, one plan, one round trip
+/// and one commit for all of them, each with its own processed-job marker. The group's
+/// messages share no [`GroupKey`] (the caller sees to it), so every row the statement writes
+/// is written once. `input` is the group, numbered by `ord`; `lookups` flattens each
+/// message's lookup index values (`lk_ord` names the message, the array order is the
+/// preference). Conversations found are locked in id order first (`locked`) and new ones
+/// inserted in index order, so two groups in different processes meet in one order; a
+/// deadlock that still happens (one group waiting on another's new row, say) fails the
+/// statement, and the caller falls back to one statement per message. Any failure rolls the
+/// whole group back: nothing of it is applied.
+pub const STORE_INBOUND_GROUP: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::bytea[],
+                         $6::bytea[], $7::text[], $8::text[], $9::uuid[], $10::bytea[],
+                         $11::bytea[], $12::text[], $13::text[], $14::text[], $15::float8[],
+                         $16::jsonb[], $17::text[], $18::text[], $19::timestamptz[], $20::bool[])
+        WITH ORDINALITY AS t(job_id, worker, tenant_id, new_conversation, customer_number,
+                             number_index, index_form, message_sid, message_id, from_number,
+                             from_index, to_number, body, intent, confidence,
+                             slots, classifier, rejected_reason, received_at, low, ord)
+), lookups AS (
+    SELECT * FROM unnest($21::int8[], $22::bytea[]) WITH ORDINALITY AS l(lk_ord, v, pos)
+), marker AS (
+    INSERT INTO processed_jobs (job_id, queue, worker)
+    SELECT i.job_id, $23, i.worker FROM input i
+    WHERE EXISTS (SELECT 1 FROM tenants WHERE id = i.tenant_id)
+    ORDER BY i.job_id
+    ON CONFLICT DO NOTHING
+    RETURNING job_id
+), fresh AS (
+    SELECT i.* FROM input i JOIN marker m ON m.job_id = i.job_id
+    WHERE NOT EXISTS (SELECT 1 FROM messages
+                      WHERE tenant_id = i.tenant_id AND message_sid = i.message_sid)
+), found AS (
+    SELECT f.ord,
+           (SELECT c.id FROM lookups l
+            JOIN conversations c ON c.tenant_id = f.tenant_id AND c.customer_number_index = l.v
+            WHERE l.lk_ord = f.ord
+            ORDER BY l.pos
+            LIMIT 1) AS id
+    FROM fresh f
+), locked AS (
+    SELECT c.id FROM conversations c
+    WHERE c.id IN (SELECT id FROM found WHERE id IS NOT NULL)
+    ORDER BY c.id
+    FOR UPDATE
+), upd AS (
+    UPDATE conversations AS c SET
+        low_confidence_count = CASE WHEN f.low THEN c.low_confidence_count + 1 ELSE 0 END,
+        state = CASE WHEN f.low AND c.low_confidence_count + 1 >= $24 THEN 'handoff'
+                     ELSE c.state END,
+        last_message_at = GREATEST(c.last_message_at, f.received_at),
+        updated_at = now()
+    FROM fresh f JOIN found ON found.ord = f.ord
+    WHERE c.id = found.id AND c.id IN (SELECT id FROM locked)
+    RETURNING f.ord, c.id, c.low_confidence_count, c.state
+), ins AS (
+    INSERT INTO conversations AS c (id, tenant_id, customer_number, customer_number_index,
+                                    customer_number_index_form,
+                                    low_confidence_count, state, last_message_at)
+    SELECT f.new_conversation, f.tenant_id, f.customer_number, f.number_index, f.index_form,
+           CASE WHEN f.low THEN 1 ELSE 0 END,
+           CASE WHEN f.low AND 1 >= $24 THEN 'handoff' ELSE 'bot' END,
+           f.received_at
+    FROM fresh f JOIN found ON found.ord = f.ord
+    WHERE found.id IS NULL
+    ORDER BY f.tenant_id, f.number_index
+    ON CONFLICT (tenant_id, customer_number_index) DO UPDATE SET
+        low_confidence_count = CASE WHEN EXCLUDED.low_confidence_count > 0
+                                    THEN c.low_confidence_count + 1 ELSE 0 END,
+        state = CASE WHEN EXCLUDED.low_confidence_count > 0
+                          AND c.low_confidence_count + 1 >= $24 THEN 'handoff'
+                     ELSE c.state END,
+        last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
+        updated_at = now()
+    RETURNING c.tenant_id, c.customer_number_index, c.id, c.low_confidence_count, c.state
+), conv AS (
+    SELECT ord, id, low_confidence_count, state FROM upd
+    UNION ALL
+    SELECT f.ord, ins.id, ins.low_confidence_count, ins.state
+    FROM ins JOIN fresh f
+      ON f.tenant_id = ins.tenant_id AND f.number_index = ins.customer_number_index
+), msg AS (
+    INSERT INTO messages (id, tenant_id, conversation_id, message_sid, from_number,
+                          from_number_index, from_number_index_form, to_number, body, intent,
+                          confidence, slots, classifier, rejected_reason, job_id, received_at)
+    SELECT f.message_id, f.tenant_id, conv.id, f.message_sid, f.from_number, f.from_index,
+           f.index_form, f.to_number, f.body, f.intent, f.confidence, f.slots, f.classifier,
+           f.rejected_reason, f.job_id, f.received_at
+    FROM fresh f JOIN conv ON conv.ord = f.ord
+    RETURNING id
+)
+SELECT i.ord,
+       EXISTS (SELECT 1 FROM tenants WHERE id = i.tenant_id),
+       EXISTS (SELECT 1 FROM marker m WHERE m.job_id = i.job_id),
+       (SELECT id FROM msg WHERE msg.id = i.message_id),
+       conv.id, conv.low_confidence_count, conv.state
+FROM input i LEFT JOIN conv ON conv.ord = i.ord
+ORDER BY i.ord";
 
-    let row: Result<StoreRow, sqlx::Error> = sqlx::query_as(STORE_INBOUND)
-        .bind(job_id)
-        .bind(<InboundMessage as gatehouse_jobs::Job>::QUEUE)
-        .bind(ctx.worker)
-        .bind(msg.tenant_id)
-        .bind(new_conversation)
-        .bind(sealed_number)
-        .bind(number_index.to_vec())
-        .bind(&msg.message_sid)
-        .bind(message_id)
-        .bind(sealed_from)
-        .bind(from_index.to_vec())
-        .bind(&msg.to)
-        .bind(&msg.body)
-        .bind(classification.intent.as_str())
-        .bind(classification.confidence)
-        .bind(Value::Object(classification.slots.clone()))
-        .bind(&classification.classifier)
-        .bind(&classification.rejected_reason)
-        .bind(received_at)
-        .bind(low)
-        .bind(HANDOFF_AFTER)
-        .bind(number_lookups)
-        .bind(ctx.blind_index.form())
-        .fetch_one(pool)
-        .await;
-    let (known_tenant, fresh_job, stored, conversation, count, state) = match row {
-        Ok(row) => row,
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some(MESSAGE_SID_UNIQUE) => {
-            return Ok(InboundOutcome::DuplicateMessage);
+/// What [`STORE_INBOUND_GROUP`] answers per message: its place in the group, then a
+/// [`StoreRow`].
+type GroupRow = (
+    i64,
+    bool,
+    bool,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<i32>,
+    Option<String>,
+);
+
+/// Stores a group of messages with one statement ([`STORE_INBOUND_GROUP`]) and answers each
+/// one's outcome, in order. `Err` is the statement's failure, which applied nothing: the
+/// caller stores the messages one by one instead, so one message's failure stays its own.
+pub async fn store_group(
+    pool: &PgPool,
+    group: &[PreparedInbound],
+) -> Result<Vec<Result<InboundOutcome, InboundError>>, sqlx::Error> {
+    fn column<'a, T: 'a>(
+        group: &'a [PreparedInbound],
+        f: impl Fn(&'a PreparedInbound) -> T,
+    ) -> Vec<T> {
+        group.iter().map(f).collect()
+    }
+    let (mut lk_ord, mut lk_value) = (Vec::new(), Vec::new());
+    for (ord, p) in (1i64..).zip(group) {
+        for value in &p.number_lookups {
+            lk_ord.push(ord);
+            lk_value.push(value.as_slice());
         }
-        Err(e) => return Err(e.into()),
-    };
-    if !known_tenant {
-        return Err(InboundError::Permanent(format!(
-            "unknown tenant {}",
-            msg.tenant_id
+    }
+    let rows: Vec<GroupRow> = sqlx::query_as(STORE_INBOUND_GROUP)
+        .bind(column(group, |p| p.job_id.as_str()))
+        .bind(column(group, |p| p.worker.as_str()))
+        .bind(column(group, |p| p.tenant_id))
+        .bind(column(group, |p| p.new_conversation))
+        .bind(column(group, |p| p.sealed_number.as_slice()))
+        .bind(column(group, |p| p.number_index.as_slice()))
+        .bind(column(group, |p| p.index_form.as_str()))
+        .bind(column(group, |p| p.message_sid.as_str()))
+        .bind(column(group, |p| p.message_id))
+        .bind(column(group, |p| p.sealed_from.as_slice()))
+        .bind(column(group, |p| p.from_index.as_slice()))
+        .bind(column(group, |p| p.to.as_str()))
+        .bind(column(group, |p| p.body.as_str()))
+        .bind(column(group, |p| p.intent.as_str()))
+        .bind(column(group, |p| p.confidence))
+        .bind(column(group, |p| &p.slots))
+        .bind(column(group, |p| p.classifier.as_str()))
+        .bind(column(group, |p| p.rejected_reason.as_deref()))
+        .bind(column(group, |p| p.received_at))
+        .bind(column(group, |p| p.low))
+        .bind(lk_ord)
+        .bind(lk_value)
+        .bind(<InboundMessage as gatehouse_jobs::Job>::QUEUE)
+        .bind(HANDOFF_AFTER)
+        .fetch_all(pool)
+        .await?;
+    if rows.len() != group.len() {
+        return Err(sqlx::Error::Protocol(format!(
+            "a group of {} messages answered {} rows",
+            group.len(),
+            rows.len()
         )));
     }
-    if !fresh_job {
-        return Ok(InboundOutcome::AlreadyProcessed);
-    }
-    match (stored, conversation, count, state) {
-        (Some(message_id), Some(conversation_id), Some(count), Some(state)) => {
-            Ok(InboundOutcome::Stored {
-                message_id,
-                conversation_id,
-                low_confidence_count: count,
-                handoff: state == "handoff",
-                intent: classification.intent,
-                rejected_reason: classification.rejected_reason.clone(),
-            })
-        }
-        _ => Ok(InboundOutcome::DuplicateMessage),
-    }
+    Ok(group
+        .iter()
+        .zip(rows)
+        .map(
+            |(p, (_, known, fresh, stored, conversation, count, state))| {
+                p.outcome((known, fresh, stored, conversation, count, state))
+            },
+        )
+        .collect())
 }

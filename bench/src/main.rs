@@ -37,8 +37,8 @@ use crate::report::Report;
 use crate::worker::{Consumer, Window};
 
 /// Jobs in flight per worker, for gatehouse (`WORKER_CONCURRENCY`, its default) and the
-/// bare baselines alike.
-pub const WORKER_CONCURRENCY: usize = 4;
+/// bare baselines alike (the one-UPDATE worker also at 4, its best: figure 1).
+pub const WORKER_CONCURRENCY: usize = gatehouse::config::DEFAULT_WORKER_CONCURRENCY;
 
 #[derive(Parser)]
 #[command(
@@ -412,8 +412,10 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
         let result: anyhow::Result<()> = async {
             let consumers = [
                 Consumer::Gatehouse(1),
+                Consumer::GatehouseAlone,
                 Consumer::BareNoop,
-                Consumer::BareUpdate,
+                Consumer::BareUpdate(crate::WORKER_CONCURRENCY),
+                Consumer::BareUpdate(4),
                 Consumer::Pgbench,
             ];
             let mut samples = report::WorkerSamples::default();

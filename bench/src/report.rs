@@ -84,6 +84,24 @@ impl WorkerSamples {
         median(&self.runs(consumer, large))
     }
 
+    /// Per-run ratio of `a` to the fastest of `bs` in that run, then the median.
+    fn ratio_to_best(&self, a: (Consumer, bool), bs: &[(Consumer, bool)]) -> f64 {
+        let Some(a) = self.by.get(&(a.0.label(), a.1)) else {
+            return f64::NAN;
+        };
+        let ratios: Vec<f64> = a
+            .iter()
+            .filter_map(|(run, x)| {
+                let best = bs
+                    .iter()
+                    .filter_map(|b| self.by.get(&(b.0.label(), b.1))?.get(run).copied())
+                    .reduce(f64::max)?;
+                Some(x / best)
+            })
+            .collect();
+        median(&ratios)
+    }
+
     /// Per-run ratio a/b (same run index), then the median.
     fn ratio(&self, a: (Consumer, bool), b: (Consumer, bool)) -> f64 {
         let (Some(a), Some(b)) = (
@@ -251,26 +269,56 @@ impl Report {
 
     pub fn worker(&mut self, s: &WorkerSamples, small: u64, large: u64) {
         let gh = Consumer::Gatehouse(1);
+        let alone = Consumer::GatehouseAlone;
+        let (update, update4) = (
+            Consumer::BareUpdate(crate::WORKER_CONCURRENCY),
+            Consumer::BareUpdate(4),
+        );
         for (large_backlog, backlog) in [(false, small), (true, large)] {
+            let at = |c: Consumer| (c, large_backlog);
             let g = s.median(gh, large_backlog);
             let noop = s.median(Consumer::BareNoop, large_backlog);
-            let update = s.median(Consumer::BareUpdate, large_backlog);
-            let vs_update = s.ratio((gh, large_backlog), (Consumer::BareUpdate, large_backlog));
-            let vs_noop = s.ratio((gh, large_backlog), (Consumer::BareNoop, large_backlog));
+            let updates = format!(
+                "one-UPDATE {} ({} in flight), {} (4 in flight); no-op {}",
+                rate(s.median(update, large_backlog)),
+                crate::WORKER_CONCURRENCY,
+                rate(s.median(update4, large_backlog)),
+                rate(noop)
+            );
+            // Against the faster of the two one-UPDATE workers, run by run.
+            let vs_update = s.ratio_to_best(at(gh), &[at(update), at(update4)]);
+            let vs_noop = s.ratio(at(gh), at(Consumer::BareNoop));
             self.row(
                 format!("1. worker jobs/s, backlog {}", thousands(backlog)),
                 rate(g),
-                format!("one-UPDATE {}; no-op {}", rate(update), rate(noop)),
+                updates.clone(),
                 format!(
-                    "{} of one-UPDATE; {} of no-op",
+                    "{} of the faster one-UPDATE; {} of no-op",
                     times(vs_update),
                     times(vs_noop)
                 ),
+                "≥ 1.0× one-UPDATE",
+                verdict(vs_update >= 1.0),
+            );
+            let a = s.median(alone, large_backlog);
+            let alone_vs_update = s.ratio_to_best(at(alone), &[at(update), at(update4)]);
+            self.row(
+                format!(
+                    "1. without group commit (`GROUP_COMMIT_MAX_JOBS=1`), backlog {}",
+                    thousands(backlog)
+                ),
+                rate(a),
+                updates,
+                format!(
+                    "{} of the faster one-UPDATE; group commit ×{:.2}",
+                    times(alone_vs_update),
+                    s.ratio(at(gh), at(alone))
+                ),
                 "≥ 0.8× one-UPDATE",
-                verdict(vs_update >= 0.8),
+                verdict(alone_vs_update >= 0.8),
             );
             let floor = s.median(Consumer::Pgbench, large_backlog);
-            let vs_floor = s.ratio((gh, large_backlog), (Consumer::Pgbench, large_backlog));
+            let vs_floor = s.ratio(at(gh), at(Consumer::Pgbench));
             self.row(
                 format!(
                     "1. worker against its SQL floor, backlog {}",
@@ -278,7 +326,8 @@ impl Report {
                 ),
                 rate(g),
                 format!(
-                    "pgbench, the job's own statement at the same concurrency {}",
+                    "pgbench, the job's own statement, one transaction each, {} clients: {}",
+                    crate::WORKER_CONCURRENCY,
                     rate(floor)
                 ),
                 format!("{} of pgbench", times(vs_floor)),
@@ -300,20 +349,24 @@ impl Report {
             format!("1. CPU per job, backlog {}", thousands(small)),
             cpu_text(gh),
             format!(
-                "pgbench: {}; one-UPDATE: {}",
+                "one commit per job: {}; pgbench: {}; one-UPDATE: {}",
+                cpu_text(alone),
                 cpu_text(Consumer::Pgbench),
-                cpu_text(Consumer::BareUpdate)
+                cpu_text(update)
             ),
             "–".into(),
             "(explains 1)",
             "–".into(),
         );
         let (g_commits, g_rows) = s.pg(gh);
-        let (u_commits, u_rows) = s.pg(Consumer::BareUpdate);
+        let (a_commits, a_rows) = s.pg(alone);
+        let (u_commits, u_rows) = s.pg(update);
         self.row(
             "1. PostgreSQL work per job".into(),
             format!("{g_commits:.2} commits, {g_rows:.1} rows written"),
-            format!("one-UPDATE: {u_commits:.2} commits, {u_rows:.1} rows written"),
+            format!(
+                "one commit per job: {a_commits:.2} commits, {a_rows:.1} rows; one-UPDATE: {u_commits:.2} commits, {u_rows:.1} rows written"
+            ),
             format!("{} rows", times(g_rows / u_rows)),
             "(explains 1)",
             "–".into(),
@@ -329,7 +382,7 @@ impl Report {
             times(g),
             format!(
                 "one-UPDATE {}; no-op {}",
-                times(sensitivity(Consumer::BareUpdate)),
+                times(sensitivity(Consumer::BareUpdate(crate::WORKER_CONCURRENCY))),
                 times(sensitivity(Consumer::BareNoop))
             ),
             times(g),

@@ -17,12 +17,15 @@ use crate::env::{BenchEnv, kill};
 /// What processes the backlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consumer {
-    /// `n` real `gatehouse work` processes.
+    /// `n` real `gatehouse work` processes, as configured by default (group commit on).
     Gatehouse(usize),
+    /// One `gatehouse work` process committing every job alone (`GROUP_COMMIT_MAX_JOBS=1`).
+    GatehouseAlone,
     /// A bare apalis-redis worker (default `Config`) whose job does nothing.
     BareNoop,
-    /// A bare apalis-redis worker whose job is one `UPDATE … SET n = n + 1` transaction.
-    BareUpdate,
+    /// A bare apalis-redis worker whose job is one `UPDATE … SET n = n + 1` transaction, with
+    /// this many jobs in flight (its one row serializes them: more in flight is not faster).
+    BareUpdate(usize),
     /// No queue at all: pgbench running the job's own statement (`crate::pgbench`), the SQL
     /// floor.
     Pgbench,
@@ -33,8 +36,9 @@ impl Consumer {
         match self {
             Consumer::Gatehouse(1) => "gatehouse work".into(),
             Consumer::Gatehouse(n) => format!("gatehouse work ×{n}"),
+            Consumer::GatehouseAlone => "gatehouse work, one commit per job".into(),
             Consumer::BareNoop => "bare apalis-redis, no-op job".into(),
-            Consumer::BareUpdate => "bare apalis-redis, one-UPDATE job".into(),
+            Consumer::BareUpdate(n) => format!("bare apalis-redis, one-UPDATE job, {n} in flight"),
             Consumer::Pgbench => "pgbench, the job's statement".into(),
         }
     }
@@ -324,10 +328,21 @@ fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
     let ticker = gatehouse::worker::poll::Ticker::new(gatehouse::worker::POLL_INTERVAL);
     match consumer {
         Consumer::Gatehouse(n) => {
+            let extra = worker_env();
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             let children = (0..n)
-                .map(|_| env.gatehouse(&["work"], &[]))
+                .map(|_| env.gatehouse(&["work"], &extra))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             Ok(Running::Processes(children))
+        }
+        Consumer::GatehouseAlone => {
+            Ok(Running::Processes(vec![env.gatehouse(
+                &["work"],
+                &[("GROUP_COMMIT_MAX_JOBS", "1")],
+            )?]))
         }
         Consumer::BareNoop => {
             let storage = RedisStorage::<Sealed<InboundMessage>>::new(bare_connection()?)
@@ -347,7 +362,7 @@ fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
             })
         }
         Consumer::Pgbench => anyhow::bail!("pgbench is not a queue consumer"),
-        Consumer::BareUpdate => {
+        Consumer::BareUpdate(concurrency) => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(concurrency as u32 + 2)
                 .connect_lazy(&env.db_url)?;
@@ -371,6 +386,17 @@ fn start(env: &BenchEnv, consumer: Consumer) -> anyhow::Result<Running> {
     }
 }
 
+/// `GH_BENCH_WORKER_ENV` (`NAME=value,NAME=value`): settings for the default `gatehouse work`
+/// consumers, to try a setting against the same baselines; unset in the figures' runs.
+fn worker_env() -> Vec<(String, String)> {
+    std::env::var("GH_BENCH_WORKER_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
 /// Enqueues `backlog` jobs, starts `consumer`, and measures jobs/s over `window`.
 pub async fn measure(
     env: &BenchEnv,
@@ -381,8 +407,10 @@ pub async fn measure(
 ) -> anyhow::Result<Throughput> {
     reset(env).await?;
     match consumer {
-        Consumer::Gatehouse(_) => enqueue_backlog(env, tenant, backlog).await?,
-        Consumer::BareNoop | Consumer::BareUpdate => {
+        Consumer::Gatehouse(_) | Consumer::GatehouseAlone => {
+            enqueue_backlog(env, tenant, backlog).await?;
+        }
+        Consumer::BareNoop | Consumer::BareUpdate(_) => {
             enqueue_backlog_bare(env, tenant, backlog).await?;
         }
         Consumer::Pgbench => anyhow::bail!("pgbench is measured by crate::pgbench::run"),
@@ -398,7 +426,9 @@ pub async fn measure(
     // Every job the done set counted must have committed its effect: a bench that counted
     // acks of jobs that did nothing would flatter gatehouse.
     let stored = match consumer {
-        Consumer::Gatehouse(_) => Some(stored_messages(&env.pool).await?),
+        Consumer::Gatehouse(_) | Consumer::GatehouseAlone => {
+            Some(stored_messages(&env.pool).await?)
+        }
         _ => None,
     };
     reset(env).await?;

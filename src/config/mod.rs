@@ -97,6 +97,7 @@ pub const VARIABLES: &[&str] = &[
     "WORKER_HEALTH_PORT",
     "METRICS_TOKEN",
     "KEY_ROTATION_BATCH_SIZE",
+    "GROUP_COMMIT_MAX_JOBS",
     "KEY_ROTATION_APPROVAL_TTL_SECONDS",
     "RATE_LIMIT_UNAUTHENTICATED_IP",
     "HTTP_HEADER_TIMEOUT_SECONDS",
@@ -122,6 +123,12 @@ pub const KEY_VARIABLES: &[&str] = &[
 
 /// `KEY_ROTATION_BATCH_SIZE`'s default (BENCHMARKS.md figure 6 measures the choice).
 pub const DEFAULT_KEY_ROTATION_BATCH_SIZE: usize = 500;
+/// `WORKER_CONCURRENCY`'s default: enough `inbound_message` jobs in flight for group commit to
+/// form groups (BENCHMARKS.md figure 1: 4 in flight gave groups of under 2, slower than one
+/// commit per job; 16 gave groups of about 8).
+pub const DEFAULT_WORKER_CONCURRENCY: usize = 16;
+/// `GROUP_COMMIT_MAX_JOBS`'s default (BENCHMARKS.md figure 1 measures the choice).
+pub const DEFAULT_GROUP_COMMIT_MAX_JOBS: usize = 16;
 /// Default `REDIS_URL`.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Minimum length, in characters, of `SECRET_KEY` and `JWT_SECRET_KEY`.
@@ -320,7 +327,8 @@ pub struct Config {
     pub public_base_url: Option<Url>,
     /// `PORT`, default 8080, 1..=65 535.
     pub port: u16,
-    /// `WORKER_CONCURRENCY`: jobs in flight per queue per process, default 4, 1..=256.
+    /// `WORKER_CONCURRENCY`: jobs in flight per queue per process, default
+    /// [`DEFAULT_WORKER_CONCURRENCY`], 1..=256.
     pub worker_concurrency: usize,
     /// `SENTRY_DSN` (optional): `https://PUBLIC_KEY@HOST/PROJECT_ID`.
     pub sentry_dsn: Option<SecretString>,
@@ -376,6 +384,10 @@ pub struct Config {
     /// `KEY_ROTATION_BATCH_SIZE`, default [`DEFAULT_KEY_ROTATION_BATCH_SIZE`], 1..=10 000:
     /// sealed values re-encrypted per transaction by the `rotate_keys` job.
     pub key_rotation_batch_size: usize,
+    /// `GROUP_COMMIT_MAX_JOBS`, default [`DEFAULT_GROUP_COMMIT_MAX_JOBS`], 1..=1000: the most
+    /// `inbound_message` jobs whose effects one statement commits together
+    /// (`crate::worker::group_commit`); 1 commits every job alone.
+    pub group_commit_max_jobs: usize,
     /// `KEY_ROTATION_APPROVAL_TTL_SECONDS`, default 86 400 (24 h), 60..=604 800: how long a
     /// key-rotation request waits for its second person before approving it answers 409.
     pub key_rotation_approval_ttl_seconds: u64,
@@ -589,7 +601,8 @@ impl Config {
         let public_base_url = r.optional_parse("PUBLIC_BASE_URL", |s| parse_public_base(s, debug));
 
         let port = r.integer("PORT", 8080u16, 1, u16::MAX);
-        let worker_concurrency = r.integer("WORKER_CONCURRENCY", 4usize, 1, 256);
+        let worker_concurrency =
+            r.integer("WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY, 1, 256);
 
         let sentry_dsn = r.optional_secret("SENTRY_DSN");
         if let Some(dsn) = &sentry_dsn
@@ -679,6 +692,12 @@ impl Config {
             DEFAULT_KEY_ROTATION_BATCH_SIZE,
             1,
             10_000,
+        );
+        let group_commit_max_jobs = r.integer(
+            "GROUP_COMMIT_MAX_JOBS",
+            DEFAULT_GROUP_COMMIT_MAX_JOBS,
+            1,
+            1000,
         );
         let key_rotation_approval_ttl_seconds = r.integer(
             "KEY_ROTATION_APPROVAL_TTL_SECONDS",
@@ -778,6 +797,7 @@ impl Config {
                     worker_health_port,
                     metrics_token,
                     key_rotation_batch_size,
+                    group_commit_max_jobs,
                     key_rotation_approval_ttl_seconds,
                     rate_limit_unauthenticated_ip,
                     http_header_timeout_seconds,
@@ -897,7 +917,8 @@ mod tests {
         assert!(cfg.public_base_url.is_none());
         assert_eq!(cfg.public_base(), None);
         assert_eq!(cfg.port, 8080);
-        assert_eq!(cfg.worker_concurrency, 4);
+        assert_eq!(cfg.worker_concurrency, DEFAULT_WORKER_CONCURRENCY);
+        assert_eq!(cfg.group_commit_max_jobs, DEFAULT_GROUP_COMMIT_MAX_JOBS);
         assert!(cfg.sentry_dsn.is_none());
         assert!(cfg.llm.is_none());
         assert_eq!(cfg.rate_limit_login_ip, Rate::per_minute(10));
@@ -1065,6 +1086,11 @@ mod tests {
         fails_on(
             &[("KEY_ROTATION_BATCH_SIZE", "10001")],
             "KEY_ROTATION_BATCH_SIZE",
+        );
+        fails_on(&[("GROUP_COMMIT_MAX_JOBS", "0")], "GROUP_COMMIT_MAX_JOBS");
+        fails_on(
+            &[("GROUP_COMMIT_MAX_JOBS", "1001")],
+            "GROUP_COMMIT_MAX_JOBS",
         );
         fails_on(
             &[("KEY_ROTATION_APPROVAL_TTL_SECONDS", "59")],

@@ -15,8 +15,12 @@ const SECONDS_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Histogram buckets for `gatehouse_group_commit_jobs`: jobs per group, 1 to 1000
+/// (`GROUP_COMMIT_MAX_JOBS`' range).
+const GROUP_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
+
 /// Every counter gatehouse produces through the recorder, with its help text.
-pub const COUNTERS: [(&str, &str); 15] = [
+pub const COUNTERS: [(&str, &str); 16] = [
     (
         "gatehouse_security_events_total",
         "Security events recorded, by type.",
@@ -77,10 +81,14 @@ pub const COUNTERS: [(&str, &str); 15] = [
         "gatehouse_jobs_total",
         "Job attempts, by queue and outcome (ok, retry, dead).",
     ),
+    (
+        "gatehouse_group_commit_fallbacks_total",
+        "inbound_message groups whose one statement failed, applying nothing; their jobs were stored one by one.",
+    ),
 ];
 
 /// Every histogram, with its help text.
-pub const HISTOGRAMS: [(&str, &str); 2] = [
+pub const HISTOGRAMS: [(&str, &str); 3] = [
     (
         "gatehouse_http_request_duration_seconds",
         "HTTP request latency, by method and matched route template.",
@@ -88,6 +96,10 @@ pub const HISTOGRAMS: [(&str, &str); 2] = [
     (
         "gatehouse_job_duration_seconds",
         "Job attempt duration, by queue.",
+    ),
+    (
+        "gatehouse_group_commit_jobs",
+        "inbound_message jobs whose effects one statement committed together (group commit), per group.",
     ),
 ];
 
@@ -133,7 +145,12 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = match PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
-            {
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gatehouse_group_commit_jobs".into()),
+                        &GROUP_BUCKETS,
+                    )
+                }) {
                 Ok(builder) => builder,
                 Err(error) => {
                     tracing::warn!(%error, "histogram buckets refused; using summaries");

@@ -1,6 +1,6 @@
 //! The `inbound_message` queue's handler: the payload's sealed customer data is opened (the one
 //! place it is: SPEC "Customer data in Redis"), then the message is classified and stored
-//! (`crate::conversations::process_inbound`), bounded by the LLM's timeout plus the database
+//! (`crate::conversations`, alone or with other jobs' messages: `super::group_commit`), bounded by the LLM's timeout plus the database
 //! allowance. A payload no configured key opens is dead at once, with an `encryption_error`
 //! event naming the queue, the job and the check that failed.
 
@@ -12,7 +12,9 @@ use gatehouse_jobs::{InboundMessage, Job};
 
 use super::WorkerState;
 use super::attempt::{Attempted, guarded, observed, settle};
-use crate::conversations::{InboundContext, InboundOutcome, process_inbound};
+use crate::conversations::{
+    InboundContext, InboundError, InboundOutcome, PreparedInbound, classify_unless_applied,
+};
 use crate::events::{EventType, SecurityEvent};
 use crate::fault::Fault;
 
@@ -71,7 +73,17 @@ async fn run(
             return Err(settle(&at, Fault::Permanent, error));
         }
     };
-    let run = process_inbound(&state.pool, &ctx, &job_id, &job, state.classifier.as_ref());
+    let run = async {
+        let classifier = state.classifier.as_ref();
+        match classify_unless_applied(&state.pool, &job_id, &job, classifier).await? {
+            // Alone or in a group with other jobs' messages (`super::group_commit`).
+            Some(c) => {
+                let message = PreparedInbound::new(&ctx, &job_id, &job, &c)?;
+                state.group_commit.store(message).await
+            }
+            None => Ok::<_, InboundError>(InboundOutcome::AlreadyProcessed),
+        }
+    };
     match guarded(&at, &state.pool, Some(state.inbound_limit), run).await? {
         Ok(outcome) => {
             match outcome {

@@ -22,6 +22,7 @@
 
 mod attempt;
 pub mod backend;
+pub mod group_commit;
 pub mod health;
 pub mod inbound_message;
 pub mod maintenance;
@@ -81,6 +82,8 @@ pub struct WorkerState {
     pub inbound_limit: Duration,
     /// The same for `sync_catalog` (`CATALOG_SYNC_DEADLINE_SECONDS` plus the allowance).
     pub sync_limit: Duration,
+    /// Stores `inbound_message` effects, in groups (`GROUP_COMMIT_MAX_JOBS`).
+    pub group_commit: group_commit::GroupCommit,
 }
 
 /// What an attempt may spend in PostgreSQL beyond its remote calls' own bounds before it
@@ -125,6 +128,10 @@ impl WorkerState {
         }
         outages.stores = store.circuits().clone();
         Ok(Self {
+            group_commit: group_commit::GroupCommit::new(
+                pool.clone(),
+                config.group_commit_max_jobs,
+            ),
             pool,
             keyring: config.keyring.clone(),
             blind_index: config.blind_index.clone(),

@@ -13,6 +13,7 @@ mod catalog;
 mod cli;
 mod dashboard;
 mod fairness;
+mod group_commit;
 mod http_server;
 mod invitations;
 mod key_rotation;

@@ -171,21 +171,40 @@ async fn streak(env: &TestEnv) -> i64 {
     i64::from(n.unwrap_or(0))
 }
 
+/// Customers the kill -9 test's jobs come from: more than one, so group commit has groups to
+/// form; all low-confidence, so every applied effect adds one to some streak.
+const KILL_CUSTOMERS: usize = 20;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_job_is_taken_over_and_no_effect_applies_twice() {
-    // kill -9 a real `gatehouse work` process under load: its fetched jobs sit in its inflight
-    // set until the orphan timeout (1 s heartbeat × 3), then another process runs them; the
-    // processed_jobs marker keeps every effect single.
+    killed_mid_job(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_job_without_group_commit_is_taken_over_and_no_effect_applies_twice() {
+    killed_mid_job(&[("GROUP_COMMIT_MAX_JOBS", "1")]).await;
+}
+
+/// kill -9 a real `gatehouse work` process under load: its fetched jobs sit in its inflight
+/// set until the orphan timeout (1 s heartbeat × 3), then another process runs them; the
+/// processed_jobs marker keeps every effect single, whether the killed process committed its
+/// jobs in groups (the default) or one by one.
+async fn killed_mid_job(mode: &[(&str, &str)]) {
     const JOBS: i64 = 2000;
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let mut redis = env.redis.clone();
-    let jobs: Vec<InboundMessage> = (0..JOBS).map(|_| low_confidence_message(tenant)).collect();
+    let jobs: Vec<InboundMessage> = (0..JOBS as usize)
+        .map(|i| InboundMessage {
+            from: format!("+141555501{:02}", i % KILL_CUSTOMERS),
+            ..low_confidence_message(tenant)
+        })
+        .collect();
     env.queues()
         .enqueue_batch(&mut redis, &jobs)
         .await
         .expect("enqueue");
-    let mut victim = env.spawn(&["work"], &[]);
+    let mut victim = env.spawn(&["work"], mode);
     let started = eventually(Duration::from_secs(60), || async {
         env.count("SELECT count(*) FROM messages").await >= 200
     })
@@ -196,7 +215,7 @@ async fn a_worker_killed_mid_job_is_taken_over_and_no_effect_applies_twice() {
     let at_kill = env.count("SELECT count(*) FROM messages").await;
     assert!(at_kill < JOBS, "killed mid-backlog ({at_kill} done)");
 
-    let mut survivor = env.spawn(&["work"], &[]);
+    let mut survivor = env.spawn(&["work"], mode);
     let n = env
         .wait_for_count(
             "SELECT count(*) FROM messages",
@@ -210,9 +229,14 @@ async fn a_worker_killed_mid_job_is_taken_over_and_no_effect_applies_twice() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        streak(&env).await,
+        env.count("SELECT sum(low_confidence_count)::int8 FROM conversations")
+            .await,
         JOBS,
         "no job's effect was applied twice"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM conversations").await,
+        KILL_CUSTOMERS as i64
     );
     assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, JOBS);
     assert!(terminate(&mut survivor).success());

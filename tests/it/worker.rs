@@ -173,25 +173,42 @@ async fn the_streak_hands_off_at_three_and_a_confident_answer_resets_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_worker_processes_share_one_queue_and_apply_no_job_twice() {
+    two_processes_share_one_queue(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_worker_processes_without_group_commit_share_one_queue_and_apply_no_job_twice() {
+    two_processes_share_one_queue(&[("GROUP_COMMIT_MAX_JOBS", "1")]).await;
+}
+
+/// Two `gatehouse work` processes drain one queue, committing in groups (the default) or one
+/// job at a time (`mode`).
+async fn two_processes_share_one_queue(mode: &[(&str, &str)]) {
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let queues = env.queues();
     let mut redis = env.redis.clone();
     const JOBS: i64 = 1000;
-    // All on one conversation and all low-confidence: any job applied twice would push
-    // the counter past JOBS.
-    for _ in 0..JOBS {
+    // Half on one conversation (one job at a time there, whatever the mode), half spread over
+    // ten (groups can form); all low-confidence: any job applied twice would push a counter
+    // past its share.
+    for i in 0..JOBS {
+        let from = if i % 2 == 0 {
+            "+14155550100".to_owned()
+        } else {
+            format!("+1415555011{}", (i / 2) % 10)
+        };
         queues
             .enqueue(
                 &mut redis,
-                &message(tenant, "+14155550100", "qwzx"),
+                &message(tenant, &from, "qwzx"),
                 Enqueue::default(),
             )
             .await
             .expect("enqueue");
     }
-    let mut a = env.spawn(&["work"], &[]);
-    let mut b = env.spawn(&["work"], &[]);
+    let mut a = env.spawn(&["work"], mode);
+    let mut b = env.spawn(&["work"], mode);
     let n = env
         .wait_for_count(
             "SELECT count(*) FROM messages",
@@ -202,11 +219,21 @@ async fn two_worker_processes_share_one_queue_and_apply_no_job_twice() {
     assert_eq!(n, JOBS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.count("SELECT count(*) FROM processed_jobs").await, JOBS);
-    let count: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
+    let count: i64 =
+        sqlx::query_scalar("SELECT sum(low_confidence_count)::int8 FROM conversations")
+            .fetch_one(&env.pool)
+            .await
+            .expect("conversations");
+    assert_eq!(count, JOBS, "no job's effect was applied twice");
+    let hot: i32 = sqlx::query_scalar("SELECT max(low_confidence_count) FROM conversations")
         .fetch_one(&env.pool)
         .await
         .expect("conversation");
-    assert_eq!(i64::from(count), JOBS, "no job's effect was applied twice");
+    assert_eq!(
+        i64::from(hot),
+        JOBS / 2,
+        "the busy customer's streak counts each of its jobs"
+    );
     let by_job: i64 = env
         .count("SELECT count(DISTINCT job_id) FROM messages")
         .await;
