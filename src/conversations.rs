@@ -410,49 +410,53 @@ pub async fn store_inbound(
 /// [`STORE_INBOUND`] for a group of messages at once: one statement, one plan, one round trip
 /// and one commit for all of them, each with its own processed-job marker. The group's
 /// messages share no [`GroupKey`] (the caller sees to it), so every row the statement writes
-/// is written once. `input` is the group, numbered by `ord`; `lookups` flattens each
-/// message's lookup index values (`lk_ord` names the message, the array order is the
-/// preference). Conversations found are locked in id order first (`locked`) and new ones
-/// inserted in index order, so two groups in different processes meet in one order; a
+/// is written once. `input` is the group, numbered by `ord`, each message with its lookup
+/// index values (`$21`/`$22` flatten them: the message's `ord`, then the value, in order of
+/// preference). Every lookup of an existing row (tenant, duplicate message, conversation,
+/// lock) is a per-message subquery on a unique index, never a join the planner could turn
+/// into a scan of the table: the cached plan outlives the statistics it was made with
+/// (a hash anti-join over `messages`, planned while the table was small, was measured scanning
+/// all of it for every group, BENCHMARKS.md §16). Conversations found are locked in id order
+/// first (`locked`) and new ones inserted in index order, so two groups in different
+/// processes meet in one order; a
 /// deadlock that still happens (one group waiting on another's new row, say) fails the
 /// statement, and the caller falls back to one statement per message. Any failure rolls the
 /// whole group back: nothing of it is applied.
 pub const STORE_INBOUND_GROUP: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::bytea[],
-                         $6::bytea[], $7::text[], $8::text[], $9::uuid[], $10::bytea[],
-                         $11::bytea[], $12::text[], $13::text[], $14::text[], $15::float8[],
-                         $16::jsonb[], $17::text[], $18::text[], $19::timestamptz[], $20::bool[])
+    SELECT t.*,
+           ARRAY(SELECT l.v FROM unnest($21::int8[], $22::bytea[]) WITH ORDINALITY AS l(o, v, pos)
+                 WHERE l.o = t.ord ORDER BY l.pos) AS lookups
+    FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::bytea[],
+                $6::bytea[], $7::text[], $8::text[], $9::uuid[], $10::bytea[],
+                $11::bytea[], $12::text[], $13::text[], $14::text[], $15::float8[],
+                $16::jsonb[], $17::text[], $18::text[], $19::timestamptz[], $20::bool[])
         WITH ORDINALITY AS t(job_id, worker, tenant_id, new_conversation, customer_number,
                              number_index, index_form, message_sid, message_id, from_number,
                              from_index, to_number, body, intent, confidence,
                              slots, classifier, rejected_reason, received_at, low, ord)
-), lookups AS (
-    SELECT * FROM unnest($21::int8[], $22::bytea[]) WITH ORDINALITY AS l(lk_ord, v, pos)
 ), marker AS (
     INSERT INTO processed_jobs (job_id, queue, worker)
     SELECT i.job_id, $23, i.worker FROM input i
-    WHERE EXISTS (SELECT 1 FROM tenants WHERE id = i.tenant_id)
+    WHERE (SELECT true FROM tenants WHERE id = i.tenant_id)
     ORDER BY i.job_id
     ON CONFLICT DO NOTHING
     RETURNING job_id
 ), fresh AS (
     SELECT i.* FROM input i JOIN marker m ON m.job_id = i.job_id
-    WHERE NOT EXISTS (SELECT 1 FROM messages
-                      WHERE tenant_id = i.tenant_id AND message_sid = i.message_sid)
+    WHERE (SELECT true FROM messages
+           WHERE tenant_id = i.tenant_id AND message_sid = i.message_sid) IS NULL
 ), found AS (
     SELECT f.ord,
-           (SELECT c.id FROM lookups l
-            JOIN conversations c ON c.tenant_id = f.tenant_id AND c.customer_number_index = l.v
-            WHERE l.lk_ord = f.ord
-            ORDER BY l.pos
+           (SELECT c.id FROM conversations c
+            WHERE c.tenant_id = f.tenant_id AND c.customer_number_index = ANY(f.lookups)
+            ORDER BY array_position(f.lookups, c.customer_number_index)
             LIMIT 1) AS id
     FROM fresh f
 ), locked AS (
-    SELECT c.id FROM conversations c
-    WHERE c.id IN (SELECT id FROM found WHERE id IS NOT NULL)
-    ORDER BY c.id
-    FOR UPDATE
+    SELECT c.id
+    FROM (SELECT id FROM found WHERE id IS NOT NULL ORDER BY id) AS o,
+         LATERAL (SELECT c.id FROM conversations c WHERE c.id = o.id FOR UPDATE) AS c
 ), upd AS (
     UPDATE conversations AS c SET
         low_confidence_count = CASE WHEN f.low THEN c.low_confidence_count + 1 ELSE 0 END,
@@ -460,8 +464,8 @@ WITH input AS (
                      ELSE c.state END,
         last_message_at = GREATEST(c.last_message_at, f.received_at),
         updated_at = now()
-    FROM fresh f JOIN found ON found.ord = f.ord
-    WHERE c.id = found.id AND c.id IN (SELECT id FROM locked)
+    FROM locked l JOIN found ON found.id = l.id JOIN fresh f ON f.ord = found.ord
+    WHERE c.id = l.id
     RETURNING f.ord, c.id, c.low_confidence_count, c.state
 ), ins AS (
     INSERT INTO conversations AS c (id, tenant_id, customer_number, customer_number_index,
@@ -500,7 +504,7 @@ WITH input AS (
     RETURNING id
 )
 SELECT i.ord,
-       EXISTS (SELECT 1 FROM tenants WHERE id = i.tenant_id),
+       (SELECT true FROM tenants WHERE id = i.tenant_id) IS NOT NULL,
        EXISTS (SELECT 1 FROM marker m WHERE m.job_id = i.job_id),
        (SELECT id FROM msg WHERE msg.id = i.message_id),
        conv.id, conv.low_confidence_count, conv.state
