@@ -273,9 +273,11 @@ mod tests {
                 "{name}"
             );
         }
+        // A histogram's name ends in its unit: seconds, or jobs for a group's size.
         for (name, _) in HISTOGRAMS {
             assert!(
-                name.starts_with("gatehouse_") && name.ends_with("_seconds"),
+                name.starts_with("gatehouse_")
+                    && (name.ends_with("_seconds") || name.ends_with("_jobs")),
                 "{name}"
             );
         }
