@@ -503,25 +503,12 @@ WITH input AS (
     FROM fresh f JOIN conv ON conv.ord = f.ord
     RETURNING id
 )
-SELECT i.ord,
-       (SELECT true FROM tenants WHERE id = i.tenant_id) IS NOT NULL,
+SELECT (SELECT true FROM tenants WHERE id = i.tenant_id) IS NOT NULL,
        EXISTS (SELECT 1 FROM marker m WHERE m.job_id = i.job_id),
        (SELECT id FROM msg WHERE msg.id = i.message_id),
        conv.id, conv.low_confidence_count, conv.state
 FROM input i LEFT JOIN conv ON conv.ord = i.ord
 ORDER BY i.ord";
-
-/// What [`STORE_INBOUND_GROUP`] answers per message: its place in the group, then a
-/// [`StoreRow`].
-type GroupRow = (
-    i64,
-    bool,
-    bool,
-    Option<Uuid>,
-    Option<Uuid>,
-    Option<i32>,
-    Option<String>,
-);
 
 /// Stores a group of messages with one statement ([`STORE_INBOUND_GROUP`]) and answers each
 /// one's outcome, in order. `Err` is the statement's failure, which applied nothing: the
@@ -543,7 +530,7 @@ pub async fn store_group(
             lk_value.push(value.as_slice());
         }
     }
-    let rows: Vec<GroupRow> = sqlx::query_as(STORE_INBOUND_GROUP)
+    let rows: Vec<StoreRow> = sqlx::query_as(STORE_INBOUND_GROUP)
         .bind(column(group, |p| p.job_id.as_str()))
         .bind(column(group, |p| p.worker.as_str()))
         .bind(column(group, |p| p.tenant_id))
@@ -580,10 +567,6 @@ pub async fn store_group(
     Ok(group
         .iter()
         .zip(rows)
-        .map(
-            |(p, (_, known, fresh, stored, conversation, count, state))| {
-                p.outcome((known, fresh, stored, conversation, count, state))
-            },
-        )
+        .map(|(p, row)| p.outcome(row))
         .collect())
 }

@@ -15,6 +15,28 @@ pub fn message_sid() -> String {
     format!("SM{}", Uuid::new_v4().simple())
 }
 
+/// An inbound message of `tenant` from `from`, with a fresh `MessageSid`.
+pub fn inbound_message(tenant: Uuid, from: &str, body: &str) -> gatehouse_jobs::InboundMessage {
+    gatehouse_jobs::InboundMessage {
+        tenant_id: tenant,
+        message_sid: message_sid(),
+        from: from.into(),
+        to: "+14155550199".into(),
+        body: body.into(),
+        received_at: "2026-11-28T10:00:00.123Z".into(),
+    }
+}
+
+/// The dead letters of `inbound_message` (its first shard).
+pub async fn inbound_dead_letters(env: &TestEnv) -> i64 {
+    let mut redis = env.redis.clone();
+    redis::cmd("ZCARD")
+        .arg(format!("{}:{{inbound_message:0}}:dead", env.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("zcard")
+}
+
 /// The form parameters Twilio sends for an inbound SMS.
 pub fn sms_params(sid: &str, from: &str, body: &str) -> Vec<(String, String)> {
     vec![

@@ -21,17 +21,6 @@ use uuid::Uuid;
 const LOW: &str = "qwzx vbnm";
 const CONFIDENT: &str = "where is my order 12345?";
 
-fn message(tenant: Uuid, from: &str, body: &str) -> InboundMessage {
-    InboundMessage {
-        tenant_id: tenant,
-        message_sid: message_sid(),
-        from: from.into(),
-        to: "+14155550199".into(),
-        body: body.into(),
-        received_at: "2026-11-28T10:00:00.123Z".into(),
-    }
-}
-
 fn context(env: &TestEnv) -> InboundContext<'_> {
     InboundContext {
         keyring: &env.config.keyring,
@@ -86,15 +75,15 @@ async fn a_group_stores_exactly_what_one_statement_per_message_would_in_one_tran
         store_alone(
             &env,
             &format!("old-{}", Uuid::new_v4()),
-            &message(tenant, near, LOW),
+            &inbound_message(tenant, near, LOW),
         )
         .await;
     }
-    store_alone(&env, "old-reset", &message(tenant, reset, LOW)).await;
+    store_alone(&env, "old-reset", &inbound_message(tenant, reset, LOW)).await;
     let InboundOutcome::Stored {
         conversation_id: legacy_conversation,
         ..
-    } = store_alone(&env, "old-legacy", &message(tenant, legacy, LOW)).await
+    } = store_alone(&env, "old-legacy", &inbound_message(tenant, legacy, LOW)).await
     else {
         panic!("stored");
     };
@@ -109,17 +98,17 @@ async fn a_group_stores_exactly_what_one_statement_per_message_would_in_one_tran
         .execute(&env.pool)
         .await
         .expect("legacy index");
-    let applied = message(tenant, fresh, LOW);
+    let applied = inbound_message(tenant, fresh, LOW);
     store_alone(&env, "applied", &applied).await;
-    let twin = message(tenant, "+14155550105", LOW);
+    let twin = inbound_message(tenant, "+14155550105", LOW);
     store_alone(&env, "first-of-twin", &twin).await;
-    let stranger = message(Uuid::new_v4(), fresh, LOW);
+    let stranger = inbound_message(Uuid::new_v4(), fresh, LOW);
 
     let group = vec![
-        prepare(&env, "g-near", &message(tenant, near, LOW)),
-        prepare(&env, "g-reset", &message(tenant, reset, CONFIDENT)),
-        prepare(&env, "g-legacy", &message(tenant, legacy, LOW)),
-        prepare(&env, "g-new", &message(tenant, "+14155550106", LOW)),
+        prepare(&env, "g-near", &inbound_message(tenant, near, LOW)),
+        prepare(&env, "g-reset", &inbound_message(tenant, reset, CONFIDENT)),
+        prepare(&env, "g-legacy", &inbound_message(tenant, legacy, LOW)),
+        prepare(&env, "g-new", &inbound_message(tenant, "+14155550106", LOW)),
         prepare(&env, "applied", &applied),
         prepare(&env, "g-twin", &twin),
         prepare(&env, "g-stranger", &stranger),
@@ -197,9 +186,9 @@ async fn a_poison_message_fails_alone_and_its_group_neighbours_commit_once() {
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     // PostgreSQL refuses a NUL in text (22021): the group's statement fails as a whole.
-    let poison = message(tenant, "+14155550100", "nul \0 byte");
+    let poison = inbound_message(tenant, "+14155550100", "nul \0 byte");
     let good: Vec<InboundMessage> = (0..5)
-        .map(|i| message(tenant, &format!("+1415555020{i}"), LOW))
+        .map(|i| inbound_message(tenant, &format!("+1415555020{i}"), LOW))
         .collect();
     let mut group: Vec<PreparedInbound> = good
         .iter()
@@ -258,10 +247,10 @@ async fn a_worker_commits_in_groups_and_dead_letters_a_poison_job_without_its_ne
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
     let mut jobs: Vec<InboundMessage> = (0..JOBS)
-        .map(|i| message(tenant, &format!("+141555503{:02}", i % CUSTOMERS), LOW))
+        .map(|i| inbound_message(tenant, &format!("+141555503{:02}", i % CUSTOMERS), LOW))
         .collect();
     for at in [50, 200, 350] {
-        jobs.insert(at, message(tenant, "+14155550999", "nul \0 byte"));
+        jobs.insert(at, inbound_message(tenant, "+14155550999", "nul \0 byte"));
     }
     let mut redis = env.redis.clone();
     env.queues()
@@ -278,7 +267,7 @@ async fn a_worker_commits_in_groups_and_dead_letters_a_poison_job_without_its_ne
         .await;
     assert_eq!(n, JOBS as i64, "every good job stored its message");
     let dead = eventually(Duration::from_secs(30), || async {
-        dead_letters(&env).await == 3
+        inbound_dead_letters(&env).await == 3
     })
     .await;
     assert!(dead, "the three poison jobs are dead letters");
@@ -306,13 +295,4 @@ async fn a_worker_commits_in_groups_and_dead_letters_a_poison_job_without_its_ne
     );
     assert!(terminate(&mut worker).success());
     env.cleanup().await;
-}
-
-async fn dead_letters(env: &TestEnv) -> i64 {
-    let mut redis = env.redis.clone();
-    redis::cmd("ZCARD")
-        .arg(format!("{}:{{inbound_message:0}}:dead", env.namespace))
-        .query_async(&mut redis)
-        .await
-        .expect("zcard")
 }

@@ -195,17 +195,6 @@ async fn completions(
     }
 }
 
-fn message(tenant: uuid::Uuid, from: &str, body: &str) -> InboundMessage {
-    InboundMessage {
-        tenant_id: tenant,
-        message_sid: message_sid(),
-        from: from.into(),
-        to: "+14155550199".into(),
-        body: body.into(),
-        received_at: "2026-11-28T10:00:00Z".into(),
-    }
-}
-
 fn rejected_total(reason: &str) -> u64 {
     rejection_counts()
         .into_iter()
@@ -341,7 +330,7 @@ async fn a_hostile_answer_is_stored_as_a_rejection_and_never_raw() {
     let tenant = env.create_tenant().await;
     let worker = env.start_worker();
     let before = rejected_total("unknown_intent");
-    let msg = message(tenant, "+14155550100", "I want all my money back");
+    let msg = inbound_message(tenant, "+14155550100", "I want all my money back");
     process(&env, &msg, 1).await;
 
     let row = stored(&env, &msg.message_sid).await;
@@ -392,7 +381,7 @@ async fn three_bad_answers_in_a_row_hand_off_and_a_confident_one_resets_the_coun
     let worker = env.start_worker();
     let mut seen = Vec::new();
     for i in 1..=5 {
-        let msg = message(tenant, "+14155550100", &format!("message {i}"));
+        let msg = inbound_message(tenant, "+14155550100", &format!("message {i}"));
         process(&env, &msg, i).await;
         let row = stored(&env, &msg.message_sid).await;
         let (count, state) = conversation(&env).await;
@@ -427,7 +416,7 @@ async fn a_slow_llm_fails_the_job_which_is_retried_and_then_stored() {
     let env = TestEnv::with_vars(llm.vars(300)).await;
     let tenant = env.create_tenant().await;
     let worker = env.start_worker();
-    let msg = message(tenant, "+14155550100", "where is my order?");
+    let msg = inbound_message(tenant, "+14155550100", "where is my order?");
     process(&env, &msg, 1).await;
     let row = stored(&env, &msg.message_sid).await;
     assert_eq!(row.intent, "order_status");
@@ -452,7 +441,7 @@ async fn a_500_and_a_429_from_the_llm_are_retried_until_an_answer_is_stored() {
     let env = TestEnv::with_vars(llm.vars(5_000)).await;
     let tenant = env.create_tenant().await;
     let worker = env.start_worker();
-    let msg = message(tenant, "+14155550100", "cancel order A-1");
+    let msg = inbound_message(tenant, "+14155550100", "cancel order A-1");
     process(&env, &msg, 1).await;
     let row = stored(&env, &msg.message_sid).await;
     assert_eq!(row.intent, "cancel_order");
@@ -475,7 +464,7 @@ async fn an_llm_that_refuses_the_credentials_dead_letters_the_job_at_once_with_i
         .queues()
         .enqueue(
             &mut redis,
-            &message(tenant, "+14155550100", "hello"),
+            &inbound_message(tenant, "+14155550100", "hello"),
             Enqueue::default(),
         )
         .await
@@ -525,7 +514,7 @@ async fn many_messages_on_one_conversation_through_concurrent_workers_count_exac
         env.queues()
             .enqueue(
                 &mut redis,
-                &message(tenant, "+14155550100", &format!("m{i}")),
+                &inbound_message(tenant, "+14155550100", &format!("m{i}")),
                 Enqueue::default(),
             )
             .await
@@ -838,7 +827,7 @@ async fn a_redelivered_job_is_acknowledged_without_asking_the_llm_again() {
         min_confidence: env.config.llm_min_confidence,
         worker: "test",
     };
-    let msg = message(tenant, "+14155550100", "hi");
+    let msg = inbound_message(tenant, "+14155550100", "hi");
     let first =
         gatehouse::conversations::process_inbound(&env.pool, &ctx, "job-1", &msg, &classifier)
             .await

@@ -380,15 +380,6 @@ async fn assert_no_attempt_used(env: &TestEnv, queue: &str, jobs: usize) {
     );
 }
 
-async fn dead_letters(env: &TestEnv) -> i64 {
-    let mut redis = env.redis.clone();
-    redis::cmd("ZCARD")
-        .arg(format!("{}:{{inbound_message:0}}:dead", env.namespace))
-        .query_async(&mut redis)
-        .await
-        .expect("zcard")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_runs_twice() {
     const BACKLOG: usize = 1000;
@@ -517,7 +508,7 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     let (rows, distinct) = messages_of(&env, &sids).await;
     assert!(all, "every job ran: {rows} of {total}");
     assert_eq!((rows, distinct), (total, total), "one row per message");
-    assert_eq!(dead_letters(&env).await, 0, "no job ended dead");
+    assert_eq!(inbound_dead_letters(&env).await, 0, "no job ended dead");
     let streak: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
         .fetch_one(&env.pool)
         .await
@@ -769,7 +760,7 @@ async fn a_worker_rides_out_every_postgres_fault_shape_and_no_job_dies_is_lost_o
     let (rows, distinct) = messages_of(&env, &sids).await;
     assert!(all, "every job ran: {rows} of {total}");
     assert_eq!((rows, distinct), (total, total), "one row per message");
-    assert_eq!(dead_letters(&env).await, 0, "no job ended dead");
+    assert_eq!(inbound_dead_letters(&env).await, 0, "no job ended dead");
     let streak: i64 =
         sqlx::query_scalar("SELECT sum(low_confidence_count)::int8 FROM conversations")
             .fetch_one(&env.pool)
@@ -908,7 +899,7 @@ async fn every_fault_shape_in_front_of_the_llm_opens_its_circuit_and_kills_no_jo
         total,
         "all by the LLM"
     );
-    assert_eq!(dead_letters(&env).await, 0, "no job ended dead");
+    assert_eq!(inbound_dead_letters(&env).await, 0, "no job ended dead");
     assert_no_attempt_used(&env, "inbound_message", sids.len()).await;
     assert!(worker.stop());
     let opened = worker.logged("the LLM fails to answer repeatedly; its circuit is open");

@@ -6,20 +6,8 @@ use std::time::Duration;
 use crate::common::*;
 use gatehouse::classify::classify_with_rules;
 use gatehouse::conversations::{InboundContext, InboundOutcome, store_inbound};
-use gatehouse_jobs::InboundMessage;
 use gatehouse_jobs::client::Enqueue;
 use gatehouse_testenv::*;
-
-fn message(tenant: uuid::Uuid, from: &str, body: &str) -> InboundMessage {
-    InboundMessage {
-        tenant_id: tenant,
-        message_sid: message_sid(),
-        from: from.into(),
-        to: "+14155550199".into(),
-        body: body.into(),
-        received_at: "2026-11-28T10:00:00.123Z".into(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_concurrent_low_confidence_messages_count_exactly_a_hundred() {
@@ -30,7 +18,7 @@ async fn a_hundred_concurrent_low_confidence_messages_count_exactly_a_hundred() 
         let pool = env.pool.clone();
         let config = env.config.clone();
         tasks.push(tokio::spawn(async move {
-            let msg = message(tenant, "+14155550100", "qwzx vbnm");
+            let msg = inbound_message(tenant, "+14155550100", "qwzx vbnm");
             let classification = classify_with_rules(&msg.body);
             let ctx = InboundContext {
                 keyring: &config.keyring,
@@ -64,7 +52,7 @@ async fn twenty_jobs_racing_with_one_message_sid_store_one_row_and_count_it_once
     // One message enqueued twenty times under different job ids (a producer that retried, say):
     // the jobs race, the unique key lets one message in, and the losers' streak updates roll
     // back with their failed insert.
-    let msg = message(tenant, "+14155550100", "qwzx vbnm");
+    let msg = inbound_message(tenant, "+14155550100", "qwzx vbnm");
     let mut tasks = Vec::new();
     for i in 0..20 {
         let pool = env.pool.clone();
@@ -132,7 +120,7 @@ async fn the_streak_hands_off_at_three_and_a_confident_answer_resets_it() {
     };
     let mut seen = Vec::new();
     for (i, body) in ["qwzx", "qwzx", "qwzx", "hello", "qwzx"].iter().enumerate() {
-        let msg = message(tenant, "+14155550100", body);
+        let msg = inbound_message(tenant, "+14155550100", body);
         let outcome = store_inbound(
             &env.pool,
             &ctx,
@@ -157,7 +145,7 @@ async fn the_streak_hands_off_at_three_and_a_confident_answer_resets_it() {
         "handoff at three; a confident answer resets the count, the state stays"
     );
     // Another customer of the same tenant has a separate conversation.
-    let other = message(tenant, "+14155550111", "qwzx");
+    let other = inbound_message(tenant, "+14155550111", "qwzx");
     store_inbound(
         &env.pool,
         &ctx,
@@ -201,7 +189,7 @@ async fn two_processes_share_one_queue(mode: &[(&str, &str)]) {
         queues
             .enqueue(
                 &mut redis,
-                &message(tenant, &from, "qwzx"),
+                &inbound_message(tenant, &from, "qwzx"),
                 Enqueue::default(),
             )
             .await
@@ -269,7 +257,7 @@ async fn an_idle_worker_notices_a_new_job_by_polling_not_at_its_next_heartbeat()
         queues
             .enqueue(
                 &mut redis,
-                &message(tenant, "+14155550100", "hello"),
+                &inbound_message(tenant, "+14155550100", "hello"),
                 Enqueue::default(),
             )
             .await
@@ -390,7 +378,7 @@ async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
     env.queues()
         .enqueue(
             &mut conn,
-            &message(tenant, "+14155550100", "hello"),
+            &inbound_message(tenant, "+14155550100", "hello"),
             Enqueue::default(),
         )
         .await
@@ -433,7 +421,7 @@ async fn a_job_that_keeps_failing_is_retried_then_dead_lettered_never_lost() {
         .queues()
         .enqueue(
             &mut redis,
-            &message(tenant, "+14155550100", "hello"),
+            &inbound_message(tenant, "+14155550100", "hello"),
             Enqueue::default(),
         )
         .await
