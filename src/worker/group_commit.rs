@@ -162,23 +162,28 @@ async fn commit(pool: &PgPool, group: Vec<Waiting>) {
         }
         return;
     }
-    let messages: Vec<PreparedInbound> = group.iter().map(|w| w.message.clone()).collect();
+    let jobs = group.len();
+    let (messages, replies): (Vec<PreparedInbound>, Vec<Reply>) =
+        group.into_iter().map(|w| (w.message, w.reply)).unzip();
     match store_group(pool, &messages).await {
         Ok(outcomes) => {
-            for (w, outcome) in group.into_iter().zip(outcomes) {
-                let _ = w.reply.send(outcome);
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
             }
         }
         Err(error) => {
             ::metrics::counter!("gatehouse_group_commit_fallbacks_total").increment(1);
             tracing::warn!(
-                jobs = group.len(),
+                jobs,
                 %error,
                 "a group commit failed and applied nothing; storing its messages one by one"
             );
-            let singles = group.into_iter().map(|w| async move {
-                let _ = w.reply.send(w.message.store(pool).await);
-            });
+            let singles = messages
+                .iter()
+                .zip(replies)
+                .map(|(message, reply)| async move {
+                    let _ = reply.send(message.store(pool).await);
+                });
             futures::future::join_all(singles).await;
         }
     }

@@ -16,7 +16,6 @@ use gatehouse::security::blind_index::BlindIndex;
 use gatehouse::security::jwt::key_id;
 use gatehouse::security::keyring::aad;
 use gatehouse::security::password::Hasher;
-use gatehouse_jobs::InboundMessage;
 use gatehouse_testenv::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
@@ -204,17 +203,6 @@ async fn keys_check_validates_the_previous_keys_by_name_never_by_value() {
     env.cleanup().await;
 }
 
-fn message(tenant: Uuid, from: &str, body: &str) -> InboundMessage {
-    InboundMessage {
-        tenant_id: tenant,
-        message_sid: message_sid(),
-        from: from.into(),
-        to: "+14155550199".into(),
-        body: body.into(),
-        received_at: "2026-11-28T10:00:00.123Z".into(),
-    }
-}
-
 /// Stores a low-confidence message from `from` as a worker under `config` would; returns
 /// (conversation, streak).
 async fn store(env: &TestEnv, config: &Config, tenant: Uuid, from: &str) -> (Uuid, i32) {
@@ -234,7 +222,7 @@ async fn store_at(
         min_confidence: config.llm_min_confidence,
         worker: "test",
     };
-    let mut msg = message(tenant, from, "qwzx vbnm");
+    let mut msg = inbound_message(tenant, from, "qwzx vbnm");
     msg.received_at = received_at.into();
     let outcome = store_inbound(
         &env.pool,

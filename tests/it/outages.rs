@@ -176,14 +176,7 @@ async fn the_fault_proxy_blackholes_or_answers_garbage() {
 }
 
 fn low_confidence_message(tenant: Uuid) -> InboundMessage {
-    InboundMessage {
-        tenant_id: tenant,
-        message_sid: message_sid(),
-        from: "+14155550100".into(),
-        to: "+14155550199".into(),
-        body: "qwzx vbnm".into(),
-        received_at: "2026-11-28T10:00:00Z".into(),
-    }
+    inbound_message(tenant, "+14155550100", "qwzx vbnm")
 }
 
 /// The worker's `/healthz`: status and body (None while it does not answer).

@@ -153,14 +153,7 @@ async fn twenty_thousand_retries_falling_due_at_once_are_promoted_in_chunks() {
 }
 
 fn low_confidence_message(tenant: Uuid) -> InboundMessage {
-    InboundMessage {
-        tenant_id: tenant,
-        message_sid: message_sid(),
-        from: "+14155550100".into(),
-        to: "+14155550199".into(),
-        body: "qwzx vbnm".into(),
-        received_at: "2026-11-28T10:00:00Z".into(),
-    }
+    inbound_message(tenant, "+14155550100", "qwzx vbnm")
 }
 
 async fn streak(env: &TestEnv) -> i64 {
