@@ -80,8 +80,22 @@ impl BenchEnv {
     }
 
     /// This very binary (for the ingress server processes) with the run's environment.
+    ///
+    /// Experiment knob (not gatehouse configuration): `GH_BENCH_SERVER_WRAPPER`, a command and
+    /// its arguments separated by spaces, runs the process under it (`valgrind
+    /// --tool=callgrind`, say, for instruction counts that do not depend on the machine's load).
     pub fn myself(&self, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Result<Child> {
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let me = std::env::current_exe()?;
+        let wrapper = std::env::var("GH_BENCH_SERVER_WRAPPER").unwrap_or_default();
+        let mut wrapper = wrapper.split_whitespace();
+        let mut cmd = match wrapper.next() {
+            Some(program) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper).arg(me);
+                cmd
+            }
+            None => Command::new(me),
+        };
         self.configure(&mut cmd, extra);
         cmd.args(args)
             .spawn()

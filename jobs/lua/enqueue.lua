@@ -19,13 +19,10 @@ local function signal()
     redis.call("lpush", KEYS[3], 1)
 end
 local job_id = ARGV[1]
-if KEYS[5] then
-    local existing = redis.call("get", KEYS[5])
-    if existing then
-        signal()
-        return {0, existing}
-    end
-    redis.call("set", KEYS[5], job_id, "EX", tonumber(ARGV[4]))
+if KEYS[5] and not redis.call("set", KEYS[5], job_id, "NX", "EX", tonumber(ARGV[4])) then
+    -- Claimed already: one call for a new job (the webhook's hot path), two for a duplicate.
+    signal()
+    return {0, redis.call("get", KEYS[5])}
 end
 if redis.call("hsetnx", KEYS[1], job_id, ARGV[2]) == 0 then
     signal()

@@ -58,79 +58,83 @@ impl QueueKeys {
             shard,
         }
     }
+    /// `{prefix}{suffix}`, allocated once at its size (enqueues name five keys a job).
+    fn key(&self, suffix: &str) -> String {
+        [self.prefix.as_str(), suffix].concat()
+    }
     /// `:active`: arrivals, in order, not yet admitted into the fair order (`:ready`).
     pub fn active(&self) -> String {
-        format!("{}:active", self.prefix)
+        self.key(":active")
     }
     /// `:ready`: ids in the fair order, by virtual start time.
     pub fn ready(&self) -> String {
-        format!("{}:ready", self.prefix)
+        self.key(":ready")
     }
     /// `:parked`: ids of tenants at their cap (`tenant|start|id`).
     pub fn parked(&self) -> String {
-        format!("{}:parked", self.prefix)
+        self.key(":parked")
     }
     /// `:clock`: the virtual start time of the job taken last.
     pub fn clock(&self) -> String {
-        format!("{}:clock", self.prefix)
+        self.key(":clock")
     }
     /// `:vtime`: tenant → the virtual start time of its last arrival.
     pub fn vtime(&self) -> String {
-        format!("{}:vtime", self.prefix)
+        self.key(":vtime")
     }
     /// `:backlog`: tenant → its jobs waiting in `:ready` or `:parked`.
     pub fn backlog(&self) -> String {
-        format!("{}:backlog", self.prefix)
+        self.key(":backlog")
     }
     /// `:running`: tenant → its jobs in flight.
     pub fn running(&self) -> String {
-        format!("{}:running", self.prefix)
+        self.key(":running")
     }
     /// `:capped`: tenant → its parked jobs.
     pub fn capped(&self) -> String {
-        format!("{}:capped", self.prefix)
+        self.key(":capped")
     }
     /// `:caps`: tenant → its max in flight, overriding the queue's default (`0`: none).
     pub fn caps(&self) -> String {
-        format!("{}:caps", self.prefix)
+        self.key(":caps")
     }
     /// `:signal`: wakes waiting workers.
     pub fn signal(&self) -> String {
-        format!("{}:signal", self.prefix)
+        self.key(":signal")
     }
     /// `:data`: job id → payload.
     pub fn data(&self) -> String {
-        format!("{}:data", self.prefix)
+        self.key(":data")
     }
     /// `:meta`: job id → its metadata (a JSON object of strings).
     pub fn meta(&self) -> String {
-        format!("{}:meta", self.prefix)
+        self.key(":meta")
     }
     /// `:scheduled`: retries and deferrals by due time.
     pub fn scheduled(&self) -> String {
-        format!("{}:scheduled", self.prefix)
+        self.key(":scheduled")
     }
     /// `:done`: finished ids by time.
     pub fn done(&self) -> String {
-        format!("{}:done", self.prefix)
+        self.key(":done")
     }
     /// `:dead`: dead letters by time.
     pub fn dead(&self) -> String {
-        format!("{}:dead", self.prefix)
+        self.key(":dead")
     }
     /// `:workers`: worker name → last heartbeat.
     pub fn workers(&self) -> String {
-        format!("{}:workers", self.prefix)
+        self.key(":workers")
     }
     /// `:inflight`: job id → the worker holding it.
     pub fn inflight(&self) -> String {
-        format!("{}:inflight", self.prefix)
+        self.key(":inflight")
     }
     /// `:dedupe:{purpose}`: a dedupe key in the shard's slot, so the enqueue script claims it
     /// atomically with the job. A purpose must always land on the same shard (one tenant's
     /// purposes do: a job's shard comes from its tenant).
     pub fn dedupe(&self, purpose: &str) -> String {
-        format!("{}:dedupe:{purpose}", self.prefix)
+        [self.prefix.as_str(), ":dedupe:", purpose].concat()
     }
 }
 

@@ -150,17 +150,163 @@ fn seal_text(
     key: &EncryptionKey,
 ) -> Result<String, SealError> {
     let fields = sealed_fields(queue);
+    let seal = || key.seal(plaintext, &job_aad(queue, job_id));
+    // The common case (serde_json's own compact text, plain names) without building a map:
+    // the same bytes as the general path, which a test holds it to.
+    match compact_members(plaintext) {
+        Some(members) => compact_at_rest(members, fields, seal),
+        None => general_at_rest(plaintext, fields, seal),
+    }
+}
+
+/// The at-rest text of any JSON object text (through a map of its members).
+fn general_at_rest(
+    plaintext: &[u8],
+    fields: &[&str],
+    seal: impl FnOnce() -> Vec<u8>,
+) -> Result<String, SealError> {
     let mut open: Fields<'_> =
         serde_json::from_slice(plaintext).map_err(|_| SealError::NotAnObject)?;
     if open.contains_key(SEALED) {
         return Err(SealError::AlreadySealed);
     }
     open.retain(|name, _| !fields.contains(name));
-    let envelope = key.seal(plaintext, &job_aad(queue, job_id));
     // Base64 needs no JSON escaping: quoting it makes a JSON string.
-    let sealed = RawValue::from_string(format!("\"{}\"", STANDARD.encode(envelope)))?;
+    let sealed = RawValue::from_string(format!("\"{}\"", STANDARD.encode(seal())))?;
     open.insert(SEALED, &sealed);
     Ok(serde_json::to_string(&open)?)
+}
+
+/// The top-level members of `json` as (name, value text) pairs, sorted by name, when it is an
+/// object as serde_json writes one (no whitespace) whose names need no unescaping and appear
+/// once; `None` for anything else, which the general path then handles (or refuses). The value
+/// texts are found by skipping strings (with their escapes) and counting brackets: the input is
+/// the serializer's own output, never a client's, and anything unexpected falls back.
+fn compact_members(json: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let (&b'{', mut rest) = json.split_first()? else {
+        return None;
+    };
+    let mut members: Vec<(&[u8], &[u8])> = Vec::with_capacity(8);
+    if rest == b"}" {
+        return Some(members);
+    }
+    loop {
+        let (&b'"', after_quote) = rest.split_first()? else {
+            return None;
+        };
+        let name_len = memchr::memchr2(b'"', b'\\', after_quote)?;
+        let (name, after_name) = after_quote.split_at(name_len);
+        let [b'"', b':', value_and_rest @ ..] = after_name else {
+            return None;
+        };
+        let value_len = value_len(value_and_rest)?;
+        let (value, after_value) = value_and_rest.split_at(value_len);
+        members.push((name, value));
+        match after_value {
+            [b',', next @ ..] => rest = next,
+            [b'}'] => break,
+            _ => return None,
+        }
+    }
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if members.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+        return None;
+    }
+    Some(members)
+}
+
+/// The length of the JSON value `text` starts with, up to the `,` or `}` that ends it at depth
+/// zero; `None` when it never ends.
+fn value_len(text: &[u8]) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        match b {
+            b'"' => i += string_len(&text[i..])?,
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' if depth > 0 => {
+                depth -= 1;
+                i += 1;
+            }
+            b',' | b'}' if depth == 0 => return (i > 0).then_some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The length of the JSON string `text` starts with (its quotes included): the next quote not
+/// escaped, found a chunk at a time.
+fn string_len(text: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', text.get(i..)?)?;
+        if text[i] == b'"' {
+            return Some(i + 1);
+        }
+        // A backslash escapes the one character after it (`\uXXXX`'s digits need no care).
+        i += 2;
+    }
+}
+
+/// The at-rest text from [`compact_members`]: the sealed fields dropped, [`SEALED`] added in
+/// its place in the order, as `serde_json::to_string` of the general path's map writes it.
+fn compact_at_rest(
+    members: Vec<(&[u8], &[u8])>,
+    fields: &[&str],
+    seal: impl FnOnce() -> Vec<u8>,
+) -> Result<String, SealError> {
+    if members.iter().any(|(name, _)| *name == SEALED.as_bytes()) {
+        return Err(SealError::AlreadySealed);
+    }
+    let sealed = STANDARD.encode(seal());
+    let mut out = Vec::with_capacity(
+        members
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 4)
+            .sum::<usize>()
+            + sealed.len()
+            + 16,
+    );
+    let mut sealed_written = false;
+    for (name, value) in members {
+        if !sealed_written && name > SEALED.as_bytes() {
+            push_member(
+                &mut out,
+                SEALED.as_bytes(),
+                &[b"\"", sealed.as_bytes(), b"\""],
+            );
+            sealed_written = true;
+        }
+        if !fields.iter().any(|field| field.as_bytes() == name) {
+            push_member(&mut out, name, &[value]);
+        }
+    }
+    if !sealed_written {
+        push_member(
+            &mut out,
+            SEALED.as_bytes(),
+            &[b"\"", sealed.as_bytes(), b"\""],
+        );
+    }
+    out.push(b'}');
+    // The parts are cut from UTF-8 text at ASCII delimiters, or are base64: this only fails for
+    // a plaintext that was not UTF-8, which the general path refuses too.
+    String::from_utf8(out).map_err(|_| SealError::NotAnObject)
+}
+
+/// Appends `"name":value` (the value in parts) to an object being written.
+fn push_member(out: &mut Vec<u8>, name: &[u8], value: &[&[u8]]) {
+    out.push(if out.is_empty() { b'{' } else { b',' });
+    out.push(b'"');
+    out.extend_from_slice(name);
+    out.extend_from_slice(b"\":");
+    for part in value {
+        out.extend_from_slice(part);
+    }
 }
 
 /// Seals a typed job for job `job_id` and returns the payload as it will rest in Redis (the
@@ -587,6 +733,110 @@ mod tests {
             seal_job(&job(), "j1", None),
             Err(SealError::NoKey { .. })
         ));
+    }
+
+    /// Both at-rest paths for one plaintext and one envelope: the compact one only where it
+    /// applies (`None` otherwise).
+    fn both_paths(
+        plaintext: &[u8],
+        fields: &[&str],
+    ) -> (Option<Result<String, String>>, Result<String, String>) {
+        let envelope = b"\x01 not really an envelope".to_vec();
+        let compact = compact_members(plaintext)
+            .map(|m| compact_at_rest(m, fields, || envelope.clone()).map_err(|e| e.to_string()));
+        let general =
+            general_at_rest(plaintext, fields, || envelope.clone()).map_err(|e| e.to_string());
+        (compact, general)
+    }
+
+    #[test]
+    fn the_compact_path_writes_what_the_general_path_writes() {
+        let typed = serde_json::to_vec(&job()).unwrap();
+        let catalog = serde_json::to_vec(&SyncCatalog {
+            tenant_id: uuid::Uuid::nil(),
+            requested_by: uuid::Uuid::nil(),
+            mode: SyncMode::Full,
+        })
+        .unwrap();
+        let cases: Vec<Vec<u8>> = vec![
+            typed,
+            catalog,
+            br#"{}"#.to_vec(),
+            br#"{"body":"a \"quoted\" }, {\\ ]","from":"x","z":[1,{"a":"}"}],"a":null}"#.to_vec(),
+            br#"{"zeta":1,"sealedx":2,"seale":3,"to":{"nested":{"deep":[[]]}}}"#.to_vec(),
+            "{\"body\":\"é ✓ 😀\",\"tenant_id\":\"t\"}"
+                .as_bytes()
+                .to_vec(),
+        ];
+        let fields = sealed_fields("inbound_message");
+        for case in &cases {
+            let (compact, general) = both_paths(case, fields);
+            let compact = compact.unwrap_or_else(|| {
+                panic!("compact path refused {}", String::from_utf8_lossy(case))
+            });
+            assert_eq!(compact, general, "{}", String::from_utf8_lossy(case));
+        }
+        // What the compact path leaves to the general one, and what both refuse.
+        for refused in [
+            &br#"{"sealed":"x","a":1}"#[..],
+            br#"[1,2]"#,
+            br#"{"a":1,"a":2}"#,
+            br#"{ "a":1}"#,
+            br#"{"\u0061":1}"#,
+            br#"{"a":1"#,
+            b"{\"a\":\"\xff\"}",
+        ] {
+            let (compact, general) = both_paths(refused, fields);
+            if let Some(compact) = compact {
+                assert_eq!(compact, general, "{}", String::from_utf8_lossy(refused));
+            }
+        }
+        assert!(matches!(
+            compact_at_rest(
+                compact_members(br#"{"sealed":1}"#).unwrap(),
+                fields,
+                Vec::new
+            ),
+            Err(SealError::AlreadySealed)
+        ));
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[\"\\\\{}\\[\\],:a-z ]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[\"\\\\a-z{}]{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_compact_path_agrees_with_the_general_path_on_any_object(
+            members in proptest::collection::btree_map("[\"\\\\a-z_é]{0,8}", json_value(), 0..8),
+        ) {
+            let plain_names = members.keys().all(|name| !name.contains(['"', '\\']));
+            let object = Value::Object(members.into_iter().collect());
+            let plaintext = serde_json::to_vec(&object).unwrap();
+            let (compact, general) = both_paths(&plaintext, &["from", "to", "body", "b"]);
+            // Names needing no escape always take the compact path.
+            proptest::prop_assert_eq!(compact.is_some(), plain_names);
+            if let Some(compact) = compact {
+                proptest::prop_assert_eq!(compact, general);
+            }
+        }
     }
 
     #[test]

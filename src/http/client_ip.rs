@@ -3,8 +3,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
+
+/// Header names as constants: a lookup by `&str` parses and validates the name every time.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     let ip = match ip {
@@ -28,7 +32,7 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> Ip
         return peer.ip();
     }
     let mut hops: Vec<IpAddr> = Vec::new();
-    for value in headers.get_all("x-forwarded-for") {
+    for value in headers.get_all(X_FORWARDED_FOR) {
         let Ok(text) = value.to_str() else {
             return peer.ip();
         };
@@ -49,9 +53,7 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> Ip
 /// (gatehouse itself does not terminate TLS).
 pub fn client_scheme(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> &'static str {
     if trusted(peer.ip(), proxies)
-        && let Some(proto) = headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
+        && let Some(proto) = headers.get(X_FORWARDED_PROTO).and_then(|v| v.to_str().ok())
         && proto
             .split(',')
             .next()

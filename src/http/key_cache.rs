@@ -14,11 +14,10 @@
 //! known tenant's keys.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::RwLock;
 use uuid::Uuid;
 
 use crate::security::keyring::Keyring;
@@ -105,6 +104,8 @@ pub enum KeyCacheError {
 }
 
 pub struct KeyCache {
+    /// A plain (blocking) lock: no guard is held across an await, and every webhook reads it,
+    /// where an async lock's release would also take its waiter list's mutex.
     known: RwLock<HashMap<Uuid, Entry>>,
     unknown: Mutex<UnknownIds>,
     /// Tenants whose background refresh is running (one at a time per tenant).
@@ -124,9 +125,19 @@ impl KeyCache {
         })
     }
 
+    /// The known tenants (a panic elsewhere while holding the lock left the map whole: every
+    /// write is one `insert`, `remove` or `retain`).
+    fn read_known(&self) -> RwLockReadGuard<'_, HashMap<Uuid, Entry>> {
+        self.known.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_known(&self) -> RwLockWriteGuard<'_, HashMap<Uuid, Entry>> {
+        self.known.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Drops a tenant's entry (after its keys change).
     pub async fn invalidate(&self, tenant_id: Uuid) {
-        self.known.write().await.remove(&tenant_id);
+        self.write_known().remove(&tenant_id);
         if let Ok(mut unknown) = self.unknown.lock() {
             unknown.remove(tenant_id);
         }
@@ -138,7 +149,7 @@ impl KeyCache {
         let Some(stale) = Instant::now().checked_sub(self.ttl) else {
             return;
         };
-        for entry in self.known.write().await.values_mut() {
+        for entry in self.write_known().values_mut() {
             entry.fetched = entry.fetched.min(stale);
         }
         if let Ok(mut unknown) = self.unknown.lock() {
@@ -150,9 +161,7 @@ impl KeyCache {
     /// answer without PostgreSQL (the webhook lets such a tenant's messages through from an
     /// address past its budget of refused requests).
     pub async fn holds_keys(&self, tenant_id: Uuid) -> bool {
-        self.known
-            .read()
-            .await
+        self.read_known()
             .get(&tenant_id)
             .is_some_and(|e| e.fetched.elapsed() < self.max_stale)
     }
@@ -165,9 +174,7 @@ impl KeyCache {
         tenant_id: Uuid,
     ) -> Result<Option<Arc<VerificationKeys>>, KeyCacheError> {
         let known = self
-            .known
-            .read()
-            .await
+            .read_known()
             .get(&tenant_id)
             .map(|e| (Some(e.keys.clone()), e.fetched));
         let cached = known.or_else(|| {
@@ -214,7 +221,7 @@ impl KeyCache {
                 if let Ok(mut unknown) = self.unknown.lock() {
                     unknown.remove(tenant_id);
                 }
-                let mut known = self.known.write().await;
+                let mut known = self.write_known();
                 if known.len() >= MAX_KNOWN && !known.contains_key(&tenant_id) {
                     let max_stale = self.max_stale;
                     known.retain(|_, e| e.fetched.elapsed() < max_stale);
@@ -223,7 +230,7 @@ impl KeyCache {
             }
             None => {
                 // A tenant that is gone stops being known.
-                self.known.write().await.remove(&tenant_id);
+                self.write_known().remove(&tenant_id);
                 if let Ok(mut unknown) = self.unknown.lock() {
                     unknown.insert(tenant_id, fetched);
                 }

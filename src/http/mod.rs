@@ -31,7 +31,7 @@ use gatehouse_jobs::client::Queues;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_layer::Layer;
+use tower_layer::{Layer, Stack};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -184,17 +184,27 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// behind exactly what production routes get.
 pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     let max_body = state.config.max_body_bytes;
+    // One `layer` call with the whole stack, outermost last: each `Router::layer` call wraps
+    // every route in another boxed `Route`, and a request clones each box below the one it
+    // enters (four calls cost ~15 box clones and ~5 boxed futures a request; BENCHMARKS §16).
+    let stack = Stack::new(
+        Stack::new(
+            Stack::new(
+                DefaultBodyLimit::max(max_body),
+                // A client that trickles its request (slowloris) is cut off.
+                TimeoutLayer::with_status_code(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    REQUEST_TIMEOUT,
+                ),
+            ),
+            CatchPanicLayer::custom(panic_response),
+        ),
+        outer_layer::OuterLayer::new(state.clone()),
+    );
     routes
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body))
-        // A client that trickles its request (slowloris) is cut off.
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(outer_layer::OuterLayer::new(state.clone()))
+        .layer(stack)
         .with_state(state)
 }
 

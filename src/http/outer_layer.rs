@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use axum::BoxError;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
 use tower_layer::Layer;
@@ -51,9 +53,13 @@ pub struct Outer<S> {
     state: Arc<AppState>,
 }
 
-impl<S> Service<Request> for Outer<S>
+/// The inner stack may answer any body (the panic catcher boxes its own); the edge's answer is
+/// axum's.
+impl<S, B> Service<Request> for Outer<S>
 where
-    S: Service<Request, Response = Response>,
+    S: Service<Request, Response = http::Response<B>>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = Response;
     type Error = S::Error;
@@ -104,9 +110,11 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, E> Future for OuterFuture<F>
+impl<F, B, E> Future for OuterFuture<F>
 where
-    F: Future<Output = Result<Response, E>>,
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response, E>;
 
@@ -120,7 +128,7 @@ where
             InnerProj::Route { future } => match future.poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Ready(Ok(response)) => response,
+                Poll::Ready(Ok(response)) => response.map(Body::new),
             },
         };
         if let Some((measure, arrival)) = this.done.take() {

@@ -14,6 +14,8 @@ use super::client_ip::client_scheme;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
 const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000; includeSubDomains; preload");
@@ -25,8 +27,14 @@ const ADMIN_CSP: HeaderValue = HeaderValue::from_static(
      frame-ancestors 'none'; base-uri 'none'",
 );
 
+/// Room a response's header map needs for what [`depart`] adds (HSTS, the security headers,
+/// the request id) and a content type and length: reserved once instead of grown twice.
+pub const RESPONSE_HEADERS: usize = 2 + SECURITY_HEADER_COUNT + 2;
+
+const SECURITY_HEADER_COUNT: usize = 4;
+
 /// Headers every response carries, whatever `DEBUG` says.
-const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); 4] = [
+const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); SECURITY_HEADER_COUNT] = [
     (
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -88,13 +96,15 @@ pub fn arrive(
     peer: SocketAddr,
     req: &mut Request,
 ) -> (Arrival, Option<Response>) {
-    let request_id = uuid::Uuid::now_v7().to_string();
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let request_id: &str = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buffer);
     let arrival = Arrival {
-        request_id: HeaderValue::from_str(&request_id).ok(),
+        request_id: HeaderValue::from_str(request_id).ok(),
         admin: req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/"),
         debug: state.config.debug,
     };
-    req.extensions_mut().insert(RequestId(request_id));
+    req.extensions_mut()
+        .insert(RequestId(request_id.to_owned()));
     let redirect = (!arrival.debug
         && !EXEMPT.contains(&req.uri().path())
         && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https")
@@ -116,6 +126,7 @@ pub fn arrive(
 /// Sets the security headers and the request id on every response, whoever answered.
 pub fn depart(arrival: Arrival, response: &mut Response) {
     let headers = response.headers_mut();
+    headers.reserve(RESPONSE_HEADERS);
     if !arrival.debug {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
     }
@@ -126,6 +137,6 @@ pub fn depart(arrival: Arrival, response: &mut Response) {
         headers.insert(header::CONTENT_SECURITY_POLICY, ADMIN_CSP);
     }
     if let Some(value) = arrival.request_id {
-        headers.insert("x-request-id", value);
+        headers.insert(X_REQUEST_ID, value);
     }
 }
