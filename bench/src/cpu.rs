@@ -70,7 +70,8 @@ pub fn processes_us(pids: &[u32]) -> u64 {
         .sum()
 }
 
-async fn redis_us(env: &BenchEnv) -> anyhow::Result<u64> {
+/// Redis's CPU so far (`INFO cpu`: the whole server, user + system).
+pub async fn redis_us(env: &BenchEnv) -> anyhow::Result<u64> {
     let mut redis = env.redis.clone();
     let info: String = redis::cmd("INFO")
         .arg("cpu")

@@ -285,6 +285,7 @@ pub async fn webhook_run(
     let mut server = Server::start(env, kind).await?;
     let client = load::client(plan.concurrency)?;
     let cpu_before = server.cpu_us();
+    let (redis_before, client_before) = (crate::cpu::redis_us(env).await?, crate::cpu::own_us());
     let mut result = load::run(
         &client,
         &server.base,
@@ -295,9 +296,16 @@ pub async fn webhook_run(
         plan.duration,
     )
     .await;
+    // Where each request's CPU goes, all three on the same cores: the server, Redis (the
+    // enqueue script) and the load generator (reading the answer).
+    let sent = result.sent.max(1) as f64;
     if let (Some(before), Some(after)) = (cpu_before, server.cpu_us()) {
-        result.server_cpu_us_per_request = (after - before) as f64 / result.sent.max(1) as f64;
+        result.server_cpu_us_per_request = (after - before) as f64 / sent;
     }
+    result.redis_cpu_us_per_request =
+        crate::cpu::redis_us(env).await?.saturating_sub(redis_before) as f64 / sent;
+    result.client_cpu_us_per_request =
+        crate::cpu::own_us().saturating_sub(client_before) as f64 / sent;
     server.stop();
     // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
     let mut redis = env.redis.clone();

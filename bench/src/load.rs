@@ -41,6 +41,11 @@ pub struct LoadResult {
     pub sent: u64,
     /// CPU time the server process used per request sent, in microseconds (NaN if unknown).
     pub server_cpu_us_per_request: f64,
+    /// Redis's CPU time per request sent, in microseconds (NaN where not measured).
+    pub redis_cpu_us_per_request: f64,
+    /// This process's CPU time (the load generator) per request sent, in microseconds (NaN
+    /// where not measured).
+    pub client_cpu_us_per_request: f64,
 }
 
 impl LoadResult {
@@ -145,6 +150,8 @@ pub async fn run(
     result.p50_ms = percentile(&all, 0.50);
     result.p99_ms = percentile(&all, 0.99);
     result.server_cpu_us_per_request = f64::NAN;
+    result.redis_cpu_us_per_request = f64::NAN;
+    result.client_cpu_us_per_request = f64::NAN;
     result
 }
 

@@ -450,6 +450,29 @@ impl Report {
             "(explains 4)",
             "–".into(),
         );
+        // The same cores run Redis and the load generator: their CPU per request is part of
+        // what the ratio is made of (the dedupe claim in the enqueue script, the answer's
+        // security headers), so it is shown beside the server's.
+        for (label, f) in [
+            (
+                "4. Redis CPU per webhook request (the enqueue script)",
+                (|r: &LoadResult| r.redis_cpu_us_per_request) as fn(&LoadResult) -> f64,
+            ),
+            (
+                "4. load generator CPU per webhook request",
+                |r: &LoadResult| r.client_cpu_us_per_request,
+            ),
+        ] {
+            let (g, b) = (median(&pick(gatehouse, f)), median(&pick(bare, f)));
+            self.row(
+                label.into(),
+                format!("{g:.0} µs"),
+                format!("{b:.0} µs"),
+                times(g / b),
+                "(explains 4)",
+                "–".into(),
+            );
+        }
         if errors > 0 {
             self.notes.push(format!(
                 "Ingress: {errors} non-2xx answers across all runs."
