@@ -302,8 +302,10 @@ pub async fn webhook_run(
     if let (Some(before), Some(after)) = (cpu_before, server.cpu_us()) {
         result.server_cpu_us_per_request = (after - before) as f64 / sent;
     }
-    result.redis_cpu_us_per_request =
-        crate::cpu::redis_us(env).await?.saturating_sub(redis_before) as f64 / sent;
+    result.redis_cpu_us_per_request = crate::cpu::redis_us(env)
+        .await?
+        .saturating_sub(redis_before) as f64
+        / sent;
     result.client_cpu_us_per_request =
         crate::cpu::own_us().saturating_sub(client_before) as f64 / sent;
     server.stop();
