@@ -131,7 +131,7 @@ impl BenchEnv {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        for passed in ["PATH", "GH_BENCH_HASH_CONCURRENCY"] {
+        for passed in ["PATH", "GH_BENCH_HASH_CONCURRENCY", "GH_BENCH_BARE_DEDUPE"] {
             if let Ok(value) = std::env::var(passed) {
                 cmd.env(passed, value);
             }

@@ -43,6 +43,7 @@ const TWIML_EMPTY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>
 struct Bare {
     redis: RedisConn,
     queues: Queues,
+    dedupe: bool,
 }
 
 async fn bare_webhook(
@@ -70,10 +71,26 @@ async fn bare_webhook(
         }
     }
     let mut redis = state.redis.clone();
+    // Experiment knob (not gatehouse configuration): `GH_BENCH_BARE_DEDUPE=1` makes the bare
+    // handler claim the same dedupe key gatehouse claims, to show what that claim costs.
+    let dedupe = state.dedupe.then(|| {
+        (
+            format!("inbound_message:{tenant_id}:{}", job.message_sid),
+            gatehouse::http::webhook::DEDUPE_TTL_SECONDS,
+        )
+    });
     let payload = serde_json::to_value(&job).unwrap_or_default();
     match state
         .queues
-        .enqueue_json(&mut redis, BARE_QUEUE, payload, Enqueue::default())
+        .enqueue_json(
+            &mut redis,
+            BARE_QUEUE,
+            payload,
+            Enqueue {
+                dedupe,
+                ..Enqueue::default()
+            },
+        )
         .await
     {
         Ok(_) => (
@@ -125,6 +142,7 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
             let state = Arc::new(Bare {
                 redis,
                 queues: Queues::new(config.redis_namespace.clone()),
+                dedupe: std::env::var("GH_BENCH_BARE_DEDUPE").is_ok_and(|v| v == "1"),
             });
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok" }))
