@@ -75,7 +75,7 @@ async fn bare_webhook(
     // handler claim the same dedupe key gatehouse claims, to show what that claim costs.
     let dedupe = state.dedupe.then(|| {
         (
-            format!("inbound_message:{tenant_id}:{}", job.message_sid),
+            gatehouse::http::webhook::dedupe_purpose(tenant_id, &job.message_sid),
             gatehouse::http::webhook::DEDUPE_TTL_SECONDS,
         )
     });

@@ -27,6 +27,19 @@ use crate::security::twilio::{self, FormPairs};
 /// hours; the database's unique key is the lasting guarantee).
 pub const DEDUPE_TTL_SECONDS: u64 = crate::config::WEBHOOK_DEDUPE_SECONDS;
 
+/// The dedupe purpose of an inbound message, `inbound_message:{tenant}:{MessageSid}` (the key
+/// is the queue shard's `:dedupe:{purpose}`), built with one allocation.
+pub fn dedupe_purpose(tenant_id: Uuid, message_sid: &str) -> String {
+    let mut tenant_text = Uuid::encode_buffer();
+    [
+        "inbound_message:",
+        tenant_id.hyphenated().encode_lower(&mut tenant_text),
+        ":",
+        message_sid,
+    ]
+    .concat()
+}
+
 /// `gatehouse_webhook_verifications_total{result="valid"}`, registered once: it counts every
 /// accepted webhook, the hottest path there is.
 static VERIFIED: LazyLock<::metrics::Counter> = LazyLock::new(
@@ -432,14 +445,7 @@ pub async fn twilio_message(
         body: fields.body,
         received_at,
     };
-    let mut tenant_text = Uuid::encode_buffer();
-    let dedupe = [
-        "inbound_message:",
-        tenant_id.hyphenated().encode_lower(&mut tenant_text),
-        ":",
-        &job.message_sid,
-    ]
-    .concat();
+    let dedupe = dedupe_purpose(tenant_id, &job.message_sid);
     let mut redis = state.enqueue_redis();
     let enqueued = state
         .queues
@@ -469,6 +475,15 @@ pub async fn twilio_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dedupe_purpose_names_tenant_and_message_sid() {
+        let tenant = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(
+            dedupe_purpose(tenant, "SMabc"),
+            "inbound_message:01234567-89ab-cdef-0123-456789abcdef:SMabc"
+        );
+    }
 
     #[test]
     fn a_refusal_keeps_the_verified_url_cut_to_a_bound() {
