@@ -88,6 +88,22 @@ pub async fn redis_us(env: &BenchEnv) -> anyhow::Result<u64> {
     Ok((seconds * 1e6) as u64)
 }
 
+/// How many `EVALSHA` calls (script calls: the enqueue script, on the ingress's path) Redis has
+/// answered since its statistics were last reset (`INFO commandstats`).
+pub async fn script_calls(env: &BenchEnv) -> anyhow::Result<u64> {
+    let mut redis = env.redis.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0))
+}
+
 /// Now, with the consumer's CPU as `consumer_us` reads it.
 pub async fn now(env: &BenchEnv, consumer_us: u64) -> anyhow::Result<Cpu> {
     Ok(Cpu {

@@ -304,6 +304,7 @@ pub async fn webhook_run(
     let client = load::client(plan.concurrency)?;
     let cpu_before = server.cpu_us();
     let (redis_before, client_before) = (crate::cpu::redis_us(env).await?, crate::cpu::own_us());
+    let calls_before = crate::cpu::script_calls(env).await?;
     let mut result = load::run(
         &client,
         &server.base,
@@ -326,6 +327,10 @@ pub async fn webhook_run(
         / sent;
     result.client_cpu_us_per_request =
         crate::cpu::own_us().saturating_sub(client_before) as f64 / sent;
+    result.script_calls_per_request = crate::cpu::script_calls(env)
+        .await?
+        .saturating_sub(calls_before) as f64
+        / sent;
     server.stop();
     // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
     let mut redis = env.redis.clone();

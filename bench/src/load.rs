@@ -46,6 +46,8 @@ pub struct LoadResult {
     /// This process's CPU time (the load generator) per request sent, in microseconds (NaN
     /// where not measured).
     pub client_cpu_us_per_request: f64,
+    /// Redis script calls per request sent (NaN where not measured).
+    pub script_calls_per_request: f64,
 }
 
 impl LoadResult {
@@ -151,6 +153,7 @@ pub async fn run(
     result.p99_ms = percentile(&all, 0.99);
     result.server_cpu_us_per_request = f64::NAN;
     result.redis_cpu_us_per_request = f64::NAN;
+    result.script_calls_per_request = f64::NAN;
     result.client_cpu_us_per_request = f64::NAN;
     result
 }

@@ -473,6 +473,17 @@ impl Report {
                 "–".into(),
             );
         }
+        // Coalesced enqueues: gatehouse sends the webhooks waiting at once in one script call.
+        let f = |r: &LoadResult| r.script_calls_per_request;
+        let (g, b) = (median(&pick(gatehouse, f)), median(&pick(bare, f)));
+        self.row(
+            "4. enqueue script calls per webhook request".into(),
+            format!("{g:.2}"),
+            format!("{b:.2}"),
+            times(g / b),
+            "(explains 4)",
+            "–".into(),
+        );
         if errors > 0 {
             self.notes.push(format!(
                 "Ingress: {errors} non-2xx answers across all runs."

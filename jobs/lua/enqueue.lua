@@ -1,38 +1,52 @@
 #!lua
--- gatehouse enqueue: one job straight onto the active list (never the scheduled set, whose
--- promotion in apalis-redis 1.0 unpacks every due id at once and fails past ~8k), with an
--- optional dedupe key claimed atomically in the same script.
+-- gatehouse enqueue: one or more jobs of one queue shard straight onto its active list (never
+-- the scheduled set, whose promotion in apalis-redis 1.0 unpacks every due id at once and
+-- fails past ~8k), each with an optional dedupe key claimed atomically in the same script.
+-- Several jobs in one call (a coalesced group: `gatehouse_jobs::client::Queues::enqueue_prepared`)
+-- are each what one job alone would be: claimed, written and listed in order, with one
+-- wake-up signal for all of them.
 --
 -- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
---   [1] data, [2] active, [3] signal, [4] meta, [5] dedupe(purpose), only when deduplicating
--- ARGV[1]: job id
--- ARGV[2]: payload JSON
--- ARGV[3]: max attempts
--- ARGV[4]: dedupe TTL in seconds
--- ARGV[5..]: metadata field/value pairs
--- Returns {1, job_id} when enqueued, {0, existing_job_id} when the dedupe key was taken.
+--   [1] data, [2] active, [3] signal, [4] meta,
+--   [5..] dedupe(purpose) of each job that has one, in the jobs' order
+-- ARGV[1]: the number of jobs; then, for each job:
+--   job id, payload JSON, max attempts, dedupe TTL in seconds (0: no dedupe key),
+--   n (metadata pairs), then n metadata field/value pairs
+-- Returns, for each job in order, 1 when it was enqueued, or the id of the job already there
+-- when its dedupe key or its job id was taken (its own id, for the job id).
 -- Every call ends with a write (the wake-up signal), even when nothing was enqueued: a `WAIT`
--- after it (REDIS_MIN_REPLICA_ACKS) then also covers the earlier write of the job it found,
+-- after it (REDIS_MIN_REPLICA_ACKS) then also covers the earlier write of a job it found,
 -- which replicas receive in order before this one.
-local function signal()
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
+local results = {}
+local at = 2
+local dedupe_key = 5
+for j = 1, tonumber(ARGV[1]) do
+    local job_id, payload, max_attempts, ttl = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
+    local pairs_at, pairs_end = at + 5, at + 4 + 2 * tonumber(ARGV[at + 4])
+    at = pairs_end + 1
+    local result
+    if ttl > 0 then
+        local key = KEYS[dedupe_key]
+        dedupe_key = dedupe_key + 1
+        -- Claimed already: one call for a new job (the webhook's hot path), two for a duplicate.
+        if not redis.call("set", key, job_id, "NX", "EX", ttl) then
+            result = redis.call("get", key)
+        end
+    end
+    if not result and redis.call("hsetnx", KEYS[1], job_id, payload) == 0 then
+        result = job_id
+    end
+    if not result then
+        local meta = {attempts = "0", max_attempts = max_attempts, status = "Pending", idempotency_key = ""}
+        for i = pairs_at, pairs_end, 2 do
+            meta[ARGV[i]] = ARGV[i + 1]
+        end
+        redis.call("hset", KEYS[4], job_id, cjson.encode(meta))
+        redis.call("rpush", KEYS[2], job_id)
+        result = 1
+    end
+    results[j] = result
 end
-local job_id = ARGV[1]
-if KEYS[5] and not redis.call("set", KEYS[5], job_id, "NX", "EX", tonumber(ARGV[4])) then
-    -- Claimed already: one call for a new job (the webhook's hot path), two for a duplicate.
-    signal()
-    return {0, redis.call("get", KEYS[5])}
-end
-if redis.call("hsetnx", KEYS[1], job_id, ARGV[2]) == 0 then
-    signal()
-    return {0, job_id}
-end
-local meta = {attempts = "0", max_attempts = ARGV[3], status = "Pending", idempotency_key = ""}
-for i = 5, #ARGV, 2 do
-    meta[ARGV[i]] = ARGV[i + 1]
-end
-redis.call("hset", KEYS[4], job_id, cjson.encode(meta))
-redis.call("rpush", KEYS[2], job_id)
-signal()
-return {1, job_id}
+redis.call("del", KEYS[3])
+redis.call("lpush", KEYS[3], 1)
+return results

@@ -187,6 +187,15 @@ impl Queues {
         job: &J,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
+        let prepared = self.prepare(job, options)?;
+        self.push(conn, prepared).await
+    }
+
+    /// A typed job made ready to send: its id fixed, its customer data sealed (the id is the
+    /// AAD's), its shard and metadata chosen. [`Queues::enqueue_prepared`] sends it, alone or
+    /// with others; sealing stays with the caller, so a producer that coalesces jobs seals each
+    /// on its own thread.
+    pub fn prepare<J: Job>(&self, job: &J, options: Enqueue) -> Result<Prepared, EnqueueError> {
         let mut options = options;
         // The job id is the AAD's: fixed before anything is sealed.
         let job_id = options
@@ -196,8 +205,13 @@ impl Queues {
         let payload = seal_job(job, &job_id, self.key.as_ref())?;
         let tenant = job.tenant();
         let keys = self.layout.for_tenant(J::QUEUE, tenant.as_ref());
-        self.push(conn, &keys, tenant.as_ref(), &job_id, &payload, options)
-            .await
+        Ok(Prepared::new(
+            keys,
+            tenant.as_ref(),
+            job_id,
+            payload,
+            options,
+        ))
     }
 
     /// The payload as it will rest in Redis: sealed for job `job_id` when `queue` seals.
@@ -210,57 +224,26 @@ impl Queues {
         Ok(seal_value(queue, job_id, &payload, self.key.as_ref())?)
     }
 
-    /// Enqueue many jobs of one type, pipelined (up to `BATCH` script calls per round trip, one
-    /// pipeline per shard); each
-    /// job is still its own atomic script call, straight onto the active list. Returns the new
-    /// jobs' ids in order. For backfills and bulk producers; use [`Queues::enqueue`] for
-    /// dedupe keys and request ids.
+    /// Enqueue many jobs of one type (`GROUP` jobs a script call — about a millisecond of
+    /// Redis's time each — one call per shard); each
+    /// job is what [`Queues::enqueue`] would make of it, straight onto the active list, without
+    /// a dedupe key. Returns the new jobs' ids in order. For backfills and bulk producers; use
+    /// [`Queues::enqueue`] for dedupe keys and request ids. No replica acknowledgement is
+    /// waited for.
     pub async fn enqueue_batch<C: ConnectionLike, J: Job>(
         &self,
         conn: &mut C,
         jobs: &[J],
     ) -> Result<Vec<String>, EnqueueError> {
-        const BATCH: usize = 1000;
-        let max_attempts = default_max_attempts(J::QUEUE);
-        // EVALSHA needs the script cached; SCRIPT LOAD is idempotent.
-        let _: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(include_str!("../lua/enqueue.lua"))
-            .query_async(conn)
-            .await?;
-        let hash = ENQUEUE.get_hash().to_owned();
+        const GROUP: usize = 100;
         let mut ids = Vec::with_capacity(jobs.len());
-        for chunk in jobs.chunks(BATCH) {
-            // One pipeline per shard: a Redis Cluster client sends a pipeline to one slot.
-            let mut pipes: std::collections::BTreeMap<u16, redis::Pipeline> =
-                std::collections::BTreeMap::new();
-            for job in chunk {
-                let job_id = Uuid::now_v7().to_string();
-                let payload = seal_job(job, &job_id, self.key.as_ref())?;
-                let tenant = job.tenant();
-                let keys = self.layout.for_tenant(J::QUEUE, tenant.as_ref());
-                pipes
-                    .entry(keys.shard)
-                    .or_insert_with(redis::pipe)
-                    .cmd("EVALSHA")
-                    .arg(&hash)
-                    .arg(4)
-                    .arg(keys.data())
-                    .arg(keys.active())
-                    .arg(keys.signal())
-                    .arg(keys.meta())
-                    .arg(&job_id)
-                    .arg(payload)
-                    .arg(max_attempts)
-                    .arg(1)
-                    .arg("tenant")
-                    .arg(tenant_field(tenant.as_ref()))
-                    .ignore();
-                ids.push(job_id);
-            }
-            for pipe in pipes.values() {
-                let () = pipe.query_async(conn).await?;
-            }
+        for chunk in jobs.chunks(GROUP) {
+            let prepared = chunk
+                .iter()
+                .map(|job| self.prepare(job, Enqueue::default()))
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.extend(prepared.iter().map(|p| p.job_id.clone()));
+            send_groups(conn, &prepared, None).await?;
         }
         Ok(ids)
     }
@@ -283,8 +266,8 @@ impl Queues {
         let tenant = tenant_of(&payload);
         let keys = self.layout.for_tenant(queue, tenant.as_ref());
         let payload = self.at_rest(queue, &job_id, payload)?;
-        self.push(conn, &keys, tenant.as_ref(), &job_id, &payload, options)
-            .await
+        let prepared = Prepared::new(keys, tenant.as_ref(), job_id, payload, options);
+        self.push(conn, prepared).await
     }
 
     /// Enqueue a payload already in its at-rest form (`jobs/schemas/at-rest/{queue}.json`,
@@ -311,108 +294,286 @@ impl Queues {
             .ok()
             .and_then(|payload| tenant_of(&payload));
         let keys = self.layout.for_tenant(queue, tenant.as_ref());
-        self.push(conn, &keys, tenant.as_ref(), job_id, payload_json, options)
-            .await
+        let prepared = Prepared::new(
+            keys,
+            tenant.as_ref(),
+            job_id.to_owned(),
+            payload_json.to_owned(),
+            options,
+        );
+        self.push(conn, prepared).await
+    }
+
+    /// Sends prepared jobs: one script call (one round trip) for each shard among them, in
+    /// the order their shards first appear; with [`Queues::acknowledged_by`], each call waits
+    /// for the replicas (`WAIT` in the same round trip). Within a shard the call is atomic, and
+    /// each job is what it would be alone: its dedupe key claimed or found, its job id
+    /// written once. Returns one outcome per job, in order. A failure names no job: none, some
+    /// or all of the jobs may be in Redis, and sending the same prepared jobs again adds
+    /// nothing that is there (their ids and dedupe keys are fixed).
+    pub async fn enqueue_prepared<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        jobs: &[Prepared],
+    ) -> Result<Vec<Enqueued>, SendError> {
+        send_groups(conn, jobs, self.acks).await
     }
 
     async fn push<C: ConnectionLike>(
         &self,
         conn: &mut C,
-        keys: &QueueKeys,
-        tenant: Option<&Uuid>,
-        job_id: &str,
-        payload_json: &str,
-        options: Enqueue,
+        prepared: Prepared,
     ) -> Result<Enqueued, EnqueueError> {
-        let queue = keys.queue.as_str();
-        let mut names = vec![keys.data(), keys.active(), keys.signal(), keys.meta()];
-        let ttl = match &options.dedupe {
-            Some((purpose, ttl)) => {
-                names.push(keys.dedupe(purpose));
-                *ttl
-            }
-            None => 0,
-        };
-        // Borrowed: the payload is copied once, into the command.
-        let (max_attempts, ttl) = (
-            default_max_attempts(queue).to_string(),
-            ttl.max(1).to_string(),
-        );
-        let tenant = tenant_field(tenant);
-        let mut args: Vec<&str> =
-            vec![job_id, payload_json, &max_attempts, &ttl, "tenant", &tenant];
-        if let Some(request_id) = &options.request_id {
-            args.extend(["request_id", request_id.as_str()]);
-        }
-        let (created, job_id): (i64, String) = match self.acks {
-            None => {
-                let mut invocation = ENQUEUE.prepare_invoke();
-                for name in &names {
-                    invocation.key(name);
-                }
-                for arg in &args {
-                    invocation.arg(arg);
-                }
-                invocation.invoke_async(conn).await?
-            }
-            Some(acks) => {
-                let (outcome, acked) = enqueue_and_wait(conn, &names, &args, acks).await?;
-                if acked < acks.replicas {
-                    return Err(EnqueueError::NotReplicated {
-                        acked,
-                        wanted: acks.replicas,
-                    });
-                }
-                outcome
-            }
-        };
-        Ok(Enqueued {
-            job_id,
-            created: created == 1,
-        })
+        let mut sent = send_group(conn, &[&prepared], self.acks).await?;
+        sent.pop().ok_or(EnqueueError::Redis(short_answer()))
     }
 }
 
-/// The enqueue script and `WAIT` in one pipeline: one round trip, both on the connection (and,
-/// on a Redis Cluster, the primary: the pipeline goes to its first key's slot) that wrote the
-/// job. A server without the script loads it and the pipeline runs again (the script is
-/// idempotent: a job id or dedupe purpose already there adds nothing).
-async fn enqueue_and_wait<C: ConnectionLike>(
-    conn: &mut C,
-    names: &[String],
-    args: &[&str],
-    acks: ReplicaAcks,
-) -> Result<((i64, String), u64), EnqueueError> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("EVALSHA")
-        .arg(ENQUEUE.get_hash())
-        .arg(names.len())
-        .arg(names)
-        .arg(args)
-        .cmd("WAIT")
-        .arg(acks.replicas)
-        .arg(acks.timeout.as_millis().max(1) as u64);
-    match pipe.query_async(conn).await {
-        Ok(answer) => Ok(answer),
-        Err(error)
-            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-        {
-            let _: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(include_str!("../lua/enqueue.lua"))
-                .query_async(conn)
-                .await?;
-            Ok(pipe.query_async(conn).await?)
+/// A job ready to be sent ([`Queues::prepare`]): its id, its sealed payload, its shard's keys,
+/// its metadata and dedupe key. Cloning copies the payload.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    keys: QueueKeys,
+    job_id: String,
+    payload: String,
+    max_attempts: String,
+    tenant: String,
+    /// The dedupe key (in the shard's slot) and its TTL in seconds.
+    dedupe: Option<(String, String)>,
+    request_id: Option<String>,
+}
+
+impl Prepared {
+    fn new(
+        keys: QueueKeys,
+        tenant: Option<&Uuid>,
+        job_id: String,
+        payload: String,
+        options: Enqueue,
+    ) -> Self {
+        let dedupe = options
+            .dedupe
+            .map(|(purpose, ttl)| (keys.dedupe(&purpose), ttl.max(1).to_string()));
+        Self {
+            max_attempts: default_max_attempts(&keys.queue).to_string(),
+            keys,
+            job_id,
+            payload,
+            tenant: tenant_field(tenant),
+            dedupe,
+            request_id: options.request_id,
         }
-        Err(error) => Err(error.into()),
     }
+
+    /// The job's id.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// The queue and shard the job goes to: jobs of one shard travel in one script call.
+    pub fn shard(&self) -> (&str, u16) {
+        (&self.keys.queue, self.keys.shard)
+    }
+}
+
+/// Why prepared jobs could not be sent ([`Queues::enqueue_prepared`]); cloned, it answers every
+/// job of a group that failed together.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// Redis refused or could not be reached; retrying may help.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// As [`EnqueueError::NotReplicated`].
+    #[error("the job reached {acked} of {wanted} Redis replicas in time")]
+    NotReplicated {
+        /// Replicas that confirmed.
+        acked: u64,
+        /// Replicas asked for.
+        wanted: u64,
+    },
+}
+
+impl From<SendError> for EnqueueError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::Redis(error) => Self::Redis(error),
+            SendError::NotReplicated { acked, wanted } => Self::NotReplicated { acked, wanted },
+        }
+    }
+}
+
+/// Redis answered the script with fewer outcomes than jobs sent, or one that is neither `1`
+/// nor a job id (never, from this script).
+fn short_answer() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "the enqueue script's answer does not match the jobs sent",
+    ))
+}
+
+/// One script call per shard among `jobs` (in the order the shards first appear), the
+/// outcomes put back in the jobs' order.
+async fn send_groups<C: ConnectionLike>(
+    conn: &mut C,
+    jobs: &[Prepared],
+    acks: Option<ReplicaAcks>,
+) -> Result<Vec<Enqueued>, SendError> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    if jobs.iter().all(|job| job.shard() == first.shard()) {
+        let group: Vec<&Prepared> = jobs.iter().collect();
+        return send_group(conn, &group, acks).await;
+    }
+    // Each shard's jobs, and where each one's outcome goes.
+    struct Group<'a> {
+        shard: (&'a str, u16),
+        jobs: Vec<&'a Prepared>,
+        at: Vec<usize>,
+    }
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match groups.iter_mut().find(|group| group.shard == job.shard()) {
+            Some(group) => {
+                group.jobs.push(job);
+                group.at.push(i);
+            }
+            None => groups.push(Group {
+                shard: job.shard(),
+                jobs: vec![job],
+                at: vec![i],
+            }),
+        }
+    }
+    let mut outcomes: Vec<Option<Enqueued>> = vec![None; jobs.len()];
+    for group in groups {
+        let sent = send_group(conn, &group.jobs, acks).await?;
+        for (i, outcome) in group.at.into_iter().zip(sent) {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.ok_or_else(|| SendError::Redis(short_answer())))
+        .collect()
+}
+
+/// One script call for `jobs`, all of one shard: one round trip, with `WAIT` in it when
+/// replicas must confirm (on the same connection and, on a Redis Cluster, the primary that
+/// took the jobs: the pipeline goes to its first key's slot). A server without the script
+/// loads it and the call runs again (the script is idempotent: a job id or dedupe key already
+/// there adds nothing).
+async fn send_group<C: ConnectionLike>(
+    conn: &mut C,
+    jobs: &[&Prepared],
+    acks: Option<ReplicaAcks>,
+) -> Result<Vec<Enqueued>, SendError> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    let keys = &first.keys;
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(ENQUEUE.get_hash())
+        .arg(4 + jobs.iter().filter(|job| job.dedupe.is_some()).count())
+        .arg(keys.data())
+        .arg(keys.active())
+        .arg(keys.signal())
+        .arg(keys.meta());
+    for job in jobs {
+        if let Some((key, _)) = &job.dedupe {
+            call.arg(key);
+        }
+    }
+    call.arg(jobs.len());
+    for job in jobs {
+        let ttl = job.dedupe.as_ref().map_or("0", |(_, ttl)| ttl.as_str());
+        let pairs = if job.request_id.is_some() { 2 } else { 1 };
+        call.arg(&job.job_id)
+            .arg(&job.payload)
+            .arg(&job.max_attempts)
+            .arg(ttl)
+            .arg(pairs)
+            .arg("tenant")
+            .arg(&job.tenant);
+        if let Some(request_id) = &job.request_id {
+            call.arg("request_id").arg(request_id);
+        }
+    }
+    let outcomes: Vec<redis::Value> = match acks {
+        None => match call.query_async(conn).await {
+            Err(error) if is_noscript(&error) => {
+                load_script(conn).await?;
+                call.query_async(conn).await?
+            }
+            answer => answer?,
+        },
+        Some(acks) => {
+            let mut pipe = redis::pipe();
+            pipe.add_command(call)
+                .cmd("WAIT")
+                .arg(acks.replicas)
+                .arg(acks.timeout.as_millis().max(1) as u64);
+            let (outcomes, acked): (Vec<redis::Value>, u64) = match pipe.query_async(conn).await {
+                Err(error) if is_noscript(&error) => {
+                    load_script(conn).await?;
+                    pipe.query_async(conn).await?
+                }
+                answer => answer?,
+            };
+            if acked < acks.replicas {
+                return Err(SendError::NotReplicated {
+                    acked,
+                    wanted: acks.replicas,
+                });
+            }
+            outcomes
+        }
+    };
+    if outcomes.len() != jobs.len() {
+        return Err(SendError::Redis(short_answer()));
+    }
+    // 1: enqueued; otherwise the id of the job that was there.
+    jobs.iter()
+        .zip(outcomes)
+        .map(|(job, outcome)| match outcome {
+            redis::Value::Int(1) => Ok(Enqueued {
+                job_id: job.job_id.clone(),
+                created: true,
+            }),
+            redis::Value::BulkString(id) => match String::from_utf8(id) {
+                Ok(job_id) => Ok(Enqueued {
+                    job_id,
+                    created: false,
+                }),
+                Err(_) => Err(SendError::Redis(short_answer())),
+            },
+            _ => Err(SendError::Redis(short_answer())),
+        })
+        .collect()
+}
+
+fn is_noscript(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// `SCRIPT LOAD` of the enqueue script (idempotent; on a Redis Cluster, every primary).
+async fn load_script<C: ConnectionLike>(conn: &mut C) -> Result<(), redis::RedisError> {
+    let _: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(include_str!("../lua/enqueue.lua"))
+        .query_async(conn)
+        .await?;
+    Ok(())
 }
 
 /// The `tenant` a job's metadata records: its tenant's id, or `-` for a job of no tenant.
 /// Workers take the tenants with waiting jobs in turn (and cap each one's jobs in flight) by
 /// it; a job from an older client without it gets its payload's `tenant_id`.
 fn tenant_field(tenant: Option<&Uuid>) -> String {
-    tenant.map_or_else(|| "-".to_owned(), ToString::to_string)
+    let mut text = Uuid::encode_buffer();
+    tenant
+        .map_or("-", |tenant| tenant.hyphenated().encode_lower(&mut text))
+        .to_owned()
 }
 
 /// A payload's `tenant_id`, which picks its shard.

@@ -52,8 +52,21 @@ impl QueueKeys {
     }
     /// The keys of shard `shard` of `queue` under `namespace`.
     pub fn shard(namespace: &str, queue: &str, shard: u16) -> Self {
+        // Concatenated rather than `format!`ed: every enqueue builds one.
+        let mut digits = [0u8; 5];
+        let mut at = digits.len();
+        let mut rest = shard;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let digits = std::str::from_utf8(&digits[at..]).unwrap_or("0");
         Self {
-            prefix: format!("{namespace}:{{{queue}:{shard}}}"),
+            prefix: [namespace, ":{", queue, ":", digits, "}"].concat(),
             queue: queue.to_owned(),
             shard,
         }
@@ -324,6 +337,16 @@ mod tests {
             .map(|s| hash_slot(&QueueKeys::shard("ns", "sync_catalog", s).active()))
             .collect();
         assert!(slots.len() > 1, "shards spread over slots");
+    }
+
+    #[test]
+    fn a_shard_prefix_names_namespace_queue_and_shard() {
+        for shard in [0, 7, 10, 63, 99, 100, 12_345, u16::MAX] {
+            assert_eq!(
+                QueueKeys::shard("ns", "q", shard).prefix,
+                format!("ns:{{q:{shard}}}")
+            );
+        }
     }
 
     #[test]

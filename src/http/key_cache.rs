@@ -157,6 +157,16 @@ impl KeyCache {
         }
     }
 
+    /// The tenant's keys when they are in memory and younger than the cache's TTL: what
+    /// [`KeyCache::get`] would answer at once, without PostgreSQL or a refresh (one lookup for
+    /// the webhook's hot path).
+    pub fn fresh(&self, tenant_id: Uuid) -> Option<Arc<VerificationKeys>> {
+        self.read_known()
+            .get(&tenant_id)
+            .filter(|e| e.fetched.elapsed() < self.ttl)
+            .map(|e| e.keys.clone())
+    }
+
     /// Whether the tenant's keys are in memory and still trusted, so [`KeyCache::get`] would
     /// answer without PostgreSQL (the webhook lets such a tenant's messages through from an
     /// address past its budget of refused requests).

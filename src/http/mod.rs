@@ -57,6 +57,9 @@ pub struct AppState {
     /// ([`AppState::enqueue_redis`]).
     pub acked: Option<crate::redis_conn::Spread>,
     pub queues: Queues,
+    /// Inbound messages' enqueues, coalesced into groups under load (`crate::queue::coalesce`),
+    /// over [`AppState::enqueue_redis`]'s connections.
+    pub enqueuer: crate::queue::coalesce::Coalescer<crate::redis_conn::Renewing>,
     pub key_cache: Arc<KeyCache>,
     /// `PUBLIC_BASE_URL` without a trailing slash.
     pub public_base: Option<String>,
@@ -98,12 +101,19 @@ impl AppState {
                 .inspect_err(|error| tracing::warn!(%error, "cannot open the enqueue connections"))
                 .ok()
         });
+        let enqueuer = {
+            let (redis, acked) = (redis.clone(), acked.clone());
+            crate::queue::coalesce::Coalescer::new(queues.clone(), move || {
+                enqueue_connection(&redis, acked.as_ref())
+            })
+        };
         Self {
             config,
             pool,
             redis,
             acked,
             queues,
+            enqueuer,
             key_cache,
             public_base,
             jwt,
@@ -123,10 +133,17 @@ impl AppState {
     /// The connection an enqueue goes over: one of its own when it waits for replicas (`WAIT`
     /// blocks its connection), the shared one otherwise.
     pub fn enqueue_redis(&self) -> crate::redis_conn::Renewing {
-        match &self.acked {
-            Some(spread) => spread.get(),
-            None => self.redis.clone(),
-        }
+        enqueue_connection(&self.redis, self.acked.as_ref())
+    }
+}
+
+fn enqueue_connection(
+    shared: &crate::redis_conn::Renewing,
+    acked: Option<&crate::redis_conn::Spread>,
+) -> crate::redis_conn::Renewing {
+    match acked {
+        Some(spread) => spread.get(),
+        None => shared.clone(),
     }
 }
 

@@ -288,10 +288,15 @@ pub async fn twilio_message(
         ip: client_ip(peer, headers, &state.config.trusted_proxies),
         request_id: request_id.unwrap_or_default().to_owned(),
     };
-    let in_memory = match Uuid::parse_str(&tenant) {
-        Ok(id) => state.key_cache.holds_keys(id).await,
-        Err(_) => false,
-    };
+    // A tenant whose keys are fresh in memory (the hot path) is looked up once.
+    let fresh = Uuid::parse_str(&tenant)
+        .ok()
+        .and_then(|id| state.key_cache.fresh(id));
+    let in_memory = fresh.is_some()
+        || match Uuid::parse_str(&tenant) {
+            Ok(id) => state.key_cache.holds_keys(id).await,
+            Err(_) => false,
+        };
     if !in_memory {
         unauthenticated_budget(&state, &ctx).await?;
     }
@@ -341,11 +346,16 @@ pub async fn twilio_message(
         tracing::error!("PUBLIC_BASE_URL is not set; webhooks cannot be verified");
         return Err(ApiError::unavailable());
     };
-    let keys = match state
-        .key_cache
-        .get(&state.pool, &state.config.keyring, tenant_id)
-        .await
-    {
+    let looked_up = match fresh {
+        Some(keys) => Ok(Some(keys)),
+        None => {
+            state
+                .key_cache
+                .get(&state.pool, &state.config.keyring, tenant_id)
+                .await
+        }
+    };
+    let keys = match looked_up {
         Ok(Some(keys)) => keys,
         // No such tenant: the id in the path is the client's, not a tenant's, so the event
         // names none (and all such forgeries share one alert subject).
@@ -446,23 +456,20 @@ pub async fn twilio_message(
         received_at,
     };
     let dedupe = dedupe_purpose(tenant_id, &job.message_sid);
-    let mut redis = state.enqueue_redis();
-    let enqueued = state
-        .queues
-        .enqueue(
-            &mut redis,
-            &job,
-            Enqueue {
-                job_id: None,
-                dedupe: Some((dedupe, DEDUPE_TTL_SECONDS)),
-                request_id: request_id.map(str::to_owned),
-            },
-        )
-        .await
-        .map_err(|error| {
-            tracing::error!(tenant.id = %tenant_id, %error, "cannot enqueue inbound message");
-            ApiError::unavailable()
-        })?;
+    let options = Enqueue {
+        job_id: None,
+        dedupe: Some((dedupe, DEDUPE_TTL_SECONDS)),
+        request_id: request_id.map(str::to_owned),
+    };
+    // Sealed here, on this request's thread; sent with whatever else is ready.
+    let enqueued = match state.queues.prepare(&job, options) {
+        Ok(prepared) => state.enqueuer.enqueue(prepared).await,
+        Err(error) => Err(error),
+    }
+    .map_err(|error| {
+        tracing::error!(tenant.id = %tenant_id, %error, "cannot enqueue inbound message");
+        ApiError::unavailable()
+    })?;
     tracing::info!(
         tenant.id = %tenant_id,
         job.id = %enqueued.job_id,

@@ -15,8 +15,8 @@ const SECONDS_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Histogram buckets for `gatehouse_group_commit_jobs`: jobs per group, 1 to 1000
-/// (`GROUP_COMMIT_MAX_JOBS`' range).
+/// Histogram buckets for `gatehouse_group_commit_jobs` and `gatehouse_enqueue_group_jobs`: jobs
+/// per group, 1 to 1000 (`GROUP_COMMIT_MAX_JOBS`' range).
 const GROUP_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
 
 /// Every counter gatehouse produces through the recorder, with its help text.
@@ -88,7 +88,7 @@ pub const COUNTERS: [(&str, &str); 16] = [
 ];
 
 /// Every histogram, with its help text.
-pub const HISTOGRAMS: [(&str, &str); 3] = [
+pub const HISTOGRAMS: [(&str, &str); 4] = [
     (
         "gatehouse_http_request_duration_seconds",
         "HTTP request latency, by method and matched route template.",
@@ -100,6 +100,10 @@ pub const HISTOGRAMS: [(&str, &str); 3] = [
     (
         "gatehouse_group_commit_jobs",
         "inbound_message jobs whose effects one statement committed together (group commit), per group.",
+    ),
+    (
+        "gatehouse_enqueue_group_jobs",
+        "Webhook jobs the ingress sent to Redis in one enqueue script call (coalesced enqueues), per call.",
     ),
 ];
 
@@ -148,6 +152,12 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full("gatehouse_group_commit_jobs".into()),
+                        &GROUP_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gatehouse_enqueue_group_jobs".into()),
                         &GROUP_BUCKETS,
                     )
                 }) {

@@ -21,6 +21,7 @@
 //! queue").
 
 pub mod at_rest;
+pub mod coalesce;
 pub mod consume;
 pub mod dead;
 pub mod keys;

@@ -239,3 +239,15 @@ pub fn cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// The address a URL points at (a loopback server of the test machine).
+pub fn address_of(url: &str) -> std::net::SocketAddr {
+    let url = url::Url::parse(url).expect("a URL");
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    )
+    .parse()
+    .expect("the server is on an IP address")
+}

@@ -11,6 +11,7 @@ mod auth;
 mod bounded_costs;
 mod catalog;
 mod cli;
+mod coalesce;
 mod dashboard;
 mod fairness;
 mod group_commit;

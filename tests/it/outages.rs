@@ -642,18 +642,6 @@ fn through(url: &str, addr: std::net::SocketAddr) -> String {
     url.to_string()
 }
 
-/// The address a URL points at (a loopback server of the test machine).
-fn address_of(url: &str) -> std::net::SocketAddr {
-    let url = url::Url::parse(url).expect("a URL");
-    format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5432)
-    )
-    .parse()
-    .expect("the server is on an IP address")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_rides_out_every_postgres_fault_shape_and_no_job_dies_is_lost_or_runs_twice() {
     const BACKLOG: usize = 1000;
