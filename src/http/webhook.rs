@@ -289,13 +289,12 @@ pub async fn twilio_message(
         request_id: request_id.unwrap_or_default().to_owned(),
     };
     // A tenant whose keys are fresh in memory (the hot path) is looked up once.
-    let fresh = Uuid::parse_str(&tenant)
-        .ok()
-        .and_then(|id| state.key_cache.fresh(id));
+    let tenant_id = Uuid::parse_str(&tenant).ok();
+    let fresh = tenant_id.and_then(|id| state.key_cache.fresh(id));
     let in_memory = fresh.is_some()
-        || match Uuid::parse_str(&tenant) {
-            Ok(id) => state.key_cache.holds_keys(id).await,
-            Err(_) => false,
+        || match tenant_id {
+            Some(id) => state.key_cache.holds_keys(id).await,
+            None => false,
         };
     if !in_memory {
         unauthenticated_budget(&state, &ctx).await?;
@@ -339,7 +338,7 @@ pub async fn twilio_message(
             }
         };
 
-    let Ok(tenant_id) = Uuid::parse_str(&tenant) else {
+    let Some(tenant_id) = tenant_id else {
         return Err(refuse(None, "unknown tenant", None).await);
     };
     let Some(base) = state.public_base.as_deref() else {
@@ -444,9 +443,8 @@ pub async fn twilio_message(
         Kind::Json => Params::Json(JsonParams::parse(&raw)?),
     };
     let fields = fields(&params)?;
-    let received_at = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .map_err(|_| ApiError::internal())?;
+    // Received when verified (the signature check took microseconds since `now`).
+    let received_at = now.format(&Rfc3339).map_err(|_| ApiError::internal())?;
     let job = InboundMessage {
         tenant_id,
         message_sid: fields.message_sid,

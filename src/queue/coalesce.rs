@@ -30,9 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 pub const MAX_GROUP: usize = 64;
 
 /// Most script calls in flight at once: under load the next group gathers while these run.
-/// Two keeps a round trip's wait from holding every job back (one call can be in Redis while
-/// the next is on the wire) and still lets groups grow (BENCHMARKS.md §16, "Coalesced
-/// enqueues": one in flight and two with a yield both gave ~7 jobs a call at figure 4's load).
+/// Measured at figure 4's load (BENCHMARKS.md §16, "Coalesced enqueues"): two, with the
+/// yield below, gave the most webhooks a second (~5 jobs a call); one made bigger groups
+/// (~8) but each job waited for the call before it; three or four, or no yield, made smaller
+/// groups and cost Redis more per webhook.
 pub const MAX_IN_FLIGHT: usize = 2;
 
 /// Jobs waiting for a group before a sender waits for room (the request timeout bounds that).
@@ -41,7 +42,8 @@ const WAITING: usize = 4096;
 type Answer = oneshot::Sender<Result<Enqueued, SendError>>;
 
 /// Sends prepared jobs in groups over connections from `connect` (called once per group: a
-/// renewed or rotated connection is used from the next group on). Clones share the sender.
+/// renewed or rotated connection is used from the next group on). One per process: share it
+/// (the ingress keeps it in its `AppState`).
 pub struct Coalescer<C> {
     queues: Arc<Queues>,
     connect: Arc<dyn Fn() -> C + Send + Sync>,
