@@ -4,8 +4,9 @@
 //! task sends what is waiting: at most [`MAX_IN_FLIGHT`] script calls at once
 //! ([`MAX_IN_FLIGHT_ACKED`] when each waits for replicas), each carrying
 //! every job waiting when it leaves (up to [`MAX_GROUP`], one call per queue shard). When
-//! Redis is idle a job leaves at once, alone; under load the jobs that arrive while calls are
-//! in flight leave together in the next one — the same idea as the worker's group commit.
+//! nothing is in flight a request sends its job itself, at once, alone (no hand-over: an idle
+//! or lightly loaded ingress pays no extra hop); under load the jobs that arrive while calls
+//! are in flight leave together in the next one — the same idea as the worker's group commit.
 //! A group is one `EVALSHA` (and, with `REDIS_MIN_REPLICA_ACKS`, one `WAIT`) instead of one
 //! per job: fewer round trips, script calls and wake-up signals for Redis and for this
 //! process, and each job still exactly what it would be alone (its dedupe key claimed in the
@@ -17,7 +18,7 @@
 //! request has gone (its client left, or the request timed out) before its group leaves is not
 //! sent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
@@ -61,11 +62,41 @@ pub struct Coalescer<C> {
     sent: Arc<Sent>,
 }
 
-/// Script calls made and jobs they carried, since the coalescer was made.
+/// Script calls made and jobs they carried since the coalescer was made, and the calls in
+/// flight now (the task's and a lone request's).
 #[derive(Debug, Default)]
 struct Sent {
     groups: AtomicU64,
     jobs: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl Sent {
+    /// One script call of `jobs` jobs, in `gatehouse_enqueue_group_jobs` too.
+    fn count(&self, jobs: usize) {
+        ::metrics::histogram!("gatehouse_enqueue_group_jobs").record(jobs as f64);
+        self.groups.fetch_add(1, Ordering::Relaxed);
+        self.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+    }
+}
+
+/// A call counted in [`Sent::active`] while it lives (a dropped request's too).
+struct Alone<'a>(&'a AtomicUsize);
+
+impl<'a> Alone<'a> {
+    /// Counts a lone request's call if nothing is in flight.
+    fn claim(active: &'a AtomicUsize) -> Option<Self> {
+        active
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| Self(active))
+    }
+}
+
+impl Drop for Alone<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<C: ConnectionLike + Send + 'static> Coalescer<C> {
@@ -90,6 +121,18 @@ impl<C: ConnectionLike + Send + 'static> Coalescer<C> {
 
     /// Enqueue `job` with whatever else is waiting; its own outcome.
     pub async fn enqueue(&self, job: Prepared) -> Result<Enqueued, EnqueueError> {
+        // Nothing in flight: this job goes now, alone, from this request — no hop to the
+        // sending task and no wait (an idle ingress, or one webhook at a time). Only one
+        // request at a time may do so; the rest wait for the task's next group.
+        if let Some(_alone) = Alone::claim(&self.sent.active) {
+            self.sent.count(1);
+            let mut conn = (self.connect)();
+            let mut sent = self
+                .queues
+                .enqueue_prepared(&mut conn, std::slice::from_ref(&job))
+                .await?;
+            return sent.pop().ok_or(EnqueueError::Redis(stopped()));
+        }
         let (answer, answered) = oneshot::channel();
         self.sender()
             .send((job, answer))
@@ -144,10 +187,12 @@ async fn send_groups<C: ConnectionLike + Send + 'static>(
                 let Some(first) = next else { break };
                 let mut group = Vec::with_capacity(8);
                 group.push(first);
-                // Let the requests that are ready on this thread (and the sockets the runtime
-                // polls meanwhile) add their jobs first: a group of one under load costs Redis
-                // a script call per job. When nothing else is ready this returns at once.
-                tokio::task::yield_now().await;
+                // Busy (a call in flight): let the requests that are ready on this thread (and
+                // the sockets the runtime polls meanwhile) add their jobs first — a group of one
+                // under load costs Redis a script call per job. Idle: no wait.
+                if sent.active.load(Ordering::Acquire) > 0 {
+                    tokio::task::yield_now().await;
+                }
                 while group.len() < MAX_GROUP {
                     match waiting.try_recv() {
                         Ok(next) => group.push(next),
@@ -160,10 +205,9 @@ async fn send_groups<C: ConnectionLike + Send + 'static>(
                 if group.is_empty() {
                     continue;
                 }
-                ::metrics::histogram!("gatehouse_enqueue_group_jobs").record(group.len() as f64);
-                sent.groups.fetch_add(1, Ordering::Relaxed);
-                sent.jobs.fetch_add(group.len() as u64, Ordering::Relaxed);
-                in_flight.push(send(queues.clone(), connect(), group));
+                sent.count(group.len());
+                sent.active.fetch_add(1, Ordering::AcqRel);
+                in_flight.push(send(queues.clone(), connect(), group, sent.clone()));
             }
             else => break,
         }
@@ -172,9 +216,16 @@ async fn send_groups<C: ConnectionLike + Send + 'static>(
 }
 
 /// One group: sent, and each job's outcome to its request.
-async fn send<C: ConnectionLike>(queues: Arc<Queues>, mut conn: C, group: Vec<(Prepared, Answer)>) {
+async fn send<C: ConnectionLike>(
+    queues: Arc<Queues>,
+    mut conn: C,
+    group: Vec<(Prepared, Answer)>,
+    sent: Arc<Sent>,
+) {
     let (jobs, answers): (Vec<Prepared>, Vec<Answer>) = group.into_iter().unzip();
-    match queues.enqueue_prepared(&mut conn, &jobs).await {
+    let outcome = queues.enqueue_prepared(&mut conn, &jobs).await;
+    sent.active.fetch_sub(1, Ordering::AcqRel);
+    match outcome {
         Ok(outcomes) => {
             for (answer, outcome) in answers.into_iter().zip(outcomes) {
                 // A request that has gone by now drops its answer: nothing to do.

@@ -204,12 +204,12 @@ async fn a_job_whose_request_left_before_its_group_is_not_sent_and_a_stuck_redis
     let first = prepare("through the proxy");
     coalescer.enqueue(first).await.expect("enqueued");
 
-    // Redis stops answering: two groups wait in flight (each sent alone: the second leaves
-    // while the first waits), so the next job waits its turn in the queue — and its request
-    // gives up.
+    // Redis stops answering: three calls wait in flight (the first sent by its own request,
+    // the coalescer idle; then the task's two, each leaving while the others wait), so the
+    // next job waits its turn in the queue — and its request gives up.
     proxy.set(Mode::Blackhole);
     let mut stuck = Vec::new();
-    for n in 0..2 {
+    for n in 0..3 {
         let coalescer = coalescer.clone();
         let job = prepare(&format!("stuck {n}"));
         stuck.push(tokio::spawn(async move { coalescer.enqueue(job).await }));
