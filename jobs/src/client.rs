@@ -92,6 +92,15 @@ pub struct Enqueue {
     pub request_id: Option<String>,
 }
 
+impl Enqueue {
+    /// The job id asked for, or a fresh UUIDv7: the AAD's, so fixed before anything is sealed.
+    fn take_job_id(&mut self) -> String {
+        self.job_id
+            .take()
+            .unwrap_or_else(|| Uuid::now_v7().to_string())
+    }
+}
+
 /// The result of an enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enqueued {
@@ -197,11 +206,7 @@ impl Queues {
     /// on its own thread.
     pub fn prepare<J: Job>(&self, job: &J, options: Enqueue) -> Result<Prepared, EnqueueError> {
         let mut options = options;
-        // The job id is the AAD's: fixed before anything is sealed.
-        let job_id = options
-            .job_id
-            .take()
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let job_id = options.take_job_id();
         let payload = seal_job(job, &job_id, self.key.as_ref())?;
         let tenant = job.tenant();
         let keys = self.layout.for_tenant(J::QUEUE, tenant.as_ref());
@@ -258,11 +263,7 @@ impl Queues {
         payload: serde_json::Value,
         mut options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
-        // The job id is the AAD's: fixed before anything is sealed.
-        let job_id = options
-            .job_id
-            .take()
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let job_id = options.take_job_id();
         let tenant = tenant_of(&payload);
         let keys = self.layout.for_tenant(queue, tenant.as_ref());
         let payload = self.at_rest(queue, &job_id, payload)?;

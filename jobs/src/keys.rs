@@ -53,20 +53,9 @@ impl QueueKeys {
     /// The keys of shard `shard` of `queue` under `namespace`.
     pub fn shard(namespace: &str, queue: &str, shard: u16) -> Self {
         // Concatenated rather than `format!`ed: every enqueue builds one.
-        let mut digits = [0u8; 5];
-        let mut at = digits.len();
-        let mut rest = shard;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        let digits = std::str::from_utf8(&digits[at..]).unwrap_or("0");
+        let shard_text = shard.to_string();
         Self {
-            prefix: [namespace, ":{", queue, ":", digits, "}"].concat(),
+            prefix: [namespace, ":{", queue, ":", &shard_text, "}"].concat(),
             queue: queue.to_owned(),
             shard,
         }
