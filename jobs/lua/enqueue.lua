@@ -1,37 +1,40 @@
 #!lua
 -- gatehouse enqueue: one or more jobs of one queue shard straight onto its active list (never
 -- the scheduled set, whose promotion in apalis-redis 1.0 unpacks every due id at once and
--- fails past ~8k), each with an optional dedupe key claimed atomically in the same script.
--- Several jobs in one call (a coalesced group: `gatehouse_jobs::client::Queues::enqueue_prepared`)
--- are each what one job alone would be: claimed, written and listed in order, with one
--- wake-up signal for all of them.
+-- fails past ~8k). Several jobs in one call (a coalesced group:
+-- `gatehouse_jobs::client::Queues::enqueue_prepared`) are each what one job alone would be:
+-- checked, written and listed in order, with one wake-up signal for all of them.
+--
+-- A job with a dedupe purpose has the id the purpose fixes (`client::dedupe_job_id`): writing
+-- it (HSETNX) is the claim, and a second job of the purpose finds the first's id there. Its
+-- metadata keeps the purpose and when the claim ends (`dedupe`, `dedupe_until`, ms), so the
+-- vacuum or a purge that removes the job early leaves a tombstone under the purpose's key until
+-- then. The script reads that key, never writes it: a webhook costs Redis no key of its own.
+-- The key also holds the claim of a job an older client enqueued (it claimed with `SET NX`).
 --
 -- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
 --   [1] data, [2] active, [3] signal, [4] meta,
 --   [5..] dedupe(purpose) of each job that has one, in the jobs' order
 -- ARGV[1]: the number of jobs; then, for each job:
---   job id, payload JSON, max attempts, dedupe TTL in seconds (0: no dedupe key),
---   n (metadata pairs), then n metadata field/value pairs
+--   job id, payload JSON, max attempts, dedupe TTL in seconds (0: no dedupe purpose),
+--   n (metadata pairs), then n metadata field/value pairs (`dedupe` among them with a TTL)
 -- Returns, for each job in order, 1 when it was enqueued, or the id of the job already there
--- when its dedupe key or its job id was taken (its own id, for the job id).
+-- when its tombstone or its job id was found (its own id, for the job id).
 -- Every call ends with a write (the wake-up signal), even when nothing was enqueued: a `WAIT`
 -- after it (REDIS_MIN_REPLICA_ACKS) then also covers the earlier write of a job it found,
 -- which replicas receive in order before this one.
 local results = {}
 local at = 2
 local dedupe_key = 5
+local now
 for j = 1, tonumber(ARGV[1]) do
     local job_id, payload, max_attempts, ttl = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
     local pairs_at, pairs_end = at + 5, at + 4 + 2 * tonumber(ARGV[at + 4])
     at = pairs_end + 1
     local result
     if ttl > 0 then
-        local key = KEYS[dedupe_key]
+        result = redis.call("get", KEYS[dedupe_key])
         dedupe_key = dedupe_key + 1
-        -- Claimed already: one call for a new job (the webhook's hot path), two for a duplicate.
-        if not redis.call("set", key, job_id, "NX", "EX", ttl) then
-            result = redis.call("get", key)
-        end
     end
     if not result and redis.call("hsetnx", KEYS[1], job_id, payload) == 0 then
         result = job_id
@@ -40,6 +43,13 @@ for j = 1, tonumber(ARGV[1]) do
         local meta = {attempts = "0", max_attempts = max_attempts, status = "Pending", idempotency_key = ""}
         for i = pairs_at, pairs_end, 2 do
             meta[ARGV[i]] = ARGV[i + 1]
+        end
+        if ttl > 0 then
+            if not now then
+                local t = redis.call("time")
+                now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            end
+            meta.dedupe_until = tostring(now + ttl * 1000)
         end
         redis.call("hset", KEYS[4], job_id, cjson.encode(meta))
         redis.call("rpush", KEYS[2], job_id)

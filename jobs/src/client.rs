@@ -2,8 +2,8 @@
 //!
 //! Works over any `redis::aio::ConnectionLike` (the caller picks the runtime and the
 //! connection type). Jobs go straight to the queue's active list in one Lua script; a
-//! dedupe key, when given, is claimed in the same script so a job is enqueued at most once
-//! per key while the key lives.
+//! dedupe purpose, when given, fixes the job's id ([`dedupe_job_id`]), so a job is enqueued at
+//! most once per purpose while the job, or its tombstone, lives.
 //!
 //! A queue whose payload identifies a customer (`inbound_message`) seals those fields before
 //! they leave the process (`crate::sealed`): give the client gatehouse's `ENCRYPTION_KEY` with
@@ -56,6 +56,9 @@ pub enum EnqueueError {
         /// The queue.
         queue: String,
     },
+    /// Both a job id and a dedupe purpose were given: the purpose fixes the id.
+    #[error("a job id and a dedupe purpose were both given; the purpose fixes the job id")]
+    IdAndDedupe,
     /// The job is in Redis, but fewer replicas than asked confirmed it within the bound
     /// ([`Queues::acknowledged_by`]): a failover now could lose it, so the caller must not
     /// report it accepted. Retrying the same enqueue (same dedupe purpose or job id) adds
@@ -81,24 +84,49 @@ pub struct ReplicaAcks {
 /// Options for one enqueue.
 #[derive(Debug, Default, Clone)]
 pub struct Enqueue {
-    /// Job id to use; a fresh UUIDv7 when `None`.
+    /// Job id to use; when `None`, the one [`dedupe_job_id`] derives from the dedupe purpose,
+    /// or else a fresh UUIDv7. Not together with `dedupe` ([`EnqueueError::IdAndDedupe`]).
     pub job_id: Option<String>,
     /// A dedupe purpose (e.g. `inbound_message:{tenant}:{message_sid}`) and how long, in
     /// seconds, it is remembered: while it lives, a second job with the same purpose is not
-    /// enqueued and [`Enqueued::job_id`] names the first. The key is the queue shard's
-    /// ([`QueueKeys::dedupe`]), so one purpose must always be used with the same queue.
+    /// enqueued and [`Enqueued::job_id`] names the first. The purpose fixes the job's id
+    /// ([`dedupe_job_id`]), so while the job is in Redis (waiting, running, dead or finished
+    /// within `JOB_RETENTION_SECONDS`) it is its own claim; when it is removed before the
+    /// purpose's time is up, a tombstone ([`QueueKeys::dedupe`]) keeps the claim until then.
+    /// One purpose must always be used with the same queue.
     pub dedupe: Option<(String, u64)>,
     /// Request id carried into the job's metadata for tracing.
     pub request_id: Option<String>,
 }
 
 impl Enqueue {
-    /// The job id asked for, or a fresh UUIDv7: the AAD's, so fixed before anything is sealed.
-    fn take_job_id(&mut self) -> String {
-        self.job_id
-            .take()
-            .unwrap_or_else(|| Uuid::now_v7().to_string())
+    /// The job id: asked for, derived from the dedupe purpose, or a fresh UUIDv7 — the AAD's,
+    /// so fixed before anything is sealed.
+    fn take_job_id(&mut self) -> Result<String, EnqueueError> {
+        match (self.job_id.take(), &self.dedupe) {
+            (Some(_), Some(_)) => Err(EnqueueError::IdAndDedupe),
+            (Some(job_id), None) => Ok(job_id),
+            (None, Some((purpose, _))) => Ok(dedupe_job_id(purpose)),
+            (None, None) => Ok(Uuid::now_v7().to_string()),
+        }
     }
+}
+
+/// The id of the job that claims a dedupe `purpose`: a UUIDv8 made of the first 122 bits of
+/// SHA-256 over a fixed label and the purpose, the same in every process and release. Two
+/// enqueues of one purpose name one job, so writing the job (`HSETNX` on the shard's `:data`)
+/// is the claim: no key of its own per job while the job is in Redis.
+pub fn dedupe_job_id(purpose: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"gatehouse dedupe job id\0")
+        .chain_update(purpose.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// The result of an enqueue.
@@ -206,7 +234,7 @@ impl Queues {
     /// on its own thread.
     pub fn prepare<J: Job>(&self, job: &J, options: Enqueue) -> Result<Prepared, EnqueueError> {
         let mut options = options;
-        let job_id = options.take_job_id();
+        let job_id = options.take_job_id()?;
         let payload = seal_job(job, &job_id, self.key.as_ref())?;
         let tenant = job.tenant();
         let keys = self.layout.for_tenant(J::QUEUE, tenant.as_ref());
@@ -263,7 +291,7 @@ impl Queues {
         payload: serde_json::Value,
         mut options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
-        let job_id = options.take_job_id();
+        let job_id = options.take_job_id()?;
         let tenant = tenant_of(&payload);
         let keys = self.layout.for_tenant(queue, tenant.as_ref());
         let payload = self.at_rest(queue, &job_id, payload)?;
@@ -282,6 +310,10 @@ impl Queues {
         payload_json: &str,
         options: Enqueue,
     ) -> Result<Enqueued, EnqueueError> {
+        // The job id is given: a dedupe purpose would fix another.
+        if options.dedupe.is_some() {
+            return Err(EnqueueError::IdAndDedupe);
+        }
         if matches!(
             at_rest(queue, payload_json),
             AtRest::Plaintext | AtRest::Malformed
@@ -339,9 +371,17 @@ pub struct Prepared {
     payload: String,
     max_attempts: String,
     tenant: String,
-    /// The dedupe key (in the shard's slot) and its TTL in seconds.
-    dedupe: Option<(String, String)>,
+    dedupe: Option<Dedupe>,
     request_id: Option<String>,
+}
+
+/// A prepared job's dedupe purpose, its tombstone key (in the shard's slot) and its TTL in
+/// seconds.
+#[derive(Debug, Clone)]
+struct Dedupe {
+    purpose: String,
+    key: String,
+    ttl: String,
 }
 
 impl Prepared {
@@ -352,9 +392,11 @@ impl Prepared {
         payload: String,
         options: Enqueue,
     ) -> Self {
-        let dedupe = options
-            .dedupe
-            .map(|(purpose, ttl)| (keys.dedupe(&purpose), ttl.max(1).to_string()));
+        let dedupe = options.dedupe.map(|(purpose, ttl)| Dedupe {
+            key: keys.dedupe(&purpose),
+            ttl: ttl.max(1).to_string(),
+            purpose,
+        });
         Self {
             max_attempts: default_max_attempts(&keys.queue).to_string(),
             keys,
@@ -481,14 +523,17 @@ async fn send_group<C: ConnectionLike>(
         .arg(keys.signal())
         .arg(keys.meta());
     for job in jobs {
-        if let Some((key, _)) = &job.dedupe {
-            call.arg(key);
+        if let Some(dedupe) = &job.dedupe {
+            call.arg(&dedupe.key);
         }
     }
     call.arg(jobs.len());
     for job in jobs {
-        let ttl = job.dedupe.as_ref().map_or("0", |(_, ttl)| ttl.as_str());
-        let pairs = if job.request_id.is_some() { 2 } else { 1 };
+        let ttl = job
+            .dedupe
+            .as_ref()
+            .map_or("0", |dedupe| dedupe.ttl.as_str());
+        let pairs = 1 + usize::from(job.request_id.is_some()) + usize::from(job.dedupe.is_some());
         call.arg(&job.job_id)
             .arg(&job.payload)
             .arg(&job.max_attempts)
@@ -498,6 +543,10 @@ async fn send_group<C: ConnectionLike>(
             .arg(&job.tenant);
         if let Some(request_id) = &job.request_id {
             call.arg("request_id").arg(request_id);
+        }
+        // Where the vacuum or a purge leaves the tombstone, should the job go before its time.
+        if let Some(dedupe) = &job.dedupe {
+            call.arg("dedupe").arg(&dedupe.purpose);
         }
     }
     let outcomes: Vec<redis::Value> = match acks {

@@ -28,7 +28,7 @@
 //! | `:dead` | zset | dead letters by time |
 //! | `:workers` | zset | worker name → last heartbeat (ms) |
 //! | `:inflight` | hash | job id → the worker that fetched it and has not acknowledged it |
-//! | `:dedupe:{purpose}` | string | the job id that claimed a dedupe purpose, until it expires |
+//! | `:dedupe:{purpose}` | string | a tombstone: the id of a job that claimed a dedupe purpose and was removed (vacuum, purge) before the purpose's time was up, until then; or an older client's claim |
 //!
 //! Before issue 18 the layout was `{namespace}:{queue}:…` with a hash per job's metadata and a
 //! set per worker; [`LegacyKeys`] names it, so a newer worker can move what an older release
@@ -132,9 +132,10 @@ impl QueueKeys {
     pub fn inflight(&self) -> String {
         self.key(":inflight")
     }
-    /// `:dedupe:{purpose}`: a dedupe key in the shard's slot, so the enqueue script claims it
-    /// atomically with the job. A purpose must always land on the same shard (one tenant's
-    /// purposes do: a job's shard comes from its tenant).
+    /// `:dedupe:{purpose}`: a purpose's tombstone in the shard's slot, so the enqueue script
+    /// reads it atomically with writing the job (the vacuum and a purge write it when they
+    /// remove a job whose claim has time left). A purpose must always land on the same shard
+    /// (one tenant's purposes do: a job's shard comes from its tenant).
     pub fn dedupe(&self, purpose: &str) -> String {
         [self.prefix.as_str(), ":dedupe:", purpose].concat()
     }

@@ -5,7 +5,7 @@
 use redis::aio::ConnectionLike;
 
 use super::keys::{JobMeta, Layout};
-use super::scripts::{DEAD_PURGE, DEAD_RETRY};
+use super::scripts::DEAD_RETRY;
 
 /// Dead jobs deleted per purge script call.
 const PURGE_CHUNK: usize = 1000;
@@ -108,13 +108,8 @@ pub async fn purge<C: ConnectionLike>(
     let mut total = 0;
     for keys in queues.iter().flat_map(|queue| layout.all(queue)) {
         loop {
-            let removed: u64 = DEAD_PURGE
-                .key(keys.dead())
-                .key(keys.data())
-                .key(keys.meta())
-                .arg(PURGE_CHUNK)
-                .invoke_async(conn)
-                .await?;
+            let removed =
+                super::consume::remove(conn, &keys, &keys.dead(), -1, PURGE_CHUNK).await?;
             total += removed;
             if removed < PURGE_CHUNK as u64 {
                 break;

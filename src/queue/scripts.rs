@@ -58,19 +58,20 @@ script!(
     "deregister.lua"
 );
 script!(
-    /// Removes finished jobs past their retention.
-    VACUUM,
-    "vacuum.lua"
+    /// The next finished jobs past their retention, or the oldest dead jobs, and their dedupe
+    /// claims (read only).
+    REMOVABLE,
+    "removable.lua"
+);
+script!(
+    /// Removes jobs named by `REMOVABLE`, leaving a tombstone for each live dedupe claim.
+    FORGET,
+    "forget.lua"
 );
 script!(
     /// Puts a dead job back on its queue.
     DEAD_RETRY,
     "dead_retry.lua"
-);
-script!(
-    /// Deletes dead jobs for good.
-    DEAD_PURGE,
-    "dead_purge.lua"
 );
 script!(
     /// One consistent snapshot of a queue's counts.

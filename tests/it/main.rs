@@ -13,6 +13,7 @@ mod catalog;
 mod cli;
 mod coalesce;
 mod dashboard;
+mod dedupe;
 mod fairness;
 mod group_commit;
 mod http_server;

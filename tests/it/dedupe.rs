@@ -1,0 +1,223 @@
+//! Dedupe purposes (`Enqueue::dedupe`, the webhook's MessageSid and a producer's
+//! `Idempotency-Key`), against a real Redis: the purpose fixes the job id, so the job is its own
+//! claim while it is in Redis; the vacuum and a purge that remove it before the purpose's time
+//! is up leave a tombstone that keeps the claim; an older client's `SET NX` claim is honoured.
+
+use std::time::Duration;
+
+use crate::common::*;
+use gatehouse::queue::{consume, dead};
+use gatehouse_jobs::client::{Enqueue, EnqueueError, Queues, dedupe_job_id};
+use gatehouse_jobs::keys::QueueKeys;
+use gatehouse_testenv::*;
+use uuid::Uuid;
+
+const QUEUE: &str = "inbound_message";
+const WEEK: u64 = 7 * 24 * 3600;
+
+fn deduped(purpose: &str, ttl: u64) -> Enqueue {
+    Enqueue {
+        job_id: None,
+        dedupe: Some((purpose.to_owned(), ttl)),
+        request_id: None,
+    }
+}
+
+fn shard(queues: &Queues, tenant: Uuid) -> QueueKeys {
+    queues.for_tenant_keys(QUEUE, tenant)
+}
+
+/// Moves `id` from wherever it waits to `zset` (`:done` or `:dead`), scored `age` ago, as a
+/// worker that finished or killed it long ago would have left it.
+async fn finish(env: &TestEnv, keys: &QueueKeys, zset: &str, id: &str, age: Duration) {
+    let mut redis = env.redis.clone();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let _: () = redis::pipe()
+        .cmd("LREM")
+        .arg(keys.active())
+        .arg(0)
+        .arg(id)
+        .ignore()
+        .cmd("ZADD")
+        .arg(zset)
+        .arg(now_ms - age.as_millis() as u64)
+        .arg(id)
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .expect("moved");
+}
+
+async fn exists(env: &TestEnv, key: &str) -> (bool, i64) {
+    let mut redis = env.redis.clone();
+    let value: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut redis)
+        .await
+        .expect("GET");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(key)
+        .query_async(&mut redis)
+        .await
+        .expect("TTL");
+    (value.is_some(), ttl)
+}
+
+async fn has_data(env: &TestEnv, keys: &QueueKeys, id: &str) -> bool {
+    let mut redis = env.redis.clone();
+    redis::cmd("HEXISTS")
+        .arg(keys.data())
+        .arg(id)
+        .query_async(&mut redis)
+        .await
+        .expect("HEXISTS")
+}
+
+#[tokio::test]
+async fn the_purpose_fixes_the_job_id_and_the_job_is_its_own_claim_without_a_key() {
+    let env = TestEnv::new().await;
+    let queues = env.queues();
+    let tenant = Uuid::new_v4();
+    let purpose = format!("inbound_message:{tenant}:{}", message_sid());
+    let keys = shard(&queues, tenant);
+    let mut redis = env.redis.clone();
+
+    let job = inbound_message(tenant, "+14155550100", "hello");
+    let first = queues
+        .enqueue(&mut redis, &job, deduped(&purpose, WEEK))
+        .await
+        .expect("enqueued");
+    assert!(first.created);
+    assert_eq!(first.job_id, dedupe_job_id(&purpose));
+    assert_eq!(
+        Uuid::parse_str(&first.job_id)
+            .expect("a UUID")
+            .get_version_num(),
+        8
+    );
+    // The claim is the job itself: no key of its own while the job is in Redis.
+    assert_eq!(exists(&env, &keys.dedupe(&purpose)).await, (false, -2));
+
+    let again = queues
+        .enqueue(&mut redis, &job, deduped(&purpose, WEEK))
+        .await
+        .expect("answered");
+    assert_eq!(
+        (again.job_id.as_str(), again.created),
+        (first.job_id.as_str(), false)
+    );
+
+    // An id and a purpose together are refused before anything is sent.
+    let both = Enqueue {
+        job_id: Some("chosen".into()),
+        ..deduped(&purpose, WEEK)
+    };
+    assert!(matches!(
+        queues.enqueue(&mut redis, &job, both).await,
+        Err(EnqueueError::IdAndDedupe)
+    ));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_vacuum_and_a_purge_leave_a_tombstone_until_the_purposes_time_is_up() {
+    let env = TestEnv::new().await;
+    let queues = env.queues();
+    let tenant = Uuid::new_v4();
+    let keys = shard(&queues, tenant);
+    let mut redis = env.redis.clone();
+    let job = inbound_message(tenant, "+14155550100", "hello");
+
+    // One finished long ago (vacuumed), one dead (purged), one without a purpose (vacuumed,
+    // no tombstone), one whose claim ran out before the vacuum (no tombstone).
+    let vacuumed = format!("inbound_message:{tenant}:{}", message_sid());
+    let purged = format!("inbound_message:{tenant}:{}", message_sid());
+    let expired = format!("inbound_message:{tenant}:{}", message_sid());
+    let mut ids = Vec::new();
+    for (purpose, ttl) in [(&vacuumed, WEEK), (&purged, WEEK), (&expired, 1)] {
+        let enqueued = queues
+            .enqueue(&mut redis, &job, deduped(purpose, ttl))
+            .await
+            .expect("enqueued");
+        ids.push(enqueued.job_id);
+    }
+    let plain = queues
+        .enqueue(&mut redis, &job, Enqueue::default())
+        .await
+        .expect("enqueued")
+        .job_id;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let hours = Duration::from_secs(2 * 3600);
+    finish(&env, &keys, &keys.done(), &ids[0], hours).await;
+    finish(&env, &keys, &keys.dead(), &ids[1], hours).await;
+    finish(&env, &keys, &keys.done(), &ids[2], hours).await;
+    finish(&env, &keys, &keys.done(), &plain, hours).await;
+
+    let removed = consume::vacuum(&mut redis, &keys, Duration::from_secs(3600), 100)
+        .await
+        .expect("vacuumed");
+    assert_eq!(removed, 3);
+    let purged_n = dead::purge(&mut redis, queues.layout(), &[QUEUE])
+        .await
+        .expect("purged");
+    assert_eq!(purged_n, 1);
+    for id in [&ids[0], &ids[1], &ids[2], &plain] {
+        assert!(!has_data(&env, &keys, id).await, "{id} removed");
+    }
+
+    // The two live claims are tombstones now, naming their job, for about a week.
+    for purpose in [&vacuumed, &purged] {
+        let (found, ttl) = exists(&env, &keys.dedupe(purpose)).await;
+        assert!(found, "tombstone of {purpose}");
+        assert!(ttl > (WEEK - 600) as i64 && ttl <= WEEK as i64, "ttl {ttl}");
+        let again = queues
+            .enqueue(&mut redis, &job, deduped(purpose, WEEK))
+            .await
+            .expect("answered");
+        assert_eq!(again.job_id, dedupe_job_id(purpose));
+        assert!(!again.created, "{purpose} still claimed");
+        assert!(!has_data(&env, &keys, &again.job_id).await);
+    }
+    // The claim that ran out left nothing: the purpose may be used again.
+    assert_eq!(exists(&env, &keys.dedupe(&expired)).await, (false, -2));
+    let again = queues
+        .enqueue(&mut redis, &job, deduped(&expired, WEEK))
+        .await
+        .expect("enqueued");
+    assert!(again.created);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_older_clients_claim_is_honoured() {
+    let env = TestEnv::new().await;
+    let queues = env.queues();
+    let tenant = Uuid::new_v4();
+    let keys = shard(&queues, tenant);
+    let purpose = format!("inbound_message:{tenant}:{}", message_sid());
+    let mut redis = env.redis.clone();
+    // What the enqueue script of an older gatehouse-jobs left: the purpose's key, holding the
+    // (random) id of the job it enqueued.
+    let _: () = redis::cmd("SET")
+        .arg(keys.dedupe(&purpose))
+        .arg("01a24c44-0abd-7403-a2f1-1d3e08b6519a")
+        .arg("EX")
+        .arg(WEEK)
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+    let job = inbound_message(tenant, "+14155550100", "hello");
+    let enqueued = queues
+        .enqueue(&mut redis, &job, deduped(&purpose, WEEK))
+        .await
+        .expect("answered");
+    assert_eq!(
+        (enqueued.job_id.as_str(), enqueued.created),
+        ("01a24c44-0abd-7403-a2f1-1d3e08b6519a", false)
+    );
+    assert!(!has_data(&env, &keys, &dedupe_job_id(&purpose)).await);
+    env.cleanup().await;
+}
