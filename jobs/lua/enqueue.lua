@@ -7,25 +7,22 @@
 --
 -- A job with a dedupe purpose has the id the purpose fixes (`client::dedupe_job_id`): writing
 -- it (HSETNX) is the claim, and a second job of the purpose finds the first's id there. Its
--- metadata keeps the purpose and when the claim ends (`dedupe`, `dedupe_until`, ms), so the
--- vacuum or a purge that removes the job early leaves a tombstone under the purpose's key until
--- then. The script reads that key, never writes it: a webhook costs Redis no key of its own.
--- The key also holds the claim of a job an older client enqueued (it claimed with `SET NX`).
+-- metadata keeps when the claim ends (`dedupe_until`, ms), so the vacuum or a purge that removes
+-- the job sooner leaves its id in `:gone` until then, which this script also looks in. A webhook
+-- costs Redis no key of its own.
 --
 -- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
---   [1] data, [2] active, [3] signal, [4] meta,
---   [5..] dedupe(purpose) of each job that has one, in the jobs' order
+--   [1] data, [2] active, [3] signal, [4] meta, [5] gone
 -- ARGV[1]: the number of jobs; then, for each job:
 --   job id, payload JSON, max attempts, dedupe TTL in seconds (0: no dedupe purpose),
---   n (metadata pairs), then n metadata field/value pairs (`dedupe` among them with a TTL)
+--   n (metadata pairs), then n metadata field/value pairs
 -- Returns, for each job in order, 1 when it was enqueued, or the id of the job already there
--- when its tombstone or its job id was found (its own id, for the job id).
+-- (its own id: the id was found, or its tombstone).
 -- Every call ends with a write (the wake-up signal), even when nothing was enqueued: a `WAIT`
 -- after it (REDIS_MIN_REPLICA_ACKS) then also covers the earlier write of a job it found,
 -- which replicas receive in order before this one.
 local results = {}
 local at = 2
-local dedupe_key = 5
 local now
 for j = 1, tonumber(ARGV[1]) do
     local job_id, payload, max_attempts, ttl = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
@@ -33,8 +30,14 @@ for j = 1, tonumber(ARGV[1]) do
     at = pairs_end + 1
     local result
     if ttl > 0 then
-        result = redis.call("get", KEYS[dedupe_key])
-        dedupe_key = dedupe_key + 1
+        if not now then
+            local t = redis.call("time")
+            now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
+        local gone = redis.call("zscore", KEYS[5], job_id)
+        if gone and tonumber(gone) > now then
+            result = job_id
+        end
     end
     if not result and redis.call("hsetnx", KEYS[1], job_id, payload) == 0 then
         result = job_id
@@ -45,10 +48,6 @@ for j = 1, tonumber(ARGV[1]) do
             meta[ARGV[i]] = ARGV[i + 1]
         end
         if ttl > 0 then
-            if not now then
-                local t = redis.call("time")
-                now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-            end
             meta.dedupe_until = tostring(now + ttl * 1000)
         end
         redis.call("hset", KEYS[4], job_id, cjson.encode(meta))

@@ -92,7 +92,8 @@ pub struct Enqueue {
     /// enqueued and [`Enqueued::job_id`] names the first. The purpose fixes the job's id
     /// ([`dedupe_job_id`]), so while the job is in Redis (waiting, running, dead or finished
     /// within `JOB_RETENTION_SECONDS`) it is its own claim; when it is removed before the
-    /// purpose's time is up, a tombstone ([`QueueKeys::dedupe`]) keeps the claim until then.
+    /// purpose's time is up, a tombstone (its id in [`QueueKeys::gone`]) keeps the claim until
+    /// then.
     /// One purpose must always be used with the same queue.
     pub dedupe: Option<(String, u64)>,
     /// Request id carried into the job's metadata for tracing.
@@ -134,7 +135,7 @@ pub fn dedupe_job_id(purpose: &str) -> String {
 pub struct Enqueued {
     /// The job's id (the existing one when deduplicated).
     pub job_id: String,
-    /// False when the dedupe key or job id already existed and nothing was enqueued.
+    /// False when the job (or its tombstone) was already there and nothing was enqueued.
     pub created: bool,
 }
 
@@ -340,10 +341,10 @@ impl Queues {
     /// Sends prepared jobs: one script call (one round trip) for each shard among them, in
     /// the order their shards first appear; with [`Queues::acknowledged_by`], each call waits
     /// for the replicas (`WAIT` in the same round trip). Within a shard the call is atomic, and
-    /// each job is what it would be alone: its dedupe key claimed or found, its job id
+    /// each job is what it would be alone: its dedupe claim made or found, its job id
     /// written once. Returns one outcome per job, in order. A failure names no job: none, some
     /// or all of the jobs may be in Redis, and sending the same prepared jobs again adds
-    /// nothing that is there (their ids and dedupe keys are fixed).
+    /// nothing that is there (their ids, which carry their dedupe claims, are fixed).
     pub async fn enqueue_prepared<C: ConnectionLike>(
         &self,
         conn: &mut C,
@@ -363,7 +364,7 @@ impl Queues {
 }
 
 /// A job ready to be sent ([`Queues::prepare`]): its id, its sealed payload, its shard's keys,
-/// its metadata and dedupe key. Cloning copies the payload.
+/// its metadata and dedupe TTL. Cloning copies the payload.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     keys: QueueKeys,
@@ -371,17 +372,9 @@ pub struct Prepared {
     payload: String,
     max_attempts: String,
     tenant: String,
-    dedupe: Option<Dedupe>,
+    /// How long its dedupe claim lasts, in seconds (its purpose fixed `job_id`).
+    dedupe_ttl: Option<String>,
     request_id: Option<String>,
-}
-
-/// A prepared job's dedupe purpose, its tombstone key (in the shard's slot) and its TTL in
-/// seconds.
-#[derive(Debug, Clone)]
-struct Dedupe {
-    purpose: String,
-    key: String,
-    ttl: String,
 }
 
 impl Prepared {
@@ -392,18 +385,14 @@ impl Prepared {
         payload: String,
         options: Enqueue,
     ) -> Self {
-        let dedupe = options.dedupe.map(|(purpose, ttl)| Dedupe {
-            key: keys.dedupe(&purpose),
-            ttl: ttl.max(1).to_string(),
-            purpose,
-        });
+        let dedupe_ttl = options.dedupe.map(|(_, ttl)| ttl.max(1).to_string());
         Self {
             max_attempts: default_max_attempts(&keys.queue).to_string(),
             keys,
             job_id,
             payload,
             tenant: tenant_field(tenant),
-            dedupe,
+            dedupe_ttl,
             request_id: options.request_id,
         }
     }
@@ -504,7 +493,7 @@ async fn send_groups<C: ConnectionLike>(
 /// One script call for `jobs`, all of one shard: one round trip, with `WAIT` in it when
 /// replicas must confirm (on the same connection and, on a Redis Cluster, the primary that
 /// took the jobs: the pipeline goes to its first key's slot). A server without the script
-/// loads it and the call runs again (the script is idempotent: a job id or dedupe key already
+/// loads it and the call runs again (the script is idempotent: a job id already
 /// there adds nothing).
 async fn send_group<C: ConnectionLike>(
     conn: &mut C,
@@ -517,23 +506,16 @@ async fn send_group<C: ConnectionLike>(
     let keys = &first.keys;
     let mut call = redis::cmd("EVALSHA");
     call.arg(ENQUEUE.get_hash())
-        .arg(4 + jobs.iter().filter(|job| job.dedupe.is_some()).count())
+        .arg(5)
         .arg(keys.data())
         .arg(keys.active())
         .arg(keys.signal())
-        .arg(keys.meta());
-    for job in jobs {
-        if let Some(dedupe) = &job.dedupe {
-            call.arg(&dedupe.key);
-        }
-    }
+        .arg(keys.meta())
+        .arg(keys.gone());
     call.arg(jobs.len());
     for job in jobs {
-        let ttl = job
-            .dedupe
-            .as_ref()
-            .map_or("0", |dedupe| dedupe.ttl.as_str());
-        let pairs = 1 + usize::from(job.request_id.is_some()) + usize::from(job.dedupe.is_some());
+        let ttl = job.dedupe_ttl.as_deref().unwrap_or("0");
+        let pairs = 1 + usize::from(job.request_id.is_some());
         call.arg(&job.job_id)
             .arg(&job.payload)
             .arg(&job.max_attempts)
@@ -543,10 +525,6 @@ async fn send_group<C: ConnectionLike>(
             .arg(&job.tenant);
         if let Some(request_id) = &job.request_id {
             call.arg("request_id").arg(request_id);
-        }
-        // Where the vacuum or a purge leaves the tombstone, should the job go before its time.
-        if let Some(dedupe) = &job.dedupe {
-            call.arg("dedupe").arg(&dedupe.purpose);
         }
     }
     let outcomes: Vec<redis::Value> = match acks {

@@ -28,7 +28,8 @@
 //! | `:dead` | zset | dead letters by time |
 //! | `:workers` | zset | worker name → last heartbeat (ms) |
 //! | `:inflight` | hash | job id → the worker that fetched it and has not acknowledged it |
-//! | `:dedupe:{purpose}` | string | a tombstone: the id of a job that claimed a dedupe purpose and was removed (vacuum, purge) before the purpose's time was up, until then; or an older client's claim |
+//! | `:gone` | zset | tombstones: ids of jobs removed (vacuum, purge) while their dedupe claim had time left, scored by when it ends (ms) |
+//! | `:dedupe:{purpose}` | string | an older release's dedupe claim (the job id); neither written nor read now |
 //!
 //! Before issue 18 the layout was `{namespace}:{queue}:…` with a hash per job's metadata and a
 //! set per worker; [`LegacyKeys`] names it, so a newer worker can move what an older release
@@ -132,10 +133,14 @@ impl QueueKeys {
     pub fn inflight(&self) -> String {
         self.key(":inflight")
     }
-    /// `:dedupe:{purpose}`: a purpose's tombstone in the shard's slot, so the enqueue script
-    /// reads it atomically with writing the job (the vacuum and a purge write it when they
-    /// remove a job whose claim has time left). A purpose must always land on the same shard
-    /// (one tenant's purposes do: a job's shard comes from its tenant).
+    /// `:gone`: the tombstones of jobs removed while their dedupe claim had time left (id →
+    /// when the claim ends, ms): the enqueue script reads it atomically with writing a job
+    /// whose dedupe purpose fixed its id; the vacuum and a purge add to it and drop what ended.
+    pub fn gone(&self) -> String {
+        self.key(":gone")
+    }
+    /// `:dedupe:{purpose}`: where releases before the job id carried the claim held it (in the
+    /// shard's slot). Neither written nor read now; kept to name what an older release left.
     pub fn dedupe(&self, purpose: &str) -> String {
         [self.prefix.as_str(), ":dedupe:", purpose].concat()
     }
@@ -318,6 +323,7 @@ mod tests {
             keys.workers(),
             keys.inflight(),
             keys.dedupe("p:1"),
+            keys.gone(),
         ];
         for key in &all {
             assert!(key.starts_with(&keys.prefix), "{key}");

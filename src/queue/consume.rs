@@ -19,7 +19,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 
 use super::keys::{Layout, MAX_SHARDS, QueueKeys};
-use super::scripts::{ACK, DEREGISTER, FETCH, FORGET, HEARTBEAT, REGISTER, RELEASE, REMOVABLE};
+use super::scripts::{ACK, DEREGISTER, FETCH, FORGET, HEARTBEAT, REGISTER, RELEASE};
 pub use crate::config::QueueOrder;
 
 /// Due retries admitted per fetch: far below Lua's ~8,000 `unpack` limit, and enough that a
@@ -340,10 +340,8 @@ pub async fn vacuum<C: ConnectionLike>(
 }
 
 /// Removes up to `limit` jobs of `zset` (the shard's `:done` or `:dead`): those older than
-/// `retention` ms, or the oldest when it is negative. Two calls: one reads which jobs and their
-/// dedupe claims, the next removes them and leaves each live claim's tombstone, whose key it
-/// must declare (a script builds no key name, and a cluster refuses an undeclared one). A job
-/// that left the zset in between is not removed. Returns how many were.
+/// `retention` ms, or the oldest when it is negative; each whose dedupe claim has time left
+/// leaves a tombstone in `:gone`. Returns how many were removed.
 pub(crate) async fn remove<C: ConnectionLike>(
     conn: &mut C,
     keys: &QueueKeys,
@@ -351,26 +349,13 @@ pub(crate) async fn remove<C: ConnectionLike>(
     retention: i64,
     limit: usize,
 ) -> Result<u64, redis::RedisError> {
-    let (ids, claims): (Vec<String>, Vec<String>) = REMOVABLE
+    FORGET
         .key(zset)
+        .key(keys.data())
         .key(keys.meta())
+        .key(keys.gone())
         .arg(retention)
         .arg(limit)
         .invoke_async(conn)
-        .await?;
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let claims: Vec<&[String]> = claims.chunks_exact(3).collect();
-    let mut forget = FORGET.key(zset);
-    forget.key(keys.data()).key(keys.meta());
-    for claim in &claims {
-        forget.key(keys.dedupe(&claim[1]));
-    }
-    forget.arg(claims.len());
-    for claim in &claims {
-        forget.arg(&claim[0]).arg(&claim[2]);
-    }
-    forget.arg(&ids);
-    forget.invoke_async(conn).await
+        .await
 }

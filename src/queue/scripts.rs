@@ -58,13 +58,8 @@ script!(
     "deregister.lua"
 );
 script!(
-    /// The next finished jobs past their retention, or the oldest dead jobs, and their dedupe
-    /// claims (read only).
-    REMOVABLE,
-    "removable.lua"
-);
-script!(
-    /// Removes jobs named by `REMOVABLE`, leaving a tombstone for each live dedupe claim.
+    /// Removes finished jobs past their retention, or the oldest dead jobs, leaving a
+    /// tombstone for each live dedupe claim.
     FORGET,
     "forget.lua"
 );

@@ -1,7 +1,7 @@
 //! Dedupe purposes (`Enqueue::dedupe`, the webhook's MessageSid and a producer's
 //! `Idempotency-Key`), against a real Redis: the purpose fixes the job id, so the job is its own
 //! claim while it is in Redis; the vacuum and a purge that remove it before the purpose's time
-//! is up leave a tombstone that keeps the claim; an older client's `SET NX` claim is honoured.
+//! is up leave a tombstone (its id in the shard's `:gone`) that keeps the claim.
 
 use std::time::Duration;
 
@@ -31,10 +31,6 @@ fn shard(queues: &Queues, tenant: Uuid) -> QueueKeys {
 /// worker that finished or killed it long ago would have left it.
 async fn finish(env: &TestEnv, keys: &QueueKeys, zset: &str, id: &str, age: Duration) {
     let mut redis = env.redis.clone();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
     let _: () = redis::pipe()
         .cmd("LREM")
         .arg(keys.active())
@@ -43,7 +39,7 @@ async fn finish(env: &TestEnv, keys: &QueueKeys, zset: &str, id: &str, age: Dura
         .ignore()
         .cmd("ZADD")
         .arg(zset)
-        .arg(now_ms - age.as_millis() as u64)
+        .arg(now_ms() - age.as_millis() as u64)
         .arg(id)
         .ignore()
         .query_async(&mut redis)
@@ -51,19 +47,22 @@ async fn finish(env: &TestEnv, keys: &QueueKeys, zset: &str, id: &str, age: Dura
         .expect("moved");
 }
 
-async fn exists(env: &TestEnv, key: &str) -> (bool, i64) {
+/// When `id`'s tombstone says its claim ends (ms), if it has one.
+async fn tombstone(env: &TestEnv, keys: &QueueKeys, id: &str) -> Option<u64> {
     let mut redis = env.redis.clone();
-    let value: Option<String> = redis::cmd("GET")
-        .arg(key)
+    redis::cmd("ZSCORE")
+        .arg(keys.gone())
+        .arg(id)
         .query_async(&mut redis)
         .await
-        .expect("GET");
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(key)
-        .query_async(&mut redis)
-        .await
-        .expect("TTL");
-    (value.is_some(), ttl)
+        .expect("ZSCORE")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
 }
 
 async fn has_data(env: &TestEnv, keys: &QueueKeys, id: &str) -> bool {
@@ -98,8 +97,14 @@ async fn the_purpose_fixes_the_job_id_and_the_job_is_its_own_claim_without_a_key
             .get_version_num(),
         8
     );
-    // The claim is the job itself: no key of its own while the job is in Redis.
-    assert_eq!(exists(&env, &keys.dedupe(&purpose)).await, (false, -2));
+    // The claim is the job itself: no key of its own, no tombstone while the job is in Redis.
+    assert_eq!(tombstone(&env, &keys, &first.job_id).await, None);
+    let own_key: bool = redis::cmd("EXISTS")
+        .arg(keys.dedupe(&purpose))
+        .query_async(&mut redis)
+        .await
+        .expect("EXISTS");
+    assert!(!own_key);
 
     let again = queues
         .enqueue(&mut redis, &job, deduped(&purpose, WEEK))
@@ -136,8 +141,15 @@ async fn the_vacuum_and_a_purge_leave_a_tombstone_until_the_purposes_time_is_up(
     let vacuumed = format!("inbound_message:{tenant}:{}", message_sid());
     let purged = format!("inbound_message:{tenant}:{}", message_sid());
     let expired = format!("inbound_message:{tenant}:{}", message_sid());
+    // A purpose with characters JSON escapes (`/`, `"`, `\`): the tombstone is its id's.
+    let escaped = format!("idempotency:a/b\"c\\d:{}", message_sid());
     let mut ids = Vec::new();
-    for (purpose, ttl) in [(&vacuumed, WEEK), (&purged, WEEK), (&expired, 1)] {
+    for (purpose, ttl) in [
+        (&vacuumed, WEEK),
+        (&purged, WEEK),
+        (&expired, 1),
+        (&escaped, WEEK),
+    ] {
         let enqueued = queues
             .enqueue(&mut redis, &job, deduped(purpose, ttl))
             .await
@@ -155,24 +167,30 @@ async fn the_vacuum_and_a_purge_leave_a_tombstone_until_the_purposes_time_is_up(
     finish(&env, &keys, &keys.dead(), &ids[1], hours).await;
     finish(&env, &keys, &keys.done(), &ids[2], hours).await;
     finish(&env, &keys, &keys.done(), &plain, hours).await;
+    finish(&env, &keys, &keys.done(), &ids[3], hours).await;
 
     let removed = consume::vacuum(&mut redis, &keys, Duration::from_secs(3600), 100)
         .await
         .expect("vacuumed");
-    assert_eq!(removed, 3);
+    assert_eq!(removed, 4);
     let purged_n = dead::purge(&mut redis, queues.layout(), &[QUEUE])
         .await
         .expect("purged");
     assert_eq!(purged_n, 1);
-    for id in [&ids[0], &ids[1], &ids[2], &plain] {
+    for id in [&ids[0], &ids[1], &ids[2], &ids[3], &plain] {
         assert!(!has_data(&env, &keys, id).await, "{id} removed");
     }
 
-    // The two live claims are tombstones now, naming their job, for about a week.
-    for purpose in [&vacuumed, &purged] {
-        let (found, ttl) = exists(&env, &keys.dedupe(purpose)).await;
-        assert!(found, "tombstone of {purpose}");
-        assert!(ttl > (WEEK - 600) as i64 && ttl <= WEEK as i64, "ttl {ttl}");
+    // The live claims are tombstones now, until about a week from their enqueue.
+    for purpose in [&vacuumed, &purged, &escaped] {
+        let ends = tombstone(&env, &keys, &dedupe_job_id(purpose))
+            .await
+            .expect("a tombstone");
+        let week_ms = WEEK * 1000;
+        assert!(
+            ends > now_ms() + week_ms - 600_000 && ends <= now_ms() + week_ms,
+            "{purpose} ends at {ends}"
+        );
         let again = queues
             .enqueue(&mut redis, &job, deduped(purpose, WEEK))
             .await
@@ -181,43 +199,14 @@ async fn the_vacuum_and_a_purge_leave_a_tombstone_until_the_purposes_time_is_up(
         assert!(!again.created, "{purpose} still claimed");
         assert!(!has_data(&env, &keys, &again.job_id).await);
     }
-    // The claim that ran out left nothing: the purpose may be used again.
-    assert_eq!(exists(&env, &keys.dedupe(&expired)).await, (false, -2));
+    // The claim that ran out left nothing (nor did the job without a purpose): the purpose may
+    // be used again.
+    assert_eq!(tombstone(&env, &keys, &ids[2]).await, None);
+    assert_eq!(tombstone(&env, &keys, &plain).await, None);
     let again = queues
         .enqueue(&mut redis, &job, deduped(&expired, WEEK))
         .await
         .expect("enqueued");
     assert!(again.created);
-    env.cleanup().await;
-}
-
-#[tokio::test]
-async fn an_older_clients_claim_is_honoured() {
-    let env = TestEnv::new().await;
-    let queues = env.queues();
-    let tenant = Uuid::new_v4();
-    let keys = shard(&queues, tenant);
-    let purpose = format!("inbound_message:{tenant}:{}", message_sid());
-    let mut redis = env.redis.clone();
-    // What the enqueue script of an older gatehouse-jobs left: the purpose's key, holding the
-    // (random) id of the job it enqueued.
-    let _: () = redis::cmd("SET")
-        .arg(keys.dedupe(&purpose))
-        .arg("01a24c44-0abd-7403-a2f1-1d3e08b6519a")
-        .arg("EX")
-        .arg(WEEK)
-        .query_async(&mut redis)
-        .await
-        .expect("SET");
-    let job = inbound_message(tenant, "+14155550100", "hello");
-    let enqueued = queues
-        .enqueue(&mut redis, &job, deduped(&purpose, WEEK))
-        .await
-        .expect("answered");
-    assert_eq!(
-        (enqueued.job_id.as_str(), enqueued.created),
-        ("01a24c44-0abd-7403-a2f1-1d3e08b6519a", false)
-    );
-    assert!(!has_data(&env, &keys, &dedupe_job_id(&purpose)).await);
     env.cleanup().await;
 }

@@ -1,35 +1,50 @@
 #!lua
--- gatehouse forget: removes the given jobs (payload, metadata, entry) that are still in the
--- zset, and leaves a tombstone for each removed job whose dedupe claim has time left: its
--- purpose's key holds the job id until `dedupe_until`, so the purpose stays claimed after
--- the job is gone (what `jobs/lua/enqueue.lua` reads). A key already there is kept.
+-- gatehouse forget: removes jobs for good (payload, metadata, entry) — the finished ones past
+-- their retention (the vacuum) or the oldest dead ones (a purge) — bounded per call
+-- (apalis-redis 1.0 never removes anything and its vacuum scripts walk every job). A removed job
+-- whose dedupe claim has time left (`dedupe_until` in its metadata, ms) leaves its id in `:gone`,
+-- scored by when the claim ends, so the enqueue script still finds the claim; tombstones whose
+-- claim has ended are dropped here too.
 -- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
---   [1] done or dead, [2] data, [3] meta, [4..] dedupe(purpose) of each claim, in order
--- ARGV[1]: the number of claims; then, for each claim: job id, until (ms); then the job ids
--- Returns the number of jobs removed.
-local claims = tonumber(ARGV[1])
-local removed = {}
-local ids = {}
-for i = 2 + 2 * claims, #ARGV do
-    local id = ARGV[i]
-    if redis.call("zscore", KEYS[1], id) then
-        ids[#ids + 1] = id
-        removed[id] = true
-    end
+--   [1] done or dead (a zset of ids by time), [2] data, [3] meta, [4] gone
+-- ARGV[1]: retention ms: finished ids older than it (the vacuum); -1: the oldest ids (a purge)
+-- ARGV[2]: most ids
+-- Returns the number removed.
+local t = redis.call("time")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[2])
+local ids
+if tonumber(ARGV[1]) >= 0 then
+    ids = redis.call("zrangebyscore", KEYS[1], "-inf", now - tonumber(ARGV[1]), "LIMIT", 0, limit)
+else
+    ids = redis.call("zrange", KEYS[1], 0, limit - 1)
 end
 if #ids > 0 then
+    -- The claim's end, read where the metadata's encoder put it (digits in a string: a `"`
+    -- inside another value is escaped, so the name cannot match there); no decoding.
+    local find, sub = string.find, string.sub
+    local tombstones = {}
+    local metas = redis.call("hmget", KEYS[3], unpack(ids))
+    for i = 1, #ids do
+        local raw = metas[i]
+        if raw then
+            local _, at = find(raw, '"dedupe_until":"', 1, true)
+            if at then
+                local stop = find(raw, '"', at + 1, true)
+                local untl = stop and tonumber(sub(raw, at + 1, stop - 1))
+                if untl and untl > now then
+                    tombstones[#tombstones + 1] = untl
+                    tombstones[#tombstones + 1] = ids[i]
+                end
+            end
+        end
+    end
+    if #tombstones > 0 then
+        redis.call("zadd", KEYS[4], unpack(tombstones))
+    end
     redis.call("hdel", KEYS[2], unpack(ids))
     redis.call("hdel", KEYS[3], unpack(ids))
     redis.call("zrem", KEYS[1], unpack(ids))
 end
-if claims > 0 then
-    local t = redis.call("time")
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    for c = 1, claims do
-        local id, untl = ARGV[2 * c], tonumber(ARGV[2 * c + 1])
-        if removed[id] and untl and untl > now then
-            redis.call("set", KEYS[3 + c], id, "PX", untl - now, "NX")
-        end
-    end
-end
+redis.call("zremrangebyscore", KEYS[4], "-inf", now)
 return #ids
