@@ -89,8 +89,6 @@ pub struct Arrival {
     debug: bool,
 }
 
-/// Gives the request its id and decides the HTTPS redirect: plain HTTP (unless `DEBUG=true`
-/// or a health endpoint) is answered here, and the route never runs.
 /// A request id: a UUIDv7 (milliseconds, then 74 random bits from the thread's generator).
 /// `Uuid::now_v7` keeps ids ordered within a millisecond through one context shared by every
 /// thread, which costs each request ~1,200 instructions and a shared lock; a request id only
@@ -105,6 +103,8 @@ fn fresh_request_id() -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
+/// Gives the request its id and decides the HTTPS redirect: plain HTTP (unless `DEBUG=true`
+/// or a health endpoint) is answered here, and the route never runs.
 pub fn arrive(
     state: &AppState,
     peer: SocketAddr,

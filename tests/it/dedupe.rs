@@ -58,6 +58,15 @@ async fn tombstone(env: &TestEnv, keys: &QueueKeys, id: &str) -> Option<u64> {
         .expect("ZSCORE")
 }
 
+async fn gone_count(env: &TestEnv, keys: &QueueKeys) -> u64 {
+    let mut redis = env.redis.clone();
+    redis::cmd("ZCARD")
+        .arg(keys.gone())
+        .query_async(&mut redis)
+        .await
+        .expect("ZCARD")
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -208,5 +217,39 @@ async fn the_vacuum_and_a_purge_leave_a_tombstone_until_the_purposes_time_is_up(
         .await
         .expect("enqueued");
     assert!(again.created);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn ended_tombstones_are_dropped_a_bounded_number_a_call() {
+    let env = TestEnv::new().await;
+    let queues = env.queues();
+    let keys = shard(&queues, Uuid::new_v4());
+    let mut redis = env.redis.clone();
+    // 2,500 tombstones that ended and one that has not.
+    let mut pipe = redis::pipe();
+    for n in 0..2500u64 {
+        pipe.cmd("ZADD")
+            .arg(keys.gone())
+            .arg(1000 + n)
+            .arg(format!("ended-{n}"))
+            .ignore();
+    }
+    pipe.cmd("ZADD")
+        .arg(keys.gone())
+        .arg(now_ms() + 3_600_000)
+        .arg("live")
+        .ignore();
+    let _: () = pipe.query_async(&mut redis).await.expect("ZADD");
+    // A vacuum call of 1,000 drops at most 2,000 ended ones; the next drops the rest.
+    consume::vacuum(&mut redis, &keys, Duration::from_secs(3600), 1000)
+        .await
+        .expect("vacuumed");
+    assert_eq!(gone_count(&env, &keys).await, 501);
+    consume::vacuum(&mut redis, &keys, Duration::from_secs(3600), 1000)
+        .await
+        .expect("vacuumed");
+    assert_eq!(gone_count(&env, &keys).await, 1);
+    assert!(tombstone(&env, &keys, "live").await.is_some());
     env.cleanup().await;
 }

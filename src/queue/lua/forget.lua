@@ -4,7 +4,7 @@
 -- (apalis-redis 1.0 never removes anything and its vacuum scripts walk every job). A removed job
 -- whose dedupe claim has time left (`dedupe_until` in its metadata, ms) leaves its id in `:gone`,
 -- scored by when the claim ends, so the enqueue script still finds the claim; tombstones whose
--- claim has ended are dropped here too.
+-- claim has ended are dropped here too (bounded per call).
 -- KEYS, by their QueueKeys method (the one layout: jobs/src/keys.rs), all in one shard's slot:
 --   [1] done or dead (a zset of ids by time), [2] data, [3] meta, [4] gone
 -- ARGV[1]: retention ms: finished ids older than it (the vacuum); -1: the oldest ids (a purge)
@@ -46,5 +46,10 @@ if #ids > 0 then
     redis.call("hdel", KEYS[3], unpack(ids))
     redis.call("zrem", KEYS[1], unpack(ids))
 end
-redis.call("zremrangebyscore", KEYS[4], "-inf", now)
+-- Tombstones whose claim ended, at most twice as many as a call can add (bounded like the rest:
+-- after a long stop the backlog goes over the next calls; an ended one already claims nothing).
+local ended = redis.call("zrangebyscore", KEYS[4], "-inf", now, "LIMIT", 0, 2 * limit)
+if #ended > 0 then
+    redis.call("zrem", KEYS[4], unpack(ended))
+end
 return #ids
