@@ -1,8 +1,9 @@
-//! Redis connections (a primitive: it imports only `fault`) for the queues, the dedupe keys,
-//! the rate limits and the security log: one Redis (a reconnecting `ConnectionManager`) or a
-//! Redis Cluster (the `redis` crate's cluster client: it follows `MOVED`/`ASK` redirections,
-//! retries `TRYAGAIN` and `CLUSTERDOWN`, refreshes its slot map after a failover, and
-//! [`redis::Script`] reloads a script a promoted replica does not have on `NOSCRIPT`).
+//! Redis connections (a primitive: it imports only `fault`) for the queues (dedupe tombstones
+//! included), the rate limits and the security log: one Redis (a reconnecting
+//! `ConnectionManager`) or a Redis Cluster (the `redis` crate's cluster client: it follows
+//! `MOVED`/`ASK` redirections, retries `TRYAGAIN` and `CLUSTERDOWN`, refreshes its slot map after
+//! a failover, and [`redis::Script`] reloads a script a promoted replica does not have on
+//! `NOSCRIPT`).
 //! [`RedisTarget`] says which, from `REDIS_URL` and `REDIS_CLUSTER`; [`RedisConn`] is either,
 //! behind one `ConnectionLike`.
 

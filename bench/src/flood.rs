@@ -703,9 +703,9 @@ async fn producer(
     }
 }
 
-/// Keys of the namespace by kind: the queues' own keys and the webhook dedupe keys (the
-/// legitimate traffic's payload), and the rest by their first segment (`rl:<limit>` for rate
-/// limits).
+/// Keys of the namespace by kind: the queues' own keys (webhook dedupe tombstones among them)
+/// and an older release's dedupe keys (the legitimate traffic's payload), and the rest by their
+/// first segment (`rl:<limit>` for rate limits).
 async fn key_census(env: &BenchEnv) -> anyhow::Result<BTreeMap<String, i64>> {
     let mut redis = env.redis.clone();
     let prefix = format!("{}:", env.namespace);

@@ -72,7 +72,8 @@ async fn bare_webhook(
     }
     let mut redis = state.redis.clone();
     // Experiment knob (not gatehouse configuration): `GH_BENCH_BARE_DEDUPE=1` makes the bare
-    // handler claim the same dedupe key gatehouse claims, to show what that claim costs.
+    // handler make the same dedupe claim gatehouse makes (the purpose fixes the job id, and the
+    // script looks for its tombstone), to show what that claim costs.
     let dedupe = state.dedupe.then(|| {
         (
             gatehouse::http::webhook::dedupe_purpose(tenant_id, &job.message_sid),

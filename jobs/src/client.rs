@@ -261,8 +261,8 @@ impl Queues {
     /// Enqueue many jobs of one type (`GROUP` jobs a script call — about a millisecond of
     /// Redis's time each — one call per shard); each
     /// job is what [`Queues::enqueue`] would make of it, straight onto the active list, without
-    /// a dedupe key. Returns the new jobs' ids in order. For backfills and bulk producers; use
-    /// [`Queues::enqueue`] for dedupe keys and request ids. No replica acknowledgement is
+    /// a dedupe purpose. Returns the new jobs' ids in order. For backfills and bulk producers; use
+    /// [`Queues::enqueue`] for dedupe purposes and request ids. No replica acknowledgement is
     /// waited for.
     pub async fn enqueue_batch<C: ConnectionLike, J: Job>(
         &self,

@@ -355,9 +355,9 @@ pub struct Config {
     /// heartbeats a worker counts as dead and its jobs are taken over.
     pub worker_missed_heartbeats: usize,
     /// `QUEUE_NAMESPACE` (the variable's name kept for compatibility), default `gatehouse`,
-    /// `[a-z0-9_-]{1,64}`: prefix of every gatehouse Redis key — queues, dedupe keys, rate
-    /// limits, dashboard sessions, alert windows, scope cache, tenant-key notices — so several
-    /// deployments can share a Redis.
+    /// `[a-z0-9_-]{1,64}`: prefix of every gatehouse Redis key — queues (dedupe tombstones
+    /// included), rate limits, dashboard sessions, alert windows, scope cache, tenant-key
+    /// notices — so several deployments can share a Redis.
     pub redis_namespace: String,
     /// `TENANT_KEY_CACHE_SECONDS`, default 300, 1..=3600: how long the ingress
     /// keeps a tenant's webhook verification keys in memory, so signed

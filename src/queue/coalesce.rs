@@ -9,14 +9,14 @@
 //! are in flight leave together in the next one — the same idea as the worker's group commit.
 //! A group is one `EVALSHA` (and, with `REDIS_MIN_REPLICA_ACKS`, one `WAIT`) instead of one
 //! per job: fewer round trips, script calls and wake-up signals for Redis and for this
-//! process, and each job still exactly what it would be alone (its dedupe key claimed in the
+//! process, and each job still exactly what it would be alone (its dedupe claim made in the
 //! same atomic script, its answer its own).
 //!
 //! A request answers only after its job's group is in Redis (and, with replica acks, on the
 //! replicas), and a failed group fails every request in it (each answers 503; a retry adds
-//! nothing that is there: job ids and dedupe keys are fixed before sending). A job whose
-//! request has gone (its client left, or the request timed out) before its group leaves is not
-//! sent.
+//! nothing that is there: job ids, which carry the dedupe claims, are fixed before sending). A
+//! job whose request has gone (its client left, or the request timed out) before its group
+//! leaves is not sent.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
