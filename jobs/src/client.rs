@@ -370,11 +370,11 @@ pub struct Prepared {
     keys: QueueKeys,
     job_id: String,
     payload: String,
-    max_attempts: String,
-    tenant: String,
     /// How long its dedupe claim lasts, in seconds (its purpose fixed `job_id`).
     dedupe_ttl: Option<String>,
-    request_id: Option<String>,
+    /// Its metadata as JSON text without the closing brace ([`meta_prefix`]): the enqueue
+    /// script closes it, adding `dedupe_until` from Redis's clock when there is a purpose.
+    meta: String,
 }
 
 impl Prepared {
@@ -386,14 +386,17 @@ impl Prepared {
         options: Enqueue,
     ) -> Self {
         let dedupe_ttl = options.dedupe.map(|(_, ttl)| ttl.max(1).to_string());
+        let meta = meta_prefix(
+            default_max_attempts(&keys.queue),
+            tenant,
+            options.request_id.as_deref(),
+        );
         Self {
-            max_attempts: default_max_attempts(&keys.queue).to_string(),
             keys,
             job_id,
             payload,
-            tenant: tenant_field(tenant),
             dedupe_ttl,
-            request_id: options.request_id,
+            meta,
         }
     }
 
@@ -515,17 +518,10 @@ async fn send_group<C: ConnectionLike>(
     call.arg(jobs.len());
     for job in jobs {
         let ttl = job.dedupe_ttl.as_deref().unwrap_or("0");
-        let pairs = 1 + usize::from(job.request_id.is_some());
         call.arg(&job.job_id)
             .arg(&job.payload)
-            .arg(&job.max_attempts)
             .arg(ttl)
-            .arg(pairs)
-            .arg("tenant")
-            .arg(&job.tenant);
-        if let Some(request_id) = &job.request_id {
-            call.arg("request_id").arg(request_id);
-        }
+            .arg(&job.meta);
     }
     let outcomes: Vec<redis::Value> = match acks {
         None => match call.query_async(conn).await {
@@ -597,11 +593,47 @@ async fn load_script<C: ConnectionLike>(conn: &mut C) -> Result<(), redis::Redis
 /// The `tenant` a job's metadata records: its tenant's id, or `-` for a job of no tenant.
 /// Workers take the tenants with waiting jobs in turn (and cap each one's jobs in flight) by
 /// it; a job from an older client without it gets its payload's `tenant_id`.
-fn tenant_field(tenant: Option<&Uuid>) -> String {
+/// A new job's metadata as JSON text without its closing brace: what the enqueue script
+/// stores, closed, with `dedupe_until` added when the job has a dedupe purpose. Every value is
+/// a JSON string, as the queue's other scripts read and write them; the tenant is `-` for a
+/// job of none. Written here rather than by the script (a table and `cjson.encode` per job
+/// cost Redis ~2 µs a job, BENCHMARKS.md §16); the request id is escaped (it may be a
+/// caller's).
+fn meta_prefix(max_attempts: u32, tenant: Option<&Uuid>, request_id: Option<&str>) -> String {
     let mut text = Uuid::encode_buffer();
-    tenant
-        .map_or("-", |tenant| tenant.hyphenated().encode_lower(&mut text))
-        .to_owned()
+    let tenant = tenant.map_or("-", |tenant| tenant.hyphenated().encode_lower(&mut text));
+    // Pieces pushed rather than `write!`: this runs for every job, on the request's thread.
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut n = max_attempts;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut meta = String::with_capacity(200);
+    meta.push_str(r#"{"attempts":"0","max_attempts":""#);
+    meta.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("1"));
+    meta.push_str(r#"","status":"Pending","idempotency_key":"","tenant":""#);
+    meta.push_str(tenant);
+    meta.push('"');
+    if let Some(request_id) = request_id {
+        meta.push_str(r#","request_id":"#);
+        let plain = request_id
+            .bytes()
+            .all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+        if plain {
+            meta.push('"');
+            meta.push_str(request_id);
+            meta.push('"');
+        } else {
+            meta.push_str(&serde_json::Value::from(request_id).to_string());
+        }
+    }
+    meta
 }
 
 /// A payload's `tenant_id`, which picks its shard.
@@ -610,4 +642,56 @@ fn tenant_of(payload: &serde_json::Value) -> Option<Uuid> {
         .get("tenant_id")
         .and_then(serde_json::Value::as_str)
         .and_then(|id| id.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the enqueue script stores: the prefix closed, with or without `dedupe_until`.
+    fn closed(prefix: &str, dedupe_until: Option<u64>) -> serde_json::Value {
+        let text = match dedupe_until {
+            Some(until) => format!(r#"{prefix},"dedupe_until":"{until}"}}"#),
+            None => format!("{prefix}}}"),
+        };
+        serde_json::from_str(&text).expect("the metadata is a JSON object")
+    }
+
+    #[test]
+    fn metadata_is_a_json_object_of_strings_once_the_script_closes_it() {
+        let tenant = Uuid::from_u128(7);
+        let meta = closed(&meta_prefix(25, Some(&tenant), Some("req-1")), Some(17));
+        assert_eq!(
+            meta,
+            serde_json::json!({
+                "attempts": "0", "max_attempts": "25", "status": "Pending",
+                "idempotency_key": "", "tenant": tenant.to_string(), "request_id": "req-1",
+                "dedupe_until": "17",
+            })
+        );
+        let meta = closed(&meta_prefix(1, None, None), None);
+        assert_eq!(meta["tenant"], "-");
+        for (n, text) in [(0, "0"), (9, "9"), (10, "10"), (u32::MAX, "4294967295")] {
+            assert_eq!(
+                closed(&meta_prefix(n, None, None), None)["max_attempts"],
+                text
+            );
+        }
+        assert!(meta.get("request_id").is_none() && meta.get("dedupe_until").is_none());
+    }
+
+    #[test]
+    fn a_request_id_that_needs_escaping_stays_one_string() {
+        for hostile in [
+            r#"a","status":"Done"#,
+            "back\\slash",
+            "line\nbreak",
+            "\u{1}",
+            "é",
+        ] {
+            let meta = closed(&meta_prefix(3, None, Some(hostile)), None);
+            assert_eq!(meta["request_id"], hostile);
+            assert_eq!(meta["status"], "Pending");
+        }
+    }
 }
