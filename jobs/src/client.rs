@@ -590,15 +590,15 @@ async fn load_script<C: ConnectionLike>(conn: &mut C) -> Result<(), redis::Redis
     Ok(())
 }
 
-/// The `tenant` a job's metadata records: its tenant's id, or `-` for a job of no tenant.
-/// Workers take the tenants with waiting jobs in turn (and cap each one's jobs in flight) by
-/// it; a job from an older client without it gets its payload's `tenant_id`.
 /// A new job's metadata as JSON text without its closing brace: what the enqueue script
 /// stores, closed, with `dedupe_until` added when the job has a dedupe purpose. Every value is
-/// a JSON string, as the queue's other scripts read and write them; the tenant is `-` for a
-/// job of none. Written here rather than by the script (a table and `cjson.encode` per job
-/// cost Redis ~2 µs a job, BENCHMARKS.md §16); the request id is escaped (it may be a
-/// caller's).
+/// a JSON string, as the queue's other scripts read and write them. Written here rather than
+/// by the script (a table and `cjson.encode` per job cost Redis ~2 µs a job, BENCHMARKS.md
+/// §16); the request id is escaped when it needs it (it may be a caller's).
+///
+/// `tenant` is the job's tenant id, or `-` for a job of no tenant: workers take the tenants
+/// with waiting jobs in turn (and cap each one's jobs in flight) by it; a job from an older
+/// client without it gets its payload's `tenant_id`.
 fn meta_prefix(max_attempts: u32, tenant: Option<&Uuid>, request_id: Option<&str>) -> String {
     let mut text = Uuid::encode_buffer();
     let tenant = tenant.map_or("-", |tenant| tenant.hyphenated().encode_lower(&mut text));
@@ -671,13 +671,13 @@ mod tests {
         );
         let meta = closed(&meta_prefix(1, None, None), None);
         assert_eq!(meta["tenant"], "-");
+        assert!(meta.get("request_id").is_none() && meta.get("dedupe_until").is_none());
         for (n, text) in [(0, "0"), (9, "9"), (10, "10"), (u32::MAX, "4294967295")] {
             assert_eq!(
                 closed(&meta_prefix(n, None, None), None)["max_attempts"],
                 text
             );
         }
-        assert!(meta.get("request_id").is_none() && meta.get("dedupe_until").is_none());
     }
 
     #[test]
