@@ -20,8 +20,9 @@ else
     ids = redis.call("zrange", KEYS[1], 0, limit - 1)
 end
 if #ids > 0 then
-    -- The claim's end, read where the metadata's encoder put it (digits in a string: a `"`
-    -- inside another value is escaped, so the name cannot match there); no decoding.
+    -- The claim's end, read as the enqueue script wrote it (digits in a string); no decoding.
+    -- Whoever wrote the metadata last (the producer's `client::meta_prefix`, or `cjson` in a
+    -- later script) escaped any `"` inside another value, so the name cannot match there.
     local find, sub = string.find, string.sub
     local tombstones = {}
     local metas = redis.call("hmget", KEYS[3], unpack(ids))
