@@ -128,8 +128,24 @@ pub fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// A loopback port free at the time of asking.
+/// Where [`try_free_port`] picks: below the kernel's ephemeral range (32768 and up), which
+/// every outgoing connection of every test (to PostgreSQL, Redis, a server under test) takes
+/// its local port from, and below the Redis Cluster nodes' ports (20,000 and up, their bus
+/// ports 10,000 higher).
+const FREE_PORTS: std::ops::Range<u16> = 10_000..20_000;
+
+/// A loopback port free at the time of asking, for a process a test starts (which binds it a
+/// moment later). Picked at random in [`FREE_PORTS`], not by binding port 0: a port the kernel
+/// hands out for port 0 comes from the ephemeral range, where another test's outgoing
+/// connection can take it between this answer and the child's bind (a worker whose health port
+/// is taken stops at once, and the test then waits for jobs nobody runs).
 pub fn try_free_port() -> std::io::Result<u16> {
+    for _ in 0..200 {
+        let port = rand::random_range(FREE_PORTS);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(socket.local_addr()?.port())
 }

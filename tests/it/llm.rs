@@ -719,10 +719,7 @@ async fn the_client_maps_each_kind_of_llm_response_to_an_answer_a_rejection_or_a
 async fn an_unreachable_llm_is_a_retryable_error_that_names_no_secret() {
     gatehouse_testenv::init();
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let config = LlmConfig {
         url: url::Url::parse(&format!("http://127.0.0.1:{port}/v1")).expect("url"),
         api_key: Some(SecretString::from(API_KEY.to_owned())),

@@ -201,6 +201,20 @@ async fn wait_in(env: &TestEnv, set: &str, ids: &[&str]) -> bool {
     .await
 }
 
+/// Panics with what a wait for `ids` could not see: each job's metadata and the processes'
+/// logs (this test's own markers never reach them: the rest of the test checks that).
+async fn stuck(env: &TestEnv, dir: &Path, what: &str, ids: &[&str]) -> ! {
+    let mut report = String::new();
+    for id in ids {
+        report.push_str(&format!("job {id}: {:?}\n", meta(env, id).await));
+    }
+    for name in ["serve", "work"] {
+        let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+        report.push_str(&format!("--- {name}.log\n{log}\n"));
+    }
+    panic!("{what}: not within the wait\n{report}");
+}
+
 /// `gatehouse {args}` as production runs it, its stdout and stderr in `dir/{name}.log`.
 fn spawn_logged(
     env: &TestEnv,
@@ -573,14 +587,18 @@ async fn no_error_text_cli_dashboard_api_sentry_metrics_or_log_shows_a_customer_
         &["work"],
         &[("WORKER_HEALTH_PORT", &health_port), ("SENTRY_DSN", &dsn)],
     );
-    assert!(
-        wait_in(&env, "done", &[ok.as_str()]).await,
-        "the message is done"
-    );
-    assert!(
-        wait_in(&env, "dead", &[failing.as_str(), orphan.as_str()]).await,
-        "both failing jobs are dead"
-    );
+    if !wait_in(&env, "done", &[ok.as_str()]).await {
+        stuck(&env, logs.path(), "the message is done", &[&ok]).await;
+    }
+    if !wait_in(&env, "dead", &[failing.as_str(), orphan.as_str()]).await {
+        stuck(
+            &env,
+            logs.path(),
+            "both failing jobs are dead",
+            &[&failing, &orphan],
+        )
+        .await;
+    }
     assert_stored(&env, &ok, &markers.body).await;
     assert_eq!(env.count("SELECT count(*) FROM messages").await, 1);
 

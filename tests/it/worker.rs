@@ -339,17 +339,10 @@ async fn wait_for_health(url: &str, want: u16) -> u16 {
 async fn a_worker_rides_out_a_redis_restart_and_takes_jobs_afterwards() {
     let env = TestEnv::new().await;
     let tenant = env.create_tenant().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let redis_server = PrivateRedis::start(port);
     let url = redis_server.url();
-    let health_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-        .to_string();
+    let health_port = free_port().to_string();
     let mut worker = env.spawn(
         &["work"],
         &[("REDIS_URL", &url), ("WORKER_HEALTH_PORT", &health_port)],
