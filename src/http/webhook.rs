@@ -78,20 +78,23 @@ struct Fields {
     body: String,
 }
 
-/// The parameters of a verified request, by name.
+/// The parameters of a verified request, by name; each field is taken out once.
 enum Params<'a> {
-    Form(&'a FormPairs<'a>),
+    /// The form as parsed for the signature (verified, no longer needed): a value taken from
+    /// it is moved, so a decoded one is not copied again.
+    Form(FormPairs<'a>),
     Json(JsonParams),
 }
 
 impl Params<'_> {
-    fn get(&self, name: &str) -> Option<String> {
+    /// The first value of `name` (a form's repeats after it are ignored).
+    fn take(&mut self, name: &str) -> Option<String> {
         match self {
             Self::Form(pairs) => pairs
-                .iter()
+                .iter_mut()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone().into_owned()),
-            Self::Json(params) => params.get(name).map(str::to_owned),
+                .map(|(_, v)| std::mem::take(v).into_owned()),
+            Self::Json(params) => params.take(name),
         }
     }
 }
@@ -116,13 +119,13 @@ struct JsonParams {
 }
 
 impl JsonParams {
-    fn get(&self, name: &str) -> Option<&str> {
+    fn take(&mut self, name: &str) -> Option<String> {
         match name {
-            "MessageSid" => self.message_sid.as_deref(),
-            "SmsSid" => self.sms_sid.as_deref(),
-            "From" => self.from.as_deref(),
-            "To" => self.to.as_deref(),
-            "Body" => self.body.as_deref(),
+            "MessageSid" => self.message_sid.take(),
+            "SmsSid" => self.sms_sid.take(),
+            "From" => self.from.take(),
+            "To" => self.to.take(),
+            "Body" => self.body.take(),
             _ => None,
         }
     }
@@ -190,8 +193,8 @@ impl<'de> serde::de::Visitor<'de> for JsonMembers<'_> {
     }
 }
 
-fn fields(params: &Params<'_>) -> Result<Fields, ApiError> {
-    let get = |name: &str| params.get(name);
+fn fields(mut params: Params<'_>) -> Result<Fields, ApiError> {
+    let mut get = |name: &str| params.take(name);
     let sid = get("MessageSid")
         .or_else(|| get("SmsSid"))
         .ok_or_else(|| ApiError::invalid_request("MessageSid is required"))?;
@@ -443,10 +446,10 @@ pub async fn twilio_message(
     VERIFIED.increment(1);
 
     let params = match kind {
-        Kind::Form => Params::Form(&pairs),
+        Kind::Form => Params::Form(pairs),
         Kind::Json => Params::Json(JsonParams::parse(&raw)?),
     };
-    let fields = fields(&params)?;
+    let fields = fields(params)?;
     // Received when verified (the signature check took microseconds since `now`).
     let received_at = now.format(&Rfc3339).map_err(|_| ApiError::internal())?;
     let job = InboundMessage {

@@ -69,17 +69,91 @@ pub type FormPairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 #[error("the form has more than {MAX_FORM_PARAMS} parameters")]
 pub struct TooManyParameters;
 
-/// Parses a form body with [`form_urlencoded::parse`], stopping at the parameter past
-/// [`MAX_FORM_PARAMS`]: however many a body holds, at most that many are ever collected.
+/// Parses a form body exactly as [`form_urlencoded::parse`] does (the WHATWG
+/// `application/x-www-form-urlencoded` parser: empty sequences skipped, a name without `=` has
+/// an empty value, `+` is a space, `%XX` a byte, any other `%` itself, then UTF-8 with U+FFFD
+/// for invalid bytes), stopping at the parameter past [`MAX_FORM_PARAMS`]: however many a body
+/// holds, at most that many are ever collected.
+///
+/// Its own code rather than the crate's, for speed on the hottest route: the crate scans each
+/// name and value three times (for `+`, for `%`, for UTF-8) through byte iterators; here one
+/// `memchr` finds whether a name or value needs decoding at all (most do not: they are borrowed
+/// after one UTF-8 check), and one pass decodes the rest. A property test holds the two to the
+/// same output for arbitrary bytes.
 pub fn parse_form(raw: &[u8]) -> Result<FormPairs<'_>, TooManyParameters> {
-    let mut pairs = Vec::new();
-    for pair in form_urlencoded::parse(raw) {
+    let mut pairs = Vec::with_capacity(8);
+    for sequence in raw.split(|&b| b == b'&') {
+        if sequence.is_empty() {
+            continue;
+        }
         if pairs.len() == MAX_FORM_PARAMS {
             return Err(TooManyParameters);
         }
-        pairs.push(pair);
+        let (name, value) = match memchr::memchr(b'=', sequence) {
+            Some(at) => (&sequence[..at], &sequence[at + 1..]),
+            None => (sequence, &[][..]),
+        };
+        pairs.push((decode_component(name), decode_component(value)));
     }
     Ok(pairs)
+}
+
+/// One name or value of a form: borrowed when it holds no `+` or `%` and is valid UTF-8.
+fn decode_component(input: &[u8]) -> Cow<'_, str> {
+    let Some(first) = memchr::memchr2(b'+', b'%', input) else {
+        // `from_utf8` checks ASCII a word at a time; `from_utf8_lossy` goes byte by byte.
+        return match std::str::from_utf8(input) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(input),
+        };
+    };
+    let mut out = Vec::with_capacity(input.len());
+    out.extend_from_slice(&input[..first]);
+    let mut rest = &input[first..];
+    while let Some((&byte, tail)) = rest.split_first() {
+        match byte {
+            b'+' => {
+                out.push(b' ');
+                rest = tail;
+            }
+            b'%' => match tail {
+                [high, low, after @ ..] if high.is_ascii_hexdigit() && low.is_ascii_hexdigit() => {
+                    out.push((hex_value(*high) << 4) | hex_value(*low));
+                    rest = after;
+                }
+                _ => {
+                    out.push(b'%');
+                    rest = tail;
+                }
+            },
+            _ => {
+                // Up to the next byte that needs decoding, copied as it is (runs between
+                // escapes are short: a plain loop beats `memchr`'s set-up here).
+                let run = rest
+                    .iter()
+                    .position(|&b| b == b'+' || b == b'%')
+                    .unwrap_or(rest.len());
+                out.extend_from_slice(&rest[..run]);
+                rest = &rest[run..];
+            }
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(text) => Cow::Owned(text),
+        Err(invalid) => Cow::Owned(String::from_utf8_lossy(invalid.as_bytes()).into_owned()),
+    }
+}
+
+/// The value of an ASCII hex digit (the caller has checked it is one).
+fn hex_value(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        _ => digit
+            .to_ascii_uppercase()
+            .wrapping_sub(b'A')
+            .wrapping_add(10),
+    }
 }
 
 /// The raw request body, as received (before any parsing).
@@ -1477,6 +1551,52 @@ mod tests {
 
     fn url_strategy() -> impl Strategy<Value = String> {
         "(https|http|HTTPS)://[a-z]{1,12}(\\.[a-z]{2,5})?(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~%;-]{0,8}){0,4}(\\?[A-Za-z0-9=&%+]{0,20})?"
+    }
+
+    /// Bytes a form decoder must get right: the delimiters, `+`, `%` with and without hex
+    /// digits after it, ASCII, and bytes that are not UTF-8 (alone, or starting a sequence).
+    fn form_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            4 => proptest::sample::select(b"&=+%%0aFg".to_vec()),
+            3 => proptest::sample::select(b"abcXYZ019 ;".to_vec()),
+            1 => any::<u8>(),
+            1 => proptest::sample::select(vec![0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x80, 0xFF]),
+        ];
+        proptest::collection::vec(byte, 0..96)
+    }
+
+    #[test]
+    fn the_form_parser_matches_the_crate_on_known_forms() {
+        for raw in [
+            &b""[..],
+            b"&&=&a&=b&c=&d=e=f",
+            b"Body=Hi%21+Where+is+my+order+%2312345%3F&From=%2B14155550001",
+            b"x=%&y=%4&z=%zz&w=%4g&v=%%41&u=+%2B+&t=%e2%82%ac&s=%FF&r=\xff",
+            "é=ü&€".as_bytes(),
+            b"a=%C3%A9&b=%C3&c=\xc3\xa9",
+        ] {
+            let ours = parse_form(raw).expect("few parameters");
+            let theirs: Vec<_> = form_urlencoded::parse(raw).collect();
+            assert_eq!(ours, theirs, "{}", String::from_utf8_lossy(raw));
+        }
+        let pairs = parse_form(b"a=1&b").expect("two");
+        assert!(matches!(pairs[0], (Cow::Borrowed("a"), Cow::Borrowed("1"))));
+        assert!(matches!(pairs[1], (Cow::Borrowed("b"), Cow::Borrowed(""))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn the_form_parser_matches_the_crate_on_arbitrary_bytes(raw in form_bytes()) {
+            match parse_form(&raw) {
+                Ok(ours) => {
+                    let theirs: Vec<_> = form_urlencoded::parse(&raw).collect();
+                    prop_assert_eq!(ours, theirs);
+                }
+                Err(TooManyParameters) => prop_assert!(false, "at most 96 bytes"),
+            }
+        }
     }
 
     proptest! {
