@@ -18,12 +18,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::aead::{Aead, AeadInOut, Payload};
 use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use secrecy::SecretString;
-use secrecy::zeroize::Zeroizing;
+use secrecy::zeroize::{Zeroize as _, Zeroizing};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -215,23 +215,25 @@ impl EncryptionKey {
     pub fn seal(&self, plaintext: &[u8], aad: &str) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         nonce_random(&mut nonce);
-        let sealed = self.cipher().encrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: plaintext,
-                aad: aad.as_bytes(),
-            },
-        );
-        let Ok(ciphertext_and_tag) = sealed else {
-            // aes-gcm only refuses inputs beyond 2^36 bytes of plaintext or
-            // 2^61 bytes of AAD, which no caller can produce.
-            panic!("AES-GCM refused to seal: input exceeds the algorithm's size limits");
-        };
-        let mut out = Vec::with_capacity(HEADER_LEN + ciphertext_and_tag.len());
+        // The envelope is built in one buffer and the plaintext encrypted where it lies (no
+        // second buffer for the ciphertext, no copy of it).
+        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
         out.push(ENVELOPE_VERSION);
         out.extend_from_slice(&self.id.0);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ciphertext_and_tag);
+        out.extend_from_slice(plaintext);
+        let tag = self.cipher().encrypt_inout_detached(
+            &Nonce::from(nonce),
+            aad.as_bytes(),
+            (&mut out[HEADER_LEN..]).into(),
+        );
+        let Ok(tag) = tag else {
+            // aes-gcm only refuses inputs beyond 2^36 bytes of plaintext or
+            // 2^61 bytes of AAD, which no caller can produce. The plaintext copy goes first.
+            out.zeroize();
+            panic!("AES-GCM refused to seal: input exceeds the algorithm's size limits");
+        };
+        out.extend_from_slice(&tag);
         out
     }
 

@@ -53,10 +53,12 @@ impl QueueKeys {
     }
     /// The keys of shard `shard` of `queue` under `namespace`.
     pub fn shard(namespace: &str, queue: &str, shard: u16) -> Self {
-        // Concatenated rather than `format!`ed: every enqueue builds one.
-        let shard_text = shard.to_string();
+        // Concatenated rather than `format!`ed, the shard's digits on the stack: every
+        // enqueue builds one.
+        let mut digits = [0u8; 5];
+        let shard_text = decimal(shard, &mut digits);
         Self {
-            prefix: [namespace, ":{", queue, ":", &shard_text, "}"].concat(),
+            prefix: [namespace, ":{", queue, ":", shard_text, "}"].concat(),
             queue: queue.to_owned(),
             shard,
         }
@@ -148,6 +150,21 @@ impl QueueKeys {
 
 /// Most shards a queue may have (`QUEUE_SHARDS_{QUEUE}` is 1 to this).
 pub const MAX_SHARDS: u16 = 64;
+
+/// `n` in decimal, written into `buffer` (a `u16` has at most five digits).
+fn decimal(mut n: u16, buffer: &mut [u8; 5]) -> &str {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    std::str::from_utf8(&buffer[at..]).unwrap_or("0")
+}
 
 /// The shard of a job of `tenant` in a queue of `shards` shards: FNV-1a (64-bit) over the
 /// tenant UUID's 16 bytes, modulo `shards`. Stable across releases, processes and hosts, so
@@ -307,6 +324,15 @@ fn crc16(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_numbers_are_written_as_to_string_writes_them() {
+        for n in [0u16, 1, 9, 10, 63, 64, 99, 100, 12_345, u16::MAX] {
+            let mut digits = [0u8; 5];
+            assert_eq!(decimal(n, &mut digits), n.to_string());
+        }
+        assert_eq!(QueueKeys::shard("ns", "q", 63).prefix, "ns:{q:63}");
+    }
 
     #[test]
     fn every_key_of_a_shard_sits_in_one_slot_and_shards_differ() {

@@ -262,23 +262,19 @@ fn compact_at_rest(
     if members.iter().any(|(name, _)| *name == SEALED.as_bytes()) {
         return Err(SealError::AlreadySealed);
     }
-    let sealed = STANDARD.encode(seal());
+    let envelope = seal();
     let mut out = Vec::with_capacity(
         members
             .iter()
             .map(|(name, value)| name.len() + value.len() + 4)
             .sum::<usize>()
-            + sealed.len()
+            + base64::encoded_len(envelope.len(), true).unwrap_or(0)
             + 16,
     );
     let mut sealed_written = false;
     for (name, value) in members {
         if !sealed_written && name > SEALED.as_bytes() {
-            push_member(
-                &mut out,
-                SEALED.as_bytes(),
-                &[b"\"", sealed.as_bytes(), b"\""],
-            );
+            push_sealed(&mut out, &envelope);
             sealed_written = true;
         }
         if !fields.iter().any(|field| field.as_bytes() == name) {
@@ -286,16 +282,30 @@ fn compact_at_rest(
         }
     }
     if !sealed_written {
-        push_member(
-            &mut out,
-            SEALED.as_bytes(),
-            &[b"\"", sealed.as_bytes(), b"\""],
-        );
+        push_sealed(&mut out, &envelope);
     }
     out.push(b'}');
     // The parts are cut from UTF-8 text at ASCII delimiters, or are base64: this only fails for
     // a plaintext that was not UTF-8, which the general path refuses too.
     String::from_utf8(out).map_err(|_| SealError::NotAnObject)
+}
+
+/// Appends the `sealed` member, its base64 written straight into `out` (base64 needs no JSON
+/// escaping: quoted, it is a JSON string).
+fn push_sealed(out: &mut Vec<u8>, envelope: &[u8]) {
+    push_member(out, SEALED.as_bytes(), &[b"\""]);
+    let start = out.len();
+    let len = base64::encoded_len(envelope.len(), true).unwrap_or(0);
+    out.resize(start + len, 0);
+    match STANDARD.encode_slice(envelope, &mut out[start..]) {
+        Ok(written) => out.truncate(start + written),
+        // Sized by `encoded_len`, so this does not happen; were it to, the slow way.
+        Err(_) => {
+            out.truncate(start);
+            out.extend_from_slice(STANDARD.encode(envelope).as_bytes());
+        }
+    }
+    out.push(b'"');
 }
 
 /// Appends `"name":value` (the value in parts) to an object being written.
@@ -323,9 +333,15 @@ pub fn seal_job<J: Job>(
     let key = key.ok_or_else(|| SealError::NoKey {
         queue: J::QUEUE.to_owned(),
     })?;
-    let plaintext = secrecy::zeroize::Zeroizing::new(serde_json::to_vec(job)?);
+    // Room for a typical job at once: no regrowth copying the plaintext (each copy it leaves
+    // behind is freed without being wiped; a larger job still grows as before).
+    let mut plaintext = secrecy::zeroize::Zeroizing::new(Vec::with_capacity(PLAINTEXT_ROOM));
+    serde_json::to_writer(&mut *plaintext, job)?;
     seal_text(J::QUEUE, job_id, &plaintext, key)
 }
+
+/// What [`seal_job`] reserves for a job's JSON text: an inbound message with a long body fits.
+const PLAINTEXT_ROOM: usize = 1024;
 
 /// [`seal_job`] for a payload already parsed (`POST /v1/jobs`): a JSON object, sealed with
 /// `key` when its queue seals (`None` is an error then, never a plaintext payload).

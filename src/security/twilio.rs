@@ -334,9 +334,16 @@ pub fn verify(
         }
     };
 
-    let provided = BASE64
-        .decode(signature)
+    // Decoded on the stack: a tag is at most 32 bytes (44 base64 characters), so anything
+    // longer than 64 characters is malformed whatever it decodes to.
+    let mut decoded = [0u8; 48];
+    if signature.len() > 64 {
+        return Err(SignatureError::Malformed);
+    }
+    let decoded_len = BASE64
+        .decode_slice(signature, &mut decoded)
         .map_err(|_| SignatureError::Malformed)?;
+    let provided = &decoded[..decoded_len];
     if provided.len() != algorithm.mac_len() {
         return Err(SignatureError::Malformed);
     }
@@ -374,7 +381,7 @@ pub fn verify(
     let matches = |url: &str| {
         keyed
             .iter()
-            .any(|mac| bool::from(mac.tag(url, &params).as_slice().ct_eq(&provided)))
+            .any(|mac| bool::from(mac.tag(url, &params).as_slice().ct_eq(provided)))
     };
     // The URL as received first: what Twilio signs whenever the public base URL is right.
     let matched = matches(parsed.raw) || {
@@ -401,7 +408,7 @@ pub fn sign_form(url: &str, params: &[(&str, &str)], key: &[u8], alg: Algorithm)
             .iter()
             .map(|&(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v))),
     );
-    BASE64.encode(Keyed::new(alg, key).tag(url, &params))
+    BASE64.encode(Keyed::new(alg, key).tag(url, &params).as_slice())
 }
 
 /// Lower-case hex SHA-256 of a raw body, the value of the `bodySHA256` query parameter.
@@ -425,6 +432,18 @@ fn canonical_params<'a>(pairs: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)
     params
 }
 
+/// An HMAC tag (SHA-1's 20 bytes or SHA-256's 32), kept on the stack.
+struct Tag {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl Tag {
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// An HMAC already keyed: each URL variant clones it instead of hashing the key again.
 #[derive(Clone)]
 enum Keyed {
@@ -442,15 +461,21 @@ impl Keyed {
         }
     }
 
-    fn tag(&self, url: &str, params: &Params<'_>) -> Vec<u8> {
-        fn run<M: Mac + Clone>(keyed: &M, url: &str, params: &Params<'_>) -> Vec<u8> {
+    fn tag(&self, url: &str, params: &Params<'_>) -> Tag {
+        fn run<M: Mac + Clone>(keyed: &M, url: &str, params: &Params<'_>) -> Tag {
             let mut mac = keyed.clone();
             mac.update(url.as_bytes());
             for (name, value) in params {
                 mac.update(name.as_bytes());
                 mac.update(value.as_bytes());
             }
-            mac.finalize().into_bytes().to_vec()
+            let bytes = mac.finalize().into_bytes();
+            let mut tag = Tag {
+                bytes: [0; 32],
+                len: bytes.len().min(32),
+            };
+            tag.bytes[..tag.len].copy_from_slice(&bytes[..tag.len]);
+            tag
         }
         match self {
             Self::Sha1(mac) => run(mac, url, params),
