@@ -508,9 +508,10 @@ async fn send_group<C: ConnectionLike>(
         return Ok(Vec::new());
     };
     let keys = &first.keys;
-    // Sized once for the whole group (a group of 64 sealed jobs is ~50 KB): no regrowth.
+    // Sized once for the whole group (nine arguments, four a job; a group of 64 sealed jobs is
+    // ~50 KB): no regrowth.
     let mut call = redis::Cmd::with_capacity(
-        8 + 4 * jobs.len(),
+        9 + 4 * jobs.len(),
         256 + jobs
             .iter()
             .map(|job| job.job_id.len() + job.payload.len() + job.meta.len() + 24)
@@ -612,19 +613,9 @@ fn meta_prefix(max_attempts: u32, tenant: Option<&Uuid>, request_id: Option<&str
     let tenant = tenant.map_or("-", |tenant| tenant.hyphenated().encode_lower(&mut text));
     // Pieces pushed rather than `write!`: this runs for every job, on the request's thread.
     let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    let mut n = max_attempts;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
     let mut meta = String::with_capacity(200);
     meta.push_str(r#"{"attempts":"0","max_attempts":""#);
-    meta.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("1"));
+    meta.push_str(crate::keys::decimal(max_attempts, &mut digits));
     meta.push_str(r#"","status":"Pending","idempotency_key":"","tenant":""#);
     meta.push_str(tenant);
     meta.push('"');

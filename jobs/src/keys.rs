@@ -55,8 +55,8 @@ impl QueueKeys {
     pub fn shard(namespace: &str, queue: &str, shard: u16) -> Self {
         // Concatenated rather than `format!`ed, the shard's digits on the stack: every
         // enqueue builds one.
-        let mut digits = [0u8; 5];
-        let shard_text = decimal(shard, &mut digits);
+        let mut digits = [0u8; 10];
+        let shard_text = decimal(u32::from(shard), &mut digits);
         Self {
             prefix: [namespace, ":{", queue, ":", shard_text, "}"].concat(),
             queue: queue.to_owned(),
@@ -151,8 +151,9 @@ impl QueueKeys {
 /// Most shards a queue may have (`QUEUE_SHARDS_{QUEUE}` is 1 to this).
 pub const MAX_SHARDS: u16 = 64;
 
-/// `n` in decimal, written into `buffer` (a `u16` has at most five digits).
-fn decimal(mut n: u16, buffer: &mut [u8; 5]) -> &str {
+/// `n` in decimal, written into `buffer` (a `u32` has at most ten digits): for the key names
+/// and metadata every enqueue writes, without a `String` for a number.
+pub(crate) fn decimal(mut n: u32, buffer: &mut [u8; 10]) -> &str {
     let mut at = buffer.len();
     loop {
         at -= 1;
@@ -326,9 +327,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shard_numbers_are_written_as_to_string_writes_them() {
-        for n in [0u16, 1, 9, 10, 63, 64, 99, 100, 12_345, u16::MAX] {
-            let mut digits = [0u8; 5];
+    fn numbers_are_written_as_to_string_writes_them() {
+        for n in [
+            0u32,
+            1,
+            9,
+            10,
+            63,
+            64,
+            99,
+            100,
+            12_345,
+            65_535,
+            4_000_000_000,
+            u32::MAX,
+        ] {
+            let mut digits = [0u8; 10];
             assert_eq!(decimal(n, &mut digits), n.to_string());
         }
         assert_eq!(QueueKeys::shard("ns", "q", 63).prefix, "ns:{q:63}");
