@@ -34,7 +34,8 @@
 //! produce a broken URL. The `url` crate is deliberately not used: it would normalise the URL
 //! (dropping default ports, re-encoding) and so change the signed bytes.
 //!
-//! All signature and hash comparisons are constant time ([`subtle`]). The URL as received is
+//! All signature and hash comparisons are constant time ([`subtle`]; tags through
+//! `Mac::verify_slice`, which uses it). The URL as received is
 //! tried first and the rebuilt variants only when it does not match; identical variants are
 //! computed once. Stopping at the first match reveals only which public spelling of the URL
 //! (or which key of the named id) matched, never anything about the expected tag.
@@ -146,14 +147,9 @@ fn decode_component(input: &[u8]) -> Cow<'_, str> {
 
 /// The value of an ASCII hex digit (the caller has checked it is one).
 fn hex_value(digit: u8) -> u8 {
-    match digit {
-        b'0'..=b'9' => digit - b'0',
-        b'a'..=b'f' => digit - b'a' + 10,
-        _ => digit
-            .to_ascii_uppercase()
-            .wrapping_sub(b'A')
-            .wrapping_add(10),
-    }
+    char::from(digit)
+        .to_digit(16)
+        .map_or(0, |value| value as u8)
 }
 
 /// The raw request body, as received (before any parsing).
@@ -336,10 +332,10 @@ pub fn verify(
 
     // Decoded on the stack: a tag is at most 32 bytes (44 base64 characters), so anything
     // longer than 64 characters is malformed whatever it decodes to.
-    let mut decoded = [0u8; 48];
     if signature.len() > 64 {
         return Err(SignatureError::Malformed);
     }
+    let mut decoded = [0u8; 48];
     let decoded_len = BASE64
         .decode_slice(signature, &mut decoded)
         .map_err(|_| SignatureError::Malformed)?;
@@ -378,11 +374,7 @@ pub fn verify(
         .iter()
         .map(|key| Keyed::new(algorithm, key))
         .collect();
-    let matches = |url: &str| {
-        keyed
-            .iter()
-            .any(|mac| bool::from(mac.tag(url, &params).as_slice().ct_eq(provided)))
-    };
+    let matches = |url: &str| keyed.iter().any(|mac| mac.verifies(url, &params, provided));
     // The URL as received first: what Twilio signs whenever the public base URL is right.
     let matched = matches(parsed.raw) || {
         let [_, removed, added] = parsed.variants();
@@ -408,7 +400,7 @@ pub fn sign_form(url: &str, params: &[(&str, &str)], key: &[u8], alg: Algorithm)
             .iter()
             .map(|&(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v))),
     );
-    BASE64.encode(Keyed::new(alg, key).tag(url, &params).as_slice())
+    BASE64.encode(Keyed::new(alg, key).tag(url, &params))
 }
 
 /// Lower-case hex SHA-256 of a raw body, the value of the `bodySHA256` query parameter.
@@ -432,18 +424,6 @@ fn canonical_params<'a>(pairs: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)
     params
 }
 
-/// An HMAC tag (SHA-1's 20 bytes or SHA-256's 32), kept on the stack.
-struct Tag {
-    bytes: [u8; 32],
-    len: usize,
-}
-
-impl Tag {
-    fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
 /// An HMAC already keyed: each URL variant clones it instead of hashing the key again.
 #[derive(Clone)]
 enum Keyed {
@@ -461,25 +441,38 @@ impl Keyed {
         }
     }
 
-    fn tag(&self, url: &str, params: &Params<'_>) -> Tag {
-        fn run<M: Mac + Clone>(keyed: &M, url: &str, params: &Params<'_>) -> Tag {
-            let mut mac = keyed.clone();
-            mac.update(url.as_bytes());
-            for (name, value) in params {
-                mac.update(name.as_bytes());
-                mac.update(value.as_bytes());
-            }
-            let bytes = mac.finalize().into_bytes();
-            let mut tag = Tag {
-                bytes: [0; 32],
-                len: bytes.len().min(32),
-            };
-            tag.bytes[..tag.len].copy_from_slice(&bytes[..tag.len]);
-            tag
+    /// The MAC of `url` and `params`, not yet finished.
+    fn signed<M: Mac + Clone>(keyed: &M, url: &str, params: &Params<'_>) -> M {
+        let mut mac = keyed.clone();
+        mac.update(url.as_bytes());
+        for (name, value) in params {
+            mac.update(name.as_bytes());
+            mac.update(value.as_bytes());
         }
+        mac
+    }
+
+    /// Whether `provided` is the tag of `url` and `params`, compared in constant time
+    /// (`Mac::verify_slice`).
+    fn verifies(&self, url: &str, params: &Params<'_>, provided: &[u8]) -> bool {
         match self {
-            Self::Sha1(mac) => run(mac, url, params),
-            Self::Sha256(mac) => run(mac, url, params),
+            Self::Sha1(mac) => Self::signed(mac, url, params).verify_slice(provided),
+            Self::Sha256(mac) => Self::signed(mac, url, params).verify_slice(provided),
+        }
+        .is_ok()
+    }
+
+    /// The tag of `url` and `params` (for signing).
+    fn tag(&self, url: &str, params: &Params<'_>) -> Vec<u8> {
+        match self {
+            Self::Sha1(mac) => Self::signed(mac, url, params)
+                .finalize()
+                .into_bytes()
+                .to_vec(),
+            Self::Sha256(mac) => Self::signed(mac, url, params)
+                .finalize()
+                .into_bytes()
+                .to_vec(),
         }
     }
 }
