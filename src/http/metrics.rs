@@ -2,13 +2,13 @@
 //! which the outer layer (`http::outer_layer`) uses to count every request by method, matched
 //! route template (never the raw path) and status, with its latency.
 
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
 use ::metrics::{Counter, Histogram};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 
@@ -44,18 +44,62 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// The route templates the router serves (`/v1/webhooks/twilio/{tenant_id}/messages`), to
+/// label a request's metrics by the template its path matches. The edge's layers wrap the
+/// router as a whole (`http::layered`), outside the routing that would tell them axum's
+/// `MatchedPath`; this table is built from the same registrations (the OpenAPI document's
+/// paths, which `tests/it/openapi.rs` holds equal to the router's) and matched the same way
+/// (`matchit`, axum's own matcher).
+#[derive(Clone, Default)]
+pub struct RouteTemplates(Arc<matchit::Router<&'static str>>);
+
+impl RouteTemplates {
+    pub fn new<'a>(templates: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut router = matchit::Router::new();
+        for template in templates {
+            let template = intern(template);
+            if let Err(error) = router.insert(template, template) {
+                // Only a template the router itself would have refused.
+                tracing::warn!(%error, template, "a route template cannot label metrics");
+            }
+        }
+        Self(Arc::new(router))
+    }
+
+    /// The template `path` matches, if any.
+    pub fn matching(&self, path: &str) -> Option<&'static str> {
+        self.0.at(path).ok().map(|matched| *matched.value)
+    }
+}
+
+/// The one copy of a route template for the process's lifetime: labels are `&'static str`,
+/// and the set of templates is the program's routes, so this stays as small as they are
+/// however often a router is built (each test builds its own).
+fn intern(template: &str) -> &'static str {
+    static INTERNED: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Mutex::default);
+    let mut interned = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
+    match interned.get(template) {
+        Some(kept) => kept,
+        None => {
+            let kept: &'static str = Box::leak(template.into());
+            interned.insert(kept);
+            kept
+        }
+    }
+}
+
 /// Counts a request by method, matched route and status, and times it: `start` when it
 /// arrives, `finish` with its response. Requests no route matched share the route `unmatched`.
 pub struct Measure {
-    route: Option<MatchedPath>,
+    route: Option<&'static str>,
     method: &'static str,
     started: Instant,
 }
 
 impl Measure {
-    pub fn start(request: &Request) -> Self {
+    pub fn start(request: &Request, routes: &RouteTemplates) -> Self {
         Self {
-            route: request.extensions().get::<MatchedPath>().cloned(),
+            route: routes.matching(request.uri().path()),
             method: method_label(request.method()),
             started: Instant::now(),
         }
@@ -64,7 +108,7 @@ impl Measure {
     /// Records the metrics, and at DEBUG level one access-log line (no path, no query: the
     /// route template only, so no identifier or token in a URL reaches the log).
     pub fn finish(self, response: &Response) {
-        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let route = self.route.unwrap_or("unmatched");
         let status = response.status().as_u16();
         let elapsed = self.started.elapsed();
         HANDLES.record(self.method, route, status, elapsed.as_secs_f64());
@@ -145,6 +189,48 @@ impl Handles {
         if let Some((requests, duration)) = handles.find(method, status) {
             requests.increment(1);
             duration.record(seconds);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_labelled_by_the_template_it_matches_as_axum_routes_it() {
+        let routes = RouteTemplates::new([
+            "/healthz",
+            "/v1/webhooks/twilio/{tenant_id}/messages",
+            "/admin/rotations/{id}",
+        ]);
+        assert_eq!(routes.matching("/healthz"), Some("/healthz"));
+        assert_eq!(
+            routes.matching("/v1/webhooks/twilio/0b7c/messages"),
+            Some("/v1/webhooks/twilio/{tenant_id}/messages")
+        );
+        // No trailing-slash or prefix matches, as axum: those paths are the fallback's.
+        assert_eq!(routes.matching("/healthz/"), None);
+        assert_eq!(routes.matching("/v1/webhooks/twilio/x/messages/more"), None);
+        assert_eq!(routes.matching("/admin/rotations/"), None);
+        assert_eq!(routes.matching("/nothing"), None);
+    }
+
+    #[test]
+    fn templates_are_kept_once_however_many_routers_are_built() {
+        let a = RouteTemplates::new(["/v1/jobs"]).matching("/v1/jobs");
+        let b = RouteTemplates::new(["/v1/jobs"]).matching("/v1/jobs");
+        assert!(std::ptr::eq(a.expect("matched"), b.expect("matched")));
+    }
+
+    #[test]
+    fn the_served_routes_are_all_labelled_by_their_own_template() {
+        let (_, document) = crate::http::routes().split_for_parts();
+        let paths: Vec<&str> = document.paths.paths.keys().map(String::as_str).collect();
+        assert!(paths.len() >= 14, "{paths:?}");
+        let routes = RouteTemplates::new(paths.iter().copied());
+        for path in paths {
+            assert_eq!(routes.matching(path), Some(path));
         }
     }
 }

@@ -190,20 +190,68 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .merge(admin::routes())
 }
 
-/// The whole router.
+/// Every route with its fallbacks and state, without the edge's layers ([`app`] adds them).
 pub fn router(state: Arc<AppState>) -> Router {
-    let (routes, _) = routes().split_for_parts();
-    layered(routes, state)
+    finish(routes().split_for_parts().0, state)
 }
 
-/// `routes` behind the layers every route has (edge, panic catcher, timeout, body limit) and
-/// the JSON fallbacks. Public so a test can put a route of its own (one that panics, say)
-/// behind exactly what production routes get.
-pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// What [`serve`] runs: every route behind the edge's layers, request metrics labelled by the
+/// routes' templates (the OpenAPI document's paths, registered in the same `routes!` calls).
+pub fn app(state: Arc<AppState>) -> impl HttpService {
+    let (routes, document) = routes().split_for_parts();
+    let templates = metrics::RouteTemplates::new(document.paths.paths.keys().map(String::as_str));
+    layered(routes, templates, state)
+}
+
+/// The service a connection's requests go to: hyper's requests in, axum's responses out.
+pub trait HttpService:
+    tower_service::Service<
+        axum::http::Request<hyper::body::Incoming>,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: tower_service::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// `routes` (with the JSON fallbacks) behind the layers every request passes (edge, panic
+/// catcher, timeout, body limit); `templates` are the routes' paths, which label the request
+/// metrics. Public so a test can serve a route of its own (one that panics, say) behind
+/// exactly what production routes get.
+///
+/// The layers wrap the router as a whole, not each route: `Router::layer` wraps every route in
+/// a boxed `Route` around its own copy of the stack, and a request then clones that box and
+/// boxes its future once more at each level (BENCHMARKS §16). Around the router, a request
+/// costs neither; the 404 and 405 fallbacks pass the same layers as any route.
+pub fn layered(
+    routes: Router<Arc<AppState>>,
+    templates: metrics::RouteTemplates,
+    state: Arc<AppState>,
+) -> impl HttpService {
     let max_body = state.config.max_body_bytes;
-    // One `layer` call with the whole stack, outermost last: each `Router::layer` call wraps
-    // every route in another boxed `Route`, and a request clones each box below the one it
-    // enters (four calls cost ~15 box clones and ~5 boxed futures a request; BENCHMARKS §16).
     let stack = Stack::new(
         Stack::new(
             Stack::new(
@@ -216,13 +264,9 @@ pub fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
             ),
             CatchPanicLayer::custom(panic_response),
         ),
-        outer_layer::OuterLayer::new(state.clone()),
+        outer_layer::OuterLayer::new(state.clone(), templates),
     );
-    routes
-        .fallback(fallback)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(stack)
-        .with_state(state)
+    stack.layer(finish(routes, state))
 }
 
 /// How long shutdown waits for security events still being recorded.
@@ -244,7 +288,7 @@ pub async fn serve(
         state.config.redis_namespace.clone(),
         state.key_cache.clone(),
     ));
-    let app = router(state);
+    let app = app(state);
     // Handlers read the peer through `ConnectInfo<SocketAddr>` (the client IP starts there).
     let served = crate::server::run(
         listener,

@@ -5,6 +5,7 @@
 //! A plain tower layer rather than `axum::middleware::from_fn`: it runs on every request,
 //! and this way a request costs no clone of the inner service and no boxed future. Everything
 //! before the route is synchronous, so the route's future is created in `call` and wrapped.
+//! It takes the request as hyper gives it (any body), so it can be the outermost service.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,18 +21,20 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::AppState;
-use super::metrics::Measure;
+use super::metrics::{Measure, RouteTemplates};
 use super::transport::{self, Arrival};
 
-/// Adds [`Outer`] to every route.
+/// Puts [`Outer`] around a service (`http::layered`: around the whole router).
 #[derive(Clone)]
 pub struct OuterLayer {
     state: Arc<AppState>,
+    routes: RouteTemplates,
 }
 
 impl OuterLayer {
-    pub fn new(state: Arc<AppState>) -> Self {
-        Self { state }
+    /// `routes`: the templates the inner router serves, which label the request metrics.
+    pub fn new(state: Arc<AppState>, routes: RouteTemplates) -> Self {
+        Self { state, routes }
     }
 }
 
@@ -42,6 +45,7 @@ impl<S> Layer<S> for OuterLayer {
         Outer {
             inner,
             state: self.state.clone(),
+            routes: self.routes.clone(),
         }
     }
 }
@@ -51,13 +55,16 @@ impl<S> Layer<S> for OuterLayer {
 pub struct Outer<S> {
     inner: S,
     state: Arc<AppState>,
+    routes: RouteTemplates,
 }
 
-/// The inner stack may answer any body (the panic catcher boxes its own); the edge's answer is
-/// axum's.
-impl<S, B> Service<Request> for Outer<S>
+/// Any request body (hyper's, as it arrives) goes on as axum's; the inner stack may answer
+/// any body (the panic catcher boxes its own); the edge's answer is axum's.
+impl<S, ReqB, B> Service<http::Request<ReqB>> for Outer<S>
 where
     S: Service<Request, Response = http::Response<B>>,
+    ReqB: HttpBody<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -69,14 +76,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: http::Request<ReqB>) -> Self::Future {
+        // A no-op for a body that is already axum's.
+        let mut request = request.map(Body::new);
         // Without the peer (a router served without connect info) forwarded headers are not
         // trusted: the unspecified address is nobody's proxy unless configured so.
         let peer = request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
-        let measure = Measure::start(&request);
+        let measure = Measure::start(&request, &self.routes);
         let (arrival, answered) = transport::arrive(&self.state, peer, &mut request);
         let inner = match answered {
             Some(response) => Inner::Answered {

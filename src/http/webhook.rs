@@ -287,8 +287,10 @@ pub async fn twilio_message(
     // the genuine hot path pays no Redis round trip for it, and Twilio's addresses are shared
     // by every tenant, so one tenant's misconfigured token must not stop the others' messages.
     // A forgery for it still counts, and past the budget is answered 429.
-    let ctx = Ctx {
-        ip: client_ip(peer, headers, &state.config.trusted_proxies),
+    let ip = client_ip(peer, headers, &state.config.trusted_proxies);
+    // The refusal budget's context, built on the paths that count against it (not the hot one).
+    let ctx = || Ctx {
+        ip,
         request_id: request_id.unwrap_or_default().to_owned(),
     };
     // A tenant whose keys are fresh in memory (the hot path) is looked up once.
@@ -302,7 +304,7 @@ pub async fn twilio_message(
     // The cold paths' futures are boxed (here, the refusal, the key lookup): kept inline they
     // would make this handler's future ~2.8 KB, copied each time it moves (BENCHMARKS §16).
     if !in_memory {
-        Box::pin(unauthenticated_budget(&state, &ctx)).await?;
+        Box::pin(unauthenticated_budget(&state, &ctx())).await?;
     }
     let kind = content_kind(headers).ok_or_else(|| {
         ApiError::unsupported_media_type("application/x-www-form-urlencoded or application/json")
@@ -320,7 +322,7 @@ pub async fn twilio_message(
     let reject =
         |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<(String, String)>| {
             let mut event = SecurityEvent::new(EventType::InvalidWebhookSignature);
-            event.ip = Some(ctx.ip);
+            event.ip = Some(ip);
             event.tenant_id = tenant_id;
             event.request_id = request_id.map(str::to_owned);
             event.details = match cause {
@@ -337,7 +339,7 @@ pub async fn twilio_message(
     // answered 403, past it answered 429 (recorded as a rate-limit hit, within its budget).
     let refuse =
         async |tenant_id: Option<Uuid>, reason: &'static str, cause: Option<(String, String)>| {
-            match Box::pin(count_refusal(&state, &ctx)).await {
+            match Box::pin(count_refusal(&state, &ctx())).await {
                 Ok(()) => reject(tenant_id, reason, cause),
                 Err(limited) => limited,
             }
@@ -375,7 +377,7 @@ pub async fn twilio_message(
         Err(KeyCacheError::Tenant(error)) => {
             tracing::error!(tenant.id = %tenant_id, %error, "cannot open webhook keys");
             let mut event = SecurityEvent::new(EventType::EncryptionError);
-            event.ip = Some(ctx.ip);
+            event.ip = Some(ip);
             event.tenant_id = Some(tenant_id);
             event.request_id = request_id.map(str::to_owned);
             event.details = match &error {

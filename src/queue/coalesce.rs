@@ -71,10 +71,15 @@ struct Sent {
     active: AtomicUsize,
 }
 
+/// `gatehouse_enqueue_group_jobs`, registered once: a lookup by name builds and hashes the
+/// metric's key (and allocates) on every script call.
+static GROUP_JOBS: std::sync::LazyLock<::metrics::Histogram> =
+    std::sync::LazyLock::new(|| ::metrics::histogram!("gatehouse_enqueue_group_jobs"));
+
 impl Sent {
     /// One script call of `jobs` jobs, in `gatehouse_enqueue_group_jobs` too.
     fn count(&self, jobs: usize) {
-        ::metrics::histogram!("gatehouse_enqueue_group_jobs").record(jobs as f64);
+        GROUP_JOBS.record(jobs as f64);
         self.groups.fetch_add(1, Ordering::Relaxed);
         self.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
     }

@@ -293,6 +293,12 @@ impl Algorithm {
     }
 }
 
+/// The keys a signature may have been made with.
+enum Candidates<'a> {
+    One(&'a [u8]),
+    Many(Vec<&'a [u8]>),
+}
+
 /// Verifies a Twilio webhook request.
 ///
 /// `url` is the full URL as Twilio called it: `PUBLIC_BASE_URL` + path + (`"?"` + raw query if
@@ -310,10 +316,13 @@ pub fn verify(
         .ok_or(SignatureError::Missing)?;
     let parsed = ParsedUrl::parse(url)?;
 
-    let (algorithm, candidate_keys): (Algorithm, Vec<&[u8]>) = match headers.signature_settings {
+    // The auth token alone (Twilio's own signature) or the shared keys the settings name; the
+    // common case, one key, is kept on the stack.
+    let (algorithm, candidate_keys): (Algorithm, Candidates<'_>) = match headers.signature_settings
+    {
         None => (
             Algorithm::HmacSha1,
-            vec![keys.auth_token.expose_secret().as_bytes()],
+            Candidates::One(keys.auth_token.expose_secret().as_bytes()),
         ),
         Some(raw) => {
             let settings = SignatureSettings::parse(raw)?;
@@ -326,7 +335,7 @@ pub fn verify(
             if matching.is_empty() {
                 return Err(SignatureError::UnknownKey);
             }
-            (settings.algorithm, matching)
+            (settings.algorithm, Candidates::Many(matching))
         }
     };
 
@@ -370,11 +379,19 @@ pub fn verify(
         }
     };
 
-    let keyed: Vec<Keyed> = candidate_keys
-        .iter()
-        .map(|key| Keyed::new(algorithm, key))
-        .collect();
-    let matches = |url: &str| keyed.iter().any(|mac| mac.verifies(url, &params, provided));
+    let (one, many): (Option<Keyed>, Vec<Keyed>) = match candidate_keys {
+        Candidates::One(key) => (Some(Keyed::new(algorithm, key)), Vec::new()),
+        Candidates::Many(keys) => (
+            None,
+            keys.iter().map(|key| Keyed::new(algorithm, key)).collect(),
+        ),
+    };
+    let keyed = one.as_slice().iter().chain(&many);
+    let matches = |url: &str| {
+        keyed
+            .clone()
+            .any(|mac| mac.verifies(url, &params, provided))
+    };
     // The URL as received first: what Twilio signs whenever the public base URL is right.
     let matched = matches(parsed.raw) || {
         let [_, removed, added] = parsed.variants();

@@ -428,13 +428,27 @@ async fn a_panicking_route_answers_500_with_the_security_headers_and_the_server_
             "unreachable"
         }),
     );
-    let app = gatehouse::http::layered(routes, state)
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let limits = gatehouse::server::Limits::from_config(&state.config);
+    let app = gatehouse::http::layered(
+        routes,
+        gatehouse::http::metrics::RouteTemplates::new(["/boom"]),
+        state,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(gatehouse::server::run(
+        listener,
+        limits,
+        move |peer| {
+            tower_layer::Layer::layer(
+                &axum::Extension(axum::extract::ConnectInfo(peer)),
+                app.clone(),
+            )
+        },
+        std::future::pending(),
+    ));
     let http = client();
     for _ in 0..2 {
         let r = http
@@ -454,6 +468,10 @@ async fn a_panicking_route_answers_500_with_the_security_headers_and_the_server_
             "the panic message stays out of the answer"
         );
     }
+    // Counted by its route's template, as any route's answer.
+    let text = gatehouse::metrics::render(&gatehouse::metrics::install());
+    let line = "gatehouse_http_requests_total{method=\"GET\",route=\"/boom\",status=\"500\"} 2";
+    assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     server.abort();
     env.cleanup().await;
 }
