@@ -45,7 +45,7 @@ impl Ctx {
         let request_id = parts
             .extensions
             .get::<RequestId>()
-            .map(|r| r.0.clone())
+            .map(|r| r.as_str().to_owned())
             .unwrap_or_default();
         Self { ip, request_id }
     }

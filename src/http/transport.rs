@@ -10,9 +10,23 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use super::client_ip::client_scheme;
 
-/// The request id, in request extensions and the `x-request-id` response header.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+/// The request id, in request extensions and the `x-request-id` response header: a
+/// hyphenated UUID, kept inline (every request has one; no allocation of its own).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId([u8; uuid::fmt::Hyphenated::LENGTH]);
+
+impl RequestId {
+    fn new(id: uuid::Uuid) -> Self {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        id.hyphenated().encode_lower(&mut text);
+        Self(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Always ASCII: `encode_lower` wrote hex digits and hyphens.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
 
 const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
@@ -110,15 +124,13 @@ pub fn arrive(
     peer: SocketAddr,
     req: &mut Request,
 ) -> (Arrival, Option<Response>) {
-    let mut buffer = uuid::Uuid::encode_buffer();
-    let request_id: &str = fresh_request_id().hyphenated().encode_lower(&mut buffer);
+    let id = RequestId::new(fresh_request_id());
     let arrival = Arrival {
-        request_id: HeaderValue::from_str(request_id).ok(),
+        request_id: HeaderValue::from_str(id.as_str()).ok(),
         admin: req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/"),
         debug: state.config.debug,
     };
-    req.extensions_mut()
-        .insert(RequestId(request_id.to_owned()));
+    req.extensions_mut().insert(id);
     let redirect = (!arrival.debug
         && !EXEMPT.contains(&req.uri().path())
         && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https")
@@ -158,6 +170,15 @@ pub fn depart(arrival: Arrival, response: &mut Response) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_id_reads_as_its_hyphenated_uuid() {
+        let id = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(
+            RequestId::new(id).as_str(),
+            "01234567-89ab-cdef-0123-456789abcdef"
+        );
+    }
 
     #[test]
     fn request_ids_are_distinct_uuidv7s_of_the_current_millisecond() {

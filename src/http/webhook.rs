@@ -280,7 +280,7 @@ pub async fn twilio_message(
     // The parts are borrowed, not cloned: this is the hottest route.
     let (parts, body) = request.into_parts();
     let (uri, headers) = (&parts.uri, &parts.headers);
-    let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
+    let request_id = parts.extensions.get::<RequestId>().map(RequestId::as_str);
     // A client past its budget of refused requests is answered 429 here, before the tenant
     // key lookup (which can cost PostgreSQL work); each refusal below counts against it first.
     // A tenant whose keys are in memory skips that check: verifying it costs no PostgreSQL,
