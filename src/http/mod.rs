@@ -190,7 +190,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .merge(admin::routes())
 }
 
-/// Every route with its fallbacks and state, without the edge's layers ([`app`] adds them).
+/// Every route with its fallbacks and state, without the edge's layers ([`layered`] adds them).
 pub fn router(state: Arc<AppState>) -> Router {
     finish(routes().split_for_parts().0, state)
 }
@@ -200,41 +200,6 @@ fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-/// What [`serve`] runs: every route behind the edge's layers, request metrics labelled by the
-/// routes' templates (the OpenAPI document's paths, registered in the same `routes!` calls).
-pub fn app(state: Arc<AppState>) -> impl HttpService {
-    let (routes, document) = routes().split_for_parts();
-    let templates = metrics::RouteTemplates::new(document.paths.paths.keys().map(String::as_str));
-    layered(routes, templates, state)
-}
-
-/// The service a connection's requests go to: hyper's requests in, axum's responses out.
-pub trait HttpService:
-    tower_service::Service<
-        axum::http::Request<hyper::body::Incoming>,
-        Response = Response,
-        Error = std::convert::Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<S> HttpService for S where
-    S: tower_service::Service<
-            axum::http::Request<hyper::body::Incoming>,
-            Response = Response,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static
-{
 }
 
 /// `routes` (with the JSON fallbacks) behind the layers every request passes (edge, panic
@@ -250,7 +215,15 @@ pub fn layered(
     routes: Router<Arc<AppState>>,
     templates: metrics::RouteTemplates,
     state: Arc<AppState>,
-) -> impl HttpService {
+) -> impl tower_service::Service<
+    axum::http::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
     let max_body = state.config.max_body_bytes;
     let stack = Stack::new(
         Stack::new(
@@ -288,7 +261,11 @@ pub async fn serve(
         state.config.redis_namespace.clone(),
         state.key_cache.clone(),
     ));
-    let app = app(state);
+    // Every route behind the edge's layers, request metrics labelled by the routes' templates
+    // (the OpenAPI document's paths, registered in the same `routes!` calls).
+    let (routes, document) = routes().split_for_parts();
+    let templates = metrics::RouteTemplates::new(document.paths.paths.keys().map(String::as_str));
+    let app = layered(routes, templates, state);
     // Handlers read the peer through `ConnectInfo<SocketAddr>` (the client IP starts there).
     let served = crate::server::run(
         listener,

@@ -153,17 +153,28 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// scrape after a long gap folds them all at once. A thread rather than a task: the handle is
 /// the process's, and outlives any one runtime (each test has its own).
 fn keep_up(handle: PrometheusHandle) {
-    let started = std::thread::Builder::new()
-        .name("gatehouse-metrics-upkeep".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(UPKEEP_EVERY);
-                handle.run_upkeep();
-            }
-        });
+    let started = every(UPKEEP_EVERY, move || {
+        handle.run_upkeep();
+        true
+    });
     if let Err(error) = started {
         tracing::warn!(%error, "cannot start the metrics upkeep; histograms drain at scrapes only");
     }
+}
+
+/// Runs `work` on a thread of its own every `period`, until it returns false.
+fn every(period: Duration, mut work: impl FnMut() -> bool + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("gatehouse-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(period);
+                if !work() {
+                    break;
+                }
+            }
+        })
+        .map(drop)
 }
 
 /// The process's recorder, installed on first call (later calls return the same handle). If
@@ -323,5 +334,26 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn upkeep_runs_again_and_again_on_its_own_thread() {
+        let (runs, ran) = std::sync::mpsc::channel();
+        let mut count = 0;
+        every(Duration::from_millis(5), move || {
+            count += 1;
+            let _ = runs.send(count);
+            count < 3
+        })
+        .expect("an upkeep thread");
+        let seen: Vec<u32> = (0..3)
+            .map(|_| {
+                ran.recv_timeout(Duration::from_secs(5))
+                    .expect("upkeep ran")
+            })
+            .collect();
+        assert_eq!(seen, [1, 2, 3]);
+        // It stops once its work says so.
+        assert!(ran.recv_timeout(Duration::from_millis(100)).is_err());
     }
 }
