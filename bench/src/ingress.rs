@@ -287,75 +287,154 @@ fn logins(n: usize) -> Vec<Prepared> {
 pub struct IngressPlan {
     pub concurrency: usize,
     pub warmup: Duration,
+    /// Measured time per server (figure 4: in slices of `slice`).
     pub duration: Duration,
+    /// Figure 4's turn length: the load alternates between the two servers this often.
+    pub slice: Duration,
     /// Prepared (signed) requests per run: the count bound.
     pub max_requests: usize,
 }
 
-/// Figure 4, one run: the same signed requests against `kind`.
-pub async fn webhook_run(
+/// The order of figure 4's turns: `g b b g g b b g …` (each kind first as often as second,
+/// so a drift over the run — Redis's hashes growing, say — falls on both alike).
+fn turn_order(turns: usize) -> impl Iterator<Item = ServerKind> {
+    (0..turns).map(|i| match i % 4 {
+        0 | 3 => ServerKind::Gatehouse,
+        _ => ServerKind::Bare,
+    })
+}
+
+/// One server of figure 4's pair, with its client, its requests and what it measured.
+struct Side {
+    kind: ServerKind,
+    server: Server,
+    client: reqwest::Client,
+    cursor: load::Cursor,
+    samples: load::Samples,
+    server_us: u64,
+    redis_us: u64,
+    client_us: u64,
+    script_calls: u64,
+}
+
+impl Side {
+    /// The figures, each CPU over the requests this side sent in its turns.
+    fn result(self) -> LoadResult {
+        let sent = self.samples.sent.max(1) as f64;
+        let mut result = self.samples.result();
+        result.server_cpu_us_per_request = self.server_us as f64 / sent;
+        result.redis_cpu_us_per_request = self.redis_us as f64 / sent;
+        result.client_cpu_us_per_request = self.client_us as f64 / sent;
+        result.script_calls_per_request = self.script_calls as f64 / sent;
+        result
+    }
+}
+
+/// Figure 4, one run: both servers up at once, and the same load taking turns between them
+/// (`plan.slice` each, [`turn_order`]) until each has had `plan.duration`. A shared VM's
+/// other tenants take 2–17 % of its CPU in bursts of seconds (`vmstat`'s `st`, BENCHMARKS
+/// §17): a burst lands on both servers' turns alike instead of on one server's whole run.
+/// Each server has its own client, queue and requests (fresh MessageSids, none sent twice,
+/// warm-up included). Returns (gatehouse, bare).
+pub async fn webhook_pair(
     env: &BenchEnv,
     tenant: Uuid,
-    kind: ServerKind,
     plan: IngressPlan,
-) -> anyhow::Result<LoadResult> {
+) -> anyhow::Result<(LoadResult, LoadResult)> {
     env.clear_namespace().await?;
-    let requests = Arc::new(signed_webhooks(tenant, plan.max_requests));
-    let mut server = Server::start(env, kind).await?;
-    let client = load::client(plan.concurrency)?;
-    let cpu_before = server.cpu_us();
-    let (redis_before, client_before) = (crate::cpu::redis_us(env).await?, crate::cpu::own_us());
-    let calls_before = crate::cpu::script_calls(env).await?;
-    let mut result = load::run(
-        &client,
-        &server.base,
-        requests,
-        false,
-        plan.concurrency,
-        plan.warmup,
-        plan.duration,
-    )
-    .await;
-    // Where each request's CPU goes, all three on the same cores: the server, Redis (the
-    // enqueue script) and the load generator (reading the answer).
-    let sent = result.sent.max(1) as f64;
-    if let (Some(before), Some(after)) = (cpu_before, server.cpu_us()) {
-        result.server_cpu_us_per_request = (after - before) as f64 / sent;
+    let mut sides = Vec::new();
+    for kind in [ServerKind::Gatehouse, ServerKind::Bare] {
+        let requests = Arc::new(signed_webhooks(tenant, plan.max_requests));
+        sides.push(Side {
+            kind,
+            server: Server::start(env, kind).await?,
+            client: load::client(plan.concurrency)?,
+            cursor: load::Cursor::new(requests, false),
+            samples: load::Samples::default(),
+            server_us: 0,
+            redis_us: 0,
+            client_us: 0,
+            script_calls: 0,
+        });
     }
-    result.redis_cpu_us_per_request = crate::cpu::redis_us(env)
-        .await?
-        .saturating_sub(redis_before) as f64
-        / sent;
-    result.client_cpu_us_per_request =
-        crate::cpu::own_us().saturating_sub(client_before) as f64 / sent;
-    result.script_calls_per_request = crate::cpu::script_calls(env)
-        .await?
-        .saturating_sub(calls_before) as f64
-        / sent;
-    server.stop();
-    // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
-    let mut redis = env.redis.clone();
-    let queued: u64 = redis::cmd("LLEN")
-        .arg(format!(
-            "{}:active",
-            env.queue_key(match kind {
-                ServerKind::Gatehouse => InboundMessage::QUEUE,
-                ServerKind::Bare => BARE_QUEUE,
-            })
-        ))
-        .query_async(&mut redis)
-        .await?;
+    for side in &sides {
+        load::run_from(
+            &side.client,
+            &side.server.base,
+            &side.cursor,
+            plan.concurrency,
+            plan.warmup,
+            Duration::ZERO,
+        )
+        .await;
+    }
+    let slice = plan
+        .slice
+        .min(plan.duration)
+        .max(Duration::from_millis(100));
+    let turns = 2 * plan.duration.as_millis().div_ceil(slice.as_millis()).max(1) as usize;
+    for kind in turn_order(turns) {
+        let side = sides
+            .iter_mut()
+            .find(|side| side.kind == kind)
+            .context("no server of that kind")?;
+        let server_before = side.server.cpu_us();
+        let (redis_before, client_before) =
+            (crate::cpu::redis_us(env).await?, crate::cpu::own_us());
+        let calls_before = crate::cpu::script_calls(env).await?;
+        let samples = load::run_from(
+            &side.client,
+            &side.server.base,
+            &side.cursor,
+            plan.concurrency,
+            Duration::ZERO,
+            slice,
+        )
+        .await;
+        // Where each request's CPU goes, all three on the same cores: the server, Redis (the
+        // enqueue script) and the load generator (reading the answer).
+        if let (Some(before), Some(after)) = (server_before, side.server.cpu_us()) {
+            side.server_us += after.saturating_sub(before);
+        }
+        side.client_us += crate::cpu::own_us().saturating_sub(client_before);
+        side.redis_us += crate::cpu::redis_us(env)
+            .await?
+            .saturating_sub(redis_before);
+        side.script_calls += crate::cpu::script_calls(env)
+            .await?
+            .saturating_sub(calls_before);
+        side.samples.merge(samples);
+    }
+    let mut results = Vec::new();
+    for mut side in sides {
+        side.server.stop();
+        // Every 2xx must stand for a job on the queue (warm-up requests enqueue too).
+        let mut redis = env.redis.clone();
+        let queued: u64 = redis::cmd("LLEN")
+            .arg(format!(
+                "{}:active",
+                env.queue_key(match side.kind {
+                    ServerKind::Gatehouse => InboundMessage::QUEUE,
+                    ServerKind::Bare => BARE_QUEUE,
+                })
+            ))
+            .query_async(&mut redis)
+            .await?;
+        let (kind, ok) = (side.kind, side.samples.ok);
+        if ok == 0 {
+            anyhow::bail!("{kind:?} ingress answered no request with 2xx");
+        }
+        if queued < ok {
+            anyhow::bail!(
+                "{kind:?} ingress answered {ok} requests with 2xx but queued only {queued} jobs"
+            );
+        }
+        results.push(side.result());
+    }
     env.clear_namespace().await?;
-    if result.ok == 0 {
-        anyhow::bail!("{kind:?} ingress answered no request with 2xx");
-    }
-    if queued < result.ok {
-        anyhow::bail!(
-            "{kind:?} ingress answered {} requests with 2xx but queued only {queued} jobs",
-            result.ok
-        );
-    }
-    Ok(result)
+    let bare = results.pop().context("no bare result")?;
+    let gatehouse = results.pop().context("no gatehouse result")?;
+    Ok((gatehouse, bare))
 }
 
 /// Figure 4b, one run: the gatehouse ingress on a primary with one replica, waiting for it
@@ -470,4 +549,18 @@ pub async fn login_run(
         webhook,
         logins,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_alternate_in_pairs_and_each_server_gets_as_many() {
+        use ServerKind::{Bare as B, Gatehouse as G};
+        let turns: Vec<_> = turn_order(10).collect();
+        assert_eq!(turns, [G, B, B, G, G, B, B, G, G, B]);
+        let gatehouse = turns.iter().filter(|&&k| k == G).count();
+        assert_eq!(gatehouse, turns.len() - gatehouse);
+    }
 }

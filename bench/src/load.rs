@@ -76,7 +76,79 @@ pub async fn run(
     warmup: Duration,
     duration: Duration,
 ) -> LoadResult {
-    let next = Arc::new(AtomicUsize::new(0));
+    let cursor = Cursor::new(requests, cycle);
+    run_from(client, base, &cursor, concurrency, warmup, duration)
+        .await
+        .result()
+}
+
+/// Where a sequence of loads is in its prepared requests: each load takes the next ones, so
+/// that several loads in turn (figure 4's slices) never send one request twice.
+pub struct Cursor {
+    requests: Arc<Vec<Prepared>>,
+    next: Arc<AtomicUsize>,
+    /// Start again from the first request when all were sent (else stop).
+    cycle: bool,
+}
+
+impl Cursor {
+    pub fn new(requests: Arc<Vec<Prepared>>, cycle: bool) -> Self {
+        Self {
+            requests,
+            next: Arc::new(AtomicUsize::new(0)),
+            cycle,
+        }
+    }
+}
+
+/// What one load measured, its latencies kept, so that several loads can be merged.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    /// Microseconds, of the requests sent after the warm-up.
+    pub latencies: Vec<u32>,
+    pub ok: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub sent: u64,
+}
+
+impl Samples {
+    /// Adds `other` (a later load of the same kind) to these.
+    pub fn merge(&mut self, other: Samples) {
+        self.latencies.extend(other.latencies);
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.seconds += other.seconds;
+        self.sent += other.sent;
+    }
+
+    /// The figures; the CPU columns are NaN until the caller measures them.
+    pub fn result(mut self) -> LoadResult {
+        self.latencies.sort_unstable();
+        LoadResult {
+            ok: self.ok,
+            errors: self.errors,
+            seconds: self.seconds,
+            p50_ms: percentile(&self.latencies, 0.50),
+            p99_ms: percentile(&self.latencies, 0.99),
+            sent: self.sent,
+            server_cpu_us_per_request: f64::NAN,
+            redis_cpu_us_per_request: f64::NAN,
+            client_cpu_us_per_request: f64::NAN,
+            script_calls_per_request: f64::NAN,
+        }
+    }
+}
+
+/// [`run`] taking its requests from `cursor`, where the previous load left it.
+pub async fn run_from(
+    client: &reqwest::Client,
+    base: &str,
+    cursor: &Cursor,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Samples {
     let start = Instant::now();
     let measure_from = start + warmup;
     let deadline = measure_from + duration;
@@ -84,24 +156,26 @@ pub async fn run(
     for _ in 0..concurrency {
         let client = client.clone();
         let base = base.to_owned();
-        let requests = requests.clone();
-        let next = next.clone();
+        let requests = cursor.requests.clone();
+        let next = cursor.next.clone();
+        let cycle = cursor.cycle;
         tasks.push(tokio::spawn(async move {
             let mut latencies: Vec<u32> = Vec::new();
             let mut ok = 0u64;
             let mut errors = 0u64;
             let mut sent_total = 0u64;
             loop {
+                // Checked before a request is taken, so that none is taken and left unsent.
+                let sent = Instant::now();
+                if sent >= deadline {
+                    break;
+                }
                 let mut i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= requests.len() {
                     if !cycle || requests.is_empty() {
                         break;
                     }
                     i %= requests.len();
-                }
-                let sent = Instant::now();
-                if sent >= deadline {
-                    break;
                 }
                 sent_total += 1;
                 let request = &requests[i];
@@ -136,26 +210,18 @@ pub async fn run(
             (latencies, ok, errors, sent_total)
         }));
     }
-    let mut all = Vec::new();
-    let mut result = LoadResult::default();
+    let mut samples = Samples::default();
     for task in tasks {
         if let Ok((latencies, ok, errors, sent)) = task.await {
-            all.extend(latencies);
-            result.sent += sent;
-            result.ok += ok;
-            result.errors += errors;
+            samples.latencies.extend(latencies);
+            samples.sent += sent;
+            samples.ok += ok;
+            samples.errors += errors;
         }
     }
     let end = Instant::now().min(deadline);
-    result.seconds = end.saturating_duration_since(measure_from).as_secs_f64();
-    all.sort_unstable();
-    result.p50_ms = percentile(&all, 0.50);
-    result.p99_ms = percentile(&all, 0.99);
-    result.server_cpu_us_per_request = f64::NAN;
-    result.redis_cpu_us_per_request = f64::NAN;
-    result.script_calls_per_request = f64::NAN;
-    result.client_cpu_us_per_request = f64::NAN;
-    result
+    samples.seconds = end.saturating_duration_since(measure_from).as_secs_f64();
+    samples
 }
 
 /// The `q` quantile (nearest rank) of sorted microsecond latencies, in milliseconds.

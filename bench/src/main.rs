@@ -195,6 +195,7 @@ impl Plan {
                 concurrency: 16,
                 warmup: Duration::from_secs(1),
                 duration: Duration::from_secs(5),
+                slice: Duration::from_millis(500),
                 max_requests: 150_000,
             },
             // Large enough that a fresh connection's first statements (catalog caches, plans:
@@ -225,6 +226,7 @@ impl Plan {
                 concurrency: 4,
                 warmup: Duration::from_millis(200),
                 duration: Duration::from_millis(800),
+                slice: Duration::from_millis(400),
                 max_requests: 20_000,
             },
             reencrypt_rows: 200,
@@ -483,16 +485,15 @@ async fn run(env: &BenchEnv, figures: Figures, plan: Plan) -> anyhow::Result<Rep
             let mut gatehouse = Vec::new();
             let mut bare = Vec::new();
             for run in 0..plan.runs {
-                for (kind, into) in [
-                    (ServerKind::Gatehouse, &mut gatehouse),
-                    (ServerKind::Bare, &mut bare),
-                ] {
-                    progress(&format!(
-                        "run {}/{}: webhook ingress, {kind:?}",
-                        run + 1,
-                        plan.runs
-                    ));
-                    let r = ingress::webhook_run(env, tenant, kind, plan.ingress).await?;
+                progress(&format!(
+                    "run {}/{}: webhook ingress, gatehouse and bare taking turns",
+                    run + 1,
+                    plan.runs
+                ));
+                let (g, b) = ingress::webhook_pair(env, tenant, plan.ingress).await?;
+                eprintln!("    this run: {:.3}× the bare handler", g.rps() / b.rps());
+                for (kind, r, into) in [("gatehouse", g, &mut gatehouse), ("bare", b, &mut bare)] {
+                    eprint!("  {kind}:");
                     print_load(&r);
                     into.push(r);
                 }
