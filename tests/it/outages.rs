@@ -333,6 +333,71 @@ async fn messages_of(env: &TestEnv, sids: &[String]) -> (i64, i64) {
     .expect("count messages")
 }
 
+/// Where `queue`'s jobs are in Redis (each key's type and size, and the workers' heartbeats),
+/// for a failure message: which state jobs are stuck in, if they are.
+async fn queue_state(env: &TestEnv, queue: &str) -> String {
+    let keys = env.queues().keys(queue);
+    let mut redis = env.redis.clone();
+    let mut state = Vec::new();
+    for (label, key) in [
+        ("active", keys.active()),
+        ("ready", keys.ready()),
+        ("parked", keys.parked()),
+        ("running", keys.running()),
+        ("scheduled", keys.scheduled()),
+        ("inflight", keys.inflight()),
+        ("done", keys.done()),
+        ("dead", keys.dead()),
+        ("data", keys.data()),
+        ("workers", keys.workers()),
+    ] {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_else(|e| format!("? ({e})"));
+        let size_command = match kind.as_str() {
+            "list" => Some("LLEN"),
+            "zset" => Some("ZCARD"),
+            "hash" => Some("HLEN"),
+            "set" => Some("SCARD"),
+            _ => None,
+        };
+        let size: i64 = match size_command {
+            Some(command) => redis::cmd(command)
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap_or(-1),
+            None => 0,
+        };
+        state.push(format!("{label}: {kind} {size}"));
+    }
+    let heartbeats: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(keys.workers())
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    state.push(format!("heartbeats: {heartbeats:?}"));
+    state.join("; ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_drain_reports_where_the_queues_jobs_are() {
+    let env = TestEnv::new().await;
+    let tenant = env.create_tenant().await;
+    let mut redis = env.redis.clone();
+    env.queues()
+        .enqueue_batch(&mut redis, &[low_confidence_message(tenant)])
+        .await
+        .expect("enqueue");
+    let state = queue_state(&env, "inbound_message").await;
+    assert!(state.contains("active: list 1"), "{state}");
+    assert!(state.contains("data: hash 1"), "{state}");
+    assert!(state.contains("heartbeats: []"), "{state}");
+    env.cleanup().await;
+}
+
 /// How many of a queue's finished jobs took how many attempts (from their meta hashes).
 async fn attempts_histogram(
     env: &TestEnv,
@@ -499,7 +564,12 @@ async fn a_worker_rides_out_every_redis_fault_shape_and_no_job_dies_is_lost_or_r
     })
     .await;
     let (rows, distinct) = messages_of(&env, &sids).await;
-    assert!(all, "every job ran: {rows} of {total}");
+    let state = if all {
+        String::new()
+    } else {
+        queue_state(&env, "inbound_message").await
+    };
+    assert!(all, "every job ran: {rows} of {total}; the queue: {state}");
     assert_eq!((rows, distinct), (total, total), "one row per message");
     assert_eq!(inbound_dead_letters(&env).await, 0, "no job ended dead");
     let streak: i32 = sqlx::query_scalar("SELECT low_confidence_count FROM conversations")
@@ -739,7 +809,12 @@ async fn a_worker_rides_out_every_postgres_fault_shape_and_no_job_dies_is_lost_o
     })
     .await;
     let (rows, distinct) = messages_of(&env, &sids).await;
-    assert!(all, "every job ran: {rows} of {total}");
+    let state = if all {
+        String::new()
+    } else {
+        queue_state(&env, "inbound_message").await
+    };
+    assert!(all, "every job ran: {rows} of {total}; the queue: {state}");
     assert_eq!((rows, distinct), (total, total), "one row per message");
     assert_eq!(inbound_dead_letters(&env).await, 0, "no job ended dead");
     let streak: i64 =
