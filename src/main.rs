@@ -4,7 +4,7 @@
 /// forms, JSON, metrics labels), and glibc's malloc was ~16 % of its CPU samples under load
 /// (BENCHMARKS.md, figure 4). Built without transparent huge pages (`no_thp`): mimalloc would
 /// `madvise` its arenas for them, and each range it returned to the kernel and touched again
-/// cost a fresh 2 MiB page to zero, ~0.4–0.8 µs per webhook in the kernel (BENCHMARKS §17).
+/// cost a fresh 2 MiB page to zero, ~0.4–0.8 µs per webhook in the kernel (BENCHMARKS §16).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

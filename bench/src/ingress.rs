@@ -333,7 +333,7 @@ impl Side {
 /// Figure 4, one run: both servers up at once, and the same load taking turns between them
 /// (`plan.slice` each, [`turn_order`]) until each has had `plan.duration`. A shared VM's
 /// other tenants take 2–17 % of its CPU in bursts of seconds (`vmstat`'s `st`, BENCHMARKS
-/// §17): a burst lands on both servers' turns alike instead of on one server's whole run.
+/// §16 "Figure 4 taking turns"): a burst lands on both servers' turns alike instead of on one server's whole run.
 /// Each server has its own client, queue and requests (fresh MessageSids, none sent twice,
 /// warm-up included). Returns (gatehouse, bare).
 pub async fn webhook_pair(
