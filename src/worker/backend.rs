@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::Renewing;
 use apalis_codec::json::JsonCodec;
 use apalis_core::backend::finalize::Durable;
 use apalis_core::backend::future::BoxSyncFuture;
@@ -99,7 +99,11 @@ pub fn decodes<Args: serde::de::DeserializeOwned>(payload: &[u8]) -> bool {
 /// The `Persistence` half: what apalis-core's `Persisted` driver calls.
 #[derive(Debug, Clone)]
 pub struct QueuePersistence {
-    conn: RedisConn,
+    /// The process's shared connection, itself (not a snapshot of it): a command failing on a
+    /// connection stuck after a fault (a reconnect answered with garbage) renews it for every
+    /// worker at once, instead of each worker built on the stuck one failing in turn until a
+    /// probe renews it.
+    conn: Renewing,
     settings: QueueSettings,
     live: LiveWorkers,
     /// Which shard each job this worker fetched and has not acknowledged came from.
@@ -417,7 +421,7 @@ impl<Args> std::fmt::Debug for QueueBackend<Args> {
 }
 
 impl<Args> QueueBackend<Args> {
-    pub fn new(conn: RedisConn, settings: QueueSettings, live: LiveWorkers) -> Self {
+    pub fn new(conn: Renewing, settings: QueueSettings, live: LiveWorkers) -> Self {
         Self {
             persist: Persisted::new(QueuePersistence {
                 conn,

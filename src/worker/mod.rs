@@ -394,7 +394,7 @@ pub async fn run(
                     .unwrap_or(Backoff::CAP);
                 let (probe, health) = (redis.clone(), health.clone());
                 let storage =
-                    QueueBackend::<$args>::new(redis.get(), $settings.clone(), live.clone())
+                    QueueBackend::<$args>::new(redis.clone(), $settings.clone(), live.clone())
                         .poll_with_strategy(poll::Ticker::new(POLL_INTERVAL))
                         .before_start(move |_| probe_redis(delay, probe.clone(), health.clone()));
                 WorkerBuilder::new(format!("{base}-{queue}-r{restarts}"))

@@ -135,8 +135,12 @@ impl Supervisor {
         let outage = failure_is_outage(error);
         let (backoff, delay, built) = self.queues.entry(queue_key(name).to_owned()).or_default();
         match outage {
-            // A worker still holding a connection that was since renewed: its error is that
-            // stale connection's, not news about Redis. Restart it on the new one at once.
+            // A worker whose command failed on a connection that was renewed since it was built
+            // (by this very failure — workers share the renewing connection — or another's):
+            // the error is that stuck connection's, not news about Redis. Restart at once; the
+            // new instance's commands use the new connection. A failure on the current one
+            // backs off (next arm), and renewals are at most one a second, so a fault that
+            // lasts settles into the backoff.
             Some(cause) if !cause.is_io_error() && *built < generation => {
                 *delay = Duration::ZERO;
                 tracing::debug!(worker.name = name, %error, "worker stopped on a renewed redis connection; restarting on the new one");
