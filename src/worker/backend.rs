@@ -550,6 +550,76 @@ mod tests {
         assert_eq!(queue_name(&keys), "inbound_message");
     }
 
+    /// A backend's command failing on a stuck connection (answered with garbage) renews the
+    /// process's shared connection — the backend holds that connection, not a snapshot of it —
+    /// so once Redis answers, the next worker built on it works without waiting for a probe.
+    #[tokio::test]
+    async fn a_command_failing_on_a_stuck_connection_renews_the_shared_one() {
+        use gatehouse_testenv::fault_proxy::{FaultProxy, Mode};
+        let upstream = url::Url::parse(&gatehouse_testenv::redis_url()).expect("redis url");
+        let upstream = (
+            upstream.host_str().expect("host").to_owned(),
+            upstream.port().unwrap_or(6379),
+        );
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .expect("resolve redis")
+            .next()
+            .expect("an address");
+        let proxy = FaultProxy::start(upstream).await;
+        let target = crate::redis_conn::RedisTarget::single(proxy.redis_url().into());
+        let shared = Renewing::lazy(&target).expect("connection");
+        let namespace = format!("ghtest-renew-{}", uuid::Uuid::new_v4().simple());
+        let settings = QueueSettings {
+            queue: "inbound_message",
+            shards: vec![QueueKeys::new(&namespace, "inbound_message")],
+            batch_size: 1,
+            heartbeat: Duration::from_secs(1),
+            orphan_timeout: Duration::from_secs(3),
+            fairness: consume::Fairness {
+                order: crate::config::QueueOrder::default(),
+                max_in_flight: None,
+            },
+            retry: policy(),
+            outages: super::super::outage::Outages::new(Duration::from_secs(60)),
+            decodes: decodes::<Value>,
+        };
+        let worker = WorkerContext::new("renew-test-w1");
+
+        proxy.set(Mode::Garbage);
+        let mut stuck =
+            QueueBackend::<Value>::new(shared.clone(), settings.clone(), LiveWorkers::default());
+        assert!(
+            stuck.persist.register(&worker).await.is_err(),
+            "garbage fails the command"
+        );
+        assert!(shared.generation() >= 1, "and renews the shared connection");
+
+        proxy.set(Mode::Pass);
+        let mut next =
+            QueueBackend::<Value>::new(shared.clone(), settings.clone(), LiveWorkers::default());
+        next.persist
+            .register(&worker)
+            .await
+            .expect("the next worker registers on the renewed connection");
+        let mut cleanup = shared.get();
+        consume::deregister(&mut cleanup, &settings.shards[0], worker.name())
+            .await
+            .expect("deregister");
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{namespace}:*"))
+            .query_async(&mut cleanup)
+            .await
+            .expect("keys");
+        if !left.is_empty() {
+            redis::cmd("DEL")
+                .arg(&left)
+                .query_async::<()>(&mut cleanup)
+                .await
+                .expect("del");
+        }
+    }
+
     #[test]
     fn live_worker_names_are_kept_per_queue_until_retired() {
         let live = LiveWorkers::default();

@@ -265,8 +265,9 @@ fn queue_settings<Args: serde::de::DeserializeOwned>(
 
 /// The process's Redis connection for the workers, the maintenance round and the outbox
 /// relay: renewable (`crate::redis_conn::Renewing`), because a reconnect answered with garbage
-/// (or a server error) leaves a `ConnectionManager` failing for good. A failed probe that is
-/// not I/O replaces it; users take a clone per round or per worker start.
+/// (or a server error) leaves a `ConnectionManager` failing for good. A command or a probe
+/// failing with an outage error that is not I/O replaces it; the workers' backends send every
+/// command through it (never a snapshot), the other users take the current one per round.
 type SharedRedis = crate::redis_conn::Renewing;
 
 /// How long the health port's open connections may take to finish at shutdown.
