@@ -420,7 +420,12 @@ pub async fn webhook_pair(
             ))
             .query_async(&mut redis)
             .await?;
-        let (kind, ok) = (side.kind, side.samples.ok);
+        results.push((side.kind, queued, side.result()));
+    }
+    // Cleared before the checks, so a failed check leaves nothing behind either.
+    env.clear_namespace().await?;
+    let mut results = results.into_iter().map(|(kind, queued, result)| {
+        let ok = result.ok;
         if ok == 0 {
             anyhow::bail!("{kind:?} ingress answered no request with 2xx");
         }
@@ -429,11 +434,10 @@ pub async fn webhook_pair(
                 "{kind:?} ingress answered {ok} requests with 2xx but queued only {queued} jobs"
             );
         }
-        results.push(side.result());
-    }
-    env.clear_namespace().await?;
-    let bare = results.pop().context("no bare result")?;
-    let gatehouse = results.pop().context("no gatehouse result")?;
+        Ok(result)
+    });
+    let gatehouse = results.next().context("no gatehouse result")??;
+    let bare = results.next().context("no bare result")??;
     Ok((gatehouse, bare))
 }
 
