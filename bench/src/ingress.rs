@@ -347,7 +347,16 @@ pub async fn webhook_pair(
         let requests = Arc::new(signed_webhooks(tenant, plan.max_requests));
         sides.push(Side {
             kind,
-            server: Server::start(env, kind).await?,
+            // Logging as `gatehouse serve` logs by default (`RUST_LOG` unset) unless
+            // `GH_BENCH_RUST_LOG` says otherwise: a line the webhook path writes at the
+            // default level costs the figure what it costs a deployment (BENCHMARKS §16).
+            server: match std::env::var_os("GH_BENCH_RUST_LOG") {
+                Some(_) => Server::start(env, kind).await?,
+                None => {
+                    let log = [("RUST_LOG", gatehouse::config::DEFAULT_LOG_FILTER)];
+                    Server::start_with(env, kind, &log).await?
+                }
+            },
             client: load::client(plan.concurrency)?,
             cursor: load::Cursor::new(requests, false),
             samples: load::Samples::default(),

@@ -15,7 +15,7 @@ pub(super) fn telemetry(config: &Config) -> Option<sentry::ClientInitGuard> {
     // workers and logs an outage once when it starts and once when it ends, so those lines
     // (and the Sentry events ERROR lines become) would only repeat it per probe.
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,apalis_core=off"));
+        .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_FILTER));
     let (pretty, json) = if config.debug {
         (
             Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
