@@ -479,8 +479,9 @@ pub async fn twilio_message(
         ApiError::unavailable()
     })?;
     // DEBUG, like the edge's access line: at the default INFO level a line per accepted
-    // webhook cost the ingress ~3 µs of its ~22 µs a webhook (BENCHMARKS §16), and the worker
-    // already logs each message it stores (`inbound message stored`, job and tenant ids).
+    // webhook cost the ingress ~8 of its ~30 µs a webhook in figure 4 (BENCHMARKS §16), and
+    // the worker already logs each message it stores (`inbound message stored`, job and
+    // tenant ids).
     tracing::debug!(
         tenant.id = %tenant_id,
         job.id = %enqueued.job_id,
