@@ -222,8 +222,9 @@ struct LoggedWorker {
 impl LoggedWorker {
     /// Outage transitions, circuits and warnings are logged (`GH_TEST_WORKER_LOG` replaces
     /// the filter, to chase a failure with more).
+    /// The outage module at DEBUG: each failed probe and its error, for a failure report.
     const LOG: &str =
-        "warn,gatehouse::worker::outage=info,gatehouse::llm=info,gatehouse::catalog=info";
+        "warn,gatehouse::worker::outage=debug,gatehouse::llm=info,gatehouse::catalog=info";
 
     fn spawn(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
         let health_port = free_port().to_string();
@@ -273,6 +274,12 @@ impl LoggedWorker {
             .iter()
             .filter(|l| l.contains(message))
             .count()
+    }
+
+    /// The last `n` log lines, for a failure report.
+    fn tail(&self, n: usize) -> String {
+        let lines = self.lines.lock().expect("lines");
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     fn running(&mut self) -> bool {
@@ -849,7 +856,11 @@ async fn a_worker_rides_out_every_postgres_fault_shape_and_no_job_dies_is_lost_o
         let stalled_at = messages_of(&env, &sids).await.0;
         proxy.set(Mode::Pass);
         let (up, last) = worker.wait_health(Duration::from_secs(30), all_clear).await;
-        assert!(up, "{shape:?}: /healthz is ok again: {last:?}");
+        assert!(
+            up,
+            "{shape:?}: /healthz is ok again: {last:?}\nworker log:\n{}",
+            worker.tail(30)
+        );
         // The drain resumes within seconds, not after a backoff grown during the outage.
         assert!(
             eventually(Duration::from_secs(15), || async {
