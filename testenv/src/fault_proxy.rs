@@ -6,7 +6,7 @@
 //! | mode | new connections | open connections |
 //! |---|---|---|
 //! | `Pass` | forwarded | forwarded |
-//! | `Refuse` | refused by the kernel: the listener is closed (the port is bound again, with `SO_REUSEADDR`, when the mode leaves `Refuse`) | reset (RST), as when the server is gone |
+//! | `Refuse` | refused by the kernel: the listener is closed and the port held by a socket bound to it that never listens (it listens again when the mode leaves `Refuse`) | reset (RST), as when the server is gone |
 //! | `AcceptThenClose` | accepted, then closed at once (FIN), as a load balancer with no backend does | closed (FIN) |
 //! | `Reset` | accepted, then reset (RST: linger 0, then dropped) | reset (RST) mid-stream |
 //! | `Blackhole` | accepted; what they send is read and discarded, nothing is ever answered | the same, from now on |
@@ -74,10 +74,16 @@ pub struct FaultProxy {
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bound(addr)?.listen(1024)
+}
+
+/// A socket bound to `addr` (with `SO_REUSEADDR`, so the proxy's own closed connections in
+/// `TIME_WAIT` do not stand in the way), not listening.
+fn bound(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Ok(socket)
 }
 
 impl FaultProxy {
@@ -139,16 +145,31 @@ async fn accept_loop(
     stats: Arc<Stats>,
 ) {
     let mut listener = Some(listener);
+    // While refusing: the port, bound and not listening. The kernel refuses connections to a
+    // port nobody listens on, and a port left free would be anybody's: another test's
+    // `bind(0)` or outgoing connection could take it for minutes, and the proxy could not
+    // listen there again (a worker behind it would never see its dependency come back).
+    let mut held: Option<TcpSocket> = None;
     loop {
         let mode = *watch.borrow_and_update();
         match (mode, listener.is_some()) {
             (Mode::Refuse, true) => {
-                // Closing the listening socket makes the kernel refuse new connections.
+                // Closing the listening socket makes the kernel refuse new connections; the
+                // port is held again at once (a listener cannot stop listening and keep it).
                 listener = None;
+                held = bound(addr).ok();
                 continue;
             }
+            (Mode::Refuse, false) if held.is_none() => match bound(addr) {
+                Ok(socket) => held = Some(socket),
+                Err(_) => {
+                    // Not held (the port is in use): try again shortly.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
             (Mode::Refuse, false) => {}
-            (_, false) => match listen(addr) {
+            (_, false) => match held.take().map_or_else(|| listen(addr), |s| s.listen(1024)) {
                 Ok(bound) => listener = Some(bound),
                 Err(_) => {
                     // The port is still in TIME_WAIT or similar: try again shortly.

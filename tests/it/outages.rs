@@ -91,6 +91,14 @@ async fn the_fault_proxy_refuses_with_its_listener_closed_and_resets_open_connec
     })
     .await;
     assert!(refused, "new connections are refused by the kernel");
+    // The port stays the proxy's while it refuses: were it free, another process's socket
+    // (a `bind(0)`, an outgoing connection's local port) could take it, and the proxy could
+    // not listen there again. A socket without `SO_REUSEADDR` cannot share it.
+    let taken = tokio::net::TcpSocket::new_v4()
+        .expect("socket")
+        .bind(proxy.addr)
+        .expect_err("the refusing proxy's port is held");
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
 
     proxy.set(Mode::Pass);
     let start = Instant::now();
