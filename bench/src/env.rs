@@ -131,7 +131,12 @@ impl BenchEnv {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        for passed in ["PATH", "GH_BENCH_HASH_CONCURRENCY", "GH_BENCH_BARE_DEDUPE"] {
+        for passed in [
+            "PATH",
+            "GH_BENCH_HASH_CONCURRENCY",
+            "GH_BENCH_BARE_DEDUPE",
+            "GH_BENCH_BARE_HEADERS",
+        ] {
             if let Ok(value) = std::env::var(passed) {
                 cmd.env(passed, value);
             }

@@ -44,7 +44,24 @@ struct Bare {
     redis: RedisConn,
     queues: Queues,
     dedupe: bool,
+    headers: bool,
 }
+
+/// The response headers gatehouse's edge adds to every answer (SPEC "Transport security", and
+/// a request id), for the `GH_BENCH_BARE_HEADERS=1` experiment.
+const EDGE_HEADERS: [(&str, &str); 5] = [
+    (
+        "strict-transport-security",
+        "max-age=31536000; includeSubDomains; preload",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    (
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+];
 
 async fn bare_webhook(
     State(state): State<Arc<Bare>>,
@@ -94,6 +111,24 @@ async fn bare_webhook(
         )
         .await
     {
+        // Experiment knob: `GH_BENCH_BARE_HEADERS=1` answers with the headers gatehouse's
+        // answer carries (the SPEC's security headers, a request id, the charset), to show
+        // what they cost the server and the load generator that reads them.
+        Ok(_) if state.headers => {
+            let mut response = TWIML_EMPTY.into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/xml; charset=utf-8"),
+            );
+            for (name, value) in EDGE_HEADERS {
+                headers.insert(name, header::HeaderValue::from_static(value));
+            }
+            if let Ok(id) = header::HeaderValue::from_str(&Uuid::new_v4().to_string()) {
+                headers.insert("x-request-id", id);
+            }
+            response
+        }
         Ok(_) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/xml")],
@@ -144,6 +179,7 @@ pub async fn serve(kind: ServerKind, port: u16) -> anyhow::Result<()> {
                 redis,
                 queues: Queues::new(config.redis_namespace.clone()),
                 dedupe: std::env::var("GH_BENCH_BARE_DEDUPE").is_ok_and(|v| v == "1"),
+                headers: std::env::var("GH_BENCH_BARE_HEADERS").is_ok_and(|v| v == "1"),
             });
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok" }))
