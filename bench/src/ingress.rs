@@ -47,22 +47,6 @@ struct Bare {
     headers: bool,
 }
 
-/// The response headers gatehouse's edge adds to every answer (SPEC "Transport security", and
-/// a request id), for the `GH_BENCH_BARE_HEADERS=1` experiment.
-const EDGE_HEADERS: [(&str, &str); 5] = [
-    (
-        "strict-transport-security",
-        "max-age=31536000; includeSubDomains; preload",
-    ),
-    ("x-content-type-options", "nosniff"),
-    ("x-frame-options", "DENY"),
-    ("referrer-policy", "no-referrer"),
-    (
-        "content-security-policy",
-        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-];
-
 async fn bare_webhook(
     State(state): State<Arc<Bare>>,
     Path(tenant_id): Path<Uuid>,
@@ -121,8 +105,13 @@ async fn bare_webhook(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/xml; charset=utf-8"),
             );
-            for (name, value) in EDGE_HEADERS {
-                headers.insert(name, header::HeaderValue::from_static(value));
+            // The edge's own constants (SPEC "Transport security"), so the two cannot drift.
+            headers.insert(
+                header::STRICT_TRANSPORT_SECURITY,
+                gatehouse::http::transport::HSTS,
+            );
+            for (name, value) in gatehouse::http::transport::SECURITY_HEADERS {
+                headers.insert(name, value);
             }
             if let Ok(id) = header::HeaderValue::from_str(&Uuid::new_v4().to_string()) {
                 headers.insert("x-request-id", id);

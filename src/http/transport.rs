@@ -32,7 +32,9 @@ const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-requ
 
 const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000; includeSubDomains; preload");
+/// `Strict-Transport-Security` on every response unless `DEBUG=true` (SPEC "Transport security").
+pub const HSTS: HeaderValue =
+    HeaderValue::from_static("max-age=31536000; includeSubDomains; preload");
 
 /// The operator dashboard's policy: its own stylesheet, forms posting to itself, inline SVG
 /// (no `style` attributes, no scripts at all).
@@ -48,7 +50,7 @@ pub const RESPONSE_HEADERS: usize = 2 + SECURITY_HEADER_COUNT + 2;
 const SECURITY_HEADER_COUNT: usize = 4;
 
 /// Headers every response carries, whatever `DEBUG` says.
-const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); SECURITY_HEADER_COUNT] = [
+pub const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); SECURITY_HEADER_COUNT] = [
     (
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
