@@ -155,9 +155,9 @@ async fn accept_loop(
         match (mode, listener.is_some()) {
             (Mode::Refuse, true) => {
                 // Closing the listening socket makes the kernel refuse new connections; the
-                // port is held again at once (a listener cannot stop listening and keep it).
+                // next turn holds the port again at once (a listener cannot stop listening
+                // and keep it).
                 listener = None;
-                held = bound(addr).ok();
                 continue;
             }
             (Mode::Refuse, false) if held.is_none() => match bound(addr) {

@@ -228,9 +228,9 @@ struct LoggedWorker {
 }
 
 impl LoggedWorker {
-    /// Outage transitions, circuits and warnings are logged (`GH_TEST_WORKER_LOG` replaces
-    /// the filter, to chase a failure with more).
-    /// The outage module at DEBUG: each failed probe and its error, for a failure report.
+    /// Outage transitions, circuits and warnings are logged, and the outage module at DEBUG
+    /// (each failed probe and its error, for a failure report); `GH_TEST_WORKER_LOG` replaces
+    /// the filter, to chase a failure with more.
     const LOG: &str =
         "warn,gatehouse::worker::outage=debug,gatehouse::llm=info,gatehouse::catalog=info";
 
