@@ -126,6 +126,58 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     env.cleanup().await;
 }
 
+/// The header timeout counts idleness, not a connection's age: requests 0.4 s apart keep a
+/// connection open for several timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keep_alive_connection_outlives_the_header_timeout() {
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let server = env.start_server().await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        stream.write_all(HEALTHZ).await.expect("write");
+        let (status, _) = read_response(&mut stream, CLOSE_WITHIN)
+            .await
+            .unwrap_or_else(|| panic!("closed after {answered} requests, {:?}", started.elapsed()));
+        assert_eq!(status, 200);
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(answered >= 8, "{answered}");
+    server.stop().await;
+    env.cleanup().await;
+}
+
+/// A request in flight is not the header timeout's (the request timeout bounds it): a body
+/// that takes three header timeouts to arrive is still read and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_outlasts_the_header_timeout_is_answered() {
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let server = env.start_server().await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let body = br#"{"email":"nobody@example.com","password":"not the password"}"#;
+    let head = format!(
+        "POST /v1/auth/login HTTP/1.1\r\nHost: gatehouse.test\r\nX-Forwarded-Proto: https\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    for chunk in body.chunks(body.len().div_ceil(10)) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream
+            .write_all(chunk)
+            .await
+            .expect("the connection is still open");
+    }
+    let (status, _) = read_response(&mut stream, CLOSE_WITHIN)
+        .await
+        .expect("a request whose body trickled in is answered");
+    assert_eq!(status, 401);
+    server.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
     let env = TestEnv::with_vars(|vars| {
