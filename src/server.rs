@@ -6,8 +6,8 @@
 //! configuration only.
 //!
 //! The header timeout is a watchdog per connection, not hyper's `header_read_timeout`: hyper
-//! makes, registers and cancels a timer for every request head it reads (~0.5 µs a request,
-//! a tenth of what the ingress spends on a webhook beyond the bare handler; BENCHMARKS §16).
+//! makes, registers and cancels a timer for every request head it reads, and reads and parses
+//! each head once more to arm it (~0.5 µs a request; BENCHMARKS §16).
 //! The watchdog's one timer fires every half timeout and closes the connection when no request
 //! began or ended over the last two periods and none is in flight: after between one and one
 //! and a half header timeouts of idleness. A request in flight is the request timeout's.
