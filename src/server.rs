@@ -7,10 +7,10 @@
 //!
 //! The header timeout is a watchdog per connection, not hyper's `header_read_timeout`: hyper
 //! makes, registers and cancels a timer for every request head it reads, and reads and parses
-//! each head once more to arm it (~0.5 µs a request; BENCHMARKS §16).
-//! The watchdog's one timer fires every half timeout and closes the connection when no request
-//! began or ended over the last two periods and none is in flight: after between one and one
-//! and a half header timeouts of idleness. A request in flight is the request timeout's.
+//! each head once more to arm it (~0.5 µs a request; BENCHMARKS §16). The watchdog's one timer
+//! is due a header timeout after the connection opened or its last request ended; a request
+//! costs two counter increments and a clock read, and the timer moves only when it fires and
+//! finds that requests came since. A request in flight is the request timeout's.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -75,7 +75,6 @@ where
 {
     let mut builder = http1::Builder::new();
     builder.keep_alive(true);
-    let period = (limits.header_timeout / 2).max(Duration::from_millis(1));
     // A permit per open connection: with none left the loop stops accepting, and new clients
     // wait in the kernel's backlog (or are refused by it) instead of costing a task here.
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -111,7 +110,7 @@ where
                 }
             },
         };
-        let activity = Activity::default();
+        let activity = Activity::new();
         let connection = builder.serve_connection(
             TokioIo::new(stream),
             TowerToHyperService::new(Watched {
@@ -123,19 +122,17 @@ where
         connections.spawn(async move {
             let _permit = permit;
             let mut connection = std::pin::pin!(connection);
-            let mut watchdog = Watchdog::new(activity, period);
-            let result = loop {
-                tokio::select! {
-                    result = connection.as_mut() => break result,
-                    () = stop.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        break connection.await;
-                    }
-                    () = watchdog.tick() => if watchdog.idle() {
-                        // What hyper's header timeout does: the connection is dropped.
-                        tracing::debug!(%peer, "no complete request headers within the header timeout");
-                        break Ok(());
-                    },
+            let mut watchdog = Watchdog::new(activity, limits.header_timeout);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                () = watchdog.expired() => {
+                    // What hyper's header timeout did: the connection is dropped.
+                    tracing::debug!(%peer, "no complete request headers within the header timeout");
+                    Ok(())
                 }
             };
             if let Err(error) = result {
@@ -152,18 +149,46 @@ where
     Ok(())
 }
 
-/// Requests begun plus requests ended on one connection: odd while one is in flight (HTTP/1.1
-/// serves a connection's requests one at a time). Written by [`Watched`], read by [`Watchdog`].
-#[derive(Clone, Default)]
-struct Activity(Arc<AtomicU64>);
+/// One connection's requests: how many began plus how many ended (odd while one is in flight;
+/// HTTP/1.1 serves a connection's requests one at a time), and when the last one ended (or the
+/// connection opened). Written by [`Watched`], read by [`Watchdog`].
+#[derive(Clone)]
+struct Activity(Arc<Counts>);
+
+struct Counts {
+    events: AtomicU64,
+    /// Milliseconds from `opened` to the end of the last request.
+    last_end_ms: AtomicU64,
+    opened: tokio::time::Instant,
+}
 
 impl Activity {
-    fn bump(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    fn new() -> Self {
+        Self(Arc::new(Counts {
+            events: AtomicU64::new(0),
+            last_end_ms: AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
+        }))
     }
 
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+    fn begin(&self) {
+        self.0.events.fetch_add(1, Ordering::Release);
+    }
+
+    fn end(&self) {
+        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_end_ms.store(ms, Ordering::Relaxed);
+        // Release: a watchdog that sees this count sees the time stored above.
+        self.0.events.fetch_add(1, Ordering::Release);
+    }
+
+    /// When the connection became idle: `None` while a request is in flight.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        if !self.0.events.load(Ordering::Acquire).is_multiple_of(2) {
+            return None;
+        }
+        let ms = self.0.last_end_ms.load(Ordering::Relaxed);
+        Some(self.0.opened + Duration::from_millis(ms))
     }
 }
 
@@ -187,7 +212,7 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        self.activity.bump();
+        self.activity.begin();
         WatchedFuture {
             inner: self.inner.call(request),
             ended: Ended(self.activity.clone()),
@@ -200,7 +225,7 @@ struct Ended(Activity);
 
 impl Drop for Ended {
     fn drop(&mut self) {
-        self.0.bump();
+        self.0.end();
     }
 }
 
@@ -221,42 +246,41 @@ impl<F: Future> Future for WatchedFuture<F> {
     }
 }
 
-/// The header timeout of one connection: one timer, every half timeout.
+/// The header timeout of one connection: one timer, due when the connection will have been
+/// idle for the timeout (moved on when a request has come since).
 struct Watchdog {
     activity: Activity,
-    period: Duration,
+    timeout: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// The activity at the last two ticks (the connection's start counts as one).
-    seen: [Option<u64>; 2],
 }
 
 impl Watchdog {
-    fn new(activity: Activity, period: Duration) -> Self {
-        let start = activity.get();
+    fn new(activity: Activity, timeout: Duration) -> Self {
+        let due = activity.0.opened + timeout;
         Self {
             activity,
-            period,
-            timer: Box::pin(tokio::time::sleep(period)),
-            seen: [None, Some(start)],
+            timeout,
+            timer: Box::pin(tokio::time::sleep_until(due)),
         }
     }
 
-    /// The next tick (cancel-safe: a tick not yet due stays due).
-    async fn tick(&mut self) {
-        self.timer.as_mut().await;
-        // From now, not from the last deadline: a stalled task does not tick twice at once.
-        self.timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + self.period);
-    }
-
-    /// Called at a tick: whether no request began or ended since two ticks ago and none is in
-    /// flight, so the connection has been idle for at least two periods (one header timeout).
-    fn idle(&mut self) -> bool {
-        let now = self.activity.get();
-        let idle = now.is_multiple_of(2) && self.seen.iter().all(|seen| *seen == Some(now));
-        self.seen = [self.seen[1], Some(now)];
-        idle
+    /// Resolves when the connection has been idle — no request in flight, none begun — for the
+    /// timeout since it opened or since its last request ended. Cancel-safe: a timer not yet
+    /// due stays due.
+    async fn expired(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            let now = tokio::time::Instant::now();
+            let due = match self.activity.idle_since() {
+                Some(since) => since + self.timeout,
+                // In flight: the request timeout's; look again a timeout from now.
+                None => now + self.timeout,
+            };
+            if due <= now {
+                return;
+            }
+            self.timer.as_mut().reset(due);
+        }
     }
 }
 
