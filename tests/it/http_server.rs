@@ -178,6 +178,55 @@ async fn a_request_whose_body_outlasts_the_header_timeout_is_answered() {
     env.cleanup().await;
 }
 
+/// A client that stops reading its answers is closed too: they fill the socket buffers, no
+/// request is in flight, and a header timeout later the connection is dropped — where hyper's
+/// own header timer, which starts only once an answer is written, never fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answers_is_closed() {
+    const OPENAPI: &[u8] =
+        b"GET /openapi.json HTTP/1.1\r\nHost: gatehouse.test\r\nX-Forwarded-Proto: https\r\n\r\n";
+    let env = TestEnv::with_vars(header_timeout("1")).await;
+    let server = env.start_server().await;
+    let mut probe = TcpStream::connect(server.addr).await.expect("connect");
+    probe.write_all(OPENAPI).await.expect("write");
+    let (status, document) = read_response(&mut probe, CLOSE_WITHIN)
+        .await
+        .expect("the document is served");
+    assert_eq!(status, 200);
+    // Answers worth 32 MiB, far more than the kernel buffers of either side hold.
+    let answers = (32 << 20) / document.len().max(1) + 1;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let mut stream = socket.connect(server.addr).await.expect("connect");
+    stream
+        .write_all(&OPENAPI.repeat(answers))
+        .await
+        .expect("write the pipelined requests");
+    // Not reading for three header timeouts...
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // ...then everything that arrives until the connection ends.
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(CLOSE_WITHIN, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    assert!(
+        received < answers * document.len(),
+        "all {answers} answers were delivered ({received} bytes): the stalled connection was kept"
+    );
+    server.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
     let env = TestEnv::with_vars(|vars| {
