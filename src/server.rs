@@ -122,14 +122,13 @@ where
         connections.spawn(async move {
             let _permit = permit;
             let mut connection = std::pin::pin!(connection);
-            let mut watchdog = Watchdog::new(activity, limits.header_timeout);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
-                () = watchdog.expired() => {
+                () = idle_for(activity, limits.header_timeout) => {
                     // What hyper's header timeout did: the connection is dropped.
                     tracing::debug!(%peer, "no complete request headers within the header timeout");
                     Ok(())
@@ -151,7 +150,7 @@ where
 
 /// One connection's requests: how many began plus how many ended (odd while one is in flight;
 /// HTTP/1.1 serves a connection's requests one at a time), and when the last one ended (or the
-/// connection opened). Written by [`Watched`], read by [`Watchdog`].
+/// connection opened). Written by [`Watched`], read by [`idle_for`].
 #[derive(Clone)]
 struct Activity(Arc<Counts>);
 
@@ -172,7 +171,7 @@ impl Activity {
     }
 
     fn begin(&self) {
-        self.0.events.fetch_add(1, Ordering::Release);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
     }
 
     fn end(&self) {
@@ -246,41 +245,24 @@ impl<F: Future> Future for WatchedFuture<F> {
     }
 }
 
-/// The header timeout of one connection: one timer, due when the connection will have been
-/// idle for the timeout (moved on when a request has come since).
-struct Watchdog {
-    activity: Activity,
-    timeout: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Watchdog {
-    fn new(activity: Activity, timeout: Duration) -> Self {
-        let due = activity.0.opened + timeout;
-        Self {
-            activity,
-            timeout,
-            timer: Box::pin(tokio::time::sleep_until(due)),
+/// The header timeout of one connection: resolves once it has been idle — no request in
+/// flight, none begun — for `timeout` since it opened or since its last request ended. One
+/// timer, moved on only when it fires and finds that a request came since.
+async fn idle_for(activity: Activity, timeout: Duration) {
+    let timer = tokio::time::sleep_until(activity.0.opened + timeout);
+    tokio::pin!(timer);
+    loop {
+        timer.as_mut().await;
+        let now = tokio::time::Instant::now();
+        let due = match activity.idle_since() {
+            Some(since) => since + timeout,
+            // In flight: the request timeout's; look again a timeout from now.
+            None => now + timeout,
+        };
+        if due <= now {
+            return;
         }
-    }
-
-    /// Resolves when the connection has been idle — no request in flight, none begun — for the
-    /// timeout since it opened or since its last request ended. Cancel-safe: a timer not yet
-    /// due stays due.
-    async fn expired(&mut self) {
-        loop {
-            self.timer.as_mut().await;
-            let now = tokio::time::Instant::now();
-            let due = match self.activity.idle_since() {
-                Some(since) => since + self.timeout,
-                // In flight: the request timeout's; look again a timeout from now.
-                None => now + self.timeout,
-            };
-            if due <= now {
-                return;
-            }
-            self.timer.as_mut().reset(due);
-        }
+        timer.as_mut().reset(due);
     }
 }
 
