@@ -4,11 +4,11 @@
 //! unauthenticated requests, [`unauthenticated_budget`] / [`refuse_unauthenticated`]), and a
 //! JSON body reader with the API's errors.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponseParts, ResponseParts};
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::client_ip::client_ip;
 use super::error::ApiError;
-use super::transport::RequestId;
+use super::transport::Origin;
 use crate::access::{Principal, Scope};
 use crate::config::Rate;
 use crate::events::{EventType, SecurityEvent};
@@ -36,17 +36,9 @@ pub struct Ctx {
 
 impl Ctx {
     fn from_parts(parts: &Parts, state: &AppState) -> Self {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (peer, id) = Origin::of(&parts.extensions);
         let ip = client_ip(peer, &parts.headers, &state.config.trusted_proxies);
-        let request_id = parts
-            .extensions
-            .get::<RequestId>()
-            .map(|r| r.as_str().to_owned())
-            .unwrap_or_default();
+        let request_id = id.map(|r| r.as_str().to_owned()).unwrap_or_default();
         Self { ip, request_id }
     }
 

@@ -2,7 +2,7 @@
 //! which the outer layer (`http::outer_layer`) uses to count every request by method, matched
 //! route template (never the raw path) and status, with its latency.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -51,14 +51,14 @@ fn method_label(method: &Method) -> &'static str {
 /// paths, which `tests/it/openapi.rs` holds equal to the router's) and matched the same way
 /// (`matchit`, axum's own matcher).
 #[derive(Clone, Default)]
-pub struct RouteTemplates(Arc<matchit::Router<&'static str>>);
+pub struct RouteTemplates(Arc<matchit::Router<&'static Route>>);
 
 impl RouteTemplates {
     pub fn new<'a>(templates: impl IntoIterator<Item = &'a str>) -> Self {
         let mut router = matchit::Router::new();
         for template in templates {
-            let template = intern(template);
-            if let Err(error) = router.insert(template, template) {
+            let route = Route::interned(template);
+            if let Err(error) = router.insert(route.template, route) {
                 // Only a template the router itself would have refused.
                 tracing::warn!(%error, template, "a route template cannot label metrics");
             }
@@ -68,22 +68,87 @@ impl RouteTemplates {
 
     /// The template `path` matches, if any.
     pub fn matching(&self, path: &str) -> Option<&'static str> {
-        self.0.at(path).ok().map(|matched| *matched.value)
+        self.0.at(path).ok().map(|matched| matched.value.template)
+    }
+
+    /// The route `path` matches, or the one of requests no route matched.
+    fn route(&self, path: &str) -> &'static Route {
+        match self.0.at(path) {
+            Ok(matched) => matched.value,
+            Err(_) => *UNMATCHED,
+        }
     }
 }
 
-/// The one copy of a route template for the process's lifetime: labels are `&'static str`,
-/// and the set of templates is the program's routes, so this stays as small as they are
-/// however often a router is built (each test builds its own).
-fn intern(template: &str) -> &'static str {
-    static INTERNED: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Mutex::default);
-    let mut interned = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
-    match interned.get(template) {
-        Some(kept) => kept,
-        None => {
-            let kept: &'static str = Box::leak(template.into());
-            interned.insert(kept);
-            kept
+/// The route of requests no route matched (label `unmatched`), looked up once: a flood of
+/// unknown paths takes no lock on the way in.
+static UNMATCHED: LazyLock<&'static Route> = LazyLock::new(|| Route::interned("unmatched"));
+
+/// A route template and its request metrics' handles, registered on the route's first request
+/// with each method and status: afterwards a request finds them behind a read lock of its own
+/// route, without building or hashing a labelled key. Bounded: route templates, methods
+/// (`method_label`) and statuses are finite.
+struct Route {
+    template: &'static str,
+    handles: RwLock<RouteHandles>,
+}
+
+impl Route {
+    /// The one copy of a route for the process's lifetime: labels are `&'static str`, and the
+    /// set of templates is the program's routes, so this stays as small as they are however
+    /// often a router is built (each test builds its own).
+    fn interned(template: &str) -> &'static Route {
+        static INTERNED: LazyLock<Mutex<HashMap<&'static str, &'static Route>>> =
+            LazyLock::new(Mutex::default);
+        let mut interned = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
+        match interned.get(template) {
+            Some(kept) => kept,
+            None => {
+                let kept: &'static Route = Box::leak(Box::new(Route {
+                    template: Box::leak(template.into()),
+                    handles: RwLock::default(),
+                }));
+                interned.insert(kept.template, kept);
+                kept
+            }
+        }
+    }
+
+    fn record(&self, method: &'static str, status: u16, seconds: f64) {
+        {
+            let handles = self.handles.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((requests, duration)) = handles.find(method, status) {
+                requests.increment(1);
+                duration.record(seconds);
+                return;
+            }
+        }
+        let mut handles = self.handles.write().unwrap_or_else(PoisonError::into_inner);
+        let route = self.template;
+        if !handles
+            .requests
+            .iter()
+            .any(|(m, s, _)| *m == method && *s == status)
+        {
+            let counter = ::metrics::counter!(
+                "gatehouse_http_requests_total",
+                "method" => method,
+                "route" => route,
+                "status" => status.to_string()
+            );
+            handles.requests.push((method, status, counter));
+        }
+        if !handles.durations.iter().any(|(m, _)| *m == method) {
+            let histogram = ::metrics::histogram!(
+                "gatehouse_http_request_duration_seconds",
+                "method" => method,
+                "route" => route
+            );
+            handles.durations.push((method, histogram));
+        }
+        if let Some((requests, duration)) = handles.find(method, status) {
+            requests.increment(1);
+            duration.record(seconds);
         }
     }
 }
@@ -91,7 +156,7 @@ fn intern(template: &str) -> &'static str {
 /// Counts a request by method, matched route and status, and times it: `start` when it
 /// arrives, `finish` with its response. Requests no route matched share the route `unmatched`.
 pub struct Measure {
-    route: Option<&'static str>,
+    route: &'static Route,
     method: &'static str,
     started: Instant,
 }
@@ -99,7 +164,7 @@ pub struct Measure {
 impl Measure {
     pub fn start(request: &Request, routes: &RouteTemplates) -> Self {
         Self {
-            route: routes.matching(request.uri().path()),
+            route: routes.route(request.uri().path()),
             method: method_label(request.method()),
             started: Instant::now(),
         }
@@ -108,28 +173,18 @@ impl Measure {
     /// Records the metrics, and at DEBUG level one access-log line (no path, no query: the
     /// route template only, so no identifier or token in a URL reaches the log).
     pub fn finish(self, response: &Response) {
-        let route = self.route.unwrap_or("unmatched");
         let status = response.status().as_u16();
         let elapsed = self.started.elapsed();
-        HANDLES.record(self.method, route, status, elapsed.as_secs_f64());
+        self.route
+            .record(self.method, status, elapsed.as_secs_f64());
         tracing::debug!(
             http.method = self.method,
-            http.route = route,
+            http.route = self.route.template,
             http.status = status,
             latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             "request finished"
         );
     }
-}
-
-/// The request metrics' handles by route template, registered on a route's first request:
-/// afterwards a request costs one map lookup instead of building and hashing a labelled key
-/// per metric. Bounded: route templates, methods (`method_label`) and statuses are finite.
-static HANDLES: LazyLock<Handles> = LazyLock::new(Handles::default);
-
-#[derive(Default)]
-struct Handles {
-    routes: RwLock<HashMap<String, RouteHandles>>,
 }
 
 #[derive(Default)]
@@ -148,48 +203,6 @@ impl RouteHandles {
             .find(|(m, s, _)| *m == method && *s == status)?;
         let duration = self.durations.iter().find(|(m, _)| *m == method)?;
         Some((&requests.2, &duration.1))
-    }
-}
-
-impl Handles {
-    fn record(&self, method: &'static str, route: &str, status: u16, seconds: f64) {
-        {
-            let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some((requests, duration)) =
-                routes.get(route).and_then(|r| r.find(method, status))
-            {
-                requests.increment(1);
-                duration.record(seconds);
-                return;
-            }
-        }
-        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
-        let handles = routes.entry(route.to_owned()).or_default();
-        if !handles
-            .requests
-            .iter()
-            .any(|(m, s, _)| *m == method && *s == status)
-        {
-            let counter = ::metrics::counter!(
-                "gatehouse_http_requests_total",
-                "method" => method,
-                "route" => route.to_owned(),
-                "status" => status.to_string()
-            );
-            handles.requests.push((method, status, counter));
-        }
-        if !handles.durations.iter().any(|(m, _)| *m == method) {
-            let histogram = ::metrics::histogram!(
-                "gatehouse_http_request_duration_seconds",
-                "method" => method,
-                "route" => route.to_owned()
-            );
-            handles.durations.push((method, histogram));
-        }
-        if let Some((requests, duration)) = handles.find(method, status) {
-            requests.increment(1);
-            duration.record(seconds);
-        }
     }
 }
 

@@ -24,13 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::redis_conn::RedisConn;
-use axum::extract::{ConnectInfo, DefaultBodyLimit};
+use axum::Router;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router};
 use gatehouse_jobs::client::Queues;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_layer::{Layer, Stack};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -43,9 +41,6 @@ use crate::security::jwt::JwtKeys;
 use crate::security::password::Hasher;
 use error::ApiError;
 use key_cache::KeyCache;
-
-/// How long one request may take, body included.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every handler shares.
 pub struct AppState {
@@ -203,43 +198,60 @@ fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
 }
 
 /// `routes` (with the JSON fallbacks) behind the layers every request passes (edge, panic
-/// catcher, timeout, body limit); `templates` are the routes' paths, which label the request
-/// metrics. Public so a test can serve a route of its own (one that panics, say) behind
-/// exactly what production routes get.
+/// catcher, the server's request timeout), per connection: [`Layered::connection`]; `templates`
+/// are the routes' paths, which label the request metrics. Public so a test can serve a route
+/// of its own (one that panics, say) behind exactly what production routes get.
 ///
 /// The layers wrap the router as a whole, not each route: `Router::layer` wraps every route in
 /// a boxed `Route` around its own copy of the stack, and a request then clones that box and
 /// boxes its future once more at each level (BENCHMARKS §16). Around the router, a request
 /// costs neither; the 404 and 405 fallbacks pass the same layers as any route.
+///
+/// No body limit layer: every handler reads its body through `authz::read_limited` (the
+/// webhook, the JSON bodies, the dashboard's forms), with the limit its route allows, and no
+/// route uses axum's body extractors (which would fall back to axum's own 2 MB cap).
 pub fn layered(
     routes: Router<Arc<AppState>>,
     templates: metrics::RouteTemplates,
     state: Arc<AppState>,
-) -> impl tower_service::Service<
-    axum::http::Request<hyper::body::Incoming>,
-    Response = Response,
-    Error = std::convert::Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
-    let max_body = state.config.max_body_bytes;
-    let stack = Stack::new(
+) -> Layered {
+    Layered {
+        outer: outer_layer::OuterLayer::new(state.clone(), templates),
+        router: finish(routes, state),
+    }
+}
+
+/// The router and the edge's layers, put together for each connection ([`layered`]).
+#[derive(Clone)]
+pub struct Layered {
+    outer: outer_layer::OuterLayer,
+    router: Router,
+}
+
+impl Layered {
+    /// The service of the connection from `peer`: the edge (request id, transport security,
+    /// metrics), the panic catcher, then `watch` (the server's request timeout: its 408 passes
+    /// the edge like any answer), then the router.
+    pub fn connection(
+        &self,
+        peer: SocketAddr,
+        watch: crate::server::Watch,
+    ) -> impl tower_service::Service<
+        axum::http::Request<hyper::body::Incoming>,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    >
+    + Clone
+    + Send
+    + 'static
+    + use<> {
         Stack::new(
-            Stack::new(
-                DefaultBodyLimit::max(max_body),
-                // A client that trickles its request (slowloris) is cut off.
-                TimeoutLayer::with_status_code(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    REQUEST_TIMEOUT,
-                ),
-            ),
-            CatchPanicLayer::custom(panic_response),
-        ),
-        outer_layer::OuterLayer::new(state.clone(), templates),
-    );
-    stack.layer(finish(routes, state))
+            Stack::new(watch, CatchPanicLayer::custom(panic_response)),
+            self.outer.connection(peer),
+        )
+        .layer(self.router.clone())
+    }
 }
 
 /// How long shutdown waits for security events still being recorded.
@@ -266,11 +278,10 @@ pub async fn serve(
     let (routes, document) = routes().split_for_parts();
     let templates = metrics::RouteTemplates::new(document.paths.paths.keys().map(String::as_str));
     let app = layered(routes, templates, state);
-    // Handlers read the peer through `ConnectInfo<SocketAddr>` (the client IP starts there).
     let served = crate::server::run(
         listener,
         limits,
-        move |peer: SocketAddr| Extension(ConnectInfo(peer)).layer(app.clone()),
+        move |peer, watch| app.connection(peer, watch),
         shutdown,
     )
     .await;

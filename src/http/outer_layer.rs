@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use axum::BoxError;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::Request;
 use axum::response::Response;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -29,12 +29,27 @@ use super::transport::{self, Arrival};
 pub struct OuterLayer {
     state: Arc<AppState>,
     routes: RouteTemplates,
+    peer: SocketAddr,
 }
 
 impl OuterLayer {
-    /// `routes`: the templates the inner router serves, which label the request metrics.
+    /// `routes`: the templates the inner router serves, which label the request metrics. The
+    /// peer is the unspecified address until [`OuterLayer::connection`] names it: forwarded
+    /// headers are then not trusted (it is nobody's proxy unless configured so).
     pub fn new(state: Arc<AppState>, routes: RouteTemplates) -> Self {
-        Self { state, routes }
+        Self {
+            state,
+            routes,
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    /// This layer for the connection from `peer`, whose requests carry it ([`transport::Origin`]).
+    pub fn connection(&self, peer: SocketAddr) -> Self {
+        Self {
+            peer,
+            ..self.clone()
+        }
     }
 }
 
@@ -46,6 +61,7 @@ impl<S> Layer<S> for OuterLayer {
             inner,
             state: self.state.clone(),
             routes: self.routes.clone(),
+            peer: self.peer,
         }
     }
 }
@@ -56,6 +72,7 @@ pub struct Outer<S> {
     inner: S,
     state: Arc<AppState>,
     routes: RouteTemplates,
+    peer: SocketAddr,
 }
 
 /// Any request body (hyper's, as it arrives) goes on as axum's; the inner stack may answer
@@ -79,14 +96,8 @@ where
     fn call(&mut self, request: http::Request<ReqB>) -> Self::Future {
         // A no-op for a body that is already axum's.
         let mut request = request.map(Body::new);
-        // Without the peer (a router served without connect info) forwarded headers are not
-        // trusted: the unspecified address is nobody's proxy unless configured so.
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
         let measure = Measure::start(&request, &self.routes);
-        let (arrival, answered) = transport::arrive(&self.state, peer, &mut request);
+        let (arrival, answered) = transport::arrive(&self.state, self.peer, &mut request);
         let inner = match answered {
             Some(response) => Inner::Answered {
                 response: Some(response),

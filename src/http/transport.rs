@@ -28,6 +28,25 @@ impl RequestId {
     }
 }
 
+/// Where a request came from and its id, in request extensions (one extension for both): the
+/// socket peer (the client IP starts there, `client_ip::client_ip`) and the [`RequestId`].
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    pub peer: SocketAddr,
+    pub id: RequestId,
+}
+
+impl Origin {
+    /// A request's origin, or (a router served without the edge) the unspecified address,
+    /// which is nobody's proxy, and no id.
+    pub fn of(extensions: &axum::http::Extensions) -> (SocketAddr, Option<&RequestId>) {
+        match extensions.get::<Origin>() {
+            Some(origin) => (origin.peer, Some(&origin.id)),
+            None => (SocketAddr::from(([0, 0, 0, 0], 0)), None),
+        }
+    }
+}
+
 const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
 const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
@@ -119,7 +138,7 @@ fn fresh_request_id() -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
-/// Gives the request its id and decides the HTTPS redirect: plain HTTP (unless `DEBUG=true`
+/// Gives the request its [`Origin`] and decides the HTTPS redirect: plain HTTP (unless `DEBUG=true`
 /// or a health endpoint) is answered here, and the route never runs.
 pub fn arrive(
     state: &AppState,
@@ -132,7 +151,7 @@ pub fn arrive(
         admin: req.uri().path() == "/admin" || req.uri().path().starts_with("/admin/"),
         debug: state.config.debug,
     };
-    req.extensions_mut().insert(id);
+    req.extensions_mut().insert(Origin { peer, id });
     let redirect = (!arrival.debug
         && !EXEMPT.contains(&req.uri().path())
         && client_scheme(peer, req.headers(), &state.config.trusted_proxies) != "https")

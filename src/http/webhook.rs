@@ -1,10 +1,9 @@
 //! `POST /v1/webhooks/twilio/{tenant_id}/messages`: content type → size → parameter count →
 //! signature → dedupe → enqueue, in that order (SPEC "Precise points", "Hostile traffic").
 
-use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::Response;
 use gatehouse_jobs::InboundMessage;
@@ -19,7 +18,7 @@ use super::authz::{Ctx, count_refusal, read_limited, unauthenticated_budget};
 use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::key_cache::KeyCacheError;
-use super::transport::RequestId;
+use super::transport::{Origin, RequestId};
 use crate::events::{EventType, SecurityEvent};
 use crate::security::twilio::{self, FormPairs};
 
@@ -273,14 +272,14 @@ fn twiml() -> Response {
     ))]
 pub async fn twilio_message(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(tenant): Path<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
     // The parts are borrowed, not cloned: this is the hottest route.
     let (parts, body) = request.into_parts();
     let (uri, headers) = (&parts.uri, &parts.headers);
-    let request_id = parts.extensions.get::<RequestId>().map(RequestId::as_str);
+    let (peer, request_id) = Origin::of(&parts.extensions);
+    let request_id = request_id.map(RequestId::as_str);
     // A client past its budget of refused requests is answered 429 here, before the tenant
     // key lookup (which can cost PostgreSQL work); each refusal below counts against it first.
     // A tenant whose keys are in memory skips that check: verifying it costs no PostgreSQL,

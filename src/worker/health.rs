@@ -76,5 +76,11 @@ pub async fn serve(
             pool,
             scrape,
         });
-    crate::server::run(listener, limits, move |_peer| app.clone(), shutdown).await
+    crate::server::run(
+        listener,
+        limits,
+        move |_peer, watch| tower_layer::Layer::layer(&watch, app.clone()),
+        shutdown,
+    )
+    .await
 }

@@ -178,6 +178,96 @@ async fn a_request_whose_body_outlasts_the_header_timeout_is_answered() {
     env.cleanup().await;
 }
 
+/// The ingress's own routes behind the edge, served with `limits` (the request timeout is not
+/// a setting: a test that needs it short serves the app itself) until the sender is dropped.
+async fn serve_with_limits(
+    env: &TestEnv,
+    limits: gatehouse::server::Limits,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let (routes, document) = gatehouse::http::routes().split_for_parts();
+    let templates = gatehouse::http::metrics::RouteTemplates::new(
+        document.paths.paths.keys().map(String::as_str),
+    );
+    let app = gatehouse::http::layered(routes, templates, env.app_state());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gatehouse::server::run(
+        listener,
+        limits,
+        move |peer, watch| app.connection(peer, watch),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (addr, stop)
+}
+
+/// Sends a login whose body never finishes (a byte every 200 ms) and returns the answer's
+/// status and head, or `None` if none came within `within`.
+async fn late_login(addr: std::net::SocketAddr, within: Duration) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /v1/auth/login HTTP/1.1\r\nHost: gatehouse.test\r\nX-Forwarded-Proto: https\r\n\
+              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+    let deadline = Instant::now() + within;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        // The server may stop reading once it has answered: a failed write is not the test's.
+        let _ = stream.write_all(b" ").await;
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&buf[..n]);
+            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                let status = head.split(' ').nth(1)?.parse().ok()?;
+                return Some((status, head));
+            }
+        }
+    }
+    None
+}
+
+/// A request not answered within the request timeout — here its body never ends — is answered
+/// 408, through the edge (security headers and request id, as every answer), whichever of the
+/// two timeouts is the shorter: the watchdog's one timer serves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_request_timeout_is_answered_408() {
+    let env = TestEnv::new().await;
+    for (header, request) in [(1, 2), (60, 1)] {
+        let limits = gatehouse::server::Limits {
+            header_timeout: Duration::from_secs(header),
+            request_timeout: Duration::from_secs(request),
+            max_connections: 16,
+        };
+        let (addr, _stop) = serve_with_limits(&env, limits).await;
+        let (status, head) = late_login(addr, CLOSE_WITHIN).await.unwrap_or_else(|| {
+            panic!("no answer (header timeout {header} s, request {request} s)")
+        });
+        assert_eq!(status, 408, "{head}");
+        for header in [
+            "strict-transport-security:",
+            "x-content-type-options: nosniff",
+            "content-security-policy:",
+            "x-request-id:",
+        ] {
+            assert!(head.contains(header), "{header} missing from {head}");
+        }
+    }
+    env.cleanup().await;
+}
+
 /// A client that stops reading its answers is closed too: they fill the socket buffers, no
 /// request is in flight, and a header timeout later the connection is dropped — where hyper's
 /// own header timer, which starts only once an answer is written, never fired.

@@ -441,12 +441,7 @@ async fn a_panicking_route_answers_500_with_the_security_headers_and_the_server_
     let server = tokio::spawn(gatehouse::server::run(
         listener,
         limits,
-        move |peer| {
-            tower_layer::Layer::layer(
-                &axum::Extension(axum::extract::ConnectInfo(peer)),
-                app.clone(),
-            )
-        },
+        move |peer, watch| app.connection(peer, watch),
         std::future::pending(),
     ));
     let http = client();
