@@ -8,13 +8,14 @@
 //!
 //! Both timeouts are one watchdog per connection, not hyper's `header_read_timeout` and a
 //! timeout layer: hyper makes, registers and cancels a timer for every request head it reads,
-//! and reads and parses each head once more to arm it, and a timeout layer makes and cancels
-//! another for every request (together ~1 µs a request; BENCHMARKS §16). The watchdog's one
-//! timer is due a header timeout after the connection opened or its last request ended, or a
-//! request timeout after the request in flight began; a request costs two counter increments
-//! and two clock reads, and the timer moves only when it fires and finds that requests came
-//! since. The requests are counted, and a late one answered, by [`Watched`], which the
-//! connection's service places around what it times ([`Watch`]).
+//! and reads and parses each head once more to arm it (~0.5 µs a request), and a timeout
+//! layer makes, polls and cancels another for every request (~1,000 instructions; BENCHMARKS
+//! §16 "The request timeout in the watchdog"). The watchdog's one timer is due a header
+//! timeout after the connection opened or its last request ended, or a request timeout after
+//! the request in flight began; a request costs two counter increments and two clock reads,
+//! and the timer moves only when it fires and finds that requests came since. The requests are
+//! counted, and a late one answered, by [`Watched`], which the connection's service places
+//! around what it times ([`Watch`]).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
