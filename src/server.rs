@@ -69,7 +69,8 @@ impl Limits {
 /// makes the service of the connection from `peer`, with `watch` layered around what the
 /// timeouts cover (a connection whose service leaves it out is closed a header timeout after
 /// it opened, busy or not). On shutdown it stops accepting, lets every connection finish the
-/// request it is serving (idle ones close at once), and returns when all are closed.
+/// request it is serving within the request timeout (idle ones close at once), and returns when
+/// all are closed.
 pub async fn run<M, S, B>(
     listener: TcpListener,
     limits: Limits,
@@ -133,20 +134,27 @@ where
         connections.spawn(async move {
             let _permit = permit;
             let mut connection = std::pin::pin!(connection);
-            let watchdog = Watchdog::new(activity, limits);
+            let mut watchdog = std::pin::pin!(Watchdog::new(activity, limits));
             // In this order: a request begins while the connection is polled, and the watchdog
             // polled after it sees the request's deadline the same turn.
             let result = tokio::select! {
                 biased;
                 result = connection.as_mut() => result,
-                () = watchdog => {
+                () = watchdog.as_mut() => {
                     // What hyper's header timeout did: the connection is dropped.
                     tracing::debug!(%peer, "no complete request headers within the header timeout");
                     Ok(())
                 }
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    // The request in flight finishes, within the request timeout: the watchdog
+                    // still answers it 408 when it is late (a trickling body cannot hold
+                    // shutdown open), and still closes a connection idle that long.
+                    tokio::select! {
+                        biased;
+                        result = connection.as_mut() => result,
+                        () = watchdog.as_mut() => Ok(()),
+                    }
                 }
             };
             if let Err(error) = result {

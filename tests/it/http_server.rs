@@ -183,7 +183,11 @@ async fn a_request_whose_body_outlasts_the_header_timeout_is_answered() {
 async fn serve_with_limits(
     env: &TestEnv,
     limits: gatehouse::server::Limits,
-) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let (routes, document) = gatehouse::http::routes().split_for_parts();
     let templates = gatehouse::http::metrics::RouteTemplates::new(
         document.paths.paths.keys().map(String::as_str),
@@ -194,7 +198,7 @@ async fn serve_with_limits(
         .expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(gatehouse::server::run(
+    let served = tokio::spawn(gatehouse::server::run(
         listener,
         limits,
         move |peer, watch| app.connection(peer, watch),
@@ -202,7 +206,7 @@ async fn serve_with_limits(
             let _ = stopped.await;
         },
     ));
-    (addr, stop)
+    (addr, stop, served)
 }
 
 /// Sends a login whose body never finishes (a byte every 200 ms) and returns the answer's
@@ -251,7 +255,7 @@ async fn a_request_past_the_request_timeout_is_answered_408() {
             request_timeout: Duration::from_secs(request),
             max_connections: 16,
         };
-        let (addr, _stop) = serve_with_limits(&env, limits).await;
+        let (addr, _stop, _served) = serve_with_limits(&env, limits).await;
         let (status, head) = late_login(addr, CLOSE_WITHIN).await.unwrap_or_else(|| {
             panic!("no answer (header timeout {header} s, request {request} s)")
         });
@@ -265,6 +269,31 @@ async fn a_request_past_the_request_timeout_is_answered_408() {
             assert!(head.contains(header), "{header} missing from {head}");
         }
     }
+    env.cleanup().await;
+}
+
+/// Shutdown waits for the request in flight, but no longer than the request timeout: a body
+/// that never ends is answered 408 and the server returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_a_request_that_never_ends_408_and_returns() {
+    let env = TestEnv::new().await;
+    let limits = gatehouse::server::Limits {
+        header_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(2),
+        max_connections: 16,
+    };
+    let (addr, stop, served) = serve_with_limits(&env, limits).await;
+    let late = tokio::spawn(late_login(addr, CLOSE_WITHIN));
+    // The request is in flight (its headers are in) before shutdown begins.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    let answer = late.await.expect("client task");
+    assert_eq!(answer.map(|(status, _)| status), Some(408));
+    tokio::time::timeout(CLOSE_WITHIN, served)
+        .await
+        .expect("shutdown returns once the late request is answered")
+        .expect("server task")
+        .expect("server");
     env.cleanup().await;
 }
 
