@@ -39,6 +39,15 @@ async fn closed_by_peer(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// A response's head once `data` holds all of it: the status, the head lower-cased, and where
+/// the body starts.
+fn response_head(data: &[u8]) -> Option<(u16, String, usize)> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, head, end + 4))
+}
+
 /// Reads one HTTP/1.1 response with a `Content-Length` body; `None` if none is complete within
 /// `within` (or the connection closes first).
 async fn read_response(stream: &mut TcpStream, within: Duration) -> Option<(u16, String)> {
@@ -46,16 +55,14 @@ async fn read_response(stream: &mut TcpStream, within: Duration) -> Option<(u16,
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-            let status = head.split(' ').nth(1)?.parse().ok()?;
+        if let Some((status, head, start)) = response_head(&data) {
             let length: usize = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            if data.len() >= end + 4 + length {
-                let body = String::from_utf8_lossy(&data[end + 4..end + 4 + length]).into_owned();
+            if data.len() >= start + length {
+                let body = String::from_utf8_lossy(&data[start..start + length]).into_owned();
                 return Some((status, body));
             }
         }
@@ -233,9 +240,7 @@ async fn late_login(addr: std::net::SocketAddr, within: Duration) -> Option<(u16
                 break;
             }
             data.extend_from_slice(&buf[..n]);
-            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-                let status = head.split(' ').nth(1)?.parse().ok()?;
+            if let Some((status, head, _)) = response_head(&data) {
                 return Some((status, head));
             }
         }
